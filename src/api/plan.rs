@@ -1,0 +1,274 @@
+//! `RemediationPlan`: which hosts get which patches and which workflow, when, and how
+//! fast the rollout goes.
+
+use k8s_openapi::apimachinery::pkg::{
+    apis::meta::v1::{Condition, LabelSelector, Time},
+    util::intstr::IntOrString,
+};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::common::{OperatingSystem, WorkflowRef};
+
+/// A group of hosts and the workflow they get.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanTarget {
+    /// Name of the group, unique within the plan.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Agents whose labels match. An empty selector matches every Agent of the OS.
+    #[serde(default)]
+    pub selector: LabelSelector,
+    pub os: OperatingSystem,
+    /// Workflow for this group; without it the default workflow for the OS is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_ref: Option<WorkflowRef>,
+    /// Higher priorities are patched first.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 1000").message("priority must be between 0 and 1000"))]
+    pub priority: i32,
+}
+
+/// Patch classifications a plan can select.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PatchClassification {
+    Security,
+    Critical,
+    Bugfix,
+    All,
+}
+
+fn default_classifications() -> Vec<PatchClassification> {
+    vec![PatchClassification::Security, PatchClassification::Critical]
+}
+
+/// Which patches to deploy.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!('All' in self.classifications) || size(self.classifications) == 1")
+        .message("All cannot be combined with other classifications").field_path(".classifications"),
+)]
+pub struct PatchSelection {
+    #[serde(default = "default_classifications")]
+    #[schemars(length(min = 1, max = 4))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub classifications: Vec<PatchClassification>,
+    /// Package or KB names always included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub include: Vec<String>,
+    /// Package or KB names never installed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub exclude: Vec<String>,
+    /// Run only the workflow's actions, install no patches.
+    #[serde(default)]
+    pub skip: bool,
+}
+
+impl Default for PatchSelection {
+    fn default() -> Self {
+        Self { classifications: default_classifications(), include: vec![], exclude: vec![], skip: false }
+    }
+}
+
+fn default_window_minutes() -> u32 {
+    240
+}
+
+/// When runs start.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Schedule {
+    /// Five-field cron expression: minute hour day-of-month month day-of-week.
+    #[schemars(length(max = 128))]
+    #[x_kube(validation = Rule::new(r"self.matches('^\\s*\\S+(\\s+\\S+){4}\\s*$')")
+        .message("cron must have five fields: minute hour day-of-month month day-of-week"))]
+    pub cron: String,
+    /// IANA time zone the cron expression is read in, e.g. Europe/Berlin. Defaults to UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub time_zone: Option<String>,
+    /// Jobs start only within this many minutes after the scheduled time.
+    #[serde(default = "default_window_minutes")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 10080").message("windowMinutes must be between 1 and 10080 (one week)"))]
+    pub window_minutes: u32,
+}
+
+fn default_max_concurrent() -> IntOrString {
+    IntOrString::Int(10)
+}
+
+fn default_max_failures() -> IntOrString {
+    IntOrString::Int(0)
+}
+
+/// How fast a run proceeds and when it halts.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// Most jobs running at once: a count or a percentage of the run's hosts.
+    #[serde(default = "default_max_concurrent")]
+    #[x_kube(validation = Rule::new("type(self) == int ? self >= 1 : self.matches('^[1-9][0-9]?%$|^100%$')")
+        .message("maxConcurrent must be a positive count or a percentage from 1% to 100%"))]
+    pub max_concurrent: IntOrString,
+    /// Failures tolerated before the run halts: a count or a percentage of the run's hosts.
+    #[serde(default = "default_max_failures")]
+    #[x_kube(validation = Rule::new("type(self) == int ? self >= 0 : self.matches('^[0-9]{1,2}%$|^100%$')")
+        .message("maxFailures must be a count of zero or more or a percentage from 0% to 100%"))]
+    pub max_failures: IntOrString,
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Self { max_concurrent: default_max_concurrent(), max_failures: default_max_failures() }
+    }
+}
+
+/// Whether hosts reboot after patching.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RebootPolicy {
+    /// Reboot once when a patch or an action asks for it.
+    #[default]
+    IfRequired,
+    /// Never reboot; record that a reboot is pending.
+    Never,
+    /// Reboot once after patching even if nothing asked for it.
+    Always,
+}
+
+fn default_max_concurrent_nodes() -> u32 {
+    1
+}
+
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RebootSettings {
+    #[serde(default)]
+    pub policy: RebootPolicy,
+    /// Most cluster nodes of this plan rebooting at once.
+    #[serde(default = "default_max_concurrent_nodes")]
+    #[x_kube(validation = Rule::new("self >= 1").message("maxConcurrentNodes must be at least 1"))]
+    pub max_concurrent_nodes: u32,
+}
+
+impl Default for RebootSettings {
+    fn default() -> Self {
+        Self { policy: RebootPolicy::default(), max_concurrent_nodes: default_max_concurrent_nodes() }
+    }
+}
+
+/// Which hosts, which patches, which workflow, when and how fast.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "fleetpatch.io",
+    version = "v1alpha1",
+    kind = "RemediationPlan",
+    namespaced,
+    status = "RemediationPlanStatus",
+    shortname = "rplan",
+    category = "fleetpatch",
+    cel,
+    doc = "Which hosts get which patches and workflow, when, and how fast the rollout goes.",
+    printcolumn(name = "Schedule", type_ = "string", json_path = ".spec.schedule.cron"),
+    printcolumn(name = "Suspend", type_ = "boolean", json_path = ".spec.suspend"),
+    printcolumn(name = "Run", type_ = "string", json_path = ".status.currentRun.id"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.currentRun.phase"),
+    printcolumn(name = "Succeeded", type_ = "integer", json_path = ".status.currentRun.counts.succeeded"),
+    printcolumn(name = "Failed", type_ = "integer", json_path = ".status.currentRun.counts.failed"),
+    printcolumn(name = "Hosts", type_ = "integer", json_path = ".status.currentRun.counts.total"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RemediationPlanSpec {
+    /// Host groups, each with its selector, OS, workflow and priority.
+    #[schemars(length(min = 1, max = 50))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub targets: Vec<PlanTarget>,
+    #[serde(default)]
+    pub patches: PatchSelection,
+    /// Without a schedule the plan runs only on demand (`fleetpatch run plan NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+    #[serde(default)]
+    pub rollout: Rollout,
+    #[serde(default)]
+    pub reboot: RebootSettings,
+    /// Jobs that have not started by this many minutes after the run began end as Unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 10080").message("jobDeadlineMinutes must be between 1 and 10080"))]
+    pub job_deadline_minutes: Option<u32>,
+    /// Stop starting new runs and new jobs; running jobs finish.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// Job counts of one run, by phase.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunCounts {
+    pub total: i32,
+    pub pending: i32,
+    pub running: i32,
+    pub succeeded: i32,
+    pub failed: i32,
+    pub unknown: i32,
+    /// Hosts selected but skipped because their Agent is paused.
+    pub paused: i32,
+}
+
+/// Phase of one plan run.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunPhase {
+    Running,
+    /// Failures exceeded maxFailures; no new job starts.
+    Halted,
+    Succeeded,
+    Failed,
+}
+
+/// One failed host, kept in a bounded list.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunFailure {
+    pub agent: String,
+    pub job: String,
+    pub reason: String,
+}
+
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanRun {
+    /// Run identifier, also part of every job name of the run.
+    pub id: String,
+    pub phase: RunPhase,
+    pub start_time: Time,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    pub counts: RunCounts,
+    /// The first failures of the run (at most 20).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<RunFailure>,
+}
+
+/// Observed state of a RemediationPlan.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RemediationPlanStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_run: Option<PlanRun>,
+    /// Finished runs, newest first (at most 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_runs: Vec<PlanRun>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,308 @@
+//! `Task`: one action — run a script, install software, change a registry key,
+//! uninstall software, or reboot — with the Scripts it needs.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::common::{OperatingSystem, ScriptRef, registry_key_path_schema};
+
+/// What a Task does. Each type has its own sub-struct in the spec.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TaskType {
+    RunScript,
+    InstallSoftware,
+    ChangeRegistryKey,
+    UninstallSoftware,
+    Reboot,
+}
+
+impl TaskType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RunScript => "RunScript",
+            Self::InstallSoftware => "InstallSoftware",
+            Self::ChangeRegistryKey => "ChangeRegistryKey",
+            Self::UninstallSoftware => "UninstallSoftware",
+            Self::Reboot => "Reboot",
+        }
+    }
+}
+
+impl std::fmt::Display for TaskType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn default_timeout_minutes() -> u32 {
+    60
+}
+
+fn default_success_exit_codes() -> Vec<i32> {
+    vec![0]
+}
+
+/// Runs a Script with parameters.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RunScript {
+    pub script_ref: ScriptRef,
+    /// Values for the script's parameters, passed as environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    #[x_kube(validation = Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))")
+        .message("parameter names must be environment variable names: letters, digits and _, not starting with a digit"))]
+    pub parameters: BTreeMap<String, String>,
+    /// Run PowerShell with `-ExecutionPolicy Bypass`.
+    #[serde(default)]
+    pub bypass_execution_policy: bool,
+}
+
+/// Where the installer is downloaded from.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DownloadProtocol {
+    Https,
+    Http,
+    NetworkShare,
+}
+
+/// Installer location: a URL for Https/Http, a UNC path (or a mounted path on Linux) for NetworkShare.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.protocol == 'NetworkShare' ? has(self.unc) : has(self.url)")
+        .message("Https and Http sources need url; NetworkShare sources need unc"),
+    validation = Rule::new("self.protocol == 'NetworkShare' ? !has(self.url) : !has(self.unc)")
+        .message("set url for Https/Http sources or unc for NetworkShare sources, not both"),
+    validation = Rule::new("self.protocol != 'Https' || !has(self.url) || self.url.startsWith('https://')")
+        .message("url must start with https:// when protocol is Https")
+        .field_path(".url"),
+    validation = Rule::new("self.protocol != 'Http' || !has(self.url) || self.url.startsWith('http://')")
+        .message("url must start with http:// when protocol is Http")
+        .field_path(".url"),
+)]
+pub struct DownloadSource {
+    pub protocol: DownloadProtocol,
+    /// Download URL for Https and Http.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub url: Option<String>,
+    /// Network share path: `\\server\share\file` (Windows) or an absolute path where the share is mounted (Linux).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new(r"self.startsWith('\\\\') || self.startsWith('/')")
+        .message(r"must be a UNC path like \\server\share\file or an absolute path where the share is mounted"))]
+    pub unc: Option<String>,
+}
+
+/// Downloads an installer, verifies its SHA-256, optionally asks a detection script
+/// whether the install is needed, then runs the install script.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct InstallSoftware {
+    pub source: DownloadSource,
+    /// SHA-256 of the installer: 64 hex digits. Checked before anything runs.
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-fA-F]{64}$')").message("sha256 must be exactly 64 hexadecimal digits"))]
+    pub sha256: String,
+    /// Name to store the download under; defaults to the last segment of the URL or path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = Rule::new(r"!self.contains('/') && !self.contains('\\') && self != '.' && self != '..'")
+        .message("fileName must be a plain file name without / or \\"))]
+    pub file_name: Option<String>,
+    /// Script run first: exit 0 means install, any other exit code means not needed (the action is Skipped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detection_script_ref: Option<ScriptRef>,
+    /// Script that performs the installation; `FLEETPATCH_DOWNLOAD_PATH` holds the installer's path.
+    pub install_script_ref: ScriptRef,
+    /// Values for the scripts' parameters, passed as environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    #[x_kube(validation = Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))")
+        .message("parameter names must be environment variable names: letters, digits and _, not starting with a digit"))]
+    pub parameters: BTreeMap<String, String>,
+    /// Run PowerShell with `-ExecutionPolicy Bypass`.
+    #[serde(default)]
+    pub bypass_execution_policy: bool,
+}
+
+/// Windows registry value kinds.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)]
+pub enum RegistryValueType {
+    REG_BINARY,
+    REG_DWORD,
+    REG_EXPAND_SZ,
+    REG_MULTI_SZ,
+    REG_QWORD,
+    REG_SZ,
+}
+
+impl RegistryValueType {
+    /// Types whose data must be a number.
+    pub fn is_numeric(self) -> bool {
+        matches!(self, Self::REG_BINARY | Self::REG_DWORD | Self::REG_QWORD)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::REG_BINARY => "REG_BINARY",
+            Self::REG_DWORD => "REG_DWORD",
+            Self::REG_EXPAND_SZ => "REG_EXPAND_SZ",
+            Self::REG_MULTI_SZ => "REG_MULTI_SZ",
+            Self::REG_QWORD => "REG_QWORD",
+            Self::REG_SZ => "REG_SZ",
+        }
+    }
+}
+
+/// Sets one registry value (Windows only).
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!(self.valueType in ['REG_BINARY', 'REG_DWORD', 'REG_QWORD']) || self.valueData.matches('^[0-9]+$')")
+        .message("valueData must be a non-negative decimal number for REG_BINARY, REG_DWORD and REG_QWORD")
+        .field_path(".valueData"),
+)]
+pub struct ChangeRegistryKey {
+    /// Full key path including the key name, e.g. `HKEY_LOCAL_MACHINE\SOFTWARE\Vendor\App`.
+    #[schemars(schema_with = "registry_key_path_schema")]
+    pub key_path: String,
+    pub value_type: RegistryValueType,
+    /// Value name; empty means the key's default value.
+    #[serde(default)]
+    #[schemars(length(max = 16383))]
+    pub value_name: String,
+    /// Value data. Numeric for REG_BINARY, REG_DWORD and REG_QWORD; lines separated by `\n` for REG_MULTI_SZ.
+    #[schemars(length(max = 16384))]
+    pub value_data: String,
+    /// Create the key when it does not exist; when false a missing key leaves the host unchanged.
+    #[serde(default)]
+    pub create_if_missing: bool,
+}
+
+/// How DisplayVersion is compared.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VersionMatch {
+    #[default]
+    Equals,
+}
+
+/// Uninstalls an msiexec-installed product found under an Uninstall registry key (Windows only).
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct UninstallSoftware {
+    /// Uninstall key of the product, e.g. `HKEY_LOCAL_MACHINE\SOFTWARE\Microsoft\Windows\CurrentVersion\Uninstall\{GUID}`.
+    #[schemars(schema_with = "registry_key_path_schema")]
+    pub uninstall_key: String,
+    /// Exact DisplayName value under the key.
+    #[schemars(length(min = 1, max = 1024))]
+    pub display_name: String,
+    /// DisplayVersion to match; without it any installed version is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub display_version: Option<String>,
+    #[serde(default)]
+    pub version_match: VersionMatch,
+}
+
+/// Reboots the host. Must be the last task of its workflow phase.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Reboot {
+    /// Reboot only when a previous step reported that one is required.
+    #[serde(default)]
+    pub only_if_required: bool,
+}
+
+/// One pre- or post-patching action.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "fleetpatch.io",
+    version = "v1alpha1",
+    kind = "Task",
+    namespaced,
+    status = "TaskStatus",
+    shortname = "fptask",
+    category = "fleetpatch",
+    cel,
+    doc = "One pre- or post-patching action and the Scripts it needs.",
+    printcolumn(name = "OS", type_ = "string", json_path = ".spec.os"),
+    printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
+    printcolumn(name = "Timeout", type_ = "integer", json_path = ".spec.timeoutMinutes", description = "minutes"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(
+    validation = Rule::new("has(self.runScript) == (self.type == 'RunScript')")
+        .message("runScript must be set when type is RunScript, and only then").field_path(".runScript"),
+    validation = Rule::new("has(self.installSoftware) == (self.type == 'InstallSoftware')")
+        .message("installSoftware must be set when type is InstallSoftware, and only then").field_path(".installSoftware"),
+    validation = Rule::new("has(self.changeRegistryKey) == (self.type == 'ChangeRegistryKey')")
+        .message("changeRegistryKey must be set when type is ChangeRegistryKey, and only then").field_path(".changeRegistryKey"),
+    validation = Rule::new("has(self.uninstallSoftware) == (self.type == 'UninstallSoftware')")
+        .message("uninstallSoftware must be set when type is UninstallSoftware, and only then").field_path(".uninstallSoftware"),
+    validation = Rule::new("!has(self.reboot) || self.type == 'Reboot'")
+        .message("reboot may only be set when type is Reboot").field_path(".reboot"),
+    validation = Rule::new("self.os == 'Windows' || !(self.type in ['ChangeRegistryKey', 'UninstallSoftware'])")
+        .message("ChangeRegistryKey and UninstallSoftware tasks are Windows-only").field_path(".os"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskSpec {
+    pub os: OperatingSystem,
+    #[serde(rename = "type")]
+    pub task_type: TaskType,
+    /// What the task is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub description: Option<String>,
+    /// Minutes the action may run (1–180); then it is killed and the next action runs.
+    #[serde(default = "default_timeout_minutes")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 180").message("timeoutMinutes must be between 1 and 180"))]
+    pub timeout_minutes: u32,
+    /// Exit codes that count as success, besides 10 (success, reboot needed).
+    #[serde(default = "default_success_exit_codes")]
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub success_exit_codes: Vec<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_script: Option<RunScript>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_software: Option<InstallSoftware>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_registry_key: Option<ChangeRegistryKey>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uninstall_software: Option<UninstallSoftware>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot: Option<Reboot>,
+}
+
+impl TaskSpec {
+    /// Every Script this task points at, in the order they run.
+    pub fn script_refs(&self) -> Vec<&ScriptRef> {
+        let mut refs = Vec::new();
+        if let Some(run) = &self.run_script {
+            refs.push(&run.script_ref);
+        }
+        if let Some(install) = &self.install_software {
+            refs.extend(install.detection_script_ref.as_ref());
+            refs.push(&install.install_script_ref);
+        }
+        refs
+    }
+}
+
+/// Observed state of a Task.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,409 @@
+//! Validation of JSON values against Kubernetes structural OpenAPI v3 schemas: the
+//! checks an API server makes before CEL rules run (types, required fields, enums,
+//! patterns, lengths, item and property caps, list-map keys, unknown fields).
+//!
+//! Used offline by `fleetpatch validate` and by the dev server. Field paths and
+//! messages follow the API server's wording so a person sees the same thing in CI as
+//! at `kubectl apply`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use regex::Regex;
+use serde_json::Value;
+
+/// What is wrong with one field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FieldErrorKind {
+    /// A required field is missing.
+    Required,
+    /// A field the schema does not declare.
+    Unknown,
+    /// The value is of the wrong type.
+    Type { expected: String, found: &'static str },
+    /// The value is not one of the allowed ones.
+    NotSupported { allowed: Vec<String> },
+    /// Two list items share a list-map key.
+    Duplicate,
+    /// Anything else: pattern, length, range, item count.
+    Invalid(String),
+}
+
+/// A problem at one field path, like the API server's `field.Error`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path with list indices, e.g. `spec.targets[1].selector`.
+    pub path: String,
+    pub kind: FieldErrorKind,
+    /// The offending value, rendered compactly; empty for Required.
+    pub value: String,
+}
+
+impl FieldError {
+    /// The message in plain words, without the path.
+    pub fn message(&self) -> String {
+        match &self.kind {
+            FieldErrorKind::Required => "Required value".to_string(),
+            FieldErrorKind::Unknown => "unknown field; the schema does not declare it".to_string(),
+            FieldErrorKind::Type { expected, found } => {
+                format!("must be of type {expected}, not {found}: {}", self.value)
+            }
+            FieldErrorKind::NotSupported { allowed } => {
+                let allowed: Vec<String> = allowed.iter().map(|a| format!("\"{a}\"")).collect();
+                format!("Unsupported value: {}: supported values: {}", self.value, allowed.join(", "))
+            }
+            FieldErrorKind::Duplicate => format!("Duplicate value: {}", self.value),
+            FieldErrorKind::Invalid(detail) => format!("Invalid value: {}: {detail}", self.value),
+        }
+    }
+
+    /// Reason as in a Kubernetes `StatusCause`.
+    pub fn reason(&self) -> &'static str {
+        match self.kind {
+            FieldErrorKind::Required => "FieldValueRequired",
+            FieldErrorKind::Unknown => "FieldValueInvalid",
+            FieldErrorKind::Type { .. } => "FieldValueTypeInvalid",
+            FieldErrorKind::NotSupported { .. } => "FieldValueNotSupported",
+            FieldErrorKind::Duplicate => "FieldValueDuplicate",
+            FieldErrorKind::Invalid(_) => "FieldValueInvalid",
+        }
+    }
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message())
+    }
+}
+
+/// Options for [`validate`].
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Report fields the schema does not declare (kubectl's strict field validation).
+    pub reject_unknown_fields: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { reject_unknown_fields: true }
+    }
+}
+
+/// Checks `value` against a structural `schema`. `path` is the prefix for field paths
+/// (empty at an object's root). Root-level `apiVersion`, `kind` and `metadata` are
+/// left to the caller, as the API server validates them separately.
+pub fn validate(schema: &Value, value: &Value, options: Options) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    walk(schema, value, "", true, options, &mut errors);
+    errors
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn render(value: &Value) -> String {
+    let text = value.to_string();
+    if text.chars().count() > 80 {
+        let cut: String = text.chars().take(77).collect();
+        format!("{cut}...")
+    } else {
+        text
+    }
+}
+
+fn join(path: &str, field: &str) -> String {
+    if path.is_empty() { field.to_string() } else { format!("{path}.{field}") }
+}
+
+fn compiled(pattern: &str) -> Option<Regex> {
+    static CACHE: Mutex<Option<HashMap<String, Option<Regex>>>> = Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    cache
+        .get_or_insert_with(HashMap::new)
+        .entry(pattern.to_string())
+        .or_insert_with(|| Regex::new(pattern).ok())
+        .clone()
+}
+
+fn walk(schema: &Value, value: &Value, path: &str, root: bool, options: Options, errors: &mut Vec<FieldError>) {
+    let Some(schema) = schema.as_object() else { return };
+    let error = |kind: FieldErrorKind| FieldError { path: path.to_string(), kind, value: render(value) };
+
+    if value.is_null() {
+        if schema.get("nullable").and_then(Value::as_bool) != Some(true) {
+            // A null for a non-nullable field: the API server drops nulls for fields
+            // with defaults and otherwise reports a type error.
+            if schema.contains_key("default") {
+                return;
+            }
+            if let Some(expected) = schema.get("type").and_then(Value::as_str) {
+                errors.push(error(FieldErrorKind::Type { expected: expected.to_string(), found: "null" }));
+            }
+        }
+        return;
+    }
+
+    let int_or_string = schema.get("x-kubernetes-int-or-string").and_then(Value::as_bool) == Some(true);
+    let preserve_unknown = schema.get("x-kubernetes-preserve-unknown-fields").and_then(Value::as_bool) == Some(true);
+    if int_or_string {
+        if !matches!(type_name(value), "integer" | "string") {
+            errors.push(error(FieldErrorKind::Type { expected: "integer or string".into(), found: type_name(value) }));
+            return;
+        }
+    } else if let Some(expected) = schema.get("type").and_then(Value::as_str) {
+        let found = type_name(value);
+        let ok = match expected {
+            "number" => matches!(found, "integer" | "number"),
+            other => other == found,
+        };
+        if !ok {
+            errors.push(error(FieldErrorKind::Type { expected: expected.to_string(), found }));
+            return;
+        }
+    }
+
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+        && !allowed.contains(value)
+    {
+        let allowed = allowed.iter().map(|a| a.as_str().map(str::to_string).unwrap_or_else(|| a.to_string())).collect();
+        errors.push(error(FieldErrorKind::NotSupported { allowed }));
+    }
+
+    match value {
+        Value::String(text) => {
+            let chars = text.chars().count() as u64;
+            if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
+                && chars > max
+            {
+                errors.push(error(FieldErrorKind::Invalid(format!("may not be longer than {max} characters"))));
+            }
+            if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
+                && chars < min
+            {
+                let detail = if min == 1 {
+                    "must not be empty".to_string()
+                } else {
+                    format!("must be at least {min} characters long")
+                };
+                errors.push(error(FieldErrorKind::Invalid(detail)));
+            }
+            if let Some(pattern) = schema.get("pattern").and_then(Value::as_str)
+                && let Some(regex) = compiled(pattern)
+                && !regex.is_match(text)
+            {
+                errors.push(error(FieldErrorKind::Invalid(format!("must match the pattern '{pattern}'"))));
+            }
+            if schema.get("format").and_then(Value::as_str) == Some("date-time")
+                && !is_rfc3339(text)
+            {
+                errors.push(error(FieldErrorKind::Invalid("must be an RFC 3339 date-time".into())));
+            }
+        }
+        Value::Number(number) => {
+            let n = number.as_f64().unwrap_or_default();
+            if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
+                && n > max
+            {
+                errors.push(error(FieldErrorKind::Invalid(format!("must be less than or equal to {max}"))));
+            }
+            if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
+                && n < min
+            {
+                errors.push(error(FieldErrorKind::Invalid(format!("must be greater than or equal to {min}"))));
+            }
+            if schema.get("format").and_then(Value::as_str) == Some("int32")
+                && (n > i32::MAX as f64 || n < i32::MIN as f64)
+            {
+                errors.push(error(FieldErrorKind::Invalid("must fit in a 32-bit integer".into())));
+            }
+        }
+        Value::Array(items) => {
+            if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
+                && items.len() as u64 > max
+            {
+                errors.push(error(FieldErrorKind::Invalid(format!("must have at most {max} items"))));
+            }
+            if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
+                && (items.len() as u64) < min
+            {
+                errors.push(error(FieldErrorKind::Invalid(format!("must have at least {min} item(s)"))));
+            }
+            if let Some(item_schema) = schema.get("items") {
+                for (index, item) in items.iter().enumerate() {
+                    walk(item_schema, item, &format!("{path}[{index}]"), false, options, errors);
+                }
+            }
+            check_list_type(schema, items, path, errors);
+        }
+        Value::Object(fields) => {
+            let properties = schema.get("properties").and_then(Value::as_object);
+            let additional = schema.get("additionalProperties");
+            if let Some(required) = schema.get("required").and_then(Value::as_array) {
+                for name in required.iter().filter_map(Value::as_str) {
+                    if !fields.contains_key(name) {
+                        errors.push(FieldError {
+                            path: join(path, name),
+                            kind: FieldErrorKind::Required,
+                            value: String::new(),
+                        });
+                    }
+                }
+            }
+            if let Some(max) = schema.get("maxProperties").and_then(Value::as_u64)
+                && fields.len() as u64 > max
+            {
+                errors.push(error(FieldErrorKind::Invalid(format!("must have at most {max} entries"))));
+            }
+            for (name, field_value) in fields {
+                if root && matches!(name.as_str(), "apiVersion" | "kind" | "metadata") {
+                    continue;
+                }
+                let field_path = join(path, name);
+                match (properties.and_then(|p| p.get(name)), additional) {
+                    (Some(field_schema), _) => walk(field_schema, field_value, &field_path, false, options, errors),
+                    (None, Some(additional)) if additional.is_object() => {
+                        walk(additional, field_value, &field_path, false, options, errors)
+                    }
+                    (None, Some(Value::Bool(true))) => {}
+                    (None, _) if preserve_unknown => {}
+                    (None, _) => {
+                        if options.reject_unknown_fields {
+                            errors.push(FieldError {
+                                path: field_path,
+                                kind: FieldErrorKind::Unknown,
+                                value: String::new(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn check_list_type(schema: &serde_json::Map<String, Value>, items: &[Value], path: &str, errors: &mut Vec<FieldError>) {
+    match schema.get("x-kubernetes-list-type").and_then(Value::as_str) {
+        Some("set") => {
+            let mut seen = BTreeSet::new();
+            for (index, item) in items.iter().enumerate() {
+                if !seen.insert(item.to_string()) {
+                    errors.push(FieldError {
+                        path: format!("{path}[{index}]"),
+                        kind: FieldErrorKind::Duplicate,
+                        value: render(item),
+                    });
+                }
+            }
+        }
+        Some("map") => {
+            let keys: Vec<&str> = schema
+                .get("x-kubernetes-list-map-keys")
+                .and_then(Value::as_array)
+                .map(|keys| keys.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let mut seen = BTreeSet::new();
+            for (index, item) in items.iter().enumerate() {
+                let key: Vec<String> = keys.iter().map(|k| item.get(*k).map(Value::to_string).unwrap_or_default()).collect();
+                if !seen.insert(key.clone()) {
+                    errors.push(FieldError {
+                        path: format!("{path}[{index}]"),
+                        kind: FieldErrorKind::Duplicate,
+                        value: format!("{{{}}}", keys.iter().zip(&key).map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(",")),
+                    });
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// True for the RFC 3339 date-times Kubernetes accepts, e.g. `2026-11-22T21:00:00Z`.
+pub fn is_rfc3339(text: &str) -> bool {
+    static PATTERN: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
+    PATTERN
+        .get_or_init(|| {
+            Regex::new(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$").expect("valid regex")
+        })
+        .is_match(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn schema() -> Value {
+        json!({
+            "type": "object",
+            "required": ["spec"],
+            "properties": {
+                "spec": {
+                    "type": "object",
+                    "required": ["os"],
+                    "properties": {
+                        "os": {"type": "string", "enum": ["Windows", "Linux"]},
+                        "timeout": {"type": "integer", "maximum": 180, "minimum": 1},
+                        "name": {"type": "string", "maxLength": 5, "pattern": "^[a-z]+$"},
+                        "limit": {"x-kubernetes-int-or-string": true},
+                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "targets": {
+                            "type": "array", "maxItems": 2,
+                            "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"],
+                            "items": {"type": "object", "properties": {"name": {"type": "string"}}}
+                        },
+                        "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
+                    }
+                }
+            }
+        })
+    }
+
+    fn paths(value: Value) -> Vec<String> {
+        validate(&schema(), &value, Options::default()).iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn accepts_a_valid_object_and_ignores_root_metadata() {
+        let value = json!({"apiVersion": "x/v1", "kind": "K", "metadata": {"name": "a"},
+            "spec": {"os": "Linux", "timeout": 5, "name": "abc", "limit": "10%", "labels": {"a": "b"},
+                     "targets": [{"name": "a"}, {"name": "b"}], "free": {"anything": [1]}}});
+        assert_eq!(paths(value), Vec::<String>::new());
+    }
+
+    #[test]
+    fn names_every_broken_field() {
+        let value = json!({"spec": {"os": "Mac", "timeout": 500, "name": "ABCDEFG", "limit": true,
+            "labels": {"a": 1}, "targets": [{"name": "a"}, {"name": "a"}, {"name": "c"}], "extra": 1}});
+        let errors = paths(value);
+        let joined = errors.join("\n");
+        for expected in [
+            "spec.os: Unsupported value: \"Mac\": supported values: \"Windows\", \"Linux\"",
+            "spec.timeout: Invalid value: 500: must be less than or equal to 180",
+            "spec.name: Invalid value: \"ABCDEFG\": may not be longer than 5 characters",
+            "spec.name: Invalid value: \"ABCDEFG\": must match the pattern '^[a-z]+$'",
+            "spec.limit: must be of type integer or string, not boolean: true",
+            "spec.labels.a: must be of type string, not integer: 1",
+            "spec.targets: Invalid value",
+            "spec.targets[1]: Duplicate value: {\"name\":\"a\"}",
+            "spec.extra: unknown field",
+        ] {
+            assert!(joined.contains(expected), "missing {expected:?} in:\n{joined}");
+        }
+    }
+
+    #[test]
+    fn reports_missing_required_fields() {
+        assert_eq!(paths(json!({"spec": {}})), vec!["spec.os: Required value"]);
+        assert_eq!(paths(json!({})), vec!["spec: Required value"]);
+    }
+}
