@@ -2,4 +2,6 @@
 //! post-patching actions around the patches.
 
 pub mod api;
+pub mod crdgen;
+pub mod manifests;
 pub mod structural;

@@ -20,7 +20,10 @@ pub enum FieldErrorKind {
     /// A field the schema does not declare.
     Unknown,
     /// The value is of the wrong type.
-    Type { expected: String, found: &'static str },
+    Type {
+        expected: String,
+        found: &'static str,
+    },
     /// The value is not one of the allowed ones.
     NotSupported { allowed: Vec<String> },
     /// Two list items share a list-map key.
@@ -50,7 +53,11 @@ impl FieldError {
             }
             FieldErrorKind::NotSupported { allowed } => {
                 let allowed: Vec<String> = allowed.iter().map(|a| format!("\"{a}\"")).collect();
-                format!("Unsupported value: {}: supported values: {}", self.value, allowed.join(", "))
+                format!(
+                    "Unsupported value: {}: supported values: {}",
+                    self.value,
+                    allowed.join(", ")
+                )
             }
             FieldErrorKind::Duplicate => format!("Duplicate value: {}", self.value),
             FieldErrorKind::Invalid(detail) => format!("Invalid value: {}: {detail}", self.value),
@@ -85,7 +92,9 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { reject_unknown_fields: true }
+        Self {
+            reject_unknown_fields: true,
+        }
     }
 }
 
@@ -121,12 +130,18 @@ fn render(value: &Value) -> String {
 }
 
 fn join(path: &str, field: &str) -> String {
-    if path.is_empty() { field.to_string() } else { format!("{path}.{field}") }
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
 }
 
 fn compiled(pattern: &str) -> Option<Regex> {
     static CACHE: Mutex<Option<HashMap<String, Option<Regex>>>> = Mutex::new(None);
-    let mut cache = CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut cache = CACHE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     cache
         .get_or_insert_with(HashMap::new)
         .entry(pattern.to_string())
@@ -134,9 +149,22 @@ fn compiled(pattern: &str) -> Option<Regex> {
         .clone()
 }
 
-fn walk(schema: &Value, value: &Value, path: &str, root: bool, options: Options, errors: &mut Vec<FieldError>) {
-    let Some(schema) = schema.as_object() else { return };
-    let error = |kind: FieldErrorKind| FieldError { path: path.to_string(), kind, value: render(value) };
+fn walk(
+    schema: &Value,
+    value: &Value,
+    path: &str,
+    root: bool,
+    options: Options,
+    errors: &mut Vec<FieldError>,
+) {
+    let Some(schema) = schema.as_object() else {
+        return;
+    };
+    let error = |kind: FieldErrorKind| FieldError {
+        path: path.to_string(),
+        kind,
+        value: render(value),
+    };
 
     if value.is_null() {
         if schema.get("nullable").and_then(Value::as_bool) != Some(true) {
@@ -146,17 +174,29 @@ fn walk(schema: &Value, value: &Value, path: &str, root: bool, options: Options,
                 return;
             }
             if let Some(expected) = schema.get("type").and_then(Value::as_str) {
-                errors.push(error(FieldErrorKind::Type { expected: expected.to_string(), found: "null" }));
+                errors.push(error(FieldErrorKind::Type {
+                    expected: expected.to_string(),
+                    found: "null",
+                }));
             }
         }
         return;
     }
 
-    let int_or_string = schema.get("x-kubernetes-int-or-string").and_then(Value::as_bool) == Some(true);
-    let preserve_unknown = schema.get("x-kubernetes-preserve-unknown-fields").and_then(Value::as_bool) == Some(true);
+    let int_or_string = schema
+        .get("x-kubernetes-int-or-string")
+        .and_then(Value::as_bool)
+        == Some(true);
+    let preserve_unknown = schema
+        .get("x-kubernetes-preserve-unknown-fields")
+        .and_then(Value::as_bool)
+        == Some(true);
     if int_or_string {
         if !matches!(type_name(value), "integer" | "string") {
-            errors.push(error(FieldErrorKind::Type { expected: "integer or string".into(), found: type_name(value) }));
+            errors.push(error(FieldErrorKind::Type {
+                expected: "integer or string".into(),
+                found: type_name(value),
+            }));
             return;
         }
     } else if let Some(expected) = schema.get("type").and_then(Value::as_str) {
@@ -166,7 +206,10 @@ fn walk(schema: &Value, value: &Value, path: &str, root: bool, options: Options,
             other => other == found,
         };
         if !ok {
-            errors.push(error(FieldErrorKind::Type { expected: expected.to_string(), found }));
+            errors.push(error(FieldErrorKind::Type {
+                expected: expected.to_string(),
+                found,
+            }));
             return;
         }
     }
@@ -174,7 +217,14 @@ fn walk(schema: &Value, value: &Value, path: &str, root: bool, options: Options,
     if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
         && !allowed.contains(value)
     {
-        let allowed = allowed.iter().map(|a| a.as_str().map(str::to_string).unwrap_or_else(|| a.to_string())).collect();
+        let allowed = allowed
+            .iter()
+            .map(|a| {
+                a.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| a.to_string())
+            })
+            .collect();
         errors.push(error(FieldErrorKind::NotSupported { allowed }));
     }
 
@@ -184,7 +234,9 @@ fn walk(schema: &Value, value: &Value, path: &str, root: bool, options: Options,
             if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
                 && chars > max
             {
-                errors.push(error(FieldErrorKind::Invalid(format!("may not be longer than {max} characters"))));
+                errors.push(error(FieldErrorKind::Invalid(format!(
+                    "may not be longer than {max} characters"
+                ))));
             }
             if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
                 && chars < min
@@ -200,12 +252,16 @@ fn walk(schema: &Value, value: &Value, path: &str, root: bool, options: Options,
                 && let Some(regex) = compiled(pattern)
                 && !regex.is_match(text)
             {
-                errors.push(error(FieldErrorKind::Invalid(format!("must match the pattern '{pattern}'"))));
+                errors.push(error(FieldErrorKind::Invalid(format!(
+                    "must match the pattern '{pattern}'"
+                ))));
             }
             if schema.get("format").and_then(Value::as_str) == Some("date-time")
                 && !is_rfc3339(text)
             {
-                errors.push(error(FieldErrorKind::Invalid("must be an RFC 3339 date-time".into())));
+                errors.push(error(FieldErrorKind::Invalid(
+                    "must be an RFC 3339 date-time".into(),
+                )));
             }
         }
         Value::Number(number) => {
@@ -213,33 +269,50 @@ fn walk(schema: &Value, value: &Value, path: &str, root: bool, options: Options,
             if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
                 && n > max
             {
-                errors.push(error(FieldErrorKind::Invalid(format!("must be less than or equal to {max}"))));
+                errors.push(error(FieldErrorKind::Invalid(format!(
+                    "must be less than or equal to {max}"
+                ))));
             }
             if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
                 && n < min
             {
-                errors.push(error(FieldErrorKind::Invalid(format!("must be greater than or equal to {min}"))));
+                errors.push(error(FieldErrorKind::Invalid(format!(
+                    "must be greater than or equal to {min}"
+                ))));
             }
             if schema.get("format").and_then(Value::as_str) == Some("int32")
                 && (n > i32::MAX as f64 || n < i32::MIN as f64)
             {
-                errors.push(error(FieldErrorKind::Invalid("must fit in a 32-bit integer".into())));
+                errors.push(error(FieldErrorKind::Invalid(
+                    "must fit in a 32-bit integer".into(),
+                )));
             }
         }
         Value::Array(items) => {
             if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
                 && items.len() as u64 > max
             {
-                errors.push(error(FieldErrorKind::Invalid(format!("must have at most {max} items"))));
+                errors.push(error(FieldErrorKind::Invalid(format!(
+                    "must have at most {max} items"
+                ))));
             }
             if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
                 && (items.len() as u64) < min
             {
-                errors.push(error(FieldErrorKind::Invalid(format!("must have at least {min} item(s)"))));
+                errors.push(error(FieldErrorKind::Invalid(format!(
+                    "must have at least {min} item(s)"
+                ))));
             }
             if let Some(item_schema) = schema.get("items") {
                 for (index, item) in items.iter().enumerate() {
-                    walk(item_schema, item, &format!("{path}[{index}]"), false, options, errors);
+                    walk(
+                        item_schema,
+                        item,
+                        &format!("{path}[{index}]"),
+                        false,
+                        options,
+                        errors,
+                    );
                 }
             }
             check_list_type(schema, items, path, errors);
@@ -261,7 +334,9 @@ fn walk(schema: &Value, value: &Value, path: &str, root: bool, options: Options,
             if let Some(max) = schema.get("maxProperties").and_then(Value::as_u64)
                 && fields.len() as u64 > max
             {
-                errors.push(error(FieldErrorKind::Invalid(format!("must have at most {max} entries"))));
+                errors.push(error(FieldErrorKind::Invalid(format!(
+                    "must have at most {max} entries"
+                ))));
             }
             for (name, field_value) in fields {
                 if root && matches!(name.as_str(), "apiVersion" | "kind" | "metadata") {
@@ -269,7 +344,14 @@ fn walk(schema: &Value, value: &Value, path: &str, root: bool, options: Options,
                 }
                 let field_path = join(path, name);
                 match (properties.and_then(|p| p.get(name)), additional) {
-                    (Some(field_schema), _) => walk(field_schema, field_value, &field_path, false, options, errors),
+                    (Some(field_schema), _) => walk(
+                        field_schema,
+                        field_value,
+                        &field_path,
+                        false,
+                        options,
+                        errors,
+                    ),
                     (None, Some(additional)) if additional.is_object() => {
                         walk(additional, field_value, &field_path, false, options, errors)
                     }
@@ -291,7 +373,12 @@ fn walk(schema: &Value, value: &Value, path: &str, root: bool, options: Options,
     }
 }
 
-fn check_list_type(schema: &serde_json::Map<String, Value>, items: &[Value], path: &str, errors: &mut Vec<FieldError>) {
+fn check_list_type(
+    schema: &serde_json::Map<String, Value>,
+    items: &[Value],
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) {
     match schema.get("x-kubernetes-list-type").and_then(Value::as_str) {
         Some("set") => {
             let mut seen = BTreeSet::new();
@@ -313,12 +400,22 @@ fn check_list_type(schema: &serde_json::Map<String, Value>, items: &[Value], pat
                 .unwrap_or_default();
             let mut seen = BTreeSet::new();
             for (index, item) in items.iter().enumerate() {
-                let key: Vec<String> = keys.iter().map(|k| item.get(*k).map(Value::to_string).unwrap_or_default()).collect();
+                let key: Vec<String> = keys
+                    .iter()
+                    .map(|k| item.get(*k).map(Value::to_string).unwrap_or_default())
+                    .collect();
                 if !seen.insert(key.clone()) {
                     errors.push(FieldError {
                         path: format!("{path}[{index}]"),
                         kind: FieldErrorKind::Duplicate,
-                        value: format!("{{{}}}", keys.iter().zip(&key).map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(",")),
+                        value: format!(
+                            "{{{}}}",
+                            keys.iter()
+                                .zip(&key)
+                                .map(|(k, v)| format!("\"{k}\":{v}"))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        ),
                     });
                 }
             }
@@ -332,7 +429,8 @@ pub fn is_rfc3339(text: &str) -> bool {
     static PATTERN: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
     PATTERN
         .get_or_init(|| {
-            Regex::new(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$").expect("valid regex")
+            Regex::new(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+                .expect("valid regex")
         })
         .is_match(text)
 }
@@ -369,7 +467,10 @@ mod tests {
     }
 
     fn paths(value: Value) -> Vec<String> {
-        validate(&schema(), &value, Options::default()).iter().map(ToString::to_string).collect()
+        validate(&schema(), &value, Options::default())
+            .iter()
+            .map(ToString::to_string)
+            .collect()
     }
 
     #[test]
@@ -397,7 +498,10 @@ mod tests {
             "spec.targets[1]: Duplicate value: {\"name\":\"a\"}",
             "spec.extra: unknown field",
         ] {
-            assert!(joined.contains(expected), "missing {expected:?} in:\n{joined}");
+            assert!(
+                joined.contains(expected),
+                "missing {expected:?} in:\n{joined}"
+            );
         }
     }
 

@@ -24,7 +24,9 @@ pub const ACTION_TIMEOUT_MAX_MINUTES: u32 = 180;
 pub const WORKFLOW_TASKS_MAX: usize = 5;
 
 /// Operating system family a Task, Workflow, plan target or Agent is for.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 pub enum OperatingSystem {
     Windows,
     Linux,
@@ -48,20 +50,31 @@ impl std::fmt::Display for OperatingSystem {
 /// A reference to another fleetpatch object by name. Without a namespace it means the
 /// referring object's own namespace; another namespace is allowed only for the
 /// built-in library namespace (checked by the cross-object rules).
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 pub struct ObjectRef {
     /// Name of the referenced object.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Namespace of the referenced object; only the built-in library namespace may be named.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub namespace: Option<String>,
 }
 
 impl ObjectRef {
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into(), namespace: None }
+        Self {
+            name: name.into(),
+            namespace: None,
+        }
     }
 
     /// The namespace this reference points into, given the referrer's namespace.
@@ -110,7 +123,9 @@ pub(crate) fn with_rules(mut schema: Schema, rules: impl IntoIterator<Item = Rul
 /// UninstallSoftware.
 pub fn registry_key_path_schema(generator: &mut SchemaGenerator) -> Schema {
     let mut schema = String::json_schema(generator);
-    schema.ensure_object().insert("maxLength".into(), 1024.into());
+    schema
+        .ensure_object()
+        .insert("maxLength".into(), 1024.into());
     with_rules(
         schema,
         [

@@ -6,9 +6,12 @@
 
 pub mod agent;
 pub mod common;
+pub mod library;
 pub mod patchjob;
 pub mod plan;
+pub mod rules;
 pub mod script;
+pub mod syntax;
 pub mod task;
 pub mod workflow;
 

@@ -85,10 +85,24 @@ pub struct ResolvedDownload {
     printcolumn(name = "Plan", type_ = "string", json_path = ".spec.plan"),
     printcolumn(name = "Agent", type_ = "string", json_path = ".spec.agent"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Actions", type_ = "string", json_path = ".status.progress", description = "actions done/total"),
-    printcolumn(name = "Reboot", type_ = "string", json_path = ".status.reboot.state", priority = 1),
+    printcolumn(
+        name = "Actions",
+        type_ = "string",
+        json_path = ".status.progress",
+        description = "actions done/total"
+    ),
+    printcolumn(
+        name = "Reboot",
+        type_ = "string",
+        json_path = ".status.reboot.state",
+        priority = 1
+    ),
     printcolumn(name = "Run", type_ = "string", json_path = ".spec.run", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("PatchJob spec is immutable; delete the job and run the plan again"))]
 #[serde(rename_all = "camelCase")]
@@ -124,7 +138,9 @@ pub struct PatchJobSpec {
 }
 
 /// Where a job stands.
-#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
 pub enum JobPhase {
     #[default]
     Pending,
@@ -143,7 +159,9 @@ impl JobPhase {
 }
 
 /// Outcome of one action.
-#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
 pub enum ActionPhase {
     #[default]
     Pending,
@@ -214,7 +232,9 @@ pub struct PatchResults {
 }
 
 /// State of the job's single reboot.
-#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum RebootState {
     #[default]
     NotRequired,

@@ -15,7 +15,10 @@ use super::common::{OperatingSystem, WorkflowRef};
 #[serde(rename_all = "camelCase")]
 pub struct PlanTarget {
     /// Name of the group, unique within the plan.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Agents whose labels match. An empty selector matches every Agent of the OS.
     #[serde(default)]
@@ -70,7 +73,12 @@ pub struct PatchSelection {
 
 impl Default for PatchSelection {
     fn default() -> Self {
-        Self { classifications: default_classifications(), include: vec![], exclude: vec![], skip: false }
+        Self {
+            classifications: default_classifications(),
+            include: vec![],
+            exclude: vec![],
+            skip: false,
+        }
     }
 }
 
@@ -123,12 +131,17 @@ pub struct Rollout {
 
 impl Default for Rollout {
     fn default() -> Self {
-        Self { max_concurrent: default_max_concurrent(), max_failures: default_max_failures() }
+        Self {
+            max_concurrent: default_max_concurrent(),
+            max_failures: default_max_failures(),
+        }
     }
 }
 
 /// Whether hosts reboot after patching.
-#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum RebootPolicy {
     /// Reboot once when a patch or an action asks for it.
     #[default]
@@ -156,7 +169,10 @@ pub struct RebootSettings {
 
 impl Default for RebootSettings {
     fn default() -> Self {
-        Self { policy: RebootPolicy::default(), max_concurrent_nodes: default_max_concurrent_nodes() }
+        Self {
+            policy: RebootPolicy::default(),
+            max_concurrent_nodes: default_max_concurrent_nodes(),
+        }
     }
 }
 
@@ -175,11 +191,31 @@ impl Default for RebootSettings {
     printcolumn(name = "Schedule", type_ = "string", json_path = ".spec.schedule.cron"),
     printcolumn(name = "Suspend", type_ = "boolean", json_path = ".spec.suspend"),
     printcolumn(name = "Run", type_ = "string", json_path = ".status.currentRun.id"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.currentRun.phase"),
-    printcolumn(name = "Succeeded", type_ = "integer", json_path = ".status.currentRun.counts.succeeded"),
-    printcolumn(name = "Failed", type_ = "integer", json_path = ".status.currentRun.counts.failed"),
-    printcolumn(name = "Hosts", type_ = "integer", json_path = ".status.currentRun.counts.total"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.currentRun.phase"
+    ),
+    printcolumn(
+        name = "Succeeded",
+        type_ = "integer",
+        json_path = ".status.currentRun.counts.succeeded"
+    ),
+    printcolumn(
+        name = "Failed",
+        type_ = "integer",
+        json_path = ".status.currentRun.counts.failed"
+    ),
+    printcolumn(
+        name = "Hosts",
+        type_ = "integer",
+        json_path = ".status.currentRun.counts.total"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct RemediationPlanSpec {

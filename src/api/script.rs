@@ -26,7 +26,9 @@ impl ScriptLanguage {
 
 /// `Internal` scripts are helpers for the controller and the built-in library; they
 /// cannot be used by Tasks that appear in a Workflow.
-#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum ScriptCategory {
     #[default]
     Standard,
@@ -67,9 +69,22 @@ pub struct ScriptParameter {
     doc = "Code in PowerShell, Bash or sh that Tasks run on hosts.",
     printcolumn(name = "Language", type_ = "string", json_path = ".spec.language"),
     printcolumn(name = "Category", type_ = "string", json_path = ".spec.category"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "SHA256", type_ = "string", json_path = ".status.sha256", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "SHA256",
+        type_ = "string",
+        json_path = ".status.sha256",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(
     validation = Rule::new("!has(self.signature) || self.language == 'PowerShell'")

@@ -186,7 +186,9 @@ pub struct ChangeRegistryKey {
 }
 
 /// How DisplayVersion is compared.
-#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum VersionMatch {
     #[default]
     Equals,
@@ -233,9 +235,22 @@ pub struct Reboot {
     doc = "One pre- or post-patching action and the Scripts it needs.",
     printcolumn(name = "OS", type_ = "string", json_path = ".spec.os"),
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
-    printcolumn(name = "Timeout", type_ = "integer", json_path = ".spec.timeoutMinutes", description = "minutes"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Timeout",
+        type_ = "integer",
+        json_path = ".spec.timeoutMinutes",
+        description = "minutes"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(
     validation = Rule::new("has(self.runScript) == (self.type == 'RunScript')")

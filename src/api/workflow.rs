@@ -15,7 +15,9 @@ pub struct WorkflowStep {
 }
 
 /// What a failed pre-patching task does to the rest of the job.
-#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum PreFailurePolicy {
     /// Stop the remaining pre tasks and skip patching.
     #[default]
@@ -25,7 +27,9 @@ pub enum PreFailurePolicy {
 }
 
 /// What a failed post-patching task does to the rest of the job.
-#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
 pub enum PostFailurePolicy {
     /// Stop the remaining post tasks.
     #[default]
@@ -76,11 +80,34 @@ impl Default for FailurePolicy {
     doc = "Ordered pre- and post-patching Tasks for one operating system.",
     printcolumn(name = "OS", type_ = "string", json_path = ".spec.os"),
     printcolumn(name = "Default", type_ = "boolean", json_path = ".spec.default"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Plans", type_ = "integer", json_path = ".status.activePlans", description = "plans using this workflow"),
-    printcolumn(name = "Pre", type_ = "string", json_path = ".spec.preTasks[*].taskRef.name", priority = 1),
-    printcolumn(name = "Post", type_ = "string", json_path = ".spec.postTasks[*].taskRef.name", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Plans",
+        type_ = "integer",
+        json_path = ".status.activePlans",
+        description = "plans using this workflow"
+    ),
+    printcolumn(
+        name = "Pre",
+        type_ = "string",
+        json_path = ".spec.preTasks[*].taskRef.name",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Post",
+        type_ = "string",
+        json_path = ".spec.postTasks[*].taskRef.name",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct WorkflowSpec {
