@@ -4,6 +4,10 @@
 //! Nothing here talks to an API server. The controller, the gateway, the agent and the
 //! dev server all speak these types.
 
+// kube's `printcolumn(...)` repeats keys like `type_ = "string"`, which clippy
+// mistakes for duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod agent;
 pub mod common;
 pub mod library;

@@ -119,12 +119,12 @@ fn default_max_failures() -> IntOrString {
 pub struct Rollout {
     /// Most jobs running at once: a count or a percentage of the run's hosts.
     #[serde(default = "default_max_concurrent")]
-    #[x_kube(validation = Rule::new("type(self) == int ? self >= 1 : self.matches('^[1-9][0-9]?%$|^100%$')")
+    #[x_kube(validation = Rule::new("string(self).matches('^([1-9][0-9]*|[1-9][0-9]?%|100%)$')")
         .message("maxConcurrent must be a positive count or a percentage from 1% to 100%"))]
     pub max_concurrent: IntOrString,
     /// Failures tolerated before the run halts: a count or a percentage of the run's hosts.
     #[serde(default = "default_max_failures")]
-    #[x_kube(validation = Rule::new("type(self) == int ? self >= 0 : self.matches('^[0-9]{1,2}%$|^100%$')")
+    #[x_kube(validation = Rule::new("string(self).matches('^([0-9]+|[0-9]{1,2}%|100%)$')")
         .message("maxFailures must be a count of zero or more or a percentage from 0% to 100%"))]
     pub max_failures: IntOrString,
 }

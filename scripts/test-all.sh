@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The one test command: installs what the tests need, then runs formatting, lints and
+# every test. `.ci/run` calls exactly this. Safe to run repeatedly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+echo "== toolchain components"
+if ! cargo fmt --version >/dev/null 2>&1; then rustup component add rustfmt; fi
+if ! cargo clippy --version >/dev/null 2>&1; then rustup component add clippy; fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+
+echo "== generated CRDs are current"
+cargo run --locked --quiet -- crds --out-dir target/crds-check
+diff -r crds target/crds-check
+
+echo "== cargo test"
+cargo test --locked --all-targets
