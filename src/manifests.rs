@@ -220,9 +220,50 @@ impl Schemas {
     }
 }
 
+/// The parts of `meta/v1 ObjectMeta` a manifest may carry, as a structural schema.
+fn object_meta_schema() -> &'static Value {
+    static SCHEMA: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let strings = serde_json::json!({"type": "object", "additionalProperties": {"type": "string"}});
+        let string = serde_json::json!({"type": "string"});
+        serde_json::json!({
+            "type": "object",
+            "properties": {
+                "name": string, "generateName": string, "namespace": string, "uid": string,
+                "resourceVersion": string, "selfLink": string,
+                "generation": {"type": "integer"},
+                "creationTimestamp": {"type": "string", "nullable": true},
+                "deletionTimestamp": {"type": "string", "nullable": true},
+                "deletionGracePeriodSeconds": {"type": "integer"},
+                "labels": strings, "annotations": strings,
+                "finalizers": {"type": "array", "items": string},
+                "ownerReferences": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
+                "managedFields": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}
+            }
+        })
+    })
+}
+
 fn check_metadata(object: &Value, namespaced: bool) -> Vec<(String, String)> {
-    let mut problems = Vec::new();
     let metadata = &object["metadata"];
+    if metadata.is_null() {
+        return vec![(
+            "metadata".into(),
+            "Required value: every object needs metadata with a name".into(),
+        )];
+    }
+    let mut problems: Vec<(String, String)> = structural::validate_at(
+        object_meta_schema(),
+        metadata,
+        "metadata",
+        structural::Options::default(),
+    )
+    .iter()
+    .map(|e| (e.path.clone(), e.message()))
+    .collect();
+    if !problems.is_empty() {
+        return problems;
+    }
     match metadata["name"].as_str() {
         None => problems.push(("metadata.name".into(), "Required value: every object needs a name".into())),
         Some(name) if !is_dns_subdomain(name) => problems.push((
@@ -371,16 +412,19 @@ pub fn check(documents: &[Document], schemas: &Schemas, options: &CheckOptions) 
                 continue;
             }
         };
-        if !problems.is_empty() {
-            for (field, message) in problems {
-                problem(&label, &field, message);
-            }
-            continue;
-        }
         let namespace = value["metadata"]["namespace"]
             .as_str()
             .unwrap_or(&options.default_namespace)
             .to_string();
+        if !problems.is_empty() {
+            for (field, message) in problems {
+                problem(&label, &field, message);
+            }
+            catalog
+                .invalid
+                .insert((kind.to_string(), namespace, name.to_string()));
+            continue;
+        }
         let key = (kind.to_string(), namespace.clone(), name.to_string());
         if let Some((file, index)) = origins.get(&key) {
             problem(

@@ -107,6 +107,13 @@ pub fn validate(schema: &Value, value: &Value, options: Options) -> Vec<FieldErr
     errors
 }
 
+/// Like [`validate`], for a value found at `path` inside a larger object.
+pub fn validate_at(schema: &Value, value: &Value, path: &str, options: Options) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    walk(schema, value, path, false, options, &mut errors);
+    errors
+}
+
 fn type_name(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",

@@ -53,6 +53,9 @@ pub struct Catalog {
     pub tasks: BTreeMap<Key, Task>,
     pub workflows: BTreeMap<Key, Workflow>,
     pub plans: BTreeMap<Key, RemediationPlan>,
+    /// Objects that exist but failed their own checks, as (kind, namespace, name):
+    /// references to them say so instead of "does not exist".
+    pub invalid: std::collections::BTreeSet<(String, String, String)>,
 }
 
 /// One broken rule, on one object and field.

@@ -96,9 +96,10 @@ pub struct ScriptSpec {
     /// Interpreter: PowerShell (Windows), Bash or Sh (Linux).
     pub language: ScriptLanguage,
     /// The script body, at most 20480 characters. Longer scripts are rejected, never truncated.
-    #[schemars(length(max = 262144))]
-    #[x_kube(validation = Rule::new("size(self) <= 20480")
-        .message("script content must be at most 20480 characters; longer scripts are rejected, not truncated"))]
+    // A length limit, not a CEL `size()` rule: the API server counts characters for
+    // maxLength, while kube-cel's `size()` counts UTF-8 bytes and would reject valid
+    // non-ASCII scripts in offline validation.
+    #[schemars(length(max = 20480))]
     #[x_kube(validation = Rule::new("self.trim() != ''").message("script content must not be empty"))]
     pub content: String,
     /// Authenticode signature block for PowerShell hosts whose execution policy requires signed scripts.

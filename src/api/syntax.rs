@@ -27,10 +27,13 @@ pub fn check(language: ScriptLanguage, content: &str) -> Vec<SyntaxDiagnostic> {
         }];
     };
     let root = tree.root_node();
-    if !root.has_error() {
-        return Vec::new();
-    }
     let mut diagnostics = Vec::new();
+    if language != ScriptLanguage::PowerShell {
+        shell_grammar_gaps(root, content, &mut diagnostics);
+    }
+    if !root.has_error() {
+        return diagnostics;
+    }
     collect(root, content, &mut diagnostics);
     if diagnostics.is_empty() {
         // has_error() without a located ERROR/MISSING node: report the root.
@@ -74,6 +77,58 @@ fn collect(node: Node<'_>, content: &str, out: &mut Vec<SyntaxDiagnostic>) {
     let mut cursor = node.walk();
     for child in node.children(&mut cursor) {
         collect(child, content, out);
+    }
+}
+
+/// Reserved words that tree-sitter-bash accepts as ordinary command names when they
+/// are out of place, although every POSIX shell rejects them there.
+const MISPLACED_RESERVED_WORDS: &[&str] =
+    &["then", "else", "elif", "fi", "do", "done", "esac", "}"];
+
+/// Errors the bash grammar tolerates but the shells do not: a reserved word used as a
+/// command (a stray `fi` or `done`), and an empty `then`, `else` or `do` body.
+fn shell_grammar_gaps(node: Node<'_>, content: &str, out: &mut Vec<SyntaxDiagnostic>) {
+    if out.len() >= MAX_DIAGNOSTICS {
+        return;
+    }
+    match node.kind() {
+        "command" => {
+            if let Some(name) = node.child_by_field_name("name")
+                && let Ok(word) = name.utf8_text(content.as_bytes())
+                && MISPLACED_RESERVED_WORDS.contains(&word)
+            {
+                out.push(diagnostic(
+                    name,
+                    format!("syntax error near unexpected `{word}`"),
+                ));
+            }
+        }
+        "if_statement" | "elif_clause" | "else_clause" | "do_group" => {
+            let opener = match node.kind() {
+                "if_statement" | "elif_clause" => "then",
+                "else_clause" => "else",
+                _ => "do",
+            };
+            let mut cursor = node.walk();
+            let children: Vec<Node<'_>> = node.children(&mut cursor).collect();
+            if let Some(position) = children.iter().position(|c| c.kind() == opener) {
+                let has_body = children[position + 1..]
+                    .iter()
+                    .take_while(|c| !matches!(c.kind(), "elif_clause" | "else_clause"))
+                    .any(|c| c.is_named() && c.kind() != "comment");
+                if !has_body {
+                    out.push(diagnostic(
+                        children[position],
+                        format!("syntax error: `{opener}` is followed by no command"),
+                    ));
+                }
+            }
+        }
+        _ => {}
+    }
+    let mut cursor = node.walk();
+    for child in node.children(&mut cursor) {
+        shell_grammar_gaps(child, content, out);
     }
 }
 
@@ -135,6 +190,33 @@ mod tests {
         );
         assert!(!diagnostics.is_empty());
         assert!(diagnostics[0].line >= 2, "{diagnostics:?}");
+    }
+
+    #[test]
+    fn misplaced_reserved_words_and_empty_bodies_are_errors() {
+        for (script, line) in [
+            ("echo start\nfi\n", 2),
+            ("then echo\n", 1),
+            ("echo a\ndone\n", 2),
+            ("if true; then\nfi\n", 1),
+            ("for x in a; do\ndone\n", 1),
+            ("if true; then echo a; else\nfi\n", 1),
+        ] {
+            let diagnostics = check(ScriptLanguage::Bash, script);
+            assert!(!diagnostics.is_empty(), "{script:?} was accepted");
+            assert_eq!(diagnostics[0].line, line, "{script:?}: {diagnostics:?}");
+        }
+        for script in [
+            "echo fi\n",
+            "if true; then echo a; elif false; then echo b; else echo c; fi\n",
+            "case a in\nesac\n",
+        ] {
+            assert!(
+                check(ScriptLanguage::Sh, script).is_empty(),
+                "{script:?}: {:?}",
+                check(ScriptLanguage::Sh, script)
+            );
+        }
     }
 
     #[test]

@@ -212,7 +212,8 @@ pub struct UninstallSoftware {
     pub version_match: VersionMatch,
 }
 
-/// Reboots the host. Must be the last task of its workflow phase.
+/// Reboots the host. Must be the last task of its workflow; the job's one reboot
+/// happens there, after patching.
 #[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Reboot {
