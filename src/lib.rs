@@ -1,6 +1,7 @@
 //! fleetpatch: a Kubernetes operator that patches fleets of machines and runs pre- and
 //! post-patching actions around the patches.
 
+pub mod agent;
 pub mod api;
 pub mod crdgen;
 pub mod manifests;

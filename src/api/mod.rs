@@ -13,6 +13,7 @@ pub mod common;
 pub mod library;
 pub mod patchjob;
 pub mod plan;
+pub mod resolve;
 pub mod rules;
 pub mod script;
 pub mod syntax;

@@ -1,0 +1,7 @@
+//! The agent: runs PatchJobs on a host. The executor walks a job's pre actions,
+//! patches, post actions and single reboot with the seeds' semantics, journaling every
+//! step so a crash or a reboot resumes where it stopped.
+
+pub mod outcome;
+pub mod powershell;
+pub mod process;

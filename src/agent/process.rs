@@ -1,0 +1,295 @@
+//! Running one child process the way actions need it: its own process group, a
+//! timeout after which the whole group is killed, environment variables instead of
+//! spliced code, and a bounded tail of its combined output.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+
+/// Most bytes of output kept as an action's message.
+pub const OUTPUT_TAIL_BYTES: usize = 4096;
+
+/// What to run.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessSpec {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub current_dir: Option<PathBuf>,
+    pub timeout: Duration,
+    /// Keep the whole stdout (up to [`STDOUT_CAPTURE_BYTES`]) for parsing, besides the tail.
+    pub capture_stdout: bool,
+}
+
+/// Most stdout kept when [`ProcessSpec::capture_stdout`] is set.
+pub const STDOUT_CAPTURE_BYTES: usize = 16 << 20;
+
+/// How it ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProcessEnd {
+    Exited(i32),
+    /// Killed by a signal it did not ask for (not our timeout).
+    Signalled(i32),
+    /// Ran past its timeout; the whole process group was killed.
+    TimedOut,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProcessOutcome {
+    pub end: ProcessEnd,
+    /// The last [`OUTPUT_TAIL_BYTES`] of stdout and stderr, interleaved as they arrived.
+    pub output_tail: String,
+    /// Full stdout when [`ProcessSpec::capture_stdout`] was set, else empty.
+    pub stdout: String,
+    pub duration: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for {program}: {source}")]
+    Wait {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A ring of the last bytes of output.
+#[derive(Default)]
+struct Tail {
+    bytes: std::collections::VecDeque<u8>,
+    truncated: bool,
+}
+
+impl Tail {
+    fn push(&mut self, chunk: &[u8]) {
+        self.bytes.extend(chunk);
+        while self.bytes.len() > OUTPUT_TAIL_BYTES {
+            self.bytes.pop_front();
+            self.truncated = true;
+        }
+    }
+
+    fn into_string(self) -> String {
+        let bytes: Vec<u8> = self.bytes.into_iter().collect();
+        let text = String::from_utf8_lossy(&bytes).trim_end().to_string();
+        if self.truncated {
+            // Start at a line boundary so the message does not open mid-word.
+            let text = text
+                .split_once('\n')
+                .map(|(_, rest)| rest.to_string())
+                .unwrap_or(text);
+            format!("…\n{text}")
+        } else {
+            text
+        }
+    }
+}
+
+async fn pump(
+    mut reader: impl AsyncRead + Unpin,
+    tail: std::sync::Arc<std::sync::Mutex<Tail>>,
+    capture: bool,
+) -> Vec<u8> {
+    let mut buffer = [0u8; 8192];
+    let mut captured = Vec::new();
+    loop {
+        match reader.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                tail.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(&buffer[..n]);
+                if capture && captured.len() < STDOUT_CAPTURE_BYTES {
+                    captured.extend_from_slice(&buffer[..n]);
+                }
+            }
+        }
+    }
+    captured
+}
+
+/// Runs `spec` to completion or timeout. Only `PATH`, `HOME`, `LANG` and the given
+/// variables reach the child; a timeout kills the child's whole process group, so
+/// grandchildren it spawned do not survive it.
+pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutcome, ProcessError> {
+    let program = spec.program.display().to_string();
+    let mut command = Command::new(&spec.program);
+    command
+        .args(&spec.args)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for inherited in [
+        "PATH",
+        "HOME",
+        "LANG",
+        "SystemRoot",
+        "TEMP",
+        "TMP",
+        "ProgramData",
+        "windir",
+    ] {
+        if let Ok(value) = std::env::var(inherited) {
+            command.env(inherited, value);
+        }
+    }
+    if std::env::var_os("PATH").is_none() {
+        command.env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
+    }
+    command.envs(&spec.env);
+    if let Some(dir) = &spec.current_dir {
+        command.current_dir(dir);
+    }
+    #[cfg(unix)]
+    command.process_group(0);
+    command.kill_on_drop(true);
+
+    let started = Instant::now();
+    let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let pid = child.id();
+    let tail = std::sync::Arc::new(std::sync::Mutex::new(Tail::default()));
+    let stdout = tokio::spawn(pump(
+        child.stdout.take().expect("piped"),
+        tail.clone(),
+        spec.capture_stdout,
+    ));
+    let stderr = tokio::spawn(pump(
+        child.stderr.take().expect("piped"),
+        tail.clone(),
+        false,
+    ));
+
+    let end = match tokio::time::timeout(spec.timeout, child.wait()).await {
+        Ok(status) => {
+            let status = status.map_err(|source| ProcessError::Wait {
+                program: program.clone(),
+                source,
+            })?;
+            // The child is gone; a grandchild may still hold the group. Leave nothing behind.
+            kill_group(pid);
+            exit_of(status)
+        }
+        Err(_) => {
+            kill_group(pid);
+            let _ = child.kill().await;
+            let _ = child.wait().await;
+            ProcessEnd::TimedOut
+        }
+    };
+    // Output pipes close once every process of the group is dead; don't wait forever
+    // on a descendant that left the group.
+    let captured = tokio::time::timeout(Duration::from_secs(2), async {
+        let captured = stdout.await.unwrap_or_default();
+        let _ = stderr.await;
+        captured
+    })
+    .await
+    .unwrap_or_default();
+    let output_tail =
+        std::mem::take(&mut *tail.lock().unwrap_or_else(|p| p.into_inner())).into_string();
+    let stdout = String::from_utf8_lossy(&captured).into_owned();
+    Ok(ProcessOutcome {
+        end,
+        output_tail,
+        stdout,
+        duration: started.elapsed(),
+    })
+}
+
+#[cfg(unix)]
+fn kill_group(pid: Option<u32>) {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    if let Some(pid) = pid {
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+}
+
+#[cfg(not(unix))]
+fn kill_group(_pid: Option<u32>) {}
+
+fn exit_of(status: std::process::ExitStatus) -> ProcessEnd {
+    if let Some(code) = status.code() {
+        return ProcessEnd::Exited(code);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(signal) = status.signal() {
+            return ProcessEnd::Signalled(signal);
+        }
+    }
+    ProcessEnd::Exited(-1)
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str, timeout: Duration) -> ProcessSpec {
+        ProcessSpec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            timeout,
+            ..ProcessSpec::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn exit_code_and_output_are_captured() {
+        let outcome = run(&sh(
+            "echo out; echo err >&2; exit 3",
+            Duration::from_secs(10),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(outcome.end, ProcessEnd::Exited(3));
+        assert!(
+            outcome.output_tail.contains("out") && outcome.output_tail.contains("err"),
+            "{}",
+            outcome.output_tail
+        );
+    }
+
+    #[tokio::test]
+    async fn only_the_tail_of_long_output_is_kept() {
+        let outcome = run(&sh(
+            "i=0; while [ $i -lt 3000 ]; do echo line-$i; i=$((i+1)); done",
+            Duration::from_secs(10),
+        ))
+        .await
+        .unwrap();
+        assert!(outcome.output_tail.len() <= OUTPUT_TAIL_BYTES + 8);
+        assert!(outcome.output_tail.ends_with("line-2999"));
+        assert!(outcome.output_tail.starts_with("…\nline-"));
+    }
+
+    #[tokio::test]
+    async fn environment_carries_parameters_and_nothing_else_leaks() {
+        let mut spec = sh(
+            "printf '%s|%s' \"$GREETING\" \"${CARGO_PKG_NAME:-unset}\"",
+            Duration::from_secs(10),
+        );
+        spec.env.insert("GREETING".into(), "hello; rm -rf /".into());
+        let outcome = run(&spec).await.unwrap();
+        assert_eq!(outcome.output_tail, "hello; rm -rf /|unset");
+    }
+}
