@@ -6,3 +6,4 @@ pub mod api;
 pub mod crdgen;
 pub mod manifests;
 pub mod structural;
+pub mod tls;

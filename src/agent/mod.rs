@@ -2,6 +2,9 @@
 //! patches, post actions and single reboot with the seeds' semantics, journaling every
 //! step so a crash or a reboot resumes where it stopped.
 
+pub mod download;
 pub mod outcome;
+pub mod patcher;
 pub mod powershell;
 pub mod process;
+pub mod script;

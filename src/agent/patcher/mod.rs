@@ -1,0 +1,271 @@
+//! Patchers: one trait over apt, dnf/yum, zypper and Windows Update. Each finds the
+//! updates the plan selects, installs them, and reports what was installed, what
+//! failed and whether the host needs a reboot. Command construction and output parsing
+//! are pure functions, tested against recorded outputs; only `apply` runs commands.
+
+pub mod apt;
+pub mod dnf;
+pub mod windows;
+pub mod zypper;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use crate::api::patchjob::{ActionPhase, PatchOutcome, PatchResults};
+use crate::api::plan::{PatchClassification, PatchSelection};
+
+use super::process::{self, ProcessEnd, ProcessOutcome, ProcessSpec};
+
+/// One available update.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Update {
+    pub name: String,
+    pub current_version: Option<String>,
+    pub new_version: String,
+    /// Security (or critical) fix, as the package source classifies it.
+    pub security: bool,
+    pub critical: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PatchError {
+    #[error("{command}: {message}")]
+    Command { command: String, message: String },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// A package manager that can patch this host.
+pub trait Patcher: Send + Sync {
+    /// `apt`, `dnf`, `yum`, `zypper` or `windows-update`.
+    fn name(&self) -> &'static str;
+    /// Installs the updates `selection` asks for, within `timeout`.
+    fn apply<'a>(
+        &'a self,
+        selection: &'a PatchSelection,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<PatchResults, PatchError>>;
+}
+
+/// The patcher for this host: Windows Update on Windows, else the first of apt-get,
+/// dnf, yum and zypper found on `PATH`.
+pub fn detect() -> Option<Box<dyn Patcher>> {
+    if cfg!(windows) {
+        return Some(Box::new(windows::WindowsUpdate));
+    }
+    if find_program("apt-get").is_some() {
+        return Some(Box::new(apt::Apt::default()));
+    }
+    if find_program("dnf").is_some() {
+        return Some(Box::new(dnf::Dnf::new(dnf::Flavour::Dnf)));
+    }
+    if find_program("yum").is_some() {
+        return Some(Box::new(dnf::Dnf::new(dnf::Flavour::Yum)));
+    }
+    if find_program("zypper").is_some() {
+        return Some(Box::new(zypper::Zypper));
+    }
+    None
+}
+
+/// Full path of `program` on `PATH`.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        path.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        path.is_file()
+    }
+}
+
+/// The updates `selection` asks for: by classification, plus `include`, minus `exclude`.
+pub fn select(updates: Vec<Update>, selection: &PatchSelection) -> Vec<Update> {
+    let all = selection
+        .classifications
+        .iter()
+        .any(|c| matches!(c, PatchClassification::All | PatchClassification::Bugfix));
+    let security = selection
+        .classifications
+        .contains(&PatchClassification::Security);
+    let critical = selection
+        .classifications
+        .contains(&PatchClassification::Critical);
+    updates
+        .into_iter()
+        .filter(|u| !selection.exclude.contains(&u.name))
+        .filter(|u| {
+            all || (security && u.security)
+                || (critical && u.critical)
+                || selection.include.contains(&u.name)
+        })
+        .collect()
+}
+
+/// A command the patcher runs, with its output kept for parsing.
+pub(crate) fn command(
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> ProcessSpec {
+    ProcessSpec {
+        program: program.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        current_dir: None,
+        timeout,
+        capture_stdout: true,
+    }
+}
+
+/// Runs `spec`; `ok_codes` are the exit codes that are not errors.
+pub(crate) async fn run(
+    spec: &ProcessSpec,
+    ok_codes: &[i32],
+) -> Result<ProcessOutcome, PatchError> {
+    let shown = format!("{} {}", spec.program.display(), spec.args.join(" "));
+    let outcome = process::run(spec)
+        .await
+        .map_err(|err| PatchError::Command {
+            command: shown.clone(),
+            message: err.to_string(),
+        })?;
+    match outcome.end {
+        ProcessEnd::Exited(code) if ok_codes.contains(&code) => Ok(outcome),
+        ProcessEnd::TimedOut => Err(PatchError::Command {
+            command: shown,
+            message: "timed out".into(),
+        }),
+        ref end => Err(PatchError::Command {
+            command: shown,
+            message: format!("{end:?}: {}", outcome.output_tail),
+        }),
+    }
+}
+
+/// Compares what was asked for with the versions installed afterwards.
+pub(crate) fn results(
+    patcher: &str,
+    wanted: &[Update],
+    installed_after: &BTreeMap<String, String>,
+    reboot_required: bool,
+) -> PatchResults {
+    let mut results = PatchResults {
+        phase: ActionPhase::Succeeded,
+        patcher: Some(patcher.to_string()),
+        reboot_required,
+        ..Default::default()
+    };
+    for update in wanted {
+        match installed_after.get(&update.name) {
+            Some(version) if *version == update.new_version => {
+                results.installed.push(PatchOutcome {
+                    name: update.name.clone(),
+                    version: Some(version.clone()),
+                    message: None,
+                })
+            }
+            other => results.failed.push(PatchOutcome {
+                name: update.name.clone(),
+                version: other.cloned(),
+                message: Some(format!(
+                    "wanted {}, found {}",
+                    update.new_version,
+                    other.map_or("nothing", String::as_str)
+                )),
+            }),
+        }
+    }
+    if !results.failed.is_empty() {
+        results.phase = ActionPhase::Failed;
+    }
+    results.message = summary(&results);
+    results
+}
+
+pub(crate) fn summary(results: &PatchResults) -> String {
+    match (results.installed.len(), results.failed.len()) {
+        (0, 0) => "no updates selected".to_string(),
+        (installed, 0) => format!("{installed} update(s) installed"),
+        (installed, failed) => format!("{installed} update(s) installed, {failed} failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(name: &str, security: bool, critical: bool) -> Update {
+        Update {
+            name: name.into(),
+            current_version: None,
+            new_version: "2".into(),
+            security,
+            critical,
+        }
+    }
+
+    fn names(updates: &[Update]) -> Vec<&str> {
+        updates.iter().map(|u| u.name.as_str()).collect()
+    }
+
+    #[test]
+    fn selection_by_classification_include_and_exclude() {
+        let updates = vec![
+            update("openssl", true, true),
+            update("curl", true, false),
+            update("vim", false, false),
+        ];
+        let mut selection = PatchSelection::default();
+        assert_eq!(
+            names(&select(updates.clone(), &selection)),
+            ["openssl", "curl"]
+        );
+        selection.classifications = vec![PatchClassification::Critical];
+        assert_eq!(names(&select(updates.clone(), &selection)), ["openssl"]);
+        selection.include = vec!["vim".into()];
+        selection.exclude = vec!["openssl".into()];
+        assert_eq!(names(&select(updates.clone(), &selection)), ["vim"]);
+        selection.classifications = vec![PatchClassification::All];
+        selection.exclude = vec![];
+        assert_eq!(
+            names(&select(updates, &selection)),
+            ["openssl", "curl", "vim"]
+        );
+    }
+
+    #[test]
+    fn results_compare_wanted_and_installed_versions() {
+        let wanted = vec![update("a", false, false), update("b", false, false)];
+        let after = BTreeMap::from([
+            ("a".to_string(), "2".to_string()),
+            ("b".to_string(), "1".to_string()),
+        ]);
+        let results = results("apt", &wanted, &after, true);
+        assert_eq!(results.phase, ActionPhase::Failed);
+        assert_eq!(results.installed.len(), 1);
+        assert_eq!(
+            results.failed[0].message.as_deref(),
+            Some("wanted 2, found 1")
+        );
+        assert!(results.reboot_required);
+        assert_eq!(results.message, "1 update(s) installed, 1 failed");
+    }
+}

@@ -1,0 +1,237 @@
+//! Running a resolved script: check its SHA-256, write it to the job's work directory,
+//! and start the interpreter its language needs with the parameters as environment
+//! variables.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::api::ScriptLanguage;
+use crate::api::patchjob::ResolvedScript;
+use crate::api::resolve::content_sha256;
+
+use super::process::ProcessSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScriptError {
+    #[error("script {source_name} was refused: its SHA-256 is {actual}, the job says {expected}")]
+    HashMismatch {
+        source_name: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{language} scripts need Windows PowerShell; this host is not Windows")]
+    RequiresWindows { language: &'static str },
+    #[error("cannot write the script to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How a script is to be started.
+#[derive(Clone, Debug)]
+pub struct ScriptRun<'a> {
+    pub script: &'a ResolvedScript,
+    /// File name stem in the work directory, e.g. `pre-0-install`.
+    pub stem: String,
+    pub env: BTreeMap<String, String>,
+    pub bypass_execution_policy: bool,
+    pub timeout: Duration,
+}
+
+/// Checks the script's hash, writes it under `work_dir` and returns the process to run.
+pub fn prepare(run: &ScriptRun<'_>, work_dir: &Path) -> Result<ProcessSpec, ScriptError> {
+    let script = run.script;
+    let actual = content_sha256(&script.content);
+    if !actual.eq_ignore_ascii_case(&script.sha256) {
+        return Err(ScriptError::HashMismatch {
+            source_name: script.source.to_string(),
+            expected: script.sha256.clone(),
+            actual,
+        });
+    }
+    let (extension, body) = match script.language {
+        ScriptLanguage::PowerShell => {
+            if !cfg!(windows) {
+                return Err(ScriptError::RequiresWindows {
+                    language: "PowerShell",
+                });
+            }
+            // A signed script carries its signature block after the code.
+            let body = match &script.signature {
+                Some(signature) => format!("{}\r\n{}", script.content, signature),
+                None => script.content.clone(),
+            };
+            ("ps1", body)
+        }
+        ScriptLanguage::Bash | ScriptLanguage::Sh => ("sh", script.content.clone()),
+    };
+    let path = work_dir.join(format!("{}.{extension}", run.stem));
+    std::fs::create_dir_all(work_dir)
+        .and_then(|()| std::fs::write(&path, body))
+        .map_err(|source| ScriptError::Write {
+            path: path.clone(),
+            source,
+        })?;
+    let (program, args) = interpreter_command(script.language, &path, run.bypass_execution_policy);
+    Ok(ProcessSpec {
+        program,
+        args,
+        env: run.env.clone(),
+        current_dir: Some(work_dir.to_path_buf()),
+        timeout: run.timeout,
+        capture_stdout: false,
+    })
+}
+
+/// Program and arguments that run the script file at `path`.
+pub fn interpreter_command(
+    language: ScriptLanguage,
+    path: &Path,
+    bypass_execution_policy: bool,
+) -> (PathBuf, Vec<String>) {
+    let path = path.display().to_string();
+    match language {
+        ScriptLanguage::Bash => (
+            "bash".into(),
+            vec!["--noprofile".into(), "--norc".into(), path],
+        ),
+        ScriptLanguage::Sh => ("sh".into(), vec![path]),
+        ScriptLanguage::PowerShell => {
+            let mut args = vec!["-NoProfile".to_string(), "-NonInteractive".to_string()];
+            if bypass_execution_policy {
+                args.extend(["-ExecutionPolicy".to_string(), "Bypass".to_string()]);
+            }
+            args.extend(["-File".to_string(), path]);
+            ("powershell.exe".into(), args)
+        }
+    }
+}
+
+/// Command line for generated PowerShell (registry and uninstall actions, Windows Update).
+pub fn powershell_inline(
+    code: &str,
+    stem: &str,
+    work_dir: &Path,
+    timeout: Duration,
+) -> Result<ProcessSpec, ScriptError> {
+    if !cfg!(windows) {
+        return Err(ScriptError::RequiresWindows {
+            language: "PowerShell",
+        });
+    }
+    let path = work_dir.join(format!("{stem}.ps1"));
+    std::fs::create_dir_all(work_dir)
+        .and_then(|()| std::fs::write(&path, code))
+        .map_err(|source| ScriptError::Write {
+            path: path.clone(),
+            source,
+        })?;
+    Ok(ProcessSpec {
+        program: "powershell.exe".into(),
+        args: vec![
+            "-NoProfile".into(),
+            "-NonInteractive".into(),
+            "-ExecutionPolicy".into(),
+            "Bypass".into(),
+            "-File".into(),
+            path.display().to_string(),
+        ],
+        env: BTreeMap::new(),
+        current_dir: Some(work_dir.to_path_buf()),
+        timeout,
+        capture_stdout: true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::common::ObjectRef;
+
+    fn script(language: ScriptLanguage, content: &str) -> ResolvedScript {
+        ResolvedScript {
+            source: ObjectRef::new("s"),
+            language,
+            content: content.into(),
+            sha256: content_sha256(content),
+            signature: None,
+        }
+    }
+
+    fn run(script: &ResolvedScript) -> ScriptRun<'_> {
+        ScriptRun {
+            script,
+            stem: "pre-0".into(),
+            env: BTreeMap::new(),
+            bypass_execution_policy: false,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn a_tampered_script_is_refused_before_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tampered = script(ScriptLanguage::Bash, "echo hi");
+        tampered.content.push_str("; rm -rf /tmp/x");
+        let err = prepare(&run(&tampered), dir.path()).unwrap_err();
+        assert!(matches!(err, ScriptError::HashMismatch { .. }), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn bash_and_sh_get_their_interpreters() {
+        let dir = tempfile::tempdir().unwrap();
+        let bash = prepare(&run(&script(ScriptLanguage::Bash, "echo hi")), dir.path()).unwrap();
+        assert_eq!(bash.program, PathBuf::from("bash"));
+        assert_eq!(bash.args[..2], ["--noprofile", "--norc"]);
+        assert_eq!(std::fs::read_to_string(&bash.args[2]).unwrap(), "echo hi");
+        let sh = prepare(&run(&script(ScriptLanguage::Sh, "echo hi")), dir.path()).unwrap();
+        assert_eq!(sh.program, PathBuf::from("sh"));
+    }
+
+    #[test]
+    fn powershell_bypasses_the_execution_policy_only_when_asked() {
+        let path = Path::new("C:\\work\\pre-0.ps1");
+        let (program, args) = interpreter_command(ScriptLanguage::PowerShell, path, false);
+        assert_eq!(program, PathBuf::from("powershell.exe"));
+        assert_eq!(
+            args,
+            [
+                "-NoProfile",
+                "-NonInteractive",
+                "-File",
+                "C:\\work\\pre-0.ps1"
+            ]
+        );
+        let (_, args) = interpreter_command(ScriptLanguage::PowerShell, path, true);
+        assert_eq!(
+            args,
+            [
+                "-NoProfile",
+                "-NonInteractive",
+                "-ExecutionPolicy",
+                "Bypass",
+                "-File",
+                "C:\\work\\pre-0.ps1"
+            ]
+        );
+    }
+
+    #[cfg(not(windows))]
+    #[test]
+    fn powershell_needs_windows() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = prepare(
+            &run(&script(ScriptLanguage::PowerShell, "Write-Host hi")),
+            dir.path(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "PowerShell scripts need Windows PowerShell; this host is not Windows"
+        );
+    }
+}
