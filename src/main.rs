@@ -45,10 +45,26 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// The agent that runs patch jobs on a host.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Run a workflow on this host from manifest files, without a cluster.
+    ///
+    /// Prints each action as it starts and ends (or, with `-o json`, the final PatchJob
+    /// status) and exits 0 only if the job succeeded: 1 when it failed, 2 on bad input,
+    /// 3 when the host is rebooting (run the same command again afterwards to finish).
+    Exec(fleetpatch::agent::local::ExecOptions),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    fleetpatch::tls::install_crypto_provider();
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -60,6 +76,16 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Agent {
+            command: AgentCommand::Exec(options),
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            Ok(ExitCode::from(
+                runtime.block_on(fleetpatch::agent::local::exec(options))?,
+            ))
+        }
         Command::Crds { out_dir } => {
             match out_dir {
                 None => print!("{}", fleetpatch::crdgen::render_all()?),

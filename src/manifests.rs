@@ -135,6 +135,8 @@ pub struct Report {
     pub notes: Vec<String>,
     /// fleetpatch objects that passed every check.
     pub checked: usize,
+    /// Every valid object plus the built-in library, for resolving workflows.
+    pub catalog: Catalog,
 }
 
 /// The kinds of `fleetpatch.io/v1alpha1` with their schemas, compiled once.
@@ -487,5 +489,6 @@ pub fn check(documents: &[Document], schemas: &Schemas, options: &CheckOptions) 
         failing.insert(key);
     }
     report.checked = clean - failing.len();
+    report.catalog = catalog;
     report
 }

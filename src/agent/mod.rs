@@ -3,8 +3,12 @@
 //! step so a crash or a reboot resumes where it stopped.
 
 pub mod download;
+pub mod executor;
+pub mod journal;
+pub mod local;
 pub mod outcome;
 pub mod patcher;
 pub mod powershell;
 pub mod process;
+pub mod reboot;
 pub mod script;

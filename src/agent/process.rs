@@ -23,6 +23,9 @@ pub struct ProcessSpec {
     pub timeout: Duration,
     /// Keep the whole stdout (up to [`STDOUT_CAPTURE_BYTES`]) for parsing, besides the tail.
     pub capture_stdout: bool,
+    /// While the process runs, this file holds its process group id, so an agent that
+    /// restarts after a crash can stop what the dead agent left running.
+    pub group_file: Option<PathBuf>,
 }
 
 /// Most stdout kept when [`ProcessSpec::capture_stdout`] is set.
@@ -165,6 +168,9 @@ pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutcome, ProcessError> {
         source,
     })?;
     let pid = child.id();
+    if let (Some(file), Some(pid)) = (&spec.group_file, pid) {
+        let _ = std::fs::write(file, pid.to_string());
+    }
     let tail = std::sync::Arc::new(std::sync::Mutex::new(Tail::default()));
     let stdout = tokio::spawn(pump(
         child.stdout.take().expect("piped"),
@@ -212,6 +218,16 @@ pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutcome, ProcessError> {
         stdout,
         duration: started.elapsed(),
     })
+}
+
+/// Kills the process group recorded in `group_file` by a previous agent, if any.
+pub fn kill_recorded_group(group_file: &std::path::Path) {
+    if let Ok(text) = std::fs::read_to_string(group_file) {
+        if let Ok(pid) = text.trim().parse::<u32>() {
+            kill_group(Some(pid));
+        }
+        let _ = std::fs::remove_file(group_file);
+    }
 }
 
 #[cfg(unix)]

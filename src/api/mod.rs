@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod common;
+pub mod conditions;
 pub mod library;
 pub mod patchjob;
 pub mod plan;

@@ -132,6 +132,7 @@ pub(crate) fn command(
         current_dir: None,
         timeout,
         capture_stdout: true,
+        group_file: None,
     }
 }
 

@@ -1,0 +1,905 @@
+//! The executor: walks one job — pre actions, patches, post actions, the single
+//! reboot — with the seeds' semantics, and journals every step before and after it
+//! runs. Where it stands is derived from the job's status alone, so a restarted agent
+//! resumes from the journal: an action found `Running` was cut off by a crash and is
+//! reported `Interrupted`, never run again.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::api::conditions;
+use crate::api::patchjob::{
+    ActionPhase, ActionResult, JobPhase, PatchJobSpec, PatchJobStatus, PatchResults, RebootRecord,
+    RebootState, ResolvedAction,
+};
+use crate::api::plan::RebootPolicy;
+use crate::api::task::TaskType;
+use crate::api::workflow::{PostFailurePolicy, PreFailurePolicy};
+
+use super::download;
+use super::journal::{JobRecord, Journal, JournalError};
+use super::outcome::{ExitOutcome, detection_says_install};
+use super::patcher::Patcher;
+use super::powershell;
+use super::process::{self, ProcessEnd, ProcessSpec};
+use super::reboot::Rebooter;
+use super::script::{self, ScriptRun};
+
+/// Files in the job directory naming the process group of the running action and
+/// the boot it started in.
+const RUNNING_GROUP_FILE: &str = "running.pgid";
+const RUNNING_BOOT_FILE: &str = "running.boot";
+
+/// Environment variable holding the verified installer's path for install scripts.
+pub const DOWNLOAD_PATH_VAR: &str = "FLEETPATCH_DOWNLOAD_PATH";
+
+/// Which list an action is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Pre,
+    Post,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pre => "pre",
+            Self::Post => "post",
+        }
+    }
+}
+
+/// Something a person or the gateway wants to hear about.
+#[derive(Clone, Debug)]
+pub enum Event {
+    JobStarted,
+    ActionStarted { stage: Stage, index: usize },
+    ActionFinished { stage: Stage, index: usize },
+    PatchesStarted,
+    PatchesFinished,
+    RebootStarted,
+    RebootCompleted,
+    JobFinished,
+}
+
+/// How a call to [`Executor::run`] ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The job reached Succeeded or Failed.
+    Finished,
+    /// The host is rebooting; the job continues when the agent starts again.
+    Rebooting,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+/// Settings of one executor.
+pub struct Executor<'a> {
+    pub journal: &'a Journal,
+    /// Scripts and downloads go under `work_dir/<job id>/`.
+    pub work_dir: PathBuf,
+    pub patcher: Option<&'a dyn Patcher>,
+    pub rebooter: &'a dyn Rebooter,
+    /// Length of one "minute" of action timeouts. Real runs use 60 s; tests shorten it.
+    pub minute: Duration,
+    /// Largest installer accepted.
+    pub max_download_bytes: u64,
+    /// Called after every journaled change.
+    pub on_event: &'a (dyn Fn(&JobRecord, &Event) + Send + Sync),
+}
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+fn is_failure(phase: ActionPhase) -> bool {
+    matches!(
+        phase,
+        ActionPhase::Failed | ActionPhase::TimedOut | ActionPhase::Interrupted
+    )
+}
+
+/// A fresh record for `spec`: every action Pending.
+pub fn new_record(id: impl Into<String>, name: impl Into<String>, spec: PatchJobSpec) -> JobRecord {
+    let pending = |actions: &[ResolvedAction]| {
+        actions
+            .iter()
+            .map(|a| ActionResult {
+                name: a.name.clone(),
+                ..ActionResult::default()
+            })
+            .collect::<Vec<_>>()
+    };
+    let status = PatchJobStatus {
+        phase: JobPhase::Pending,
+        pre_actions: pending(&spec.pre_actions),
+        post_actions: pending(&spec.post_actions),
+        ..PatchJobStatus::default()
+    };
+    let mut record = JobRecord {
+        id: id.into(),
+        name: name.into(),
+        spec,
+        status,
+        boot_id_at_reboot: None,
+        sequence: 0,
+        acknowledged_sequence: 0,
+    };
+    update_progress(&mut record.status);
+    record
+}
+
+fn update_progress(status: &mut PatchJobStatus) {
+    let actions = status.pre_actions.iter().chain(&status.post_actions);
+    let total = status.pre_actions.len() + status.post_actions.len();
+    let done = actions.filter(|a| a.phase.is_finished()).count();
+    status.progress = Some(format!("{done}/{total}"));
+}
+
+/// The next thing to do for a job, derived from its status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Action(Stage, usize),
+    Patches,
+    ResumeReboot,
+    FinalReboot,
+    Finish,
+    Done,
+}
+
+fn next_step(record: &JobRecord) -> Step {
+    let status = &record.status;
+    if status.phase.is_finished() {
+        return Step::Done;
+    }
+    if status
+        .reboot
+        .as_ref()
+        .is_some_and(|r| r.state == RebootState::InProgress)
+    {
+        return Step::ResumeReboot;
+    }
+    // A Reboot task in the pre list waits until the patches are installed.
+    let pre = status
+        .pre_actions
+        .iter()
+        .zip(&record.spec.pre_actions)
+        .position(|(result, action)| {
+            !result.phase.is_finished() && action.action_type != TaskType::Reboot
+        });
+    if let Some(index) = pre {
+        return Step::Action(Stage::Pre, index);
+    }
+    if status
+        .patches
+        .as_ref()
+        .is_none_or(|p| !p.phase.is_finished())
+    {
+        return Step::Patches;
+    }
+    if let Some(index) = status
+        .post_actions
+        .iter()
+        .position(|a| !a.phase.is_finished())
+    {
+        return Step::Action(Stage::Post, index);
+    }
+    if status.reboot.is_none() {
+        return Step::FinalReboot;
+    }
+    Step::Finish
+}
+
+/// Who asked for a reboot so far: the first action or the patch step.
+fn reboot_requester(status: &PatchJobStatus) -> Option<String> {
+    status
+        .pre_actions
+        .iter()
+        .find(|a| a.reboot_requested)
+        .map(|a| a.name.clone())
+        .or_else(|| {
+            status
+                .patches
+                .as_ref()
+                .filter(|p| p.reboot_required)
+                .map(|_| "patches".to_string())
+        })
+        .or_else(|| {
+            status
+                .post_actions
+                .iter()
+                .find(|a| a.reboot_requested)
+                .map(|a| a.name.clone())
+        })
+}
+
+impl Executor<'_> {
+    fn save(&self, record: &mut JobRecord, event: Event) -> Result<(), ExecError> {
+        record.sequence += 1;
+        update_progress(&mut record.status);
+        self.journal.save(record)?;
+        (self.on_event)(record, &event);
+        Ok(())
+    }
+
+    fn job_dir(&self, record: &JobRecord) -> PathBuf {
+        let safe: String = record
+            .id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.work_dir.join(safe)
+    }
+
+    /// Runs (or resumes) the job until it finishes or the host reboots.
+    pub async fn run(&self, record: &mut JobRecord) -> Result<RunOutcome, ExecError> {
+        if record.status.phase == JobPhase::Pending {
+            record.status.phase = JobPhase::Running;
+            record.status.start_time = Some(Time(now()));
+            self.save(record, Event::JobStarted)?;
+        }
+        loop {
+            match next_step(record) {
+                Step::Done => return Ok(RunOutcome::Finished),
+                Step::Action(stage, index) => {
+                    if let Some(outcome) = self.step_action(record, stage, index).await? {
+                        return Ok(outcome);
+                    }
+                }
+                Step::Patches => self.step_patches(record).await?,
+                Step::ResumeReboot => self.resume_reboot(record)?,
+                Step::FinalReboot => {
+                    if let Some(outcome) = self.final_reboot(record)? {
+                        return Ok(outcome);
+                    }
+                }
+                Step::Finish => {
+                    self.finish(record)?;
+                    return Ok(RunOutcome::Finished);
+                }
+            }
+        }
+    }
+
+    fn actions<'r>(
+        record: &'r mut JobRecord,
+        stage: Stage,
+    ) -> (&'r [ResolvedAction], &'r mut Vec<ActionResult>) {
+        match stage {
+            Stage::Pre => (&record.spec.pre_actions, &mut record.status.pre_actions),
+            Stage::Post => (&record.spec.post_actions, &mut record.status.post_actions),
+        }
+    }
+
+    /// Whether the failure policy says this action must not run, and why.
+    fn blocked(record: &JobRecord, stage: Stage, index: usize) -> Option<String> {
+        let status = &record.status;
+        let policy = &record.spec.failure_policy;
+        match stage {
+            Stage::Pre => {
+                let failed = status.pre_actions[..index]
+                    .iter()
+                    .find(|a| is_failure(a.phase));
+                match (policy.pre, failed) {
+                    (PreFailurePolicy::AbortPatching, Some(failed)) => {
+                        Some(format!("not run: pre-patching task {} failed", failed.name))
+                    }
+                    _ => None,
+                }
+            }
+            Stage::Post => {
+                let patches = status.patches.as_ref();
+                let patch_failed = patches.is_some_and(|p| {
+                    matches!(
+                        p.phase,
+                        ActionPhase::Failed | ActionPhase::TimedOut | ActionPhase::NotRun
+                    )
+                });
+                if patch_failed && !policy.run_post_tasks_after_patch_failure {
+                    return Some("not run: patching failed or was skipped, and post tasks do not run after that".into());
+                }
+                let failed = status.post_actions[..index]
+                    .iter()
+                    .find(|a| is_failure(a.phase));
+                match (policy.post, failed) {
+                    (PostFailurePolicy::StopRemaining, Some(failed)) => Some(format!(
+                        "not run: post-patching task {} failed",
+                        failed.name
+                    )),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    async fn step_action(
+        &self,
+        record: &mut JobRecord,
+        stage: Stage,
+        index: usize,
+    ) -> Result<Option<RunOutcome>, ExecError> {
+        let current = Self::actions(record, stage).1[index].phase;
+        if current == ActionPhase::Running {
+            // The agent died while this action ran. Running it again could do harm twice;
+            // whatever it left running in this boot is stopped.
+            let job_dir = self.job_dir(record);
+            let recorded_boot = std::fs::read_to_string(job_dir.join(RUNNING_BOOT_FILE)).ok();
+            if recorded_boot.is_some() && recorded_boot == self.rebooter.boot_id() {
+                process::kill_recorded_group(&job_dir.join(RUNNING_GROUP_FILE));
+            }
+            let result = &mut Self::actions(record, stage).1[index];
+            result.phase = ActionPhase::Interrupted;
+            result.finish_time = Some(Time(now()));
+            result.message =
+                "interrupted: the agent stopped while this action ran; it was not run again".into();
+            self.save(record, Event::ActionFinished { stage, index })?;
+            return Ok(None);
+        }
+        if let Some(reason) = Self::blocked(record, stage, index) {
+            let result = &mut Self::actions(record, stage).1[index];
+            result.phase = ActionPhase::NotRun;
+            result.message = reason;
+            self.save(record, Event::ActionFinished { stage, index })?;
+            return Ok(None);
+        }
+        let action = Self::actions(record, stage).0[index].clone();
+        if action.action_type == TaskType::Reboot {
+            return self.reboot_action(record, stage, index);
+        }
+        {
+            let result = &mut Self::actions(record, stage).1[index];
+            result.phase = ActionPhase::Running;
+            result.start_time = Some(Time(now()));
+        }
+        self.save(record, Event::ActionStarted { stage, index })?;
+        let job_dir = self.job_dir(record);
+        let stem = format!("{}-{index}", stage.as_str());
+        let mut env = action.parameters.clone();
+        env.insert("FLEETPATCH_JOB".into(), record.name.clone());
+        env.insert("FLEETPATCH_ACTION".into(), action.name.clone());
+        env.insert("FLEETPATCH_STAGE".into(), stage.as_str().into());
+        if let Some(boot_id) = self.rebooter.boot_id() {
+            let _ = std::fs::create_dir_all(&job_dir)
+                .and_then(|()| std::fs::write(job_dir.join(RUNNING_BOOT_FILE), boot_id));
+        }
+        let finished = self
+            .perform(&action, &job_dir, &stem, env, record.spec.os)
+            .await;
+        let result = &mut Self::actions(record, stage).1[index];
+        result.phase = finished.phase;
+        result.exit_code = finished.exit_code;
+        result.reboot_requested = finished.reboot_requested;
+        result.message = finished.message;
+        result.finish_time = Some(Time(now()));
+        self.save(record, Event::ActionFinished { stage, index })?;
+        Ok(None)
+    }
+
+    /// Runs one non-reboot action to its result.
+    async fn perform(
+        &self,
+        action: &ResolvedAction,
+        job_dir: &std::path::Path,
+        stem: &str,
+        mut env: BTreeMap<String, String>,
+        os: crate::api::OperatingSystem,
+    ) -> Finished {
+        let deadline = Instant::now() + self.minute * action.timeout_minutes;
+        let remaining = || deadline.saturating_duration_since(Instant::now());
+        let timeout_message = format!(
+            "timed out after {} minute(s); the action was killed",
+            action.timeout_minutes
+        );
+        match action.action_type {
+            TaskType::RunScript => {
+                let Some(script) = &action.script else {
+                    return Finished::failed("the action has no script");
+                };
+                let run = ScriptRun {
+                    script,
+                    stem: stem.into(),
+                    env,
+                    bypass_execution_policy: action.bypass_execution_policy,
+                    timeout: remaining(),
+                };
+                match script::prepare(&run, job_dir) {
+                    Ok(spec) => self.run_classified(&spec, action, &timeout_message).await,
+                    Err(err) => Finished::failed(err.to_string()),
+                }
+            }
+            TaskType::InstallSoftware => {
+                let (Some(installer), Some(download)) = (&action.script, &action.download) else {
+                    return Finished::failed("the action has no install script or download");
+                };
+                if let Some(detection) = &action.detection_script {
+                    let run = ScriptRun {
+                        script: detection,
+                        stem: format!("{stem}-detect"),
+                        env: env.clone(),
+                        bypass_execution_policy: action.bypass_execution_policy,
+                        timeout: remaining(),
+                    };
+                    let spec = match script::prepare(&run, job_dir) {
+                        Ok(spec) => spec,
+                        Err(err) => return Finished::failed(format!("detection script: {err}")),
+                    };
+                    let spec = ProcessSpec {
+                        group_file: Some(job_dir.join(RUNNING_GROUP_FILE)),
+                        ..spec
+                    };
+                    match process::run(&spec).await {
+                        Err(err) => return Finished::failed(format!("detection script: {err}")),
+                        Ok(outcome) => match outcome.end {
+                            ProcessEnd::TimedOut => {
+                                return Finished::timed_out(
+                                    format!("detection script {timeout_message}"),
+                                    outcome.output_tail,
+                                );
+                            }
+                            ProcessEnd::Exited(code) if detection_says_install(code) => {}
+                            ProcessEnd::Exited(code) => {
+                                return Finished {
+                                    phase: ActionPhase::Skipped,
+                                    exit_code: Some(code),
+                                    reboot_requested: false,
+                                    message: join(
+                                        &format!("not needed: the detection script exited {code}"),
+                                        &outcome.output_tail,
+                                    ),
+                                };
+                            }
+                            ProcessEnd::Signalled(signal) => {
+                                return Finished::failed(join(
+                                    &format!("detection script killed by signal {signal}"),
+                                    &outcome.output_tail,
+                                ));
+                            }
+                        },
+                    }
+                }
+                let downloads = job_dir.join("downloads");
+                let fetched = match tokio::time::timeout(
+                    remaining(),
+                    download::fetch(download, &downloads, self.max_download_bytes),
+                )
+                .await
+                {
+                    Err(_) => {
+                        return Finished::timed_out(
+                            format!("download {timeout_message}"),
+                            String::new(),
+                        );
+                    }
+                    Ok(Err(err)) => return Finished::failed(err.to_string()),
+                    Ok(Ok(fetched)) => fetched,
+                };
+                env.insert(DOWNLOAD_PATH_VAR.into(), fetched.path.display().to_string());
+                env.insert(
+                    "FLEETPATCH_DOWNLOAD_DIR".into(),
+                    downloads.display().to_string(),
+                );
+                let run = ScriptRun {
+                    script: installer,
+                    stem: stem.into(),
+                    env,
+                    bypass_execution_policy: action.bypass_execution_policy,
+                    timeout: remaining(),
+                };
+                match script::prepare(&run, job_dir) {
+                    Ok(spec) => self.run_classified(&spec, action, &timeout_message).await,
+                    Err(err) => Finished::failed(err.to_string()),
+                }
+            }
+            TaskType::ChangeRegistryKey | TaskType::UninstallSoftware => {
+                if !cfg!(windows) {
+                    return Finished::failed(format!(
+                        "{} requires Windows; this host runs {os}",
+                        action.action_type
+                    ));
+                }
+                let code = match (&action.change_registry_key, &action.uninstall_software) {
+                    (Some(change), _) => match powershell::change_registry_key(change) {
+                        Ok(code) => code,
+                        Err(message) => return Finished::failed(message),
+                    },
+                    (None, Some(uninstall)) => powershell::uninstall_software(uninstall),
+                    (None, None) => {
+                        return Finished::failed("the action has no registry or uninstall settings");
+                    }
+                };
+                match script::powershell_inline(&code, stem, job_dir, remaining()) {
+                    Ok(spec) => self.run_classified(&spec, action, &timeout_message).await,
+                    Err(err) => Finished::failed(err.to_string()),
+                }
+            }
+            TaskType::Reboot => unreachable!("reboot actions are handled by reboot_action"),
+        }
+    }
+
+    async fn run_classified(
+        &self,
+        spec: &ProcessSpec,
+        action: &ResolvedAction,
+        timeout_message: &str,
+    ) -> Finished {
+        let mut spec = spec.clone();
+        spec.group_file = spec
+            .current_dir
+            .as_ref()
+            .map(|dir| dir.join(RUNNING_GROUP_FILE));
+        match process::run(&spec).await {
+            Err(err) => Finished::failed(err.to_string()),
+            Ok(outcome) => match outcome.end {
+                ProcessEnd::TimedOut => {
+                    Finished::timed_out(timeout_message.to_string(), outcome.output_tail)
+                }
+                ProcessEnd::Signalled(signal) => Finished::failed(join(
+                    &format!("killed by signal {signal}"),
+                    &outcome.output_tail,
+                )),
+                ProcessEnd::Exited(code) => {
+                    let meaning = ExitOutcome::classify(code, &action.success_exit_codes);
+                    Finished {
+                        phase: if meaning.succeeded {
+                            ActionPhase::Succeeded
+                        } else {
+                            ActionPhase::Failed
+                        },
+                        exit_code: Some(code),
+                        reboot_requested: meaning.reboot_requested,
+                        message: outcome.output_tail,
+                    }
+                }
+            },
+        }
+    }
+
+    async fn step_patches(&self, record: &mut JobRecord) -> Result<(), ExecError> {
+        let blocked = record
+            .status
+            .pre_actions
+            .iter()
+            .find(|a| is_failure(a.phase))
+            .filter(|_| record.spec.failure_policy.pre == PreFailurePolicy::AbortPatching)
+            .map(|failed| format!("not run: pre-patching task {} failed", failed.name));
+        let skipped = if let Some(reason) = blocked {
+            Some((ActionPhase::NotRun, reason))
+        } else if record.spec.patches.skip {
+            Some((
+                ActionPhase::Skipped,
+                "patching skipped: the plan installs no patches".to_string(),
+            ))
+        } else {
+            None
+        };
+        if let Some((phase, message)) = skipped {
+            record.status.patches = Some(PatchResults {
+                phase,
+                message,
+                ..PatchResults::default()
+            });
+            return self.save(record, Event::PatchesFinished);
+        }
+        record.status.patches = Some(PatchResults {
+            phase: ActionPhase::Running,
+            ..PatchResults::default()
+        });
+        self.save(record, Event::PatchesStarted)?;
+        let results = match self.patcher {
+            None => PatchResults {
+                phase: ActionPhase::Failed,
+                message: "no supported package manager found on this host (apt, dnf, yum, zypper or Windows Update)".into(),
+                ..PatchResults::default()
+            },
+            Some(patcher) => {
+                // Patching has no per-task timeout; bound it generously by the job's longest action limit.
+                let timeout = self.minute * crate::api::ACTION_TIMEOUT_MAX_MINUTES;
+                match patcher.apply(&record.spec.patches, timeout).await {
+                    Ok(results) => results,
+                    Err(err) => PatchResults {
+                        phase: ActionPhase::Failed,
+                        patcher: Some(patcher.name().into()),
+                        message: err.to_string(),
+                        ..PatchResults::default()
+                    },
+                }
+            }
+        };
+        record.status.patches = Some(results);
+        self.save(record, Event::PatchesFinished)
+    }
+
+    /// A Reboot task: the job's one reboot, if the policy and the task allow it.
+    fn reboot_action(
+        &self,
+        record: &mut JobRecord,
+        stage: Stage,
+        index: usize,
+    ) -> Result<Option<RunOutcome>, ExecError> {
+        let action = Self::actions(record, stage).0[index].clone();
+        let only_if_required = action.reboot.as_ref().is_some_and(|r| r.only_if_required);
+        let requester = reboot_requester(&record.status);
+        let needed =
+            !only_if_required || requester.is_some() || record.spec.reboot == RebootPolicy::Always;
+        if !needed {
+            let result = &mut Self::actions(record, stage).1[index];
+            result.phase = ActionPhase::Skipped;
+            result.message = "no reboot required".into();
+            record.status.reboot = Some(RebootRecord {
+                state: RebootState::NotRequired,
+                ..RebootRecord::default()
+            });
+            self.save(record, Event::ActionFinished { stage, index })?;
+            return Ok(None);
+        }
+        if record.spec.reboot == RebootPolicy::Never {
+            let result = &mut Self::actions(record, stage).1[index];
+            result.phase = ActionPhase::Skipped;
+            result.message = "reboot not performed: the job's reboot policy is Never".into();
+            record.status.reboot = Some(RebootRecord {
+                state: RebootState::RequiredNotPerformed,
+                requested_by: Some(requester.unwrap_or_else(|| action.name.clone())),
+                ..RebootRecord::default()
+            });
+            self.save(record, Event::ActionFinished { stage, index })?;
+            return Ok(None);
+        }
+        {
+            let result = &mut Self::actions(record, stage).1[index];
+            result.phase = ActionPhase::Running;
+            result.start_time = Some(Time(now()));
+        }
+        self.start_reboot(record, requester.unwrap_or(action.name))
+    }
+
+    /// After the post actions: reboot if something asked for it and no Reboot task did it.
+    fn final_reboot(&self, record: &mut JobRecord) -> Result<Option<RunOutcome>, ExecError> {
+        // A Reboot task in the pre list was deferred until now.
+        let deferred = record
+            .status
+            .pre_actions
+            .iter()
+            .zip(&record.spec.pre_actions)
+            .position(|(result, action)| {
+                !result.phase.is_finished() && action.action_type == TaskType::Reboot
+            });
+        if let Some(index) = deferred {
+            return self.step_reboot_in_pre(record, index);
+        }
+        let requester = reboot_requester(&record.status)
+            .or_else(|| (record.spec.reboot == RebootPolicy::Always).then(|| "policy".to_string()));
+        match requester {
+            None => {
+                record.status.reboot = Some(RebootRecord {
+                    state: RebootState::NotRequired,
+                    ..RebootRecord::default()
+                });
+                self.save(record, Event::JobFinished)?;
+                Ok(None)
+            }
+            Some(requester) if record.spec.reboot == RebootPolicy::Never => {
+                record.status.reboot = Some(RebootRecord {
+                    state: RebootState::RequiredNotPerformed,
+                    requested_by: Some(requester),
+                    ..RebootRecord::default()
+                });
+                self.save(record, Event::JobFinished)?;
+                Ok(None)
+            }
+            Some(requester) => self.start_reboot(record, requester),
+        }
+    }
+
+    fn step_reboot_in_pre(
+        &self,
+        record: &mut JobRecord,
+        index: usize,
+    ) -> Result<Option<RunOutcome>, ExecError> {
+        if let Some(reason) = Self::blocked(record, Stage::Pre, index) {
+            let result = &mut record.status.pre_actions[index];
+            result.phase = ActionPhase::NotRun;
+            result.message = reason;
+            self.save(
+                record,
+                Event::ActionFinished {
+                    stage: Stage::Pre,
+                    index,
+                },
+            )?;
+            return Ok(None);
+        }
+        self.reboot_action(record, Stage::Pre, index)
+    }
+
+    fn start_reboot(
+        &self,
+        record: &mut JobRecord,
+        requester: String,
+    ) -> Result<Option<RunOutcome>, ExecError> {
+        record.boot_id_at_reboot = self.rebooter.boot_id();
+        record.status.phase = JobPhase::Rebooting;
+        record.status.reboot = Some(RebootRecord {
+            state: RebootState::InProgress,
+            requested_by: Some(requester),
+            started_at: Some(Time(now())),
+            completed_at: None,
+        });
+        self.save(record, Event::RebootStarted)?;
+        if let Err(err) = self.rebooter.reboot() {
+            record.status.phase = JobPhase::Running;
+            if let Some(reboot) = record.status.reboot.as_mut() {
+                reboot.state = RebootState::RequiredNotPerformed;
+            }
+            for result in record
+                .status
+                .pre_actions
+                .iter_mut()
+                .chain(record.status.post_actions.iter_mut())
+            {
+                if result.phase == ActionPhase::Running {
+                    result.phase = ActionPhase::Failed;
+                    result.finish_time = Some(Time(now()));
+                    result.message = err.to_string();
+                }
+            }
+            record.status.message = err.to_string();
+            self.save(record, Event::JobFinished)?;
+            return Ok(None);
+        }
+        Ok(Some(RunOutcome::Rebooting))
+    }
+
+    fn resume_reboot(&self, record: &mut JobRecord) -> Result<(), ExecError> {
+        let came_back = match (&record.boot_id_at_reboot, self.rebooter.boot_id()) {
+            (Some(before), Some(now)) => *before != now,
+            _ => true,
+        };
+        let completed_at = Time(now());
+        record.status.phase = JobPhase::Running;
+        for result in record
+            .status
+            .pre_actions
+            .iter_mut()
+            .chain(record.status.post_actions.iter_mut())
+        {
+            if result.phase == ActionPhase::Running {
+                result.phase = if came_back {
+                    ActionPhase::Succeeded
+                } else {
+                    ActionPhase::Failed
+                };
+                result.finish_time = Some(completed_at.clone());
+                result.message = if came_back {
+                    "host rebooted".into()
+                } else {
+                    "the agent restarted but the host did not reboot".into()
+                };
+            }
+        }
+        if let Some(reboot) = record.status.reboot.as_mut() {
+            if came_back {
+                reboot.state = RebootState::Completed;
+                reboot.completed_at = Some(completed_at);
+            } else {
+                reboot.state = RebootState::RequiredNotPerformed;
+            }
+        }
+        self.save(record, Event::RebootCompleted)
+    }
+
+    fn finish(&self, record: &mut JobRecord) -> Result<(), ExecError> {
+        let status = &mut record.status;
+        let failed_action = status
+            .pre_actions
+            .iter()
+            .chain(&status.post_actions)
+            .find(|a| is_failure(a.phase))
+            .map(|a| a.name.clone());
+        let patches_failed = status
+            .patches
+            .as_ref()
+            .is_some_and(|p| matches!(p.phase, ActionPhase::Failed | ActionPhase::TimedOut));
+        let message = match (&failed_action, patches_failed) {
+            (Some(name), _) => format!("action {name} failed"),
+            (None, true) => "patching failed".to_string(),
+            (None, false) => match status.reboot.as_ref().map(|r| r.state) {
+                Some(RebootState::RequiredNotPerformed) => {
+                    "succeeded; a reboot is required but was not performed".into()
+                }
+                Some(RebootState::Completed) => "succeeded after a reboot".into(),
+                _ => "succeeded".into(),
+            },
+        };
+        let succeeded = failed_action.is_none() && !patches_failed;
+        status.phase = if succeeded {
+            JobPhase::Succeeded
+        } else {
+            JobPhase::Failed
+        };
+        status.completion_time = Some(Time(now()));
+        if status.message.is_empty() || succeeded {
+            status.message = message.clone();
+        }
+        let at = now();
+        let (complete, failed) = if succeeded {
+            (conditions::TRUE, conditions::FALSE)
+        } else {
+            (conditions::FALSE, conditions::TRUE)
+        };
+        let reason = if succeeded {
+            "JobSucceeded"
+        } else {
+            "JobFailed"
+        };
+        conditions::set(
+            &mut status.conditions,
+            "Complete",
+            complete,
+            reason,
+            message.clone(),
+            status.observed_generation,
+            at,
+        );
+        conditions::set(
+            &mut status.conditions,
+            "Failed",
+            failed,
+            reason,
+            message,
+            status.observed_generation,
+            at,
+        );
+        let _ = std::fs::remove_dir_all(self.job_dir(record));
+        self.save(record, Event::JobFinished)
+    }
+}
+
+/// Result of one action before it is written into the status.
+struct Finished {
+    phase: ActionPhase,
+    exit_code: Option<i32>,
+    reboot_requested: bool,
+    message: String,
+}
+
+impl Finished {
+    fn failed(message: impl Into<String>) -> Self {
+        Self {
+            phase: ActionPhase::Failed,
+            exit_code: None,
+            reboot_requested: false,
+            message: message.into(),
+        }
+    }
+
+    fn timed_out(reason: String, output: String) -> Self {
+        Self {
+            phase: ActionPhase::TimedOut,
+            exit_code: None,
+            reboot_requested: false,
+            message: join(&reason, &output),
+        }
+    }
+}
+
+fn join(headline: &str, output: &str) -> String {
+    if output.is_empty() {
+        headline.to_string()
+    } else {
+        format!("{headline}\n{output}")
+    }
+}

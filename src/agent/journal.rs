@@ -1,0 +1,228 @@
+//! The agent's journal: one JSON file per job in the state directory, replaced
+//! atomically (temporary file, fsync, rename, fsync of the directory) after every step,
+//! so a crash or a reboot resumes the job where it stopped.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::patchjob::{PatchJobSpec, PatchJobStatus};
+
+/// Everything the agent knows about one job.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct JobRecord {
+    /// Stable job identity: the PatchJob uid, or a local id for `agent exec`.
+    pub id: String,
+    /// Human-readable name (namespace/name of the PatchJob, or the workflow for local runs).
+    pub name: String,
+    pub spec: PatchJobSpec,
+    pub status: PatchJobStatus,
+    /// Boot id of the host when the job's reboot was started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id_at_reboot: Option<String>,
+    /// Incremented on every change; reports carry it so the gateway can drop stale ones.
+    pub sequence: i64,
+    /// Highest sequence the gateway acknowledged.
+    #[serde(default)]
+    pub acknowledged_sequence: i64,
+}
+
+impl JobRecord {
+    pub fn is_finished(&self) -> bool {
+        self.status.phase.is_finished()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("journal {path} is unreadable: {source}")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The journal directory (`STATE_DIR/jobs`).
+#[derive(Clone, Debug)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Journal {
+    pub fn open(state_dir: &Path) -> Result<Self, JournalError> {
+        let dir = state_dir.join("jobs");
+        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        Ok(Self { dir })
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        let safe: String = id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.dir.join(format!("{safe}.json"))
+    }
+
+    /// Writes `record` so that a reader sees either the old or the new file, never a mix.
+    pub fn save(&self, record: &JobRecord) -> Result<(), JournalError> {
+        let path = self.path(&record.id);
+        let temporary = path.with_extension("json.tmp");
+        let body = serde_json::to_vec_pretty(record).expect("job records serialize");
+        let mut file = std::fs::File::create(&temporary).map_err(io_error(&temporary))?;
+        file.write_all(&body)
+            .and_then(|()| file.sync_all())
+            .map_err(io_error(&temporary))?;
+        drop(file);
+        std::fs::rename(&temporary, &path).map_err(io_error(&path))?;
+        // The rename itself must survive a power cut: sync the directory entry.
+        #[cfg(unix)]
+        std::fs::File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io_error(&self.dir))?;
+        Ok(())
+    }
+
+    pub fn load(&self, id: &str) -> Result<Option<JobRecord>, JournalError> {
+        let path = self.path(id);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| JournalError::Corrupt { path, source }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(JournalError::Io { path, source }),
+        }
+    }
+
+    /// Every job in the journal, oldest file first.
+    pub fn all(&self) -> Result<Vec<JobRecord>, JournalError> {
+        let mut entries: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&self.dir)
+            .map_err(io_error(&self.dir))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .map(|p| {
+                (
+                    p.metadata()
+                        .and_then(|m| m.modified())
+                        .unwrap_or(std::time::UNIX_EPOCH),
+                    p,
+                )
+            })
+            .collect();
+        entries.sort();
+        entries
+            .into_iter()
+            .map(|(_, path)| {
+                let bytes = std::fs::read(&path).map_err(io_error(&path))?;
+                serde_json::from_slice(&bytes)
+                    .map_err(|source| JournalError::Corrupt { path, source })
+            })
+            .collect()
+    }
+
+    /// Jobs that have not finished, oldest first.
+    pub fn unfinished(&self) -> Result<Vec<JobRecord>, JournalError> {
+        Ok(self
+            .all()?
+            .into_iter()
+            .filter(|r| !r.is_finished())
+            .collect())
+    }
+
+    pub fn remove(&self, id: &str) -> Result<(), JournalError> {
+        let path = self.path(id);
+        match std::fs::remove_file(&path) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                Err(JournalError::Io { path, source: err })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::OperatingSystem;
+    use crate::api::patchjob::JobPhase;
+
+    fn record(id: &str) -> JobRecord {
+        JobRecord {
+            id: id.into(),
+            name: "team/job".into(),
+            spec: PatchJobSpec {
+                agent: "host".into(),
+                plan: String::new(),
+                run: String::new(),
+                os: OperatingSystem::Linux,
+                workflow: None,
+                pre_actions: vec![],
+                post_actions: vec![],
+                failure_policy: Default::default(),
+                patches: Default::default(),
+                reboot: Default::default(),
+                deadline: None,
+            },
+            status: PatchJobStatus::default(),
+            boot_id_at_reboot: None,
+            sequence: 1,
+            acknowledged_sequence: 0,
+        }
+    }
+
+    #[test]
+    fn saved_records_load_back_and_leave_no_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let mut job = record("uid/with:odd chars");
+        journal.save(&job).unwrap();
+        job.sequence = 2;
+        job.status.phase = JobPhase::Succeeded;
+        journal.save(&job).unwrap();
+        assert_eq!(
+            journal.load("uid/with:odd chars").unwrap(),
+            Some(job.clone())
+        );
+        assert!(journal.unfinished().unwrap().is_empty());
+        let names: Vec<String> = std::fs::read_dir(dir.path().join("jobs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["uid_with_odd_chars.json"]);
+        journal.remove(&job.id).unwrap();
+        assert_eq!(journal.load(&job.id).unwrap(), None);
+    }
+
+    #[test]
+    fn a_corrupt_journal_is_reported_not_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("jobs/bad.json"), "{not json").unwrap();
+        assert!(matches!(
+            journal.load("bad"),
+            Err(JournalError::Corrupt { .. })
+        ));
+    }
+}

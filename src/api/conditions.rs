@@ -1,0 +1,111 @@
+//! `meta/v1` Conditions kept the Kubernetes way: one per type, and
+//! `lastTransitionTime` changes only when the status flips.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+/// Condition status values.
+pub const TRUE: &str = "True";
+pub const FALSE: &str = "False";
+pub const UNKNOWN: &str = "Unknown";
+
+/// Sets condition `type_` in `conditions`. Returns whether anything changed.
+pub fn set(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: impl Into<String>,
+    observed_generation: Option<i64>,
+    now: Timestamp,
+) -> bool {
+    let message = message.into();
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(existing) => {
+            let changed = existing.status != status
+                || existing.reason != reason
+                || existing.message != message
+                || existing.observed_generation != observed_generation;
+            if existing.status != status {
+                existing.last_transition_time = Time(now);
+            }
+            existing.status = status.to_string();
+            existing.reason = reason.to_string();
+            existing.message = message;
+            existing.observed_generation = observed_generation;
+            changed
+        }
+        None => {
+            conditions.push(Condition {
+                type_: type_.to_string(),
+                status: status.to_string(),
+                reason: reason.to_string(),
+                message,
+                observed_generation,
+                last_transition_time: Time(now),
+            });
+            true
+        }
+    }
+}
+
+/// The status of condition `type_`, if present.
+pub fn status<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a str> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.status.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_time_moves_only_when_the_status_flips() {
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let t1: Timestamp = "2026-01-01T01:00:00Z".parse().unwrap();
+        let t2: Timestamp = "2026-01-01T02:00:00Z".parse().unwrap();
+        let mut conditions = Vec::new();
+        assert!(set(
+            &mut conditions,
+            "Ready",
+            FALSE,
+            "Resolving",
+            "a",
+            Some(1),
+            t0
+        ));
+        assert!(set(
+            &mut conditions,
+            "Ready",
+            FALSE,
+            "Missing",
+            "b",
+            Some(1),
+            t1
+        ));
+        assert_eq!(conditions[0].last_transition_time.0, t0);
+        assert!(!set(
+            &mut conditions,
+            "Ready",
+            FALSE,
+            "Missing",
+            "b",
+            Some(1),
+            t1
+        ));
+        assert!(set(
+            &mut conditions,
+            "Ready",
+            TRUE,
+            "Resolved",
+            "",
+            Some(2),
+            t2
+        ));
+        assert_eq!(conditions[0].last_transition_time.0, t2);
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(status(&conditions, "Ready"), Some(TRUE));
+    }
+}
