@@ -10,6 +10,16 @@ echo "== toolchain components"
 if ! cargo fmt --version >/dev/null 2>&1; then rustup component add rustfmt; fi
 if ! cargo clippy --version >/dev/null 2>&1; then rustup component add clippy; fi
 
+echo "== system packages the tests use"
+# dpkg-dev (dpkg-scanpackages) builds the local apt repository of the apt patcher test.
+if ! command -v dpkg-scanpackages >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpkg-dev >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpkg-dev >/dev/null
+  fi
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

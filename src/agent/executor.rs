@@ -275,10 +275,10 @@ impl Executor<'_> {
         }
     }
 
-    fn actions<'r>(
-        record: &'r mut JobRecord,
+    fn actions(
+        record: &mut JobRecord,
         stage: Stage,
-    ) -> (&'r [ResolvedAction], &'r mut Vec<ActionResult>) {
+    ) -> (&[ResolvedAction], &mut Vec<ActionResult>) {
         match stage {
             Stage::Pre => (&record.spec.pre_actions, &mut record.status.pre_actions),
             Stage::Post => (&record.spec.post_actions, &mut record.status.post_actions),
@@ -518,7 +518,9 @@ impl Executor<'_> {
                     },
                     (None, Some(uninstall)) => powershell::uninstall_software(uninstall),
                     (None, None) => {
-                        return Finished::failed("the action has no registry or uninstall settings");
+                        return Finished::failed(
+                            "the action has no registry or uninstall settings",
+                        );
                     }
                 };
                 match script::powershell_inline(&code, stem, job_dir, remaining()) {

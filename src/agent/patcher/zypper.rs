@@ -232,8 +232,8 @@ Continue? [y/n/v/...? shows all options] (y): y
     fn needed_security_patches_and_their_severity() {
         let patches = parse_list_patches(LIST_PATCHES);
         assert_eq!(patches.len(), 2, "applied patches are not needed");
-        assert_eq!(patches["openSUSE-SLE-15.5-2024-1700"], true);
-        assert_eq!(patches["openSUSE-SLE-15.5-2024-1651"], false);
+        assert!(patches["openSUSE-SLE-15.5-2024-1700"]);
+        assert!(!patches["openSUSE-SLE-15.5-2024-1651"]);
     }
 
     #[test]

@@ -1,0 +1,645 @@
+//! `fleetpatch agent exec` with real processes, real timeouts and signals, a real HTTP
+//! server for downloads, a crash by `kill -9`, and a simulated reboot.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use fleetpatch::api::patchjob::{ActionPhase, JobPhase, PatchJobStatus, RebootState};
+use sha2::{Digest, Sha256};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fleetpatch");
+
+/// A scratch directory with manifests and a state directory.
+struct Host {
+    dir: tempfile::TempDir,
+}
+
+impl Host {
+    /// A scratch host whose manifests may say `@DIR@` for the scratch directory.
+    fn new(manifests: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host { dir };
+        host.write(manifests);
+        host
+    }
+
+    fn write(&self, manifests: &str) {
+        let manifests = manifests.replace("@DIR@", &self.dir.path().display().to_string());
+        std::fs::write(self.path("manifests.yaml"), manifests).unwrap();
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn command(&self, workflow: &str, extra: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(["agent", "exec", "-f"])
+            .arg(self.path("manifests.yaml"))
+            .args(["--workflow", workflow, "--state-dir"])
+            .arg(self.path("state"))
+            .args(["--minute-ms", "400", "--simulate-reboot"])
+            .args(extra);
+        command
+    }
+
+    fn exec(&self, workflow: &str, extra: &[&str]) -> Output {
+        self.command(workflow, extra).output().unwrap()
+    }
+
+    /// Runs with `-o json` and returns (exit code, status).
+    fn exec_json(&self, workflow: &str, extra: &[&str]) -> (i32, PatchJobStatus) {
+        let mut args = vec!["-o", "json"];
+        args.extend_from_slice(extra);
+        let output = self.exec(workflow, &args);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let status: PatchJobStatus = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!(
+                "not a PatchJob status ({e}):\n{stdout}\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        (output.status.code().unwrap(), status)
+    }
+}
+
+/// A Script and a RunScript Task named `name` running `body` with bash. Scripts see
+/// the test's scratch directory as `$DIR` (a parameter default).
+fn run_script(name: &str, body: &str, extra_task_spec: &str) -> String {
+    let body: String = body.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "apiVersion: fleetpatch.io/v1alpha1\nkind: Script\nmetadata: {{name: {name}}}\nspec:\n  language: Bash\n  parameters: [{{name: DIR, default: \"@DIR@\"}}]\n  content: |\n{body}---\n\
+         apiVersion: fleetpatch.io/v1alpha1\nkind: Task\nmetadata: {{name: {name}}}\nspec:\n  os: Linux\n  type: RunScript\n  timeoutMinutes: 5\n{extra_task_spec}  runScript:\n    scriptRef: {{name: {name}}}\n---\n"
+    )
+}
+
+fn workflow(name: &str, pre: &[&str], post: &[&str], policy: &str) -> String {
+    let steps = |tasks: &[&str]| -> String {
+        if tasks.is_empty() {
+            " []\n".to_string()
+        } else {
+            tasks
+                .iter()
+                .map(|t| format!("\n  - taskRef: {{name: {t}}}"))
+                .collect::<String>()
+                + "\n"
+        }
+    };
+    format!(
+        "apiVersion: fleetpatch.io/v1alpha1\nkind: Workflow\nmetadata: {{name: {name}}}\nspec:\n  os: Linux\n  preTasks:{}  postTasks:{}  failurePolicy: {policy}\n---\n",
+        steps(pre),
+        steps(post)
+    )
+}
+
+fn phases(results: &[fleetpatch::api::patchjob::ActionResult]) -> Vec<ActionPhase> {
+    results.iter().map(|r| r.phase).collect()
+}
+
+#[test]
+fn linux_examples_run_on_this_host() {
+    let state = tempfile::tempdir().unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let output = Command::new(BIN)
+        .args(["agent", "exec", "-f"])
+        .arg(&examples)
+        .args(["--workflow", "linux-standard", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for line in [
+        "pre  1/1 check-disk-space                 running",
+        "pre  1/1 check-disk-space                 Succeeded exit 0",
+        "post 1/3 record-patch-run                 Succeeded exit 0",
+        "post 3/3 linux-reboot-if-required         Skipped: no reboot required",
+        "job Succeeded",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+}
+
+#[test]
+fn exit_codes_follow_the_seed_convention() {
+    let mut manifests = String::new();
+    manifests += &run_script("zero", "exit 0", "");
+    manifests += &run_script("ten", "echo patched; exit 10", "");
+    manifests += &run_script("eleven", "echo broke; exit 11", "");
+    manifests += &run_script("three-allowed", "exit 3", "  successExitCodes: [0, 3]\n");
+    manifests += &run_script("four", "echo 'disk on fire' >&2; exit 4", "");
+    manifests += &workflow(
+        "codes",
+        &[],
+        &["zero", "ten", "eleven", "three-allowed", "four"],
+        "{post: Continue}",
+    );
+    let host = Host::new(&manifests);
+    let (code, status) = host.exec_json("codes", &["--reboot", "never"]);
+    assert_eq!(code, 1, "a failed action fails the job");
+    assert_eq!(status.phase, JobPhase::Failed);
+    let summary: Vec<(ActionPhase, Option<i32>, bool)> = status
+        .post_actions
+        .iter()
+        .map(|a| (a.phase, a.exit_code, a.reboot_requested))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (ActionPhase::Succeeded, Some(0), false),
+            (ActionPhase::Succeeded, Some(10), true),
+            (ActionPhase::Failed, Some(11), true),
+            (ActionPhase::Succeeded, Some(3), false),
+            (ActionPhase::Failed, Some(4), false),
+        ]
+    );
+    assert_eq!(
+        status.post_actions[4].message, "disk on fire",
+        "the output tail is the action's message"
+    );
+    let reboot = status.reboot.unwrap();
+    assert_eq!(
+        reboot.state,
+        RebootState::RequiredNotPerformed,
+        "--reboot never records the pending reboot"
+    );
+    assert_eq!(reboot.requested_by.as_deref(), Some("ten"));
+    assert_eq!(status.progress.as_deref(), Some("5/5"));
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Failed" && c.status == "True")
+    );
+}
+
+#[test]
+fn a_timeout_kills_the_whole_process_group() {
+    // The script starts a grandchild that would outlive a plain kill of the script.
+    let manifests = run_script(
+        "hang",
+        "sleep 300 &\necho $! > \"$DIR/grandchild.pid\"\necho waiting\nwait",
+        "",
+    )
+    .replace("  timeoutMinutes: 5\n", "  timeoutMinutes: 1\n")
+        + &run_script("after", "echo next", "")
+        + &workflow("slow", &[], &["hang", "after"], "{post: Continue}");
+    let host = Host::new(&manifests);
+    let started = Instant::now();
+    let (_, status) = host.exec_json("slow", &[]);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the 400 ms 'minute' timeout was not applied"
+    );
+    let hang = &status.post_actions[0];
+    assert_eq!(hang.phase, ActionPhase::TimedOut, "{hang:?}");
+    assert!(
+        hang.message
+            .starts_with("timed out after 1 minute(s); the action was killed"),
+        "{}",
+        hang.message
+    );
+    assert!(
+        hang.message.contains("waiting"),
+        "output before the timeout is kept: {}",
+        hang.message
+    );
+    assert_eq!(
+        status.post_actions[1].phase,
+        ActionPhase::Succeeded,
+        "the next action runs after a timeout"
+    );
+    let pid: i32 = std::fs::read_to_string(host.path("grandchild.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ");
+    assert!(!alive, "grandchild {pid} survived the timeout");
+}
+
+#[test]
+fn parameters_arrive_as_environment_variables_not_code() {
+    let manifests = "apiVersion: fleetpatch.io/v1alpha1\nkind: Script\nmetadata: {name: greet}\nspec:\n  language: Bash\n  parameters: [{name: GREETING}, {name: TARGET, default: world}]\n  content: |\n    printf '%s, %s' \"$GREETING\" \"$TARGET\"\n---\n\
+        apiVersion: fleetpatch.io/v1alpha1\nkind: Task\nmetadata: {name: greet}\nspec:\n  os: Linux\n  type: RunScript\n  runScript:\n    scriptRef: {name: greet}\n    parameters: {GREETING: \"$(touch injected); hello\"}\n---\n"
+        .to_string()
+        + &workflow("params", &["greet"], &[], "{}");
+    let host = Host::new(&manifests);
+    let (code, status) = host.exec_json("params", &[]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        status.pre_actions[0].message,
+        "$(touch injected); hello, world"
+    );
+    assert!(!host.path("state/work").join("injected").exists());
+}
+
+#[test]
+fn abort_patching_policy_stops_pre_tasks_and_skips_patching() {
+    let mut manifests = String::new();
+    manifests += &run_script("fails", "exit 1", "");
+    manifests += &run_script("second", "echo ran >> \"$DIR/never\"", "");
+    manifests += &run_script("cleanup", "echo cleaned", "");
+    manifests += &workflow(
+        "strict",
+        &["fails", "second"],
+        &["cleanup"],
+        "{pre: AbortPatching, runPostTasksAfterPatchFailure: true}",
+    );
+    manifests += &workflow(
+        "strict-no-post",
+        &["fails", "second"],
+        &["cleanup"],
+        "{pre: AbortPatching, runPostTasksAfterPatchFailure: false}",
+    );
+    manifests += &workflow(
+        "lenient",
+        &["fails", "second"],
+        &["cleanup"],
+        "{pre: Continue}",
+    );
+    let host = Host::new(&manifests);
+
+    let (code, status) = host.exec_json("strict", &["--patches", "all"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        phases(&status.pre_actions),
+        [ActionPhase::Failed, ActionPhase::NotRun]
+    );
+    assert_eq!(
+        status.pre_actions[1].message,
+        "not run: pre-patching task fails failed"
+    );
+    let patches = status.patches.unwrap();
+    assert_eq!(
+        patches.phase,
+        ActionPhase::NotRun,
+        "patching is skipped after a pre failure"
+    );
+    assert_eq!(
+        phases(&status.post_actions),
+        [ActionPhase::Succeeded],
+        "post tasks still run when configured"
+    );
+
+    let (_, status) = host.exec_json("strict-no-post", &["--patches", "all"]);
+    assert_eq!(phases(&status.post_actions), [ActionPhase::NotRun]);
+
+    let (_, status) = host.exec_json("lenient", &[]);
+    assert_eq!(
+        phases(&status.pre_actions),
+        [ActionPhase::Failed, ActionPhase::Succeeded],
+        "Continue runs the rest"
+    );
+    assert_eq!(
+        status.patches.unwrap().phase,
+        ActionPhase::Skipped,
+        "--patches none skips patching, not as a failure"
+    );
+    assert_eq!(phases(&status.post_actions), [ActionPhase::Succeeded]);
+}
+
+#[test]
+fn stop_remaining_policy_stops_post_tasks_after_a_failure() {
+    let mut manifests = String::new();
+    manifests += &run_script("ok", "true", "");
+    manifests += &run_script("fails", "exit 2", "");
+    manifests += &run_script("later", "true", "");
+    manifests += &workflow(
+        "stop",
+        &[],
+        &["ok", "fails", "later"],
+        "{post: StopRemaining}",
+    );
+    manifests += &workflow("go-on", &[], &["ok", "fails", "later"], "{post: Continue}");
+    let host = Host::new(&manifests);
+    let (_, status) = host.exec_json("stop", &[]);
+    assert_eq!(
+        phases(&status.post_actions),
+        [
+            ActionPhase::Succeeded,
+            ActionPhase::Failed,
+            ActionPhase::NotRun
+        ]
+    );
+    let (_, status) = host.exec_json("go-on", &[]);
+    assert_eq!(
+        phases(&status.post_actions),
+        [
+            ActionPhase::Succeeded,
+            ActionPhase::Failed,
+            ActionPhase::Succeeded
+        ]
+    );
+}
+
+/// Serves `body` to every request on 127.0.0.1 until the test ends.
+fn serve(body: Vec<u8>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    format!("http://{address}/files/tool_2.0_all.deb")
+}
+
+fn install_manifests(source: &str, sha256: &str, detection_exit: i32) -> String {
+    format!(
+        "apiVersion: fleetpatch.io/v1alpha1\nkind: Script\nmetadata: {{name: detect}}\nspec:\n  language: Sh\n  content: |\n    echo checking\n    exit {detection_exit}\n---\n\
+         apiVersion: fleetpatch.io/v1alpha1\nkind: Script\nmetadata: {{name: install}}\nspec:\n  language: Bash\n  content: |\n    echo \"installing $FLEETPATCH_DOWNLOAD_PATH\"\n    cat \"$FLEETPATCH_DOWNLOAD_PATH\" > \"$DIR/installed\"\n  parameters: [{{name: DIR, default: \"@DIR@\"}}]\n---\n\
+         apiVersion: fleetpatch.io/v1alpha1\nkind: Task\nmetadata: {{name: install-tool}}\nspec:\n  os: Linux\n  type: InstallSoftware\n  installSoftware:\n    source: {source}\n    sha256: {sha256}\n    detectionScriptRef: {{name: detect}}\n    installScriptRef: {{name: install}}\n---\n"
+    ) + &workflow("install", &["install-tool"], &[], "{}")
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[test]
+fn install_software_downloads_verifies_and_installs() {
+    let payload = b"pretend this is a .deb".to_vec();
+    let url = serve(payload.clone());
+    let host = Host::new("");
+    let marker = host.path("installed");
+    host.write(&install_manifests(
+        &format!("{{protocol: Http, url: \"{url}\"}}"),
+        &sha256_hex(&payload),
+        0,
+    ));
+    let (code, status) = host.exec_json("install", &[]);
+    let action = &status.pre_actions[0];
+    assert_eq!(code, 0, "{action:?}");
+    assert_eq!(action.phase, ActionPhase::Succeeded);
+    assert!(
+        action.message.contains("installing ") && action.message.contains("tool_2.0_all.deb"),
+        "{}",
+        action.message
+    );
+    assert_eq!(
+        std::fs::read(&marker).unwrap(),
+        payload,
+        "the install script read the verified file"
+    );
+}
+
+#[test]
+fn a_wrong_checksum_fails_the_action_and_deletes_the_file() {
+    let url = serve(b"tampered bytes".to_vec());
+    let host = Host::new("");
+    let marker = host.path("installed");
+    let wrong = sha256_hex(b"the real installer");
+    host.write(&install_manifests(
+        &format!("{{protocol: Http, url: \"{url}\"}}"),
+        &wrong,
+        0,
+    ));
+    let (code, status) = host.exec_json("install", &[]);
+    assert_eq!(code, 1);
+    let action = &status.pre_actions[0];
+    assert_eq!(action.phase, ActionPhase::Failed);
+    assert!(
+        action
+            .message
+            .starts_with("checksum mismatch for tool_2.0_all.deb: expected sha256"),
+        "{}",
+        action.message
+    );
+    assert!(!marker.exists(), "the install script must not run");
+    let leftovers: Vec<_> = walk(&host.path("state/work"));
+    assert!(
+        leftovers
+            .iter()
+            .all(|p| !p.to_string_lossy().contains("tool_2.0")),
+        "downloaded file left behind: {leftovers:?}"
+    );
+}
+
+#[test]
+fn a_detection_script_saying_not_needed_skips_the_install() {
+    let payload = b"installer".to_vec();
+    let host = Host::new("");
+    let share = host.path("share.deb");
+    std::fs::write(&share, &payload).unwrap();
+    let marker = host.path("installed");
+    let manifests = install_manifests(
+        &format!("{{protocol: NetworkShare, unc: \"{}\"}}", share.display()),
+        &sha256_hex(&payload),
+        1,
+    );
+    host.write(&manifests);
+    let (code, status) = host.exec_json("install", &[]);
+    assert_eq!(code, 0, "Skipped is not a failure");
+    let action = &status.pre_actions[0];
+    assert_eq!(action.phase, ActionPhase::Skipped);
+    assert_eq!(action.exit_code, Some(1));
+    assert!(
+        action
+            .message
+            .starts_with("not needed: the detection script exited 1"),
+        "{}",
+        action.message
+    );
+    assert!(!marker.exists());
+
+    // The same task with detection saying "install" copies from the mounted share.
+    host.write(&manifests.replace("exit 1", "exit 0"));
+    let (code, _) = host.exec_json("install", &[]);
+    assert_eq!(code, 0);
+    assert_eq!(std::fs::read(&marker).unwrap(), payload);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                found.extend(walk(&path));
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn registry_actions_say_they_need_windows() {
+    let manifests = "apiVersion: fleetpatch.io/v1alpha1\nkind: Task\nmetadata: {name: reg}\nspec:\n  os: Windows\n  type: ChangeRegistryKey\n  changeRegistryKey: {keyPath: 'HKEY_LOCAL_MACHINE\\SOFTWARE\\X', valueType: REG_SZ, valueName: a, valueData: b}\n---\n\
+        apiVersion: fleetpatch.io/v1alpha1\nkind: Workflow\nmetadata: {name: win}\nspec:\n  os: Windows\n  preTasks: [{taskRef: {name: reg}}]\n";
+    let host = Host::new(manifests);
+    let (code, status) = host.exec_json("win", &[]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        status.pre_actions[0].message,
+        "ChangeRegistryKey requires Windows; this host runs Windows"
+    );
+}
+
+#[test]
+fn a_crashed_agent_resumes_and_never_runs_an_action_twice() {
+    let mut manifests = String::new();
+    manifests += &run_script("first", "echo first >> \"$DIR/log\"", "");
+    manifests += &run_script(
+        "slow",
+        "echo slow >> \"$DIR/log\"\nsleep 30\necho slow-finished >> \"$DIR/log\"",
+        "",
+    );
+    manifests += &run_script("last", "echo last >> \"$DIR/log\"", "");
+    manifests += &workflow("crash", &["first", "slow"], &["last"], "{pre: Continue}");
+    let host = Host::new(&manifests);
+    let log = host.path("log");
+
+    let mut agent = host
+        .command("crash", &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("slow")
+    {
+        assert!(Instant::now() < deadline, "the slow action never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    agent.wait().unwrap();
+
+    let (code, status) = host.exec_json("crash", &[]);
+    assert_eq!(
+        phases(&status.pre_actions),
+        [ActionPhase::Succeeded, ActionPhase::Interrupted]
+    );
+    assert!(
+        status.pre_actions[1]
+            .message
+            .contains("it was not run again")
+    );
+    assert_eq!(phases(&status.post_actions), [ActionPhase::Succeeded]);
+    assert_eq!(code, 1, "an interrupted action fails the job");
+    std::thread::sleep(Duration::from_millis(300));
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        lines,
+        ["first", "slow", "last"],
+        "each action ran once and the orphaned one was stopped"
+    );
+}
+
+#[test]
+fn a_reboot_waits_for_the_patches_and_the_job_completes_after_the_host_is_back() {
+    let mut manifests = String::new();
+    manifests += &run_script(
+        "pre-wants-reboot",
+        "echo \"pre $(cat \"$DIR/log\" 2>/dev/null | wc -l)\" >> \"$DIR/log\"; exit 10",
+        "",
+    );
+    manifests += &run_script("post-step", "echo post >> \"$DIR/log\"", "");
+    manifests += "apiVersion: fleetpatch.io/v1alpha1\nkind: Task\nmetadata: {name: reboot-if-required}\nspec:\n  os: Linux\n  type: Reboot\n  reboot: {onlyIfRequired: true}\n---\n";
+    manifests += &workflow(
+        "reboots",
+        &["pre-wants-reboot"],
+        &["post-step", "reboot-if-required"],
+        "{}",
+    );
+    let host = Host::new(&manifests);
+    let log = host.path("log");
+
+    let first = host.exec("reboots", &[]);
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert_eq!(
+        first.status.code(),
+        Some(3),
+        "exit 3 while the host reboots:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("reboot  starting (requested by pre-wants-reboot)"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "pre 0\npost\n",
+        "the pre action's reboot waited until after patching and post tasks"
+    );
+
+    // The "host" is back: the restarted agent finishes the job without running anything again.
+    let (code, status) = host.exec_json("reboots", &[]);
+    assert_eq!(code, 0, "{status:?}");
+    assert_eq!(status.phase, JobPhase::Succeeded);
+    let reboot = status.reboot.unwrap();
+    assert_eq!(reboot.state, RebootState::Completed);
+    assert!(reboot.completed_at.is_some());
+    assert_eq!(status.post_actions[1].phase, ActionPhase::Succeeded);
+    assert_eq!(status.post_actions[1].message, "host rebooted");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "pre 0\npost\n",
+        "nothing ran twice"
+    );
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Complete" && c.status == "True")
+    );
+
+    // A new run of the same workflow starts a new job (the finished one is not resumed),
+    // and a second reboot request within that job is still only one reboot.
+    let again = host.exec("reboots", &[]);
+    assert_eq!(again.status.code(), Some(3));
+}
+
+#[test]
+fn at_most_one_reboot_per_job() {
+    let mut manifests = String::new();
+    manifests += &run_script("a", "exit 10", "");
+    manifests += &run_script("b", "exit 10", "");
+    manifests += &workflow("two-requests", &["a"], &["b"], "{}");
+    let host = Host::new(&manifests);
+    let first = host.exec("two-requests", &[]);
+    assert_eq!(first.status.code(), Some(3));
+    assert_eq!(
+        std::fs::read_to_string(host.path("state/simulated-boot-id")).unwrap(),
+        "1"
+    );
+    let (code, status) = host.exec_json("two-requests", &[]);
+    assert_eq!(code, 0);
+    assert_eq!(status.reboot.unwrap().state, RebootState::Completed);
+    assert_eq!(
+        std::fs::read_to_string(host.path("state/simulated-boot-id")).unwrap(),
+        "1",
+        "one reboot for two requests"
+    );
+}
