@@ -7,3 +7,4 @@ pub mod crdgen;
 pub mod manifests;
 pub mod structural;
 pub mod tls;
+pub mod controller;
