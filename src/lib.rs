@@ -3,8 +3,8 @@
 
 pub mod agent;
 pub mod api;
+pub mod controller;
 pub mod crdgen;
 pub mod manifests;
 pub mod structural;
 pub mod tls;
-pub mod controller;

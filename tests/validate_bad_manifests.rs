@@ -107,6 +107,8 @@ const CASES: &[Case] = &[
     case("plan-workflow-os-mismatch.yaml", 1, "spec.targets[1].workflowRef", Some("is for Linux but target sql is Windows")),
     case("plan-missing-workflow.yaml", 1, "spec.targets[0].workflowRef", Some("does not exist")),
     case("plan-max-concurrent-150-percent.yaml", 1, "spec.rollout.maxConcurrent", Some("percentage from 1% to 100%")),
+    case("plan-cron-hour-out-of-range.yaml", 1, "spec.schedule.cron", Some("not a valid five-field expression")),
+    case("plan-unknown-time-zone.yaml", 1, "spec.schedule.timeZone", Some("not an IANA time zone")),
     case("plan-max-failures-101-percent.yaml", 1, "spec.rollout.maxFailures", Some("percentage from 0% to 100%")),
     case("plan-cron-four-fields.yaml", 1, "spec.schedule.cron", Some("five fields")),
     case("plan-all-with-security.yaml", 1, "spec.patches.classifications", Some("All cannot be combined")),

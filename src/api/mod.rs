@@ -16,6 +16,7 @@ pub mod patchjob;
 pub mod plan;
 pub mod resolve;
 pub mod rules;
+pub mod schedule;
 pub mod script;
 pub mod syntax;
 pub mod task;

@@ -406,6 +406,21 @@ impl Catalog {
     pub fn check_plan(&self, plan: &RemediationPlan) -> Vec<Problem> {
         let (namespace, name) = key_of(plan);
         let mut problems = Vec::new();
+        if let Some(schedule) = &plan.spec.schedule
+            && let Err(err) = super::schedule::ParsedSchedule::parse(schedule)
+        {
+            let field = match err {
+                super::schedule::ScheduleError::Cron { .. } => "spec.schedule.cron",
+                super::schedule::ScheduleError::TimeZone(_) => "spec.schedule.timeZone",
+            };
+            problems.push(Problem {
+                kind: "RemediationPlan",
+                namespace: namespace.clone(),
+                name: name.clone(),
+                field: field.into(),
+                message: err.to_string(),
+            });
+        }
         for (index, target) in plan.spec.targets.iter().enumerate() {
             let Some(reference) = &target.workflow_ref else {
                 continue;

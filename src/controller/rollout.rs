@@ -54,7 +54,11 @@ pub fn resolve_limit(limit: &IntOrString, total: i32, round_up: bool) -> i32 {
         IntOrString::String(text) => {
             let percent: i64 = text.trim_end_matches('%').trim().parse().unwrap_or(0);
             let scaled = i64::from(total) * percent;
-            let value = if round_up { (scaled + 99) / 100 } else { scaled / 100 };
+            let value = if round_up {
+                (scaled + 99) / 100
+            } else {
+                scaled / 100
+            };
             value as i32
         }
     }
@@ -63,7 +67,10 @@ pub fn resolve_limit(limit: &IntOrString, total: i32, round_up: bool) -> i32 {
 /// Hosts each target selects, each host at most once: targets are taken by descending
 /// priority (then in their order in the plan), so a host in two groups belongs to the
 /// more important one. Returns (selected, paused) — paused agents are counted, not run.
-pub fn select_hosts(targets: &[PlanTarget], agents: &[FleetAgent]) -> (Vec<Assignment>, Vec<String>) {
+pub fn select_hosts(
+    targets: &[PlanTarget],
+    agents: &[FleetAgent],
+) -> (Vec<Assignment>, Vec<String>) {
     let mut order: Vec<usize> = (0..targets.len()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(targets[i].priority), i));
     let mut taken = BTreeSet::new();
@@ -72,16 +79,25 @@ pub fn select_hosts(targets: &[PlanTarget], agents: &[FleetAgent]) -> (Vec<Assig
     for index in order {
         let target = &targets[index];
         // An invalid selector selects nothing rather than everything.
-        let Ok(selector) = Selector::try_from(target.selector.clone()) else { continue };
-        let mut matching: Vec<&FleetAgent> =
-            agents.iter().filter(|a| a.os == target.os && selector.matches(&a.labels) && !taken.contains(&a.name)).collect();
+        let Ok(selector) = Selector::try_from(target.selector.clone()) else {
+            continue;
+        };
+        let mut matching: Vec<&FleetAgent> = agents
+            .iter()
+            .filter(|a| {
+                a.os == target.os && selector.matches(&a.labels) && !taken.contains(&a.name)
+            })
+            .collect();
         matching.sort_by(|a, b| a.name.cmp(&b.name));
         for agent in matching {
             taken.insert(agent.name.clone());
             if agent.paused {
                 paused.push(agent.name.clone());
             } else {
-                selected.push(Assignment { agent: agent.name.clone(), target: index });
+                selected.push(Assignment {
+                    agent: agent.name.clone(),
+                    target: index,
+                });
             }
         }
     }
@@ -106,11 +122,19 @@ pub fn plan_rollout(
     let (selected, paused) = select_hosts(targets, agents);
     let with_job: BTreeSet<&str> = jobs.iter().map(|j| j.agent.as_str()).collect();
     // Hosts with a job count even if they no longer match (labels changed mid-run).
-    let total = (selected.iter().filter(|a| !with_job.contains(a.agent.as_str())).count() + jobs.len()) as i32;
+    let total = (selected
+        .iter()
+        .filter(|a| !with_job.contains(a.agent.as_str()))
+        .count()
+        + jobs.len()) as i32;
     let concurrency = resolve_limit(max_concurrent, total, true).max(1);
     let budget = resolve_limit(max_failures, total, false).max(0);
 
-    let mut counts = RunCounts { total, paused: paused.len() as i32, ..RunCounts::default() };
+    let mut counts = RunCounts {
+        total,
+        paused: paused.len() as i32,
+        ..RunCounts::default()
+    };
     for job in jobs {
         match job.phase {
             JobPhase::Pending => counts.pending += 1,
@@ -124,8 +148,15 @@ pub fn plan_rollout(
     let in_flight = jobs.iter().filter(|j| !j.phase.is_finished()).count() as i32;
     let halted = failures > budget;
 
-    let waiting: Vec<Assignment> = selected.into_iter().filter(|a| !with_job.contains(a.agent.as_str())).collect();
-    let room = if halted || suspended { 0 } else { (concurrency - in_flight).max(0) as usize };
+    let waiting: Vec<Assignment> = selected
+        .into_iter()
+        .filter(|a| !with_job.contains(a.agent.as_str()))
+        .collect();
+    let room = if halted || suspended {
+        0
+    } else {
+        (concurrency - in_flight).max(0) as usize
+    };
     let create: Vec<Assignment> = waiting.iter().take(room).cloned().collect();
     // Jobs about to be created and hosts still waiting are both pending.
     counts.pending += waiting.len() as i32;
@@ -133,7 +164,11 @@ pub fn plan_rollout(
     let unfinished = in_flight > 0 || !create.is_empty();
     let phase = if halted {
         // Halted while jobs finish; Failed once nothing is left, Halted for good when hosts were left out.
-        if unfinished || !waiting.is_empty() { RunPhase::Halted } else { RunPhase::Failed }
+        if unfinished || !waiting.is_empty() {
+            RunPhase::Halted
+        } else {
+            RunPhase::Failed
+        }
     } else if unfinished || !waiting.is_empty() {
         RunPhase::Running
     } else if failures > 0 {
@@ -141,7 +176,13 @@ pub fn plan_rollout(
     } else {
         RunPhase::Succeeded
     };
-    RolloutDecision { create, counts, phase, max_concurrent: concurrency, max_failures: budget }
+    RolloutDecision {
+        create,
+        counts,
+        phase,
+        max_concurrent: concurrency,
+        max_failures: budget,
+    }
 }
 
 #[cfg(test)]
@@ -164,20 +205,37 @@ mod tests {
     }
 
     fn agent(name: &str, os: OperatingSystem, group: &str, paused: bool) -> FleetAgent {
-        FleetAgent { name: name.into(), os, labels: BTreeMap::from([("group".to_string(), group.to_string())]), paused }
+        FleetAgent {
+            name: name.into(),
+            os,
+            labels: BTreeMap::from([("group".to_string(), group.to_string())]),
+            paused,
+        }
     }
 
     #[test]
     fn percentages_round_up_for_concurrency_and_down_for_failures() {
-        assert_eq!(resolve_limit(&IntOrString::String("25%".into()), 10, true), 3);
-        assert_eq!(resolve_limit(&IntOrString::String("25%".into()), 10, false), 2);
+        assert_eq!(
+            resolve_limit(&IntOrString::String("25%".into()), 10, true),
+            3
+        );
+        assert_eq!(
+            resolve_limit(&IntOrString::String("25%".into()), 10, false),
+            2
+        );
         assert_eq!(resolve_limit(&IntOrString::Int(4), 10, true), 4);
-        assert_eq!(resolve_limit(&IntOrString::String("100%".into()), 7, true), 7);
+        assert_eq!(
+            resolve_limit(&IntOrString::String("100%".into()), 7, true),
+            7
+        );
     }
 
     #[test]
     fn higher_priority_groups_go_first_and_hosts_are_taken_once() {
-        let targets = [target("low", OperatingSystem::Linux, None, 1), target("high", OperatingSystem::Linux, Some("web"), 10)];
+        let targets = [
+            target("low", OperatingSystem::Linux, None, 1),
+            target("high", OperatingSystem::Linux, Some("web"), 10),
+        ];
         let agents = [
             agent("a", OperatingSystem::Linux, "web", false),
             agent("b", OperatingSystem::Linux, "db", false),
@@ -185,20 +243,63 @@ mod tests {
             agent("w", OperatingSystem::Windows, "web", false),
         ];
         let (selected, paused) = select_hosts(&targets, &agents);
-        assert_eq!(selected, [Assignment { agent: "a".into(), target: 1 }, Assignment { agent: "b".into(), target: 0 }]);
+        assert_eq!(
+            selected,
+            [
+                Assignment {
+                    agent: "a".into(),
+                    target: 1
+                },
+                Assignment {
+                    agent: "b".into(),
+                    target: 0
+                }
+            ]
+        );
         assert_eq!(paused, ["c"]);
     }
 
     #[test]
     fn a_run_halts_when_failures_exceed_the_budget() {
         let targets = [target("all", OperatingSystem::Linux, None, 0)];
-        let agents: Vec<FleetAgent> = (0..5).map(|i| agent(&format!("h{i}"), OperatingSystem::Linux, "x", false)).collect();
-        let jobs = [RunJob { agent: "h0".into(), phase: JobPhase::Failed }, RunJob { agent: "h1".into(), phase: JobPhase::Running }];
-        let decision = plan_rollout(&targets, &IntOrString::Int(2), &IntOrString::Int(0), false, &agents, &jobs);
+        let agents: Vec<FleetAgent> = (0..5)
+            .map(|i| agent(&format!("h{i}"), OperatingSystem::Linux, "x", false))
+            .collect();
+        let jobs = [
+            RunJob {
+                agent: "h0".into(),
+                phase: JobPhase::Failed,
+            },
+            RunJob {
+                agent: "h1".into(),
+                phase: JobPhase::Running,
+            },
+        ];
+        let decision = plan_rollout(
+            &targets,
+            &IntOrString::Int(2),
+            &IntOrString::Int(0),
+            false,
+            &agents,
+            &jobs,
+        );
         assert!(decision.create.is_empty());
         assert_eq!(decision.phase, RunPhase::Halted);
-        let decision = plan_rollout(&targets, &IntOrString::Int(2), &IntOrString::Int(1), false, &agents, &jobs);
-        assert_eq!(decision.create, [Assignment { agent: "h2".into(), target: 0 }]);
+        let decision = plan_rollout(
+            &targets,
+            &IntOrString::Int(2),
+            &IntOrString::Int(1),
+            false,
+            &agents,
+            &jobs,
+        );
+        assert_eq!(
+            decision.create,
+            [Assignment {
+                agent: "h2".into(),
+                target: 0
+            }]
+        );
         assert_eq!(decision.phase, RunPhase::Running);
     }
 
@@ -214,30 +315,47 @@ mod tests {
 
     fn limit(max: i32, allow_zero: bool) -> impl Strategy<Value = IntOrString> {
         let low = if allow_zero { 0 } else { 1 };
-        prop_oneof![(low..=max).prop_map(IntOrString::Int), (low..=100).prop_map(|p| IntOrString::String(format!("{p}%")))]
+        prop_oneof![
+            (low..=max).prop_map(IntOrString::Int),
+            (low..=100).prop_map(|p| IntOrString::String(format!("{p}%")))
+        ]
     }
 
     fn fleet() -> impl Strategy<Value = Fleet> {
         let os = prop_oneof![Just(OperatingSystem::Linux), Just(OperatingSystem::Windows)];
         let group = prop_oneof![Just("web"), Just("db"), Just("edge")];
-        let agents = prop::collection::vec((os.clone(), group.clone(), prop::bool::weighted(0.1)), 0..60);
+        let agents = prop::collection::vec(
+            (os.clone(), group.clone(), prop::bool::weighted(0.1)),
+            0..60,
+        );
         let targets = prop::collection::vec((os, prop::option::of(group), 0..5i32), 1..4);
         (agents, targets, limit(12, false), limit(6, true))
             .prop_flat_map(|(agents, targets, max_concurrent, max_failures)| {
                 let count = agents.len();
-                (Just((agents, targets, max_concurrent, max_failures)), prop::collection::vec(prop::bool::weighted(0.2), count))
+                (
+                    Just((agents, targets, max_concurrent, max_failures)),
+                    prop::collection::vec(prop::bool::weighted(0.2), count),
+                )
             })
-            .prop_map(|((agents, targets, max_concurrent, max_failures), fails)| Fleet {
-                agents: agents
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (os, group, paused))| agent(&format!("host-{i:03}"), os, group, paused))
-                    .collect(),
-                targets: targets.into_iter().enumerate().map(|(i, (os, group, p))| target(&format!("t{i}"), os, group, p)).collect(),
-                max_concurrent,
-                max_failures,
-                fails,
-            })
+            .prop_map(
+                |((agents, targets, max_concurrent, max_failures), fails)| Fleet {
+                    agents: agents
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (os, group, paused))| {
+                            agent(&format!("host-{i:03}"), os, group, paused)
+                        })
+                        .collect(),
+                    targets: targets
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (os, group, p))| target(&format!("t{i}"), os, group, p))
+                        .collect(),
+                    max_concurrent,
+                    max_failures,
+                    fails,
+                },
+            )
     }
 
     proptest! {
