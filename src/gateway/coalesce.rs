@@ -1,0 +1,169 @@
+//! Coalescing of progress reports: agents may report every step, but a job's status is
+//! written at most about once per second, plus the final write at once. Pure
+//! bookkeeping; the gateway's flusher does the writes.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::api::patchjob::PatchJobStatus;
+
+/// Where a job's reports stand.
+#[derive(Clone, Debug)]
+struct Entry {
+    /// Highest sequence accepted from the agent.
+    accepted: i64,
+    /// Status waiting to be written, with its sequence.
+    pending: Option<(i64, PatchJobStatus)>,
+    last_write: Option<Instant>,
+}
+
+/// What to do with one report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// Newer than anything seen: queued.
+    Queued,
+    /// At or below the accepted sequence: ignored (a retry).
+    Duplicate,
+}
+
+/// Progress of every job the gateway is handling.
+#[derive(Debug, Default)]
+pub struct ProgressBook {
+    jobs: BTreeMap<String, Entry>,
+    pub interval: Duration,
+}
+
+impl ProgressBook {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            jobs: BTreeMap::new(),
+            interval,
+        }
+    }
+
+    /// Sets the sequence already stored in the job's status (after a restart).
+    pub fn seed(&mut self, uid: &str, stored_sequence: i64) {
+        let entry = self.jobs.entry(uid.to_string()).or_insert(Entry {
+            accepted: 0,
+            pending: None,
+            last_write: None,
+        });
+        entry.accepted = entry.accepted.max(stored_sequence);
+    }
+
+    pub fn accepted(&self, uid: &str) -> i64 {
+        self.jobs.get(uid).map_or(0, |e| e.accepted)
+    }
+
+    pub fn report(&mut self, uid: &str, sequence: i64, status: PatchJobStatus) -> Accepted {
+        let entry = self.jobs.entry(uid.to_string()).or_insert(Entry {
+            accepted: 0,
+            pending: None,
+            last_write: None,
+        });
+        if sequence <= entry.accepted {
+            return Accepted::Duplicate;
+        }
+        entry.accepted = sequence;
+        entry.pending = Some((sequence, status));
+        Accepted::Queued
+    }
+
+    /// Statuses to write now: finished jobs at once, others when their interval passed.
+    pub fn due(&mut self, now: Instant) -> Vec<(String, i64, PatchJobStatus)> {
+        let interval = self.interval;
+        let mut out = Vec::new();
+        for (uid, entry) in &mut self.jobs {
+            let Some((_, status)) = &entry.pending else {
+                continue;
+            };
+            let finished = status.phase.is_finished();
+            let waited = entry
+                .last_write
+                .is_none_or(|last| now.duration_since(last) >= interval);
+            if finished || waited {
+                let (sequence, status) = entry.pending.take().expect("checked above");
+                entry.last_write = Some(now);
+                out.push((uid.clone(), sequence, status));
+            }
+        }
+        out
+    }
+
+    /// Puts a status back after a failed write, unless a newer one arrived meanwhile.
+    pub fn retry(&mut self, uid: &str, sequence: i64, status: PatchJobStatus) {
+        if let Some(entry) = self.jobs.get_mut(uid)
+            && entry
+                .pending
+                .as_ref()
+                .is_none_or(|(pending, _)| *pending < sequence)
+        {
+            entry.pending = Some((sequence, status));
+            entry.last_write = None;
+        }
+    }
+
+    pub fn forget(&mut self, uid: &str) {
+        self.jobs.remove(uid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::patchjob::JobPhase;
+
+    fn status(phase: JobPhase) -> PatchJobStatus {
+        PatchJobStatus {
+            phase,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reports_are_idempotent_and_coalesced() {
+        let mut book = ProgressBook::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert_eq!(
+            book.report("j", 1, status(JobPhase::Running)),
+            Accepted::Queued
+        );
+        assert_eq!(book.due(t0).len(), 1, "the first report is written at once");
+        for sequence in 2..=20 {
+            book.report("j", sequence, status(JobPhase::Running));
+        }
+        assert_eq!(
+            book.report("j", 5, status(JobPhase::Running)),
+            Accepted::Duplicate
+        );
+        assert!(
+            book.due(t0 + Duration::from_millis(500)).is_empty(),
+            "within the interval nothing is written"
+        );
+        let written = book.due(t0 + Duration::from_millis(1000));
+        assert_eq!(written.len(), 1);
+        assert_eq!(written[0].1, 20, "only the newest status is written");
+        book.report("j", 21, status(JobPhase::Succeeded));
+        assert_eq!(
+            book.due(t0 + Duration::from_millis(1100)).len(),
+            1,
+            "a final status is written at once"
+        );
+        assert_eq!(book.accepted("j"), 21);
+    }
+
+    #[test]
+    fn a_failed_write_is_retried_unless_superseded() {
+        let mut book = ProgressBook::new(Duration::from_secs(1));
+        let now = Instant::now();
+        book.report("j", 3, status(JobPhase::Running));
+        let (uid, sequence, written) = book.due(now).remove(0);
+        book.retry(&uid, sequence, written.clone());
+        assert_eq!(book.due(now).len(), 1);
+        book.seed("k", 7);
+        assert_eq!(
+            book.report("k", 7, status(JobPhase::Running)),
+            Accepted::Duplicate
+        );
+    }
+}

@@ -1,0 +1,167 @@
+//! Agent credentials: bootstrap tokens that external hosts exchange once for a
+//! per-agent credential, which the gateway stores only as a SHA-256 hash.
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+/// Secret type of bootstrap tokens.
+pub const BOOTSTRAP_SECRET_TYPE: &str = "fleetpatch.io/bootstrap-token";
+/// Secret type of stored agent credentials.
+pub const CREDENTIAL_SECRET_TYPE: &str = "fleetpatch.io/agent-credential";
+/// Label on credential Secrets naming their Agent.
+pub const AGENT_LABEL: &str = "fleetpatch.io/agent";
+
+/// A fresh random secret: 32 bytes, hex.
+pub fn generate_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+pub fn hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// Compares in time independent of where the strings differ.
+pub fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// `Authorization: Bearer <agent>.<secret>` of an external agent.
+pub fn parse_agent_bearer(value: &str) -> Option<(&str, &str)> {
+    let token = value.strip_prefix("Bearer ")?.trim();
+    let (agent, secret) = token.rsplit_once('.')?;
+    (!agent.is_empty() && !secret.is_empty()).then_some((agent, secret))
+}
+
+/// How a bootstrap token may be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootstrapToken {
+    pub secret_name: String,
+    pub token_hash: String,
+    pub expires: Option<Timestamp>,
+    pub single_use: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BootstrapError {
+    #[error("Secret {0} is not a bootstrap token: it needs data.token")]
+    Malformed(String),
+    #[error("bootstrap token {0} expired")]
+    Expired(String),
+    #[error("bootstrap token is not valid")]
+    Unknown,
+}
+
+fn data<'a>(secret: &'a Secret, key: &str) -> Option<String> {
+    let from_data = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|ByteString(bytes)| String::from_utf8_lossy(bytes).into_owned());
+    from_data.or_else(|| {
+        secret
+            .string_data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .cloned()
+    })
+}
+
+impl BootstrapToken {
+    /// Reads a bootstrap-token Secret: `token`, optional `expiration` (RFC 3339) and
+    /// `usage` (`single`, the default, or `multi`).
+    pub fn from_secret(secret: &Secret) -> Result<Self, BootstrapError> {
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        let token = data(secret, "token")
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| BootstrapError::Malformed(name.clone()))?;
+        let expires = data(secret, "expiration").and_then(|e| e.trim().parse::<Timestamp>().ok());
+        let single_use = data(secret, "usage").is_none_or(|u| u.trim() != "multi");
+        Ok(Self {
+            secret_name: name,
+            token_hash: hash(&token),
+            expires,
+            single_use,
+        })
+    }
+
+    /// Whether `presented` is this token and still valid at `now`.
+    pub fn check(&self, presented: &str, now: Timestamp) -> Result<(), BootstrapError> {
+        if !constant_time_eq(&hash(presented), &self.token_hash) {
+            return Err(BootstrapError::Unknown);
+        }
+        if self.expires.is_some_and(|expires| now >= expires) {
+            return Err(BootstrapError::Expired(self.secret_name.clone()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn secret(entries: &[(&str, &str)]) -> Secret {
+        Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some("join".into()),
+                ..Default::default()
+            },
+            data: Some(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect::<BTreeMap<_, _>>(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tokens_check_value_expiry_and_usage() {
+        let now: Timestamp = "2026-11-22T12:00:00Z".parse().unwrap();
+        let token = BootstrapToken::from_secret(&secret(&[
+            ("token", "s3cret"),
+            ("expiration", "2026-11-23T00:00:00Z"),
+        ]))
+        .unwrap();
+        assert!(token.single_use);
+        assert_eq!(token.check("s3cret", now), Ok(()));
+        assert_eq!(token.check("guess", now), Err(BootstrapError::Unknown));
+        let later: Timestamp = "2026-11-24T00:00:00Z".parse().unwrap();
+        assert_eq!(
+            token.check("s3cret", later),
+            Err(BootstrapError::Expired("join".into()))
+        );
+        let multi =
+            BootstrapToken::from_secret(&secret(&[("token", "x"), ("usage", "multi")])).unwrap();
+        assert!(!multi.single_use);
+        assert!(BootstrapToken::from_secret(&secret(&[])).is_err());
+    }
+
+    #[test]
+    fn credentials_are_random_and_parsed_from_the_bearer_header() {
+        assert_ne!(generate_secret(), generate_secret());
+        assert_eq!(generate_secret().len(), 64);
+        assert_eq!(
+            parse_agent_bearer("Bearer web-1.abc"),
+            Some(("web-1", "abc"))
+        );
+        assert_eq!(
+            parse_agent_bearer("Bearer host.example.com.abc"),
+            Some(("host.example.com", "abc"))
+        );
+        assert_eq!(parse_agent_bearer("Basic x"), None);
+        assert!(constant_time_eq(&hash("a"), &hash("a")));
+        assert!(!constant_time_eq(&hash("a"), &hash("b")));
+    }
+}
