@@ -60,7 +60,7 @@ pub enum BootstrapError {
     Unknown,
 }
 
-fn data<'a>(secret: &'a Secret, key: &str) -> Option<String> {
+fn data(secret: &Secret, key: &str) -> Option<String> {
     let from_data = secret
         .data
         .as_ref()
