@@ -3,5 +3,6 @@
 
 pub mod api;
 pub mod crdgen;
+pub mod devserver;
 pub mod manifests;
 pub mod structural;
