@@ -97,7 +97,15 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|c| c.to_str().ok())
         .unwrap_or("application/json");
-    if content_type.contains("protobuf") || content_type.contains("cbor") {
+    if content_type.contains("protobuf") {
+        return super::protobuf::decode(body).map_err(|e| match e {
+            super::protobuf::ProtobufError::UnsupportedKind(_) => {
+                ApiError::UnsupportedMediaType("application/json, application/yaml".into())
+            }
+            other => ApiError::BadRequest(other.to_string()),
+        });
+    }
+    if content_type.contains("cbor") {
         return Err(ApiError::UnsupportedMediaType(
             "application/json, application/yaml".into(),
         ));
@@ -790,6 +798,18 @@ impl Request<'_> {
                         {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": time},
                     ],
                 });
+            }
+            ("", "secrets") => {
+                // stringData is write-only: folded into data, as the API server does.
+                if let Some(Value::Object(plain)) = object.as_object_mut().and_then(|o| o.remove("stringData")) {
+                    for (key, value) in plain {
+                        let text = value.as_str().unwrap_or_default();
+                        object["data"][key] = json!(base64::Engine::encode(
+                            &base64::engine::general_purpose::STANDARD,
+                            text
+                        ));
+                    }
+                }
             }
             ("", "namespaces") => {
                 if object["status"]["phase"].is_null() {

@@ -20,6 +20,7 @@ pub mod handlers;
 pub mod managed;
 pub mod patch;
 pub mod persist;
+pub mod protobuf;
 pub mod registry;
 pub mod selector;
 pub mod store;
