@@ -173,6 +173,22 @@ pub fn decode(body: &[u8]) -> Result<Value, ProtobufError> {
     }
     let mut object = json!({"apiVersion": api_version, "kind": kind, "metadata": {}});
     for (number, f) in fields(raw)? {
+        if kind == "DeleteOptions" {
+            match number {
+                2 => {
+                    for (n, p) in fields(message(&f))? {
+                        match n {
+                            1 => object["preconditions"]["uid"] = json!(string(&p)),
+                            2 => object["preconditions"]["resourceVersion"] = json!(string(&p)),
+                            _ => {}
+                        }
+                    }
+                }
+                4 => object["propagationPolicy"] = json!(string(&f)),
+                _ => {}
+            }
+            continue;
+        }
         if number == 1 {
             object["metadata"] = object_meta(message(&f))?;
             continue;
@@ -221,7 +237,13 @@ pub fn decode(body: &[u8]) -> Result<Value, ProtobufError> {
     }
     if !matches!(
         kind.as_str(),
-        "Namespace" | "ConfigMap" | "Secret" | "ServiceAccount" | "TokenRequest" | "Eviction"
+        "Namespace"
+            | "ConfigMap"
+            | "Secret"
+            | "ServiceAccount"
+            | "TokenRequest"
+            | "Eviction"
+            | "DeleteOptions"
     ) {
         return Err(ProtobufError::UnsupportedKind(kind));
     }
