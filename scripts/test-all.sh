@@ -30,5 +30,8 @@ echo "== generated CRDs are current"
 cargo run --locked --quiet -- crds --out-dir target/crds-check
 diff -r crds target/crds-check
 
+echo "== test tools (helm 4, newer kubectl) for the dev server tests"
+scripts/install-test-tools.sh
+
 echo "== cargo test"
 cargo test --locked --all-targets

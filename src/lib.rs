@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod controller;
 pub mod crdgen;
+pub mod devserver;
 pub mod gateway;
 pub mod manifests;
 pub mod structural;

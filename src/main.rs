@@ -45,6 +45,26 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Run an embedded Kubernetes-compatible API server for development and tests.
+    ///
+    /// NOT FOR PRODUCTION: plain HTTP, one admin token, everything in one process.
+    /// It serves discovery, OpenAPI v3, CRDs (with schema validation, defaulting,
+    /// pruning and CEL rules), built-in kinds such as Namespace, Secret, ConfigMap,
+    /// Lease and Node, watches, patches and server-side apply, so kubectl, helm and
+    /// the fleetpatch controller can run against it on one machine. It writes a
+    /// kubeconfig (context `fleetpatch-dev`) and prints the `export KUBECONFIG=...` line.
+    Dev {
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long, default_value = "127.0.0.1:6443")]
+        listen: std::net::SocketAddr,
+        /// Where to write the kubeconfig [default: DATA_DIR/kubeconfig, or
+        /// ./fleetpatch-dev.kubeconfig without a data directory].
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Keep objects here so they survive a restart; without it everything is in memory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// The agent that runs patch jobs on a host.
     Agent {
         #[command(subcommand)]
@@ -76,6 +96,32 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Dev {
+            listen,
+            kubeconfig,
+            data_dir,
+        } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let kubeconfig = kubeconfig.unwrap_or_else(|| match &data_dir {
+                Some(dir) => dir.join("kubeconfig"),
+                None => PathBuf::from("fleetpatch-dev.kubeconfig"),
+            });
+            let config = fleetpatch::devserver::Config {
+                listen,
+                kubeconfig,
+                data_dir,
+                bookmark_interval: std::time::Duration::from_secs(10),
+            };
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(fleetpatch::devserver::run(config, shutdown_signal()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Agent {
             command: AgentCommand::Exec(options),
         } => {
@@ -128,5 +174,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
     }
 }

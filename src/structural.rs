@@ -431,6 +431,67 @@ fn check_list_type(
     }
 }
 
+/// Removes the fields `schema` does not declare (where it does not preserve unknown
+/// fields), as the API server prunes custom resources, and returns their paths.
+/// Root-level `apiVersion`, `kind` and `metadata` are kept.
+pub fn prune(schema: &Value, value: &mut Value) -> Vec<String> {
+    let mut pruned = Vec::new();
+    prune_walk(schema, value, "", true, &mut pruned);
+    pruned
+}
+
+fn prune_walk(schema: &Value, value: &mut Value, path: &str, root: bool, pruned: &mut Vec<String>) {
+    let Some(schema) = schema.as_object() else {
+        return;
+    };
+    let preserve_unknown = schema
+        .get("x-kubernetes-preserve-unknown-fields")
+        .and_then(Value::as_bool)
+        == Some(true);
+    match value {
+        Value::Object(fields) => {
+            let properties = schema.get("properties").and_then(Value::as_object);
+            let additional = schema.get("additionalProperties");
+            let mut unknown = Vec::new();
+            for (name, field_value) in fields.iter_mut() {
+                if root && matches!(name.as_str(), "apiVersion" | "kind" | "metadata") {
+                    continue;
+                }
+                let field_path = join(path, name);
+                match (properties.and_then(|p| p.get(name)), additional) {
+                    (Some(field_schema), _) => {
+                        prune_walk(field_schema, field_value, &field_path, false, pruned)
+                    }
+                    (None, Some(additional)) if additional.is_object() => {
+                        prune_walk(additional, field_value, &field_path, false, pruned)
+                    }
+                    (None, Some(Value::Bool(true))) => {}
+                    (None, _) if preserve_unknown => {}
+                    (None, _) => unknown.push(name.clone()),
+                }
+            }
+            for name in unknown {
+                fields.remove(&name);
+                pruned.push(join(path, &name));
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item_schema) = schema.get("items") {
+                for (index, item) in items.iter_mut().enumerate() {
+                    prune_walk(
+                        item_schema,
+                        item,
+                        &format!("{path}[{index}]"),
+                        false,
+                        pruned,
+                    );
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// True for the RFC 3339 date-times Kubernetes accepts, e.g. `2026-11-22T21:00:00Z`.
 pub fn is_rfc3339(text: &str) -> bool {
     static PATTERN: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
@@ -510,6 +571,21 @@ mod tests {
                 "missing {expected:?} in:\n{joined}"
             );
         }
+    }
+
+    #[test]
+    fn prunes_undeclared_fields_and_keeps_preserved_ones() {
+        let mut value = json!({"apiVersion": "x/v1", "kind": "K", "metadata": {"name": "a"}, "extra": 1,
+            "spec": {"os": "Linux", "bogus": true, "targets": [{"name": "a", "zzz": 1}],
+                     "free": {"anything": [1]}, "labels": {"k": "v"}}});
+        let mut pruned = prune(&schema(), &mut value);
+        pruned.sort();
+        assert_eq!(pruned, vec!["extra", "spec.bogus", "spec.targets[0].zzz"]);
+        assert_eq!(value["spec"]["free"]["anything"], json!([1]));
+        assert_eq!(value["spec"]["labels"]["k"], "v");
+        assert_eq!(value["metadata"]["name"], "a");
+        assert!(value["spec"].get("bogus").is_none());
+        assert!(validate(&schema(), &value, Options::default()).is_empty());
     }
 
     #[test]

@@ -1,0 +1,162 @@
+//! What an object must pass before it is stored: metadata checks for every kind, and
+//! for custom resources the CRD schema pipeline an API server runs — unknown fields
+//! rejected (`fieldValidation=Strict`) or pruned with a warning, defaults applied,
+//! structural validation (`crate::structural`), then the `x-kubernetes-validations`
+//! CEL rules with `oldSelf` on updates.
+
+use serde_json::Value;
+
+use kube::core::cel::Validator;
+
+use super::errors::{ApiError, Cause};
+use super::registry::ResourceKind;
+use crate::manifests::{is_dns_label, is_dns_subdomain};
+use crate::structural::{self, FieldErrorKind};
+
+/// How to treat fields the schema does not declare (`fieldValidation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldValidation {
+    Ignore,
+    Warn,
+    Strict,
+}
+
+impl FieldValidation {
+    pub fn parse(text: Option<&str>) -> Self {
+        match text {
+            Some("Strict") => Self::Strict,
+            Some("Ignore") => Self::Ignore,
+            _ => Self::Warn,
+        }
+    }
+}
+
+thread_local! {
+    // Not Sync; one per worker thread, built on first use.
+    static VALIDATOR: Validator = Validator::new();
+}
+
+fn cause(field: &str, reason: &str, message: String) -> Cause {
+    Cause {
+        reason: reason.into(),
+        message,
+        field: field.into(),
+    }
+}
+
+/// Checks (and defaults, and prunes) `object` for `kind`. Returns warnings for the
+/// response's `Warning` headers.
+pub fn admit(
+    kind: &ResourceKind,
+    object: &mut Value,
+    old: Option<&Value>,
+    validation: FieldValidation,
+) -> Result<Vec<String>, ApiError> {
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let invalid = |causes: Vec<Cause>| ApiError::invalid(&kind.group, &kind.kind, &name, causes);
+
+    let mut causes = Vec::new();
+    let name_ok = if kind.plural == "namespaces" {
+        is_dns_label(&name)
+    } else {
+        is_dns_subdomain(&name) || kind.is_virtual()
+    };
+    if !name_ok {
+        causes.push(cause(
+            "metadata.name",
+            "FieldValueInvalid",
+            format!(
+                "Invalid value: {name:?}: a lowercase RFC 1123 {} must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+                if kind.plural == "namespaces" { "label" } else { "subdomain" }
+            ),
+        ));
+    }
+    if let Some(labels) = object["metadata"]["labels"].as_object() {
+        for (key, value) in labels {
+            if !value.is_string() {
+                causes.push(cause(
+                    &format!("metadata.labels.{key}"),
+                    "FieldValueTypeInvalid",
+                    "label values must be strings".into(),
+                ));
+            } else if value.as_str().is_some_and(|v| v.len() > 63) {
+                causes.push(cause(
+                    &format!("metadata.labels"),
+                    "FieldValueInvalid",
+                    format!("Invalid value: {value}: must be no more than 63 characters"),
+                ));
+            }
+        }
+    }
+    if !causes.is_empty() {
+        return Err(invalid(causes));
+    }
+
+    let Some(schema) = kind.schema.as_ref() else {
+        return Ok(Vec::new());
+    };
+
+    let mut warnings = Vec::new();
+    if validation == FieldValidation::Strict {
+        let unknown: Vec<String> = structural::validate(
+            &schema.json,
+            object,
+            structural::Options {
+                reject_unknown_fields: true,
+            },
+        )
+        .into_iter()
+        .filter(|e| e.kind == FieldErrorKind::Unknown)
+        .map(|e| format!("unknown field \"{}\"", e.path))
+        .collect();
+        if !unknown.is_empty() {
+            return Err(ApiError::BadRequest(format!(
+                "strict decoding error: {}",
+                unknown.join(", ")
+            )));
+        }
+    }
+    let pruned = structural::prune(&schema.json, object);
+    if validation == FieldValidation::Warn {
+        warnings.extend(pruned.iter().map(|p| format!("unknown field \"{p}\"")));
+    }
+
+    *object = kube::core::cel::apply_defaults(&schema.json, object);
+
+    let errors = structural::validate(
+        &schema.json,
+        object,
+        structural::Options {
+            reject_unknown_fields: false,
+        },
+    );
+    if !errors.is_empty() {
+        return Err(invalid(
+            errors
+                .iter()
+                .map(|e| cause(&e.path, e.reason(), e.message()))
+                .collect(),
+        ));
+    }
+
+    let cel = VALIDATOR.with(|v| v.validate_compiled(&schema.compiled, object, old));
+    if let Err(errors) = cel {
+        return Err(invalid(
+            errors
+                .as_slice()
+                .iter()
+                .map(|e| {
+                    cause(
+                        &e.field_path,
+                        e.reason.as_deref().unwrap_or("FieldValueInvalid"),
+                        format!("Invalid value: {}", e.message),
+                    )
+                })
+                .collect(),
+        ));
+    }
+    Ok(warnings)
+}

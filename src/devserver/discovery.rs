@@ -1,0 +1,387 @@
+//! Discovery (`/version`, `/api`, `/apis`, `/apis/GROUP`, per group-version resource
+//! lists, in the legacy format every kubectl accepts) and OpenAPI v3 (`/openapi/v3`
+//! index and one document per group-version): CRD schemas as they were registered,
+//! built-in kinds as open objects, and for every kind the PATCH operation with the
+//! `fieldValidation` parameter, which is how kubectl learns it may leave field
+//! validation to the server.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use super::registry::ResourceKind;
+
+pub fn version() -> Value {
+    json!({
+        "major": "1",
+        "minor": "33",
+        "gitVersion": "v1.33.0-fleetpatch-dev",
+        "gitCommit": "0000000000000000000000000000000000000000",
+        "gitTreeState": "clean",
+        "buildDate": "2026-01-01T00:00:00Z",
+        "goVersion": "go1.24.0",
+        "compiler": "rustc",
+        "platform": "linux/amd64",
+    })
+}
+
+/// Group-versions in serving order: core first, then groups as first registered.
+fn group_versions(kinds: &[Arc<ResourceKind>]) -> Vec<(String, Vec<String>)> {
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for kind in kinds {
+        match groups.iter_mut().find(|(g, _)| *g == kind.group) {
+            Some((_, versions)) => {
+                if !versions.contains(&kind.version) {
+                    versions.push(kind.version.clone());
+                }
+            }
+            None => groups.push((kind.group.clone(), vec![kind.version.clone()])),
+        }
+    }
+    groups
+}
+
+pub fn core_versions(address: &str) -> Value {
+    json!({
+        "kind": "APIVersions",
+        "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": address}],
+    })
+}
+
+fn api_group(group: &str, versions: &[String]) -> Value {
+    let versions: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{group}/{v}"), "version": v}))
+        .collect();
+    json!({
+        "kind": "APIGroup",
+        "apiVersion": "v1",
+        "name": group,
+        "versions": versions,
+        "preferredVersion": versions[0],
+    })
+}
+
+pub fn group_list(kinds: &[Arc<ResourceKind>]) -> Value {
+    let groups: Vec<Value> = group_versions(kinds)
+        .iter()
+        .filter(|(g, _)| !g.is_empty())
+        .map(|(g, v)| {
+            let mut group = api_group(g, v);
+            if let Some(map) = group.as_object_mut() {
+                map.remove("kind");
+                map.remove("apiVersion");
+            }
+            group
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+pub fn group(kinds: &[Arc<ResourceKind>], name: &str) -> Option<Value> {
+    group_versions(kinds)
+        .into_iter()
+        .find(|(g, _)| g == name && !g.is_empty())
+        .map(|(g, v)| api_group(&g, &v))
+}
+
+pub fn resource_list(kinds: &[Arc<ResourceKind>], group: &str, version: &str) -> Option<Value> {
+    let served: Vec<&Arc<ResourceKind>> = kinds
+        .iter()
+        .filter(|k| k.group == group && k.version == version)
+        .collect();
+    if served.is_empty() {
+        return None;
+    }
+    let mut resources = Vec::new();
+    for kind in served {
+        let mut resource = json!({
+            "name": kind.plural,
+            "singularName": kind.singular,
+            "namespaced": kind.namespaced,
+            "kind": kind.kind,
+            "verbs": kind.verbs,
+        });
+        if !kind.short_names.is_empty() {
+            resource["shortNames"] = json!(kind.short_names);
+        }
+        if !kind.categories.is_empty() {
+            resource["categories"] = json!(kind.categories);
+        }
+        if kind.custom || kind.status_subresource {
+            resource["storageVersionHash"] = json!(hash(&kind.storage_key())[..12]);
+        }
+        resources.push(resource);
+        if kind.status_subresource {
+            resources.push(json!({
+                "name": format!("{}/status", kind.plural),
+                "singularName": "",
+                "namespaced": kind.namespaced,
+                "kind": kind.kind,
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+        for (sub, sub_kind) in &kind.extra_subresources {
+            let (group, version) = match *sub {
+                "eviction" => ("policy", "v1"),
+                _ => ("authentication.k8s.io", "v1"),
+            };
+            resources.push(json!({
+                "name": format!("{}/{sub}", kind.plural),
+                "singularName": "",
+                "namespaced": kind.namespaced,
+                "group": group,
+                "version": version,
+                "kind": sub_kind,
+                "verbs": ["create"],
+            }));
+        }
+    }
+    let group_version = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(json!({
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": group_version,
+        "resources": resources,
+    }))
+}
+
+fn hash(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+const OBJECT_META: &str = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta";
+
+/// `fleetpatch.io` → `io.fleetpatch`; core → `io.k8s.api.core`, as the API server names
+/// definitions.
+pub fn definition_name(kind: &ResourceKind) -> String {
+    let prefix = if kind.group.is_empty() {
+        "io.k8s.api.core".to_string()
+    } else if kind.custom {
+        kind.group.split('.').rev().collect::<Vec<_>>().join(".")
+    } else {
+        let short = kind.group.split('.').next().unwrap_or_default();
+        format!("io.k8s.api.{short}")
+    };
+    format!("{prefix}.{}.{}", kind.version, kind.kind)
+}
+
+fn object_meta_schema() -> Value {
+    let string = |d: &str| json!({"type": "string", "description": d});
+    json!({
+        "description": "ObjectMeta is metadata that all persisted resources must have, which includes all objects users must create.",
+        "type": "object",
+        "properties": {
+            "name": string("Name must be unique within a namespace."),
+            "generateName": string("GenerateName is an optional prefix, used by the server, to generate a unique name."),
+            "namespace": string("Namespace defines the space within which each name must be unique."),
+            "uid": string("UID is the unique in time and space value for this object."),
+            "resourceVersion": string("An opaque value that represents the internal version of this object."),
+            "generation": {"type": "integer", "format": "int64", "description": "A sequence number representing a specific generation of the desired state."},
+            "creationTimestamp": string("CreationTimestamp is a timestamp representing the server time when this object was created."),
+            "deletionTimestamp": string("DeletionTimestamp is RFC 3339 date and time at which this resource will be deleted."),
+            "deletionGracePeriodSeconds": {"type": "integer", "format": "int64"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Map of string keys and values that can be used to organize and categorize objects."},
+            "annotations": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Annotations is an unstructured key value map stored with a resource."},
+            "finalizers": {"type": "array", "items": {"type": "string"}, "description": "Must be empty before the object is deleted from the registry."},
+            "ownerReferences": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}, "description": "List of objects depended by this object."},
+            "managedFields": {"type": "array", "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}, "description": "Maps workflow-id and version to the set of fields that are managed by that workflow."},
+        },
+    })
+}
+
+fn kind_schema(kind: &ResourceKind) -> Value {
+    let gvk = json!([{"group": kind.group, "version": kind.version, "kind": kind.kind}]);
+    let mut schema = match &kind.schema {
+        Some(schema) => schema.json.clone(),
+        None => json!({
+            "description": format!("{} (stored as sent by the fleetpatch dev server)", kind.kind),
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": true,
+        }),
+    };
+    if let Some(map) = schema.as_object_mut() {
+        let properties = map
+            .entry("properties")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Some(properties) = properties.as_object_mut() {
+            properties.insert(
+                "apiVersion".into(),
+                json!({"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object."}),
+            );
+            properties.insert(
+                "kind".into(),
+                json!({"type": "string", "description": "Kind is a string value representing the REST resource this object represents."}),
+            );
+            properties.insert(
+                "metadata".into(),
+                json!({"allOf": [{"$ref": format!("#/components/schemas/{OBJECT_META}")}], "default": {},
+                       "description": "Standard object's metadata."}),
+            );
+        }
+        map.insert("x-kubernetes-group-version-kind".into(), gvk);
+    }
+    schema
+}
+
+fn operation(kind: &ResourceKind, action: &str, schema_ref: &str, params: &[&str]) -> Value {
+    let parameters: Vec<Value> = params
+        .iter()
+        .map(|p| json!({"name": p, "in": "query", "schema": {"type": "string", "uniqueItems": true}}))
+        .collect();
+    json!({
+        "operationId": format!("{action}{}", kind.kind),
+        "parameters": parameters,
+        "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": schema_ref}}}}},
+        "x-kubernetes-action": action,
+        "x-kubernetes-group-version-kind": {"group": kind.group, "version": kind.version, "kind": kind.kind},
+    })
+}
+
+/// The OpenAPI v3 document of one group-version.
+pub fn openapi_document(kinds: &[Arc<ResourceKind>], group: &str, version: &str) -> Option<Value> {
+    let served: Vec<&Arc<ResourceKind>> = kinds
+        .iter()
+        .filter(|k| k.group == group && k.version == version)
+        .collect();
+    if served.is_empty() {
+        return None;
+    }
+    let mut schemas = BTreeMap::new();
+    let mut paths = BTreeMap::new();
+    schemas.insert(OBJECT_META.to_string(), object_meta_schema());
+    let prefix = if group.is_empty() {
+        "/api/v1".to_string()
+    } else {
+        format!("/apis/{group}/{version}")
+    };
+    for kind in served {
+        let name = definition_name(kind);
+        let schema_ref = format!("#/components/schemas/{name}");
+        schemas.insert(name, kind_schema(kind));
+        if kind.is_virtual() {
+            paths.insert(
+                format!("{prefix}/{}", kind.plural),
+                json!({"post": operation(kind, "post", &schema_ref, &["dryRun", "fieldManager", "fieldValidation"])}),
+            );
+            continue;
+        }
+        let collection = if kind.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}", kind.plural)
+        } else {
+            format!("{prefix}/{}", kind.plural)
+        };
+        let write = ["dryRun", "fieldManager", "fieldValidation"];
+        let mut item = json!({
+            "get": operation(kind, "get", &schema_ref, &[]),
+            "put": operation(kind, "put", &schema_ref, &write),
+            "patch": operation(kind, "patch", &schema_ref, &["dryRun", "fieldManager", "fieldValidation", "force"]),
+            "delete": operation(kind, "delete", &schema_ref, &["dryRun", "propagationPolicy"]),
+        });
+        item["parameters"] =
+            json!([{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}]);
+        paths.insert(
+            collection.clone(),
+            json!({
+                "get": operation(kind, "list", &schema_ref, &["labelSelector", "fieldSelector", "limit", "continue", "watch", "resourceVersion"]),
+                "post": operation(kind, "post", &schema_ref, &write),
+            }),
+        );
+        if kind.status_subresource {
+            paths.insert(
+                format!("{collection}/{{name}}/status"),
+                json!({
+                    "get": operation(kind, "get", &schema_ref, &[]),
+                    "put": operation(kind, "put", &schema_ref, &write),
+                    "patch": operation(kind, "patch", &schema_ref, &["dryRun", "fieldManager", "fieldValidation", "force"]),
+                }),
+            );
+        }
+        paths.insert(format!("{collection}/{{name}}"), item);
+    }
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes (fleetpatch dev server)", "version": "v1.33.0"},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }))
+}
+
+/// `/openapi/v3`: every group-version with a URL that changes when its document does.
+pub fn openapi_index(kinds: &[Arc<ResourceKind>]) -> Value {
+    let mut paths = Map::new();
+    for (group, versions) in group_versions(kinds) {
+        for version in versions {
+            let key = if group.is_empty() {
+                "api/v1".to_string()
+            } else {
+                format!("apis/{group}/{version}")
+            };
+            let document = openapi_document(kinds, &group, &version).unwrap_or_default();
+            let digest = hash(&document.to_string());
+            paths.insert(
+                key.clone(),
+                json!({"serverRelativeURL": format!("/openapi/v3/{key}?hash={}", &digest[..32].to_uppercase())}),
+            );
+        }
+    }
+    json!({"paths": paths})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devserver::registry::Registry;
+
+    #[test]
+    fn discovery_lists_our_kinds_with_short_names_and_categories() {
+        let registry = Registry::new();
+        let crds: Vec<Value> = crate::api::crds()
+            .into_iter()
+            .map(|c| serde_json::to_value(c).unwrap())
+            .collect();
+        registry.set_crds(crds.iter());
+        let kinds = registry.all();
+        let groups = group_list(&kinds);
+        assert!(
+            groups["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|g| g["name"] == "fleetpatch.io")
+        );
+        let list = resource_list(&kinds, "fleetpatch.io", "v1alpha1").unwrap();
+        let pj = list["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "patchjobs")
+            .unwrap();
+        assert_eq!(pj["shortNames"], json!(["pj"]));
+        assert_eq!(pj["categories"], json!(["fleetpatch"]));
+        let doc = openapi_document(&kinds, "fleetpatch.io", "v1alpha1").unwrap();
+        let schema = &doc["components"]["schemas"]["io.fleetpatch.v1alpha1.PatchJob"];
+        assert!(schema["properties"]["spec"]["properties"]["agent"].is_object());
+        let patch = &doc["paths"]["/apis/fleetpatch.io/v1alpha1/namespaces/{namespace}/patchjobs/{name}"]
+            ["patch"];
+        assert!(
+            patch["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "fieldValidation")
+        );
+        assert!(
+            openapi_index(&kinds)["paths"]["apis/fleetpatch.io/v1alpha1"]["serverRelativeURL"]
+                .is_string()
+        );
+    }
+}

@@ -1,0 +1,471 @@
+//! The resource kinds the dev server serves: a fixed set of built-in kinds
+//! (schemaless: stored as sent) and the kinds every stored CustomResourceDefinition
+//! declares, with their compiled schemas and printer columns. Looked up by
+//! group/version/plural for routing and by group/kind for discovery and OpenAPI.
+
+use std::sync::{Arc, RwLock};
+
+use kube::core::cel::CompiledSchema;
+use serde_json::Value;
+
+/// A CRD version's schema, parsed and with its CEL rules compiled once.
+pub struct Schema {
+    pub json: Value,
+    pub compiled: CompiledSchema,
+}
+
+impl std::fmt::Debug for Schema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Schema").finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PrinterColumn {
+    pub name: String,
+    pub type_: String,
+    pub format: String,
+    pub description: String,
+    pub priority: i64,
+    pub json_path: String,
+}
+
+/// One served resource at one version.
+#[derive(Clone, Debug)]
+pub struct ResourceKind {
+    pub group: String,
+    pub version: String,
+    pub plural: String,
+    pub singular: String,
+    pub kind: String,
+    pub namespaced: bool,
+    pub short_names: Vec<String>,
+    pub categories: Vec<String>,
+    pub verbs: Vec<&'static str>,
+    pub status_subresource: bool,
+    /// Subresources other than status, e.g. `eviction` on pods, `token` on serviceaccounts.
+    pub extra_subresources: Vec<(&'static str, &'static str)>,
+    pub schema: Option<Arc<Schema>>,
+    pub printer_columns: Vec<PrinterColumn>,
+    /// Defined by a CRD (true) or built in.
+    pub custom: bool,
+}
+
+impl ResourceKind {
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// Where the objects live in the store: shared by every version of a resource.
+    pub fn storage_key(&self) -> String {
+        format!("{}/{}", self.group, self.plural)
+    }
+
+    pub fn list_kind(&self) -> String {
+        format!("{}List", self.kind)
+    }
+
+    /// True for kinds only ever created and answered, never stored (TokenReview).
+    pub fn is_virtual(&self) -> bool {
+        self.verbs == ["create"]
+    }
+}
+
+const ALL_VERBS: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
+
+struct Builtin {
+    group: &'static str,
+    version: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    namespaced: bool,
+    short_names: &'static [&'static str],
+    categories: &'static [&'static str],
+    status: bool,
+}
+
+const fn builtin(
+    group: &'static str,
+    version: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    namespaced: bool,
+    short_names: &'static [&'static str],
+    status: bool,
+) -> Builtin {
+    Builtin {
+        group,
+        version,
+        kind,
+        plural,
+        namespaced,
+        short_names,
+        categories: &[],
+        status,
+    }
+}
+
+const BUILTINS: &[Builtin] = &[
+    builtin("", "v1", "Namespace", "namespaces", false, &["ns"], true),
+    builtin("", "v1", "Secret", "secrets", true, &[], false),
+    builtin("", "v1", "ConfigMap", "configmaps", true, &["cm"], false),
+    builtin(
+        "",
+        "v1",
+        "ServiceAccount",
+        "serviceaccounts",
+        true,
+        &["sa"],
+        false,
+    ),
+    builtin("", "v1", "Event", "events", true, &["ev"], false),
+    builtin("", "v1", "Node", "nodes", false, &["no"], true),
+    Builtin {
+        categories: &["all"],
+        ..builtin("", "v1", "Pod", "pods", true, &["po"], true)
+    },
+    Builtin {
+        categories: &["all"],
+        ..builtin("", "v1", "Service", "services", true, &["svc"], true)
+    },
+    builtin("", "v1", "Endpoints", "endpoints", true, &["ep"], false),
+    builtin(
+        "",
+        "v1",
+        "PersistentVolumeClaim",
+        "persistentvolumeclaims",
+        true,
+        &["pvc"],
+        true,
+    ),
+    builtin(
+        "events.k8s.io",
+        "v1",
+        "Event",
+        "events",
+        true,
+        &["ev"],
+        false,
+    ),
+    builtin(
+        "coordination.k8s.io",
+        "v1",
+        "Lease",
+        "leases",
+        true,
+        &[],
+        false,
+    ),
+    Builtin {
+        categories: &["all"],
+        ..builtin(
+            "apps",
+            "v1",
+            "Deployment",
+            "deployments",
+            true,
+            &["deploy"],
+            true,
+        )
+    },
+    Builtin {
+        categories: &["all"],
+        ..builtin("apps", "v1", "DaemonSet", "daemonsets", true, &["ds"], true)
+    },
+    Builtin {
+        categories: &["all"],
+        ..builtin(
+            "apps",
+            "v1",
+            "StatefulSet",
+            "statefulsets",
+            true,
+            &["sts"],
+            true,
+        )
+    },
+    Builtin {
+        categories: &["all"],
+        ..builtin(
+            "apps",
+            "v1",
+            "ReplicaSet",
+            "replicasets",
+            true,
+            &["rs"],
+            true,
+        )
+    },
+    Builtin {
+        categories: &["all"],
+        ..builtin("batch", "v1", "Job", "jobs", true, &[], true)
+    },
+    Builtin {
+        categories: &["all"],
+        ..builtin("batch", "v1", "CronJob", "cronjobs", true, &["cj"], true)
+    },
+    builtin(
+        "policy",
+        "v1",
+        "PodDisruptionBudget",
+        "poddisruptionbudgets",
+        true,
+        &["pdb"],
+        true,
+    ),
+    builtin(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "Role",
+        "roles",
+        true,
+        &[],
+        false,
+    ),
+    builtin(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "ClusterRole",
+        "clusterroles",
+        false,
+        &[],
+        false,
+    ),
+    builtin(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "RoleBinding",
+        "rolebindings",
+        true,
+        &[],
+        false,
+    ),
+    builtin(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "ClusterRoleBinding",
+        "clusterrolebindings",
+        false,
+        &[],
+        false,
+    ),
+    builtin(
+        "apiextensions.k8s.io",
+        "v1",
+        "CustomResourceDefinition",
+        "customresourcedefinitions",
+        false,
+        &["crd", "crds"],
+        true,
+    ),
+];
+
+fn builtin_kinds() -> Vec<Arc<ResourceKind>> {
+    let mut kinds: Vec<Arc<ResourceKind>> = BUILTINS
+        .iter()
+        .map(|b| {
+            let mut extra = Vec::new();
+            if b.plural == "pods" {
+                extra.push(("eviction", "Eviction"));
+            }
+            if b.plural == "serviceaccounts" {
+                extra.push(("token", "TokenRequest"));
+            }
+            Arc::new(ResourceKind {
+                group: b.group.into(),
+                version: b.version.into(),
+                plural: b.plural.into(),
+                singular: b.kind.to_lowercase(),
+                kind: b.kind.into(),
+                namespaced: b.namespaced,
+                short_names: b.short_names.iter().map(|s| s.to_string()).collect(),
+                categories: b.categories.iter().map(|s| s.to_string()).collect(),
+                verbs: ALL_VERBS.to_vec(),
+                status_subresource: b.status,
+                extra_subresources: extra,
+                schema: None,
+                printer_columns: Vec::new(),
+                custom: false,
+            })
+        })
+        .collect();
+    kinds.push(Arc::new(ResourceKind {
+        group: "authentication.k8s.io".into(),
+        version: "v1".into(),
+        plural: "tokenreviews".into(),
+        singular: "tokenreview".into(),
+        kind: "TokenReview".into(),
+        namespaced: false,
+        short_names: Vec::new(),
+        categories: Vec::new(),
+        verbs: vec!["create"],
+        status_subresource: false,
+        extra_subresources: Vec::new(),
+        schema: None,
+        printer_columns: Vec::new(),
+        custom: false,
+    }));
+    kinds
+}
+
+/// The kinds one CRD serves, one per served version.
+pub fn kinds_of_crd(crd: &Value) -> Vec<Arc<ResourceKind>> {
+    let spec = &crd["spec"];
+    let names = &spec["names"];
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let Some(versions) = spec["versions"].as_array() else {
+        return Vec::new();
+    };
+    let plural = names["plural"].as_str().unwrap_or_default().to_string();
+    let kind = names["kind"].as_str().unwrap_or_default().to_string();
+    versions
+        .iter()
+        .filter(|v| v["served"].as_bool().unwrap_or(true))
+        .map(|v| {
+            let schema = v["schema"]["openAPIV3Schema"].as_object().map(|_| {
+                let json = v["schema"]["openAPIV3Schema"].clone();
+                let compiled = kube::core::cel::compile_schema(&json);
+                Arc::new(Schema { json, compiled })
+            });
+            let printer_columns = v["additionalPrinterColumns"]
+                .as_array()
+                .map(|cols| {
+                    cols.iter()
+                        .map(|c| PrinterColumn {
+                            name: c["name"].as_str().unwrap_or_default().into(),
+                            type_: c["type"].as_str().unwrap_or("string").into(),
+                            format: c["format"].as_str().unwrap_or_default().into(),
+                            description: c["description"].as_str().unwrap_or_default().into(),
+                            priority: c["priority"].as_i64().unwrap_or(0),
+                            json_path: c["jsonPath"].as_str().unwrap_or_default().into(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Arc::new(ResourceKind {
+                group: spec["group"].as_str().unwrap_or_default().into(),
+                version: v["name"].as_str().unwrap_or_default().into(),
+                plural: plural.clone(),
+                singular: names["singular"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| kind.to_lowercase()),
+                kind: kind.clone(),
+                namespaced: spec["scope"].as_str() != Some("Cluster"),
+                short_names: strings(&names["shortNames"]),
+                categories: strings(&names["categories"]),
+                verbs: ALL_VERBS.to_vec(),
+                status_subresource: v["subresources"]["status"].is_object(),
+                extra_subresources: Vec::new(),
+                schema,
+                printer_columns,
+                custom: true,
+            })
+        })
+        .collect()
+}
+
+/// All served kinds; replaced wholesale when a CRD changes.
+pub struct Registry {
+    kinds: RwLock<Arc<Vec<Arc<ResourceKind>>>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self {
+            kinds: RwLock::new(Arc::new(builtin_kinds())),
+        }
+    }
+
+    pub fn all(&self) -> Arc<Vec<Arc<ResourceKind>>> {
+        self.kinds.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Rebuilds the custom kinds from the given CRDs (those not being deleted).
+    pub fn set_crds<'a>(&self, crds: impl Iterator<Item = &'a Value>) {
+        let mut kinds = builtin_kinds();
+        for crd in crds {
+            if crd["metadata"]["deletionTimestamp"].is_string() {
+                continue;
+            }
+            kinds.extend(kinds_of_crd(crd));
+        }
+        *self.kinds.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(kinds);
+    }
+
+    pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceKind>> {
+        self.all()
+            .iter()
+            .find(|k| k.group == group && k.version == version && k.plural == plural)
+            .cloned()
+    }
+
+    /// Any served version of a resource, to name it in errors and to find its storage.
+    pub fn find_any_version(&self, group: &str, plural: &str) -> Option<Arc<ResourceKind>> {
+        self.all()
+            .iter()
+            .find(|k| k.group == group && k.plural == plural)
+            .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serves_the_kinds_of_our_crds() {
+        let registry = Registry::new();
+        assert!(registry.find("", "v1", "namespaces").is_some());
+        assert!(
+            registry
+                .find("fleetpatch.io", "v1alpha1", "patchjobs")
+                .is_none()
+        );
+        let crds: Vec<Value> = crate::api::crds()
+            .into_iter()
+            .map(|c| serde_json::to_value(c).unwrap())
+            .collect();
+        registry.set_crds(crds.iter());
+        let pj = registry
+            .find("fleetpatch.io", "v1alpha1", "patchjobs")
+            .unwrap();
+        assert_eq!(pj.kind, "PatchJob");
+        assert_eq!(pj.short_names, vec!["pj"]);
+        assert_eq!(pj.categories, vec!["fleetpatch"]);
+        assert!(pj.status_subresource && pj.namespaced && pj.schema.is_some());
+        assert!(pj.printer_columns.iter().any(|c| c.name == "Phase"));
+        let agent = registry
+            .find("fleetpatch.io", "v1alpha1", "agents")
+            .unwrap();
+        assert!(!agent.namespaced);
+    }
+}

@@ -1,0 +1,168 @@
+//! kube-rs clients (the ones the controller is built on) against `fleetpatch dev`:
+//! a reflector keeps an accurate cache across a restart of a persistent server.
+
+mod devserver_support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Client, Config, ResourceExt};
+
+use devserver_support::DevServer;
+use fleetpatch::api::{Agent, AgentMode, AgentSpec, OperatingSystem};
+
+async fn client(server: &DevServer) -> Client {
+    let kubeconfig = Kubeconfig::read_from(&server.kubeconfig).unwrap();
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+fn agent(name: &str) -> Agent {
+    Agent::new(
+        name,
+        AgentSpec {
+            mode: AgentMode::External,
+            os: OperatingSystem::Linux,
+            node_name: None,
+            paused: false,
+        },
+    )
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflector_survives_a_restart_of_a_persistent_server() {
+    let home = tempfile::tempdir().unwrap();
+    let data = home.path().join("data");
+    let mut server = DevServer::start(home.path(), Some(&data));
+    let client = client(&server).await;
+
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in fleetpatch::api::crds() {
+        crds.patch(
+            &crd.name_any(),
+            &PatchParams::apply("fleetpatch-test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+    }
+    let agents: Api<Agent> = Api::all(client.clone());
+    agents
+        .create(&PostParams::default(), &agent("before-restart"))
+        .await
+        .unwrap();
+
+    let (reader, writer) = reflector::store::<Agent>();
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen_errors = errors.clone();
+    let stream = reflector(
+        writer,
+        watcher(agents.clone(), watcher::Config::default().timeout(20)),
+    )
+    .default_backoff();
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(err) = event {
+                seen_errors.lock().unwrap().push(err.to_string());
+            }
+        }
+    });
+
+    reader.wait_until_ready().await.unwrap();
+    wait_for("the first agent", || {
+        reader
+            .state()
+            .iter()
+            .any(|a| a.name_any() == "before-restart")
+    })
+    .await;
+    agents
+        .create(&PostParams::default(), &agent("second"))
+        .await
+        .unwrap();
+    wait_for("the second agent", || reader.state().len() == 2).await;
+    let rv_before: u64 = agents
+        .get("second")
+        .await
+        .unwrap()
+        .resource_version()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "errors before the restart: {:?}",
+        errors.lock().unwrap()
+    );
+
+    // Restart on the same port with the same data.
+    let port = server.port;
+    server.stop();
+    let server = DevServer::start_on(home.path(), Some(&data), port);
+    let errors_at_restart = errors.lock().unwrap().len();
+
+    // Objects survived and versions keep rising.
+    let kept = agents.get("before-restart").await.unwrap();
+    assert_eq!(kept.spec.os, OperatingSystem::Linux);
+    let third = agents
+        .create(&PostParams::default(), &agent("after-restart"))
+        .await
+        .unwrap();
+    let rv_after: u64 = third.resource_version().unwrap().parse().unwrap();
+    assert!(rv_after > rv_before, "{rv_after} <= {rv_before}");
+
+    // The reflector catches up with changes made after the restart.
+    wait_for("the agent created after the restart", || {
+        reader
+            .state()
+            .iter()
+            .any(|a| a.name_any() == "after-restart")
+    })
+    .await;
+    agents
+        .delete("second", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the deletion", || {
+        !reader.state().iter().any(|a| a.name_any() == "second")
+    })
+    .await;
+
+    // Only connection failures while the server was down are acceptable: no API,
+    // decoding or "resource version too old" errors.
+    let errors = errors.lock().unwrap().clone();
+    eprintln!("watcher errors across the restart: {errors:?}");
+    for err in &errors {
+        assert!(
+            !err.contains("ApiError")
+                && !err.contains("410")
+                && !err.contains("decode")
+                && !err.contains("Serde"),
+            "unexpected watcher error: {err}"
+        );
+    }
+    assert!(
+        errors.len() <= errors_at_restart + 3,
+        "errors kept coming after the restart: {errors:?}"
+    );
+    task.abort();
+    drop(server);
+}

@@ -1,0 +1,400 @@
+//! End-to-end: the real `fleetpatch dev` driven by the installed kubectl, the way a
+//! person uses a cluster.
+
+mod devserver_support;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use devserver_support::{DevServer, eventually, kubectl_bin};
+
+fn server() -> (tempfile::TempDir, DevServer) {
+    let home = tempfile::tempdir().unwrap();
+    let server = DevServer::start(home.path(), None);
+    (home, server)
+}
+
+fn with_examples(server: &DevServer) {
+    server.kubectl_ok(&["apply", "-f", "crds/"]);
+    server.kubectl_ok(&["create", "namespace", "fleetpatch-system"]);
+    server.kubectl_ok(&["apply", "-f", "examples/", "--recursive"]);
+}
+
+const PATCH_JOB: &str = "apiVersion: fleetpatch.io/v1alpha1
+kind: PatchJob
+metadata:
+  name: job-1
+  namespace: default
+  labels:
+    team: web
+spec:
+  agent: host-1
+  plan: weekly-security
+  run: \"1\"
+  os: Linux
+";
+
+#[test]
+fn api_resources_lists_our_kinds_with_short_names_and_categories() {
+    let (_home, server) = server();
+    let before = server.kubectl_ok(&["api-resources"]);
+    for builtin in [
+        "namespaces",
+        "configmaps",
+        "leases",
+        "customresourcedefinitions",
+        "deployments",
+    ] {
+        assert!(before.contains(builtin), "{builtin} missing:\n{before}");
+    }
+    server.kubectl_ok(&["apply", "-f", "crds/"]);
+    let after = server.kubectl_ok(&["api-resources", "--api-group=fleetpatch.io", "-o", "wide"]);
+    for (plural, short) in [
+        ("patchjobs", "pj"),
+        ("tasks", "fptask"),
+        ("workflows", "fpwf"),
+        ("remediationplans", "rplan"),
+        ("scripts", "fpscript"),
+        ("agents", "fpagent"),
+    ] {
+        let line = after
+            .lines()
+            .find(|l| l.starts_with(plural))
+            .unwrap_or_else(|| panic!("{plural} missing:\n{after}"));
+        assert!(line.contains(short), "{line}");
+        assert!(line.contains("fleetpatch"), "category missing: {line}");
+    }
+}
+
+#[test]
+fn examples_apply_and_show_printer_columns_yaml_and_explain() {
+    let (_home, server) = server();
+    with_examples(&server);
+    // Applying again changes nothing that matters and does not fail.
+    server.kubectl_ok(&["apply", "-f", "examples/", "--recursive"]);
+
+    let all = server.kubectl_ok(&["get", "fleetpatch"]);
+    for name in [
+        "task.fleetpatch.io/ie-disable-first-run",
+        "workflow.fleetpatch.io/windows-standard",
+        "remediationplan.fleetpatch.io/weekly-security",
+    ] {
+        assert!(all.contains(name), "{name} missing:\n{all}");
+    }
+    let tasks = server.kubectl_ok(&["get", "tasks"]);
+    let header = tasks.lines().next().unwrap();
+    for column in ["NAME", "OS", "TYPE", "TIMEOUT", "AGE"] {
+        assert!(header.contains(column), "column {column} missing: {header}");
+    }
+    let ie = tasks
+        .lines()
+        .find(|l| l.starts_with("ie-disable-first-run"))
+        .unwrap();
+    assert!(
+        ie.contains("Windows") && ie.contains("ChangeRegistryKey"),
+        "{ie}"
+    );
+
+    let yaml = server.kubectl_ok(&["get", "task", "ie-disable-first-run", "-o", "yaml"]);
+    assert!(yaml.contains("uid: "), "{yaml}");
+    assert!(yaml.contains("generation: 1"), "{yaml}");
+    assert!(
+        yaml.contains("successExitCodes:"),
+        "defaults were not applied:\n{yaml}"
+    );
+
+    let explain = server.kubectl_ok(&["explain", "patchjob.spec"]);
+    assert!(explain.contains("KIND:       PatchJob"), "{explain}");
+    assert!(explain.contains("agent"), "{explain}");
+}
+
+#[test]
+fn patch_label_status_and_wait_like_a_cluster() {
+    let (home, server) = server();
+    server.kubectl_ok(&["apply", "-f", "crds/"]);
+    server.kubectl_ok(&["create", "namespace", "fleetpatch-system"]);
+    server.kubectl_ok(&["apply", "-f", "examples/linux/", "--recursive"]);
+
+    // Merge patch of the spec bumps the generation.
+    server.kubectl_ok(&[
+        "patch",
+        "task",
+        "check-disk-space",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"timeoutMinutes":7}}"#,
+    ]);
+    let task = server.kubectl_ok(&[
+        "get",
+        "task",
+        "check-disk-space",
+        "-o",
+        "jsonpath={.spec.timeoutMinutes} {.metadata.generation}",
+    ]);
+    assert_eq!(task, "7 2");
+    // A label is metadata: no new generation.
+    server.kubectl_ok(&["label", "task", "check-disk-space", "tier=gold"]);
+    let labelled = server.kubectl_ok(&["get", "tasks", "-l", "tier=gold", "-o", "name"]);
+    assert_eq!(labelled.trim(), "task.fleetpatch.io/check-disk-space");
+    let generation = server.kubectl_ok(&[
+        "get",
+        "task",
+        "check-disk-space",
+        "-o",
+        "jsonpath={.metadata.generation}",
+    ]);
+    assert_eq!(generation, "2");
+
+    // Server-side apply twice; the second leaves a label out, and it is gone.
+    let first = home.path().join("job.yaml");
+    std::fs::write(&first, PATCH_JOB).unwrap();
+    server.kubectl_ok(&["apply", "--server-side", "-f", first.to_str().unwrap()]);
+    let second = home.path().join("job2.yaml");
+    std::fs::write(&second, PATCH_JOB.replace("  labels:\n    team: web\n", "")).unwrap();
+    server.kubectl_ok(&["apply", "--server-side", "-f", second.to_str().unwrap()]);
+    let labels = server.kubectl_ok(&["get", "pj", "job-1", "-o", "jsonpath={.metadata.labels}"]);
+    assert!(!labels.contains("team"), "label still there: {labels}");
+    // Another manager changing an applied field conflicts unless forced.
+    let changed = home.path().join("job3.yaml");
+    std::fs::write(
+        &changed,
+        PATCH_JOB.replace("plan: weekly-security", "plan: other"),
+    )
+    .unwrap();
+    let err = server.kubectl_err(&[
+        "apply",
+        "--server-side",
+        "--field-manager=someone-else",
+        "-f",
+        changed.to_str().unwrap(),
+    ]);
+    assert!(err.contains("conflict"), "{err}");
+    assert!(err.contains(".spec.plan"), "{err}");
+
+    // Status through the status subresource, then kubectl wait sees the condition.
+    server.kubectl_ok(&[
+        "patch", "pj", "job-1", "--subresource=status", "--type=merge", "-p",
+        r#"{"status":{"phase":"Running","conditions":[{"type":"Ready","status":"True","reason":"Started","message":"running","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#,
+    ]);
+    server.kubectl_ok(&["wait", "--for=condition=Ready", "pj/job-1", "--timeout=20s"]);
+    let row = server.kubectl_ok(&["get", "pj", "job-1", "--no-headers"]);
+    assert!(row.contains("Running") && row.contains("host-1"), "{row}");
+    // Status written to the main resource is ignored.
+    server.kubectl_ok(&[
+        "patch",
+        "pj",
+        "job-1",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Failed"}}"#,
+    ]);
+    let phase = server.kubectl_ok(&["get", "pj", "job-1", "-o", "jsonpath={.status.phase}"]);
+    assert_eq!(phase, "Running");
+    // The spec of a PatchJob is immutable (a CEL transition rule with oldSelf).
+    let err = server.kubectl_err(&[
+        "patch",
+        "pj",
+        "job-1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"agent":"host-2"}}"#,
+    ]);
+    assert!(
+        err.contains("is invalid") && err.contains("immutable"),
+        "{err}"
+    );
+}
+
+#[test]
+fn get_watch_sees_an_update() {
+    let (_home, server) = server();
+    with_examples(&server);
+    let mut watch = server
+        .command(&kubectl_bin())
+        .args(["get", "tasks", "--watch", "--output-watch-events"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // The initial listing comes first.
+    let first = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("watch prints");
+    assert!(
+        first.contains("EVENT") || first.contains("ADDED"),
+        "{first}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    server.kubectl_ok(&[
+        "patch",
+        "task",
+        "check-disk-space",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"timeoutMinutes":9}}"#,
+    ]);
+    let mut seen = false;
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(15)) {
+        if line.contains("MODIFIED") && line.contains("check-disk-space") {
+            assert!(line.contains(" 9 "), "new timeout not shown: {line}");
+            seen = true;
+            break;
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(seen, "kubectl get --watch did not show the update");
+}
+
+#[test]
+fn delete_waits_for_finalizers_and_owners_take_dependents_along() {
+    let (_home, server) = server();
+    server.kubectl_ok(&["create", "configmap", "held", "--from-literal=a=b"]);
+    server.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "held",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":["example.com/hold"]}}"#,
+    ]);
+    let mut delete = server
+        .command(&kubectl_bin())
+        .args(["delete", "configmap", "held", "--timeout=60s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        delete.try_wait().unwrap().is_none(),
+        "delete returned while the finalizer was there"
+    );
+    let stamp = server.kubectl_ok(&[
+        "get",
+        "configmap",
+        "held",
+        "-o",
+        "jsonpath={.metadata.deletionTimestamp}",
+    ]);
+    assert!(!stamp.is_empty(), "no deletionTimestamp");
+    server.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "held",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ]);
+    let finished = eventually(Duration::from_secs(20), || {
+        delete.try_wait().unwrap().is_some()
+    });
+    assert!(
+        finished,
+        "delete did not finish after the finalizer was removed"
+    );
+    assert!(delete.wait().unwrap().success());
+    let err = server.kubectl_err(&["get", "configmap", "held"]);
+    assert!(
+        err.contains("NotFound") || err.contains("not found"),
+        "{err}"
+    );
+
+    // Garbage collection: a dependent goes when its only owner goes.
+    server.kubectl_ok(&["create", "configmap", "owner"]);
+    let uid = server.kubectl_ok(&[
+        "get",
+        "configmap",
+        "owner",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+    let dependent = format!(
+        r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"dependent","ownerReferences":[{{"apiVersion":"v1","kind":"ConfigMap","name":"owner","uid":"{uid}"}}]}}}}"#
+    );
+    let out = server.kubectl_stdin(&["apply", "-f", "-"], &dependent);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.kubectl_ok(&["delete", "configmap", "owner"]);
+    let collected = eventually(Duration::from_secs(10), || {
+        !server
+            .kubectl(&["get", "configmap", "dependent"])
+            .status
+            .success()
+    });
+    assert!(collected, "the dependent was not garbage-collected");
+}
+
+#[test]
+fn invalid_manifests_are_refused_with_the_field_named() {
+    let (home, server) = server();
+    server.kubectl_ok(&["apply", "-f", "crds/"]);
+    let example = std::fs::read_to_string(
+        devserver_support::repo().join("examples/windows/internet-explorer-registry.yaml"),
+    )
+    .unwrap();
+    let bad = example.replace(
+        r"keyPath: HKEY_LOCAL_MACHINE\SOFTWARE\Policies\Microsoft\Internet Explorer\Main",
+        r#"keyPath: "HKEY_LOCAL_MACHINE\\SOFTWARE\\Policies\\""#,
+    );
+    assert_ne!(bad, example);
+    let path = home.path().join("bad.yaml");
+    std::fs::write(&path, &bad).unwrap();
+    let err = server.kubectl_err(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(err.contains("is invalid"), "{err}");
+    assert!(err.contains("spec.changeRegistryKey.keyPath"), "{err}");
+    assert!(err.contains("backslash"), "{err}");
+
+    // Structural schema: an enum.
+    let bad_os = example.replace("os: Windows", "os: Solaris");
+    std::fs::write(&path, &bad_os).unwrap();
+    let err = server.kubectl_err(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(
+        err.contains("spec.os") && err.contains("Unsupported value"),
+        "{err}"
+    );
+
+    // Unknown fields: kubectl asks for strict validation by default...
+    let unknown = example.replace(
+        "  timeoutMinutes: 5\n",
+        "  timeoutMinutes: 5\n  bogus: true\n",
+    );
+    std::fs::write(&path, &unknown).unwrap();
+    let err = server.kubectl_err(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(err.contains(r#"unknown field "spec.bogus""#), "{err}");
+    // ...and without it the field is pruned, with a warning.
+    let out = server.kubectl(&["apply", "--validate=false", "-f", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spec = server.kubectl_ok(&[
+        "get",
+        "task",
+        "ie-disable-first-run",
+        "-o",
+        "jsonpath={.spec}",
+    ]);
+    assert!(!spec.contains("bogus"), "{spec}");
+
+    // The same test fixtures the offline validator uses are refused by the server.
+    let fixture =
+        devserver_support::repo().join("tests/fixtures/bad/registry-key-trailing-backslash.yaml");
+    if fixture.exists() {
+        let err = server.kubectl_err(&["apply", "-f", fixture.to_str().unwrap()]);
+        assert!(err.contains("keyPath"), "{err}");
+    }
+}
