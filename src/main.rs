@@ -65,10 +65,27 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Run the operator: reconcilers, built-in library, agent gateway, metrics.
+    Controller(fleetpatch::controller::ControllerOptions),
+    /// Ask the controller for something now.
+    Run {
+        #[command(subcommand)]
+        command: RunCommand,
+    },
     /// The agent that runs patch jobs on a host.
     Agent {
         #[command(subcommand)]
         command: AgentCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunCommand {
+    /// Start a run of a RemediationPlan now (sets the fleetpatch.io/run-requested annotation).
+    Plan {
+        name: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
     },
 }
 
@@ -80,6 +97,39 @@ enum AgentCommand {
     /// status) and exits 0 only if the job succeeded: 1 when it failed, 2 on bad input,
     /// 3 when the host is rebooting (run the same command again afterwards to finish).
     Exec(fleetpatch::agent::local::ExecOptions),
+    /// Connect to a gateway, register, and run the jobs it assigns (external hosts with
+    /// --token-file, cluster nodes with --node).
+    Run(fleetpatch::agent::remote::RunOptions),
+}
+
+/// JSON logs on standard error, filtered by `RUST_LOG` (default `info`).
+fn init_json_logs() {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Sets the run-requested annotation of a plan to the current time.
+async fn request_run(name: &str, namespace: &str) -> anyhow::Result<String> {
+    use fleetpatch::api::RemediationPlan;
+    use kube::api::{Api, Patch, PatchParams};
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let plans: Api<RemediationPlan> = Api::namespaced(client, namespace);
+    let value = k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string();
+    let patch = serde_json::json!({"metadata": {"annotations": {fleetpatch::api::common::RUN_REQUESTED_ANNOTATION: value}}});
+    plans
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("requesting a run of remediationplan {namespace}/{name}"))?;
+    Ok(value)
 }
 
 fn main() -> ExitCode {
@@ -96,6 +146,34 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Controller(options) => {
+            init_json_logs();
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API")?;
+                fleetpatch::controller::run(client, options).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            command: RunCommand::Plan { name, namespace },
+        } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let value = runtime.block_on(request_run(&name, &namespace))?;
+            println!("requested a run of remediationplan {namespace}/{name} ({value})");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent {
+            command: AgentCommand::Run(options),
+        } => {
+            init_json_logs();
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            Ok(ExitCode::from(
+                runtime.block_on(fleetpatch::agent::remote::run(options))?,
+            ))
+        }
         Command::Dev {
             listen,
             kubeconfig,

@@ -11,4 +11,5 @@ pub mod patcher;
 pub mod powershell;
 pub mod process;
 pub mod reboot;
+pub mod remote;
 pub mod script;

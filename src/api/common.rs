@@ -13,6 +13,13 @@ pub const API_VERSION: &str = "v1alpha1";
 pub const GROUP_VERSION: &str = "fleetpatch.io/v1alpha1";
 /// Label carried by the read-only built-in Scripts, Tasks and Workflows.
 pub const BUILTIN_LABEL: &str = "fleetpatch.io/builtin";
+/// Annotation that asks for a run of a plan now; any new value starts one.
+pub const RUN_REQUESTED_ANNOTATION: &str = "fleetpatch.io/run-requested";
+/// Labels on PatchJobs naming their plan, run and agent.
+pub const PLAN_LABEL: &str = "fleetpatch.io/plan";
+pub const RUN_LABEL: &str = "fleetpatch.io/run";
+pub const AGENT_LABEL: &str = "fleetpatch.io/agent";
+
 /// Category every kind is listed under, so `kubectl get fleetpatch` shows them all.
 pub const CATEGORY: &str = "fleetpatch";
 

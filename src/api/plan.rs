@@ -302,6 +302,9 @@ pub struct RemediationPlanStatus {
     pub recent_runs: Vec<PlanRun>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_schedule_time: Option<Time>,
+    /// Value of the `fleetpatch.io/run-requested` annotation last acted upon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_request: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_schedule_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -1,4 +1,295 @@
 //! The controller: one reconciler per kind, with the decisions they make (rollout
-//! planning, schedules, job names) as pure functions.
+//! planning, schedules, job names) as pure functions. `run` starts everything in one
+//! process: leader election, the reconcilers, the built-in library, the agent gateway,
+//! and the metrics and health endpoints.
 
+pub mod agents;
+pub mod context;
+pub mod definitions;
+pub mod jobs;
+pub mod leader;
+pub mod library;
+pub mod metrics;
+pub mod plan;
 pub mod rollout;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Config as WatchConfig};
+use kube::{Client, Resource};
+
+use crate::api::{Agent, PatchJob, RemediationPlan, Script, Task, Workflow};
+use crate::gateway::server::{Gateway, GatewayConfig};
+
+use context::{Caches, Context, Error, Settings};
+use metrics::Metrics;
+
+/// Options of `fleetpatch controller`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ControllerOptions {
+    /// The controller's namespace: built-in library, Secrets, leader Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = crate::api::rules::DEFAULT_LIBRARY_NAMESPACE)]
+    pub namespace: String,
+    /// Address of the agent gateway.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub gateway_listen: SocketAddr,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_listen: SocketAddr,
+    /// Identity in the leader Lease (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Finished PatchJobs are deleted this many hours after they finish.
+    #[arg(long, default_value_t = 168)]
+    pub job_ttl_hours: u64,
+    /// An Agent is not Ready after this many seconds without a heartbeat.
+    #[arg(long, default_value_t = 45)]
+    pub heartbeat_timeout_seconds: u64,
+    /// Deadline of a job, in minutes, when its plan sets none.
+    #[arg(long, default_value_t = 240)]
+    pub job_deadline_minutes: u64,
+    /// Most pre-patching tasks a workflow may have (at most the API's cap of 5).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=5))]
+    pub max_pre_tasks: u8,
+    /// Most post-patching tasks a workflow may have (at most the API's cap of 5).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=5))]
+    pub max_post_tasks: u8,
+    /// Audience of node agents' projected ServiceAccount tokens.
+    #[arg(long, default_value = "fleetpatch-gateway")]
+    pub gateway_audience: String,
+    /// ServiceAccount of the node agent DaemonSet.
+    #[arg(long, default_value = "fleetpatch-node-agent")]
+    pub node_agent_service_account: String,
+}
+
+fn error_policy<K>(_object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+where
+    K: Resource<DynamicType = ()>,
+{
+    ctx.metrics.failure(&K::kind(&()), error.category());
+    tracing::warn!(kind = %K::kind(&()), error = %error, "reconcile failed");
+    let jitter = Duration::from_millis(u64::from(rand::random::<u16>() % 1000));
+    match error {
+        Error::Invalid(_) => Action::await_change(),
+        Error::Kube(kube::Error::Api(status)) if status.code == 429 => {
+            Action::requeue(Duration::from_secs(10) + jitter * 5)
+        }
+        _ => Action::requeue(Duration::from_secs(2) + jitter),
+    }
+}
+
+/// A reflector for `K` over all namespaces, and the stream that keeps it current.
+fn cache<K>(client: &Client) -> (Store<K>, impl futures::Stream<Item = ()> + Send + 'static)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher::watcher(Api::<K>::all(client.clone()), WatchConfig::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .map(|_| ());
+    (reader, stream)
+}
+
+async fn serve_health(
+    listen: SocketAddr,
+    metrics: Arc<Metrics>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { metrics.render() }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready.load(std::sync::atomic::Ordering::Relaxed) {
+                        (axum::http::StatusCode::OK, "ready")
+                    } else {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "waiting for leadership and caches",
+                        )
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+async fn log_result<T, E: std::fmt::Display>(kind: &'static str, result: Result<T, E>) {
+    if let Err(err) = result {
+        tracing::debug!(kind, error = %err, "controller stream error");
+    }
+}
+
+/// Runs the controller until leadership is lost or a server fails.
+pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<()> {
+    let identity = options
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("fleetpatch-{}", std::process::id()));
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(serve_health(
+        options.metrics_listen,
+        metrics.clone(),
+        ready.clone(),
+    ));
+
+    let lease = leader::LeaseSettings {
+        name: "fleetpatch-controller".into(),
+        namespace: options.namespace.clone(),
+        identity: identity.clone(),
+        duration: Duration::from_secs(15),
+    };
+    tracing::info!(%identity, namespace = %options.namespace, "waiting for leadership");
+    leader::acquire(&client, &lease).await;
+    tracing::info!(%identity, "leading");
+
+    library::install(&client, &options.namespace).await?;
+    tokio::spawn(library::keep_installed(
+        client.clone(),
+        options.namespace.clone(),
+        Duration::from_secs(60),
+    ));
+
+    let (scripts, scripts_stream) = cache::<Script>(&client);
+    let (tasks, tasks_stream) = cache::<Task>(&client);
+    let (workflows, workflows_stream) = cache::<Workflow>(&client);
+    let (plans, plans_stream) = cache::<RemediationPlan>(&client);
+    let (jobs, jobs_stream) = cache::<PatchJob>(&client);
+    let (agents, agents_stream) = cache::<Agent>(&client);
+    for stream in [
+        scripts_stream.boxed(),
+        tasks_stream.boxed(),
+        workflows_stream.boxed(),
+        plans_stream.boxed(),
+        jobs_stream.boxed(),
+        agents_stream.boxed(),
+    ] {
+        tokio::spawn(stream.for_each(|()| async {}));
+    }
+    scripts.wait_until_ready().await?;
+    tasks.wait_until_ready().await?;
+    workflows.wait_until_ready().await?;
+    plans.wait_until_ready().await?;
+    jobs.wait_until_ready().await?;
+    agents.wait_until_ready().await?;
+
+    let heartbeats: crate::gateway::server::Heartbeats = Arc::default();
+    let gateway = Gateway::new(
+        client.clone(),
+        GatewayConfig {
+            namespace: options.namespace.clone(),
+            node_agent_username: format!(
+                "system:serviceaccount:{}:{}",
+                options.namespace, options.node_agent_service_account
+            ),
+            audience: options.gateway_audience.clone(),
+            max_wait: Duration::from_secs(30),
+            write_interval: Duration::from_secs(1),
+        },
+        jobs.clone(),
+        heartbeats.clone(),
+    );
+    let router = gateway.router();
+    let gateway_listener = tokio::net::TcpListener::bind(options.gateway_listen).await?;
+    tracing::info!(address = %gateway_listener.local_addr()?, "agent gateway listening");
+    tokio::spawn(async move { axum::serve(gateway_listener, router).await });
+    let flusher = gateway.clone();
+    tokio::spawn(async move {
+        loop {
+            flusher.flush().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        caches: Caches {
+            scripts,
+            tasks,
+            workflows,
+            plans,
+            jobs,
+            agents,
+        },
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "fleetpatch-controller".into(),
+                instance: Some(identity.clone()),
+            },
+        ),
+        settings: Settings {
+            namespace: options.namespace.clone(),
+            limits: crate::api::rules::Limits {
+                max_pre_tasks: usize::from(options.max_pre_tasks),
+                max_post_tasks: usize::from(options.max_post_tasks),
+            },
+            job_ttl: Duration::from_secs(options.job_ttl_hours * 3600),
+            heartbeat_timeout: Duration::from_secs(options.heartbeat_timeout_seconds),
+            default_job_deadline: Duration::from_secs(options.job_deadline_minutes * 60),
+        },
+        metrics,
+        heartbeats,
+        gateway,
+    });
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let config = watcher::Config::default();
+    let scripts = Controller::new(Api::<Script>::all(client.clone()), config.clone())
+        .run(definitions::reconcile_script, error_policy, ctx.clone())
+        .for_each(|result| log_result("Script", result));
+    let tasks = Controller::new(Api::<Task>::all(client.clone()), config.clone())
+        .run(definitions::reconcile_task, error_policy, ctx.clone())
+        .for_each(|result| log_result("Task", result));
+    let workflows = Controller::new(Api::<Workflow>::all(client.clone()), config.clone())
+        .run(definitions::reconcile_workflow, error_policy, ctx.clone())
+        .for_each(|result| log_result("Workflow", result));
+    let plans = Controller::new(Api::<RemediationPlan>::all(client.clone()), config.clone())
+        .owns(Api::<PatchJob>::all(client.clone()), config.clone())
+        .run(plan::reconcile_plan, error_policy, ctx.clone())
+        .for_each(|result| log_result("RemediationPlan", result));
+    let patch_jobs = Controller::new(Api::<PatchJob>::all(client.clone()), config.clone())
+        .run(jobs::reconcile_job, error_policy, ctx.clone())
+        .for_each(|result| log_result("PatchJob", result));
+    let agents = Controller::new(Api::<Agent>::all(client.clone()), config.clone())
+        .run(agents::reconcile_agent, error_policy, ctx.clone())
+        .for_each(|result| log_result("Agent", result));
+
+    tokio::select! {
+        _ = async { tokio::join!(scripts, tasks, workflows, plans, patch_jobs, agents) } => {
+            anyhow::bail!("the reconcilers stopped")
+        }
+        () = leader::hold(client.clone(), lease) => anyhow::bail!("leadership lost; exiting so a new leader can take over"),
+    }
+}

@@ -84,7 +84,7 @@ pub fn admit(
                 ));
             } else if value.as_str().is_some_and(|v| v.len() > 63) {
                 causes.push(cause(
-                    &format!("metadata.labels"),
+                    "metadata.labels",
                     "FieldValueInvalid",
                     format!("Invalid value: {value}: must be no more than 63 characters"),
                 ));

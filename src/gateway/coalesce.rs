@@ -12,6 +12,8 @@ use crate::api::patchjob::PatchJobStatus;
 struct Entry {
     /// Highest sequence accepted from the agent.
     accepted: i64,
+    /// Highest sequence durably written to the job's status: what agents are told.
+    written: i64,
     /// Status waiting to be written, with its sequence.
     pending: Option<(i64, PatchJobStatus)>,
     last_write: Option<Instant>,
@@ -45,10 +47,24 @@ impl ProgressBook {
     pub fn seed(&mut self, uid: &str, stored_sequence: i64) {
         let entry = self.jobs.entry(uid.to_string()).or_insert(Entry {
             accepted: 0,
+            written: 0,
             pending: None,
             last_write: None,
         });
         entry.accepted = entry.accepted.max(stored_sequence);
+        entry.written = entry.written.max(stored_sequence);
+    }
+
+    /// Highest sequence written to the API server; an agent keeps reporting until this
+    /// reaches its own, so nothing is lost if the controller restarts meanwhile.
+    pub fn written(&self, uid: &str) -> i64 {
+        self.jobs.get(uid).map_or(0, |e| e.written)
+    }
+
+    pub fn mark_written(&mut self, uid: &str, sequence: i64) {
+        if let Some(entry) = self.jobs.get_mut(uid) {
+            entry.written = entry.written.max(sequence);
+        }
     }
 
     pub fn accepted(&self, uid: &str) -> i64 {
@@ -58,6 +74,7 @@ impl ProgressBook {
     pub fn report(&mut self, uid: &str, sequence: i64, status: PatchJobStatus) -> Accepted {
         let entry = self.jobs.entry(uid.to_string()).or_insert(Entry {
             accepted: 0,
+            written: 0,
             pending: None,
             last_write: None,
         });
@@ -150,6 +167,13 @@ mod tests {
             "a final status is written at once"
         );
         assert_eq!(book.accepted("j"), 21);
+        assert_eq!(
+            book.written("j"),
+            0,
+            "nothing is acknowledged before it is written"
+        );
+        book.mark_written("j", 21);
+        assert_eq!(book.written("j"), 21);
     }
 
     #[test]

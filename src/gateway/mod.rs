@@ -6,3 +6,4 @@
 pub mod coalesce;
 pub mod credentials;
 pub mod protocol;
+pub mod server;

@@ -1,0 +1,516 @@
+//! `fleetpatch agent run`: the agent connected to a gateway. It registers (bootstrap
+//! token for external hosts, ServiceAccount token for nodes), sends heartbeats,
+//! long-polls for its jobs, runs them with the executor, and reports progress until the
+//! gateway acknowledges it. Results produced while the gateway is unreachable stay in
+//! the journal and are delivered when it is back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::api::OperatingSystem;
+use crate::api::patchjob::PatchJobStatus;
+use crate::gateway::protocol::{
+    Assignments, Heartbeat, ProgressAck, ProgressReport, RegisterRequest, RegisterResponse,
+    decode_spec,
+};
+use crate::gateway::server::NODE_HEADER;
+
+use super::executor::{self, Event, Executor, RunOutcome};
+use super::journal::{JobRecord, Journal};
+use super::patcher;
+use super::reboot::{HostRebooter, Rebooter, SimulatedRebooter};
+
+/// Options of `agent run`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunOptions {
+    /// Base URL of the gateway, e.g. https://fleetpatch-gateway.fleetpatch-system.svc:8443.
+    #[arg(long)]
+    pub server: String,
+    /// File holding the bootstrap token (external hosts; used once to register).
+    #[arg(long, conflicts_with = "node")]
+    pub token_file: Option<PathBuf>,
+    /// Run as the node agent of this cluster node (DaemonSet mode).
+    #[arg(long, env = "NODE_NAME")]
+    pub node: Option<String>,
+    /// Projected ServiceAccount token of the node agent.
+    #[arg(long, default_value = "/var/run/secrets/fleetpatch/token")]
+    pub service_account_token_file: PathBuf,
+    /// Agent name for an external host [default: the host name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Labels for the Agent resource, as key=value (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Where the credential, journal, scripts and downloads are kept.
+    #[arg(long, default_value = "/var/lib/fleetpatch")]
+    pub state_dir: PathBuf,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 15)]
+    pub heartbeat_seconds: u64,
+    /// Extra CA certificate (PEM) to trust for the gateway.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Replace real reboots with a simulated one that stops the agent (for tests).
+    #[arg(long, hide = true)]
+    pub simulate_reboot: bool,
+    /// Length of one timeout minute in milliseconds (for tests).
+    #[arg(long, hide = true, default_value_t = 60_000)]
+    pub minute_ms: u64,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{text:?} is not key=value"))
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SavedCredential {
+    agent: String,
+    credential: String,
+}
+
+/// How this agent proves who it is.
+#[derive(Clone, Debug)]
+enum Auth {
+    External { agent: String, credential: String },
+    Node { node: String, token_file: PathBuf },
+}
+
+#[derive(Clone)]
+struct GatewayClient {
+    http: reqwest::Client,
+    base: String,
+    auth: Auth,
+}
+
+impl GatewayClient {
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> anyhow::Result<reqwest::RequestBuilder> {
+        let builder = self
+            .http
+            .request(method, format!("{}{path}", self.base.trim_end_matches('/')));
+        Ok(match &self.auth {
+            Auth::External { agent, credential } => {
+                builder.bearer_auth(format!("{agent}.{credential}"))
+            }
+            Auth::Node { node, token_file } => {
+                let token = std::fs::read_to_string(token_file)
+                    .with_context(|| format!("reading {}", token_file.display()))?;
+                builder.bearer_auth(token.trim()).header(NODE_HEADER, node)
+            }
+        })
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<T> {
+        let response = request.send().await?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            anyhow::bail!("gateway answered {status}: {body}");
+        }
+        Ok(response.json().await?)
+    }
+
+    fn agent(&self) -> &str {
+        match &self.auth {
+            Auth::External { agent, .. } => agent,
+            Auth::Node { node, .. } => node,
+        }
+    }
+}
+
+fn this_os() -> OperatingSystem {
+    if cfg!(windows) {
+        OperatingSystem::Windows
+    } else {
+        OperatingSystem::Linux
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .or_else(|_| std::env::var("COMPUTERNAME"))
+        .unwrap_or_else(|_| "localhost".into())
+        .to_ascii_lowercase()
+}
+
+fn http_client(options: &RunOptions) -> anyhow::Result<reqwest::Client> {
+    crate::tls::install_crypto_provider();
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(60))
+        .user_agent(concat!("fleetpatch-agent/", env!("CARGO_PKG_VERSION")));
+    if let Some(ca) = &options.ca_file {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+    }
+    Ok(builder.build()?)
+}
+
+async fn connect(options: &RunOptions) -> anyhow::Result<GatewayClient> {
+    let http = http_client(options)?;
+    let labels: BTreeMap<String, String> = options.labels.iter().cloned().collect();
+    if let Some(node) = &options.node {
+        let client = GatewayClient {
+            http,
+            base: options.server.clone(),
+            auth: Auth::Node {
+                node: node.clone(),
+                token_file: options.service_account_token_file.clone(),
+            },
+        };
+        let request = RegisterRequest {
+            name: node.clone(),
+            os: this_os(),
+            bootstrap_token: None,
+            labels,
+            platform: None,
+        };
+        let _: RegisterResponse = client
+            .send(
+                client
+                    .request(reqwest::Method::POST, "/agent/v1/register")?
+                    .json(&request),
+            )
+            .await?;
+        return Ok(client);
+    }
+    let saved_path = options.state_dir.join("credential.json");
+    if let Ok(bytes) = std::fs::read(&saved_path) {
+        let saved: SavedCredential =
+            serde_json::from_slice(&bytes).context("the saved credential is unreadable")?;
+        return Ok(GatewayClient {
+            http,
+            base: options.server.clone(),
+            auth: Auth::External {
+                agent: saved.agent,
+                credential: saved.credential,
+            },
+        });
+    }
+    let token_file = options
+        .token_file
+        .as_ref()
+        .context("this agent has no credential yet: give --token-file with a bootstrap token")?;
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| format!("reading {}", token_file.display()))?;
+    let name = options.name.clone().unwrap_or_else(hostname);
+    let request = RegisterRequest {
+        name: name.clone(),
+        os: this_os(),
+        bootstrap_token: Some(token.trim().to_string()),
+        labels,
+        platform: None,
+    };
+    let url = format!("{}/agent/v1/register", options.server.trim_end_matches('/'));
+    let response = http.post(url).json(&request).send().await?;
+    let status = response.status();
+    if !status.is_success() {
+        anyhow::bail!(
+            "registration refused ({status}): {}",
+            response.text().await.unwrap_or_default()
+        );
+    }
+    let registered: RegisterResponse = response.json().await?;
+    let credential = registered
+        .credential
+        .context("the gateway sent no credential")?;
+    let saved = SavedCredential {
+        agent: registered.agent.clone(),
+        credential: credential.clone(),
+    };
+    std::fs::create_dir_all(&options.state_dir)?;
+    write_private(&saved_path, &serde_json::to_vec(&saved)?)?;
+    tracing::info!(agent = %registered.agent, "registered with the gateway");
+    Ok(GatewayClient {
+        http,
+        base: options.server.clone(),
+        auth: Auth::External {
+            agent: registered.agent,
+            credential,
+        },
+    })
+}
+
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Latest status per job waiting to be acknowledged.
+#[derive(Default)]
+struct Outbox {
+    pending: Mutex<HashMap<String, (i64, PatchJobStatus)>>,
+    acknowledged: Mutex<HashMap<String, i64>>,
+    wake: Notify,
+}
+
+impl Outbox {
+    fn put(&self, record: &JobRecord) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(record.id.clone(), (record.sequence, record.status.clone()));
+        self.wake.notify_one();
+    }
+
+    fn acknowledged(&self, uid: &str) -> i64 {
+        self.acknowledged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Sends what the outbox holds until the gateway has written it, retrying with backoff.
+async fn deliver(client: GatewayClient, outbox: Arc<Outbox>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let batch: Vec<(String, i64, PatchJobStatus)> = outbox
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, (s, st))| (k.clone(), *s, st.clone()))
+            .collect();
+        let mut all_done = true;
+        for (uid, sequence, status) in batch {
+            let report = ProgressReport { sequence, status };
+            let sent = async {
+                let request = client
+                    .request(
+                        reqwest::Method::POST,
+                        &format!("/agent/v1/jobs/{uid}/progress"),
+                    )?
+                    .json(&report);
+                client.send::<ProgressAck>(request).await
+            }
+            .await;
+            match sent {
+                Ok(ack) => {
+                    outbox
+                        .acknowledged
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(uid.clone(), ack.acknowledged_sequence);
+                    if ack.acknowledged_sequence >= sequence {
+                        let mut pending = outbox.pending.lock().unwrap_or_else(|p| p.into_inner());
+                        if pending
+                            .get(&uid)
+                            .is_some_and(|(s, _)| *s <= ack.acknowledged_sequence)
+                        {
+                            pending.remove(&uid);
+                        }
+                    } else {
+                        all_done = false; // accepted, not yet written: ask again shortly
+                    }
+                    backoff = Duration::from_millis(200);
+                }
+                Err(err) => {
+                    tracing::warn!(job = %uid, error = %err, "cannot deliver progress; keeping it");
+                    all_done = false;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        let wait = if all_done {
+            Duration::from_secs(5)
+        } else {
+            jitter(backoff)
+        };
+        let _ = tokio::time::timeout(wait, outbox.wake.notified()).await;
+    }
+}
+
+fn jitter(base: Duration) -> Duration {
+    base + Duration::from_millis(
+        u64::from(rand::random::<u16>()) % (base.as_millis() as u64 / 2 + 1),
+    )
+}
+
+/// Runs the agent until it is stopped (or, with a simulated reboot, until it "reboots").
+pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
+    let journal = Journal::open(&options.state_dir)?;
+    let client = loop {
+        match connect(&options).await {
+            Ok(client) => break client,
+            Err(err) if options.token_file.is_some() || options.node.is_some() => {
+                // Registration errors from the gateway itself are final; network errors are retried.
+                if err.to_string().contains("refused (") {
+                    return Err(err);
+                }
+                tracing::warn!(error = %err, "cannot reach the gateway; retrying");
+                tokio::time::sleep(jitter(Duration::from_secs(2))).await;
+            }
+            Err(err) => return Err(err),
+        }
+    };
+    tracing::info!(agent = %client.agent(), server = %options.server, "agent started");
+
+    let outbox = Arc::new(Outbox::default());
+    // Whatever the journal holds is (re)delivered: the gateway ignores what it has.
+    for record in journal.all()? {
+        outbox.put(&record);
+    }
+    tokio::spawn(deliver(client.clone(), outbox.clone()));
+
+    let current_job: Arc<Mutex<Option<String>>> = Arc::default();
+    let beat_client = client.clone();
+    let beat_job = current_job.clone();
+    let every = Duration::from_secs(options.heartbeat_seconds.max(1));
+    tokio::spawn(async move {
+        loop {
+            let beat = Heartbeat {
+                version: env!("CARGO_PKG_VERSION").into(),
+                hostname: Some(hostname()),
+                platform: None,
+                updates: None,
+                current_job: beat_job.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            };
+            let sent = async {
+                let request = beat_client
+                    .request(reqwest::Method::POST, "/agent/v1/heartbeat")?
+                    .json(&beat);
+                let response = request.send().await?;
+                anyhow::ensure!(
+                    response.status().is_success(),
+                    "gateway answered {}",
+                    response.status()
+                );
+                Ok(())
+            }
+            .await;
+            if let Err(err) = sent {
+                tracing::warn!(error = %err, "heartbeat failed");
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+
+    let host_rebooter = HostRebooter;
+    let simulated = SimulatedRebooter {
+        counter_file: options.state_dir.join("simulated-boot-id"),
+    };
+    let rebooter: &dyn Rebooter = if options.simulate_reboot {
+        &simulated
+    } else {
+        &host_rebooter
+    };
+    let detected = patcher::detect();
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        // Unfinished jobs in the journal first: they were cut off by a crash or a reboot.
+        let mut work: Vec<JobRecord> = journal.unfinished()?;
+        if work.is_empty() {
+            let polled = async {
+                let request =
+                    client.request(reqwest::Method::GET, "/agent/v1/assignments?waitSeconds=25")?;
+                client.send::<Assignments>(request).await
+            }
+            .await;
+            let assignments = match polled {
+                Ok(assignments) => {
+                    backoff = Duration::from_millis(500);
+                    assignments
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot fetch assignments; retrying");
+                    tokio::time::sleep(jitter(backoff)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            };
+            for assignment in assignments.jobs {
+                match journal.load(&assignment.uid)? {
+                    // Finished here but not yet recorded there: report again, never re-run.
+                    Some(record) if record.is_finished() => outbox.put(&record),
+                    Some(record) => work.push(record),
+                    None => match decode_spec(&assignment.spec) {
+                        Ok(spec) => {
+                            let mut record = executor::new_record(
+                                &assignment.uid,
+                                format!("{}/{}", assignment.namespace, assignment.name),
+                                spec,
+                            );
+                            record.sequence = assignment.acknowledged_sequence;
+                            journal.save(&record)?;
+                            work.push(record);
+                        }
+                        Err(err) => {
+                            tracing::error!(job = %assignment.name, error = %err, "refusing a job whose scripts do not verify")
+                        }
+                    },
+                }
+            }
+            if work.is_empty() {
+                continue;
+            }
+        }
+        for mut record in work {
+            *current_job.lock().unwrap_or_else(|p| p.into_inner()) = Some(record.name.clone());
+            let events = outbox.clone();
+            let on_event = move |record: &JobRecord, _event: &Event| events.put(record);
+            let executor = Executor {
+                journal: &journal,
+                work_dir: options.state_dir.join("work"),
+                patcher: if record.spec.patches.skip {
+                    None
+                } else {
+                    detected.as_deref()
+                },
+                rebooter,
+                minute: Duration::from_millis(options.minute_ms),
+                max_download_bytes: super::download::DEFAULT_MAX_BYTES,
+                on_event: &on_event,
+            };
+            let outcome = executor.run(&mut record).await?;
+            outbox.put(&record);
+            if outcome == RunOutcome::Rebooting {
+                // Give the gateway a moment to hear that the host is rebooting.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while outbox.acknowledged(&record.id) < record.sequence
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if options.simulate_reboot {
+                    return Ok(super::local::EXIT_REBOOTING);
+                }
+                tracing::info!("waiting for the host to reboot");
+                std::future::pending::<()>().await;
+            }
+            *current_job.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        // Forget finished jobs the gateway has written.
+        for record in journal.all()? {
+            if record.is_finished() && outbox.acknowledged(&record.id) >= record.sequence {
+                journal.remove(&record.id)?;
+            }
+        }
+    }
+}
