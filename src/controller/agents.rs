@@ -106,5 +106,10 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
             .await;
         }
     }
-    Ok(Action::requeue(Duration::from_secs(10)))
+    // Look again soon while not Ready, so a new agent becomes Ready within seconds.
+    Ok(Action::requeue(Duration::from_secs(if fresh {
+        10
+    } else {
+        2
+    })))
 }

@@ -109,7 +109,7 @@ where
 }
 
 async fn serve_health(
-    listen: SocketAddr,
+    listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     ready: Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<()> {
@@ -139,7 +139,6 @@ async fn serve_health(
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind(listen).await?;
     axum::serve(listener, app).await?;
     Ok(())
 }
@@ -158,8 +157,14 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
         .unwrap_or_else(|| format!("fleetpatch-{}", std::process::id()));
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let health_listener = tokio::net::TcpListener::bind(options.metrics_listen).await?;
+    // Plain lines on stdout, like `fleetpatch dev`, so scripts and tests can find the ports.
+    println!(
+        "fleetpatch controller: metrics listening on http://{}",
+        health_listener.local_addr()?
+    );
     tokio::spawn(serve_health(
-        options.metrics_listen,
+        health_listener,
         metrics.clone(),
         ready.clone(),
     ));
@@ -223,6 +228,10 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
     let router = gateway.router();
     let gateway_listener = tokio::net::TcpListener::bind(options.gateway_listen).await?;
     tracing::info!(address = %gateway_listener.local_addr()?, "agent gateway listening");
+    println!(
+        "fleetpatch controller: gateway listening on http://{}",
+        gateway_listener.local_addr()?
+    );
     tokio::spawn(async move { axum::serve(gateway_listener, router).await });
     let flusher = gateway.clone();
     tokio::spawn(async move {
@@ -273,6 +282,23 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
         .run(definitions::reconcile_task, error_policy, ctx.clone())
         .for_each(|result| log_result("Task", result));
     let workflows = Controller::new(Api::<Workflow>::all(client.clone()), config.clone())
+        // A plan naming a workflow changes the workflow's activePlans.
+        .watches(
+            Api::<RemediationPlan>::all(client.clone()),
+            config.clone(),
+            |plan: RemediationPlan| {
+                let namespace = plan.metadata.namespace.clone().unwrap_or_default();
+                plan.spec
+                    .targets
+                    .iter()
+                    .filter_map(|t| t.workflow_ref.as_ref())
+                    .map(|r| {
+                        kube::runtime::reflector::ObjectRef::new(&r.name)
+                            .within(r.namespace_or(&namespace))
+                    })
+                    .collect::<Vec<_>>()
+            },
+        )
         .run(definitions::reconcile_workflow, error_policy, ctx.clone())
         .for_each(|result| log_result("Workflow", result));
     let plans = Controller::new(Api::<RemediationPlan>::all(client.clone()), config.clone())

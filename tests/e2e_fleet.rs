@@ -1,0 +1,535 @@
+//! The whole loop with real processes: `fleetpatch dev`, `fleetpatch controller` and
+//! three `fleetpatch agent run` processes on this host, driven and inspected with
+//! kubectl like a person would.
+
+mod devserver_support;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use devserver_support::{DevServer, eventually};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fleetpatch");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed when the test ends.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Process {
+    fn kill9(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+struct Fleet {
+    home: tempfile::TempDir,
+    dev: DevServer,
+    /// Fixed for the fleet's lifetime so a restarted controller is found at the same address.
+    gateway: String,
+    gateway_port: u16,
+    metrics: std::sync::Mutex<String>,
+}
+
+impl Fleet {
+    fn start() -> Self {
+        let home = tempfile::tempdir().unwrap();
+        let dev = DevServer::start(home.path(), None);
+        dev.kubectl_ok(&[
+            "apply",
+            "-f",
+            &format!("{}/crds", env!("CARGO_MANIFEST_DIR")),
+        ]);
+        dev.kubectl_ok(&["create", "namespace", "fleetpatch-system"]);
+        dev.kubectl_stdin(
+            &["apply", "-f", "-"],
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: join, namespace: fleetpatch-system}\ntype: fleetpatch.io/bootstrap-token\nstringData: {token: let-me-in, usage: multi}\n",
+        );
+        std::fs::write(home.path().join("token"), "let-me-in\n").unwrap();
+        let gateway_port = free_port();
+        Fleet {
+            gateway: format!("http://127.0.0.1:{gateway_port}"),
+            gateway_port,
+            metrics: Default::default(),
+            home,
+            dev,
+        }
+    }
+
+    fn controller(&self) -> Process {
+        let mut child = Command::new(BIN)
+            .args([
+                "controller",
+                "--namespace",
+                "fleetpatch-system",
+                "--gateway-listen",
+            ])
+            .arg(format!("127.0.0.1:{}", self.gateway_port))
+            .args([
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--identity",
+                "e2e-controller",
+            ])
+            .env("KUBECONFIG", &self.dev.kubeconfig)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the controller prints its metrics address");
+        *self.metrics.lock().unwrap() = line.rsplit(' ').next().unwrap().to_string();
+        Process(child)
+    }
+
+    fn state_dir(&self, name: &str) -> PathBuf {
+        self.home.path().join(format!("agent-{name}"))
+    }
+
+    fn agent(&self, name: &str, group: &str) -> Process {
+        let child = Command::new(BIN)
+            .args(["agent", "run", "--server", &self.gateway, "--token-file"])
+            .arg(self.home.path().join("token"))
+            .args([
+                "--name",
+                name,
+                "--label",
+                &format!("fleetpatch.io/group={group}"),
+                "--heartbeat-seconds",
+                "1",
+                "--state-dir",
+            ])
+            .arg(self.state_dir(name))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Process(child)
+    }
+
+    fn apply(&self, manifest: &str) {
+        let output = self.dev.kubectl_stdin(&["apply", "-f", "-"], manifest);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn get(&self, args: &[&str]) -> String {
+        self.dev.kubectl_ok(args)
+    }
+
+    fn run_plan(&self, name: &str) {
+        let output = Command::new(BIN)
+            .args(["run", "plan", name])
+            .env("KUBECONFIG", &self.dev.kubeconfig)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn wait_for_agents(&self, count: usize) {
+        let ok = eventually(Duration::from_secs(30), || {
+            self.get(&[
+                "get",
+                "agents",
+                "-o",
+                "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}",
+            ])
+            .split_whitespace()
+            .filter(|s| *s == "True")
+            .count()
+                == count
+        });
+        assert!(
+            ok,
+            "agents did not become Ready:\n{}",
+            self.get(&["get", "agents"])
+        );
+    }
+
+    fn wait_for_run(&self, plan: &str, phases: &[&str]) -> String {
+        let mut phase = String::new();
+        let ok = eventually(Duration::from_secs(60), || {
+            phase = self.get(&[
+                "get",
+                "rplan",
+                plan,
+                "-o",
+                "jsonpath={.status.currentRun.phase}",
+            ]);
+            let done = self.get(&[
+                "get",
+                "rplan",
+                plan,
+                "-o",
+                "jsonpath={.status.currentRun.completionTime}",
+            ]);
+            phases.contains(&phase.as_str()) && !done.is_empty()
+        });
+        assert!(
+            ok,
+            "run of {plan} did not finish (phase {phase:?}):\n{}\n{}",
+            self.get(&["get", "rplan", plan, "-o", "yaml"]),
+            self.get(&["get", "pj"])
+        );
+        phase
+    }
+}
+
+fn script(name: &str, body: &str) -> String {
+    let body: String = body.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "apiVersion: fleetpatch.io/v1alpha1\nkind: Script\nmetadata: {{name: {name}}}\nspec:\n  language: Bash\n  content: |\n{body}---\n\
+         apiVersion: fleetpatch.io/v1alpha1\nkind: Task\nmetadata: {{name: {name}}}\nspec:\n  os: Linux\n  type: RunScript\n  timeoutMinutes: 2\n  runScript: {{scriptRef: {{name: {name}}}}}\n---\n"
+    )
+}
+
+fn workflow(name: &str, pre: &[&str], post: &[&str]) -> String {
+    let steps = |tasks: &[&str]| {
+        tasks
+            .iter()
+            .map(|t| format!("{{taskRef: {{name: {t}}}}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "apiVersion: fleetpatch.io/v1alpha1\nkind: Workflow\nmetadata: {{name: {name}}}\nspec:\n  os: Linux\n  preTasks: [{}]\n  postTasks: [{}]\n---\n",
+        steps(pre),
+        steps(post)
+    )
+}
+
+fn plan(
+    name: &str,
+    targets: &[(&str, &str, &str, i32)],
+    max_concurrent: u32,
+    max_failures: u32,
+) -> String {
+    let targets: String = targets
+        .iter()
+        .map(|(target, group, workflow, priority)| {
+            format!("  - name: {target}\n    os: Linux\n    priority: {priority}\n    selector: {{matchLabels: {{fleetpatch.io/group: {group}}}}}\n    workflowRef: {{name: {workflow}}}\n")
+        })
+        .collect();
+    format!(
+        "apiVersion: fleetpatch.io/v1alpha1\nkind: RemediationPlan\nmetadata: {{name: {name}}}\nspec:\n  targets:\n{targets}  patches: {{skip: true}}\n  rollout: {{maxConcurrent: {max_concurrent}, maxFailures: {max_failures}}}\n  reboot: {{policy: Never}}\n"
+    )
+}
+
+fn base_manifests() -> String {
+    script("hello", "echo \"hello from $FLEETPATCH_JOB\"")
+        + &script("check", "echo checked; exit 0")
+        + &script("broken", "echo 'disk on fire' >&2; exit 4")
+        + &workflow("web-flow", &["hello"], &["check"])
+        + &workflow("db-flow", &["check"], &["hello"])
+        + &workflow("failing-flow", &["broken"], &["check"])
+}
+
+#[test]
+fn a_plan_rolls_out_to_two_groups_and_results_flow_back() {
+    let fleet = Fleet::start();
+    let _controller = fleet.controller();
+    let _agents = [
+        fleet.agent("web-1", "web"),
+        fleet.agent("web-2", "web"),
+        fleet.agent("db-1", "db"),
+    ];
+    fleet.wait_for_agents(3);
+    fleet.apply(&base_manifests());
+    fleet.apply(&plan(
+        "weekly",
+        &[("web", "web", "web-flow", 10), ("db", "db", "db-flow", 5)],
+        2,
+        0,
+    ));
+    let ready = eventually(Duration::from_secs(30), || {
+        fleet.get(&[
+            "get",
+            "workflow",
+            "web-flow",
+            "-o",
+            "jsonpath={.status.activePlans}",
+        ]) == "1"
+    });
+    assert!(
+        ready,
+        "the workflow does not count its plan:\n{}",
+        fleet.get(&["get", "workflows", "-o", "yaml"])
+    );
+    fleet.run_plan("weekly");
+    assert_eq!(fleet.wait_for_run("weekly", &["Succeeded"]), "Succeeded");
+
+    let jobs = fleet.get(&["get", "patchjobs"]);
+    let header = jobs.lines().next().unwrap();
+    for column in ["NAME", "PLAN", "AGENT", "PHASE", "ACTIONS", "AGE"] {
+        assert!(header.contains(column), "{jobs}");
+    }
+    assert_eq!(
+        jobs.lines()
+            .filter(|l| l.contains("Succeeded") && l.contains("2/2"))
+            .count(),
+        3,
+        "{jobs}"
+    );
+    let wait = fleet.dev.kubectl(&[
+        "wait",
+        "--for=condition=Complete",
+        "patchjobs",
+        "--all",
+        "--timeout=30s",
+    ]);
+    assert!(
+        wait.status.success(),
+        "{}",
+        String::from_utf8_lossy(&wait.stderr)
+    );
+    let describe = fleet.get(&["describe", "patchjobs", "-l", "fleetpatch.io/agent=web-1"]);
+    assert!(
+        describe.contains("Exit Code:") && describe.contains("hello from default/weekly-"),
+        "{describe}"
+    );
+    let counts = fleet.get(&["get", "rplan", "weekly", "-o", "jsonpath={.status.currentRun.counts.total} {.status.currentRun.counts.succeeded} {.status.currentRun.counts.failed}"]);
+    assert_eq!(counts, "3 3 0");
+    let events = fleet.get(&[
+        "get",
+        "events.events.k8s.io",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(
+        events.contains("RunStarted") && events.contains("RunSucceeded"),
+        "{events}"
+    );
+    let metrics = reqwest_get(&format!("{}/metrics", fleet.metrics.lock().unwrap()));
+    assert!(
+        metrics.contains("fleetpatch_patchjobs_created_total 3"),
+        "metrics at {:?}: {metrics}",
+        fleet.metrics.lock().unwrap()
+    );
+}
+
+fn reqwest_get(url: &str) -> String {
+    let output = Command::new("curl").args(["-s", url]).output();
+    match output {
+        Ok(output) => String::from_utf8_lossy(&output.stdout).into_owned(),
+        Err(_) => String::new(),
+    }
+}
+
+#[test]
+fn a_failing_group_halts_at_max_failures() {
+    let fleet = Fleet::start();
+    let _controller = fleet.controller();
+    let _agents = [
+        fleet.agent("f-1", "bad"),
+        fleet.agent("f-2", "bad"),
+        fleet.agent("f-3", "bad"),
+    ];
+    fleet.wait_for_agents(3);
+    fleet.apply(&base_manifests());
+    fleet.apply(&plan("risky", &[("bad", "bad", "failing-flow", 0)], 1, 0));
+    fleet.run_plan("risky");
+    assert_eq!(fleet.wait_for_run("risky", &["Halted"]), "Halted");
+    let jobs = fleet.get(&["get", "pj", "-o", "jsonpath={.items[*].status.phase}"]);
+    assert_eq!(jobs, "Failed", "one job failed and no other started");
+    let failures = fleet.get(&[
+        "get",
+        "rplan",
+        "risky",
+        "-o",
+        "jsonpath={.status.currentRun.failures[0].reason}",
+    ]);
+    assert!(failures.contains("action broken failed"), "{failures}");
+    let message = fleet.get(&[
+        "get",
+        "pj",
+        "-o",
+        "jsonpath={.items[0].status.preActions[0].message}",
+    ]);
+    assert_eq!(message, "disk on fire");
+}
+
+#[test]
+fn an_agent_killed_mid_job_reports_interrupted_after_restart() {
+    let fleet = Fleet::start();
+    let _controller = fleet.controller();
+    let mut agent = fleet.agent("slow-1", "slow");
+    fleet.wait_for_agents(1);
+    // `pre: Continue` so the job goes on after the interrupted action and can finish.
+    fleet.apply(&(script("slow", "sleep 60") + &script("after", "echo after")));
+    fleet.apply("apiVersion: fleetpatch.io/v1alpha1\nkind: Workflow\nmetadata: {name: slow-flow}\nspec:\n  os: Linux\n  preTasks: [{taskRef: {name: slow}}, {taskRef: {name: after}}]\n  failurePolicy: {pre: Continue}\n");
+    fleet.apply(&plan(
+        "slow-plan",
+        &[("slow", "slow", "slow-flow", 0)],
+        1,
+        1,
+    ));
+    fleet.run_plan("slow-plan");
+    let running = eventually(Duration::from_secs(30), || {
+        fleet.get(&[
+            "get",
+            "pj",
+            "-o",
+            "jsonpath={.items[0].status.preActions[0].phase}",
+        ]) == "Running"
+    });
+    assert!(running, "{}", fleet.get(&["get", "pj", "-o", "yaml"]));
+    agent.kill9();
+    let _agent = fleet.agent("slow-1", "slow");
+    fleet.wait_for_run("slow-plan", &["Failed"]);
+    let phases = fleet.get(&[
+        "get",
+        "pj",
+        "-o",
+        "jsonpath={.items[0].status.preActions[*].phase}",
+    ]);
+    assert_eq!(phases, "Interrupted Succeeded");
+    let message = fleet.get(&[
+        "get",
+        "pj",
+        "-o",
+        "jsonpath={.items[0].status.preActions[0].message}",
+    ]);
+    assert!(message.contains("it was not run again"), "{message}");
+}
+
+#[test]
+fn a_restarted_controller_creates_no_duplicate_and_loses_no_result() {
+    let fleet = Fleet::start();
+    let mut controller = fleet.controller();
+    let _agents = [
+        fleet.agent("r-1", "r"),
+        fleet.agent("r-2", "r"),
+        fleet.agent("r-3", "r"),
+    ];
+    fleet.wait_for_agents(3);
+    fleet
+        .apply(&(script("pause", "sleep 2; echo done") + &workflow("pause-flow", &["pause"], &[])));
+    fleet.apply(&plan("restart", &[("r", "r", "pause-flow", 0)], 1, 0));
+    fleet.run_plan("restart");
+    let started = eventually(Duration::from_secs(30), || {
+        !fleet.get(&["get", "pj", "-o", "name"]).is_empty()
+    });
+    assert!(started);
+    controller.kill9();
+    // A new controller takes over once the old lease expires.
+    let _controller = fleet.controller();
+    fleet.wait_for_run("restart", &["Succeeded"]);
+    let names = fleet.get(&["get", "pj", "-o", "jsonpath={.items[*].spec.agent}"]);
+    let mut agents: Vec<&str> = names.split_whitespace().collect();
+    agents.sort();
+    assert_eq!(agents, ["r-1", "r-2", "r-3"], "exactly one job per host");
+    let phases = fleet.get(&["get", "pj", "-o", "jsonpath={.items[*].status.phase}"]);
+    assert_eq!(phases, "Succeeded Succeeded Succeeded");
+}
+
+#[test]
+fn an_agent_cannot_read_or_report_another_agents_job() {
+    let fleet = Fleet::start();
+    let _controller = fleet.controller();
+    let _agents = [
+        fleet.agent("owner", "own"),
+        fleet.agent("intruder", "other"),
+    ];
+    fleet.wait_for_agents(2);
+    fleet.apply(&(script("pause", "sleep 3") + &workflow("pause-flow", &["pause"], &[])));
+    fleet.apply(&plan("mine", &[("own", "own", "pause-flow", 0)], 1, 0));
+    fleet.run_plan("mine");
+    let mut uid = String::new();
+    assert!(eventually(Duration::from_secs(30), || {
+        uid = fleet.get(&["get", "pj", "-o", "jsonpath={.items[0].metadata.uid}"]);
+        !uid.is_empty()
+    }));
+    let credential: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fleet.state_dir("intruder").join("credential.json")).unwrap(),
+    )
+    .unwrap();
+    let bearer = format!(
+        "Bearer intruder.{}",
+        credential["credential"].as_str().unwrap()
+    );
+    let assignments = curl(&[
+        "-H",
+        &format!("Authorization: {bearer}"),
+        &format!("{}/agent/v1/assignments", fleet.gateway),
+    ]);
+    assert!(
+        assignments.ends_with("200") && !assignments.contains(&uid),
+        "{assignments}"
+    );
+    let report = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        &format!("Authorization: {bearer}"),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        "{\"sequence\": 999, \"status\": {\"phase\": \"Succeeded\"}}",
+        &format!("{}/agent/v1/jobs/{uid}/progress", fleet.gateway),
+    ]);
+    assert!(report.ends_with("403"), "{report}");
+    let wrong = curl(&[
+        "-H",
+        "Authorization: Bearer owner.not-the-credential",
+        &format!("{}/agent/v1/assignments", fleet.gateway),
+    ]);
+    assert!(wrong.ends_with("401"), "{wrong}");
+    fleet.wait_for_run("mine", &["Succeeded"]);
+    let sequence = fleet.get(&[
+        "get",
+        "pj",
+        "-o",
+        "jsonpath={.items[0].status.lastSequence}",
+    ]);
+    assert_ne!(sequence, "999", "the intruder's report changed nothing");
+}
+
+/// Body and status code of a curl request.
+fn curl(args: &[&str]) -> String {
+    let output = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
