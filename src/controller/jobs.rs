@@ -19,7 +19,7 @@ use super::context::{Context, Error};
 
 pub async fn reconcile_job(job: Arc<PatchJob>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile("PatchJob");
-    ctx.gateway.jobs_changed.notify_waiters();
+    ctx.gateway.job_changed(&job.spec.agent);
     let now = Timestamp::now();
     let mut status = job.status.clone().unwrap_or_default();
     if status.phase.is_finished() {

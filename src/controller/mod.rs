@@ -190,7 +190,21 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
     let (tasks, tasks_stream) = cache::<Task>(&client);
     let (workflows, workflows_stream) = cache::<Workflow>(&client);
     let (plans, plans_stream) = cache::<RemediationPlan>(&client);
-    let (jobs, jobs_stream) = cache::<PatchJob>(&client);
+    // The job cache wakes an agent's long-poll once the cache holds its new job.
+    let job_signals: Arc<crate::gateway::server::JobSignals> = Arc::default();
+    let (jobs, writer) = reflector::store::<PatchJob>();
+    let signals = job_signals.clone();
+    let jobs_stream = reflector::reflector(
+        writer,
+        watcher::watcher(Api::<PatchJob>::all(client.clone()), WatchConfig::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .map(move |job| {
+        if let Ok(job) = job {
+            signals.notify(&job.spec.agent);
+        }
+    });
     let (agents, agents_stream) = cache::<Agent>(&client);
     for stream in [
         scripts_stream.boxed(),
@@ -223,6 +237,7 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
             write_interval: Duration::from_secs(1),
         },
         jobs.clone(),
+        job_signals,
         heartbeats.clone(),
     );
     let router = gateway.router();

@@ -352,6 +352,7 @@ async fn advance_run(
         {
             Ok(created) => {
                 ctx.metrics.job_created();
+                ctx.gateway.job_changed(&agent.name);
                 if let Some(err) = failed {
                     let message = format!("cannot resolve the workflow: {err}");
                     let mut status = PatchJobStatus {
@@ -400,7 +401,6 @@ async fn advance_run(
             Err(err) => return Err(err.into()),
         }
     }
-    ctx.gateway.jobs_changed.notify_waiters();
 
     for job in &jobs {
         let Some(status) = &job.status else { continue };

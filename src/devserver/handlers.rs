@@ -133,7 +133,7 @@ pub async fn dispatch(
     let path = uri.path().trim_end_matches('/').to_string();
     let public = matches!(
         path.as_str(),
-        "/healthz" | "/readyz" | "/livez" | "/version"
+        "/healthz" | "/readyz" | "/livez" | "/version" | "/metrics"
     );
     // kubectl (client-go) never sends a bearer token over plain HTTP, so a request
     // without credentials is the loopback user, the dev server's admin. A request that
@@ -149,6 +149,20 @@ pub async fn dispatch(
     let started = std::time::Instant::now();
     let response = route(&server, &method, &uri, &path, &headers, body, user.as_ref()).await;
     let response = response.unwrap_or_else(IntoResponse::into_response);
+    if response.status().is_success()
+        && matches!(
+            method,
+            Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+        )
+    {
+        let key = format!("{method} {}", written_resource(&path));
+        *server
+            .writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default() += 1;
+    }
     tracing::debug!(
         %method,
         uri = %uri,
@@ -157,6 +171,43 @@ pub async fn dispatch(
         "request"
     );
     response
+}
+
+/// `resource` or `resource/subresource` of an API path, for the write counters.
+fn written_resource(path: &str) -> String {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    // /api/v1/... or /apis/group/version/...
+    let rest = match segments.first() {
+        Some(&"api") => segments.get(2..).unwrap_or_default(),
+        Some(&"apis") => segments.get(3..).unwrap_or_default(),
+        _ => return path.to_string(),
+    };
+    let rest = match rest {
+        ["namespaces", _, tail @ ..] if !tail.is_empty() => tail,
+        other => other,
+    };
+    match rest {
+        [resource, _, subresource, ..] => format!("{resource}/{subresource}"),
+        [resource, ..] => resource.to_string(),
+        [] => "namespaces".to_string(),
+    }
+}
+
+/// Write counters in the Prometheus text format.
+fn write_metrics(server: &Server) -> String {
+    let mut out = String::from("# TYPE fleetpatch_devserver_writes_total counter\n");
+    for (key, count) in server
+        .writes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        let (verb, resource) = key.split_once(' ').unwrap_or((key, ""));
+        out.push_str(&format!(
+            "fleetpatch_devserver_writes_total{{verb=\"{verb}\",resource=\"{resource}\"}} {count}\n"
+        ));
+    }
+    out
 }
 
 fn authenticate(server: &Server, headers: &HeaderMap) -> Option<Claims> {
@@ -181,6 +232,7 @@ async fn route(
         ["healthz"] | ["readyz"] | ["livez"] => {
             return Ok((StatusCode::OK, "ok").into_response());
         }
+        ["metrics"] => return Ok((StatusCode::OK, write_metrics(server)).into_response()),
         ["version"] => return ok(discovery::version()),
         ["api"] => return ok(discovery::core_versions(&server.address)),
         ["apis"] => return ok(discovery::group_list(&kinds)),

@@ -85,6 +85,9 @@ pub struct Server {
     /// host:port clients reach us on.
     pub address: String,
     pub bookmark_interval: Duration,
+    /// Successful writes by verb and resource, served at `/metrics` so benchmarks can
+    /// count what a component costs the API server.
+    pub writes: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Server {
@@ -97,6 +100,7 @@ impl Server {
             auth,
             address,
             bookmark_interval: config.bookmark_interval,
+            writes: Default::default(),
         });
         server.refresh_crds();
         for name in SYSTEM_NAMESPACES {

@@ -71,11 +71,33 @@ pub struct Gateway {
     jobs: Store<PatchJob>,
     pub heartbeats: Heartbeats,
     progress: Mutex<ProgressBook>,
-    /// Woken when jobs change, to answer long-polls.
-    pub jobs_changed: Notify,
+    /// One wake-up per agent, so a job change answers only its own agent's long-poll.
+    pub job_signals: Arc<JobSignals>,
     credential_cache: Mutex<HashMap<String, String>>,
     /// Status writes made, for metrics and the benchmark.
     pub status_writes: std::sync::atomic::AtomicU64,
+}
+
+/// Wake-ups for agents' long-polls, one per agent.
+#[derive(Default)]
+pub struct JobSignals(Mutex<HashMap<String, Arc<Notify>>>);
+
+impl JobSignals {
+    pub fn signal(&self, agent: &str) -> Arc<Notify> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(agent.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Wakes `agent`'s waiting long-poll. Call it after the job cache has the change.
+    pub fn notify(&self, agent: &str) {
+        if let Some(signal) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(agent) {
+            signal.notify_waiters();
+        }
+    }
 }
 
 /// An error answer with a JSON body.
@@ -112,6 +134,7 @@ impl Gateway {
         client: Client,
         config: GatewayConfig,
         jobs: Store<PatchJob>,
+        job_signals: Arc<JobSignals>,
         heartbeats: Heartbeats,
     ) -> Arc<Self> {
         let interval = config.write_interval;
@@ -121,10 +144,19 @@ impl Gateway {
             jobs,
             heartbeats,
             progress: Mutex::new(ProgressBook::new(interval)),
-            jobs_changed: Notify::new(),
+            job_signals,
             credential_cache: Mutex::new(HashMap::new()),
             status_writes: Default::default(),
         })
+    }
+
+    fn signal(&self, agent: &str) -> Arc<Notify> {
+        self.job_signals.signal(agent)
+    }
+
+    /// Tells `agent`'s long-poll (if any) that its jobs changed.
+    pub fn job_changed(&self, agent: &str) {
+        self.job_signals.notify(agent);
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
@@ -513,7 +545,8 @@ async fn assignments(
         Instant::now() + Duration::from_secs(query.wait_seconds).min(gateway.config.max_wait);
     loop {
         // Register interest before looking, so a change between the look and the wait is not missed.
-        let changed = gateway.jobs_changed.notified();
+        let signal = gateway.signal(&identity.agent);
+        let changed = signal.notified();
         let jobs = gateway.assignments_for(&identity.agent);
         let remaining = deadline.saturating_duration_since(Instant::now());
         if !jobs.is_empty() || remaining.is_zero() {
