@@ -471,7 +471,13 @@ fn prune_walk(schema: &Value, value: &mut Value, path: &str, root: bool, pruned:
         Value::Array(items) => {
             if let Some(item_schema) = schema.get("items") {
                 for (index, item) in items.iter_mut().enumerate() {
-                    prune_walk(item_schema, item, &format!("{path}[{index}]"), false, pruned);
+                    prune_walk(
+                        item_schema,
+                        item,
+                        &format!("{path}[{index}]"),
+                        false,
+                        pruned,
+                    );
                 }
             }
         }

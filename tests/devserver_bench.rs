@@ -27,7 +27,9 @@ fn script(i: usize) -> Script {
     // ~2 KiB per object once serialized.
     let mut content = String::from("#!/bin/bash\nset -eu\n");
     while content.len() < 1900 {
-        content.push_str(&format!("echo \"step {i}: checking patch level and free space\"\n"));
+        content.push_str(&format!(
+            "echo \"step {i}: checking patch level and free space\"\n"
+        ));
     }
     Script::new(
         &format!("bench-{i:05}"),
@@ -54,9 +56,13 @@ async fn ten_thousand_objects() {
     let client = Client::try_from(config).unwrap();
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in fleetpatch::api::crds() {
-        crds.patch(&crd.name_any(), &PatchParams::apply("bench").force(), &Patch::Apply(&crd))
-            .await
-            .unwrap();
+        crds.patch(
+            &crd.name_any(),
+            &PatchParams::apply("bench").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
     }
     let scripts: Api<Script> = Api::namespaced(client.clone(), "default");
     let size = serde_json::to_vec(&script(0)).unwrap().len();
@@ -102,7 +108,9 @@ async fn ten_thousand_objects() {
                 if i >= OBJECTS {
                     return;
                 }
-                api.create(&PostParams::default(), &script(i)).await.unwrap();
+                api.create(&PostParams::default(), &script(i))
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -128,11 +136,16 @@ async fn ten_thousand_objects() {
     let rss_end = server.rss_kib().unwrap_or_default();
 
     let rate = OBJECTS as f64 / create_time.as_secs_f64();
-    println!("creates: {OBJECTS} in {create_time:.2?} = {rate:.0}/s ({CONCURRENCY} concurrent clients)");
+    println!(
+        "creates: {OBJECTS} in {create_time:.2?} = {rate:.0}/s ({CONCURRENCY} concurrent clients)"
+    );
     println!(
         "watch fan-out: all {WATCHERS} watchers saw all {OBJECTS} ADDED events {fan_out:.2?} after the first create"
     );
-    println!("full list: {OBJECTS} objects ({:.1} MiB) in {list_time:.2?}", list_bytes as f64 / 1048576.0);
+    println!(
+        "full list: {OBJECTS} objects ({:.1} MiB) in {list_time:.2?}",
+        list_bytes as f64 / 1048576.0
+    );
     println!(
         "server RSS: {:.1} MiB at start, {:.1} MiB after (targets: >= 2000 creates/s, list <= 1 s, RSS <= 300 MiB)",
         rss_start as f64 / 1024.0,

@@ -50,10 +50,20 @@ fn helm_installs_upgrades_and_uninstalls_a_chart() {
         );
         stdout
     };
-    let installed = helm_run(&["install", "smoke", chart.to_str().unwrap(), "--wait=hookOnly"]);
+    let installed = helm_run(&[
+        "install",
+        "smoke",
+        chart.to_str().unwrap(),
+        "--wait=hookOnly",
+    ]);
     assert!(installed.contains("STATUS: deployed"), "{installed}");
     let objects = server.kubectl_ok(&[
-        "get", "configmap,serviceaccount,deployment,scripts", "-l", "app.kubernetes.io/instance=smoke", "-o", "name",
+        "get",
+        "configmap,serviceaccount,deployment,scripts",
+        "-l",
+        "app.kubernetes.io/instance=smoke",
+        "-o",
+        "name",
     ]);
     for name in [
         "configmap/smoke-settings",
@@ -66,26 +76,62 @@ fn helm_installs_upgrades_and_uninstalls_a_chart() {
     // helm keeps its release in a Secret.
     server.kubectl_ok(&["get", "secret", "sh.helm.release.v1.smoke.v1"]);
 
-    helm_run(&["upgrade", "smoke", chart.to_str().unwrap(), "--set", "greeting=bye", "--set", "replicas=2"]);
-    let greeting = server.kubectl_ok(&["get", "configmap", "smoke-settings", "-o", "jsonpath={.data.greeting}"]);
+    helm_run(&[
+        "upgrade",
+        "smoke",
+        chart.to_str().unwrap(),
+        "--set",
+        "greeting=bye",
+        "--set",
+        "replicas=2",
+    ]);
+    let greeting = server.kubectl_ok(&[
+        "get",
+        "configmap",
+        "smoke-settings",
+        "-o",
+        "jsonpath={.data.greeting}",
+    ]);
     assert_eq!(greeting, "bye");
-    let replicas = server.kubectl_ok(&["get", "deployment", "smoke-web", "-o", "jsonpath={.spec.replicas}"]);
+    let replicas = server.kubectl_ok(&[
+        "get",
+        "deployment",
+        "smoke-web",
+        "-o",
+        "jsonpath={.spec.replicas}",
+    ]);
     assert_eq!(replicas, "2");
     let listed = helm_run(&["list"]);
-    assert!(listed.contains("smoke") && listed.contains("deployed"), "{listed}");
+    assert!(
+        listed.contains("smoke") && listed.contains("deployed"),
+        "{listed}"
+    );
 
     helm_run(&["uninstall", "smoke"]);
-    let left = server.kubectl_ok(&["get", "configmap,deployment,scripts", "-l", "app.kubernetes.io/instance=smoke", "-o", "name"]);
+    let left = server.kubectl_ok(&[
+        "get",
+        "configmap,deployment,scripts",
+        "-l",
+        "app.kubernetes.io/instance=smoke",
+        "-o",
+        "name",
+    ]);
     assert!(left.trim().is_empty(), "left behind: {left}");
 }
 
 #[test]
 fn the_newer_kubectl_works_too() {
-    let Some(kubectl) = tool("kubectl") else { return };
+    let Some(kubectl) = tool("kubectl") else {
+        return;
+    };
     let home = tempfile::tempdir().unwrap();
     let server = DevServer::start(home.path(), None);
     let run = |args: &[&str]| {
-        let output = server.command(kubectl.to_str().unwrap()).args(args).output().unwrap();
+        let output = server
+            .command(kubectl.to_str().unwrap())
+            .args(args)
+            .output()
+            .unwrap();
         assert!(
             output.status.success(),
             "kubectl {args:?} failed: {}",
@@ -96,7 +142,14 @@ fn the_newer_kubectl_works_too() {
     run(&["apply", "-f", "crds/"]);
     run(&["create", "namespace", "fleetpatch-system"]);
     run(&["apply", "-f", "examples/", "--recursive"]);
-    run(&["apply", "--server-side", "-f", "examples/linux/", "--recursive", "--force-conflicts"]);
+    run(&[
+        "apply",
+        "--server-side",
+        "-f",
+        "examples/linux/",
+        "--recursive",
+        "--force-conflicts",
+    ]);
     let resources = run(&["api-resources", "--categories=fleetpatch"]);
     assert!(resources.contains("patchjobs"), "{resources}");
     let tasks = run(&["get", "tasks"]);

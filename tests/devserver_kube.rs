@@ -64,7 +64,10 @@ async fn reflector_survives_a_restart_of_a_persistent_server() {
         .unwrap();
     }
     let agents: Api<Agent> = Api::all(client.clone());
-    agents.create(&PostParams::default(), &agent("before-restart")).await.unwrap();
+    agents
+        .create(&PostParams::default(), &agent("before-restart"))
+        .await
+        .unwrap();
 
     let (reader, writer) = reflector::store::<Agent>();
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -84,11 +87,31 @@ async fn reflector_survives_a_restart_of_a_persistent_server() {
     });
 
     reader.wait_until_ready().await.unwrap();
-    wait_for("the first agent", || reader.state().iter().any(|a| a.name_any() == "before-restart")).await;
-    agents.create(&PostParams::default(), &agent("second")).await.unwrap();
+    wait_for("the first agent", || {
+        reader
+            .state()
+            .iter()
+            .any(|a| a.name_any() == "before-restart")
+    })
+    .await;
+    agents
+        .create(&PostParams::default(), &agent("second"))
+        .await
+        .unwrap();
     wait_for("the second agent", || reader.state().len() == 2).await;
-    let rv_before: u64 = agents.get("second").await.unwrap().resource_version().unwrap().parse().unwrap();
-    assert!(errors.lock().unwrap().is_empty(), "errors before the restart: {:?}", errors.lock().unwrap());
+    let rv_before: u64 = agents
+        .get("second")
+        .await
+        .unwrap()
+        .resource_version()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "errors before the restart: {:?}",
+        errors.lock().unwrap()
+    );
 
     // Restart on the same port with the same data.
     let port = server.port;
@@ -99,17 +122,29 @@ async fn reflector_survives_a_restart_of_a_persistent_server() {
     // Objects survived and versions keep rising.
     let kept = agents.get("before-restart").await.unwrap();
     assert_eq!(kept.spec.os, OperatingSystem::Linux);
-    let third = agents.create(&PostParams::default(), &agent("after-restart")).await.unwrap();
+    let third = agents
+        .create(&PostParams::default(), &agent("after-restart"))
+        .await
+        .unwrap();
     let rv_after: u64 = third.resource_version().unwrap().parse().unwrap();
     assert!(rv_after > rv_before, "{rv_after} <= {rv_before}");
 
     // The reflector catches up with changes made after the restart.
     wait_for("the agent created after the restart", || {
-        reader.state().iter().any(|a| a.name_any() == "after-restart")
+        reader
+            .state()
+            .iter()
+            .any(|a| a.name_any() == "after-restart")
     })
     .await;
-    agents.delete("second", &DeleteParams::default()).await.unwrap();
-    wait_for("the deletion", || !reader.state().iter().any(|a| a.name_any() == "second")).await;
+    agents
+        .delete("second", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for("the deletion", || {
+        !reader.state().iter().any(|a| a.name_any() == "second")
+    })
+    .await;
 
     // Only connection failures while the server was down are acceptable: no API,
     // decoding or "resource version too old" errors.
@@ -117,11 +152,17 @@ async fn reflector_survives_a_restart_of_a_persistent_server() {
     eprintln!("watcher errors across the restart: {errors:?}");
     for err in &errors {
         assert!(
-            !err.contains("ApiError") && !err.contains("410") && !err.contains("decode") && !err.contains("Serde"),
+            !err.contains("ApiError")
+                && !err.contains("410")
+                && !err.contains("decode")
+                && !err.contains("Serde"),
             "unexpected watcher error: {err}"
         );
     }
-    assert!(errors.len() <= errors_at_restart + 3, "errors kept coming after the restart: {errors:?}");
+    assert!(
+        errors.len() <= errors_at_restart + 3,
+        "errors kept coming after the restart: {errors:?}"
+    );
     task.abort();
     drop(server);
 }

@@ -40,7 +40,13 @@ spec:
 fn api_resources_lists_our_kinds_with_short_names_and_categories() {
     let (_home, server) = server();
     let before = server.kubectl_ok(&["api-resources"]);
-    for builtin in ["namespaces", "configmaps", "leases", "customresourcedefinitions", "deployments"] {
+    for builtin in [
+        "namespaces",
+        "configmaps",
+        "leases",
+        "customresourcedefinitions",
+        "deployments",
+    ] {
         assert!(before.contains(builtin), "{builtin} missing:\n{before}");
     }
     server.kubectl_ok(&["apply", "-f", "crds/"]);
@@ -70,7 +76,11 @@ fn examples_apply_and_show_printer_columns_yaml_and_explain() {
     server.kubectl_ok(&["apply", "-f", "examples/", "--recursive"]);
 
     let all = server.kubectl_ok(&["get", "fleetpatch"]);
-    for name in ["task.fleetpatch.io/ie-disable-first-run", "workflow.fleetpatch.io/windows-standard", "remediationplan.fleetpatch.io/weekly-security"] {
+    for name in [
+        "task.fleetpatch.io/ie-disable-first-run",
+        "workflow.fleetpatch.io/windows-standard",
+        "remediationplan.fleetpatch.io/weekly-security",
+    ] {
         assert!(all.contains(name), "{name} missing:\n{all}");
     }
     let tasks = server.kubectl_ok(&["get", "tasks"]);
@@ -78,13 +88,22 @@ fn examples_apply_and_show_printer_columns_yaml_and_explain() {
     for column in ["NAME", "OS", "TYPE", "TIMEOUT", "AGE"] {
         assert!(header.contains(column), "column {column} missing: {header}");
     }
-    let ie = tasks.lines().find(|l| l.starts_with("ie-disable-first-run")).unwrap();
-    assert!(ie.contains("Windows") && ie.contains("ChangeRegistryKey"), "{ie}");
+    let ie = tasks
+        .lines()
+        .find(|l| l.starts_with("ie-disable-first-run"))
+        .unwrap();
+    assert!(
+        ie.contains("Windows") && ie.contains("ChangeRegistryKey"),
+        "{ie}"
+    );
 
     let yaml = server.kubectl_ok(&["get", "task", "ie-disable-first-run", "-o", "yaml"]);
     assert!(yaml.contains("uid: "), "{yaml}");
     assert!(yaml.contains("generation: 1"), "{yaml}");
-    assert!(yaml.contains("successExitCodes:"), "defaults were not applied:\n{yaml}");
+    assert!(
+        yaml.contains("successExitCodes:"),
+        "defaults were not applied:\n{yaml}"
+    );
 
     let explain = server.kubectl_ok(&["explain", "patchjob.spec"]);
     assert!(explain.contains("KIND:       PatchJob"), "{explain}");
@@ -99,14 +118,33 @@ fn patch_label_status_and_wait_like_a_cluster() {
     server.kubectl_ok(&["apply", "-f", "examples/linux/", "--recursive"]);
 
     // Merge patch of the spec bumps the generation.
-    server.kubectl_ok(&["patch", "task", "check-disk-space", "--type=merge", "-p", r#"{"spec":{"timeoutMinutes":7}}"#]);
-    let task = server.kubectl_ok(&["get", "task", "check-disk-space", "-o", "jsonpath={.spec.timeoutMinutes} {.metadata.generation}"]);
+    server.kubectl_ok(&[
+        "patch",
+        "task",
+        "check-disk-space",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"timeoutMinutes":7}}"#,
+    ]);
+    let task = server.kubectl_ok(&[
+        "get",
+        "task",
+        "check-disk-space",
+        "-o",
+        "jsonpath={.spec.timeoutMinutes} {.metadata.generation}",
+    ]);
     assert_eq!(task, "7 2");
     // A label is metadata: no new generation.
     server.kubectl_ok(&["label", "task", "check-disk-space", "tier=gold"]);
     let labelled = server.kubectl_ok(&["get", "tasks", "-l", "tier=gold", "-o", "name"]);
     assert_eq!(labelled.trim(), "task.fleetpatch.io/check-disk-space");
-    let generation = server.kubectl_ok(&["get", "task", "check-disk-space", "-o", "jsonpath={.metadata.generation}"]);
+    let generation = server.kubectl_ok(&[
+        "get",
+        "task",
+        "check-disk-space",
+        "-o",
+        "jsonpath={.metadata.generation}",
+    ]);
     assert_eq!(generation, "2");
 
     // Server-side apply twice; the second leaves a label out, and it is gone.
@@ -120,8 +158,18 @@ fn patch_label_status_and_wait_like_a_cluster() {
     assert!(!labels.contains("team"), "label still there: {labels}");
     // Another manager changing an applied field conflicts unless forced.
     let changed = home.path().join("job3.yaml");
-    std::fs::write(&changed, PATCH_JOB.replace("plan: weekly-security", "plan: other")).unwrap();
-    let err = server.kubectl_err(&["apply", "--server-side", "--field-manager=someone-else", "-f", changed.to_str().unwrap()]);
+    std::fs::write(
+        &changed,
+        PATCH_JOB.replace("plan: weekly-security", "plan: other"),
+    )
+    .unwrap();
+    let err = server.kubectl_err(&[
+        "apply",
+        "--server-side",
+        "--field-manager=someone-else",
+        "-f",
+        changed.to_str().unwrap(),
+    ]);
     assert!(err.contains("conflict"), "{err}");
     assert!(err.contains(".spec.plan"), "{err}");
 
@@ -134,12 +182,29 @@ fn patch_label_status_and_wait_like_a_cluster() {
     let row = server.kubectl_ok(&["get", "pj", "job-1", "--no-headers"]);
     assert!(row.contains("Running") && row.contains("host-1"), "{row}");
     // Status written to the main resource is ignored.
-    server.kubectl_ok(&["patch", "pj", "job-1", "--type=merge", "-p", r#"{"status":{"phase":"Failed"}}"#]);
+    server.kubectl_ok(&[
+        "patch",
+        "pj",
+        "job-1",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Failed"}}"#,
+    ]);
     let phase = server.kubectl_ok(&["get", "pj", "job-1", "-o", "jsonpath={.status.phase}"]);
     assert_eq!(phase, "Running");
     // The spec of a PatchJob is immutable (a CEL transition rule with oldSelf).
-    let err = server.kubectl_err(&["patch", "pj", "job-1", "--type=merge", "-p", r#"{"spec":{"agent":"host-2"}}"#]);
-    assert!(err.contains("is invalid") && err.contains("immutable"), "{err}");
+    let err = server.kubectl_err(&[
+        "patch",
+        "pj",
+        "job-1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"agent":"host-2"}}"#,
+    ]);
+    assert!(
+        err.contains("is invalid") && err.contains("immutable"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -161,10 +226,22 @@ fn get_watch_sees_an_update() {
         }
     });
     // The initial listing comes first.
-    let first = rx.recv_timeout(Duration::from_secs(20)).expect("watch prints");
-    assert!(first.contains("EVENT") || first.contains("ADDED"), "{first}");
+    let first = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("watch prints");
+    assert!(
+        first.contains("EVENT") || first.contains("ADDED"),
+        "{first}"
+    );
     std::thread::sleep(Duration::from_millis(500));
-    server.kubectl_ok(&["patch", "task", "check-disk-space", "--type=merge", "-p", r#"{"spec":{"timeoutMinutes":9}}"#]);
+    server.kubectl_ok(&[
+        "patch",
+        "task",
+        "check-disk-space",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"timeoutMinutes":9}}"#,
+    ]);
     let mut seen = false;
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(15)) {
         if line.contains("MODIFIED") && line.contains("check-disk-space") {
@@ -182,7 +259,14 @@ fn get_watch_sees_an_update() {
 fn delete_waits_for_finalizers_and_owners_take_dependents_along() {
     let (_home, server) = server();
     server.kubectl_ok(&["create", "configmap", "held", "--from-literal=a=b"]);
-    server.kubectl_ok(&["patch", "configmap", "held", "--type=merge", "-p", r#"{"metadata":{"finalizers":["example.com/hold"]}}"#]);
+    server.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "held",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":["example.com/hold"]}}"#,
+    ]);
     let mut delete = server
         .command(&kubectl_bin())
         .args(["delete", "configmap", "held", "--timeout=60s"])
@@ -191,27 +275,64 @@ fn delete_waits_for_finalizers_and_owners_take_dependents_along() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    assert!(delete.try_wait().unwrap().is_none(), "delete returned while the finalizer was there");
-    let stamp = server.kubectl_ok(&["get", "configmap", "held", "-o", "jsonpath={.metadata.deletionTimestamp}"]);
+    assert!(
+        delete.try_wait().unwrap().is_none(),
+        "delete returned while the finalizer was there"
+    );
+    let stamp = server.kubectl_ok(&[
+        "get",
+        "configmap",
+        "held",
+        "-o",
+        "jsonpath={.metadata.deletionTimestamp}",
+    ]);
     assert!(!stamp.is_empty(), "no deletionTimestamp");
-    server.kubectl_ok(&["patch", "configmap", "held", "--type=json", "-p", r#"[{"op":"remove","path":"/metadata/finalizers"}]"#]);
-    let finished = eventually(Duration::from_secs(20), || delete.try_wait().unwrap().is_some());
-    assert!(finished, "delete did not finish after the finalizer was removed");
+    server.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "held",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ]);
+    let finished = eventually(Duration::from_secs(20), || {
+        delete.try_wait().unwrap().is_some()
+    });
+    assert!(
+        finished,
+        "delete did not finish after the finalizer was removed"
+    );
     assert!(delete.wait().unwrap().success());
     let err = server.kubectl_err(&["get", "configmap", "held"]);
-    assert!(err.contains("NotFound") || err.contains("not found"), "{err}");
+    assert!(
+        err.contains("NotFound") || err.contains("not found"),
+        "{err}"
+    );
 
     // Garbage collection: a dependent goes when its only owner goes.
     server.kubectl_ok(&["create", "configmap", "owner"]);
-    let uid = server.kubectl_ok(&["get", "configmap", "owner", "-o", "jsonpath={.metadata.uid}"]);
+    let uid = server.kubectl_ok(&[
+        "get",
+        "configmap",
+        "owner",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
     let dependent = format!(
         r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"dependent","ownerReferences":[{{"apiVersion":"v1","kind":"ConfigMap","name":"owner","uid":"{uid}"}}]}}}}"#
     );
     let out = server.kubectl_stdin(&["apply", "-f", "-"], &dependent);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     server.kubectl_ok(&["delete", "configmap", "owner"]);
     let collected = eventually(Duration::from_secs(10), || {
-        !server.kubectl(&["get", "configmap", "dependent"]).status.success()
+        !server
+            .kubectl(&["get", "configmap", "dependent"])
+            .status
+            .success()
     });
     assert!(collected, "the dependent was not garbage-collected");
 }
@@ -220,7 +341,10 @@ fn delete_waits_for_finalizers_and_owners_take_dependents_along() {
 fn invalid_manifests_are_refused_with_the_field_named() {
     let (home, server) = server();
     server.kubectl_ok(&["apply", "-f", "crds/"]);
-    let example = std::fs::read_to_string(devserver_support::repo().join("examples/windows/internet-explorer-registry.yaml")).unwrap();
+    let example = std::fs::read_to_string(
+        devserver_support::repo().join("examples/windows/internet-explorer-registry.yaml"),
+    )
+    .unwrap();
     let bad = example.replace(
         r"keyPath: HKEY_LOCAL_MACHINE\SOFTWARE\Policies\Microsoft\Internet Explorer\Main",
         r#"keyPath: "HKEY_LOCAL_MACHINE\\SOFTWARE\\Policies\\""#,
@@ -237,21 +361,38 @@ fn invalid_manifests_are_refused_with_the_field_named() {
     let bad_os = example.replace("os: Windows", "os: Solaris");
     std::fs::write(&path, &bad_os).unwrap();
     let err = server.kubectl_err(&["apply", "-f", path.to_str().unwrap()]);
-    assert!(err.contains("spec.os") && err.contains("Unsupported value"), "{err}");
+    assert!(
+        err.contains("spec.os") && err.contains("Unsupported value"),
+        "{err}"
+    );
 
     // Unknown fields: kubectl asks for strict validation by default...
-    let unknown = example.replace("  timeoutMinutes: 5\n", "  timeoutMinutes: 5\n  bogus: true\n");
+    let unknown = example.replace(
+        "  timeoutMinutes: 5\n",
+        "  timeoutMinutes: 5\n  bogus: true\n",
+    );
     std::fs::write(&path, &unknown).unwrap();
     let err = server.kubectl_err(&["apply", "-f", path.to_str().unwrap()]);
     assert!(err.contains(r#"unknown field "spec.bogus""#), "{err}");
     // ...and without it the field is pruned, with a warning.
     let out = server.kubectl(&["apply", "--validate=false", "-f", path.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let spec = server.kubectl_ok(&["get", "task", "ie-disable-first-run", "-o", "jsonpath={.spec}"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spec = server.kubectl_ok(&[
+        "get",
+        "task",
+        "ie-disable-first-run",
+        "-o",
+        "jsonpath={.spec}",
+    ]);
     assert!(!spec.contains("bogus"), "{spec}");
 
     // The same test fixtures the offline validator uses are refused by the server.
-    let fixture = devserver_support::repo().join("tests/fixtures/bad/registry-key-trailing-backslash.yaml");
+    let fixture =
+        devserver_support::repo().join("tests/fixtures/bad/registry-key-trailing-backslash.yaml");
     if fixture.exists() {
         let err = server.kubectl_err(&["apply", "-f", fixture.to_str().unwrap()]);
         assert!(err.contains("keyPath"), "{err}");

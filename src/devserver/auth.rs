@@ -141,6 +141,11 @@ mod tests {
     fn the_key_survives_in_the_data_dir() {
         let dir = tempfile::tempdir().unwrap();
         let token = Auth::open(Some(dir.path())).unwrap().admin_token();
-        assert!(Auth::open(Some(dir.path())).unwrap().verify(&token).is_some());
+        assert!(
+            Auth::open(Some(dir.path()))
+                .unwrap()
+                .verify(&token)
+                .is_some()
+        );
     }
 }

@@ -286,7 +286,8 @@ pub fn openapi_document(kinds: &[Arc<ResourceKind>], group: &str, version: &str)
             "patch": operation(kind, "patch", &schema_ref, &["dryRun", "fieldManager", "fieldValidation", "force"]),
             "delete": operation(kind, "delete", &schema_ref, &["dryRun", "propagationPolicy"]),
         });
-        item["parameters"] = json!([{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}]);
+        item["parameters"] =
+            json!([{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}]);
         paths.insert(
             collection.clone(),
             json!({
@@ -350,7 +351,13 @@ mod tests {
         registry.set_crds(crds.iter());
         let kinds = registry.all();
         let groups = group_list(&kinds);
-        assert!(groups["groups"].as_array().unwrap().iter().any(|g| g["name"] == "fleetpatch.io"));
+        assert!(
+            groups["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|g| g["name"] == "fleetpatch.io")
+        );
         let list = resource_list(&kinds, "fleetpatch.io", "v1alpha1").unwrap();
         let pj = list["resources"]
             .as_array()
@@ -363,8 +370,18 @@ mod tests {
         let doc = openapi_document(&kinds, "fleetpatch.io", "v1alpha1").unwrap();
         let schema = &doc["components"]["schemas"]["io.fleetpatch.v1alpha1.PatchJob"];
         assert!(schema["properties"]["spec"]["properties"]["agent"].is_object());
-        let patch = &doc["paths"]["/apis/fleetpatch.io/v1alpha1/namespaces/{namespace}/patchjobs/{name}"]["patch"];
-        assert!(patch["parameters"].as_array().unwrap().iter().any(|p| p["name"] == "fieldValidation"));
-        assert!(openapi_index(&kinds)["paths"]["apis/fleetpatch.io/v1alpha1"]["serverRelativeURL"].is_string());
+        let patch = &doc["paths"]["/apis/fleetpatch.io/v1alpha1/namespaces/{namespace}/patchjobs/{name}"]
+            ["patch"];
+        assert!(
+            patch["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "fieldValidation")
+        );
+        assert!(
+            openapi_index(&kinds)["paths"]["apis/fleetpatch.io/v1alpha1"]["serverRelativeURL"]
+                .is_string()
+        );
     }
 }

@@ -131,7 +131,10 @@ pub async fn dispatch(
     body: Bytes,
 ) -> Response {
     let path = uri.path().trim_end_matches('/').to_string();
-    let public = matches!(path.as_str(), "/healthz" | "/readyz" | "/livez" | "/version");
+    let public = matches!(
+        path.as_str(),
+        "/healthz" | "/readyz" | "/livez" | "/version"
+    );
     // kubectl (client-go) never sends a bearer token over plain HTTP, so a request
     // without credentials is the loopback user, the dev server's admin. A request that
     // does carry a token must carry one this server issued.
@@ -224,18 +227,48 @@ async fn route(
                 return Err(ApiError::NoRoute);
             }
             match tail {
-                [] => Target { kind, namespace: Some(ns.to_string()), name: None, subresource: None },
-                [name] => Target { kind, namespace: Some(ns.to_string()), name: Some(name.to_string()), subresource: None },
-                [name, sub] => Target { kind, namespace: Some(ns.to_string()), name: Some(name.to_string()), subresource: Some(sub.to_string()) },
+                [] => Target {
+                    kind,
+                    namespace: Some(ns.to_string()),
+                    name: None,
+                    subresource: None,
+                },
+                [name] => Target {
+                    kind,
+                    namespace: Some(ns.to_string()),
+                    name: Some(name.to_string()),
+                    subresource: None,
+                },
+                [name, sub] => Target {
+                    kind,
+                    namespace: Some(ns.to_string()),
+                    name: Some(name.to_string()),
+                    subresource: Some(sub.to_string()),
+                },
                 _ => return Err(ApiError::NoRoute),
             }
         }
         [plural, tail @ ..] => {
             let kind = find(plural).ok_or(ApiError::NoRoute)?;
             match tail {
-                [] => Target { kind, namespace: None, name: None, subresource: None },
-                [name] if !kind.namespaced => Target { kind, namespace: None, name: Some(name.to_string()), subresource: None },
-                [name, sub] if !kind.namespaced => Target { kind, namespace: None, name: Some(name.to_string()), subresource: Some(sub.to_string()) },
+                [] => Target {
+                    kind,
+                    namespace: None,
+                    name: None,
+                    subresource: None,
+                },
+                [name] if !kind.namespaced => Target {
+                    kind,
+                    namespace: None,
+                    name: Some(name.to_string()),
+                    subresource: None,
+                },
+                [name, sub] if !kind.namespaced => Target {
+                    kind,
+                    namespace: None,
+                    name: Some(name.to_string()),
+                    subresource: Some(sub.to_string()),
+                },
                 _ => return Err(ApiError::NoRoute),
             }
         }
@@ -324,15 +357,33 @@ fn without_volatile(object: &Value) -> Value {
     copy
 }
 
+/// The object without resourceVersion and managedFields timestamps.
+fn without_times(object: &Value) -> Value {
+    let mut copy = object.clone();
+    if let Some(meta) = copy["metadata"].as_object_mut() {
+        meta.remove("resourceVersion");
+        if let Some(Value::Array(entries)) = meta.get_mut("managedFields") {
+            for entry in entries {
+                if let Some(entry) = entry.as_object_mut() {
+                    entry.remove("time");
+                }
+            }
+        }
+    }
+    copy
+}
+
 fn map_store_error(target: &Target, err: StoreError) -> ApiError {
     let kind = &target.kind;
     match err {
         StoreError::NotFound => target.not_found(),
-        StoreError::AlreadyExists => ApiError::already_exists(&kind.group, &kind.plural, target.name()),
+        StoreError::AlreadyExists => {
+            ApiError::already_exists(&kind.group, &kind.plural, target.name())
+        }
         StoreError::Conflict => ApiError::conflict(&kind.group, &kind.plural, target.name()),
-        StoreError::Gone { requested, oldest } => ApiError::Gone(format!(
-            "too old resource version: {requested} ({oldest})"
-        )),
+        StoreError::Gone { requested, oldest } => {
+            ApiError::Gone(format!("too old resource version: {requested} ({oldest})"))
+        }
         StoreError::Journal(err) => ApiError::Internal(err.to_string()),
     }
 }
@@ -369,13 +420,22 @@ impl Request<'_> {
         FieldValidation::parse(self.query.get("fieldValidation").map(String::as_str))
     }
 
-    fn respond(&self, target: &Target, code: StatusCode, object: &Value, warnings: &[String]) -> Response {
+    fn respond(
+        &self,
+        target: &Target,
+        code: StatusCode,
+        object: &Value,
+        warnings: &[String],
+    ) -> Response {
         if wants_table(self.headers) {
             let table = table::render(
                 &target.kind,
                 &[object],
                 json!({"resourceVersion": object["metadata"]["resourceVersion"]}),
-                self.query.get("includeObject").map(String::as_str).unwrap_or("Metadata"),
+                self.query
+                    .get("includeObject")
+                    .map(String::as_str)
+                    .unwrap_or("Metadata"),
                 true,
             );
             return json_response(code, &table, warnings);
@@ -393,27 +453,47 @@ impl Request<'_> {
     }
 
     fn selectors(&self) -> Result<(LabelSelector, FieldSelector), ApiError> {
-        let labels = LabelSelector::parse(self.query.get("labelSelector").map(String::as_str).unwrap_or(""))
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let fields = FieldSelector::parse(self.query.get("fieldSelector").map(String::as_str).unwrap_or(""))
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let labels = LabelSelector::parse(
+            self.query
+                .get("labelSelector")
+                .map(String::as_str)
+                .unwrap_or(""),
+        )
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let fields = FieldSelector::parse(
+            self.query
+                .get("fieldSelector")
+                .map(String::as_str)
+                .unwrap_or(""),
+        )
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         Ok((labels, fields))
     }
 
     fn list(&self, target: &Target) -> Result<Response, ApiError> {
         let (labels, fields) = self.selectors()?;
-        let (items, rv) = self.server.store.list(&target.key(), target.namespace.as_deref());
-        let start_after: Option<(String, String)> = match self.query.get("continue").filter(|c| !c.is_empty()) {
-            Some(token) => {
-                let decoded = base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, token)
+        let (items, rv) = self
+            .server
+            .store
+            .list(&target.key(), target.namespace.as_deref());
+        let start_after: Option<(String, String)> =
+            match self.query.get("continue").filter(|c| !c.is_empty()) {
+                Some(token) => {
+                    let decoded = base64::Engine::decode(
+                        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                        token,
+                    )
                     .ok()
                     .and_then(|b| String::from_utf8(b).ok())
-                    .and_then(|s| s.split_once('\0').map(|(a, b)| (a.to_string(), b.to_string())))
+                    .and_then(|s| {
+                        s.split_once('\0')
+                            .map(|(a, b)| (a.to_string(), b.to_string()))
+                    })
                     .ok_or_else(|| ApiError::BadRequest("invalid continue token".into()))?;
-                Some(decoded)
-            }
-            None => None,
-        };
+                    Some(decoded)
+                }
+                None => None,
+            };
         let limit: usize = self
             .query
             .get("limit")
@@ -422,8 +502,14 @@ impl Request<'_> {
             .unwrap_or(usize::MAX);
         let key_of = |o: &Value| {
             (
-                o["metadata"]["namespace"].as_str().unwrap_or_default().to_string(),
-                o["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+                o["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
             )
         };
         let mut selected: Vec<&Value> = Vec::new();
@@ -459,7 +545,10 @@ impl Request<'_> {
                 &target.kind,
                 &selected,
                 meta,
-                self.query.get("includeObject").map(String::as_str).unwrap_or("Metadata"),
+                self.query
+                    .get("includeObject")
+                    .map(String::as_str)
+                    .unwrap_or("Metadata"),
                 true,
             );
             return Ok(json_response(StatusCode::OK, &table, &[]));
@@ -475,7 +564,9 @@ impl Request<'_> {
         let api_version = target.kind.api_version();
         let converted: Vec<Value>;
         let items: Vec<&Value> = if target.kind.custom
-            && selected.iter().any(|o| o["apiVersion"].as_str() != Some(api_version.as_str()))
+            && selected
+                .iter()
+                .any(|o| o["apiVersion"].as_str() != Some(api_version.as_str()))
         {
             converted = selected.iter().map(|o| present(&target.kind, o)).collect();
             converted.iter().collect()
@@ -516,7 +607,11 @@ impl Request<'_> {
         let namespace = target.namespace.clone();
         let (tx, rx) = mpsc::channel::<Bytes>(256);
         let as_table = wants_table(self.headers);
-        let include_object = self.query.get("includeObject").cloned().unwrap_or_else(|| "Metadata".into());
+        let include_object = self
+            .query
+            .get("includeObject")
+            .cloned()
+            .unwrap_or_else(|| "Metadata".into());
         let kind = target.kind.clone();
         let store_ref = self.server.clone();
         let interval = self.server.bookmark_interval;
@@ -532,7 +627,8 @@ impl Request<'_> {
                 } else {
                     present(&kind, object)
                 };
-                let mut line = serde_json::to_vec(&json!({"type": kind_name, "object": object})).unwrap_or_default();
+                let mut line = serde_json::to_vec(&json!({"type": kind_name, "object": object}))
+                    .unwrap_or_default();
                 line.push(b'\n');
                 Bytes::from(line)
             };
@@ -555,7 +651,10 @@ impl Request<'_> {
             let mut last = since.unwrap_or(subscription.rv);
             for change in subscription.backlog.drain(..) {
                 if matches(&change.object)
-                    && tx.send(encode(change.kind.as_str(), &change.object, &mut first)).await.is_err()
+                    && tx
+                        .send(encode(change.kind.as_str(), &change.object, &mut first))
+                        .await
+                        .is_err()
                 {
                     return;
                 }
@@ -563,7 +662,9 @@ impl Request<'_> {
             }
             last = last.max(subscription.rv);
             if send_initial {
-                let _ = tx.send(encode("BOOKMARK", &bookmark(last, true), &mut first)).await;
+                let _ = tx
+                    .send(encode("BOOKMARK", &bookmark(last, true), &mut first))
+                    .await;
             }
             let deadline = tokio::time::sleep(timeout);
             tokio::pin!(deadline);
@@ -600,25 +701,37 @@ impl Request<'_> {
                     }
                     last = change.rv;
                     if change.key != key
-                        || namespace.as_deref().is_some_and(|ns| ns != change.namespace)
+                        || namespace
+                            .as_deref()
+                            .is_some_and(|ns| ns != change.namespace)
                         || !matches(&change.object)
                     {
                         continue;
                     }
-                    if tx.send(encode(change.kind.as_str(), &change.object, &mut first)).await.is_err() {
+                    if tx
+                        .send(encode(change.kind.as_str(), &change.object, &mut first))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
             }
         });
         let stream = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|bytes| (Ok::<_, Infallible>(bytes), rx))
+            rx.recv()
+                .await
+                .map(|bytes| (Ok::<_, Infallible>(bytes), rx))
         });
         let mut response = Response::new(Body::from_stream(stream));
-        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        response
-            .headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache, private"),
+        );
         Ok(response)
     }
 
@@ -644,7 +757,9 @@ impl Request<'_> {
 
     fn check_identity(&self, target: &Target, object: &Value) -> Result<(), ApiError> {
         if !object.is_object() {
-            return Err(ApiError::BadRequest("the request body must be a JSON object".into()));
+            return Err(ApiError::BadRequest(
+                "the request body must be a JSON object".into(),
+            ));
         }
         let kind = &target.kind;
         if let Some(k) = object["kind"].as_str()
@@ -663,8 +778,10 @@ impl Request<'_> {
                 kind.api_version()
             )));
         }
-        if let (Some(ns), Some(want)) = (object["metadata"]["namespace"].as_str(), target.namespace.as_deref())
-            && ns != want
+        if let (Some(ns), Some(want)) = (
+            object["metadata"]["namespace"].as_str(),
+            target.namespace.as_deref(),
+        ) && ns != want
             && !ns.is_empty()
         {
             return Err(ApiError::BadRequest(
@@ -694,17 +811,26 @@ impl Request<'_> {
             object["metadata"] = json!({});
         }
         let meta = object["metadata"].as_object_mut().expect("made an object");
-        if meta.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
+        if meta
+            .get("name")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
             match meta.get("generateName").and_then(Value::as_str) {
                 Some(prefix) if !prefix.is_empty() => {
                     meta.insert("name".into(), json!(format!("{prefix}{}", random_suffix())));
                 }
                 _ => {
-                    return Err(ApiError::invalid(&kind.group, &kind.kind, "", vec![Cause {
-                        reason: "FieldValueRequired".into(),
-                        message: "Required value: name or generateName is required".into(),
-                        field: "metadata.name".into(),
-                    }]));
+                    return Err(ApiError::invalid(
+                        &kind.group,
+                        &kind.kind,
+                        "",
+                        vec![Cause {
+                            reason: "FieldValueRequired".into(),
+                            message: "Required value: name or generateName is required".into(),
+                            field: "metadata.name".into(),
+                        }],
+                    ));
                 }
             }
         }
@@ -714,7 +840,13 @@ impl Request<'_> {
         } else {
             meta.remove("namespace");
         }
-        for field in ["resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "managedFields", "selfLink"] {
+        for field in [
+            "resourceVersion",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "managedFields",
+            "selfLink",
+        ] {
             meta.remove(field);
         }
         meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
@@ -722,7 +854,10 @@ impl Request<'_> {
         if kind.custom || object.get("spec").is_some() {
             object["metadata"]["generation"] = json!(1);
         }
-        if kind.custom && kind.status_subresource && let Some(map) = object.as_object_mut() {
+        if kind.custom
+            && kind.status_subresource
+            && let Some(map) = object.as_object_mut()
+        {
             map.remove("status");
         }
         let target = Target {
@@ -740,12 +875,17 @@ impl Request<'_> {
                 let manager = self.field_manager();
                 let api_version = kind.api_version();
                 let now = now();
-                managed::record_update(None, &mut object, kind.schema.as_ref().map(|s| &s.json), &Writer {
-                    manager: &manager,
-                    subresource: "",
-                    api_version: &api_version,
-                    now: &now,
-                });
+                managed::record_update(
+                    None,
+                    &mut object,
+                    kind.schema.as_ref().map(|s| &s.json),
+                    &Writer {
+                        manager: &manager,
+                        subresource: "",
+                        api_version: &api_version,
+                        now: &now,
+                    },
+                );
             }
         }
         if self.dry_run() {
@@ -761,7 +901,12 @@ impl Request<'_> {
     }
 
     /// Built-in kinds' server-side behaviour: CRD names and status, namespace phase.
-    fn prepare_builtin(&self, kind: &ResourceKind, object: &mut Value, _old: Option<&Value>) -> Result<(), ApiError> {
+    fn prepare_builtin(
+        &self,
+        kind: &ResourceKind,
+        object: &mut Value,
+        _old: Option<&Value>,
+    ) -> Result<(), ApiError> {
         match (kind.group.as_str(), kind.plural.as_str()) {
             ("apiextensions.k8s.io", "customresourcedefinitions") => {
                 let spec = &object["spec"];
@@ -772,22 +917,42 @@ impl Request<'_> {
                 );
                 let name = object["metadata"]["name"].as_str().unwrap_or_default();
                 if name != expected {
-                    return Err(ApiError::invalid(&kind.group, &kind.kind, name, vec![Cause {
-                        reason: "FieldValueInvalid".into(),
-                        message: format!("Invalid value: {name:?}: must be spec.names.plural+\".\"+spec.group"),
-                        field: "metadata.name".into(),
-                    }]));
+                    return Err(ApiError::invalid(
+                        &kind.group,
+                        &kind.kind,
+                        name,
+                        vec![Cause {
+                            reason: "FieldValueInvalid".into(),
+                            message: format!(
+                                "Invalid value: {name:?}: must be spec.names.plural+\".\"+spec.group"
+                            ),
+                            field: "metadata.name".into(),
+                        }],
+                    ));
                 }
                 let mut accepted = spec["names"].clone();
                 if accepted["singular"].is_null() {
-                    accepted["singular"] = json!(spec["names"]["kind"].as_str().unwrap_or_default().to_lowercase());
+                    accepted["singular"] = json!(
+                        spec["names"]["kind"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_lowercase()
+                    );
                 }
                 if accepted["listKind"].is_null() {
-                    accepted["listKind"] = json!(format!("{}List", spec["names"]["kind"].as_str().unwrap_or_default()));
+                    accepted["listKind"] = json!(format!(
+                        "{}List",
+                        spec["names"]["kind"].as_str().unwrap_or_default()
+                    ));
                 }
                 let stored: Vec<Value> = spec["versions"]
                     .as_array()
-                    .map(|v| v.iter().filter(|v| v["storage"] == json!(true)).map(|v| v["name"].clone()).collect())
+                    .map(|v| {
+                        v.iter()
+                            .filter(|v| v["storage"] == json!(true))
+                            .map(|v| v["name"].clone())
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let time = object["metadata"]["creationTimestamp"].clone();
                 object["status"] = json!({
@@ -801,7 +966,9 @@ impl Request<'_> {
             }
             ("", "secrets") => {
                 // stringData is write-only: folded into data, as the API server does.
-                if let Some(Value::Object(plain)) = object.as_object_mut().and_then(|o| o.remove("stringData")) {
+                if let Some(Value::Object(plain)) =
+                    object.as_object_mut().and_then(|o| o.remove("stringData"))
+                {
                     for (key, value) in plain {
                         let text = value.as_str().unwrap_or_default();
                         object["data"][key] = json!(base64::Engine::encode(
@@ -845,7 +1012,11 @@ impl Request<'_> {
             .get(&target.key(), target.ns(), target.name())
             .ok_or_else(|| target.not_found())?;
         if expected.is_some_and(|e| e != store::resource_version(&old)) {
-            return Err(ApiError::conflict(&target.kind.group, &target.kind.plural, target.name()));
+            return Err(ApiError::conflict(
+                &target.kind.group,
+                &target.kind.plural,
+                target.name(),
+            ));
         }
         let (code, object, warnings) = self.write(target, &old, body, expected)?;
         Ok(self.respond(target, code, &object, &warnings))
@@ -892,7 +1063,16 @@ impl Request<'_> {
         if !new["metadata"].is_object() {
             new["metadata"] = json!({});
         }
-        for field in ["name", "namespace", "uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "managedFields"] {
+        for field in [
+            "name",
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+            "managedFields",
+        ] {
             match old["metadata"].get(field) {
                 Some(value) => new["metadata"][field] = value.clone(),
                 None => {
@@ -904,10 +1084,18 @@ impl Request<'_> {
         }
         if old["metadata"]["deletionTimestamp"].is_string() {
             // Finalizers may only shrink while an object is being deleted.
-            let before: Vec<Value> = old["metadata"]["finalizers"].as_array().cloned().unwrap_or_default();
-            let after: Vec<Value> = new["metadata"]["finalizers"].as_array().cloned().unwrap_or_default();
+            let before: Vec<Value> = old["metadata"]["finalizers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let after: Vec<Value> = new["metadata"]["finalizers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             if after.iter().any(|f| !before.contains(f)) {
-                return Err(ApiError::Forbidden("no new finalizers can be added if the object is being deleted".into()));
+                return Err(ApiError::Forbidden(
+                    "no new finalizers can be added if the object is being deleted".into(),
+                ));
             }
         }
         if spec_like(&new, kind.status_subresource) != spec_like(old, kind.status_subresource)
@@ -924,13 +1112,23 @@ impl Request<'_> {
         let manager = self.field_manager();
         let api_version = kind.api_version();
         let now = now();
-        managed::record_update(Some(old), &mut new, kind.schema.as_ref().map(|s| &s.json), &Writer {
-            manager: &manager,
-            subresource: sub,
-            api_version: &api_version,
-            now: &now,
-        });
-        self.store_update(target, new, expected_rv.or(Some(store::resource_version(old))), warnings)
+        managed::record_update(
+            Some(old),
+            &mut new,
+            kind.schema.as_ref().map(|s| &s.json),
+            &Writer {
+                manager: &manager,
+                subresource: sub,
+                api_version: &api_version,
+                now: &now,
+            },
+        );
+        self.store_update(
+            target,
+            new,
+            expected_rv.or(Some(store::resource_version(old))),
+            warnings,
+        )
     }
 
     fn store_update(
@@ -944,7 +1142,9 @@ impl Request<'_> {
             return Ok((StatusCode::OK, Arc::new(new), warnings));
         }
         let finished = new["metadata"]["deletionTimestamp"].is_string()
-            && new["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty);
+            && new["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(Vec::is_empty);
         let stored = self
             .server
             .store
@@ -952,7 +1152,8 @@ impl Request<'_> {
             .map_err(|e| map_store_error(target, e))?;
         self.server.after_write(&target.kind, &stored);
         if finished {
-            self.server.remove_now(&target.kind, target.ns(), target.name());
+            self.server
+                .remove_now(&target.kind, target.ns(), target.name());
         }
         Ok((StatusCode::OK, stored, warnings))
     }
@@ -970,7 +1171,10 @@ impl Request<'_> {
         })?;
         let patch_value = parse_body(self.headers, body)?;
         for _attempt in 0..8 {
-            let old = self.server.store.get(&target.key(), target.ns(), target.name());
+            let old = self
+                .server
+                .store
+                .get(&target.key(), target.ns(), target.name());
             let result = match (old, patch_type) {
                 (None, PatchType::Apply) if target.subresource.is_none() => {
                     return self.apply_create(target, &patch_value);
@@ -982,15 +1186,27 @@ impl Request<'_> {
                     let applied = match patch_type {
                         PatchType::Merge => patch::merge_patch(&mut doc, &patch_value),
                         PatchType::Json => patch::json_patch(&mut doc, patch_value.clone()),
-                        _ => patch::strategic_merge_patch(&mut doc, &patch_value, !target.kind.custom),
+                        _ => patch::strategic_merge_patch(
+                            &mut doc,
+                            &patch_value,
+                            !target.kind.custom,
+                        ),
                     };
                     applied.map_err(|e| ApiError::BadRequest(e.to_string()))?;
                     let pinned = doc["metadata"]["resourceVersion"]
                         .as_str()
-                        .filter(|rv| *rv != old["metadata"]["resourceVersion"].as_str().unwrap_or_default())
+                        .filter(|rv| {
+                            *rv != old["metadata"]["resourceVersion"]
+                                .as_str()
+                                .unwrap_or_default()
+                        })
                         .map(|rv| rv.parse::<u64>().unwrap_or(u64::MAX));
                     if pinned.is_some() {
-                        return Err(ApiError::conflict(&target.kind.group, &target.kind.plural, target.name()));
+                        return Err(ApiError::conflict(
+                            &target.kind.group,
+                            &target.kind.plural,
+                            target.name(),
+                        ));
                     }
                     self.write(target, &old, doc, None)
                 }
@@ -998,10 +1214,16 @@ impl Request<'_> {
             match result {
                 Err(ApiError::Conflict(..)) if !self.pins_version(&patch_value) => continue,
                 Err(err) => return Err(err),
-                Ok((code, object, warnings)) => return Ok(self.respond(target, code, &object, &warnings)),
+                Ok((code, object, warnings)) => {
+                    return Ok(self.respond(target, code, &object, &warnings));
+                }
             }
         }
-        Err(ApiError::conflict(&target.kind.group, &target.kind.plural, target.name()))
+        Err(ApiError::conflict(
+            &target.kind.group,
+            &target.kind.plural,
+            target.name(),
+        ))
     }
 
     fn pins_version(&self, patch: &Value) -> bool {
@@ -1009,29 +1231,41 @@ impl Request<'_> {
     }
 
     fn apply_writer_parts(&self, target: &Target) -> Result<(String, String, String), ApiError> {
-        let manager = self
-            .query
-            .get("fieldManager")
-            .cloned()
-            .ok_or_else(|| ApiError::BadRequest("PATCH, application/apply-patch+yaml: fieldManager is required for apply requests".into()))?;
+        let manager = self.query.get("fieldManager").cloned().ok_or_else(|| {
+            ApiError::BadRequest(
+                "PATCH, application/apply-patch+yaml: fieldManager is required for apply requests"
+                    .into(),
+            )
+        })?;
         Ok((manager, target.kind.api_version(), now()))
     }
 
     fn applied_config(&self, target: &Target, patch: &Value) -> Result<Value, ApiError> {
         self.check_identity(target, patch)?;
         if patch["apiVersion"].is_null() || patch["kind"].is_null() {
-            return Err(ApiError::BadRequest("apiVersion and kind must be set in an applied configuration".into()));
+            return Err(ApiError::BadRequest(
+                "apiVersion and kind must be set in an applied configuration".into(),
+            ));
         }
         let mut applied = patch.clone();
         if let Some(meta) = applied["metadata"].as_object_mut() {
-            for field in ["resourceVersion", "uid", "creationTimestamp", "managedFields", "generation", "deletionTimestamp"] {
+            for field in [
+                "resourceVersion",
+                "uid",
+                "creationTimestamp",
+                "managedFields",
+                "generation",
+                "deletionTimestamp",
+            ] {
                 meta.remove(field);
             }
         }
         let sub = target.subresource.as_deref().unwrap_or_default();
         if let Some(map) = applied.as_object_mut() {
             if sub == "status" {
-                map.retain(|k, _| matches!(k.as_str(), "apiVersion" | "kind" | "metadata" | "status"));
+                map.retain(|k, _| {
+                    matches!(k.as_str(), "apiVersion" | "kind" | "metadata" | "status")
+                });
                 if let Some(meta) = map.get_mut("metadata").and_then(Value::as_object_mut) {
                     meta.retain(|k, _| matches!(k.as_str(), "name" | "namespace"));
                 }
@@ -1059,8 +1293,14 @@ impl Request<'_> {
         let applied = self.applied_config(target, patch)?;
         let (manager, api_version, now) = self.apply_writer_parts(target)?;
         let schema = target.kind.schema.as_ref().map(|s| &s.json);
-        let writer = Writer { manager: &manager, subresource: "", api_version: &api_version, now: &now };
-        let object = managed::apply(None, &applied, schema, &writer, true).map_err(Self::conflict_error)?;
+        let writer = Writer {
+            manager: &manager,
+            subresource: "",
+            api_version: &api_version,
+            now: &now,
+        };
+        let object =
+            managed::apply(None, &applied, schema, &writer, true).map_err(Self::conflict_error)?;
         let managed_fields = object["metadata"]["managedFields"].clone();
         self.create_object(target, object, Some(managed_fields))
     }
@@ -1075,9 +1315,15 @@ impl Request<'_> {
         let (manager, api_version, now) = self.apply_writer_parts(target)?;
         let schema = target.kind.schema.as_ref().map(|s| &s.json);
         let sub = target.subresource.as_deref().unwrap_or_default();
-        let writer = Writer { manager: &manager, subresource: sub, api_version: &api_version, now: &now };
+        let writer = Writer {
+            manager: &manager,
+            subresource: sub,
+            api_version: &api_version,
+            now: &now,
+        };
         let force = is_true(self.query, "force");
-        let mut new = managed::apply(Some(old), &applied, schema, &writer, force).map_err(Self::conflict_error)?;
+        let mut new = managed::apply(Some(old), &applied, schema, &writer, force)
+            .map_err(Self::conflict_error)?;
         let kind = &target.kind;
         if kind.status_subresource && sub.is_empty() {
             match old.get("status") {
@@ -1096,7 +1342,8 @@ impl Request<'_> {
         }
         let warnings = admission::admit(kind, &mut new, Some(old), self.field_validation())?;
         self.prepare_builtin(kind, &mut new, Some(old))?;
-        if new == *old {
+        if without_times(&new) == without_times(old) {
+            // Same values, same owners: a no-op apply writes nothing.
             return Ok((StatusCode::OK, Arc::new(old.clone()), warnings));
         }
         let expected = applied["metadata"]["resourceVersion"]
@@ -1114,23 +1361,44 @@ impl Request<'_> {
             .ok_or_else(|| target.not_found())?;
         let pre = &options["preconditions"];
         if let Some(rv) = pre["resourceVersion"].as_str()
-            && rv != old["metadata"]["resourceVersion"].as_str().unwrap_or_default()
+            && rv
+                != old["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default()
         {
-            return Err(ApiError::conflict(&target.kind.group, &target.kind.plural, target.name()));
+            return Err(ApiError::conflict(
+                &target.kind.group,
+                &target.kind.plural,
+                target.name(),
+            ));
         }
         if let Some(uid) = pre["uid"].as_str()
             && uid != old["metadata"]["uid"].as_str().unwrap_or_default()
         {
-            return Err(ApiError::conflict(&target.kind.group, &target.kind.plural, target.name()));
+            return Err(ApiError::conflict(
+                &target.kind.group,
+                &target.kind.plural,
+                target.name(),
+            ));
         }
         let orphan = options["propagationPolicy"].as_str() == Some("Orphan")
-            || self.query.get("propagationPolicy").is_some_and(|p| p == "Orphan");
+            || self
+                .query
+                .get("propagationPolicy")
+                .is_some_and(|p| p == "Orphan");
         if self.dry_run() {
             return Ok(self.respond(target, StatusCode::OK, &old, &[]));
         }
-        let object = self.server.delete_object(&target.kind, &old, orphan).map_err(|e| map_store_error(target, e))?;
+        let object = self
+            .server
+            .delete_object(&target.kind, &old, orphan)
+            .map_err(|e| map_store_error(target, e))?;
         let code = if object["metadata"]["deletionTimestamp"].is_string()
-            && self.server.store.get(&target.key(), target.ns(), target.name()).is_some()
+            && self
+                .server
+                .store
+                .get(&target.key(), target.ns(), target.name())
+                .is_some()
         {
             StatusCode::ACCEPTED
         } else {
@@ -1141,8 +1409,14 @@ impl Request<'_> {
 
     fn delete_collection(&self, target: &Target) -> Result<Response, ApiError> {
         let (labels, fields) = self.selectors()?;
-        let (items, _) = self.server.store.list(&target.key(), target.namespace.as_deref());
-        for item in items.iter().filter(|i| labels.matches(i) && fields.matches(i)) {
+        let (items, _) = self
+            .server
+            .store
+            .list(&target.key(), target.namespace.as_deref());
+        for item in items
+            .iter()
+            .filter(|i| labels.matches(i) && fields.matches(i))
+        {
             match self.server.delete_object(&target.kind, item, false) {
                 Ok(_) | Err(StoreError::NotFound) => {}
                 Err(err) => return Err(map_store_error(target, err)),
@@ -1159,7 +1433,12 @@ impl Request<'_> {
         let token = body["spec"]["token"].as_str().unwrap_or_default();
         let wanted: Vec<String> = body["spec"]["audiences"]
             .as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default();
         let status = match self.server.auth.verify(token) {
             Some(claims)
@@ -1167,7 +1446,11 @@ impl Request<'_> {
                     || claims.audiences.is_empty()
                     || wanted.iter().any(|w| claims.audiences.contains(w)) =>
             {
-                let audiences = if wanted.is_empty() { claims.audiences.clone() } else { wanted };
+                let audiences = if wanted.is_empty() {
+                    claims.audiences.clone()
+                } else {
+                    wanted
+                };
                 json!({
                     "authenticated": true,
                     "user": {"username": claims.username, "uid": claims.uid, "groups": claims.groups},
@@ -1192,15 +1475,26 @@ impl Request<'_> {
             .store
             .get(&target.key(), target.ns(), target.name())
             .ok_or_else(|| target.not_found())?;
-        let seconds = body["spec"]["expirationSeconds"].as_i64().unwrap_or(3600).max(600);
+        let seconds = body["spec"]["expirationSeconds"]
+            .as_i64()
+            .unwrap_or(3600)
+            .max(600);
         let expires = Utc::now() + chrono::Duration::seconds(seconds);
         let audiences: Vec<String> = body["spec"]["audiences"]
             .as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default();
         let token = self.server.auth.issue(&Claims {
             username: format!("system:serviceaccount:{}:{}", target.ns(), target.name()),
-            uid: account["metadata"]["uid"].as_str().unwrap_or_default().to_string(),
+            uid: account["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
             groups: vec![
                 "system:serviceaccounts".into(),
                 format!("system:serviceaccounts:{}", target.ns()),
@@ -1212,7 +1506,8 @@ impl Request<'_> {
         let mut response = body;
         response["apiVersion"] = json!("authentication.k8s.io/v1");
         response["kind"] = json!("TokenRequest");
-        response["metadata"] = json!({"name": target.name(), "namespace": target.ns(), "creationTimestamp": now()});
+        response["metadata"] =
+            json!({"name": target.name(), "namespace": target.ns(), "creationTimestamp": now()});
         response["spec"]["audiences"] = json!(audiences);
         response["spec"]["expirationSeconds"] = json!(seconds);
         response["status"] = json!({

@@ -49,7 +49,9 @@ enum ListType {
 
 fn list_type(schema: Option<&Value>, path: &FieldPath) -> ListType {
     let meta_list = |name: &str| {
-        path.len() == 2 && path[0] == Elem::Field("metadata".into()) && path[1] == Elem::Field(name.into())
+        path.len() == 2
+            && path[0] == Elem::Field("metadata".into())
+            && path[1] == Elem::Field(name.into())
     };
     if meta_list("finalizers") {
         return ListType::Set;
@@ -57,11 +59,19 @@ fn list_type(schema: Option<&Value>, path: &FieldPath) -> ListType {
     if meta_list("ownerReferences") {
         return ListType::Map(vec!["uid".into()]);
     }
-    match schema.and_then(|s| s.get("x-kubernetes-list-type")).and_then(Value::as_str) {
+    match schema
+        .and_then(|s| s.get("x-kubernetes-list-type"))
+        .and_then(Value::as_str)
+    {
         Some("map") => ListType::Map(
             schema
                 .and_then(|s| s["x-kubernetes-list-map-keys"].as_array())
-                .map(|k| k.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .map(|k| {
+                    k.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
                 .unwrap_or_default(),
         ),
         Some("set") => ListType::Set,
@@ -111,7 +121,12 @@ pub fn fields_of(value: &Value, schema: Option<&Value>) -> BTreeSet<FieldPath> {
                 if let Some(meta) = child.as_object() {
                     for (mk, mv) in meta {
                         if TRACKED_METADATA.contains(&mk.as_str()) {
-                            walk(mv, None, vec![Elem::Field(key.clone()), Elem::Field(mk.clone())], &mut set);
+                            walk(
+                                mv,
+                                None,
+                                vec![Elem::Field(key.clone()), Elem::Field(mk.clone())],
+                                &mut set,
+                            );
                         }
                     }
                 }
@@ -142,7 +157,12 @@ fn walk(value: &Value, schema: Option<&Value>, path: FieldPath, set: &mut BTreeS
                         for (key, child) in fields {
                             let mut child_path = item_path.clone();
                             child_path.push(Elem::Field(key.clone()));
-                            walk(child, child_schema(items_schema(schema), key), child_path, set);
+                            walk(
+                                child,
+                                child_schema(items_schema(schema), key),
+                                child_path,
+                                set,
+                            );
                         }
                     }
                 }
@@ -217,7 +237,9 @@ fn remove_at(value: &mut Value, path: &FieldPath) {
             }
         }
         Elem::Item(v) => {
-            if let (Some(items), Ok(wanted)) = (current.as_array_mut(), serde_json::from_str::<Value>(v)) {
+            if let (Some(items), Ok(wanted)) =
+                (current.as_array_mut(), serde_json::from_str::<Value>(v))
+            {
                 items.retain(|i| *i != wanted);
             }
         }
@@ -276,9 +298,17 @@ pub fn from_fields_v1(fields: &Value) -> BTreeSet<FieldPath> {
                 Elem::Field(f.into())
             } else if let Some(k) = key.strip_prefix("k:") {
                 // Canonical form, so the same key always compares equal.
-                Elem::Key(serde_json::from_str::<Value>(k).map(|v| v.to_string()).unwrap_or_else(|_| k.into()))
+                Elem::Key(
+                    serde_json::from_str::<Value>(k)
+                        .map(|v| v.to_string())
+                        .unwrap_or_else(|_| k.into()),
+                )
             } else if let Some(v) = key.strip_prefix("v:") {
-                Elem::Item(serde_json::from_str::<Value>(v).map(|v| v.to_string()).unwrap_or_else(|_| v.into()))
+                Elem::Item(
+                    serde_json::from_str::<Value>(v)
+                        .map(|v| v.to_string())
+                        .unwrap_or_else(|_| v.into()),
+                )
             } else {
                 continue;
             };
@@ -364,7 +394,12 @@ pub struct Writer<'a> {
 
 /// Records an ordinary write (create, update, non-apply patch) from `old` to `new`:
 /// the writer owns what it changed, nobody keeps fields that are gone.
-pub fn record_update(old: Option<&Value>, new: &mut Value, schema: Option<&Value>, writer: &Writer) {
+pub fn record_update(
+    old: Option<&Value>,
+    new: &mut Value,
+    schema: Option<&Value>,
+    writer: &Writer,
+) {
     let mut entries = old.map(read_entries).unwrap_or_default();
     let new_fields = fields_of(new, schema);
     let changed: BTreeSet<FieldPath> = new_fields
@@ -380,7 +415,9 @@ pub fn record_update(old: Option<&Value>, new: &mut Value, schema: Option<&Value
     }
     if !changed.is_empty() {
         match entries.iter_mut().find(|e| {
-            e.manager == writer.manager && e.operation == "Update" && e.subresource == writer.subresource
+            e.manager == writer.manager
+                && e.operation == "Update"
+                && e.subresource == writer.subresource
         }) {
             Some(entry) => {
                 entry.fields.extend(changed);
@@ -418,7 +455,11 @@ fn merge_applied(target: &mut Value, applied: &Value, schema: Option<&Value>, pa
                 }
                 let mut child_path = path.clone();
                 child_path.push(Elem::Field(key.clone()));
-                let child_schema = if path.is_empty() && key == "metadata" { None } else { child_schema(schema, key) };
+                let child_schema = if path.is_empty() && key == "metadata" {
+                    None
+                } else {
+                    child_schema(schema, key)
+                };
                 match target.get_mut(key) {
                     Some(existing) => merge_applied(existing, value, child_schema, &child_path),
                     None => {
@@ -472,7 +513,10 @@ pub fn apply(
 
     let mut conflicts = Vec::new();
     let mut forced: BTreeSet<FieldPath> = BTreeSet::new();
-    for entry in entries.iter().filter(|e| !is_mine(e) && e.manager != writer.manager) {
+    for entry in entries
+        .iter()
+        .filter(|e| !is_mine(e) && e.manager != writer.manager)
+    {
         for path in entry.fields.intersection(&applied_fields) {
             if matches!(path.last(), Some(Elem::Key(_) | Elem::Item(_))) {
                 continue;
@@ -506,12 +550,13 @@ pub fn apply(
         .filter(|e| !is_mine(e))
         .flat_map(|e| e.fields.iter())
         .collect();
-    // Deepest first, so removing a list item never strands its own fields' removal.
+    // Shallowest first: a list item goes as a whole (its key fields identify it, so
+    // they must not be removed before it); its own fields then are no-ops.
     let mut dropped: Vec<&FieldPath> = previous
         .iter()
         .filter(|p| !applied_fields.contains(*p) && !others.contains(p))
         .collect();
-    dropped.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    dropped.sort_by_key(|p| p.len());
     for path in dropped {
         remove_at(&mut merged, path);
     }
@@ -564,7 +609,10 @@ mod tests {
             "spec": {"a": "1", "items": [{"name": "n", "v": 1}]}});
         let set = fields_of(&obj, Some(&schema()));
         let encoded = to_fields_v1(&set);
-        assert_eq!(encoded["f:spec"]["f:items"]["k:{\"name\":\"n\"}"]["."], json!({}));
+        assert_eq!(
+            encoded["f:spec"]["f:items"]["k:{\"name\":\"n\"}"]["."],
+            json!({})
+        );
         assert_eq!(encoded["f:metadata"]["f:finalizers"]["v:\"f\""], json!({}));
         assert_eq!(from_fields_v1(&encoded), set);
     }
@@ -589,7 +637,13 @@ mod tests {
         record_update(None, &mut obj, Some(&schema), &writer("kubectl-edit"));
         let applied = json!({"metadata": {"name": "o"}, "spec": {"a": "2"}});
         let err = apply(Some(&obj), &applied, Some(&schema), &writer("helm"), false).unwrap_err();
-        assert_eq!(err, vec![Conflict { manager: "kubectl-edit".into(), path: ".spec.a".into() }]);
+        assert_eq!(
+            err,
+            vec![Conflict {
+                manager: "kubectl-edit".into(),
+                path: ".spec.a".into()
+            }]
+        );
         // The same value is shared ownership, not a conflict.
         let same = json!({"metadata": {"name": "o"}, "spec": {"a": "1"}});
         assert!(apply(Some(&obj), &same, Some(&schema), &writer("helm"), false).is_ok());
@@ -607,7 +661,12 @@ mod tests {
         let obj = apply(None, &applied, Some(&schema), &writer("m"), false).unwrap();
         let mut new = obj.clone();
         new["spec"]["b"] = json!("2");
-        record_update(Some(&obj), &mut new, Some(&schema), &writer("kubectl-patch"));
+        record_update(
+            Some(&obj),
+            &mut new,
+            Some(&schema),
+            &writer("kubectl-patch"),
+        );
         let owners = owners(&new);
         assert_eq!(owners["m"], vec![".spec.a"]);
         assert_eq!(owners["kubectl-patch"], vec![".spec.b"]);

@@ -54,7 +54,9 @@ pub enum DevServerError {
         address: SocketAddr,
         source: std::io::Error,
     },
-    #[error("refusing to listen on {0}: the dev server serves plain HTTP without authentication and only listens on loopback addresses")]
+    #[error(
+        "refusing to listen on {0}: the dev server serves plain HTTP without authentication and only listens on loopback addresses"
+    )]
     NotLoopback(SocketAddr),
     #[error("cannot write the kubeconfig {path}: {source}")]
     Kubeconfig {
@@ -107,7 +109,10 @@ impl Server {
                     "spec": {}, "status": {"phase": "Active"},
                 });
                 let stored = server.store.create(NAMESPACE_KEY, namespace)?;
-                let kind = server.registry.find("", "v1", "namespaces").expect("built in");
+                let kind = server
+                    .registry
+                    .find("", "v1", "namespaces")
+                    .expect("built in");
                 server.after_write(&kind, &stored);
             }
         }
@@ -194,7 +199,9 @@ impl Server {
         let removed = self.store.remove(key, ns, name, None)?;
         if key == CRD_KEY {
             let group = removed["spec"]["group"].as_str().unwrap_or_default();
-            let plural = removed["spec"]["names"]["plural"].as_str().unwrap_or_default();
+            let plural = removed["spec"]["names"]["plural"]
+                .as_str()
+                .unwrap_or_default();
             let objects_key = format!("{group}/{plural}");
             let (objects, _) = self.store.list(&objects_key, None);
             for object in objects {
@@ -228,9 +235,11 @@ impl Server {
                 .into_iter()
                 .filter(|r| r["uid"].as_str() != Some(uid))
                 .collect();
-            let alive = remaining
-                .iter()
-                .any(|r| r["uid"].as_str().is_some_and(|u| self.store.locate_uid(u).is_some()));
+            let alive = remaining.iter().any(|r| {
+                r["uid"]
+                    .as_str()
+                    .is_some_and(|u| self.store.locate_uid(u).is_some())
+            });
             if orphan || alive {
                 let mut updated = (*dependent).clone();
                 updated["metadata"]["ownerReferences"] = json!(remaining);
@@ -286,9 +295,10 @@ impl Server {
         let healthy = |p: &Value| {
             p["metadata"]["deletionTimestamp"].is_null()
                 && (p["status"]["phase"] == "Running"
-                    || p["status"]["conditions"]
-                        .as_array()
-                        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")))
+                    || p["status"]["conditions"].as_array().is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    }))
         };
         if !healthy(pod) {
             return None;
@@ -387,8 +397,12 @@ pub async fn run(
         })?;
     let server = Server::open(&config, address.to_string())?;
     let url = format!("http://{address}");
-    write_kubeconfig(&config.kubeconfig, &kubeconfig(&url, &server.auth.admin_token()))?;
-    let kubeconfig_path = std::path::absolute(&config.kubeconfig).unwrap_or(config.kubeconfig.clone());
+    write_kubeconfig(
+        &config.kubeconfig,
+        &kubeconfig(&url, &server.auth.admin_token()),
+    )?;
+    let kubeconfig_path =
+        std::path::absolute(&config.kubeconfig).unwrap_or(config.kubeconfig.clone());
     tracing::info!(%url, kubeconfig = %kubeconfig_path.display(), "fleetpatch dev server listening (development and tests only, not for production)");
     // Tests read these two lines from standard output.
     println!("fleetpatch dev: listening on {url}");

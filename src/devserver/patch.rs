@@ -72,7 +72,11 @@ pub fn strategic_merge_patch(
 /// List fields merged by key in the built-in kinds, and the key fields to try.
 fn merge_key(field: &str, items: &[Value]) -> Option<&'static str> {
     let candidates: &[&'static str] = match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "volumes" | "env"
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "volumes"
+        | "env"
         | "imagePullSecrets" => &["name"],
         "volumeMounts" => &["mountPath"],
         "volumeDevices" => &["devicePath"],
@@ -82,10 +86,11 @@ fn merge_key(field: &str, items: &[Value]) -> Option<&'static str> {
         "ownerReferences" => &["uid"],
         _ => return None,
     };
-    candidates
-        .iter()
-        .copied()
-        .find(|key| items.iter().all(|i| i.get(key).is_some() || is_directive_only(i)))
+    candidates.iter().copied().find(|key| {
+        items
+            .iter()
+            .all(|i| i.get(key).is_some() || is_directive_only(i))
+    })
 }
 
 fn is_directive_only(item: &Value) -> bool {
@@ -133,7 +138,9 @@ fn smp(doc: &mut Value, patch: &Value, known_types: bool) {
     }
     for (key, value) in patch_map {
         if let Some(field) = key.strip_prefix("$deleteFromPrimitiveList/") {
-            if let (Some(Value::Array(items)), Some(remove)) = (target.get_mut(field), value.as_array()) {
+            if let (Some(Value::Array(items)), Some(remove)) =
+                (target.get_mut(field), value.as_array())
+            {
                 items.retain(|i| !remove.contains(i));
             }
             continue;
@@ -146,7 +153,9 @@ fn smp(doc: &mut Value, patch: &Value, known_types: bool) {
             continue;
         }
         match (target.get_mut(key), value) {
-            (Some(existing @ Value::Object(_)), Value::Object(_)) => smp(existing, value, known_types),
+            (Some(existing @ Value::Object(_)), Value::Object(_)) => {
+                smp(existing, value, known_types)
+            }
             (Some(Value::Array(existing)), Value::Array(items))
                 if known_types && merge_key(key, items).is_some() =>
             {
@@ -227,7 +236,11 @@ mod tests {
         let mut doc = json!({"spec": {"a": 1, "b": 2}});
         merge_patch(&mut doc, &json!({"spec": {"a": null, "c": 3}})).unwrap();
         assert_eq!(doc, json!({"spec": {"b": 2, "c": 3}}));
-        json_patch(&mut doc, json!([{"op": "replace", "path": "/spec/b", "value": 5}])).unwrap();
+        json_patch(
+            &mut doc,
+            json!([{"op": "replace", "path": "/spec/b", "value": 5}]),
+        )
+        .unwrap();
         assert_eq!(doc["spec"]["b"], 5);
         assert!(json_patch(&mut doc, json!([{"op": "remove", "path": "/nope"}])).is_err());
     }

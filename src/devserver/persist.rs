@@ -175,8 +175,12 @@ mod tests {
             assert_eq!(loaded.resource_version, 0);
             let a = json!({"metadata": {"name": "a", "resourceVersion": "1"}});
             let b = json!({"metadata": {"name": "b", "resourceVersion": "2"}});
-            journal.append(1, "/configmaps", "ns", "a", Some(&a)).unwrap();
-            journal.append(2, "/configmaps", "ns", "b", Some(&b)).unwrap();
+            journal
+                .append(1, "/configmaps", "ns", "a", Some(&a))
+                .unwrap();
+            journal
+                .append(2, "/configmaps", "ns", "b", Some(&b))
+                .unwrap();
             journal.append(3, "/configmaps", "ns", "a", None).unwrap();
         }
         let (_, loaded) = Journal::open(dir.path()).unwrap();

@@ -154,7 +154,9 @@ fn object_meta(data: &[u8]) -> Result<Value, ProtobufError> {
 
 /// Decodes a protobuf request body into the JSON object it stands for.
 pub fn decode(body: &[u8]) -> Result<Value, ProtobufError> {
-    let envelope = body.strip_prefix(b"k8s\x00").ok_or(ProtobufError::NoEnvelope)?;
+    let envelope = body
+        .strip_prefix(b"k8s\x00")
+        .ok_or(ProtobufError::NoEnvelope)?;
     let (mut api_version, mut kind, mut raw) = (String::new(), String::new(), &[][..]);
     for (number, f) in fields(envelope)? {
         match number {
@@ -230,8 +232,11 @@ pub fn decode(body: &[u8]) -> Result<Value, ProtobufError> {
                     }
                 }
             }
-            ("Namespace" | "ConfigMap" | "Secret" | "ServiceAccount" | "TokenRequest"
-            | "Eviction", _) => {}
+            (
+                "Namespace" | "ConfigMap" | "Secret" | "ServiceAccount" | "TokenRequest"
+                | "Eviction",
+                _,
+            ) => {}
             (other, _) => return Err(ProtobufError::UnsupportedKind(other.to_string())),
         }
     }
@@ -262,7 +267,11 @@ mod tests {
 
     #[test]
     fn decodes_a_namespace_as_kubectl_create_sends_it() {
-        let meta = [field(1, b"fleetpatch-system"), field(11, &[field(1, b"a"), field(2, b"b")].concat())].concat();
+        let meta = [
+            field(1, b"fleetpatch-system"),
+            field(11, &[field(1, b"a"), field(2, b"b")].concat()),
+        ]
+        .concat();
         let raw = field(1, &meta);
         let type_meta = [field(1, b"v1"), field(2, b"Namespace")].concat();
         let envelope = [field(1, &type_meta), field(2, &raw)].concat();
@@ -276,7 +285,15 @@ mod tests {
     #[test]
     fn refuses_kinds_it_does_not_know() {
         let type_meta = [field(1, b"apps/v1"), field(2, b"Deployment")].concat();
-        let body = [b"k8s\x00".to_vec(), field(1, &type_meta), field(2, &field(2, b"x"))].concat();
-        assert!(matches!(decode(&body), Err(ProtobufError::UnsupportedKind(_))));
+        let body = [
+            b"k8s\x00".to_vec(),
+            field(1, &type_meta),
+            field(2, &field(2, b"x")),
+        ]
+        .concat();
+        assert!(matches!(
+            decode(&body),
+            Err(ProtobufError::UnsupportedKind(_))
+        ));
     }
 }

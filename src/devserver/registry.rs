@@ -122,7 +122,15 @@ const BUILTINS: &[Builtin] = &[
     builtin("", "v1", "Namespace", "namespaces", false, &["ns"], true),
     builtin("", "v1", "Secret", "secrets", true, &[], false),
     builtin("", "v1", "ConfigMap", "configmaps", true, &["cm"], false),
-    builtin("", "v1", "ServiceAccount", "serviceaccounts", true, &["sa"], false),
+    builtin(
+        "",
+        "v1",
+        "ServiceAccount",
+        "serviceaccounts",
+        true,
+        &["sa"],
+        false,
+    ),
     builtin("", "v1", "Event", "events", true, &["ev"], false),
     builtin("", "v1", "Node", "nodes", false, &["no"], true),
     Builtin {
@@ -143,11 +151,35 @@ const BUILTINS: &[Builtin] = &[
         &["pvc"],
         true,
     ),
-    builtin("events.k8s.io", "v1", "Event", "events", true, &["ev"], false),
-    builtin("coordination.k8s.io", "v1", "Lease", "leases", true, &[], false),
+    builtin(
+        "events.k8s.io",
+        "v1",
+        "Event",
+        "events",
+        true,
+        &["ev"],
+        false,
+    ),
+    builtin(
+        "coordination.k8s.io",
+        "v1",
+        "Lease",
+        "leases",
+        true,
+        &[],
+        false,
+    ),
     Builtin {
         categories: &["all"],
-        ..builtin("apps", "v1", "Deployment", "deployments", true, &["deploy"], true)
+        ..builtin(
+            "apps",
+            "v1",
+            "Deployment",
+            "deployments",
+            true,
+            &["deploy"],
+            true,
+        )
     },
     Builtin {
         categories: &["all"],
@@ -155,11 +187,27 @@ const BUILTINS: &[Builtin] = &[
     },
     Builtin {
         categories: &["all"],
-        ..builtin("apps", "v1", "StatefulSet", "statefulsets", true, &["sts"], true)
+        ..builtin(
+            "apps",
+            "v1",
+            "StatefulSet",
+            "statefulsets",
+            true,
+            &["sts"],
+            true,
+        )
     },
     Builtin {
         categories: &["all"],
-        ..builtin("apps", "v1", "ReplicaSet", "replicasets", true, &["rs"], true)
+        ..builtin(
+            "apps",
+            "v1",
+            "ReplicaSet",
+            "replicasets",
+            true,
+            &["rs"],
+            true,
+        )
     },
     Builtin {
         categories: &["all"],
@@ -178,7 +226,15 @@ const BUILTINS: &[Builtin] = &[
         &["pdb"],
         true,
     ),
-    builtin("rbac.authorization.k8s.io", "v1", "Role", "roles", true, &[], false),
+    builtin(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "Role",
+        "roles",
+        true,
+        &[],
+        false,
+    ),
     builtin(
         "rbac.authorization.k8s.io",
         "v1",
@@ -350,10 +406,7 @@ impl Registry {
     }
 
     pub fn all(&self) -> Arc<Vec<Arc<ResourceKind>>> {
-        self.kinds
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.kinds.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Rebuilds the custom kinds from the given CRDs (those not being deleted).
@@ -392,19 +445,27 @@ mod tests {
     fn serves_the_kinds_of_our_crds() {
         let registry = Registry::new();
         assert!(registry.find("", "v1", "namespaces").is_some());
-        assert!(registry.find("fleetpatch.io", "v1alpha1", "patchjobs").is_none());
+        assert!(
+            registry
+                .find("fleetpatch.io", "v1alpha1", "patchjobs")
+                .is_none()
+        );
         let crds: Vec<Value> = crate::api::crds()
             .into_iter()
             .map(|c| serde_json::to_value(c).unwrap())
             .collect();
         registry.set_crds(crds.iter());
-        let pj = registry.find("fleetpatch.io", "v1alpha1", "patchjobs").unwrap();
+        let pj = registry
+            .find("fleetpatch.io", "v1alpha1", "patchjobs")
+            .unwrap();
         assert_eq!(pj.kind, "PatchJob");
         assert_eq!(pj.short_names, vec!["pj"]);
         assert_eq!(pj.categories, vec!["fleetpatch"]);
         assert!(pj.status_subresource && pj.namespaced && pj.schema.is_some());
         assert!(pj.printer_columns.iter().any(|c| c.name == "Phase"));
-        let agent = registry.find("fleetpatch.io", "v1alpha1", "agents").unwrap();
+        let agent = registry
+            .find("fleetpatch.io", "v1alpha1", "agents")
+            .unwrap();
         assert!(!agent.namespaced);
     }
 }

@@ -72,7 +72,10 @@ impl LabelSelector {
                 Requirement::NotIn(key.trim().into(), set_values(set)?)
             } else if let Some((key, set)) = term.split_once(" in ") {
                 Requirement::In(key.trim().into(), set_values(set)?)
-            } else if term.chars().all(|c| c.is_alphanumeric() || "-_./".contains(c)) {
+            } else if term
+                .chars()
+                .all(|c| c.is_alphanumeric() || "-_./".contains(c))
+            {
                 Requirement::Exists(term.to_string())
             } else {
                 return Err(SelectorError(term.to_string()));
@@ -94,7 +97,11 @@ impl LabelSelector {
                 ));
             }
         }
-        for expr in selector["matchExpressions"].as_array().into_iter().flatten() {
+        for expr in selector["matchExpressions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             let key = expr["key"].as_str().unwrap_or_default().to_string();
             let values: Vec<String> = expr["values"]
                 .as_array()
@@ -198,14 +205,17 @@ mod tests {
 
     #[test]
     fn field_selectors_read_dotted_paths() {
-        let obj = json!({"metadata": {"name": "a", "namespace": "ns"}, "status": {"phase": "Running"}});
+        let obj =
+            json!({"metadata": {"name": "a", "namespace": "ns"}, "status": {"phase": "Running"}});
         let yes = |s: &str| FieldSelector::parse(s).unwrap().matches(&obj);
         assert!(yes("metadata.name=a"));
         assert!(yes("metadata.name=a,metadata.namespace!=other"));
         assert!(yes("status.phase==Running"));
         assert!(!yes("metadata.name=b"));
         assert_eq!(
-            FieldSelector::parse("metadata.name=a").unwrap().pinned_name(),
+            FieldSelector::parse("metadata.name=a")
+                .unwrap()
+                .pinned_name(),
             Some("a")
         );
     }

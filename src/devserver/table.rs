@@ -40,7 +40,11 @@ pub fn human_duration(seconds: i64) -> String {
         s if s < 120 => format!("{s}s"),
         s if s < 600 => {
             let (m, r) = (s / 60, s % 60);
-            if r == 0 { format!("{m}m") } else { format!("{m}m{r}s") }
+            if r == 0 {
+                format!("{m}m")
+            } else {
+                format!("{m}m{r}s")
+            }
         }
         s if s < 3 * 3600 => {
             let (h, m) = (s / 3600, (s % 3600) / 60);
@@ -55,7 +59,11 @@ pub fn human_duration(seconds: i64) -> String {
         s if s < 48 * 3600 => format!("{}h", s / 3600),
         s if s < 8 * 86400 => {
             let (d, h) = (s / 86400, (s % 86400) / 3600);
-            if h == 0 { format!("{d}d") } else { format!("{d}d{h}h") }
+            if h == 0 {
+                format!("{d}d")
+            } else {
+                format!("{d}d{h}h")
+            }
         }
         s if s < 2 * 365 * 86400 => format!("{}d", s / 86400),
         s => format!("{}y", s / (365 * 86400)),
@@ -78,7 +86,10 @@ fn cell(object: &Value, column: &PrinterColumn, now: DateTime<Utc>) -> Value {
         return Value::Null;
     };
     match column.type_.as_str() {
-        "date" => match first.as_str().and_then(|t| DateTime::parse_from_rfc3339(t).ok()) {
+        "date" => match first
+            .as_str()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        {
             Some(at) => json!(human_duration((now - at.with_timezone(&Utc)).num_seconds())),
             None => Value::Null,
         },
