@@ -164,5 +164,18 @@ async fn reflector_survives_a_restart_of_a_persistent_server() {
         "errors kept coming after the restart: {errors:?}"
     );
     task.abort();
+
+    // A watch from a version older than the restart is told to re-list (410 Expired).
+    let mut stream = agents
+        .watch(&kube::api::WatchParams::default().timeout(5), "1")
+        .await
+        .unwrap()
+        .boxed();
+    match stream.next().await {
+        Some(Ok(kube::api::WatchEvent::Error(status))) => {
+            assert_eq!(status.code, 410, "{status:?}")
+        }
+        other => panic!("expected a 410 error event, got {other:?}"),
+    }
     drop(server);
 }

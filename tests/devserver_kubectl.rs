@@ -398,3 +398,105 @@ fn invalid_manifests_are_refused_with_the_field_named() {
         assert!(err.contains("keyPath"), "{err}");
     }
 }
+
+#[test]
+fn paging_and_field_selectors() {
+    let (_home, server) = server();
+    with_examples(&server);
+    let all = server.kubectl_ok(&["get", "tasks", "-o", "name"]);
+    let paged = server.kubectl_ok(&["get", "tasks", "-o", "name", "--chunk-size=2"]);
+    assert_eq!(all.lines().count(), 7, "{all}");
+    assert_eq!(paged, all);
+    let one = server.kubectl_ok(&[
+        "get",
+        "tasks",
+        "-o",
+        "name",
+        "--field-selector",
+        "metadata.name=check-disk-space",
+    ]);
+    assert_eq!(one.trim(), "task.fleetpatch.io/check-disk-space");
+    let none = server.kubectl_ok(&[
+        "get",
+        "tasks",
+        "-A",
+        "-o",
+        "name",
+        "--field-selector",
+        "metadata.namespace=elsewhere",
+    ]);
+    assert!(none.trim().is_empty(), "{none}");
+}
+
+#[test]
+fn drain_respects_disruption_budgets_and_token_review_accepts_our_tokens() {
+    let (home, server) = server();
+    let manifests = "apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-1, namespace: default, labels: {app: db}}
+spec: {nodeName: node-1, containers: [{name: c, image: db}]}
+status: {phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-2, namespace: default, labels: {app: db}}
+spec: {nodeName: node-1, containers: [{name: c, image: db}]}
+status: {phase: Running}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata: {name: db, namespace: default}
+spec: {minAvailable: 1, selector: {matchLabels: {app: db}}}
+";
+    let path = home.path().join("node.yaml");
+    std::fs::write(&path, manifests).unwrap();
+    server.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+    // One pod may go; the budget keeps the other, so the drain times out.
+    let out = server.kubectl(&["drain", "node-1", "--force", "--timeout=4s"]);
+    assert!(!out.status.success());
+    let pods = server.kubectl_ok(&["get", "pods", "-o", "name"]);
+    assert_eq!(pods.lines().count(), 1, "{pods}");
+    let unschedulable = server.kubectl_ok(&[
+        "get",
+        "node",
+        "node-1",
+        "-o",
+        "jsonpath={.spec.unschedulable}",
+    ]);
+    assert_eq!(unschedulable, "true");
+
+    // ServiceAccount tokens the server issued pass a TokenReview; others do not.
+    server.kubectl_ok(&["create", "serviceaccount", "agent"]);
+    let token = server.kubectl_ok(&[
+        "create",
+        "token",
+        "agent",
+        "--audience",
+        "fleetpatch-gateway",
+    ]);
+    let review = |token: &str| {
+        let body = format!(
+            r#"{{"apiVersion":"authentication.k8s.io/v1","kind":"TokenReview","spec":{{"token":"{}","audiences":["fleetpatch-gateway"]}}}}"#,
+            token.trim()
+        );
+        let out = server.kubectl_stdin(&["create", "-f", "-", "-o", "json"], &body);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let accepted = review(&token);
+    assert_eq!(accepted["status"]["authenticated"], true, "{accepted}");
+    assert_eq!(
+        accepted["status"]["user"]["username"],
+        "system:serviceaccount:default:agent"
+    );
+    let refused = review("fpdev.forged.token");
+    assert_eq!(refused["status"]["authenticated"], false, "{refused}");
+}

@@ -268,9 +268,15 @@ pub fn openapi_document(kinds: &[Arc<ResourceKind>], group: &str, version: &str)
         let schema_ref = format!("#/components/schemas/{name}");
         schemas.insert(name, kind_schema(kind));
         if kind.is_virtual() {
+            // Only POST is served, but kubectl looks for the fieldValidation parameter on
+            // a PATCH operation of the kind to leave validation to the server (a real
+            // server would send it to OpenAPI v2 instead, which this one does not serve).
             paths.insert(
                 format!("{prefix}/{}", kind.plural),
-                json!({"post": operation(kind, "post", &schema_ref, &["dryRun", "fieldManager", "fieldValidation"])}),
+                json!({
+                    "post": operation(kind, "post", &schema_ref, &["dryRun", "fieldManager", "fieldValidation"]),
+                    "patch": operation(kind, "patch", &schema_ref, &["dryRun", "fieldManager", "fieldValidation"]),
+                }),
             );
             continue;
         }
