@@ -47,7 +47,8 @@ enum Command {
     },
     /// Run an embedded Kubernetes-compatible API server for development and tests.
     ///
-    /// NOT FOR PRODUCTION: plain HTTP, one admin token, everything in one process.
+    /// NOT FOR PRODUCTION: plain HTTP on loopback, every caller is the admin, nothing
+    /// runs workloads, everything lives in one process.
     /// It serves discovery, OpenAPI v3, CRDs (with schema validation, defaulting,
     /// pruning and CEL rules), built-in kinds such as Namespace, Secret, ConfigMap,
     /// Lease and Node, watches, patches and server-side apply, so kubectl, helm and

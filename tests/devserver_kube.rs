@@ -179,3 +179,51 @@ async fn reflector_survives_a_restart_of_a_persistent_server() {
     }
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selector_watches_see_objects_enter_and_leave() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::WatchEvent;
+
+    let home = tempfile::tempdir().unwrap();
+    let server = DevServer::start(home.path(), None);
+    let client = client(&server).await;
+    let maps: Api<ConfigMap> = Api::namespaced(client, "default");
+    let mut cm = ConfigMap::default();
+    cm.metadata.name = Some("cm".into());
+    let created = maps.create(&PostParams::default(), &cm).await.unwrap();
+    let params = kube::api::WatchParams::default()
+        .labels("tier=gold")
+        .timeout(10);
+    let mut stream = maps
+        .watch(&params, &created.resource_version().unwrap())
+        .await
+        .unwrap()
+        .boxed();
+    let label = |value: Option<&str>| serde_json::json!({"metadata": {"labels": {"tier": value}}});
+    maps.patch(
+        "cm",
+        &PatchParams::default(),
+        &Patch::Merge(label(Some("gold"))),
+    )
+    .await
+    .unwrap();
+    maps.patch(
+        "cm",
+        &PatchParams::default(),
+        &Patch::Merge(label(Some("silver"))),
+    )
+    .await
+    .unwrap();
+    let mut events = Vec::new();
+    while events.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+            Ok(Some(Ok(WatchEvent::Added(_)))) => events.push("ADDED"),
+            Ok(Some(Ok(WatchEvent::Deleted(_)))) => events.push("DELETED"),
+            Ok(Some(Ok(WatchEvent::Modified(_)))) => events.push("MODIFIED"),
+            Ok(Some(Ok(WatchEvent::Bookmark(_)))) => {}
+            other => panic!("unexpected {other:?} after {events:?}"),
+        }
+    }
+    assert_eq!(events, ["ADDED", "DELETED"]);
+}

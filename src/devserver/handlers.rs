@@ -27,7 +27,7 @@ use super::managed::{self, Writer};
 use super::patch::{self, PatchType};
 use super::registry::ResourceKind;
 use super::selector::{FieldSelector, LabelSelector};
-use super::store::{self, StoreError};
+use super::store::{self, EventType, StoreError};
 use super::table;
 
 type Query = HashMap<String, String>;
@@ -373,6 +373,20 @@ fn without_times(object: &Value) -> Value {
     copy
 }
 
+/// The event a watch with selectors reports for a change: an object that starts
+/// matching is ADDED, one that stops matching is DELETED, one that never matches is
+/// not reported — as the API server does it.
+fn selected_event(change: &store::Change, matches: &impl Fn(&Value) -> bool) -> Option<EventType> {
+    let now_matches = matches(&change.object);
+    let matched_before = change.previous.as_deref().map(matches);
+    match (change.kind, matched_before, now_matches) {
+        (EventType::Modified, Some(false), true) => Some(EventType::Added),
+        (EventType::Modified, Some(true), false) => Some(EventType::Deleted),
+        (_, _, false) => None,
+        (kind, _, true) => Some(kind),
+    }
+}
+
 fn map_store_error(target: &Target, err: StoreError) -> ApiError {
     let kind = &target.kind;
     match err {
@@ -650,15 +664,17 @@ impl Request<'_> {
             };
             let mut last = since.unwrap_or(subscription.rv);
             for change in subscription.backlog.drain(..) {
-                if matches(&change.object)
-                    && tx
-                        .send(encode(change.kind.as_str(), &change.object, &mut first))
-                        .await
-                        .is_err()
+                last = last.max(change.rv);
+                let Some(event) = selected_event(&change, &matches) else {
+                    continue;
+                };
+                if tx
+                    .send(encode(event.as_str(), &change.object, &mut first))
+                    .await
+                    .is_err()
                 {
                     return;
                 }
-                last = last.max(change.rv);
             }
             last = last.max(subscription.rv);
             if send_initial {
@@ -704,12 +720,14 @@ impl Request<'_> {
                         || namespace
                             .as_deref()
                             .is_some_and(|ns| ns != change.namespace)
-                        || !matches(&change.object)
                     {
                         continue;
                     }
+                    let Some(event) = selected_event(&change, &matches) else {
+                        continue;
+                    };
                     if tx
-                        .send(encode(change.kind.as_str(), &change.object, &mut first))
+                        .send(encode(event.as_str(), &change.object, &mut first))
                         .await
                         .is_err()
                     {

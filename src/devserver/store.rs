@@ -44,6 +44,9 @@ pub struct Change {
     pub namespace: String,
     pub kind: EventType,
     pub object: Arc<Value>,
+    /// The object before a modification, so filtered watches can tell when an object
+    /// starts or stops matching their selectors.
+    pub previous: Option<Arc<Value>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +209,7 @@ impl Store {
         let rv = inner.rv + 1;
         object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
         let object = Arc::new(object);
-        self.commit(&mut inner, key, id, EventType::Added, object.clone())?;
+        self.commit(&mut inner, key, id, EventType::Added, object.clone(), None)?;
         Ok(object)
     }
 
@@ -229,10 +232,18 @@ impl Store {
         {
             return Err(StoreError::Conflict);
         }
+        let previous = current.clone();
         let rv = inner.rv + 1;
         object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
         let object = Arc::new(object);
-        self.commit(&mut inner, key, id, EventType::Modified, object.clone())?;
+        self.commit(
+            &mut inner,
+            key,
+            id,
+            EventType::Modified,
+            object.clone(),
+            Some(previous),
+        )?;
         Ok(object)
     }
 
@@ -260,7 +271,14 @@ impl Store {
         let rv = inner.rv + 1;
         object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
         let object = Arc::new(object);
-        self.commit(&mut inner, key, id, EventType::Deleted, object.clone())?;
+        self.commit(
+            &mut inner,
+            key,
+            id,
+            EventType::Deleted,
+            object.clone(),
+            None,
+        )?;
         Ok(object)
     }
 
@@ -271,6 +289,7 @@ impl Store {
         id: (String, String),
         kind: EventType,
         object: Arc<Value>,
+        previous: Option<Arc<Value>>,
     ) -> Result<(), StoreError> {
         let rv = inner.rv + 1;
         if let Some(journal) = inner.journal.as_mut() {
@@ -299,6 +318,7 @@ impl Store {
             namespace: id.0,
             kind,
             object,
+            previous,
         });
         inner.log.push_back(change.clone());
         while inner.log.len() > LOG_CAPACITY {
@@ -335,6 +355,7 @@ impl Store {
                             namespace: ns.clone(),
                             kind: EventType::Added,
                             object: object.clone(),
+                            previous: None,
                         })
                     })
                     .collect()
