@@ -574,8 +574,7 @@ pub fn apply(
     Ok(merged)
 }
 
-/// Strips managedFields entries down to what still exists, for callers that rewrite
-/// an object wholesale (used by tests and the status subresource).
+/// Who owns what, as manager → field paths (`.spec.a`), for tests and diagnostics.
 pub fn owners(object: &Value) -> BTreeMap<String, Vec<String>> {
     read_entries(object)
         .into_iter()

@@ -372,6 +372,7 @@ fn write_kubeconfig(path: &Path, contents: &str) -> Result<(), DevServerError> {
     }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, contents).map_err(err)?;
+    auth::owner_only(&tmp).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
 }
 

@@ -14,8 +14,10 @@ use tokio::sync::broadcast;
 
 use super::persist::{Journal, JournalError, Loaded};
 
-/// How many recent changes a watch can resume from before it gets 410 Gone.
-const LOG_CAPACITY: usize = 100_000;
+/// How many recent changes a watch can resume from before it gets 410 Gone. Each
+/// entry keeps an object version alive, so this bounds the memory old versions take
+/// (a real API server's watch cache is similarly bounded).
+const LOG_CAPACITY: usize = 20_000;
 /// Buffered changes per watch before it falls back to replaying the log.
 const BROADCAST_CAPACITY: usize = 16_384;
 
