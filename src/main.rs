@@ -65,6 +65,9 @@ enum Command {
         /// Keep objects here so they survive a restart; without it everything is in memory.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Seconds between watch bookmarks (tests shorten it).
+        #[arg(long, default_value_t = 10, hide = true)]
+        bookmark_interval_seconds: u64,
     },
 }
 
@@ -85,6 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             kubeconfig,
             data_dir,
+            bookmark_interval_seconds,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -101,7 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 listen,
                 kubeconfig,
                 data_dir,
-                bookmark_interval: std::time::Duration::from_secs(10),
+                bookmark_interval: std::time::Duration::from_secs(bookmark_interval_seconds.max(1)),
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(fleetpatch::devserver::run(config, shutdown_signal()))?;

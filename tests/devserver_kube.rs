@@ -226,4 +226,23 @@ async fn selector_watches_see_objects_enter_and_leave() {
         }
     }
     assert_eq!(events, ["ADDED", "DELETED"]);
+
+    // Watches that ask for bookmarks get them, carrying the current resourceVersion.
+    let mut stream = maps
+        .watch(
+            &kube::api::WatchParams::default().timeout(10),
+            &created.resource_version().unwrap(),
+        )
+        .await
+        .unwrap()
+        .boxed();
+    let bookmark = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+            Ok(Some(Ok(WatchEvent::Bookmark(bookmark)))) => break bookmark,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a bookmark, got {other:?}"),
+        }
+    };
+    let rv: u64 = bookmark.metadata.resource_version.parse().unwrap();
+    assert!(rv >= 3, "bookmark at {rv}");
 }
