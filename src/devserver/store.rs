@@ -298,6 +298,31 @@ impl Store {
             let stored = (kind != EventType::Deleted).then_some(&*object);
             journal.append(rv, key, &id.0, &id.1, stored)?;
         }
+        if inner
+            .journal
+            .as_ref()
+            .is_some_and(Journal::wants_compaction)
+        {
+            let Inner {
+                journal, objects, ..
+            } = &mut *inner;
+            if let Some(journal) = journal.as_mut() {
+                // The write above is already in the file; the snapshot must include it.
+                let mut snapshot: Vec<(&str, &str, &str, &Value)> = Vec::new();
+                for (res, items) in objects.iter() {
+                    for ((ns, name), obj) in items {
+                        snapshot.push((res, ns, name, obj));
+                    }
+                }
+                let pending = (key, id.0.as_str(), id.1.as_str(), &*object);
+                let deleted = kind == EventType::Deleted;
+                let merged = snapshot
+                    .into_iter()
+                    .filter(|(res, ns, name, _)| !(*res == key && *ns == id.0 && *name == id.1))
+                    .chain((!deleted).then_some(pending));
+                journal.compact(rv, merged)?;
+            }
+        }
         inner.rv = rv;
         let uid = object["metadata"]["uid"].as_str().map(str::to_string);
         let objects = inner.objects.entry(key.to_string()).or_default();
