@@ -500,3 +500,29 @@ spec: {minAvailable: 1, selector: {matchLabels: {app: db}}}
     let refused = review("fpdev.forged.token");
     assert_eq!(refused["status"]["authenticated"], false, "{refused}");
 }
+
+#[test]
+fn malformed_writes_are_refused_and_the_server_keeps_serving() {
+    let (home, server) = server();
+    server.kubectl_ok(&["create", "configmap", "shape"]);
+    for patch in [
+        r#"{"metadata":{"labels":"oops"}}"#,
+        r#"{"metadata":"oops"}"#,
+        r#"{"metadata":{"finalizers":{"a":1}}}"#,
+    ] {
+        let err = server.kubectl_err(&["patch", "configmap", "shape", "--type=merge", "-p", patch]);
+        assert!(
+            err.contains("BadRequest") || err.contains("must be"),
+            "{patch}: {err}"
+        );
+    }
+    let bad = home.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"x","labels":["a"]}}"#,
+    )
+    .unwrap();
+    let out = server.kubectl(&["apply", "--server-side", "-f", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    server.kubectl_ok(&["get", "configmap", "shape"]);
+}

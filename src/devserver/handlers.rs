@@ -779,6 +779,25 @@ impl Request<'_> {
                 "the request body must be a JSON object".into(),
             ));
         }
+        // Shapes the server writes into must be what they claim, or it would be
+        // writing into a string or a list.
+        let meta = &object["metadata"];
+        let shape_ok = (meta.is_null() || meta.is_object())
+            && ["labels", "annotations"]
+                .iter()
+                .all(|f| meta[*f].is_null() || meta[*f].is_object())
+            && ["finalizers", "ownerReferences", "managedFields"]
+                .iter()
+                .all(|f| meta[*f].is_null() || meta[*f].is_array())
+            && (target.kind.plural != "secrets"
+                || ["data", "stringData"]
+                    .iter()
+                    .all(|f| object[*f].is_null() || object[*f].is_object()));
+        if !shape_ok {
+            return Err(ApiError::BadRequest(
+                "metadata must be an object, with object labels and annotations and list finalizers and ownerReferences".into(),
+            ));
+        }
         let kind = &target.kind;
         if let Some(k) = object["kind"].as_str()
             && k != kind.kind
@@ -1211,6 +1230,7 @@ impl Request<'_> {
                         ),
                     };
                     applied.map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                    self.check_identity(target, &doc)?;
                     let pinned = doc["metadata"]["resourceVersion"]
                         .as_str()
                         .filter(|rv| {
