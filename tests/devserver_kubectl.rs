@@ -526,3 +526,67 @@ fn malformed_writes_are_refused_and_the_server_keeps_serving() {
     assert!(!out.status.success());
     server.kubectl_ok(&["get", "configmap", "shape"]);
 }
+
+#[test]
+fn kubectl_create_commands_for_builtins_work() {
+    // These kubectl commands send protobuf bodies, which the server decodes.
+    let (_home, server) = server();
+    server.kubectl_ok(&["create", "namespace", "team-a", "--dry-run=server"]);
+    server.kubectl_ok(&["create", "namespace", "team-a"]);
+    server.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "creds",
+        "-n",
+        "team-a",
+        "--from-literal=password=s3cret",
+    ]);
+    let data = server.kubectl_ok(&[
+        "get",
+        "secret",
+        "creds",
+        "-n",
+        "team-a",
+        "-o",
+        "jsonpath={.data.password}",
+    ]);
+    assert_eq!(data, "czNjcmV0");
+    server.kubectl_ok(&[
+        "create",
+        "configmap",
+        "settings",
+        "-n",
+        "team-a",
+        "--from-literal=mode=fast",
+    ]);
+    let mode = server.kubectl_ok(&[
+        "get",
+        "configmap",
+        "settings",
+        "-n",
+        "team-a",
+        "-o",
+        "jsonpath={.data.mode}",
+    ]);
+    assert_eq!(mode, "fast");
+    server.kubectl_ok(&["create", "serviceaccount", "robot", "-n", "team-a"]);
+    // Every namespace gets its default ServiceAccount.
+    let accounts = server.kubectl_ok(&["get", "serviceaccounts", "-n", "team-a", "-o", "name"]);
+    assert!(
+        accounts.contains("serviceaccount/default") && accounts.contains("serviceaccount/robot"),
+        "{accounts}"
+    );
+    let namespaces = server.kubectl_ok(&["get", "namespaces"]);
+    assert!(
+        namespaces.contains("team-a") && namespaces.contains("Active"),
+        "{namespaces}"
+    );
+    // Deleting the namespace takes its contents along.
+    server.kubectl_ok(&["delete", "namespace", "team-a"]);
+    let left = server.kubectl_ok(&["get", "configmaps,secrets", "-A", "-o", "name"]);
+    assert!(
+        !left.contains("settings") && !left.contains("creds"),
+        "{left}"
+    );
+}
