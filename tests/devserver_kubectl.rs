@@ -590,3 +590,70 @@ fn kubectl_create_commands_for_builtins_work() {
         "{left}"
     );
 }
+
+#[test]
+fn client_side_apply_of_a_deployment_merges_containers_by_name() {
+    let (home, server) = server();
+    let deployment = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: api
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: api}}
+  template:
+    metadata: {labels: {app: api}}
+    spec:
+      containers:
+      - name: api
+        image: api:1
+        env: [{name: MODE, value: slow}, {name: KEEP, value: \"yes\"}]
+      - name: sidecar
+        image: sidecar:1
+";
+    let path = home.path().join("deployment.yaml");
+    std::fs::write(&path, deployment).unwrap();
+    server.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+    // A strategic merge patch from someone else adds a container...
+    server.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "api",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"debug","image":"busybox"}]}}}}"#,
+    ]);
+    // ...and re-applying the edited file changes only what the file changed.
+    std::fs::write(
+        &path,
+        deployment
+            .replace("api:1", "api:2")
+            .replace("value: slow", "value: fast"),
+    )
+    .unwrap();
+    let out = server.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(out.contains("configured"), "{out}");
+    let containers = server.kubectl_ok(&[
+        "get",
+        "deployment",
+        "api",
+        "-o",
+        r#"jsonpath={range .spec.template.spec.containers[*]}{.name}={.image};{end}"#,
+    ]);
+    assert_eq!(containers, "api=api:2;sidecar=sidecar:1;debug=busybox;");
+    let env = server.kubectl_ok(&[
+        "get",
+        "deployment",
+        "api",
+        "-o",
+        r#"jsonpath={range .spec.template.spec.containers[0].env[*]}{.name}={.value};{end}"#,
+    ]);
+    assert_eq!(env, "MODE=fast;KEEP=yes;");
+    let generation = server.kubectl_ok(&[
+        "get",
+        "deployment",
+        "api",
+        "-o",
+        "jsonpath={.metadata.generation}",
+    ]);
+    assert_eq!(generation, "3");
+}
