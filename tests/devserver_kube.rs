@@ -246,3 +246,110 @@ async fn selector_watches_see_objects_enter_and_leave() {
     let rv: u64 = bookmark.metadata.resource_version.parse().unwrap();
     assert!(rv >= 3, "bookmark at {rv}");
 }
+
+/// A kube-rs `Controller`, as the fleetpatch controller will run, reconciling
+/// against the dev server: it writes status through server-side apply and sees its
+/// own changes come back through the watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kube_rs_controller_reconciles_against_the_dev_server() {
+    use fleetpatch::api::{Task, TaskStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use kube::runtime::controller::{Action, Controller};
+
+    let home = tempfile::tempdir().unwrap();
+    let server = DevServer::start(home.path(), None);
+    server.kubectl_ok(&["apply", "-f", "crds/"]);
+    server.kubectl_ok(&["create", "namespace", "fleetpatch-system"]);
+    server.kubectl_ok(&["apply", "-f", "examples/linux/", "--recursive"]);
+    let client = client(&server).await;
+    let tasks: Api<Task> = Api::namespaced(client.clone(), "default");
+
+    #[derive(Debug, thiserror::Error)]
+    #[error(transparent)]
+    struct ReconcileError(#[from] kube::Error);
+
+    async fn reconcile(task: Arc<Task>, tasks: Arc<Api<Task>>) -> Result<Action, ReconcileError> {
+        let status = TaskStatus {
+            observed_generation: task.metadata.generation,
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                reason: "Reconciled".into(),
+                message: "seen by the test controller".into(),
+                last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+                observed_generation: task.metadata.generation,
+            }],
+        };
+        let patch = serde_json::json!({
+            "apiVersion": "fleetpatch.io/v1alpha1", "kind": "Task", "status": status,
+        });
+        tasks
+            .patch_status(
+                &task.name_any(),
+                &PatchParams::apply("fleetpatch.io/test-controller").force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        Ok(Action::await_change())
+    }
+
+    let context = Arc::new(tasks.clone());
+    let controller = tokio::spawn(
+        Controller::new(tasks.clone(), watcher::Config::default())
+            .run(
+                reconcile,
+                |_, _, _| Action::requeue(Duration::from_secs(1)),
+                context,
+            )
+            .for_each(|result| async move {
+                if let Err(err) = result {
+                    eprintln!("reconcile failed: {err:?}");
+                }
+            }),
+    );
+    let expected = server
+        .kubectl_ok(&["get", "tasks", "-o", "name"])
+        .lines()
+        .count();
+    let mut ready = 0;
+    for _ in 0..100 {
+        let list = tasks.list(&Default::default()).await.unwrap();
+        ready = list
+            .items
+            .iter()
+            .filter(|t| {
+                t.status.as_ref().is_some_and(|s| {
+                    s.observed_generation == t.metadata.generation
+                        && s.conditions
+                            .iter()
+                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            })
+            .count();
+        if ready == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready, expected, "not every Task was reconciled");
+    // A spec change is a new generation, which the controller reconciles again.
+    server.kubectl_ok(&[
+        "patch",
+        "task",
+        "check-disk-space",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"timeoutMinutes":4}}"#,
+    ]);
+    let mut observed = None;
+    for _ in 0..100 {
+        let task = tasks.get("check-disk-space").await.unwrap();
+        observed = task.status.and_then(|s| s.observed_generation);
+        if observed == Some(2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(observed, Some(2));
+    controller.abort();
+}

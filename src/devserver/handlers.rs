@@ -350,7 +350,7 @@ fn spec_like(object: &Value, status_subresource: bool) -> Value {
 
 fn without_volatile(object: &Value) -> Value {
     let mut copy = object.clone();
-    if let Some(meta) = copy["metadata"].as_object_mut() {
+    if let Some(meta) = copy.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("managedFields");
         meta.remove("resourceVersion");
     }
@@ -360,7 +360,7 @@ fn without_volatile(object: &Value) -> Value {
 /// The object without resourceVersion and managedFields timestamps.
 fn without_times(object: &Value) -> Value {
     let mut copy = object.clone();
-    if let Some(meta) = copy["metadata"].as_object_mut() {
+    if let Some(meta) = copy.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("resourceVersion");
         if let Some(Value::Array(entries)) = meta.get_mut("managedFields") {
             for entry in entries {
@@ -1286,7 +1286,7 @@ impl Request<'_> {
             ));
         }
         let mut applied = patch.clone();
-        if let Some(meta) = applied["metadata"].as_object_mut() {
+        if let Some(meta) = applied.get_mut("metadata").and_then(Value::as_object_mut) {
             for field in [
                 "resourceVersion",
                 "uid",

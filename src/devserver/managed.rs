@@ -376,7 +376,7 @@ pub fn write_entries(object: &mut Value, entries: &[Entry]) {
         })
         .collect();
     if list.is_empty() {
-        if let Some(meta) = object["metadata"].as_object_mut() {
+        if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
             meta.remove("managedFields");
         }
     } else {
