@@ -335,6 +335,70 @@ fn delete_waits_for_finalizers_and_owners_take_dependents_along() {
             .success()
     });
     assert!(collected, "the dependent was not garbage-collected");
+
+    // Foreground deletion: the owner waits for its dependents, here one held by a finalizer.
+    server.kubectl_ok(&["create", "configmap", "parent"]);
+    let uid = server.kubectl_ok(&[
+        "get",
+        "configmap",
+        "parent",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+    let child = format!(
+        r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"child","finalizers":["example.com/hold"],"ownerReferences":[{{"apiVersion":"v1","kind":"ConfigMap","name":"parent","uid":"{uid}","blockOwnerDeletion":true}}]}}}}"#
+    );
+    let out = server.kubectl_stdin(&["apply", "-f", "-"], &child);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.kubectl_ok(&[
+        "delete",
+        "configmap",
+        "parent",
+        "--cascade=foreground",
+        "--wait=false",
+    ]);
+    let parent = server.kubectl_ok(&[
+        "get",
+        "configmap",
+        "parent",
+        "-o",
+        "jsonpath={.metadata.finalizers}",
+    ]);
+    assert!(parent.contains("foregroundDeletion"), "{parent}");
+    let child_stamp = server.kubectl_ok(&[
+        "get",
+        "configmap",
+        "child",
+        "-o",
+        "jsonpath={.metadata.deletionTimestamp}",
+    ]);
+    assert!(
+        !child_stamp.is_empty(),
+        "the child was not marked for deletion"
+    );
+    server.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "child",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ]);
+    let both_gone = eventually(Duration::from_secs(10), || {
+        !server
+            .kubectl(&["get", "configmap", "parent"])
+            .status
+            .success()
+            && !server
+                .kubectl(&["get", "configmap", "child"])
+                .status
+                .success()
+    });
+    assert!(both_gone, "foreground deletion did not finish");
 }
 
 #[test]

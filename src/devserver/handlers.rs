@@ -18,7 +18,6 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
-use super::Server;
 use super::admission::{self, FieldValidation};
 use super::auth::Claims;
 use super::discovery;
@@ -29,6 +28,7 @@ use super::registry::ResourceKind;
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{self, EventType, StoreError};
 use super::table;
+use super::{Propagation, Server};
 
 type Query = HashMap<String, String>;
 
@@ -1419,17 +1419,17 @@ impl Request<'_> {
                 target.name(),
             ));
         }
-        let orphan = options["propagationPolicy"].as_str() == Some("Orphan")
-            || self
-                .query
-                .get("propagationPolicy")
-                .is_some_and(|p| p == "Orphan");
+        let propagation = Propagation::parse(
+            options["propagationPolicy"]
+                .as_str()
+                .or(self.query.get("propagationPolicy").map(String::as_str)),
+        );
         if self.dry_run() {
             return Ok(self.respond(target, StatusCode::OK, &old, &[]));
         }
         let object = self
             .server
-            .delete_object(&target.kind, &old, orphan)
+            .delete_object(&target.kind, &old, propagation)
             .map_err(|e| map_store_error(target, e))?;
         let code = if object["metadata"]["deletionTimestamp"].is_string()
             && self
@@ -1455,7 +1455,10 @@ impl Request<'_> {
             .iter()
             .filter(|i| labels.matches(i) && fields.matches(i))
         {
-            match self.server.delete_object(&target.kind, item, false) {
+            match self
+                .server
+                .delete_object(&target.kind, item, Propagation::Background)
+            {
                 Ok(_) | Err(StoreError::NotFound) => {}
                 Err(err) => return Err(map_store_error(target, err)),
             }
@@ -1567,7 +1570,7 @@ impl Request<'_> {
             )));
         }
         self.server
-            .delete_object(&target.kind, &pod, false)
+            .delete_object(&target.kind, &pod, Propagation::Background)
             .map_err(|e| map_store_error(target, e))?;
         Ok(json_response(
             StatusCode::CREATED,
