@@ -720,4 +720,12 @@ spec:
         "jsonpath={.metadata.generation}",
     ]);
     assert_eq!(generation, "3");
+
+    // Built-in kinds are checked against their Kubernetes schema: a typo is refused...
+    std::fs::write(&path, deployment.replace("replicas: 1", "replicaz: 1")).unwrap();
+    let err = server.kubectl_err(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(err.contains(r#"unknown field "spec.replicaz""#), "{err}");
+    // ...and explained.
+    let explain = server.kubectl_ok(&["explain", "deployment.spec.replicas"]);
+    assert!(explain.contains("<integer>"), "{explain}");
 }

@@ -72,6 +72,45 @@ fn type_at(object: &Value, path: &str) -> &'static str {
     }
 }
 
+/// Built-in kinds are stored as sent, except for fields their Kubernetes schema does
+/// not have: refused under Strict, dropped (with a warning under Warn) otherwise.
+fn admit_builtin(
+    kind: &ResourceKind,
+    object: &mut Value,
+    validation: FieldValidation,
+) -> Result<Vec<String>, ApiError> {
+    let Some(schema) = super::discovery::builtin_field_schema(&kind.group, &kind.plural) else {
+        return Ok(Vec::new());
+    };
+    if validation == FieldValidation::Strict {
+        let unknown: Vec<String> = structural::validate(
+            &schema,
+            object,
+            structural::Options {
+                reject_unknown_fields: true,
+            },
+        )
+        .into_iter()
+        .filter(|e| e.kind == FieldErrorKind::Unknown)
+        .map(|e| format!("unknown field \"{}\"", e.path))
+        .collect();
+        if !unknown.is_empty() {
+            return Err(ApiError::BadRequest(format!(
+                "strict decoding error: {}",
+                unknown.join(", ")
+            )));
+        }
+    }
+    let pruned = structural::prune(&schema, object);
+    Ok(match validation {
+        FieldValidation::Warn => pruned
+            .iter()
+            .map(|p| format!("unknown field \"{p}\""))
+            .collect(),
+        _ => Vec::new(),
+    })
+}
+
 /// Checks (and defaults, and prunes) `object` for `kind`. Returns warnings for the
 /// response's `Warning` headers.
 pub fn admit(
@@ -124,7 +163,7 @@ pub fn admit(
     }
 
     let Some(schema) = kind.schema.as_ref() else {
-        return Ok(Vec::new());
+        return admit_builtin(kind, object, validation);
     };
 
     let mut warnings = Vec::new();
@@ -252,6 +291,50 @@ mod tests {
                 .starts_with("Invalid value: \"string\": "),
             "{cause}"
         );
+    }
+
+    #[test]
+    fn built_in_kinds_refuse_or_drop_fields_their_schema_lacks() {
+        let registry = Registry::new();
+        let deployments = registry.find("apps", "v1", "deployments").unwrap();
+        let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "d", "labels": {"a": "b"}},
+            "spec": {"replicaz": 1, "selector": {"matchLabels": {"a": "b"}},
+                     "template": {"metadata": {"labels": {"a": "b"}},
+                                  "spec": {"containers": [{"name": "c", "image": "i", "imagePullPolicyy": "x",
+                                           "resources": {"limits": {"cpu": "1"}}}]}}}});
+        let err = admit(
+            &deployments,
+            &mut deployment.clone(),
+            None,
+            FieldValidation::Strict,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("unknown field \"spec.replicaz\""), "{text}");
+        assert!(
+            text.contains("spec.template.spec.containers[0].imagePullPolicyy"),
+            "{text}"
+        );
+        let mut lenient = deployment.clone();
+        let warnings = admit(&deployments, &mut lenient, None, FieldValidation::Warn).unwrap();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(lenient["spec"].get("replicaz").is_none());
+        assert_eq!(
+            lenient["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"],
+            "1"
+        );
+
+        // Free-form parts (a CRD's schema, a ConfigMap's data) keep everything.
+        let crds = registry
+            .find("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+            .unwrap();
+        for crd in crate::api::crds() {
+            let mut value = serde_json::to_value(crd).unwrap();
+            let before = value.clone();
+            admit(&crds, &mut value, None, FieldValidation::Strict).unwrap();
+            assert_eq!(value, before);
+        }
     }
 
     #[test]

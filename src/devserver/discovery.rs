@@ -234,6 +234,83 @@ fn kind_schema(kind: &ResourceKind) -> Value {
     schema
 }
 
+/// The schema of a built-in kind with its `$ref`s inlined, for checking unknown fields
+/// (`fieldValidation=Strict`) and pruning them, as an API server's decoding into its
+/// Go types does. Computed once per kind. Nodes that do not declare their fields
+/// (free-form JSON, raw extensions, and references nested too deep to inline)
+/// preserve unknown fields, so only fields the schema positively lacks are caught.
+pub fn builtin_field_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<String, Option<Arc<Value>>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Mutex::default);
+    let key = format!("{group}/{plural}");
+    if let Some(found) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return found.clone();
+    }
+    let mut generator = SchemaSettings::openapi3()
+        .with(|s| s.meta_schema = None)
+        .into_generator();
+    let computed = builtin_definition(&mut generator, group, plural).and_then(|name| {
+        let definitions = generator.take_definitions(true);
+        let root = definitions.get(&name)?;
+        Some(Arc::new(inline_refs(root, &definitions, 0)))
+    });
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, computed.clone());
+    computed
+}
+
+fn inline_refs(schema: &Value, definitions: &Map<String, Value>, depth: usize) -> Value {
+    const MAX_DEPTH: usize = 24;
+    let open = || json!({"x-kubernetes-preserve-unknown-fields": true});
+    let Some(map) = schema.as_object() else {
+        return schema.clone();
+    };
+    if depth > MAX_DEPTH {
+        return open();
+    }
+    if let Some(reference) = map.get("$ref").and_then(Value::as_str) {
+        let name = reference.rsplit('/').next().unwrap_or_default();
+        return match definitions.get(name) {
+            Some(target) => inline_refs(target, definitions, depth + 1),
+            None => open(),
+        };
+    }
+    if let Some(Value::Array(all_of)) = map.get("allOf")
+        && all_of.len() == 1
+    {
+        return inline_refs(&all_of[0], definitions, depth + 1);
+    }
+    let mut out = Map::new();
+    for (key, value) in map {
+        let value = match key.as_str() {
+            "properties" => Value::Object(
+                value
+                    .as_object()
+                    .map(|props| {
+                        props
+                            .iter()
+                            .map(|(k, v)| (k.clone(), inline_refs(v, definitions, depth + 1)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            ),
+            "items" | "additionalProperties" if value.is_object() => {
+                inline_refs(value, definitions, depth + 1)
+            }
+            _ => value.clone(),
+        };
+        out.insert(key.clone(), value);
+    }
+    if !out.contains_key("properties") && !out.contains_key("additionalProperties") {
+        out.insert("x-kubernetes-preserve-unknown-fields".into(), json!(true));
+    }
+    Value::Object(out)
+}
+
 /// Registers the k8s-openapi schema of a built-in kind; returns its definition name.
 fn builtin_definition(
     generator: &mut SchemaGenerator,
