@@ -307,10 +307,17 @@ fn builtin_columns(group: &str, plural: &str) -> Vec<PrinterColumn> {
             column("Type", "string", ".spec.type", 0),
             column("Cluster-IP", "string", ".spec.clusterIP", 0),
         ],
-        ("" | "events.k8s.io", "events") => vec![
+        ("", "events") => vec![
             column("Type", "string", ".type", 0),
             column("Reason", "string", ".reason", 0),
+            column("Object", "string", ".involvedObject.name", 0),
             column("Message", "string", ".message", 0),
+        ],
+        ("events.k8s.io", "events") => vec![
+            column("Type", "string", ".type", 0),
+            column("Reason", "string", ".reason", 0),
+            column("Object", "string", ".regarding.name", 0),
+            column("Note", "string", ".note", 0),
         ],
         ("coordination.k8s.io", "leases") => {
             vec![column("Holder", "string", ".spec.holderIdentity", 0)]
