@@ -352,4 +352,37 @@ async fn a_kube_rs_controller_reconciles_against_the_dev_server() {
     }
     assert_eq!(observed, Some(2));
     controller.abort();
+
+    // Events as the controller will publish them (events.k8s.io/v1), twice: the
+    // second time the recorder patches the existing Event into a series.
+    use kube::Resource;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "fleetpatch-test".into(),
+            instance: None,
+        },
+    );
+    let task = tasks.get("check-disk-space").await.unwrap();
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "Reconciled".into(),
+        note: Some("the task is ready".into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    recorder
+        .publish(&event, &task.object_ref(&()))
+        .await
+        .unwrap();
+    recorder
+        .publish(&event, &task.object_ref(&()))
+        .await
+        .unwrap();
+    let events = server.kubectl_ok(&["get", "events.events.k8s.io"]);
+    assert!(
+        events.contains("Reconciled") && events.contains("the task is ready"),
+        "{events}"
+    );
 }
