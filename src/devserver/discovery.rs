@@ -254,7 +254,11 @@ pub fn builtin_field_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
     let computed = builtin_definition(&mut generator, group, plural).and_then(|name| {
         let definitions = generator.take_definitions(true);
         let root = definitions.get(&name)?;
-        Some(Arc::new(inline_refs(root, &definitions, 0)))
+        Some(Arc::new(inline_refs(
+            root,
+            &definitions,
+            &mut vec![name.clone()],
+        )))
     });
     cache
         .lock()
@@ -263,26 +267,35 @@ pub fn builtin_field_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
     computed
 }
 
-fn inline_refs(schema: &Value, definitions: &Map<String, Value>, depth: usize) -> Value {
-    const MAX_DEPTH: usize = 24;
+/// Inlines `$ref`s. A definition referring back to one being inlined (recursive types
+/// such as a CRD's JSONSchemaProps) becomes an open node instead, so the result stays
+/// proportional to the schema rather than growing exponentially.
+fn inline_refs(
+    schema: &Value,
+    definitions: &Map<String, Value>,
+    expanding: &mut Vec<String>,
+) -> Value {
     let open = || json!({"x-kubernetes-preserve-unknown-fields": true});
     let Some(map) = schema.as_object() else {
         return schema.clone();
     };
-    if depth > MAX_DEPTH {
-        return open();
-    }
     if let Some(reference) = map.get("$ref").and_then(Value::as_str) {
-        let name = reference.rsplit('/').next().unwrap_or_default();
-        return match definitions.get(name) {
-            Some(target) => inline_refs(target, definitions, depth + 1),
-            None => open(),
+        let name = reference.rsplit('/').next().unwrap_or_default().to_string();
+        if expanding.contains(&name) {
+            return open();
+        }
+        let Some(target) = definitions.get(&name) else {
+            return open();
         };
+        expanding.push(name);
+        let inlined = inline_refs(target, definitions, expanding);
+        expanding.pop();
+        return inlined;
     }
     if let Some(Value::Array(all_of)) = map.get("allOf")
         && all_of.len() == 1
     {
-        return inline_refs(&all_of[0], definitions, depth + 1);
+        return inline_refs(&all_of[0], definitions, expanding);
     }
     let mut out = Map::new();
     for (key, value) in map {
@@ -293,13 +306,13 @@ fn inline_refs(schema: &Value, definitions: &Map<String, Value>, depth: usize) -
                     .map(|props| {
                         props
                             .iter()
-                            .map(|(k, v)| (k.clone(), inline_refs(v, definitions, depth + 1)))
+                            .map(|(k, v)| (k.clone(), inline_refs(v, definitions, expanding)))
                             .collect()
                     })
                     .unwrap_or_default(),
             ),
             "items" | "additionalProperties" if value.is_object() => {
-                inline_refs(value, definitions, depth + 1)
+                inline_refs(value, definitions, expanding)
             }
             _ => value.clone(),
         };
