@@ -47,7 +47,8 @@ enum Command {
     },
     /// Run an embedded Kubernetes-compatible API server for development and tests.
     ///
-    /// NOT FOR PRODUCTION: plain HTTP, one admin token, everything in one process.
+    /// NOT FOR PRODUCTION: plain HTTP on loopback, every caller is the admin, nothing
+    /// runs workloads, everything lives in one process.
     /// It serves discovery, OpenAPI v3, CRDs (with schema validation, defaulting,
     /// pruning and CEL rules), built-in kinds such as Namespace, Secret, ConfigMap,
     /// Lease and Node, watches, patches and server-side apply, so kubectl, helm and
@@ -64,6 +65,9 @@ enum Command {
         /// Keep objects here so they survive a restart; without it everything is in memory.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Seconds between watch bookmarks (tests shorten it).
+        #[arg(long, default_value_t = 10, hide = true)]
+        bookmark_interval_seconds: u64,
     },
     /// Run the operator: reconcilers, built-in library, agent gateway, metrics.
     Controller(fleetpatch::controller::ControllerOptions),
@@ -178,6 +182,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             kubeconfig,
             data_dir,
+            bookmark_interval_seconds,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -194,7 +199,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 listen,
                 kubeconfig,
                 data_dir,
-                bookmark_interval: std::time::Duration::from_secs(10),
+                bookmark_interval: std::time::Duration::from_secs(bookmark_interval_seconds.max(1)),
             };
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(fleetpatch::devserver::run(config, shutdown_signal()))?;

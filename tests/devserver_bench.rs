@@ -47,8 +47,16 @@ fn script(i: usize) -> Script {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run explicitly with --ignored --nocapture, preferably --release"]
 async fn ten_thousand_objects() {
+    println!("== in memory");
+    run(false).await;
+    println!("== with --data-dir (journal flushed per write)");
+    run(true).await;
+}
+
+async fn run(persistent: bool) {
     let home = tempfile::tempdir().unwrap();
-    let server = DevServer::start(home.path(), None);
+    let data = home.path().join("data");
+    let server = DevServer::start(home.path(), persistent.then_some(data.as_path()));
     let kubeconfig = Kubeconfig::read_from(&server.kubeconfig).unwrap();
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await

@@ -164,5 +164,225 @@ async fn reflector_survives_a_restart_of_a_persistent_server() {
         "errors kept coming after the restart: {errors:?}"
     );
     task.abort();
+
+    // A watch from a version older than the restart is told to re-list (410 Expired).
+    let mut stream = agents
+        .watch(&kube::api::WatchParams::default().timeout(5), "1")
+        .await
+        .unwrap()
+        .boxed();
+    match stream.next().await {
+        Some(Ok(kube::api::WatchEvent::Error(status))) => {
+            assert_eq!(status.code, 410, "{status:?}")
+        }
+        other => panic!("expected a 410 error event, got {other:?}"),
+    }
     drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selector_watches_see_objects_enter_and_leave() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::WatchEvent;
+
+    let home = tempfile::tempdir().unwrap();
+    let server = DevServer::start(home.path(), None);
+    let client = client(&server).await;
+    let maps: Api<ConfigMap> = Api::namespaced(client, "default");
+    let mut cm = ConfigMap::default();
+    cm.metadata.name = Some("cm".into());
+    let created = maps.create(&PostParams::default(), &cm).await.unwrap();
+    let params = kube::api::WatchParams::default()
+        .labels("tier=gold")
+        .timeout(10);
+    let mut stream = maps
+        .watch(&params, &created.resource_version().unwrap())
+        .await
+        .unwrap()
+        .boxed();
+    let label = |value: Option<&str>| serde_json::json!({"metadata": {"labels": {"tier": value}}});
+    maps.patch(
+        "cm",
+        &PatchParams::default(),
+        &Patch::Merge(label(Some("gold"))),
+    )
+    .await
+    .unwrap();
+    maps.patch(
+        "cm",
+        &PatchParams::default(),
+        &Patch::Merge(label(Some("silver"))),
+    )
+    .await
+    .unwrap();
+    let mut events = Vec::new();
+    while events.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+            Ok(Some(Ok(WatchEvent::Added(_)))) => events.push("ADDED"),
+            Ok(Some(Ok(WatchEvent::Deleted(_)))) => events.push("DELETED"),
+            Ok(Some(Ok(WatchEvent::Modified(_)))) => events.push("MODIFIED"),
+            Ok(Some(Ok(WatchEvent::Bookmark(_)))) => {}
+            other => panic!("unexpected {other:?} after {events:?}"),
+        }
+    }
+    assert_eq!(events, ["ADDED", "DELETED"]);
+
+    // Watches that ask for bookmarks get them, carrying the current resourceVersion.
+    let mut stream = maps
+        .watch(
+            &kube::api::WatchParams::default().timeout(10),
+            &created.resource_version().unwrap(),
+        )
+        .await
+        .unwrap()
+        .boxed();
+    let bookmark = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+            Ok(Some(Ok(WatchEvent::Bookmark(bookmark)))) => break bookmark,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a bookmark, got {other:?}"),
+        }
+    };
+    let rv: u64 = bookmark.metadata.resource_version.parse().unwrap();
+    assert!(rv >= 3, "bookmark at {rv}");
+}
+
+/// A kube-rs `Controller`, as the fleetpatch controller will run, reconciling
+/// against the dev server: it writes status through server-side apply and sees its
+/// own changes come back through the watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kube_rs_controller_reconciles_against_the_dev_server() {
+    use fleetpatch::api::{Task, TaskStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use kube::runtime::controller::{Action, Controller};
+
+    let home = tempfile::tempdir().unwrap();
+    let server = DevServer::start(home.path(), None);
+    server.kubectl_ok(&["apply", "-f", "crds/"]);
+    server.kubectl_ok(&["create", "namespace", "fleetpatch-system"]);
+    server.kubectl_ok(&["apply", "-f", "examples/linux/", "--recursive"]);
+    let client = client(&server).await;
+    let tasks: Api<Task> = Api::namespaced(client.clone(), "default");
+
+    #[derive(Debug, thiserror::Error)]
+    #[error(transparent)]
+    struct ReconcileError(#[from] kube::Error);
+
+    async fn reconcile(task: Arc<Task>, tasks: Arc<Api<Task>>) -> Result<Action, ReconcileError> {
+        let status = TaskStatus {
+            observed_generation: task.metadata.generation,
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                reason: "Reconciled".into(),
+                message: "seen by the test controller".into(),
+                last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+                observed_generation: task.metadata.generation,
+            }],
+        };
+        let patch = serde_json::json!({
+            "apiVersion": "fleetpatch.io/v1alpha1", "kind": "Task", "status": status,
+        });
+        tasks
+            .patch_status(
+                &task.name_any(),
+                &PatchParams::apply("fleetpatch.io/test-controller").force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        Ok(Action::await_change())
+    }
+
+    let context = Arc::new(tasks.clone());
+    let controller = tokio::spawn(
+        Controller::new(tasks.clone(), watcher::Config::default())
+            .run(
+                reconcile,
+                |_, _, _| Action::requeue(Duration::from_secs(1)),
+                context,
+            )
+            .for_each(|result| async move {
+                if let Err(err) = result {
+                    eprintln!("reconcile failed: {err:?}");
+                }
+            }),
+    );
+    let expected = server
+        .kubectl_ok(&["get", "tasks", "-o", "name"])
+        .lines()
+        .count();
+    let mut ready = 0;
+    for _ in 0..100 {
+        let list = tasks.list(&Default::default()).await.unwrap();
+        ready = list
+            .items
+            .iter()
+            .filter(|t| {
+                t.status.as_ref().is_some_and(|s| {
+                    s.observed_generation == t.metadata.generation
+                        && s.conditions
+                            .iter()
+                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            })
+            .count();
+        if ready == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready, expected, "not every Task was reconciled");
+    // A spec change is a new generation, which the controller reconciles again.
+    server.kubectl_ok(&[
+        "patch",
+        "task",
+        "check-disk-space",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"timeoutMinutes":4}}"#,
+    ]);
+    let mut observed = None;
+    for _ in 0..100 {
+        let task = tasks.get("check-disk-space").await.unwrap();
+        observed = task.status.and_then(|s| s.observed_generation);
+        if observed == Some(2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(observed, Some(2));
+    controller.abort();
+
+    // Events as the controller will publish them (events.k8s.io/v1), twice: the
+    // second time the recorder patches the existing Event into a series.
+    use kube::Resource;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "fleetpatch-test".into(),
+            instance: None,
+        },
+    );
+    let task = tasks.get("check-disk-space").await.unwrap();
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "Reconciled".into(),
+        note: Some("the task is ready".into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    recorder
+        .publish(&event, &task.object_ref(&()))
+        .await
+        .unwrap();
+    recorder
+        .publish(&event, &task.object_ref(&()))
+        .await
+        .unwrap();
+    let events = server.kubectl_ok(&["get", "events.events.k8s.io"]);
+    assert!(
+        events.contains("Reconciled") && events.contains("the task is ready"),
+        "{events}"
+    );
 }

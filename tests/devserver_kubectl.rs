@@ -335,6 +335,70 @@ fn delete_waits_for_finalizers_and_owners_take_dependents_along() {
             .success()
     });
     assert!(collected, "the dependent was not garbage-collected");
+
+    // Foreground deletion: the owner waits for its dependents, here one held by a finalizer.
+    server.kubectl_ok(&["create", "configmap", "parent"]);
+    let uid = server.kubectl_ok(&[
+        "get",
+        "configmap",
+        "parent",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+    let child = format!(
+        r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"child","finalizers":["example.com/hold"],"ownerReferences":[{{"apiVersion":"v1","kind":"ConfigMap","name":"parent","uid":"{uid}","blockOwnerDeletion":true}}]}}}}"#
+    );
+    let out = server.kubectl_stdin(&["apply", "-f", "-"], &child);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server.kubectl_ok(&[
+        "delete",
+        "configmap",
+        "parent",
+        "--cascade=foreground",
+        "--wait=false",
+    ]);
+    let parent = server.kubectl_ok(&[
+        "get",
+        "configmap",
+        "parent",
+        "-o",
+        "jsonpath={.metadata.finalizers}",
+    ]);
+    assert!(parent.contains("foregroundDeletion"), "{parent}");
+    let child_stamp = server.kubectl_ok(&[
+        "get",
+        "configmap",
+        "child",
+        "-o",
+        "jsonpath={.metadata.deletionTimestamp}",
+    ]);
+    assert!(
+        !child_stamp.is_empty(),
+        "the child was not marked for deletion"
+    );
+    server.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "child",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ]);
+    let both_gone = eventually(Duration::from_secs(10), || {
+        !server
+            .kubectl(&["get", "configmap", "parent"])
+            .status
+            .success()
+            && !server
+                .kubectl(&["get", "configmap", "child"])
+                .status
+                .success()
+    });
+    assert!(both_gone, "foreground deletion did not finish");
 }
 
 #[test]
@@ -397,4 +461,271 @@ fn invalid_manifests_are_refused_with_the_field_named() {
         let err = server.kubectl_err(&["apply", "-f", fixture.to_str().unwrap()]);
         assert!(err.contains("keyPath"), "{err}");
     }
+}
+
+#[test]
+fn paging_and_field_selectors() {
+    let (_home, server) = server();
+    with_examples(&server);
+    let all = server.kubectl_ok(&["get", "tasks", "-o", "name"]);
+    let paged = server.kubectl_ok(&["get", "tasks", "-o", "name", "--chunk-size=2"]);
+    assert_eq!(all.lines().count(), 7, "{all}");
+    assert_eq!(paged, all);
+    let one = server.kubectl_ok(&[
+        "get",
+        "tasks",
+        "-o",
+        "name",
+        "--field-selector",
+        "metadata.name=check-disk-space",
+    ]);
+    assert_eq!(one.trim(), "task.fleetpatch.io/check-disk-space");
+    let none = server.kubectl_ok(&[
+        "get",
+        "tasks",
+        "-A",
+        "-o",
+        "name",
+        "--field-selector",
+        "metadata.namespace=elsewhere",
+    ]);
+    assert!(none.trim().is_empty(), "{none}");
+}
+
+#[test]
+fn drain_respects_disruption_budgets_and_token_review_accepts_our_tokens() {
+    let (home, server) = server();
+    let manifests = "apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-1, namespace: default, labels: {app: db}}
+spec: {nodeName: node-1, containers: [{name: c, image: db}]}
+status: {phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-2, namespace: default, labels: {app: db}}
+spec: {nodeName: node-1, containers: [{name: c, image: db}]}
+status: {phase: Running}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata: {name: db, namespace: default}
+spec: {minAvailable: 1, selector: {matchLabels: {app: db}}}
+";
+    let path = home.path().join("node.yaml");
+    std::fs::write(&path, manifests).unwrap();
+    server.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+    // One pod may go; the budget keeps the other, so the drain times out.
+    let out = server.kubectl(&["drain", "node-1", "--force", "--timeout=4s"]);
+    assert!(!out.status.success());
+    let pods = server.kubectl_ok(&["get", "pods", "-o", "name"]);
+    assert_eq!(pods.lines().count(), 1, "{pods}");
+    let unschedulable = server.kubectl_ok(&[
+        "get",
+        "node",
+        "node-1",
+        "-o",
+        "jsonpath={.spec.unschedulable}",
+    ]);
+    assert_eq!(unschedulable, "true");
+
+    // ServiceAccount tokens the server issued pass a TokenReview; others do not.
+    server.kubectl_ok(&["create", "serviceaccount", "agent"]);
+    let token = server.kubectl_ok(&[
+        "create",
+        "token",
+        "agent",
+        "--audience",
+        "fleetpatch-gateway",
+    ]);
+    let review = |token: &str| {
+        let body = format!(
+            r#"{{"apiVersion":"authentication.k8s.io/v1","kind":"TokenReview","spec":{{"token":"{}","audiences":["fleetpatch-gateway"]}}}}"#,
+            token.trim()
+        );
+        let out = server.kubectl_stdin(&["create", "-f", "-", "-o", "json"], &body);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let accepted = review(&token);
+    assert_eq!(accepted["status"]["authenticated"], true, "{accepted}");
+    assert_eq!(
+        accepted["status"]["user"]["username"],
+        "system:serviceaccount:default:agent"
+    );
+    let refused = review("fpdev.forged.token");
+    assert_eq!(refused["status"]["authenticated"], false, "{refused}");
+}
+
+#[test]
+fn malformed_writes_are_refused_and_the_server_keeps_serving() {
+    let (home, server) = server();
+    server.kubectl_ok(&["create", "configmap", "shape"]);
+    for patch in [
+        r#"{"metadata":{"labels":"oops"}}"#,
+        r#"{"metadata":"oops"}"#,
+        r#"{"metadata":{"finalizers":{"a":1}}}"#,
+    ] {
+        let err = server.kubectl_err(&["patch", "configmap", "shape", "--type=merge", "-p", patch]);
+        assert!(
+            err.contains("BadRequest") || err.contains("must be"),
+            "{patch}: {err}"
+        );
+    }
+    let bad = home.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"x","labels":["a"]}}"#,
+    )
+    .unwrap();
+    let out = server.kubectl(&["apply", "--server-side", "-f", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    server.kubectl_ok(&["get", "configmap", "shape"]);
+}
+
+#[test]
+fn kubectl_create_commands_for_builtins_work() {
+    // These kubectl commands send protobuf bodies, which the server decodes.
+    let (_home, server) = server();
+    server.kubectl_ok(&["create", "namespace", "team-a", "--dry-run=server"]);
+    server.kubectl_ok(&["create", "namespace", "team-a"]);
+    server.kubectl_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "creds",
+        "-n",
+        "team-a",
+        "--from-literal=password=s3cret",
+    ]);
+    let data = server.kubectl_ok(&[
+        "get",
+        "secret",
+        "creds",
+        "-n",
+        "team-a",
+        "-o",
+        "jsonpath={.data.password}",
+    ]);
+    assert_eq!(data, "czNjcmV0");
+    server.kubectl_ok(&[
+        "create",
+        "configmap",
+        "settings",
+        "-n",
+        "team-a",
+        "--from-literal=mode=fast",
+    ]);
+    let mode = server.kubectl_ok(&[
+        "get",
+        "configmap",
+        "settings",
+        "-n",
+        "team-a",
+        "-o",
+        "jsonpath={.data.mode}",
+    ]);
+    assert_eq!(mode, "fast");
+    server.kubectl_ok(&["create", "serviceaccount", "robot", "-n", "team-a"]);
+    // Every namespace gets its default ServiceAccount.
+    let accounts = server.kubectl_ok(&["get", "serviceaccounts", "-n", "team-a", "-o", "name"]);
+    assert!(
+        accounts.contains("serviceaccount/default") && accounts.contains("serviceaccount/robot"),
+        "{accounts}"
+    );
+    let namespaces = server.kubectl_ok(&["get", "namespaces"]);
+    assert!(
+        namespaces.contains("team-a") && namespaces.contains("Active"),
+        "{namespaces}"
+    );
+    // Deleting the namespace takes its contents along.
+    server.kubectl_ok(&["delete", "namespace", "team-a"]);
+    let left = server.kubectl_ok(&["get", "configmaps,secrets", "-A", "-o", "name"]);
+    assert!(
+        !left.contains("settings") && !left.contains("creds"),
+        "{left}"
+    );
+}
+
+#[test]
+fn client_side_apply_of_a_deployment_merges_containers_by_name() {
+    let (home, server) = server();
+    let deployment = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: api
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: api}}
+  template:
+    metadata: {labels: {app: api}}
+    spec:
+      containers:
+      - name: api
+        image: api:1
+        env: [{name: MODE, value: slow}, {name: KEEP, value: \"yes\"}]
+      - name: sidecar
+        image: sidecar:1
+";
+    let path = home.path().join("deployment.yaml");
+    std::fs::write(&path, deployment).unwrap();
+    server.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+    // A strategic merge patch from someone else adds a container...
+    server.kubectl_ok(&[
+        "patch",
+        "deployment",
+        "api",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"debug","image":"busybox"}]}}}}"#,
+    ]);
+    // ...and re-applying the edited file changes only what the file changed.
+    std::fs::write(
+        &path,
+        deployment
+            .replace("api:1", "api:2")
+            .replace("value: slow", "value: fast"),
+    )
+    .unwrap();
+    let out = server.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(out.contains("configured"), "{out}");
+    let containers = server.kubectl_ok(&[
+        "get",
+        "deployment",
+        "api",
+        "-o",
+        r#"jsonpath={range .spec.template.spec.containers[*]}{.name}={.image};{end}"#,
+    ]);
+    assert_eq!(containers, "api=api:2;sidecar=sidecar:1;debug=busybox;");
+    let env = server.kubectl_ok(&[
+        "get",
+        "deployment",
+        "api",
+        "-o",
+        r#"jsonpath={range .spec.template.spec.containers[0].env[*]}{.name}={.value};{end}"#,
+    ]);
+    assert_eq!(env, "MODE=fast;KEEP=yes;");
+    let generation = server.kubectl_ok(&[
+        "get",
+        "deployment",
+        "api",
+        "-o",
+        "jsonpath={.metadata.generation}",
+    ]);
+    assert_eq!(generation, "3");
+
+    // Built-in kinds are checked against their Kubernetes schema: a typo is refused...
+    std::fs::write(&path, deployment.replace("replicas: 1", "replicaz: 1")).unwrap();
+    let err = server.kubectl_err(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(err.contains(r#"unknown field "spec.replicaz""#), "{err}");
+    // ...and explained.
+    let explain = server.kubectl_ok(&["explain", "deployment.spec.replicas"]);
+    assert!(explain.contains("<integer>"), "{explain}");
 }

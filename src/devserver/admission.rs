@@ -44,6 +44,73 @@ fn cause(field: &str, reason: &str, message: String) -> Cause {
     }
 }
 
+/// The JSON type name of the value at a field path like `spec.targets[0].name`, as
+/// the API server names it in CEL errors (`Invalid value: "string": ...`).
+fn type_at(object: &Value, path: &str) -> &'static str {
+    let mut current = object;
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (field, indices) = part.split_once('[').map_or((part, ""), |(f, i)| (f, i));
+        if !field.is_empty() {
+            current = &current[field];
+        }
+        for index in indices.split('[').filter(|i| !i.is_empty()) {
+            let index = index.trim_end_matches(']');
+            current = match index.parse::<usize>() {
+                Ok(i) => &current[i],
+                Err(_) => &current[index.trim_matches('"')],
+            };
+        }
+    }
+    match current {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_f64() => "number",
+        Value::Number(_) => "integer",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Built-in kinds are stored as sent, except for fields their Kubernetes schema does
+/// not have: refused under Strict, dropped (with a warning under Warn) otherwise.
+fn admit_builtin(
+    kind: &ResourceKind,
+    object: &mut Value,
+    validation: FieldValidation,
+) -> Result<Vec<String>, ApiError> {
+    let Some(schema) = super::discovery::builtin_field_schema(&kind.group, &kind.plural) else {
+        return Ok(Vec::new());
+    };
+    if validation == FieldValidation::Strict {
+        let unknown: Vec<String> = structural::validate(
+            &schema,
+            object,
+            structural::Options {
+                reject_unknown_fields: true,
+            },
+        )
+        .into_iter()
+        .filter(|e| e.kind == FieldErrorKind::Unknown)
+        .map(|e| format!("unknown field \"{}\"", e.path))
+        .collect();
+        if !unknown.is_empty() {
+            return Err(ApiError::BadRequest(format!(
+                "strict decoding error: {}",
+                unknown.join(", ")
+            )));
+        }
+    }
+    let pruned = structural::prune(&schema, object);
+    Ok(match validation {
+        FieldValidation::Warn => pruned
+            .iter()
+            .map(|p| format!("unknown field \"{p}\""))
+            .collect(),
+        _ => Vec::new(),
+    })
+}
+
 /// Checks (and defaults, and prunes) `object` for `kind`. Returns warnings for the
 /// response's `Warning` headers.
 pub fn admit(
@@ -96,7 +163,7 @@ pub fn admit(
     }
 
     let Some(schema) = kind.schema.as_ref() else {
-        return Ok(Vec::new());
+        return admit_builtin(kind, object, validation);
     };
 
     let mut warnings = Vec::new();
@@ -152,11 +219,130 @@ pub fn admit(
                     cause(
                         &e.field_path,
                         e.reason.as_deref().unwrap_or("FieldValueInvalid"),
-                        format!("Invalid value: {}", e.message),
+                        format!(
+                            "Invalid value: \"{}\": {}",
+                            type_at(object, &e.field_path),
+                            e.message
+                        ),
                     )
                 })
                 .collect(),
         ));
     }
     Ok(warnings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devserver::registry::Registry;
+    use serde_json::json;
+
+    fn kind(plural: &str) -> std::sync::Arc<ResourceKind> {
+        let registry = Registry::new();
+        let crds: Vec<Value> = crate::api::crds()
+            .into_iter()
+            .map(|c| serde_json::to_value(c).unwrap())
+            .collect();
+        registry.set_crds(crds.iter());
+        registry.find("fleetpatch.io", "v1alpha1", plural).unwrap()
+    }
+
+    fn task(key_path: &str) -> Value {
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Task",
+               "metadata": {"name": "t", "namespace": "default"},
+               "spec": {"os": "Windows", "type": "ChangeRegistryKey", "timeoutMinutes": 5,
+                        "changeRegistryKey": {"keyPath": key_path, "valueType": "REG_SZ",
+                                              "valueName": "v", "valueData": "d"}}})
+    }
+
+    #[test]
+    fn defaults_prunes_and_validates_a_task() {
+        let kind = kind("tasks");
+        let mut ok = task(r"HKEY_LOCAL_MACHINE\SOFTWARE\X");
+        ok["spec"]["bogus"] = json!(1);
+        let warnings = admit(&kind, &mut ok, None, FieldValidation::Warn).unwrap();
+        assert_eq!(warnings, vec!["unknown field \"spec.bogus\""]);
+        assert!(ok["spec"].get("bogus").is_none());
+        assert_eq!(ok["spec"]["successExitCodes"], json!([0]));
+
+        let mut strict = task(r"HKEY_LOCAL_MACHINE\SOFTWARE\X");
+        strict["spec"]["bogus"] = json!(1);
+        let err = admit(&kind, &mut strict, None, FieldValidation::Strict).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field \"spec.bogus\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cel_errors_name_the_field_and_its_type() {
+        let kind = kind("tasks");
+        let mut bad = task(r"HKEY_LOCAL_MACHINE\SOFTWARE\X\");
+        let err = admit(&kind, &mut bad, None, FieldValidation::Strict).unwrap_err();
+        let status = err.to_status();
+        assert_eq!(status["code"], 422);
+        let cause = &status["details"]["causes"][0];
+        assert_eq!(cause["field"], "spec.changeRegistryKey.keyPath");
+        assert!(
+            cause["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("Invalid value: \"string\": "),
+            "{cause}"
+        );
+    }
+
+    #[test]
+    fn built_in_kinds_refuse_or_drop_fields_their_schema_lacks() {
+        let registry = Registry::new();
+        let deployments = registry.find("apps", "v1", "deployments").unwrap();
+        let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "d", "labels": {"a": "b"}},
+            "spec": {"replicaz": 1, "selector": {"matchLabels": {"a": "b"}},
+                     "template": {"metadata": {"labels": {"a": "b"}},
+                                  "spec": {"containers": [{"name": "c", "image": "i", "imagePullPolicyy": "x",
+                                           "resources": {"limits": {"cpu": "1"}}}]}}}});
+        let err = admit(
+            &deployments,
+            &mut deployment.clone(),
+            None,
+            FieldValidation::Strict,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("unknown field \"spec.replicaz\""), "{text}");
+        assert!(
+            text.contains("spec.template.spec.containers[0].imagePullPolicyy"),
+            "{text}"
+        );
+        let mut lenient = deployment.clone();
+        let warnings = admit(&deployments, &mut lenient, None, FieldValidation::Warn).unwrap();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(lenient["spec"].get("replicaz").is_none());
+        assert_eq!(
+            lenient["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"],
+            "1"
+        );
+
+        // Free-form parts (a CRD's schema, a ConfigMap's data) keep everything.
+        let crds = registry
+            .find("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+            .unwrap();
+        for crd in crate::api::crds() {
+            let mut value = serde_json::to_value(crd).unwrap();
+            let before = value.clone();
+            admit(&crds, &mut value, None, FieldValidation::Strict).unwrap();
+            assert_eq!(value, before);
+        }
+    }
+
+    #[test]
+    fn metadata_names_are_checked() {
+        let kind = kind("tasks");
+        let mut bad = task(r"HKEY_LOCAL_MACHINE\SOFTWARE\X");
+        bad["metadata"]["name"] = json!("Not_Valid");
+        let err = admit(&kind, &mut bad, None, FieldValidation::Strict).unwrap_err();
+        assert!(err.to_string().contains("metadata.name"), "{err}");
+    }
 }

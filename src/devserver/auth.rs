@@ -38,6 +38,18 @@ pub enum AuthError {
     },
 }
 
+/// Makes a secret file readable by its owner only.
+pub fn owner_only(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 pub struct Auth {
     key: Vec<u8>,
 }
@@ -66,6 +78,7 @@ impl Auth {
                 let key = fresh();
                 std::fs::create_dir_all(dir).map_err(err)?;
                 std::fs::write(&path, &key).map_err(err)?;
+                owner_only(&path).map_err(err)?;
                 key
             }
         };

@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use schemars::JsonSchema;
+use schemars::generate::{SchemaGenerator, SchemaSettings};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
@@ -232,6 +234,144 @@ fn kind_schema(kind: &ResourceKind) -> Value {
     schema
 }
 
+/// The schema of a built-in kind with its `$ref`s inlined, for checking unknown fields
+/// (`fieldValidation=Strict`) and pruning them, as an API server's decoding into its
+/// Go types does. Computed once per kind. Nodes that do not declare their fields
+/// (free-form JSON, raw extensions, and references nested too deep to inline)
+/// preserve unknown fields, so only fields the schema positively lacks are caught.
+pub fn builtin_field_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<String, Option<Arc<Value>>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Mutex::default);
+    let key = format!("{group}/{plural}");
+    if let Some(found) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return found.clone();
+    }
+    let mut generator = SchemaSettings::openapi3()
+        .with(|s| s.meta_schema = None)
+        .into_generator();
+    let computed = builtin_definition(&mut generator, group, plural).and_then(|name| {
+        let definitions = generator.take_definitions(true);
+        let root = definitions.get(&name)?;
+        Some(Arc::new(inline_refs(
+            root,
+            &definitions,
+            &mut vec![name.clone()],
+        )))
+    });
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, computed.clone());
+    computed
+}
+
+/// Inlines `$ref`s. A definition referring back to one being inlined (recursive types
+/// such as a CRD's JSONSchemaProps) becomes an open node instead, so the result stays
+/// proportional to the schema rather than growing exponentially.
+fn inline_refs(
+    schema: &Value,
+    definitions: &Map<String, Value>,
+    expanding: &mut Vec<String>,
+) -> Value {
+    let open = || json!({"x-kubernetes-preserve-unknown-fields": true});
+    let Some(map) = schema.as_object() else {
+        return schema.clone();
+    };
+    if let Some(reference) = map.get("$ref").and_then(Value::as_str) {
+        let name = reference.rsplit('/').next().unwrap_or_default().to_string();
+        if expanding.contains(&name) {
+            return open();
+        }
+        let Some(target) = definitions.get(&name) else {
+            return open();
+        };
+        expanding.push(name);
+        let inlined = inline_refs(target, definitions, expanding);
+        expanding.pop();
+        return inlined;
+    }
+    if let Some(Value::Array(all_of)) = map.get("allOf")
+        && all_of.len() == 1
+    {
+        return inline_refs(&all_of[0], definitions, expanding);
+    }
+    let mut out = Map::new();
+    for (key, value) in map {
+        let value = match key.as_str() {
+            "properties" => Value::Object(
+                value
+                    .as_object()
+                    .map(|props| {
+                        props
+                            .iter()
+                            .map(|(k, v)| (k.clone(), inline_refs(v, definitions, expanding)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            ),
+            "items" | "additionalProperties" if value.is_object() => {
+                inline_refs(value, definitions, expanding)
+            }
+            _ => value.clone(),
+        };
+        out.insert(key.clone(), value);
+    }
+    if !out.contains_key("properties") && !out.contains_key("additionalProperties") {
+        out.insert("x-kubernetes-preserve-unknown-fields".into(), json!(true));
+    }
+    Value::Object(out)
+}
+
+/// Registers the k8s-openapi schema of a built-in kind; returns its definition name.
+fn builtin_definition(
+    generator: &mut SchemaGenerator,
+    group: &str,
+    plural: &str,
+) -> Option<String> {
+    use k8s_openapi::api::{apps, authentication, batch, coordination, core, events, policy, rbac};
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions;
+    fn define<T: JsonSchema>(generator: &mut SchemaGenerator) -> Option<String> {
+        generator.subschema_for::<T>();
+        Some(T::schema_name().into_owned())
+    }
+    match (group, plural) {
+        ("", "namespaces") => define::<core::v1::Namespace>(generator),
+        ("", "secrets") => define::<core::v1::Secret>(generator),
+        ("", "configmaps") => define::<core::v1::ConfigMap>(generator),
+        ("", "serviceaccounts") => define::<core::v1::ServiceAccount>(generator),
+        ("", "events") => define::<core::v1::Event>(generator),
+        ("", "nodes") => define::<core::v1::Node>(generator),
+        ("", "pods") => define::<core::v1::Pod>(generator),
+        ("", "services") => define::<core::v1::Service>(generator),
+        ("", "endpoints") => define::<core::v1::Endpoints>(generator),
+        ("", "persistentvolumeclaims") => define::<core::v1::PersistentVolumeClaim>(generator),
+        ("events.k8s.io", "events") => define::<events::v1::Event>(generator),
+        ("coordination.k8s.io", "leases") => define::<coordination::v1::Lease>(generator),
+        ("apps", "deployments") => define::<apps::v1::Deployment>(generator),
+        ("apps", "daemonsets") => define::<apps::v1::DaemonSet>(generator),
+        ("apps", "statefulsets") => define::<apps::v1::StatefulSet>(generator),
+        ("apps", "replicasets") => define::<apps::v1::ReplicaSet>(generator),
+        ("batch", "jobs") => define::<batch::v1::Job>(generator),
+        ("batch", "cronjobs") => define::<batch::v1::CronJob>(generator),
+        ("policy", "poddisruptionbudgets") => define::<policy::v1::PodDisruptionBudget>(generator),
+        ("rbac.authorization.k8s.io", "roles") => define::<rbac::v1::Role>(generator),
+        ("rbac.authorization.k8s.io", "clusterroles") => define::<rbac::v1::ClusterRole>(generator),
+        ("rbac.authorization.k8s.io", "rolebindings") => define::<rbac::v1::RoleBinding>(generator),
+        ("rbac.authorization.k8s.io", "clusterrolebindings") => {
+            define::<rbac::v1::ClusterRoleBinding>(generator)
+        }
+        ("authentication.k8s.io", "tokenreviews") => {
+            define::<authentication::v1::TokenReview>(generator)
+        }
+        ("apiextensions.k8s.io", "customresourcedefinitions") => {
+            define::<apiextensions::v1::CustomResourceDefinition>(generator)
+        }
+        _ => None,
+    }
+}
+
 fn operation(kind: &ResourceKind, action: &str, schema_ref: &str, params: &[&str]) -> Value {
     let parameters: Vec<Value> = params
         .iter()
@@ -257,20 +397,38 @@ pub fn openapi_document(kinds: &[Arc<ResourceKind>], group: &str, version: &str)
     }
     let mut schemas = BTreeMap::new();
     let mut paths = BTreeMap::new();
-    schemas.insert(OBJECT_META.to_string(), object_meta_schema());
+    let mut generator = SchemaSettings::openapi3()
+        .with(|s| s.meta_schema = None)
+        .into_generator();
+    let mut builtin_definitions = Vec::new();
     let prefix = if group.is_empty() {
         "/api/v1".to_string()
     } else {
         format!("/apis/{group}/{version}")
     };
     for kind in served {
-        let name = definition_name(kind);
+        let name = match builtin_definition(&mut generator, &kind.group, &kind.plural) {
+            Some(name) => {
+                builtin_definitions.push((name.clone(), kind));
+                name
+            }
+            None => {
+                let name = definition_name(kind);
+                schemas.insert(name.clone(), kind_schema(kind));
+                name
+            }
+        };
         let schema_ref = format!("#/components/schemas/{name}");
-        schemas.insert(name, kind_schema(kind));
         if kind.is_virtual() {
+            // Only POST is served, but kubectl looks for the fieldValidation parameter on
+            // a PATCH operation of the kind to leave validation to the server (a real
+            // server would send it to OpenAPI v2 instead, which this one does not serve).
             paths.insert(
                 format!("{prefix}/{}", kind.plural),
-                json!({"post": operation(kind, "post", &schema_ref, &["dryRun", "fieldManager", "fieldValidation"])}),
+                json!({
+                    "post": operation(kind, "post", &schema_ref, &["dryRun", "fieldManager", "fieldValidation"]),
+                    "patch": operation(kind, "patch", &schema_ref, &["dryRun", "fieldManager", "fieldValidation"]),
+                }),
             );
             continue;
         }
@@ -307,6 +465,21 @@ pub fn openapi_document(kinds: &[Arc<ResourceKind>], group: &str, version: &str)
         }
         paths.insert(format!("{collection}/{{name}}"), item);
     }
+    // Built-in kinds: the schemas k8s-openapi carries, with every type they use.
+    for (name, definition) in generator.take_definitions(true) {
+        schemas.entry(name).or_insert(definition);
+    }
+    for (name, kind) in builtin_definitions {
+        if let Some(Value::Object(schema)) = schemas.get_mut(&name) {
+            schema.insert(
+                "x-kubernetes-group-version-kind".into(),
+                json!([{"group": kind.group, "version": kind.version, "kind": kind.kind}]),
+            );
+        }
+    }
+    schemas
+        .entry(OBJECT_META.to_string())
+        .or_insert_with(object_meta_schema);
     Some(json!({
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes (fleetpatch dev server)", "version": "v1.33.0"},

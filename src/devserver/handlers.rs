@@ -18,7 +18,6 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
-use super::Server;
 use super::admission::{self, FieldValidation};
 use super::auth::Claims;
 use super::discovery;
@@ -27,8 +26,9 @@ use super::managed::{self, Writer};
 use super::patch::{self, PatchType};
 use super::registry::ResourceKind;
 use super::selector::{FieldSelector, LabelSelector};
-use super::store::{self, StoreError};
+use super::store::{self, EventType, StoreError};
 use super::table;
+use super::{Propagation, Server};
 
 type Query = HashMap<String, String>;
 
@@ -402,11 +402,41 @@ fn spec_like(object: &Value, status_subresource: bool) -> Value {
 
 fn without_volatile(object: &Value) -> Value {
     let mut copy = object.clone();
-    if let Some(meta) = copy["metadata"].as_object_mut() {
+    if let Some(meta) = copy.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("managedFields");
         meta.remove("resourceVersion");
     }
     copy
+}
+
+/// The object without resourceVersion and managedFields timestamps.
+fn without_times(object: &Value) -> Value {
+    let mut copy = object.clone();
+    if let Some(meta) = copy.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+        if let Some(Value::Array(entries)) = meta.get_mut("managedFields") {
+            for entry in entries {
+                if let Some(entry) = entry.as_object_mut() {
+                    entry.remove("time");
+                }
+            }
+        }
+    }
+    copy
+}
+
+/// The event a watch with selectors reports for a change: an object that starts
+/// matching is ADDED, one that stops matching is DELETED, one that never matches is
+/// not reported — as the API server does it.
+fn selected_event(change: &store::Change, matches: &impl Fn(&Value) -> bool) -> Option<EventType> {
+    let now_matches = matches(&change.object);
+    let matched_before = change.previous.as_deref().map(matches);
+    match (change.kind, matched_before, now_matches) {
+        (EventType::Modified, Some(false), true) => Some(EventType::Added),
+        (EventType::Modified, Some(true), false) => Some(EventType::Deleted),
+        (_, _, false) => None,
+        (kind, _, true) => Some(kind),
+    }
 }
 
 fn map_store_error(target: &Target, err: StoreError) -> ApiError {
@@ -686,15 +716,17 @@ impl Request<'_> {
             };
             let mut last = since.unwrap_or(subscription.rv);
             for change in subscription.backlog.drain(..) {
-                if matches(&change.object)
-                    && tx
-                        .send(encode(change.kind.as_str(), &change.object, &mut first))
-                        .await
-                        .is_err()
+                last = last.max(change.rv);
+                let Some(event) = selected_event(&change, &matches) else {
+                    continue;
+                };
+                if tx
+                    .send(encode(event.as_str(), &change.object, &mut first))
+                    .await
+                    .is_err()
                 {
                     return;
                 }
-                last = last.max(change.rv);
             }
             last = last.max(subscription.rv);
             if send_initial {
@@ -740,12 +772,14 @@ impl Request<'_> {
                         || namespace
                             .as_deref()
                             .is_some_and(|ns| ns != change.namespace)
-                        || !matches(&change.object)
                     {
                         continue;
                     }
+                    let Some(event) = selected_event(&change, &matches) else {
+                        continue;
+                    };
                     if tx
-                        .send(encode(change.kind.as_str(), &change.object, &mut first))
+                        .send(encode(event.as_str(), &change.object, &mut first))
                         .await
                         .is_err()
                     {
@@ -795,6 +829,25 @@ impl Request<'_> {
         if !object.is_object() {
             return Err(ApiError::BadRequest(
                 "the request body must be a JSON object".into(),
+            ));
+        }
+        // Shapes the server writes into must be what they claim, or it would be
+        // writing into a string or a list.
+        let meta = &object["metadata"];
+        let shape_ok = (meta.is_null() || meta.is_object())
+            && ["labels", "annotations"]
+                .iter()
+                .all(|f| meta[*f].is_null() || meta[*f].is_object())
+            && ["finalizers", "ownerReferences", "managedFields"]
+                .iter()
+                .all(|f| meta[*f].is_null() || meta[*f].is_array())
+            && (target.kind.plural != "secrets"
+                || ["data", "stringData"]
+                    .iter()
+                    .all(|f| object[*f].is_null() || object[*f].is_object()));
+        if !shape_ok {
+            return Err(ApiError::BadRequest(
+                "metadata must be an object, with object labels and annotations and list finalizers and ownerReferences".into(),
             ));
         }
         let kind = &target.kind;
@@ -1229,6 +1282,7 @@ impl Request<'_> {
                         ),
                     };
                     applied.map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                    self.check_identity(target, &doc)?;
                     let pinned = doc["metadata"]["resourceVersion"]
                         .as_str()
                         .filter(|rv| {
@@ -1284,7 +1338,7 @@ impl Request<'_> {
             ));
         }
         let mut applied = patch.clone();
-        if let Some(meta) = applied["metadata"].as_object_mut() {
+        if let Some(meta) = applied.get_mut("metadata").and_then(Value::as_object_mut) {
             for field in [
                 "resourceVersion",
                 "uid",
@@ -1378,7 +1432,8 @@ impl Request<'_> {
         }
         let warnings = admission::admit(kind, &mut new, Some(old), self.field_validation())?;
         self.prepare_builtin(kind, &mut new, Some(old))?;
-        if new == *old {
+        if without_times(&new) == without_times(old) {
+            // Same values, same owners: a no-op apply writes nothing.
             return Ok((StatusCode::OK, Arc::new(old.clone()), warnings));
         }
         let expected = applied["metadata"]["resourceVersion"]
@@ -1416,17 +1471,17 @@ impl Request<'_> {
                 target.name(),
             ));
         }
-        let orphan = options["propagationPolicy"].as_str() == Some("Orphan")
-            || self
-                .query
-                .get("propagationPolicy")
-                .is_some_and(|p| p == "Orphan");
+        let propagation = Propagation::parse(
+            options["propagationPolicy"]
+                .as_str()
+                .or(self.query.get("propagationPolicy").map(String::as_str)),
+        );
         if self.dry_run() {
             return Ok(self.respond(target, StatusCode::OK, &old, &[]));
         }
         let object = self
             .server
-            .delete_object(&target.kind, &old, orphan)
+            .delete_object(&target.kind, &old, propagation)
             .map_err(|e| map_store_error(target, e))?;
         let code = if object["metadata"]["deletionTimestamp"].is_string()
             && self
@@ -1452,7 +1507,10 @@ impl Request<'_> {
             .iter()
             .filter(|i| labels.matches(i) && fields.matches(i))
         {
-            match self.server.delete_object(&target.kind, item, false) {
+            match self
+                .server
+                .delete_object(&target.kind, item, Propagation::Background)
+            {
                 Ok(_) | Err(StoreError::NotFound) => {}
                 Err(err) => return Err(map_store_error(target, err)),
             }
@@ -1564,7 +1622,7 @@ impl Request<'_> {
             )));
         }
         self.server
-            .delete_object(&target.kind, &pod, false)
+            .delete_object(&target.kind, &pod, Propagation::Background)
             .map_err(|e| map_store_error(target, e))?;
         Ok(json_response(
             StatusCode::CREATED,

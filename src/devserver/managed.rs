@@ -376,7 +376,7 @@ pub fn write_entries(object: &mut Value, entries: &[Entry]) {
         })
         .collect();
     if list.is_empty() {
-        if let Some(meta) = object["metadata"].as_object_mut() {
+        if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
             meta.remove("managedFields");
         }
     } else {
@@ -550,12 +550,13 @@ pub fn apply(
         .filter(|e| !is_mine(e))
         .flat_map(|e| e.fields.iter())
         .collect();
-    // Deepest first, so removing a list item never strands its own fields' removal.
+    // Shallowest first: a list item goes as a whole (its key fields identify it, so
+    // they must not be removed before it); its own fields then are no-ops.
     let mut dropped: Vec<&FieldPath> = previous
         .iter()
         .filter(|p| !applied_fields.contains(*p) && !others.contains(p))
         .collect();
-    dropped.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    dropped.sort_by_key(|p| p.len());
     for path in dropped {
         remove_at(&mut merged, path);
     }
@@ -573,8 +574,7 @@ pub fn apply(
     Ok(merged)
 }
 
-/// Strips managedFields entries down to what still exists, for callers that rewrite
-/// an object wholesale (used by tests and the status subresource).
+/// Who owns what, as manager → field paths (`.spec.a`), for tests and diagnostics.
 pub fn owners(object: &Value) -> BTreeMap<String, Vec<String>> {
     read_entries(object)
         .into_iter()

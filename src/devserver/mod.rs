@@ -67,6 +67,29 @@ pub enum DevServerError {
     Serve(std::io::Error),
 }
 
+const FOREGROUND_FINALIZER: &str = "foregroundDeletion";
+
+/// What happens to an object's dependents when it is deleted (`propagationPolicy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Propagation {
+    /// The object goes now; dependents are garbage-collected after it.
+    Background,
+    /// The object stays (finalizer `foregroundDeletion`) until its dependents are gone.
+    Foreground,
+    /// Dependents stay and lose their reference to the object.
+    Orphan,
+}
+
+impl Propagation {
+    pub fn parse(text: Option<&str>) -> Self {
+        match text {
+            Some("Foreground") => Self::Foreground,
+            Some("Orphan") => Self::Orphan,
+            _ => Self::Background,
+        }
+    }
+}
+
 /// Options of `fleetpatch dev`.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -154,12 +177,13 @@ impl Server {
     }
 
     /// Deletes an object as a DELETE request does: marks it when finalizers hold it,
-    /// removes it otherwise. `orphan` leaves dependents alone.
+    /// removes it otherwise. Foreground deletion holds the object (finalizer
+    /// `foregroundDeletion`) until its dependents are gone; Orphan leaves them alone.
     pub fn delete_object(
         self: &Arc<Self>,
         kind: &ResourceKind,
         object: &Value,
-        orphan: bool,
+        propagation: Propagation,
     ) -> Result<Arc<Value>, StoreError> {
         let key = kind.storage_key();
         let ns = object["metadata"]["namespace"].as_str().unwrap_or_default();
@@ -167,6 +191,35 @@ impl Server {
         if key == NAMESPACE_KEY {
             self.delete_namespace_contents(name);
         }
+        let uid = object["metadata"]["uid"].as_str().unwrap_or_default();
+        if propagation == Propagation::Foreground
+            && object["metadata"]["deletionTimestamp"].is_null()
+            && !uid.is_empty()
+        {
+            let dependents = self.store.dependents_of(uid);
+            if !dependents.is_empty() {
+                let mut marked = object.clone();
+                let mut finalizers = marked["metadata"]["finalizers"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                finalizers.push(json!(FOREGROUND_FINALIZER));
+                marked["metadata"]["finalizers"] = json!(finalizers);
+                marked["metadata"]["deletionTimestamp"] = json!(handlers::now());
+                marked["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+                let stored = self.store.replace(&key, marked, None)?;
+                for (dependent_key, dependent) in dependents {
+                    if let Some(dependent_kind) = self.kind_for_key(&dependent_key)
+                        && let Err(err) =
+                            self.delete_object(&dependent_kind, &dependent, Propagation::Foreground)
+                    {
+                        tracing::debug!(%err, "dependent already gone");
+                    }
+                }
+                return Ok(stored);
+            }
+        }
+        let orphan = propagation == Propagation::Orphan;
         let has_finalizers = object["metadata"]["finalizers"]
             .as_array()
             .is_some_and(|f| !f.is_empty());
@@ -184,6 +237,53 @@ impl Server {
             return Ok(stored);
         }
         self.remove_object(&key, ns, name, orphan)
+    }
+
+    fn kind_for_key(&self, key: &str) -> Option<Arc<ResourceKind>> {
+        self.registry
+            .all()
+            .iter()
+            .find(|k| k.storage_key() == key)
+            .cloned()
+    }
+
+    /// After a dependent is gone: an owner held by foreground deletion whose
+    /// dependents are all gone loses that finalizer (and goes, if it was the last).
+    fn release_foreground_owners(self: &Arc<Self>, removed: &Value) {
+        for owner in removed["metadata"]["ownerReferences"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let Some(uid) = owner["uid"].as_str() else {
+                continue;
+            };
+            let Some((key, ns, name)) = self.store.locate_uid(uid) else {
+                continue;
+            };
+            let Some(current) = self.store.get(&key, &ns, &name) else {
+                continue;
+            };
+            let finalizers: Vec<Value> = current["metadata"]["finalizers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if !finalizers.contains(&json!(FOREGROUND_FINALIZER))
+                || !self.store.dependents_of(uid).is_empty()
+            {
+                continue;
+            }
+            let remaining: Vec<Value> = finalizers
+                .into_iter()
+                .filter(|f| f != FOREGROUND_FINALIZER)
+                .collect();
+            let mut updated = (*current).clone();
+            updated["metadata"]["finalizers"] = json!(remaining);
+            let result = self.store.replace(&key, updated, None);
+            if result.is_ok() && remaining.is_empty() {
+                let _ = self.remove_object(&key, &ns, &name, false);
+            }
+        }
     }
 
     /// Removes an object whose last finalizer is gone.
@@ -219,6 +319,7 @@ impl Server {
             }
             self.refresh_crds();
         }
+        self.release_foreground_owners(&removed);
         if let Some(uid) = removed["metadata"]["uid"].as_str() {
             let server = self.clone();
             let uid = uid.to_string();
@@ -252,13 +353,7 @@ impl Server {
                 }
                 continue;
             }
-            let Some(kind) = self
-                .registry
-                .all()
-                .iter()
-                .find(|k| k.storage_key() == key)
-                .cloned()
-            else {
+            let Some(kind) = self.kind_for_key(&key) else {
                 continue;
             };
             tracing::info!(
@@ -267,7 +362,7 @@ impl Server {
                 owner = uid,
                 "garbage-collecting a dependent"
             );
-            if let Err(err) = self.delete_object(&kind, &dependent, false) {
+            if let Err(err) = self.delete_object(&kind, &dependent, Propagation::Background) {
                 tracing::debug!(%err, "dependent already gone");
             }
         }
@@ -284,7 +379,7 @@ impl Server {
             seen.push(key.clone());
             let (objects, _) = self.store.list(&key, Some(namespace));
             for object in objects {
-                if let Err(err) = self.delete_object(kind, &object, false) {
+                if let Err(err) = self.delete_object(kind, &object, Propagation::Background) {
                     tracing::debug!(%err, "namespace content already gone");
                 }
             }
@@ -376,6 +471,7 @@ fn write_kubeconfig(path: &Path, contents: &str) -> Result<(), DevServerError> {
     }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, contents).map_err(err)?;
+    auth::owner_only(&tmp).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
 }
 

@@ -44,9 +44,71 @@ pub struct Loaded {
     pub objects: HashMap<String, BTreeMap<(String, String), Value>>,
 }
 
+/// Rewrite the journal once it has grown past this and 4x its last snapshot.
+const COMPACT_AFTER_BYTES: u64 = 64 << 20;
+
 pub struct Journal {
     path: PathBuf,
     out: BufWriter<File>,
+    /// Bytes in the file now, and right after the last snapshot.
+    written: u64,
+    snapshot_bytes: u64,
+}
+
+/// Writes `objects.jsonl` afresh (via a temporary file and a rename): a marker
+/// record holding `rv`, then one record per object. Returns its size.
+fn write_snapshot<'a>(
+    dir: &Path,
+    rv: u64,
+    objects: impl Iterator<Item = (&'a str, &'a str, &'a str, &'a Value)>,
+) -> Result<u64, JournalError> {
+    let tmp = dir.join("objects.jsonl.tmp");
+    let path = dir.join("objects.jsonl");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| JournalError::Io { path, source }
+    };
+    let mut bytes = 0u64;
+    {
+        let mut out = BufWriter::new(File::create(&tmp).map_err(io(&tmp))?);
+        // The marker keeps the highest resourceVersion even when every object is gone.
+        let marker = serde_json::to_string(&Record {
+            rv,
+            res: String::new(),
+            ns: String::new(),
+            name: String::new(),
+            obj: None,
+        })?;
+        writeln!(out, "{marker}").map_err(io(&tmp))?;
+        bytes += marker.len() as u64 + 1;
+        for (res, ns, name, obj) in objects {
+            let object_rv = obj["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|rv| rv.parse().ok())
+                .unwrap_or(rv);
+            #[derive(Serialize)]
+            struct RecordRef<'b> {
+                rv: u64,
+                res: &'b str,
+                ns: &'b str,
+                name: &'b str,
+                obj: &'b Value,
+            }
+            let line = serde_json::to_string(&RecordRef {
+                rv: object_rv,
+                res,
+                ns,
+                name,
+                obj,
+            })?;
+            writeln!(out, "{line}").map_err(io(&tmp))?;
+            bytes += line.len() as u64 + 1;
+        }
+        out.flush().map_err(io(&tmp))?;
+        out.get_ref().sync_all().map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    Ok(bytes)
 }
 
 impl Journal {
@@ -81,39 +143,15 @@ impl Journal {
             }
         }
         // Compact: write the live objects to a new file and swap it in atomically.
-        let tmp = dir.join("objects.jsonl.tmp");
-        {
-            let mut out = BufWriter::new(File::create(&tmp).map_err(io(&tmp))?);
-            // A marker record keeps the highest resourceVersion even when every
-            // object has been deleted.
-            let marker = Record {
-                rv: loaded.resource_version,
-                res: String::new(),
-                ns: String::new(),
-                name: String::new(),
-                obj: None,
-            };
-            writeln!(out, "{}", serde_json::to_string(&marker)?).map_err(io(&tmp))?;
-            for (res, objects) in &loaded.objects {
-                for ((ns, name), obj) in objects {
-                    let rv = obj["metadata"]["resourceVersion"]
-                        .as_str()
-                        .and_then(|rv| rv.parse().ok())
-                        .unwrap_or(loaded.resource_version);
-                    let record = Record {
-                        rv,
-                        res: res.clone(),
-                        ns: ns.clone(),
-                        name: name.clone(),
-                        obj: Some(obj.clone()),
-                    };
-                    writeln!(out, "{}", serde_json::to_string(&record)?).map_err(io(&tmp))?;
-                }
-            }
-            out.flush().map_err(io(&tmp))?;
-            out.get_ref().sync_all().map_err(io(&tmp))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        let snapshot_bytes = write_snapshot(
+            dir,
+            loaded.resource_version,
+            loaded.objects.iter().flat_map(|(res, objects)| {
+                objects
+                    .iter()
+                    .map(move |((ns, name), obj)| (res.as_str(), ns.as_str(), name.as_str(), obj))
+            }),
+        )?;
         loaded.objects.retain(|res, _| !res.is_empty());
         let file = OpenOptions::new()
             .append(true)
@@ -123,9 +161,39 @@ impl Journal {
             Self {
                 path,
                 out: BufWriter::new(file),
+                written: snapshot_bytes,
+                snapshot_bytes,
             },
             loaded,
         ))
+    }
+
+    /// True when the journal has grown well past its last snapshot, so a rewrite
+    /// (`compact`) is worth it.
+    pub fn wants_compaction(&self) -> bool {
+        self.written > COMPACT_AFTER_BYTES && self.written > 4 * self.snapshot_bytes
+    }
+
+    /// Rewrites the journal as one record per live object.
+    pub fn compact<'a>(
+        &mut self,
+        rv: u64,
+        objects: impl Iterator<Item = (&'a str, &'a str, &'a str, &'a Value)>,
+    ) -> Result<(), JournalError> {
+        let dir = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let bytes = write_snapshot(&dir, rv, objects)?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(|source| JournalError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.out = BufWriter::new(file);
+        self.written = bytes;
+        self.snapshot_bytes = bytes;
+        tracing::info!(bytes, "compacted the dev server journal");
+        Ok(())
     }
 
     /// Appends one write (`obj` = Some) or deletion (`obj` = None).
@@ -157,6 +225,7 @@ impl Journal {
         let io = move |source| JournalError::Io { path, source };
         self.out.write_all(line.as_bytes()).map_err(io.clone())?;
         self.out.write_all(b"\n").map_err(io.clone())?;
+        self.written += line.len() as u64 + 1;
         // Flushed per write: the OS has it, so a killed server loses nothing.
         self.out.flush().map_err(io)
     }
@@ -189,7 +258,18 @@ mod tests {
         assert_eq!(objects.len(), 1);
         assert!(objects.contains_key(&("ns".to_string(), "b".to_string())));
         // Compaction kept the version even though the last write was a deletion.
-        let (_, again) = Journal::open(dir.path()).unwrap();
+        let (mut journal, again) = Journal::open(dir.path()).unwrap();
         assert_eq!(again.resource_version, 3);
+        assert!(!journal.wants_compaction());
+        let b = json!({"metadata": {"name": "b", "resourceVersion": "2"}});
+        journal
+            .compact(7, std::iter::once(("/configmaps", "ns", "b", &b)))
+            .unwrap();
+        journal
+            .append(8, "/configmaps", "ns", "c", Some(&b))
+            .unwrap();
+        let (_, after) = Journal::open(dir.path()).unwrap();
+        assert_eq!(after.resource_version, 8);
+        assert_eq!(after.objects["/configmaps"].len(), 2);
     }
 }

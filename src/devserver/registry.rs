@@ -273,6 +273,75 @@ const BUILTINS: &[Builtin] = &[
     ),
 ];
 
+fn column(name: &str, type_: &str, json_path: &str, priority: i64) -> PrinterColumn {
+    PrinterColumn {
+        name: name.into(),
+        type_: type_.into(),
+        format: String::new(),
+        description: String::new(),
+        priority,
+        json_path: json_path.into(),
+    }
+}
+
+/// Columns for `kubectl get` of built-in kinds, close to what a cluster prints.
+fn builtin_columns(group: &str, plural: &str) -> Vec<PrinterColumn> {
+    let age = column("Age", "date", ".metadata.creationTimestamp", 0);
+    let mut columns = match (group, plural) {
+        ("", "namespaces") => vec![column("Status", "string", ".status.phase", 0)],
+        ("", "nodes") => vec![
+            column(
+                "Status",
+                "string",
+                ".status.conditions[?(@.type==\"Ready\")].status",
+                0,
+            ),
+            column("Unschedulable", "boolean", ".spec.unschedulable", 1),
+        ],
+        ("", "pods") => vec![
+            column("Status", "string", ".status.phase", 0),
+            column("Node", "string", ".spec.nodeName", 1),
+        ],
+        ("", "secrets") => vec![column("Type", "string", ".type", 0)],
+        ("", "services") => vec![
+            column("Type", "string", ".spec.type", 0),
+            column("Cluster-IP", "string", ".spec.clusterIP", 0),
+        ],
+        ("", "events") => vec![
+            column("Type", "string", ".type", 0),
+            column("Reason", "string", ".reason", 0),
+            column("Object", "string", ".involvedObject.name", 0),
+            column("Message", "string", ".message", 0),
+        ],
+        ("events.k8s.io", "events") => vec![
+            column("Type", "string", ".type", 0),
+            column("Reason", "string", ".reason", 0),
+            column("Object", "string", ".regarding.name", 0),
+            column("Note", "string", ".note", 0),
+        ],
+        ("coordination.k8s.io", "leases") => {
+            vec![column("Holder", "string", ".spec.holderIdentity", 0)]
+        }
+        ("apps", "deployments" | "statefulsets" | "replicasets") => vec![
+            column("Replicas", "integer", ".spec.replicas", 0),
+            column("Ready", "integer", ".status.readyReplicas", 0),
+        ],
+        ("apiextensions.k8s.io", "customresourcedefinitions") => {
+            vec![column(
+                "Created At",
+                "string",
+                ".metadata.creationTimestamp",
+                0,
+            )]
+        }
+        _ => return Vec::new(),
+    };
+    if plural != "customresourcedefinitions" {
+        columns.push(age);
+    }
+    columns
+}
+
 fn builtin_kinds() -> Vec<Arc<ResourceKind>> {
     let mut kinds: Vec<Arc<ResourceKind>> = BUILTINS
         .iter()
@@ -297,7 +366,7 @@ fn builtin_kinds() -> Vec<Arc<ResourceKind>> {
                 status_subresource: b.status,
                 extra_subresources: extra,
                 schema: None,
-                printer_columns: Vec::new(),
+                printer_columns: builtin_columns(b.group, b.plural),
                 custom: false,
             })
         })

@@ -14,8 +14,10 @@ use tokio::sync::broadcast;
 
 use super::persist::{Journal, JournalError, Loaded};
 
-/// How many recent changes a watch can resume from before it gets 410 Gone.
-const LOG_CAPACITY: usize = 100_000;
+/// How many recent changes a watch can resume from before it gets 410 Gone. Each
+/// entry keeps an object version alive, so this bounds the memory old versions take
+/// (a real API server's watch cache is similarly bounded).
+const LOG_CAPACITY: usize = 20_000;
 /// Buffered changes per watch before it falls back to replaying the log.
 const BROADCAST_CAPACITY: usize = 16_384;
 
@@ -44,6 +46,9 @@ pub struct Change {
     pub namespace: String,
     pub kind: EventType,
     pub object: Arc<Value>,
+    /// The object before a modification, so filtered watches can tell when an object
+    /// starts or stops matching their selectors.
+    pub previous: Option<Arc<Value>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +211,7 @@ impl Store {
         let rv = inner.rv + 1;
         object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
         let object = Arc::new(object);
-        self.commit(&mut inner, key, id, EventType::Added, object.clone())?;
+        self.commit(&mut inner, key, id, EventType::Added, object.clone(), None)?;
         Ok(object)
     }
 
@@ -229,10 +234,18 @@ impl Store {
         {
             return Err(StoreError::Conflict);
         }
+        let previous = current.clone();
         let rv = inner.rv + 1;
         object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
         let object = Arc::new(object);
-        self.commit(&mut inner, key, id, EventType::Modified, object.clone())?;
+        self.commit(
+            &mut inner,
+            key,
+            id,
+            EventType::Modified,
+            object.clone(),
+            Some(previous),
+        )?;
         Ok(object)
     }
 
@@ -260,7 +273,14 @@ impl Store {
         let rv = inner.rv + 1;
         object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
         let object = Arc::new(object);
-        self.commit(&mut inner, key, id, EventType::Deleted, object.clone())?;
+        self.commit(
+            &mut inner,
+            key,
+            id,
+            EventType::Deleted,
+            object.clone(),
+            None,
+        )?;
         Ok(object)
     }
 
@@ -271,11 +291,37 @@ impl Store {
         id: (String, String),
         kind: EventType,
         object: Arc<Value>,
+        previous: Option<Arc<Value>>,
     ) -> Result<(), StoreError> {
         let rv = inner.rv + 1;
         if let Some(journal) = inner.journal.as_mut() {
             let stored = (kind != EventType::Deleted).then_some(&*object);
             journal.append(rv, key, &id.0, &id.1, stored)?;
+        }
+        if inner
+            .journal
+            .as_ref()
+            .is_some_and(Journal::wants_compaction)
+        {
+            let Inner {
+                journal, objects, ..
+            } = &mut *inner;
+            if let Some(journal) = journal.as_mut() {
+                // The write above is already in the file; the snapshot must include it.
+                let mut snapshot: Vec<(&str, &str, &str, &Value)> = Vec::new();
+                for (res, items) in objects.iter() {
+                    for ((ns, name), obj) in items {
+                        snapshot.push((res, ns, name, obj));
+                    }
+                }
+                let pending = (key, id.0.as_str(), id.1.as_str(), &*object);
+                let deleted = kind == EventType::Deleted;
+                let merged = snapshot
+                    .into_iter()
+                    .filter(|(res, ns, name, _)| !(*res == key && *ns == id.0 && *name == id.1))
+                    .chain((!deleted).then_some(pending));
+                journal.compact(rv, merged)?;
+            }
         }
         inner.rv = rv;
         let uid = object["metadata"]["uid"].as_str().map(str::to_string);
@@ -299,6 +345,7 @@ impl Store {
             namespace: id.0,
             kind,
             object,
+            previous,
         });
         inner.log.push_back(change.clone());
         while inner.log.len() > LOG_CAPACITY {
@@ -335,6 +382,7 @@ impl Store {
                             namespace: ns.clone(),
                             kind: EventType::Added,
                             object: object.clone(),
+                            previous: None,
                         })
                     })
                     .collect()

@@ -38,6 +38,7 @@ impl DevServer {
         let mut command = Command::new(env!("CARGO_BIN_EXE_fleetpatch"));
         command
             .args(["dev", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--bookmark-interval-seconds", "1"])
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .env("RUST_LOG", "warn")
