@@ -218,7 +218,24 @@ async fn simulate(agents: usize) {
     );
     let cpu_before = cpu_seconds(controller_pid);
 
-    // Each agent: heartbeat, long-poll, report Running then Succeeded until acknowledged.
+    // Each agent: heartbeats every 15 s like the real agent, long-poll, then report
+    // Running and Succeeded until acknowledged.
+    let mut beats = tokio::task::JoinSet::new();
+    for bearer in credentials.clone() {
+        let http = http.clone();
+        let gateway = gateway.clone();
+        beats.spawn(async move {
+            loop {
+                let _ = http
+                    .post(format!("{gateway}/agent/v1/heartbeat"))
+                    .header("Authorization", &bearer)
+                    .json(&serde_json::json!({"version": "sim"}))
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_secs(15)).await;
+            }
+        });
+    }
     let done = Arc::new(AtomicUsize::new(0));
     let mut fleet = tokio::task::JoinSet::new();
     for bearer in credentials {
@@ -336,6 +353,7 @@ async fn simulate(agents: usize) {
     }
     let elapsed = run_started.elapsed();
     while fleet.join_next().await.is_some() {}
+    beats.abort_all();
     let writes_after = writes(
         &reqwest::get(format!("{api}/metrics"))
             .await

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
@@ -272,6 +273,7 @@ async fn advance_run(
         .map(|m| Duration::from_secs(u64::from(m) * 60))
         .unwrap_or(ctx.settings.default_job_deadline);
     let mut failures: Vec<RunFailure> = Vec::new();
+    let mut pending = Vec::new();
     for assignment in &decision.create {
         let target = &plan.spec.targets[assignment.target];
         let agent = agents
@@ -340,66 +342,16 @@ async fn advance_run(
             spec,
             status: None,
         };
-        match api
-            .create(
-                &PostParams {
-                    field_manager: Some(super::context::FIELD_MANAGER.into()),
-                    ..Default::default()
-                },
-                &job,
-            )
-            .await
-        {
-            Ok(created) => {
-                ctx.metrics.job_created();
-                ctx.gateway.job_changed(&agent.name);
-                if let Some(err) = failed {
-                    let message = format!("cannot resolve the workflow: {err}");
-                    let mut status = PatchJobStatus {
-                        phase: JobPhase::Failed,
-                        message: message.clone(),
-                        ..Default::default()
-                    };
-                    conditions::set(
-                        &mut status.conditions,
-                        "Failed",
-                        conditions::TRUE,
-                        err.category(),
-                        message.clone(),
-                        None,
-                        Timestamp::now(),
-                    );
-                    conditions::set(
-                        &mut status.conditions,
-                        "Complete",
-                        conditions::FALSE,
-                        err.category(),
-                        message.clone(),
-                        None,
-                        Timestamp::now(),
-                    );
-                    status.completion_time = Some(Time(Timestamp::now()));
-                    ctx.apply_status(&created, serde_json::to_value(&status).expect("serializes"))
-                        .await?;
-                    ctx.event(
-                        plan,
-                        EventType::Warning,
-                        err.category(),
-                        "CreateJob",
-                        format!("{job_name}: {message}"),
-                    )
-                    .await;
-                    failures.push(RunFailure {
-                        agent: agent.name.clone(),
-                        job: job_name,
-                        reason: message,
-                    });
-                }
-            }
-            // Created by an earlier incarnation of this controller: nothing to do.
-            Err(kube::Error::Api(status)) if status.code == 409 => {}
-            Err(err) => return Err(err.into()),
-        }
+        pending.push((job, failed, agent.name.clone()));
+    }
+    // Creations run a few at a time: a large fleet's first wave is thousands of jobs.
+    let created: Vec<Result<Option<RunFailure>, Error>> = futures::stream::iter(pending)
+        .map(|(job, failed, agent)| create_job(ctx, &api, plan, job, failed, agent))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for result in created {
+        failures.extend(result?);
     }
 
     for job in &jobs {
@@ -429,6 +381,79 @@ async fn advance_run(
         run.completion_time = Some(Time(Timestamp::now()));
     }
     Ok(run)
+}
+
+/// Creates one job; a job whose workflow could not be resolved is marked Failed at once.
+async fn create_job(
+    ctx: &Context,
+    api: &Api<PatchJob>,
+    plan: &RemediationPlan,
+    job: PatchJob,
+    failed: Option<resolve::ResolveError>,
+    agent: String,
+) -> Result<Option<RunFailure>, Error> {
+    let job_name = job.name_any();
+    match api
+        .create(
+            &PostParams {
+                field_manager: Some(super::context::FIELD_MANAGER.into()),
+                ..Default::default()
+            },
+            &job,
+        )
+        .await
+    {
+        Ok(created) => {
+            ctx.metrics.job_created();
+            ctx.gateway.job_changed(&agent);
+            if let Some(err) = failed {
+                let message = format!("cannot resolve the workflow: {err}");
+                let mut status = PatchJobStatus {
+                    phase: JobPhase::Failed,
+                    message: message.clone(),
+                    ..Default::default()
+                };
+                conditions::set(
+                    &mut status.conditions,
+                    "Failed",
+                    conditions::TRUE,
+                    err.category(),
+                    message.clone(),
+                    None,
+                    Timestamp::now(),
+                );
+                conditions::set(
+                    &mut status.conditions,
+                    "Complete",
+                    conditions::FALSE,
+                    err.category(),
+                    message.clone(),
+                    None,
+                    Timestamp::now(),
+                );
+                status.completion_time = Some(Time(Timestamp::now()));
+                ctx.apply_status(&created, serde_json::to_value(&status).expect("serializes"))
+                    .await?;
+                ctx.event(
+                    plan,
+                    EventType::Warning,
+                    err.category(),
+                    "CreateJob",
+                    format!("{job_name}: {message}"),
+                )
+                .await;
+                return Ok(Some(RunFailure {
+                    agent: agent.clone(),
+                    job: job_name,
+                    reason: message,
+                }));
+            }
+        }
+        // Created by an earlier incarnation of this controller: nothing to do.
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(err) => return Err(err.into()),
+    }
+    Ok(None)
 }
 
 fn owner(plan: &RemediationPlan) -> OwnerReference {
