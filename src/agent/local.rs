@@ -200,7 +200,8 @@ pub async fn exec(options: ExecOptions) -> anyhow::Result<u8> {
     })
 }
 
-fn hostname() -> String {
+/// This host's name.
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .or_else(|_| std::env::var("COMPUTERNAME"))

@@ -140,12 +140,9 @@ fn this_os() -> OperatingSystem {
     }
 }
 
+/// The host name as an object name: lower case.
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .or_else(|_| std::env::var("COMPUTERNAME"))
-        .unwrap_or_else(|_| "localhost".into())
-        .to_ascii_lowercase()
+    super::local::hostname().to_ascii_lowercase()
 }
 
 fn http_client(options: &RunOptions) -> anyhow::Result<reqwest::Client> {

@@ -13,7 +13,7 @@ use regex::Regex;
 use crate::api::patchjob::{ActionPhase, PatchResults};
 use crate::api::plan::PatchSelection;
 
-use super::{PatchError, Patcher, Update, command, results, run, select, summary};
+use super::{PatchError, Patcher, Update, command, results, run, select};
 
 /// The apt patcher. `options` are extra `-o Key=Value` settings, e.g. to point apt at
 /// another sources list.
@@ -138,14 +138,12 @@ impl Patcher for Apt {
             .await?;
             let wanted = select(parse_simulation(&simulation.stdout), selection);
             if wanted.is_empty() {
-                let mut results = PatchResults {
-                    phase: ActionPhase::Succeeded,
-                    patcher: Some(self.name().into()),
-                    reboot_required: self.reboot_marker.exists(),
-                    ..Default::default()
-                };
-                results.message = summary(&results);
-                return Ok(results);
+                return Ok(results(
+                    self.name(),
+                    &[],
+                    &Default::default(),
+                    self.reboot_marker.exists(),
+                ));
             }
             let names: Vec<String> = wanted.iter().map(|u| u.name.clone()).collect();
             let install_args = self.install_args(&names);

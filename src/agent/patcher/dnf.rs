@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::api::patchjob::{ActionPhase, PatchResults};
+use crate::api::patchjob::PatchResults;
 use crate::api::plan::{PatchClassification, PatchSelection};
 
-use super::{PatchError, Patcher, Update, command, results, run, select, summary};
+use super::{PatchError, Patcher, Update, command, results, run, select};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flavour {
@@ -172,14 +172,7 @@ impl Patcher for Dnf {
             let wanted = select(candidates, selection);
             let reboot_required = needs_restarting(self.flavour, timeout).await;
             if wanted.is_empty() {
-                let mut results = PatchResults {
-                    phase: ActionPhase::Succeeded,
-                    patcher: Some(program.into()),
-                    reboot_required,
-                    ..Default::default()
-                };
-                results.message = summary(&results);
-                return Ok(results);
+                return Ok(results(program, &[], &Default::default(), reboot_required));
             }
             let names: Vec<String> = wanted.iter().map(|u| u.name.clone()).collect();
             let upgrade = self.upgrade_args(&names);

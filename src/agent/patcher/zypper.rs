@@ -158,13 +158,7 @@ impl Patcher for Zypper {
             .await?;
             let wanted = select(parse_list_updates(&listed.stdout), selection);
             if wanted.is_empty() {
-                let mut results = PatchResults {
-                    phase: ActionPhase::Succeeded,
-                    patcher: Some(self.name().into()),
-                    ..Default::default()
-                };
-                results.message = summary(&results);
-                return Ok(results);
+                return Ok(results(self.name(), &[], &Default::default(), false));
             }
             let mut args: Vec<String> = vec!["-n".into(), "update".into()];
             args.extend(wanted.iter().map(|u| u.name.clone()));
