@@ -34,4 +34,5 @@ echo "== test tools (helm 4, newer kubectl) for the dev server tests"
 scripts/install-test-tools.sh
 
 echo "== cargo test"
-cargo test --locked --all-targets
+# Benchmarks print figures and are run on their own (see README), not as tests.
+cargo test --locked --lib --bins --tests
