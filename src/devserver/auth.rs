@@ -24,6 +24,10 @@ pub struct Claims {
     pub groups: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub audiences: Vec<String>,
+    /// TokenReview's `user.extra`: for a token bound to a Pod, the pod's and its node's
+    /// name and uid, as a real API server adds them (`authentication.kubernetes.io/...`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub extra: std::collections::BTreeMap<String, Vec<String>>,
     /// Unix seconds; absent = never expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exp: Option<i64>,
@@ -120,6 +124,7 @@ impl Auth {
             uid: "fleetpatch-dev-admin".into(),
             groups: vec!["system:masters".into(), "system:authenticated".into()],
             audiences: Vec::new(),
+            extra: Default::default(),
             exp: None,
         })
     }
@@ -145,6 +150,7 @@ mod tests {
             uid: "u".into(),
             groups: vec![],
             audiences: vec![],
+            extra: Default::default(),
             exp: Some(1),
         });
         assert!(auth.verify(&expired).is_none());

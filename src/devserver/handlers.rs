@@ -4,7 +4,7 @@
 //! ownerReference garbage collection. Everything answers in the API server's JSON
 //! shapes, errors as `Status` objects.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -1546,7 +1546,7 @@ impl Request<'_> {
                 };
                 json!({
                     "authenticated": true,
-                    "user": {"username": claims.username, "uid": claims.uid, "groups": claims.groups},
+                    "user": {"username": claims.username, "uid": claims.uid, "groups": claims.groups, "extra": claims.extra},
                     "audiences": audiences,
                 })
             }
@@ -1582,6 +1582,7 @@ impl Request<'_> {
                     .collect()
             })
             .unwrap_or_default();
+        let extra = self.bound_object_extra(target.ns(), &body["spec"]["boundObjectRef"])?;
         let token = self.server.auth.issue(&Claims {
             username: format!("system:serviceaccount:{}:{}", target.ns(), target.name()),
             uid: account["metadata"]["uid"]
@@ -1594,6 +1595,7 @@ impl Request<'_> {
                 "system:authenticated".into(),
             ],
             audiences: audiences.clone(),
+            extra,
             exp: Some(expires.timestamp()),
         });
         let mut response = body;
@@ -1608,6 +1610,49 @@ impl Request<'_> {
             "expirationTimestamp": expires.to_rfc3339_opts(SecondsFormat::Secs, true),
         });
         Ok(json_response(StatusCode::CREATED, &response, &[]))
+    }
+
+    /// A token bound to a Pod carries the pod's and its node's identity, like the
+    /// kubelet's projected tokens on a real cluster; the pod must exist (and match the
+    /// uid, when one is given).
+    fn bound_object_extra(
+        &self,
+        namespace: &str,
+        bound: &Value,
+    ) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
+        let mut extra = BTreeMap::new();
+        if bound.is_null() || bound["kind"] != "Pod" {
+            return Ok(extra);
+        }
+        let name = bound["name"].as_str().unwrap_or_default();
+        let pod = self
+            .server
+            .store
+            .get("/pods", namespace, name)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "spec.boundObjectRef: pod {namespace}/{name} does not exist"
+                ))
+            })?;
+        let uid = pod["metadata"]["uid"].as_str().unwrap_or_default();
+        if let Some(wanted) = bound["uid"].as_str().filter(|u| !u.is_empty())
+            && wanted != uid
+        {
+            return Err(ApiError::BadRequest(format!(
+                "spec.boundObjectRef: pod {namespace}/{name} has uid {uid}, not {wanted}"
+            )));
+        }
+        let key = |k: &str| format!("authentication.kubernetes.io/{k}");
+        extra.insert(key("pod-name"), vec![name.to_string()]);
+        extra.insert(key("pod-uid"), vec![uid.to_string()]);
+        if let Some(node) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) {
+            extra.insert(key("node-name"), vec![node.to_string()]);
+            if let Some(node) = self.server.store.get("/nodes", "", node) {
+                let uid = node["metadata"]["uid"].as_str().unwrap_or_default();
+                extra.insert(key("node-uid"), vec![uid.to_string()]);
+            }
+        }
+        Ok(extra)
     }
 
     fn evict(&self, target: &Target, _body: Value) -> Result<Response, ApiError> {

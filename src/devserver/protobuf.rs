@@ -227,6 +227,21 @@ pub fn decode(body: &[u8]) -> Result<Value, ProtobufError> {
                 for (n, s) in fields(message(&f))? {
                     match n {
                         1 => push(&mut object["spec"]["audiences"], json!(string(&s))),
+                        // BoundObjectReference: kind, apiVersion, name, uid.
+                        3 => {
+                            let mut bound = json!({});
+                            for (m, r) in fields(message(&s))? {
+                                let key = match m {
+                                    1 => "kind",
+                                    2 => "apiVersion",
+                                    3 => "name",
+                                    4 => "uid",
+                                    _ => continue,
+                                };
+                                bound[key] = json!(string(&r));
+                            }
+                            object["spec"]["boundObjectRef"] = bound;
+                        }
                         4 => object["spec"]["expirationSeconds"] = json!(varint_of(&s)),
                         _ => {}
                     }
