@@ -174,10 +174,14 @@ async fn simulate(agents: usize) {
     let started = Instant::now();
     let mut credentials = Vec::new();
     let mut registrations = tokio::task::JoinSet::new();
+    // Hosts join over time in a real fleet; 256 registrations in flight at once.
+    let joining = Arc::new(tokio::sync::Semaphore::new(256));
     for i in 0..agents {
         let http = http.clone();
         let gateway = gateway.clone();
+        let joining = joining.clone();
         registrations.spawn(async move {
+            let _permit = joining.acquire_owned().await.unwrap();
             let request = RegisterRequest {
                 name: format!("sim-{i:05}"),
                 os: OperatingSystem::Linux,
@@ -218,24 +222,6 @@ async fn simulate(agents: usize) {
     );
     let cpu_before = cpu_seconds(controller_pid);
 
-    // Each agent: heartbeats every 15 s like the real agent, long-poll, then report
-    // Running and Succeeded until acknowledged.
-    let mut beats = tokio::task::JoinSet::new();
-    for bearer in credentials.clone() {
-        let http = http.clone();
-        let gateway = gateway.clone();
-        beats.spawn(async move {
-            loop {
-                let _ = http
-                    .post(format!("{gateway}/agent/v1/heartbeat"))
-                    .header("Authorization", &bearer)
-                    .json(&serde_json::json!({"version": "sim"}))
-                    .send()
-                    .await;
-                tokio::time::sleep(Duration::from_secs(15)).await;
-            }
-        });
-    }
     let done = Arc::new(AtomicUsize::new(0));
     let mut fleet = tokio::task::JoinSet::new();
     for bearer in credentials {
@@ -243,15 +229,18 @@ async fn simulate(agents: usize) {
         let gateway = gateway.clone();
         let done = done.clone();
         fleet.spawn(async move {
-            let _ = http
-                .post(format!("{gateway}/agent/v1/heartbeat"))
-                .header("Authorization", &bearer)
-                .json(&serde_json::json!({"version": "sim"}))
-                .send()
-                .await;
+            // One connection per agent: a heartbeat, then a long-poll of 15 s, like the
+            // real agent's heartbeat period (the real agent keeps two connections).
+            let heartbeat = || {
+                http.post(format!("{gateway}/agent/v1/heartbeat"))
+                    .header("Authorization", &bearer)
+                    .json(&serde_json::json!({"version": "sim"}))
+                    .send()
+            };
             loop {
+                let _ = heartbeat().await;
                 let Ok(response) = http
-                    .get(format!("{gateway}/agent/v1/assignments?waitSeconds=25"))
+                    .get(format!("{gateway}/agent/v1/assignments?waitSeconds=15"))
                     .header("Authorization", &bearer)
                     .send()
                     .await
@@ -292,7 +281,11 @@ async fn simulate(agents: usize) {
                     }
                 }
                 done.fetch_add(1, Ordering::Relaxed);
-                return;
+                // Stay alive (heartbeats) until the whole run is over.
+                loop {
+                    tokio::time::sleep(Duration::from_secs(15)).await;
+                    let _ = heartbeat().await;
+                }
             }
         });
     }
@@ -352,8 +345,7 @@ async fn simulate(agents: usize) {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let elapsed = run_started.elapsed();
-    while fleet.join_next().await.is_some() {}
-    beats.abort_all();
+    fleet.abort_all();
     let writes_after = writes(
         &reqwest::get(format!("{api}/metrics"))
             .await
@@ -380,7 +372,24 @@ async fn simulate(agents: usize) {
     );
 }
 
+/// The simulator holds a connection per agent, and more while they reconnect: lift the
+/// open files limit (the hard one too, when allowed).
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let wanted = hard.max(131_072);
+    if setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_err() && soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        println!("open files limit: {soft}");
+    }
+}
+
 fn main() {
+    raise_open_files_limit();
     let sizes: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())

@@ -136,8 +136,23 @@ async fn request_run(name: &str, namespace: &str) -> anyhow::Result<String> {
     Ok(value)
 }
 
+/// Servers hold a connection per agent or watcher: lift the soft limit on open files
+/// to the hard one, as most servers do.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        eprintln!("warning: cannot raise the open files limit from {soft} to {hard}: {err}");
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Controller(_) | Command::Dev { .. }) {
+        raise_open_files_limit();
+    }
     fleetpatch::tls::install_crypto_provider();
     match run(cli) {
         Ok(code) => code,
