@@ -89,6 +89,7 @@ fn gaps() -> Vec<Duration> {
             minute: Duration::from_secs(60),
             max_download_bytes: 1 << 20,
             on_event: &on_event,
+            reboot_gate: None,
         };
         let mut record = executor::new_record(format!("bench-{round}"), "bench", spec.clone());
         runtime.block_on(executor.run(&mut record)).unwrap();

@@ -57,10 +57,18 @@ impl Stage {
 #[derive(Clone, Debug)]
 pub enum Event {
     JobStarted,
-    ActionStarted { stage: Stage, index: usize },
-    ActionFinished { stage: Stage, index: usize },
+    ActionStarted {
+        stage: Stage,
+        index: usize,
+    },
+    ActionFinished {
+        stage: Stage,
+        index: usize,
+    },
     PatchesStarted,
     PatchesFinished,
+    /// A node agent asked the controller to drain the node before the reboot.
+    RebootRequested,
     RebootStarted,
     RebootCompleted,
     JobFinished,
@@ -94,6 +102,17 @@ pub struct Executor<'a> {
     pub max_download_bytes: u64,
     /// Called after every journaled change.
     pub on_event: &'a (dyn Fn(&JobRecord, &Event) + Send + Sync),
+    /// Asked before every reboot when set (node agents: the controller drains the node).
+    pub reboot_gate: Option<&'a dyn RebootGate>,
+}
+
+/// Whether the host may reboot now. A node agent asks the controller, which cordons and
+/// drains the node first; `Err` carries why the reboot is called off.
+pub trait RebootGate: Send + Sync {
+    fn permit<'a>(
+        &'a self,
+        record: &'a JobRecord,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
 }
 
 fn now() -> Timestamp {
@@ -150,6 +169,8 @@ enum Step {
     Action(Stage, usize),
     Patches,
     ResumeReboot,
+    /// Waiting for permission to reboot (the agent restarted while it waited).
+    AwaitReboot,
     FinalReboot,
     Finish,
     Done,
@@ -166,6 +187,13 @@ fn next_step(record: &JobRecord) -> Step {
         .is_some_and(|r| r.state == RebootState::InProgress)
     {
         return Step::ResumeReboot;
+    }
+    if status
+        .reboot
+        .as_ref()
+        .is_some_and(|r| r.state == RebootState::Pending)
+    {
+        return Step::AwaitReboot;
     }
     // A Reboot task in the pre list waits until the patches are installed.
     let pre = status
@@ -262,8 +290,19 @@ impl Executor<'_> {
                 }
                 Step::Patches => self.step_patches(record).await?,
                 Step::ResumeReboot => self.resume_reboot(record)?,
+                Step::AwaitReboot => {
+                    let requester = record
+                        .status
+                        .reboot
+                        .as_ref()
+                        .and_then(|r| r.requested_by.clone())
+                        .unwrap_or_else(|| "policy".into());
+                    if let Some(outcome) = self.start_reboot(record, requester).await? {
+                        return Ok(outcome);
+                    }
+                }
                 Step::FinalReboot => {
-                    if let Some(outcome) = self.final_reboot(record)? {
+                    if let Some(outcome) = self.final_reboot(record).await? {
                         return Ok(outcome);
                     }
                 }
@@ -358,7 +397,7 @@ impl Executor<'_> {
         }
         let action = Self::actions(record, stage).0[index].clone();
         if action.action_type == TaskType::Reboot {
-            return self.reboot_action(record, stage, index);
+            return self.reboot_action(record, stage, index).await;
         }
         {
             let result = &mut Self::actions(record, stage).1[index];
@@ -626,7 +665,7 @@ impl Executor<'_> {
     }
 
     /// A Reboot task: the job's one reboot, if the policy and the task allow it.
-    fn reboot_action(
+    async fn reboot_action(
         &self,
         record: &mut JobRecord,
         stage: Stage,
@@ -666,10 +705,11 @@ impl Executor<'_> {
             result.start_time = Some(Time(now()));
         }
         self.start_reboot(record, requester.unwrap_or(action.name))
+            .await
     }
 
     /// After the post actions: reboot if something asked for it and no Reboot task did it.
-    fn final_reboot(&self, record: &mut JobRecord) -> Result<Option<RunOutcome>, ExecError> {
+    async fn final_reboot(&self, record: &mut JobRecord) -> Result<Option<RunOutcome>, ExecError> {
         // A Reboot task in the pre list was deferred until now.
         let deferred = record
             .status
@@ -680,7 +720,7 @@ impl Executor<'_> {
                 !result.phase.is_finished() && action.action_type == TaskType::Reboot
             });
         if let Some(index) = deferred {
-            return self.step_reboot_in_pre(record, index);
+            return self.step_reboot_in_pre(record, index).await;
         }
         let requester = reboot_requester(&record.status)
             .or_else(|| (record.spec.reboot == RebootPolicy::Always).then(|| "policy".to_string()));
@@ -702,11 +742,11 @@ impl Executor<'_> {
                 self.save(record, Event::JobFinished)?;
                 Ok(None)
             }
-            Some(requester) => self.start_reboot(record, requester),
+            Some(requester) => self.start_reboot(record, requester).await,
         }
     }
 
-    fn step_reboot_in_pre(
+    async fn step_reboot_in_pre(
         &self,
         record: &mut JobRecord,
         index: usize,
@@ -724,45 +764,72 @@ impl Executor<'_> {
             )?;
             return Ok(None);
         }
-        self.reboot_action(record, Stage::Pre, index)
+        self.reboot_action(record, Stage::Pre, index).await
     }
 
-    fn start_reboot(
+    async fn start_reboot(
         &self,
         record: &mut JobRecord,
         requester: String,
     ) -> Result<Option<RunOutcome>, ExecError> {
+        if let Some(gate) = self.reboot_gate {
+            if record.status.reboot.as_ref().map(|r| r.state) != Some(RebootState::Pending) {
+                record.status.reboot = Some(RebootRecord {
+                    state: RebootState::Pending,
+                    requested_by: Some(requester.clone()),
+                    ..RebootRecord::default()
+                });
+                record.status.message =
+                    "waiting for the controller to drain the node before the reboot".into();
+                self.save(record, Event::RebootRequested)?;
+            }
+            if let Err(reason) = gate.permit(record).await {
+                return self.reboot_not_performed(record, reason);
+            }
+            record.status.message.clear();
+        }
         record.boot_id_at_reboot = self.rebooter.boot_id();
         record.status.phase = JobPhase::Rebooting;
         record.status.reboot = Some(RebootRecord {
             state: RebootState::InProgress,
             requested_by: Some(requester),
             started_at: Some(Time(now())),
-            completed_at: None,
+            ..RebootRecord::default()
         });
         self.save(record, Event::RebootStarted)?;
         if let Err(err) = self.rebooter.reboot() {
-            record.status.phase = JobPhase::Running;
-            if let Some(reboot) = record.status.reboot.as_mut() {
-                reboot.state = RebootState::RequiredNotPerformed;
-            }
-            for result in record
-                .status
-                .pre_actions
-                .iter_mut()
-                .chain(record.status.post_actions.iter_mut())
-            {
-                if result.phase == ActionPhase::Running {
-                    result.phase = ActionPhase::Failed;
-                    result.finish_time = Some(Time(now()));
-                    result.message = err.to_string();
-                }
-            }
-            record.status.message = err.to_string();
-            self.save(record, Event::JobFinished)?;
-            return Ok(None);
+            return self.reboot_not_performed(record, err.to_string());
         }
         Ok(Some(RunOutcome::Rebooting))
+    }
+
+    /// A reboot that was due did not happen: the Reboot action (if any) fails with the
+    /// reason, and so does the job.
+    fn reboot_not_performed(
+        &self,
+        record: &mut JobRecord,
+        reason: String,
+    ) -> Result<Option<RunOutcome>, ExecError> {
+        record.status.phase = JobPhase::Running;
+        if let Some(reboot) = record.status.reboot.as_mut() {
+            reboot.state = RebootState::RequiredNotPerformed;
+            reboot.message = Some(reason.clone());
+        }
+        for result in record
+            .status
+            .pre_actions
+            .iter_mut()
+            .chain(record.status.post_actions.iter_mut())
+        {
+            if result.phase == ActionPhase::Running {
+                result.phase = ActionPhase::Failed;
+                result.finish_time = Some(Time(now()));
+                result.message = reason.clone();
+            }
+        }
+        record.status.message = reason;
+        self.save(record, Event::JobFinished)?;
+        Ok(None)
     }
 
     fn resume_reboot(&self, record: &mut JobRecord) -> Result<(), ExecError> {
@@ -815,9 +882,18 @@ impl Executor<'_> {
             .patches
             .as_ref()
             .is_some_and(|p| matches!(p.phase, ActionPhase::Failed | ActionPhase::TimedOut));
+        let reboot_failed = status
+            .reboot
+            .as_ref()
+            .and_then(|r| r.message.clone())
+            .filter(|_| failed_action.is_none() && !patches_failed);
         let message = match (&failed_action, patches_failed) {
             (Some(name), _) => format!("action {name} failed"),
             (None, true) => "patching failed".to_string(),
+            (None, false) if reboot_failed.is_some() => format!(
+                "the reboot did not happen: {}",
+                reboot_failed.as_deref().unwrap_or_default()
+            ),
             (None, false) => match status.reboot.as_ref().map(|r| r.state) {
                 Some(RebootState::RequiredNotPerformed) => {
                     "succeeded; a reboot is required but was not performed".into()
@@ -826,14 +902,14 @@ impl Executor<'_> {
                 _ => "succeeded".into(),
             },
         };
-        let succeeded = failed_action.is_none() && !patches_failed;
+        let succeeded = failed_action.is_none() && !patches_failed && reboot_failed.is_none();
         status.phase = if succeeded {
             JobPhase::Succeeded
         } else {
             JobPhase::Failed
         };
         status.completion_time = Some(Time(now()));
-        if status.message.is_empty() || succeeded {
+        if status.message.is_empty() || succeeded || reboot_failed.is_some() {
             status.message = message.clone();
         }
         let at = now();

@@ -184,6 +184,7 @@ mod tests {
                 patches: Default::default(),
                 reboot: Default::default(),
                 deadline: None,
+                node: None,
             },
             status: PatchJobStatus::default(),
             boot_id_at_reboot: None,

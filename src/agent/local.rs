@@ -187,6 +187,7 @@ pub async fn exec(options: ExecOptions) -> anyhow::Result<u8> {
         minute: Duration::from_millis(options.minute_ms),
         max_download_bytes: super::download::DEFAULT_MAX_BYTES,
         on_event: &on_event,
+        reboot_gate: None,
     };
     let outcome = executor.run(&mut record).await?;
     match options.output {
@@ -278,6 +279,7 @@ fn print_event(record: &JobRecord, event: &Event) {
             format!("reboot  starting (requested by {by})")
         }
         Event::RebootCompleted => "reboot  completed: the host is back".to_string(),
+        Event::RebootRequested => "reboot  waiting for permission".to_string(),
         Event::JobStarted | Event::JobFinished => return,
     };
     println!("{line}");

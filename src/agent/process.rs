@@ -10,6 +10,85 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 
+/// Where the host's namespaces are, when children must run in them (a node agent in a
+/// container: `/proc/1/ns` with `hostPID`). Set once at start.
+static HOST_NAMESPACES: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The namespaces a child enters, in this order: mount last but one (it changes the
+/// root), UTS, IPC and network. PID needs no entering: the pod shares the host's.
+#[cfg(target_os = "linux")]
+const NAMESPACES: [(&str, nix::sched::CloneFlags); 4] = [
+    ("net", nix::sched::CloneFlags::CLONE_NEWNET),
+    ("ipc", nix::sched::CloneFlags::CLONE_NEWIPC),
+    ("uts", nix::sched::CloneFlags::CLONE_NEWUTS),
+    ("mnt", nix::sched::CloneFlags::CLONE_NEWNS),
+];
+
+/// From now on every child (scripts, package managers, the reboot command) runs in
+/// the namespaces found under `dir` (e.g. `/proc/1/ns`): on the host, not in the
+/// agent's container. Checks at once that they can be opened.
+pub fn use_host_namespaces(dir: PathBuf) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        for (name, _) in NAMESPACES {
+            std::fs::File::open(dir.join(name)).map_err(|err| {
+                std::io::Error::new(
+                    err.kind(),
+                    format!("cannot open {}: {err}", dir.join(name).display()),
+                )
+            })?;
+        }
+        let _ = HOST_NAMESPACES.set(dir);
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = dir;
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "entering the host's namespaces is only possible on Linux",
+        ))
+    }
+}
+
+/// Makes `command` start in the host's namespaces, if [`use_host_namespaces`] was
+/// called. The namespace files are opened here, before the fork; the child only makes
+/// system calls (`setns`, `chdir`), which is all that is safe between fork and exec.
+pub fn enter_host_namespaces(
+    command: &mut std::process::Command,
+    current_dir: Option<&std::path::Path>,
+) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if let Some(dir) = HOST_NAMESPACES.get() {
+        use std::os::unix::process::CommandExt;
+        let mut files = Vec::new();
+        for (name, flag) in NAMESPACES {
+            files.push((std::fs::File::open(dir.join(name))?, flag));
+        }
+        // Entering the mount namespace moves the child to its root; go back to the
+        // working directory, which the host sees at the same path.
+        let cwd = current_dir
+            .map(|d| std::ffi::CString::new(d.as_os_str().as_encoded_bytes()))
+            .transpose()
+            .map_err(std::io::Error::other)?;
+        // SAFETY: the closure only calls setns(2) and chdir(2) on data prepared before
+        // the fork; it allocates nothing and takes no locks.
+        unsafe {
+            command.pre_exec(move || {
+                for (file, flag) in &files {
+                    nix::sched::setns(file, *flag).map_err(std::io::Error::from)?;
+                }
+                if let Some(cwd) = &cwd {
+                    nix::unistd::chdir(cwd.as_c_str()).map_err(std::io::Error::from)?;
+                }
+                Ok(())
+            });
+        }
+    }
+    let _ = (command, current_dir);
+    Ok(())
+}
+
 /// Most bytes of output kept as an action's message.
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
 
@@ -127,7 +206,14 @@ async fn pump(
 /// grandchildren it spawned do not survive it.
 pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutcome, ProcessError> {
     let program = spec.program.display().to_string();
-    let mut command = Command::new(&spec.program);
+    let mut std_command = std::process::Command::new(&spec.program);
+    enter_host_namespaces(&mut std_command, spec.current_dir.as_deref()).map_err(|source| {
+        ProcessError::Spawn {
+            program: program.clone(),
+            source,
+        }
+    })?;
+    let mut command = Command::from(std_command);
     command
         .args(&spec.args)
         .env_clear()

@@ -39,7 +39,13 @@ impl Rebooter for HostRebooter {
         };
         let mut last = String::new();
         for (program, args) in attempts {
-            match std::process::Command::new(program).args(*args).status() {
+            let mut command = std::process::Command::new(program);
+            command.args(*args);
+            if let Err(err) = super::process::enter_host_namespaces(&mut command, None) {
+                last = format!("{program}: {err}");
+                continue;
+            }
+            match command.status() {
                 Ok(status) if status.success() => return Ok(()),
                 Ok(status) => last = format!("{program} exited with {status}"),
                 Err(err) => last = format!("{program}: {err}"),

@@ -16,8 +16,8 @@ use tokio::sync::Notify;
 use crate::api::OperatingSystem;
 use crate::api::patchjob::PatchJobStatus;
 use crate::gateway::protocol::{
-    Assignments, Heartbeat, ProgressAck, ProgressReport, RegisterRequest, RegisterResponse,
-    decode_spec,
+    Assignments, Heartbeat, ProgressAck, ProgressReport, RebootDecision, RebootVerdict,
+    RegisterRequest, RegisterResponse, decode_spec,
 };
 use crate::gateway::server::NODE_HEADER;
 
@@ -56,6 +56,11 @@ pub struct RunOptions {
     /// Extra CA certificate (PEM) to trust for the gateway.
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
+    /// Run scripts, package managers and reboots in the namespaces of the host's PID 1
+    /// (`/proc/1/ns`): for the node agent DaemonSet, whose pod shares the host's PID
+    /// namespace and mounts the state directory at the same path as the host.
+    #[arg(long)]
+    pub host_namespaces: bool,
     /// Replace real reboots with a simulated one that stops the agent (for tests).
     #[arg(long, hide = true)]
     pub simulate_reboot: bool,
@@ -284,6 +289,61 @@ impl Outbox {
     }
 }
 
+/// A node agent's reboots wait for the controller, which cordons and drains the node.
+struct GatewayRebootGate {
+    client: GatewayClient,
+}
+
+impl executor::RebootGate for GatewayRebootGate {
+    fn permit<'a>(
+        &'a self,
+        record: &'a JobRecord,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut backoff = Duration::from_secs(1);
+            let mut last_message = String::new();
+            loop {
+                let asked = async {
+                    let request = self.client.request(
+                        reqwest::Method::GET,
+                        &format!("/agent/v1/jobs/{}/reboot?waitSeconds=25", record.id),
+                    )?;
+                    self.client.send::<RebootDecision>(request).await
+                }
+                .await;
+                match asked {
+                    Ok(decision) => {
+                        backoff = Duration::from_secs(1);
+                        match decision.verdict {
+                            RebootVerdict::Approved => return Ok(()),
+                            RebootVerdict::Denied => {
+                                return Err(format!(
+                                    "the controller called the reboot off: {}",
+                                    decision.message
+                                ));
+                            }
+                            RebootVerdict::Waiting => {
+                                if decision.message != last_message {
+                                    tracing::info!(job = %record.name, message = %decision.message, "waiting to reboot");
+                                    last_message = decision.message;
+                                }
+                            }
+                        }
+                    }
+                    Err(err) if err.to_string().contains("404 Not Found") => {
+                        return Err("the job was deleted before the reboot".into());
+                    }
+                    Err(err) => {
+                        tracing::warn!(job = %record.name, error = %err, "cannot ask whether to reboot; retrying");
+                        tokio::time::sleep(jitter(backoff)).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        })
+    }
+}
+
 /// Sends what the outbox holds until the gateway has written it, retrying with backoff.
 async fn deliver(client: GatewayClient, outbox: Arc<Outbox>) {
     let mut backoff = Duration::from_millis(200);
@@ -352,6 +412,10 @@ fn jitter(base: Duration) -> Duration {
 
 /// Runs the agent until it is stopped (or, with a simulated reboot, until it "reboots").
 pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
+    if options.host_namespaces {
+        super::process::use_host_namespaces(PathBuf::from("/proc/1/ns"))
+            .context("--host-namespaces")?;
+    }
     let journal = Journal::open(&options.state_dir)?;
     let client = loop {
         match connect(&options).await {
@@ -419,6 +483,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
         &host_rebooter
     };
     let detected = patcher::detect();
+    let gate = options.node.is_some().then(|| GatewayRebootGate {
+        client: client.clone(),
+    });
     let mut backoff = Duration::from_millis(500);
     loop {
         // Unfinished jobs in the journal first: they were cut off by a crash or a reboot.
@@ -484,6 +551,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
                 minute: Duration::from_millis(options.minute_ms),
                 max_download_bytes: super::download::DEFAULT_MAX_BYTES,
                 on_event: &on_event,
+                reboot_gate: gate.as_ref().map(|g| g as &dyn executor::RebootGate),
             };
             let outcome = executor.run(&mut record).await?;
             outbox.put(&record);

@@ -15,6 +15,11 @@ pub const GROUP_VERSION: &str = "fleetpatch.io/v1alpha1";
 pub const BUILTIN_LABEL: &str = "fleetpatch.io/builtin";
 /// Annotation that asks for a run of a plan now; any new value starts one.
 pub const RUN_REQUESTED_ANNOTATION: &str = "fleetpatch.io/run-requested";
+/// On a PatchJob: the controller's answer to a node agent that wants to reboot,
+/// `Approved` (the node is drained) or `Denied`.
+pub const REBOOT_DECISION_ANNOTATION: &str = "fleetpatch.io/reboot-decision";
+/// On a PatchJob: why the reboot waits or was denied, in words.
+pub const REBOOT_MESSAGE_ANNOTATION: &str = "fleetpatch.io/reboot-message";
 /// Labels on PatchJobs naming their plan, run and agent.
 pub const PLAN_LABEL: &str = "fleetpatch.io/plan";
 pub const RUN_LABEL: &str = "fleetpatch.io/run";

@@ -135,6 +135,11 @@ pub struct PatchJobSpec {
     /// The job ends as Unknown if it has not finished by then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Time>,
+    /// The cluster node the job runs on (node agents only). Before such a host reboots,
+    /// the controller cordons and drains the node, and uncordons it afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub node: Option<String>,
 }
 
 /// Where a job stands.
@@ -256,6 +261,10 @@ pub struct RebootRecord {
     pub started_at: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_at: Option<Time>,
+    /// Why a reboot that was attempted did not happen (a drain that timed out, a
+    /// reboot command that failed); the job then fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Progress and results of a PatchJob.

@@ -165,6 +165,9 @@ pub struct RebootSettings {
     #[serde(default = "default_max_concurrent_nodes")]
     #[x_kube(validation = Rule::new("self >= 1").message("maxConcurrentNodes must be at least 1"))]
     pub max_concurrent_nodes: u32,
+    /// How a cluster node is drained before it reboots.
+    #[serde(default)]
+    pub drain: DrainSettings,
 }
 
 impl Default for RebootSettings {
@@ -172,6 +175,36 @@ impl Default for RebootSettings {
         Self {
             policy: RebootPolicy::default(),
             max_concurrent_nodes: default_max_concurrent_nodes(),
+            drain: DrainSettings::default(),
+        }
+    }
+}
+
+fn default_drain_timeout_seconds() -> u32 {
+    600
+}
+
+/// Draining a cluster node before its reboot: the node is cordoned and its pods are
+/// evicted through the eviction API, so PodDisruptionBudgets hold. DaemonSet pods and
+/// static (mirror) pods always stay.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainSettings {
+    /// Seconds to wait for the pods to leave; then the reboot is called off, the node
+    /// uncordoned and the job fails.
+    #[serde(default = "default_drain_timeout_seconds")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 86400").message("timeoutSeconds must be between 1 and 86400 (one day)"))]
+    pub timeout_seconds: u32,
+    /// Pods matching this selector are left running (besides DaemonSet and static pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_pod_selector: Option<LabelSelector>,
+}
+
+impl Default for DrainSettings {
+    fn default() -> Self {
+        Self {
+            timeout_seconds: default_drain_timeout_seconds(),
+            ignore_pod_selector: None,
         }
     }
 }

@@ -100,6 +100,7 @@ pub fn resolve_job(
         patches: target.patches,
         reboot: target.reboot,
         deadline: None,
+        node: None,
     })
 }
 

@@ -53,6 +53,11 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub heartbeats: Heartbeats,
     pub gateway: Arc<Gateway>,
+    /// A client that does not retry `429`: for evictions, where a 429 is the answer
+    /// (a PodDisruptionBudget forbids it now), not a hiccup.
+    pub eviction_client: Client,
+    /// Held while a node is claimed for a drain, so `maxConcurrentNodes` holds.
+    pub drain_lock: tokio::sync::Mutex<()>,
 }
 
 /// Why a reconcile failed.

@@ -6,6 +6,7 @@
 pub mod agents;
 pub mod context;
 pub mod definitions;
+pub mod drain;
 pub mod jobs;
 pub mod leader;
 pub mod library;
@@ -68,6 +69,78 @@ pub struct ControllerOptions {
     /// ServiceAccount of the node agent DaemonSet.
     #[arg(long, default_value = "fleetpatch-node-agent")]
     pub node_agent_service_account: String,
+    /// Serving certificate of the gateway (PEM, with its chain). With --tls-key-file the
+    /// gateway speaks HTTPS; both files are read again when they change on disk.
+    #[arg(long, requires = "tls_key_file")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// Private key of --tls-cert-file (PEM).
+    #[arg(long, requires = "tls_cert_file")]
+    pub tls_key_file: Option<std::path::PathBuf>,
+}
+
+/// The gateway's certificate, loaded at start so a bad file fails at once.
+async fn load_certificate(
+    options: &ControllerOptions,
+) -> anyhow::Result<Option<axum_server::tls_rustls::RustlsConfig>> {
+    use anyhow::Context as _;
+    let (Some(cert), Some(key)) = (&options.tls_cert_file, &options.tls_key_file) else {
+        return Ok(None);
+    };
+    let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+        .await
+        .with_context(|| {
+            format!(
+                "loading the gateway certificate {} and key {}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    tokio::spawn(reload_certificate(
+        config.clone(),
+        cert.clone(),
+        key.clone(),
+    ));
+    Ok(Some(config))
+}
+
+/// Serves the gateway: HTTPS when a certificate is configured, else plain HTTP.
+async fn serve_gateway(
+    listener: std::net::TcpListener,
+    router: axum::Router,
+    tls: Option<axum_server::tls_rustls::RustlsConfig>,
+) -> anyhow::Result<()> {
+    let Some(config) = tls else {
+        axum::serve(tokio::net::TcpListener::from_std(listener)?, router).await?;
+        return Ok(());
+    };
+    axum_server::from_tcp_rustls(listener, config)?
+        .serve(router.into_make_service())
+        .await?;
+    Ok(())
+}
+
+/// Reloads a rotated certificate (cert-manager, a renewed Secret) without a restart.
+async fn reload_certificate(
+    config: axum_server::tls_rustls::RustlsConfig,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+) {
+    let modified = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut seen = (modified(&cert), modified(&key));
+    loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let now = (modified(&cert), modified(&key));
+        if now == seen {
+            continue;
+        }
+        match config.reload_from_pem_file(&cert, &key).await {
+            Ok(()) => {
+                tracing::info!(cert = %cert.display(), "gateway certificate reloaded");
+                seen = now;
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot reload the gateway certificate"),
+        }
+    }
 }
 
 fn error_policy<K>(_object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
@@ -155,6 +228,7 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
         .identity
         .clone()
         .unwrap_or_else(|| format!("fleetpatch-{}", std::process::id()));
+    let tls = load_certificate(&options).await?;
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let health_listener = tokio::net::TcpListener::bind(options.metrics_listen).await?;
@@ -241,13 +315,15 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
         heartbeats.clone(),
     );
     let router = gateway.router();
-    let gateway_listener = tokio::net::TcpListener::bind(options.gateway_listen).await?;
-    tracing::info!(address = %gateway_listener.local_addr()?, "agent gateway listening");
+    let gateway_listener = std::net::TcpListener::bind(options.gateway_listen)?;
+    gateway_listener.set_nonblocking(true)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(address = %gateway_listener.local_addr()?, scheme, "agent gateway listening");
     println!(
-        "fleetpatch controller: gateway listening on http://{}",
+        "fleetpatch controller: gateway listening on {scheme}://{}",
         gateway_listener.local_addr()?
     );
-    tokio::spawn(async move { axum::serve(gateway_listener, router).await });
+    let gateway_server = tokio::spawn(serve_gateway(gateway_listener, router, tls));
     let flusher = gateway.clone();
     tokio::spawn(async move {
         loop {
@@ -256,6 +332,13 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
         }
     });
 
+    let eviction_client = {
+        let mut config = kube::Config::infer()
+            .await
+            .map_err(|err| anyhow::anyhow!("reading the Kubernetes client configuration: {err}"))?;
+        config.default_retry = false;
+        Client::try_from(config)?
+    };
     let ctx = Arc::new(Context {
         client: client.clone(),
         caches: Caches {
@@ -286,6 +369,8 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
         metrics,
         heartbeats,
         gateway,
+        eviction_client,
+        drain_lock: tokio::sync::Mutex::new(()),
     });
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
 
@@ -327,10 +412,28 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
         .run(agents::reconcile_agent, error_policy, ctx.clone())
         .for_each(|result| log_result("Agent", result));
 
+    // Nodes: cordon, drain and uncordon around node agents' reboots.
+    let nodes = Controller::new(
+        Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()),
+        config.clone(),
+    )
+    .watches(
+        Api::<PatchJob>::all(client.clone()),
+        config.clone(),
+        drain::node_of_job,
+    )
+    .run(drain::reconcile_node, error_policy, ctx.clone())
+    .for_each(|result| log_result("Node", result));
+
     tokio::select! {
-        _ = async { tokio::join!(scripts, tasks, workflows, plans, patch_jobs, agents) } => {
+        _ = async { tokio::join!(scripts, tasks, workflows, plans, patch_jobs, agents, nodes) } => {
             anyhow::bail!("the reconcilers stopped")
         }
         () = leader::hold(client.clone(), lease) => anyhow::bail!("leadership lost; exiting so a new leader can take over"),
+        served = gateway_server => match served {
+            Ok(Ok(())) => anyhow::bail!("the agent gateway stopped"),
+            Ok(Err(err)) => Err(err.context("the agent gateway failed")),
+            Err(err) => anyhow::bail!("the agent gateway panicked: {err}"),
+        },
     }
 }

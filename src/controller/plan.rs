@@ -322,10 +322,18 @@ async fn advance_run(
                     patches: plan.spec.patches.clone(),
                     reboot: plan.spec.reboot.policy,
                     deadline: Some(Time(deadline)),
+                    node: None,
                 },
                 Some(err),
             ),
         };
+        let mut spec = spec;
+        spec.node = ctx
+            .caches
+            .agents
+            .get(&kube::runtime::reflector::ObjectRef::new(&agent.name))
+            .filter(|a| a.spec.mode == crate::api::agent::AgentMode::Node)
+            .and_then(|a| a.spec.node_name.clone());
         let job_name = job_name(&name, &run.id, &agent.name);
         let job = PatchJob {
             metadata: ObjectMeta {

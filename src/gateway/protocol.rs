@@ -92,6 +92,25 @@ pub struct ProgressAck {
     pub acknowledged_sequence: i64,
 }
 
+/// `GET /agent/v1/jobs/{uid}/reboot`: may a node agent reboot its node now?
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum RebootVerdict {
+    /// Not yet: the node is being cordoned and drained, or other nodes of the plan reboot.
+    Waiting,
+    /// The node is drained; reboot.
+    Approved,
+    /// Do not reboot (the drain timed out, the job ended); the message says why.
+    Denied,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RebootDecision {
+    pub verdict: RebootVerdict,
+    #[serde(default)]
+    pub message: String,
+}
+
 /// Error body of every non-2xx answer.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorBody {

@@ -28,8 +28,8 @@ use super::credentials::{
     self, AGENT_LABEL, BOOTSTRAP_SECRET_TYPE, BootstrapToken, CREDENTIAL_SECRET_TYPE,
 };
 use super::protocol::{
-    Assignment, Assignments, ErrorBody, Heartbeat, ProgressAck, ProgressReport, RegisterRequest,
-    RegisterResponse, encode_spec,
+    Assignment, Assignments, ErrorBody, Heartbeat, ProgressAck, ProgressReport, RebootDecision,
+    RebootVerdict, RegisterRequest, RegisterResponse, encode_spec,
 };
 
 /// Field manager of every write the gateway makes.
@@ -165,6 +165,7 @@ impl Gateway {
             .route("/agent/v1/heartbeat", post(heartbeat))
             .route("/agent/v1/assignments", get(assignments))
             .route("/agent/v1/jobs/{uid}/progress", post(progress))
+            .route("/agent/v1/jobs/{uid}/reboot", get(reboot_decision))
             .route("/healthz", get(|| async { "ok" }))
             .with_state(self.clone())
     }
@@ -551,6 +552,70 @@ async fn assignments(
         let remaining = deadline.saturating_duration_since(Instant::now());
         if !jobs.is_empty() || remaining.is_zero() {
             return Ok(Json(Assignments { jobs }));
+        }
+        let _ = tokio::time::timeout(remaining, changed).await;
+    }
+}
+
+/// The controller's reboot decision for a job, from the job's annotations.
+fn reboot_verdict(job: &PatchJob) -> RebootDecision {
+    use crate::api::common::{REBOOT_DECISION_ANNOTATION, REBOOT_MESSAGE_ANNOTATION};
+    let annotations = job.annotations();
+    let message = annotations
+        .get(REBOOT_MESSAGE_ANNOTATION)
+        .cloned()
+        .unwrap_or_default();
+    let phase = job.status.as_ref().map(|s| s.phase).unwrap_or_default();
+    if phase.is_finished() {
+        return RebootDecision {
+            verdict: RebootVerdict::Denied,
+            message: format!("the job already ended ({phase:?})"),
+        };
+    }
+    if job.spec.node.is_none() {
+        // Only cluster nodes are drained; any other host reboots when its job says so.
+        return RebootDecision {
+            verdict: RebootVerdict::Approved,
+            message,
+        };
+    }
+    let verdict = match annotations
+        .get(REBOOT_DECISION_ANNOTATION)
+        .map(String::as_str)
+    {
+        Some("Approved") => RebootVerdict::Approved,
+        Some("Denied") => RebootVerdict::Denied,
+        _ => RebootVerdict::Waiting,
+    };
+    RebootDecision { verdict, message }
+}
+
+/// Long-polls the controller's decision on rebooting the agent's node for a job.
+async fn reboot_decision(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    Path(uid): Path<String>,
+    Query(query): Query<WaitQuery>,
+) -> Result<Json<RebootDecision>, ApiError> {
+    let identity = gateway.authenticate(&headers).await?;
+    let deadline =
+        Instant::now() + Duration::from_secs(query.wait_seconds).min(gateway.config.max_wait);
+    loop {
+        let signal = gateway.signal(&identity.agent);
+        let changed = signal.notified();
+        let job = gateway
+            .job_by_uid(&uid)
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job with uid {uid}")))?;
+        if job.spec.agent != identity.agent {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!("job {uid} belongs to another agent"),
+            ));
+        }
+        let decision = reboot_verdict(&job);
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if decision.verdict != RebootVerdict::Waiting || remaining.is_zero() {
+            return Ok(Json(decision));
         }
         let _ = tokio::time::timeout(remaining, changed).await;
     }

@@ -1,0 +1,523 @@
+//! Safe reboots of cluster nodes. A node agent that must reboot reports its job's
+//! reboot as `Pending` and asks the gateway for permission. This reconciler (one per
+//! Node) then, at most `maxConcurrentNodes` nodes of a plan at a time: cordons the node,
+//! evicts its pods through the eviction API (so PodDisruptionBudgets hold) and approves
+//! the reboot on the job; or, when the pods do not leave within the drain timeout,
+//! denies it and uncordons. After the reboot it waits for the node to be Ready and
+//! uncordons it.
+//!
+//! Everything it needs to finish is recorded on the Node itself (annotations), so a
+//! node cordoned by us is uncordoned even when the job fails, the plan is deleted or
+//! the controller restarts mid-way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::api::{Api, EvictParams, ListParams, Patch, PatchParams};
+use kube::core::{Selector, SelectorExt};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use serde_json::json;
+
+use crate::api::common::{REBOOT_DECISION_ANNOTATION, REBOOT_MESSAGE_ANNOTATION};
+use crate::api::patchjob::{PatchJob, RebootState};
+use crate::api::plan::{DrainSettings, RemediationPlan};
+
+use super::context::{Context, Error};
+
+/// On a Node: the PatchJob (`namespace/name`) the node is drained for.
+pub const DRAIN_FOR_ANNOTATION: &str = "fleetpatch.io/drain-for";
+/// On a Node: the plan (`namespace/name`) of that job, to count the plan's nodes.
+pub const DRAIN_PLAN_ANNOTATION: &str = "fleetpatch.io/drain-plan";
+/// On a Node: when the drain started (RFC 3339).
+pub const DRAIN_STARTED_ANNOTATION: &str = "fleetpatch.io/drain-started";
+/// On a Node: `"true"` when fleetpatch cordoned it (and so must uncordon it). A node
+/// somebody else had cordoned stays cordoned.
+pub const CORDONED_ANNOTATION: &str = "fleetpatch.io/cordoned";
+
+/// What drain does with one pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodFate {
+    /// Evict it.
+    Evict,
+    /// Already terminating: wait for it to go.
+    Wait,
+    /// Leave it: a DaemonSet or static pod, a finished pod, or one the plan ignores.
+    Stay,
+}
+
+/// The drain's decision for one pod.
+pub fn pod_fate(pod: &Pod, ignore: Option<&Selector>) -> PodFate {
+    let owned_by_daemonset = pod
+        .owner_references()
+        .iter()
+        .any(|owner| owner.kind == "DaemonSet" && owner.controller == Some(true));
+    let mirror = pod
+        .annotations()
+        .contains_key("kubernetes.io/config.mirror");
+    let finished = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
+    let ignored = ignore.is_some_and(|selector| selector.matches(pod.labels()));
+    if owned_by_daemonset || mirror || finished || ignored {
+        PodFate::Stay
+    } else if pod.metadata.deletion_timestamp.is_some() {
+        PodFate::Wait
+    } else {
+        PodFate::Evict
+    }
+}
+
+/// Whether one more node of a plan may start draining, given how many of its nodes
+/// are claimed already.
+pub fn may_claim(claimed_by_plan: usize, max_concurrent_nodes: u32) -> bool {
+    claimed_by_plan < max_concurrent_nodes.max(1) as usize
+}
+
+fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+fn key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+fn job_for(ctx: &Context, key: &str) -> Option<Arc<PatchJob>> {
+    let (namespace, name) = key.split_once('/')?;
+    ctx.caches.jobs.get(&ObjectRef::new(name).within(namespace))
+}
+
+fn plan_of(ctx: &Context, job: &PatchJob) -> Option<Arc<RemediationPlan>> {
+    let namespace = job.namespace().unwrap_or_default();
+    ctx.caches
+        .plans
+        .get(&ObjectRef::new(&job.spec.plan).within(&namespace))
+}
+
+fn reboot_state(job: &PatchJob) -> Option<RebootState> {
+    job.status
+        .as_ref()
+        .and_then(|s| s.reboot.as_ref())
+        .map(|r| r.state)
+}
+
+fn decision(job: &PatchJob) -> Option<&str> {
+    job.annotations()
+        .get(REBOOT_DECISION_ANNOTATION)
+        .map(String::as_str)
+}
+
+fn is_finished(job: &PatchJob) -> bool {
+    job.status.as_ref().is_some_and(|s| s.phase.is_finished())
+}
+
+/// A job on this node waiting for a reboot decision.
+fn waiting_job(ctx: &Context, node: &str) -> Option<Arc<PatchJob>> {
+    let mut waiting: Vec<Arc<PatchJob>> = ctx
+        .caches
+        .jobs
+        .state()
+        .into_iter()
+        .filter(|job| {
+            job.spec.node.as_deref() == Some(node)
+                && !is_finished(job)
+                && reboot_state(job) == Some(RebootState::Pending)
+                && decision(job).is_none()
+        })
+        .collect();
+    // The oldest first, should there ever be more than one.
+    waiting.sort_by_key(|job| job.metadata.creation_timestamp.clone().map(|t| t.0));
+    waiting.into_iter().next()
+}
+
+async fn annotate_job(ctx: &Context, job: &PatchJob, verdict: Option<&str>, message: &str) {
+    let api: Api<PatchJob> =
+        Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    let mut annotations = serde_json::Map::new();
+    if let Some(verdict) = verdict {
+        annotations.insert(REBOOT_DECISION_ANNOTATION.into(), json!(verdict));
+    }
+    annotations.insert(REBOOT_MESSAGE_ANNOTATION.into(), json!(message));
+    let patch = json!({"metadata": {"annotations": annotations}});
+    if let Err(err) = api
+        .patch(
+            &job.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        tracing::warn!(job = %job.name_any(), error = %err, "cannot record the reboot decision");
+    }
+}
+
+fn nodes(ctx: &Context) -> Api<Node> {
+    Api::all(ctx.client.clone())
+}
+
+/// Takes the node for `job`: cordons it (remembering whether it was us) and records the
+/// drain on the node. Serialised per controller, so two nodes of one plan never both
+/// pass the `maxConcurrentNodes` check.
+async fn claim(ctx: &Context, node: &Node, job: &PatchJob) -> Result<Action, Error> {
+    let name = node.name_any();
+    let namespace = job.namespace().unwrap_or_default();
+    let Some(plan) = plan_of(ctx, job) else {
+        annotate_job(
+            ctx,
+            job,
+            Some("Denied"),
+            "the job's RemediationPlan no longer exists",
+        )
+        .await;
+        return Ok(Action::await_change());
+    };
+    let plan_key = key(&namespace, &plan.name_any());
+    let _serial = ctx.drain_lock.lock().await;
+    // A fresh list, not the cache: the previous claim's write must be counted.
+    let claimed = nodes(ctx)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|n| n.annotations().get(DRAIN_PLAN_ANNOTATION) == Some(&plan_key))
+        .count();
+    let max = plan.spec.reboot.max_concurrent_nodes;
+    if !may_claim(claimed, max) {
+        let message = format!(
+            "waiting: {claimed} node(s) of plan {} are being drained or rebooted (maxConcurrentNodes {max})",
+            plan.name_any()
+        );
+        if job.annotations().get(REBOOT_MESSAGE_ANNOTATION) != Some(&message) {
+            annotate_job(ctx, job, None, &message).await;
+        }
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    let already_cordoned = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false);
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(
+        DRAIN_FOR_ANNOTATION.into(),
+        json!(key(&namespace, &job.name_any())),
+    );
+    annotations.insert(DRAIN_PLAN_ANNOTATION.into(), json!(plan_key));
+    annotations.insert(
+        DRAIN_STARTED_ANNOTATION.into(),
+        json!(Timestamp::now().to_string()),
+    );
+    if !already_cordoned {
+        annotations.insert(CORDONED_ANNOTATION.into(), json!("true"));
+    }
+    // The annotations and the cordon in one write: there is never a node cordoned by
+    // us without the record that says so.
+    let patch = json!({"metadata": {"annotations": annotations}, "spec": {"unschedulable": true}});
+    nodes(ctx)
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    ctx.event(
+        node,
+        EventType::Normal,
+        "Cordoned",
+        "Drain",
+        format!(
+            "cordoned for the reboot of job {}/{}",
+            namespace,
+            job.name_any()
+        ),
+    )
+    .await;
+    annotate_job(
+        ctx,
+        job,
+        None,
+        &format!("draining node {name} before the reboot"),
+    )
+    .await;
+    Ok(Action::requeue(Duration::from_millis(200)))
+}
+
+/// Gives the node back: uncordons it if we cordoned it and removes our annotations.
+async fn release(ctx: &Context, node: &Node, why: &str) -> Result<(), Error> {
+    let ours = node
+        .annotations()
+        .get(CORDONED_ANNOTATION)
+        .map(String::as_str)
+        == Some("true");
+    let mut patch = json!({"metadata": {"annotations": {
+        DRAIN_FOR_ANNOTATION: null,
+        DRAIN_PLAN_ANNOTATION: null,
+        DRAIN_STARTED_ANNOTATION: null,
+        CORDONED_ANNOTATION: null,
+    }}});
+    if ours {
+        patch["spec"] = json!({"unschedulable": null});
+    }
+    nodes(ctx)
+        .patch(
+            &node.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    let note = if ours {
+        format!("uncordoned: {why}")
+    } else {
+        format!("left cordoned as it was before fleetpatch drained it: {why}")
+    };
+    ctx.event(node, EventType::Normal, "Uncordoned", "Drain", note)
+        .await;
+    Ok(())
+}
+
+/// One pass of the drain: evicts what must go; approves the reboot once nothing is
+/// left, denies it (and releases the node) once the timeout has passed.
+async fn drain(ctx: &Context, node: &Node, job: &PatchJob) -> Result<Action, Error> {
+    let name = node.name_any();
+    let settings: DrainSettings = plan_of(ctx, job)
+        .map(|plan| plan.spec.reboot.drain.clone())
+        .unwrap_or_default();
+    let ignore = settings
+        .ignore_pod_selector
+        .clone()
+        .and_then(|s| Selector::try_from(s).ok());
+    let pods: Api<Pod> = Api::all(ctx.client.clone());
+    let on_node = pods
+        .list(&ListParams::default().fields(&format!("spec.nodeName={name}")))
+        .await?;
+    let mut left = Vec::new();
+    let mut blocked = Vec::new();
+    for pod in &on_node.items {
+        let namespace = pod.namespace().unwrap_or_default();
+        let pod_key = key(&namespace, &pod.name_any());
+        match pod_fate(pod, ignore.as_ref()) {
+            PodFate::Stay => {}
+            PodFate::Wait => left.push(pod_key),
+            PodFate::Evict => {
+                let api: Api<Pod> = Api::namespaced(ctx.eviction_client.clone(), &namespace);
+                match api.evict(&pod.name_any(), &EvictParams::default()).await {
+                    Ok(_) => {
+                        tracing::info!(node = %name, pod = %pod_key, "evicted");
+                        left.push(pod_key);
+                    }
+                    Err(kube::Error::Api(status)) if status.code == 404 => {}
+                    Err(kube::Error::Api(status)) if status.code == 429 => {
+                        blocked.push(format!("{pod_key} ({})", status.message));
+                        left.push(pod_key);
+                    }
+                    Err(err) => return Err(err.into()),
+                }
+            }
+        }
+    }
+    // Evicted pods may take a while to terminate; a pod counts as gone once it is.
+    let still_there = if left.is_empty() {
+        0
+    } else {
+        pods.list(&ListParams::default().fields(&format!("spec.nodeName={name}")))
+            .await?
+            .items
+            .iter()
+            .filter(|pod| pod_fate(pod, ignore.as_ref()) != PodFate::Stay)
+            .count()
+    };
+    if still_there == 0 {
+        annotate_job(
+            ctx,
+            job,
+            Some("Approved"),
+            &format!("node {name} is cordoned and drained"),
+        )
+        .await;
+        ctx.event(
+            node,
+            EventType::Normal,
+            "Drained",
+            "Drain",
+            format!("drained; job {} may reboot the node", job.name_any()),
+        )
+        .await;
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    }
+    let started = node
+        .annotations()
+        .get(DRAIN_STARTED_ANNOTATION)
+        .and_then(|t| t.parse::<Timestamp>().ok())
+        .unwrap_or_else(Timestamp::now);
+    let elapsed = Timestamp::now().duration_since(started);
+    tracing::debug!(node = %name, left = left.len(), blocked = blocked.len(), elapsed = elapsed.as_secs(), "drain pass");
+    if elapsed.as_secs() >= i64::from(settings.timeout_seconds) {
+        let mut message = format!(
+            "drain of node {name} timed out after {}s with {} pod(s) left: {}",
+            settings.timeout_seconds,
+            left.len(),
+            left.join(", ")
+        );
+        if !blocked.is_empty() {
+            message.push_str(&format!("; evictions refused: {}", blocked.join("; ")));
+        }
+        annotate_job(ctx, job, Some("Denied"), &message).await;
+        ctx.event(node, EventType::Warning, "DrainTimedOut", "Drain", message)
+            .await;
+        release(ctx, node, "the drain timed out, the reboot was called off").await?;
+        return Ok(Action::await_change());
+    }
+    Ok(Action::requeue(Duration::from_secs(2)))
+}
+
+/// Reconciles one Node: claims it for a job that wants to reboot it, drains it, and
+/// gives it back once the reboot is over (or called off).
+pub async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = node.name_any();
+    tracing::debug!(node = %name, annotations = ?node.annotations(), "reconciling node");
+    let Some(job_key) = node.annotations().get(DRAIN_FOR_ANNOTATION).cloned() else {
+        return match waiting_job(&ctx, &name) {
+            Some(job) => claim(&ctx, &node, &job).await,
+            None => Ok(Action::await_change()),
+        };
+    };
+    let job = job_for(&ctx, &job_key);
+    let state = job.as_deref().and_then(reboot_state);
+    match job.as_deref() {
+        Some(job) if !is_finished(job) && state == Some(RebootState::Pending) => {
+            match decision(job) {
+                None => drain(&ctx, &node, job).await,
+                // Approved: the agent reboots shortly. Denied: released already.
+                Some(_) => Ok(Action::requeue(Duration::from_secs(10))),
+            }
+        }
+        // Rebooting: wait for the host to come back and report.
+        Some(job) if !is_finished(job) && state == Some(RebootState::InProgress) => {
+            Ok(Action::requeue(Duration::from_secs(10)))
+        }
+        // The reboot is over, called off, the job ended or is gone (plan deleted):
+        // give the node back once it is Ready.
+        _ => {
+            if !node_ready(&node) {
+                tracing::info!(node = %name, "waiting for the node to be Ready before uncordoning");
+                return Ok(Action::requeue(Duration::from_secs(5)));
+            }
+            let why = match (job.as_deref(), state) {
+                (None, _) => format!("job {job_key} no longer exists"),
+                (Some(_), Some(RebootState::Completed)) => {
+                    format!("job {job_key} rebooted the node and it is Ready")
+                }
+                (Some(job), _) if is_finished(job) => format!("job {job_key} ended"),
+                (Some(_), _) => format!("job {job_key} no longer needs the reboot"),
+            };
+            release(&ctx, &node, &why).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// The Nodes a PatchJob change concerns: its node, if it has one.
+pub fn node_of_job(job: PatchJob) -> Option<ObjectRef<Node>> {
+    job.spec.node.map(|node| ObjectRef::new(&node))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::PodStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference, Time};
+    use kube::api::ObjectMeta;
+    use std::collections::BTreeMap;
+
+    fn pod(labels: &[(&str, &str)]) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                namespace: Some("default".into()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ordinary_pods_are_evicted() {
+        assert_eq!(pod_fate(&pod(&[("app", "web")]), None), PodFate::Evict);
+    }
+
+    #[test]
+    fn daemonset_static_finished_and_ignored_pods_stay() {
+        let mut daemon = pod(&[]);
+        daemon.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "DaemonSet".into(),
+            name: "agent".into(),
+            uid: "u".into(),
+            controller: Some(true),
+            ..Default::default()
+        }]);
+        assert_eq!(pod_fate(&daemon, None), PodFate::Stay);
+
+        let mut mirror = pod(&[]);
+        mirror.metadata.annotations = Some(BTreeMap::from([(
+            "kubernetes.io/config.mirror".to_string(),
+            "x".to_string(),
+        )]));
+        assert_eq!(pod_fate(&mirror, None), PodFate::Stay);
+
+        let mut done = pod(&[]);
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        assert_eq!(pod_fate(&done, None), PodFate::Stay);
+
+        let selector = Selector::try_from(LabelSelector {
+            match_labels: Some(BTreeMap::from([("keep".to_string(), "yes".to_string())])),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            pod_fate(&pod(&[("keep", "yes")]), Some(&selector)),
+            PodFate::Stay
+        );
+        assert_eq!(
+            pod_fate(&pod(&[("keep", "no")]), Some(&selector)),
+            PodFate::Evict
+        );
+    }
+
+    #[test]
+    fn terminating_pods_are_waited_for_not_evicted_again() {
+        let mut leaving = pod(&[]);
+        leaving.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        assert_eq!(pod_fate(&leaving, None), PodFate::Wait);
+    }
+
+    #[test]
+    fn a_plan_drains_at_most_its_max_concurrent_nodes() {
+        assert!(may_claim(0, 1));
+        assert!(!may_claim(1, 1));
+        assert!(may_claim(2, 3));
+        assert!(!may_claim(3, 3));
+        // Zero is not a valid setting (the schema says >= 1); treat it as 1.
+        assert!(may_claim(0, 0));
+        assert!(!may_claim(1, 0));
+    }
+}
