@@ -533,3 +533,56 @@ fn curl(args: &[&str]) -> String {
         .unwrap();
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+#[test]
+fn a_single_use_bootstrap_token_admits_one_host_and_stays_marked() {
+    let fleet = Fleet::start();
+    fleet.apply(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: once, namespace: fleetpatch-system}\ntype: fleetpatch.io/bootstrap-token\nstringData: {token: only-once}\n",
+    );
+    let _controller = fleet.controller();
+    let register = |name: &str| {
+        curl(&[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &format!("{{\"name\":\"{name}\",\"os\":\"Linux\",\"bootstrapToken\":\"only-once\"}}"),
+            &format!("{}/agent/v1/register", fleet.gateway),
+        ])
+    };
+    // The gateway listens once the controller leads and has filled its caches.
+    let mut first = String::new();
+    eventually(Duration::from_secs(30), || {
+        first = register("first-host");
+        !first.ends_with("000")
+    });
+    assert!(first.ends_with("200"), "{first}");
+    let second = register("second-host");
+    assert!(second.ends_with("401"), "{second}");
+    assert!(
+        second.contains("bootstrap token once was already used"),
+        "{second}"
+    );
+    // The Secret stays, marked, so re-applying it from Git does not make it valid again.
+    assert_eq!(
+        fleet.get(&[
+            "-n",
+            "fleetpatch-system",
+            "get",
+            "secret",
+            "once",
+            "-o",
+            "jsonpath={.metadata.annotations.fleetpatch\\.io/used-by}",
+        ]),
+        "first-host"
+    );
+    fleet.get(&["get", "agent", "first-host"]);
+    assert!(
+        fleet
+            .dev
+            .kubectl_err(&["get", "agent", "second-host"])
+            .contains("NotFound")
+    );
+}

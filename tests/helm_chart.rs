@@ -599,8 +599,9 @@ fn default_render_is_least_privilege_and_wired_together() {
             "",
             "secrets",
             "",
-            &["get", "list", "watch", "create", "patch", "delete"],
+            &["get", "list", "watch", "create", "patch", "update"],
         ),
+        ("", "pods", "", &["patch"]),
         ("coordination.k8s.io", "leases", "", &["create"]),
         (
             "coordination.k8s.io",
@@ -732,9 +733,19 @@ fn default_render_is_least_privilege_and_wired_together() {
     ));
     assert_eq!(budget["spec"]["maxUnavailable"], 1);
 
-    // Services: the gateway on 8443 and metrics, both to the controller pods.
+    // Services: the gateway on 8443 to the leading controller pod (the label it sets on
+    // itself with --label-leader-pod), metrics to every controller pod.
     let gateway = out.get("Service", "fleetpatch-gateway");
-    assert!(labels_match(&gateway["spec"]["selector"], pod_labels));
+    let mut leader_labels = pod_labels.clone();
+    leader_labels["fleetpatch.io/leader"] = json!("true");
+    assert!(labels_match(&gateway["spec"]["selector"], &leader_labels));
+    assert!(!labels_match(&gateway["spec"]["selector"], pod_labels));
+    assert!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("--label-leader-pod"))
+    );
     assert_eq!(gateway["spec"]["type"], "ClusterIP");
     assert_eq!(
         gateway["spec"]["ports"],

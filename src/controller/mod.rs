@@ -26,6 +26,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Config as WatchConfig};
 use kube::{Client, Resource};
+use serde_json::json;
 
 use crate::api::{Agent, PatchJob, RemediationPlan, Script, Task, Workflow};
 use crate::gateway::server::{Gateway, GatewayConfig};
@@ -76,7 +77,34 @@ pub struct ControllerOptions {
     /// Private key of --tls-cert-file (PEM).
     #[arg(long, requires = "tls_cert_file")]
     pub tls_key_file: Option<std::path::PathBuf>,
+    /// Label this controller's own pod (named by --identity) `fleetpatch.io/leader=true`
+    /// while it leads, so the gateway Service can select the leader only.
+    #[arg(long, requires = "identity")]
+    pub label_leader_pod: bool,
 }
+
+/// Label on the leading controller's pod; the gateway Service selects it.
+pub const LEADER_LABEL: &str = "fleetpatch.io/leader";
+
+/// Sets (or removes) the leader label on this controller's pod.
+async fn label_own_pod(client: &Client, namespace: &str, pod: &str, leading: bool) {
+    use kube::api::{Patch, PatchParams};
+    let value = if leading { json!("true") } else { json!(null) };
+    let patch = json!({"metadata": {"labels": {LEADER_LABEL: value}}});
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    if let Err(err) = pods
+        .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::warn!(%pod, error = %err, leading, "cannot label the controller's pod");
+    }
+}
+
+/// What `/readyz` answers: a standby replica is ready (it has nothing to start); the
+/// leader is ready once its caches are filled and the gateway listens.
+const STANDBY: u8 = 0;
+const STARTING: u8 = 1;
+const LEADING: u8 = 2;
 
 /// The gateway's certificate, loaded at start so a bad file fails at once.
 async fn load_certificate(
@@ -184,7 +212,7 @@ where
 async fn serve_health(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
-    ready: Arc<std::sync::atomic::AtomicBool>,
+    ready: Arc<std::sync::atomic::AtomicU8>,
 ) -> anyhow::Result<()> {
     use axum::routing::get;
     let app = axum::Router::new()
@@ -201,13 +229,13 @@ async fn serve_health(
             get(move || {
                 let ready = ready.clone();
                 async move {
-                    if ready.load(std::sync::atomic::Ordering::Relaxed) {
-                        (axum::http::StatusCode::OK, "ready")
-                    } else {
-                        (
+                    match ready.load(std::sync::atomic::Ordering::Relaxed) {
+                        STANDBY => (axum::http::StatusCode::OK, "standby"),
+                        LEADING => (axum::http::StatusCode::OK, "leading"),
+                        _ => (
                             axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            "waiting for leadership and caches",
-                        )
+                            "leading; filling caches",
+                        ),
                     }
                 }
             }),
@@ -230,7 +258,7 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
         .unwrap_or_else(|| format!("fleetpatch-{}", std::process::id()));
     let tls = load_certificate(&options).await?;
     let metrics = Arc::new(Metrics::new());
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ready = Arc::new(std::sync::atomic::AtomicU8::new(STANDBY));
     let health_listener = tokio::net::TcpListener::bind(options.metrics_listen).await?;
     // Plain lines on stdout, like `fleetpatch dev`, so scripts and tests can find the ports.
     println!(
@@ -250,8 +278,13 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
         duration: Duration::from_secs(15),
     };
     tracing::info!(%identity, namespace = %options.namespace, "waiting for leadership");
+    if options.label_leader_pod {
+        // A restarted container may find the label its previous run left on the pod.
+        label_own_pod(&client, &options.namespace, &identity, false).await;
+    }
     leader::acquire(&client, &lease).await;
     tracing::info!(%identity, "leading");
+    ready.store(STARTING, std::sync::atomic::Ordering::Relaxed);
 
     library::install(&client, &options.namespace).await?;
     tokio::spawn(library::keep_installed(
@@ -372,7 +405,10 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
         eviction_client,
         drain_lock: tokio::sync::Mutex::new(()),
     });
-    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    ready.store(LEADING, std::sync::atomic::Ordering::Relaxed);
+    if options.label_leader_pod {
+        label_own_pod(&client, &options.namespace, &identity, true).await;
+    }
 
     let config = watcher::Config::default();
     let scripts = Controller::new(Api::<Script>::all(client.clone()), config.clone())

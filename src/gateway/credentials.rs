@@ -11,6 +11,9 @@ use sha2::{Digest, Sha256};
 pub const BOOTSTRAP_SECRET_TYPE: &str = "fleetpatch.io/bootstrap-token";
 /// Secret type of stored agent credentials.
 pub const CREDENTIAL_SECRET_TYPE: &str = "fleetpatch.io/agent-credential";
+/// Annotation on a single-use bootstrap token once it was used: the agent it admitted.
+/// The Secret stays (Helm would otherwise bring a deleted one back on upgrade).
+pub const USED_BY_ANNOTATION: &str = "fleetpatch.io/used-by";
 /// Label on credential Secrets naming their Agent.
 pub const AGENT_LABEL: &str = "fleetpatch.io/agent";
 
@@ -48,6 +51,8 @@ pub struct BootstrapToken {
     pub token_hash: String,
     pub expires: Option<Timestamp>,
     pub single_use: bool,
+    /// A single-use token's agent, once used.
+    pub used_by: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -56,6 +61,8 @@ pub enum BootstrapError {
     Malformed(String),
     #[error("bootstrap token {0} expired")]
     Expired(String),
+    #[error("bootstrap token {0} was already used")]
+    Used(String),
     #[error("bootstrap token is not valid")]
     Unknown,
 }
@@ -90,6 +97,12 @@ impl BootstrapToken {
             token_hash: hash(&token),
             expires,
             single_use,
+            used_by: secret
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(USED_BY_ANNOTATION))
+                .cloned(),
         })
     }
 
@@ -100,6 +113,9 @@ impl BootstrapToken {
         }
         if self.expires.is_some_and(|expires| now >= expires) {
             return Err(BootstrapError::Expired(self.secret_name.clone()));
+        }
+        if self.single_use && self.used_by.is_some() {
+            return Err(BootstrapError::Used(self.secret_name.clone()));
         }
         Ok(())
     }

@@ -26,6 +26,7 @@ use crate::api::patchjob::PatchJob;
 use super::coalesce::{Accepted, ProgressBook};
 use super::credentials::{
     self, AGENT_LABEL, BOOTSTRAP_SECRET_TYPE, BootstrapToken, CREDENTIAL_SECRET_TYPE,
+    USED_BY_ANNOTATION,
 };
 use super::protocol::{
     Assignment, Assignments, ErrorBody, Heartbeat, ProgressAck, ProgressReport, RebootDecision,
@@ -305,24 +306,36 @@ impl Gateway {
             };
             match token.check(presented, now) {
                 Ok(()) => {
-                    matched = Some(token);
+                    matched = Some((token, secret.clone()));
                     break;
                 }
-                Err(credentials::BootstrapError::Expired(name)) => {
-                    return Err(unauthorized(format!("bootstrap token {name} expired")));
-                }
+                Err(
+                    err @ (credentials::BootstrapError::Expired(_)
+                    | credentials::BootstrapError::Used(_)),
+                ) => return Err(unauthorized(err.to_string())),
                 Err(_) => {}
             }
         }
-        let token = matched.ok_or_else(|| unauthorized("bootstrap token is not valid"))?;
+        let (token, secret) =
+            matched.ok_or_else(|| unauthorized("bootstrap token is not valid"))?;
         if token.single_use {
-            // Deleting first means two hosts racing with one token cannot both win.
+            // Marked used by an update that carries the resourceVersion just read, so of
+            // two hosts racing with one token exactly one wins (the other gets 409). The
+            // Secret stays: a GitOps tool or Helm would bring a deleted one back, valid.
+            let mut used = secret;
+            used.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(USED_BY_ANNOTATION.to_string(), request.name.clone());
             self.secrets()
-                .delete(&token.secret_name, &Default::default())
+                .replace(&token.secret_name, &PostParams::default(), &used)
                 .await
                 .map_err(|err| match err {
-                    kube::Error::Api(status) if status.code == 404 => {
-                        unauthorized("bootstrap token was already used")
+                    kube::Error::Api(status) if status.code == 409 || status.code == 404 => {
+                        unauthorized(format!(
+                            "bootstrap token {} was already used",
+                            token.secret_name
+                        ))
                     }
                     other => internal(other),
                 })?;
