@@ -148,9 +148,22 @@ fn raise_open_files_limit() {
     }
 }
 
+/// glibc's malloc gives each thread that allocates its own arena (up to 8 per core);
+/// a server whose tokio workers allocate and free each other's memory all day then
+/// holds far more memory than it uses. Two arenas are plenty for a controller. (The
+/// static musl build has one allocator and nothing to tune.)
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, Command::Controller(_) | Command::Dev { .. }) {
+        limit_malloc_arenas();
         raise_open_files_limit();
     }
     fleetpatch::tls::install_crypto_provider();

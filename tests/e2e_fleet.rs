@@ -3,43 +3,14 @@
 //! kubectl like a person would.
 
 mod devserver_support;
+mod e2e_support;
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use devserver_support::{DevServer, eventually};
-
-const BIN: &str = env!("CARGO_BIN_EXE_fleetpatch");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed when the test ends.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Process {
-    fn kill9(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = self.0.wait();
-    }
-}
+use e2e_support::{BIN, Process, curl, free_port};
 
 struct Fleet {
     home: tempfile::TempDir,
@@ -76,42 +47,23 @@ impl Fleet {
     }
 
     fn controller(&self) -> Process {
-        let mut child = Command::new(BIN)
-            .args([
-                "controller",
+        let gateway = format!("127.0.0.1:{}", self.gateway_port);
+        let (process, line) = e2e_support::start_controller(
+            &self.dev,
+            &[
                 "--namespace",
                 "fleetpatch-system",
                 "--gateway-listen",
-            ])
-            .arg(format!("127.0.0.1:{}", self.gateway_port))
-            .args([
+                &gateway,
                 "--metrics-listen",
                 "127.0.0.1:0",
                 "--identity",
                 "e2e-controller",
-            ])
-            .env("KUBECONFIG", &self.dev.kubeconfig)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the controller prints its metrics address");
+            ],
+            "metrics listening on",
+        );
         *self.metrics.lock().unwrap() = line.rsplit(' ').next().unwrap().to_string();
-        Process(child)
+        process
     }
 
     fn state_dir(&self, name: &str) -> PathBuf {
@@ -132,9 +84,9 @@ impl Fleet {
                 "--state-dir",
             ])
             .arg(self.state_dir(name))
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", e2e_support::child_log_level())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(e2e_support::child_log())
             .spawn()
             .unwrap();
         Process(child)
@@ -154,36 +106,11 @@ impl Fleet {
     }
 
     fn run_plan(&self, name: &str) {
-        let output = Command::new(BIN)
-            .args(["run", "plan", name])
-            .env("KUBECONFIG", &self.dev.kubeconfig)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        e2e_support::run_plan(&self.dev.kubeconfig, name);
     }
 
     fn wait_for_agents(&self, count: usize) {
-        let ok = eventually(Duration::from_secs(30), || {
-            self.get(&[
-                "get",
-                "agents",
-                "-o",
-                "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}",
-            ])
-            .split_whitespace()
-            .filter(|s| *s == "True")
-            .count()
-                == count
-        });
-        assert!(
-            ok,
-            "agents did not become Ready:\n{}",
-            self.get(&["get", "agents"])
-        );
+        e2e_support::wait_for_ready_agents(&self.dev, count);
     }
 
     fn wait_for_run(&self, plan: &str, phases: &[&str]) -> String {
@@ -522,16 +449,6 @@ fn an_agent_cannot_read_or_report_another_agents_job() {
         "jsonpath={.items[0].status.lastSequence}",
     ]);
     assert_ne!(sequence, "999", "the intruder's report changed nothing");
-}
-
-/// Body and status code of a curl request.
-fn curl(args: &[&str]) -> String {
-    let output = Command::new("curl")
-        .args(["-s", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 #[test]

@@ -5,52 +5,16 @@
 //! its Nodes and Pods are objects only (no kubelet), so the tests set their status.
 
 mod devserver_support;
+mod e2e_support;
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use devserver_support::{DevServer, eventually};
+use e2e_support::{BIN, Process, curl, free_port};
 
-const BIN: &str = env!("CARGO_BIN_EXE_fleetpatch");
 const NS: &str = "fleetpatch-system";
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Process {
-    /// Waits for the process to exit by itself (a simulated reboot ends the agent).
-    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let mut code = None;
-        eventually(timeout, || match self.0.try_wait() {
-            Ok(Some(status)) => {
-                code = status.code();
-                true
-            }
-            _ => false,
-        });
-        code
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.0.try_wait(), Ok(None))
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A private CA and a serving certificate for 127.0.0.1, as files.
 struct Certificates {
@@ -224,51 +188,25 @@ impl Cluster {
     }
 
     fn controller(&self) -> Process {
-        let mut child = Command::new(BIN)
-            .args(["controller", "--namespace", NS, "--gateway-listen"])
-            .arg(format!("127.0.0.1:{}", self.gateway_port))
-            .args(["--metrics-listen", "127.0.0.1:0", "--tls-cert-file"])
-            .arg(&self.certs.cert)
-            .arg("--tls-key-file")
-            .arg(&self.certs.key)
-            .env("KUBECONFIG", &self.dev.kubeconfig)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(if std::env::var_os("E2E_DEBUG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
+        let gateway = format!("127.0.0.1:{}", self.gateway_port);
         // The gateway line comes once the controller leads and its caches are filled.
-        let wanted = format!(
-            "gateway listening on https://127.0.0.1:{}",
-            self.gateway_port
+        let (process, _) = e2e_support::start_controller(
+            &self.dev,
+            &[
+                "--namespace",
+                NS,
+                "--gateway-listen",
+                &gateway,
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--tls-cert-file",
+                self.certs.cert.to_str().unwrap(),
+                "--tls-key-file",
+                self.certs.key.to_str().unwrap(),
+            ],
+            &format!("gateway listening on https://{gateway}"),
         );
-        loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(60))
-                .expect("the controller prints its gateway address");
-            if line.contains(&wanted) {
-                break;
-            }
-        }
-        Process(child)
+        process
     }
 
     fn node_agent(&self, node: &str, group: &str) -> Process {
@@ -287,39 +225,16 @@ impl Cluster {
                 "--state-dir",
             ])
             .arg(self.home.path().join(format!("agent-{node}")))
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", e2e_support::child_log_level())
             .stdout(Stdio::null())
-            .stderr(if std::env::var_os("E2E_DEBUG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(e2e_support::child_log())
             .spawn()
             .unwrap();
         Process(child)
     }
 
     fn wait_for_ready_agents(&self, count: usize) {
-        let ok = eventually(Duration::from_secs(30), || {
-            self.get(&[
-                "get",
-                "agents",
-                "-o",
-                "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}",
-            ])
-            .split_whitespace()
-            .filter(|s| *s == "True")
-            .count()
-                == count
-        });
-        assert!(
-            ok,
-            "agents did not become Ready:\n{}",
-            self.get(&["get", "agents", "-o", "yaml"])
-        );
+        e2e_support::wait_for_ready_agents(&self.dev, count);
     }
 
     fn node_field(&self, node: &str, path: &str) -> String {
@@ -342,16 +257,7 @@ impl Cluster {
     }
 
     fn run_plan(&self, name: &str) {
-        let output = Command::new(BIN)
-            .args(["run", "plan", name])
-            .env("KUBECONFIG", &self.dev.kubeconfig)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        e2e_support::run_plan(&self.dev.kubeconfig, name);
     }
 
     fn events(&self, node: &str) -> String {
@@ -374,19 +280,6 @@ fn reboot_plan(name: &str, group: &str, max_nodes: u32, drain: &str) -> String {
          apiVersion: fleetpatch.io/v1alpha1\nkind: Task\nmetadata: {{name: hello}}\nspec: {{os: Linux, type: RunScript, timeoutMinutes: 2, runScript: {{scriptRef: {{name: hello}}}}}}\n---\n\
          apiVersion: fleetpatch.io/v1alpha1\nkind: Workflow\nmetadata: {{name: nodes}}\nspec: {{os: Linux, preTasks: [{{taskRef: {{name: hello}}}}], postTasks: []}}\n---\n\
          apiVersion: fleetpatch.io/v1alpha1\nkind: RemediationPlan\nmetadata: {{name: {name}}}\nspec:\n  targets:\n  - {{name: nodes, os: Linux, selector: {{matchLabels: {{fleetpatch.io/group: {group}}}}}, workflowRef: {{name: nodes}}}}\n  patches: {{skip: true}}\n  rollout: {{maxConcurrent: 10, maxFailures: 10}}\n  reboot: {{policy: Always, maxConcurrentNodes: {max_nodes}, drain: {drain}}}\n"
-    )
-}
-
-fn curl(args: &[&str]) -> String {
-    let output = Command::new("curl")
-        .args(["-sS", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stderr),
-        String::from_utf8_lossy(&output.stdout)
     )
 }
 

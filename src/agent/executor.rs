@@ -126,6 +126,20 @@ fn is_failure(phase: ActionPhase) -> bool {
     )
 }
 
+/// Ends the action that was running when the reboot began (a Reboot task), if any.
+fn end_running_actions(status: &mut PatchJobStatus, phase: ActionPhase, message: &str) {
+    for result in status
+        .pre_actions
+        .iter_mut()
+        .chain(status.post_actions.iter_mut())
+        .filter(|result| result.phase == ActionPhase::Running)
+    {
+        result.phase = phase;
+        result.finish_time = Some(Time(now()));
+        result.message = message.to_string();
+    }
+}
+
 /// A fresh record for `spec`: every action Pending.
 pub fn new_record(id: impl Into<String>, name: impl Into<String>, spec: PatchJobSpec) -> JobRecord {
     let pending = |actions: &[ResolvedAction]| {
@@ -815,18 +829,7 @@ impl Executor<'_> {
             reboot.state = RebootState::RequiredNotPerformed;
             reboot.message = Some(reason.clone());
         }
-        for result in record
-            .status
-            .pre_actions
-            .iter_mut()
-            .chain(record.status.post_actions.iter_mut())
-        {
-            if result.phase == ActionPhase::Running {
-                result.phase = ActionPhase::Failed;
-                result.finish_time = Some(Time(now()));
-                result.message = reason.clone();
-            }
-        }
+        end_running_actions(&mut record.status, ActionPhase::Failed, &reason);
         record.status.message = reason;
         self.save(record, Event::JobFinished)?;
         Ok(None)
@@ -837,32 +840,20 @@ impl Executor<'_> {
             (Some(before), Some(now)) => *before != now,
             _ => true,
         };
-        let completed_at = Time(now());
         record.status.phase = JobPhase::Running;
-        for result in record
-            .status
-            .pre_actions
-            .iter_mut()
-            .chain(record.status.post_actions.iter_mut())
-        {
-            if result.phase == ActionPhase::Running {
-                result.phase = if came_back {
-                    ActionPhase::Succeeded
-                } else {
-                    ActionPhase::Failed
-                };
-                result.finish_time = Some(completed_at.clone());
-                result.message = if came_back {
-                    "host rebooted".into()
-                } else {
-                    "the agent restarted but the host did not reboot".into()
-                };
-            }
+        if came_back {
+            end_running_actions(&mut record.status, ActionPhase::Succeeded, "host rebooted");
+        } else {
+            end_running_actions(
+                &mut record.status,
+                ActionPhase::Failed,
+                "the agent restarted but the host did not reboot",
+            );
         }
         if let Some(reboot) = record.status.reboot.as_mut() {
             if came_back {
                 reboot.state = RebootState::Completed;
-                reboot.completed_at = Some(completed_at);
+                reboot.completed_at = Some(Time(now()));
             } else {
                 reboot.state = RebootState::RequiredNotPerformed;
             }

@@ -426,8 +426,8 @@ pub async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action
 }
 
 /// The Nodes a PatchJob change concerns: its node, if it has one.
-pub fn node_of_job(job: PatchJob) -> Option<ObjectRef<Node>> {
-    job.spec.node.map(|node| ObjectRef::new(&node))
+pub fn node_of_job(job: Arc<PatchJob>) -> Option<ObjectRef<Node>> {
+    job.spec.node.as_deref().map(ObjectRef::new)
 }
 
 #[cfg(test)]

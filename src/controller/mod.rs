@@ -77,6 +77,10 @@ pub struct ControllerOptions {
     /// Private key of --tls-cert-file (PEM).
     #[arg(long, requires = "tls_cert_file")]
     pub tls_key_file: Option<std::path::PathBuf>,
+    /// Most reconciles of one kind, and most job status writes, in flight at once: the
+    /// controller's share of the API server.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: u16,
     /// Label this controller's own pod (named by --identity) `fleetpatch.io/leader=true`
     /// while it leads, so the gateway Service can select the leader only.
     #[arg(long, requires = "identity")]
@@ -187,8 +191,26 @@ where
     }
 }
 
-/// A reflector for `K` over all namespaces, and the stream that keeps it current.
-fn cache<K>(client: &Client) -> (Store<K>, impl futures::Stream<Item = ()> + Send + 'static)
+/// Objects each shared cache buffers for a controller that has not taken them yet.
+const SHARED_BUFFER: usize = 256;
+
+/// One cache per kind over all namespaces, shared by the gateway and every controller
+/// that needs the kind (`subscribe` on the writer before `reflect`), so each object is
+/// held once. `managedFields` are dropped: nothing here reads them, and they are often
+/// half an object's size.
+fn shared_cache<K>() -> (Store<K>, reflector::store::Writer<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    reflector::store_shared(SHARED_BUFFER)
+}
+
+/// The stream that fills a shared cache; it must be polled for the cache to fill and
+/// its subscribers to hear.
+fn reflect<K>(
+    client: &Client,
+    writer: reflector::store::Writer<K>,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -198,15 +220,19 @@ where
         + Sync
         + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher::watcher(Api::<K>::all(client.clone()), WatchConfig::default()),
-    )
-    .default_backoff()
-    .touched_objects()
-    .map(|_| ());
-    (reader, stream)
+    watcher::watcher(Api::<K>::all(client.clone()), WatchConfig::default())
+        .default_backoff()
+        .modify(|object: &mut K| object.meta_mut().managed_fields = None)
+        .reflect_shared(writer)
+}
+
+fn subscribe<K>(writer: &reflector::store::Writer<K>) -> reflector::ReflectHandle<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    writer
+        .subscribe()
+        .expect("shared caches can be subscribed to")
 }
 
 async fn serve_health(
@@ -293,36 +319,43 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
         Duration::from_secs(60),
     ));
 
-    let (scripts, scripts_stream) = cache::<Script>(&client);
-    let (tasks, tasks_stream) = cache::<Task>(&client);
-    let (workflows, workflows_stream) = cache::<Workflow>(&client);
-    let (plans, plans_stream) = cache::<RemediationPlan>(&client);
-    // The job cache wakes an agent's long-poll once the cache holds its new job.
+    let (scripts, scripts_writer) = shared_cache::<Script>();
+    let (tasks, tasks_writer) = shared_cache::<Task>();
+    let (workflows, workflows_writer) = shared_cache::<Workflow>();
+    let (plans, plans_writer) = shared_cache::<RemediationPlan>();
+    let (jobs, jobs_writer) = shared_cache::<PatchJob>();
+    let (agents, agents_writer) = shared_cache::<Agent>();
+    // Every subscription is taken before its cache starts filling, so none misses the
+    // initial objects.
+    let scripts_events = subscribe(&scripts_writer);
+    let tasks_events = subscribe(&tasks_writer);
+    let workflows_events = subscribe(&workflows_writer);
+    let plans_events = subscribe(&plans_writer);
+    let plans_events_for_workflows = subscribe(&plans_writer);
+    let jobs_events = subscribe(&jobs_writer);
+    let jobs_events_for_plans = subscribe(&jobs_writer);
+    let jobs_events_for_nodes = subscribe(&jobs_writer);
+    let agents_events = subscribe(&agents_writer);
+    // The job cache also indexes jobs for the gateway and wakes an agent's long-poll
+    // once the cache holds its new job.
     let job_signals: Arc<crate::gateway::server::JobSignals> = Arc::default();
-    let (jobs, writer) = reflector::store::<PatchJob>();
     let signals = job_signals.clone();
-    let jobs_stream = reflector::reflector(
-        writer,
-        watcher::watcher(Api::<PatchJob>::all(client.clone()), WatchConfig::default()),
-    )
-    .default_backoff()
-    .touched_objects()
-    .map(move |job| {
-        if let Ok(job) = job {
-            signals.notify(&job.spec.agent);
-        }
-    });
-    let (agents, agents_stream) = cache::<Agent>(&client);
-    for stream in [
-        scripts_stream.boxed(),
-        tasks_stream.boxed(),
-        workflows_stream.boxed(),
-        plans_stream.boxed(),
-        jobs_stream.boxed(),
-        agents_stream.boxed(),
-    ] {
-        tokio::spawn(stream.for_each(|()| async {}));
-    }
+    let jobs_stream = reflect(&client, jobs_writer)
+        .touched_objects()
+        .map(move |job| {
+            if let Ok(job) = job {
+                signals.observe(&job);
+            }
+        });
+    let drained = |stream: futures::stream::BoxStream<'static, ()>| {
+        tokio::spawn(stream.for_each(|()| async {}))
+    };
+    drained(reflect(&client, scripts_writer).map(|_| ()).boxed());
+    drained(reflect(&client, tasks_writer).map(|_| ()).boxed());
+    drained(reflect(&client, workflows_writer).map(|_| ()).boxed());
+    drained(reflect(&client, plans_writer).map(|_| ()).boxed());
+    drained(jobs_stream.boxed());
+    drained(reflect(&client, agents_writer).map(|_| ()).boxed());
     scripts.wait_until_ready().await?;
     tasks.wait_until_ready().await?;
     workflows.wait_until_ready().await?;
@@ -342,6 +375,7 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
             audience: options.gateway_audience.clone(),
             max_wait: Duration::from_secs(30),
             write_interval: Duration::from_secs(1),
+            write_concurrency: usize::from(options.workers),
         },
         jobs.clone(),
         job_signals,
@@ -411,40 +445,43 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
     }
 
     let config = watcher::Config::default();
-    let scripts = Controller::new(Api::<Script>::all(client.clone()), config.clone())
+    let workers = kube::runtime::controller::Config::default().concurrency(options.workers);
+    let scripts = Controller::for_shared_stream(scripts_events, ctx.caches.scripts.clone())
+        .with_config(workers.clone())
         .run(definitions::reconcile_script, error_policy, ctx.clone())
         .for_each(|result| log_result("Script", result));
-    let tasks = Controller::new(Api::<Task>::all(client.clone()), config.clone())
+    let tasks = Controller::for_shared_stream(tasks_events, ctx.caches.tasks.clone())
+        .with_config(workers.clone())
         .run(definitions::reconcile_task, error_policy, ctx.clone())
         .for_each(|result| log_result("Task", result));
-    let workflows = Controller::new(Api::<Workflow>::all(client.clone()), config.clone())
+    let workflows = Controller::for_shared_stream(workflows_events, ctx.caches.workflows.clone())
+        .with_config(workers.clone())
         // A plan naming a workflow changes the workflow's activePlans.
-        .watches(
-            Api::<RemediationPlan>::all(client.clone()),
-            config.clone(),
-            |plan: RemediationPlan| {
-                let namespace = plan.metadata.namespace.clone().unwrap_or_default();
-                plan.spec
-                    .targets
-                    .iter()
-                    .filter_map(|t| t.workflow_ref.as_ref())
-                    .map(|r| {
-                        kube::runtime::reflector::ObjectRef::new(&r.name)
-                            .within(r.namespace_or(&namespace))
-                    })
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_shared_stream(plans_events_for_workflows, |plan: Arc<RemediationPlan>| {
+            let namespace = plan.metadata.namespace.clone().unwrap_or_default();
+            plan.spec
+                .targets
+                .iter()
+                .filter_map(|t| t.workflow_ref.as_ref())
+                .map(|r| {
+                    kube::runtime::reflector::ObjectRef::new(&r.name)
+                        .within(r.namespace_or(&namespace))
+                })
+                .collect::<Vec<_>>()
+        })
         .run(definitions::reconcile_workflow, error_policy, ctx.clone())
         .for_each(|result| log_result("Workflow", result));
-    let plans = Controller::new(Api::<RemediationPlan>::all(client.clone()), config.clone())
-        .owns(Api::<PatchJob>::all(client.clone()), config.clone())
+    let plans = Controller::for_shared_stream(plans_events, ctx.caches.plans.clone())
+        .with_config(workers.clone())
+        .owns_shared_stream(jobs_events_for_plans)
         .run(plan::reconcile_plan, error_policy, ctx.clone())
         .for_each(|result| log_result("RemediationPlan", result));
-    let patch_jobs = Controller::new(Api::<PatchJob>::all(client.clone()), config.clone())
+    let patch_jobs = Controller::for_shared_stream(jobs_events, ctx.caches.jobs.clone())
+        .with_config(workers.clone())
         .run(jobs::reconcile_job, error_policy, ctx.clone())
         .for_each(|result| log_result("PatchJob", result));
-    let agents = Controller::new(Api::<Agent>::all(client.clone()), config.clone())
+    let agents = Controller::for_shared_stream(agents_events, ctx.caches.agents.clone())
+        .with_config(workers.clone())
         .run(agents::reconcile_agent, error_policy, ctx.clone())
         .for_each(|result| log_result("Agent", result));
 
@@ -453,11 +490,8 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
         Api::<k8s_openapi::api::core::v1::Node>::all(client.clone()),
         config.clone(),
     )
-    .watches(
-        Api::<PatchJob>::all(client.clone()),
-        config.clone(),
-        drain::node_of_job,
-    )
+    .with_config(workers.clone())
+    .watches_shared_stream(jobs_events_for_nodes, drain::node_of_job)
     .run(drain::reconcile_node, error_policy, ctx.clone())
     .for_each(|result| log_result("Node", result));
 

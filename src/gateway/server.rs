@@ -1,7 +1,7 @@
 //! The gateway's HTTP server: authentication of agents, registration, heartbeats held
 //! in memory, long-polled assignments and coalesced progress writes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use serde::Deserialize;
 use serde_json::json;
@@ -63,6 +63,8 @@ pub struct GatewayConfig {
     pub max_wait: Duration,
     /// Least time between two status writes of one job.
     pub write_interval: Duration,
+    /// Most status writes in flight at once.
+    pub write_concurrency: usize,
 }
 
 /// Shared state of the gateway.
@@ -79,13 +81,24 @@ pub struct Gateway {
     pub status_writes: std::sync::atomic::AtomicU64,
 }
 
-/// Wake-ups for agents' long-polls, one per agent.
+/// The job cache's index for the gateway (jobs by agent and by uid, so a long-poll or a
+/// report never scans the whole fleet's jobs), and one wake-up per agent for its
+/// long-polls. Fed by the job reflector after the cache has the change.
 #[derive(Default)]
-pub struct JobSignals(Mutex<HashMap<String, Arc<Notify>>>);
+pub struct JobSignals {
+    signals: Mutex<HashMap<String, Arc<Notify>>>,
+    index: Mutex<JobIndex>,
+}
+
+#[derive(Default)]
+struct JobIndex {
+    by_agent: HashMap<String, HashSet<ObjectRef<PatchJob>>>,
+    by_uid: HashMap<String, ObjectRef<PatchJob>>,
+}
 
 impl JobSignals {
     pub fn signal(&self, agent: &str) -> Arc<Notify> {
-        self.0
+        self.signals
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(agent.to_string())
@@ -95,8 +108,61 @@ impl JobSignals {
 
     /// Wakes `agent`'s waiting long-poll. Call it after the job cache has the change.
     pub fn notify(&self, agent: &str) {
-        if let Some(signal) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(agent) {
+        if let Some(signal) = self
+            .signals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(agent)
+        {
             signal.notify_waiters();
+        }
+    }
+
+    /// Indexes a job the cache has just seen (created, changed or deleted) and wakes
+    /// its agent. Deleted jobs leave the index when a lookup no longer finds them.
+    pub fn observe(&self, job: &PatchJob) {
+        let reference = ObjectRef::from_obj(job);
+        {
+            let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(uid) = job.uid() {
+                index.by_uid.insert(uid, reference.clone());
+            }
+            index
+                .by_agent
+                .entry(job.spec.agent.clone())
+                .or_default()
+                .insert(reference);
+        }
+        self.notify(&job.spec.agent);
+    }
+
+    /// The cached jobs of `agent`.
+    fn jobs_of(&self, agent: &str, jobs: &Store<PatchJob>) -> Vec<Arc<PatchJob>> {
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(references) = index.by_agent.get_mut(agent) else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        references.retain(|reference| match jobs.get(reference) {
+            Some(job) if job.spec.agent == agent => {
+                found.push(job);
+                true
+            }
+            _ => false,
+        });
+        found
+    }
+
+    /// The cached job with this uid.
+    fn job_by_uid(&self, uid: &str, jobs: &Store<PatchJob>) -> Option<Arc<PatchJob>> {
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let reference = index.by_uid.get(uid)?;
+        match jobs.get(reference) {
+            Some(job) if job.uid().as_deref() == Some(uid) => Some(job),
+            _ => {
+                index.by_uid.remove(uid);
+                None
+            }
         }
     }
 }
@@ -416,10 +482,10 @@ impl Gateway {
 
     fn assignments_for(&self, agent: &str) -> Vec<Assignment> {
         let mut out: Vec<Assignment> = self
-            .jobs
-            .state()
+            .job_signals
+            .jobs_of(agent, &self.jobs)
             .iter()
-            .filter(|job| job.spec.agent == agent && job.metadata.deletion_timestamp.is_none())
+            .filter(|job| job.metadata.deletion_timestamp.is_none())
             .filter(|job| !job.status.as_ref().is_some_and(|s| s.phase.is_finished()))
             .filter_map(|job| {
                 let uid = job.uid()?;
@@ -446,23 +512,73 @@ impl Gateway {
         out
     }
 
+    /// The job `uid` if it is this agent's: 404 when there is none, 403 when it is
+    /// another agent's (an agent asking for a job it was never given is worth an alarm).
+    fn own_job(&self, identity: &Identity, uid: &str) -> Result<Arc<PatchJob>, ApiError> {
+        let job = self
+            .job_by_uid(uid)
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job with uid {uid}")))?;
+        if job.spec.agent != identity.agent {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!("job {uid} belongs to another agent"),
+            ));
+        }
+        Ok(job)
+    }
+
+    /// Answers once `look` says its answer is final, or with its last answer after
+    /// `wait_seconds` (at most the gateway's longest wait). Woken by changes to the
+    /// agent's jobs.
+    async fn long_poll<T>(
+        &self,
+        agent: &str,
+        wait_seconds: u64,
+        look: impl Fn() -> Result<(bool, T), ApiError>,
+    ) -> Result<T, ApiError> {
+        let deadline = Instant::now() + Duration::from_secs(wait_seconds).min(self.config.max_wait);
+        loop {
+            // Register interest before looking, so a change between the look and the
+            // wait is not missed.
+            let signal = self.signal(agent);
+            let changed = signal.notified();
+            let (done, answer) = look()?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if done || remaining.is_zero() {
+                return Ok(answer);
+            }
+            let _ = tokio::time::timeout(remaining, changed).await;
+        }
+    }
+
     fn job_by_uid(&self, uid: &str) -> Option<Arc<PatchJob>> {
-        self.jobs
-            .state()
-            .into_iter()
-            .find(|job| job.uid().as_deref() == Some(uid))
+        self.job_signals.job_by_uid(uid, &self.jobs)
     }
 
     /// Writes the progress that is due; run every few hundred milliseconds.
     pub async fn flush(&self) {
+        use futures::StreamExt;
         let due = self
             .progress
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .due(Instant::now());
-        for (uid, sequence, mut status) in due {
+        futures::stream::iter(due)
+            .for_each_concurrent(self.config.write_concurrency, |(uid, sequence, status)| {
+                self.write_status(uid, sequence, status)
+            })
+            .await;
+    }
+
+    async fn write_status(
+        &self,
+        uid: String,
+        sequence: i64,
+        mut status: crate::api::patchjob::PatchJobStatus,
+    ) {
+        {
             let Some(job) = self.job_by_uid(&uid) else {
-                continue;
+                return;
             };
             status.last_sequence = Some(sequence);
             status.observed_generation = job.metadata.generation;
@@ -555,19 +671,13 @@ async fn assignments(
     Query(query): Query<WaitQuery>,
 ) -> Result<Json<Assignments>, ApiError> {
     let identity = gateway.authenticate(&headers).await?;
-    let deadline =
-        Instant::now() + Duration::from_secs(query.wait_seconds).min(gateway.config.max_wait);
-    loop {
-        // Register interest before looking, so a change between the look and the wait is not missed.
-        let signal = gateway.signal(&identity.agent);
-        let changed = signal.notified();
-        let jobs = gateway.assignments_for(&identity.agent);
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if !jobs.is_empty() || remaining.is_zero() {
-            return Ok(Json(Assignments { jobs }));
-        }
-        let _ = tokio::time::timeout(remaining, changed).await;
-    }
+    let jobs = gateway
+        .long_poll(&identity.agent, query.wait_seconds, || {
+            let jobs = gateway.assignments_for(&identity.agent);
+            Ok((!jobs.is_empty(), jobs))
+        })
+        .await?;
+    Ok(Json(Assignments { jobs }))
 }
 
 /// The controller's reboot decision for a job, from the job's annotations.
@@ -611,27 +721,14 @@ async fn reboot_decision(
     Query(query): Query<WaitQuery>,
 ) -> Result<Json<RebootDecision>, ApiError> {
     let identity = gateway.authenticate(&headers).await?;
-    let deadline =
-        Instant::now() + Duration::from_secs(query.wait_seconds).min(gateway.config.max_wait);
-    loop {
-        let signal = gateway.signal(&identity.agent);
-        let changed = signal.notified();
-        let job = gateway
-            .job_by_uid(&uid)
-            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job with uid {uid}")))?;
-        if job.spec.agent != identity.agent {
-            return Err(ApiError(
-                StatusCode::FORBIDDEN,
-                format!("job {uid} belongs to another agent"),
-            ));
-        }
-        let decision = reboot_verdict(&job);
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if decision.verdict != RebootVerdict::Waiting || remaining.is_zero() {
-            return Ok(Json(decision));
-        }
-        let _ = tokio::time::timeout(remaining, changed).await;
-    }
+    let decision = gateway
+        .long_poll(&identity.agent, query.wait_seconds, || {
+            let job = gateway.own_job(&identity, &uid)?;
+            let decision = reboot_verdict(&job);
+            Ok((decision.verdict != RebootVerdict::Waiting, decision))
+        })
+        .await?;
+    Ok(Json(decision))
 }
 
 async fn progress(
@@ -641,17 +738,7 @@ async fn progress(
     Json(report): Json<ProgressReport>,
 ) -> Result<Json<ProgressAck>, ApiError> {
     let identity = gateway.authenticate(&headers).await?;
-    let job = gateway
-        .job_by_uid(&uid)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no job with uid {uid}")))?;
-    if job.spec.agent != identity.agent {
-        // Same answer whether or not the job exists elsewhere would leak less, but an
-        // agent seeing a 403 for a job it was never given is a useful alarm.
-        return Err(ApiError(
-            StatusCode::FORBIDDEN,
-            format!("job {uid} belongs to another agent"),
-        ));
-    }
+    let job = gateway.own_job(&identity, &uid)?;
     let mut book = gateway.progress.lock().unwrap_or_else(|p| p.into_inner());
     book.seed(
         &uid,
