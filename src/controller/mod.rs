@@ -393,8 +393,13 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
     let gateway_server = tokio::spawn(serve_gateway(gateway_listener, router, tls));
     let flusher = gateway.clone();
     tokio::spawn(async move {
+        let mut pruned = std::time::Instant::now();
         loop {
             flusher.flush().await;
+            if pruned.elapsed() >= Duration::from_secs(300) {
+                flusher.prune();
+                pruned = std::time::Instant::now();
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });

@@ -123,6 +123,16 @@ impl ProgressBook {
     pub fn forget(&mut self, uid: &str) {
         self.jobs.remove(uid);
     }
+
+    /// Jobs with nothing waiting to be written: the ones [`Self::forget`] may drop once
+    /// their PatchJob is gone.
+    pub fn idle(&self) -> Vec<String> {
+        self.jobs
+            .iter()
+            .filter(|(_, entry)| entry.pending.is_none())
+            .map(|(uid, _)| uid.clone())
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -189,5 +199,20 @@ mod tests {
             book.report("k", 7, status(JobPhase::Running)),
             Accepted::Duplicate
         );
+    }
+
+    #[test]
+    fn only_jobs_with_nothing_to_write_are_idle() {
+        let mut book = ProgressBook::new(Duration::from_secs(1));
+        let now = Instant::now();
+        book.report("done", 2, status(JobPhase::Succeeded));
+        book.due(now);
+        book.report("busy", 1, status(JobPhase::Running));
+        book.due(now);
+        book.report("busy", 2, status(JobPhase::Running));
+        assert_eq!(book.idle(), vec!["done".to_string()]);
+        book.forget("done");
+        assert_eq!(book.written("done"), 0);
+        assert!(book.idle().is_empty());
     }
 }

@@ -153,6 +153,19 @@ impl JobSignals {
         found
     }
 
+    /// Forgets jobs the cache no longer holds.
+    fn prune(&self, jobs: &Store<PatchJob>) {
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        index.by_uid.retain(|uid, reference| {
+            jobs.get(reference)
+                .is_some_and(|j| j.uid().as_deref() == Some(uid.as_str()))
+        });
+        index.by_agent.retain(|_, references| {
+            references.retain(|reference| jobs.get(reference).is_some());
+            !references.is_empty()
+        });
+    }
+
     /// The cached job with this uid.
     fn job_by_uid(&self, uid: &str, jobs: &Store<PatchJob>) -> Option<Arc<PatchJob>> {
         let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
@@ -553,6 +566,26 @@ impl Gateway {
 
     fn job_by_uid(&self, uid: &str) -> Option<Arc<PatchJob>> {
         self.job_signals.job_by_uid(uid, &self.jobs)
+    }
+
+    /// Drops the bookkeeping of jobs that no longer exist (deleted after their TTL or
+    /// with their plan), so it does not grow with every job ever run.
+    pub fn prune(&self) {
+        let idle = self
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .idle();
+        let gone: Vec<String> = idle
+            .into_iter()
+            .filter(|uid| self.job_by_uid(uid).is_none())
+            .collect();
+        let mut book = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        for uid in &gone {
+            book.forget(uid);
+        }
+        drop(book);
+        self.job_signals.prune(&self.jobs);
     }
 
     /// Writes the progress that is due; run every few hundred milliseconds.
