@@ -299,6 +299,15 @@ fn a_node_agent_speaks_https_and_is_bound_to_its_node() {
         ]),
         "Node node-a"
     );
+    // The agent reports the host's platform; the status shows it.
+    let arch = cluster.get(&[
+        "get",
+        "agent",
+        "node-a",
+        "-o",
+        "jsonpath={.status.platform.arch}",
+    ]);
+    assert_eq!(arch, std::env::consts::ARCH);
 
     let ca = cluster.certs.ca.to_str().unwrap().to_string();
     let token_a =

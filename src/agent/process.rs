@@ -51,6 +51,15 @@ pub fn use_host_namespaces(dir: PathBuf) -> std::io::Result<()> {
     }
 }
 
+/// The host's root file system as this process sees it (`/proc/1/root` for
+/// `/proc/1/ns`), when children run in the host's namespaces.
+pub fn host_root() -> Option<PathBuf> {
+    HOST_NAMESPACES
+        .get()
+        .and_then(|ns| ns.parent())
+        .map(|process| process.join("root"))
+}
+
 /// Makes `command` start in the host's namespaces, if [`use_host_namespaces`] was
 /// called. The namespace files are opened here, before the fork; the child only makes
 /// system calls (`setns`, `chdir`), which is all that is safe between fork and exec.

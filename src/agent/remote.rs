@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::api::OperatingSystem;
+use crate::api::agent::Platform;
 use crate::api::patchjob::PatchJobStatus;
 use crate::gateway::protocol::{
     Assignments, Heartbeat, ProgressAck, ProgressReport, RebootDecision, RebootVerdict,
@@ -143,6 +144,42 @@ fn this_os() -> OperatingSystem {
     } else {
         OperatingSystem::Linux
     }
+}
+
+/// What the Agent's status shows about the host: distribution and version (from
+/// os-release, the host's when children run in its namespaces), CPU, package manager.
+fn platform(patcher: Option<&str>) -> Platform {
+    let (name, version) = if cfg!(windows) {
+        ("windows".to_string(), String::new())
+    } else {
+        let root = super::process::host_root().unwrap_or_else(|| PathBuf::from("/"));
+        let text = ["etc/os-release", "usr/lib/os-release"]
+            .iter()
+            .find_map(|file| std::fs::read_to_string(root.join(file)).ok())
+            .unwrap_or_default();
+        os_release(&text)
+    };
+    Platform {
+        name,
+        version,
+        arch: std::env::consts::ARCH.to_string(),
+        patcher: patcher.map(str::to_string),
+    }
+}
+
+/// `ID` and `VERSION_ID` of an os-release file.
+fn os_release(text: &str) -> (String, String) {
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+            .map(|value| value.trim().trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
+    let id = field("ID");
+    (
+        if id.is_empty() { "linux".into() } else { id },
+        field("VERSION_ID"),
+    )
 }
 
 /// The host name as an object name: lower case.
@@ -444,12 +481,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
     let beat_client = client.clone();
     let beat_job = current_job.clone();
     let every = Duration::from_secs(options.heartbeat_seconds.max(1));
+    let host_platform = platform(patcher::detect().as_deref().map(|p| p.name()));
     tokio::spawn(async move {
         loop {
             let beat = Heartbeat {
                 version: env!("CARGO_PKG_VERSION").into(),
                 hostname: Some(hostname()),
-                platform: None,
+                platform: Some(host_platform.clone()),
                 updates: None,
                 current_job: beat_job.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             };
@@ -577,5 +615,19 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
                 journal.remove(&record.id)?;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_release_gives_the_distribution_and_its_version() {
+        let debian = "PRETTY_NAME=\"Debian GNU/Linux 13 (trixie)\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"13\"\nID=debian\n";
+        assert_eq!(os_release(debian), ("debian".into(), "13".into()));
+        let rocky = "NAME=\"Rocky Linux\"\nID=\"rocky\"\nID_LIKE=\"rhel centos fedora\"\nVERSION_ID=\"9.4\"\n";
+        assert_eq!(os_release(rocky), ("rocky".into(), "9.4".into()));
+        assert_eq!(os_release(""), ("linux".into(), String::new()));
     }
 }

@@ -72,10 +72,21 @@ pub fn detect() -> Option<Box<dyn Patcher>> {
 }
 
 /// Full path of `program` on `PATH`.
+/// `program` on `PATH` — on the host's file system when children run in the host's
+/// namespaces (a node agent's container has no package manager of its own).
 pub fn find_program(program: &str) -> Option<PathBuf> {
+    find_program_in(super::process::host_root().as_deref(), program)
+}
+
+fn find_program_in(root: Option<&Path>, program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
+        .map(|dir| match root {
+            Some(root) => root
+                .join(dir.strip_prefix("/").unwrap_or(&dir))
+                .join(program),
+            None => dir.join(program),
+        })
         .find(|candidate| is_executable(candidate))
 }
 
@@ -212,6 +223,26 @@ pub(crate) fn summary(results: &PatchResults) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn programs_are_found_under_the_host_root_when_given() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let bin = root.path().join("usr/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let program = bin.join("fleetpatch-test-package-manager");
+        std::fs::write(&program, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            find_program_in(Some(root.path()), "fleetpatch-test-package-manager"),
+            Some(program)
+        );
+        assert_eq!(
+            find_program_in(None, "fleetpatch-test-package-manager"),
+            None
+        );
+    }
 
     fn update(name: &str, security: bool, critical: bool) -> Update {
         Update {
