@@ -127,12 +127,21 @@ async fn load_certificate(
                 key.display()
             )
         })?;
+    offer_http1_only(&config);
     tokio::spawn(reload_certificate(
         config.clone(),
         cert.clone(),
         key.clone(),
     ));
     Ok(Some(config))
+}
+
+/// The gateway speaks HTTP/1.1 only (see [`serve_gateway`]): offer only http/1.1 in
+/// ALPN, so clients that would pick h2 (curl, say) do not. Applied after every load.
+fn offer_http1_only(config: &axum_server::tls_rustls::RustlsConfig) {
+    let mut adjusted = (*config.get_inner()).clone();
+    adjusted.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.reload_from_config(Arc::new(adjusted));
 }
 
 /// Serves the gateway: HTTPS when a certificate is configured, else plain HTTP; HTTP/1.1
@@ -146,9 +155,6 @@ async fn serve_gateway(
     tls: Option<axum_server::tls_rustls::RustlsConfig>,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    // The TLS configuration as loaded (or reloaded), and a copy that offers only
-    // http/1.1 in ALPN, so clients that would pick h2 (curl, say) do not.
-    let mut http1_only: Option<(Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>)> = None;
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -161,20 +167,9 @@ async fn serve_gateway(
         };
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         // The current configuration: a reloaded certificate applies to new connections.
-        let acceptor = tls.as_ref().map(|config| {
-            let loaded = config.get_inner();
-            let adjusted = match &http1_only {
-                Some((seen, adjusted)) if Arc::ptr_eq(seen, &loaded) => adjusted.clone(),
-                _ => {
-                    let mut adjusted = (*loaded).clone();
-                    adjusted.alpn_protocols = vec![b"http/1.1".to_vec()];
-                    let adjusted = Arc::new(adjusted);
-                    http1_only = Some((loaded, adjusted.clone()));
-                    adjusted
-                }
-            };
-            tokio_rustls::TlsAcceptor::from(adjusted)
-        });
+        let acceptor = tls
+            .as_ref()
+            .map(|config| tokio_rustls::TlsAcceptor::from(config.get_inner()));
         tokio::spawn(async move {
             let http = hyper::server::conn::http1::Builder::new();
             let served = match acceptor {
@@ -221,6 +216,7 @@ async fn reload_certificate(
         }
         match config.reload_from_pem_file(&cert, &key).await {
             Ok(()) => {
+                offer_http1_only(&config);
                 tracing::info!(cert = %cert.display(), "gateway certificate reloaded");
                 seen = now;
             }
