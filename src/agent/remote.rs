@@ -481,7 +481,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
     let beat_client = client.clone();
     let beat_job = current_job.clone();
     let every = Duration::from_secs(options.heartbeat_seconds.max(1));
-    let host_platform = platform(patcher::detect().as_deref().map(|p| p.name()));
+    let detected = patcher::detect();
+    let host_platform = platform(detected.as_deref().map(|p| p.name()));
     tokio::spawn(async move {
         loop {
             let beat = Heartbeat {
@@ -520,7 +521,6 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
     } else {
         &host_rebooter
     };
-    let detected = patcher::detect();
     let gate = options.node.is_some().then(|| GatewayRebootGate {
         client: client.clone(),
     });
