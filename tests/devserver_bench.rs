@@ -4,7 +4,7 @@
 //! follow, then a full list. Prints create rate, fan-out completion, list latency
 //! and the server's RSS. Targets: >= 2,000 creates/s, full list <= 1 s, RSS <= 300 MiB.
 
-mod devserver_support;
+mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +16,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, Wat
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, ResourceExt};
 
-use devserver_support::DevServer;
+use support::DevServer;
 use fleetpatch::api::{Script, ScriptCategory, ScriptLanguage, ScriptSpec};
 
 const OBJECTS: usize = 10_000;

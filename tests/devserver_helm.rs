@@ -2,11 +2,11 @@
 //! The tools come from `scripts/install-test-tools.sh` (into target/tools/bin).
 //! Without them the tests skip loudly on a developer machine, and fail under CI.
 
-mod devserver_support;
+mod support;
 
 use std::path::PathBuf;
 
-use devserver_support::{DevServer, repo};
+use support::{DevServer, Kubectl, repo};
 
 fn tool(name: &str) -> Option<PathBuf> {
     let path = repo().join("target/tools/bin").join(name);

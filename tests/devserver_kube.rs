@@ -1,7 +1,7 @@
 //! kube-rs clients (the ones the controller is built on) against `fleetpatch dev`:
 //! a reflector keeps an accurate cache across a restart of a persistent server.
 
-mod devserver_support;
+mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,7 +13,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Config, ResourceExt};
 
-use devserver_support::DevServer;
+use support::{DevServer, Kubectl};
 use fleetpatch::api::{Agent, AgentMode, AgentSpec, OperatingSystem};
 
 async fn client(server: &DevServer) -> Client {

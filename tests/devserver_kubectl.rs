@@ -1,14 +1,15 @@
 //! End-to-end: the real `fleetpatch dev` driven by the installed kubectl, the way a
 //! person uses a cluster.
 
-mod devserver_support;
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use devserver_support::{DevServer, eventually, kubectl_bin};
+use support::kubectl::kubectl_bin;
+use support::{DevServer, Kubectl, eventually};
 
 fn server() -> (tempfile::TempDir, DevServer) {
     let home = tempfile::tempdir().unwrap();
@@ -406,7 +407,7 @@ fn invalid_manifests_are_refused_with_the_field_named() {
     let (home, server) = server();
     server.kubectl_ok(&["apply", "-f", "crds/"]);
     let example = std::fs::read_to_string(
-        devserver_support::repo().join("examples/windows/internet-explorer-registry.yaml"),
+        support::repo().join("examples/windows/internet-explorer-registry.yaml"),
     )
     .unwrap();
     let bad = example.replace(
@@ -456,7 +457,7 @@ fn invalid_manifests_are_refused_with_the_field_named() {
 
     // The same test fixtures the offline validator uses are refused by the server.
     let fixture =
-        devserver_support::repo().join("tests/fixtures/bad/registry-key-trailing-backslash.yaml");
+        support::repo().join("tests/fixtures/bad/registry-key-trailing-backslash.yaml");
     if fixture.exists() {
         let err = server.kubectl_err(&["apply", "-f", fixture.to_str().unwrap()]);
         assert!(err.contains("keyPath"), "{err}");

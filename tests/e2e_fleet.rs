@@ -1,20 +1,21 @@
-//! The whole loop with real processes: `fleetpatch dev`, `fleetpatch controller` and
-//! three `fleetpatch agent run` processes on this host, driven and inspected with
-//! kubectl like a person would.
+//! The whole loop with real processes: the real control plane (or `fleetpatch dev`),
+//! `fleetpatch controller` with the chart's RBAC, and `fleetpatch agent run` processes
+//! on this host, driven and inspected with kubectl like a person would.
 
-mod devserver_support;
-mod e2e_support;
+mod support;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use devserver_support::{DevServer, eventually};
-use e2e_support::{BIN, Process, curl, free_port};
+use support::e2e::{self as e2e_support, BIN, Process, curl, free_port};
+use support::{Cluster, Kubectl, eventually};
 
 struct Fleet {
     home: tempfile::TempDir,
-    dev: DevServer,
+    cluster: Cluster,
+    /// The controller's kubeconfig: its ServiceAccount with the chart's RBAC.
+    controller_kubeconfig: PathBuf,
     /// Fixed for the fleet's lifetime so a restarted controller is found at the same address.
     gateway: String,
     gateway_port: u16,
@@ -24,14 +25,10 @@ struct Fleet {
 impl Fleet {
     fn start() -> Self {
         let home = tempfile::tempdir().unwrap();
-        let dev = DevServer::start(home.path(), None);
-        dev.kubectl_ok(&[
-            "apply",
-            "-f",
-            &format!("{}/crds", env!("CARGO_MANIFEST_DIR")),
-        ]);
-        dev.kubectl_ok(&["create", "namespace", "fleetpatch-system"]);
-        dev.kubectl_stdin(
+        let cluster = Cluster::start(home.path());
+        cluster.install_crds();
+        let controller_kubeconfig = cluster.controller_kubeconfig("fleetpatch-system");
+        cluster.kubectl_stdin(
             &["apply", "-f", "-"],
             "apiVersion: v1\nkind: Secret\nmetadata: {name: join, namespace: fleetpatch-system}\ntype: fleetpatch.io/bootstrap-token\nstringData: {token: let-me-in, usage: multi}\n",
         );
@@ -42,14 +39,15 @@ impl Fleet {
             gateway_port,
             metrics: Default::default(),
             home,
-            dev,
+            cluster,
+            controller_kubeconfig,
         }
     }
 
     fn controller(&self) -> Process {
         let gateway = format!("127.0.0.1:{}", self.gateway_port);
         let (process, line) = e2e_support::start_controller(
-            &self.dev,
+            &self.controller_kubeconfig,
             &[
                 "--namespace",
                 "fleetpatch-system",
@@ -93,24 +91,19 @@ impl Fleet {
     }
 
     fn apply(&self, manifest: &str) {
-        let output = self.dev.kubectl_stdin(&["apply", "-f", "-"], manifest);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        self.cluster.apply(manifest);
     }
 
     fn get(&self, args: &[&str]) -> String {
-        self.dev.kubectl_ok(args)
+        self.cluster.kubectl_ok(args)
     }
 
     fn run_plan(&self, name: &str) {
-        e2e_support::run_plan(&self.dev.kubeconfig, name);
+        e2e_support::run_plan(&self.cluster.kubeconfig, name);
     }
 
     fn wait_for_agents(&self, count: usize) {
-        e2e_support::wait_for_ready_agents(&self.dev, count);
+        e2e_support::wait_for_ready_agents(&self.cluster, count);
     }
 
     fn wait_for_run(&self, plan: &str, phases: &[&str]) -> String {
@@ -237,7 +230,7 @@ fn a_plan_rolls_out_to_two_groups_and_results_flow_back() {
         3,
         "{jobs}"
     );
-    let wait = fleet.dev.kubectl(&[
+    let wait = fleet.cluster.kubectl(&[
         "wait",
         "--for=condition=Complete",
         "patchjobs",
@@ -498,7 +491,7 @@ fn a_single_use_bootstrap_token_admits_one_host_and_stays_marked() {
     fleet.get(&["get", "agent", "first-host"]);
     assert!(
         fleet
-            .dev
+            .cluster
             .kubectl_err(&["get", "agent", "second-host"])
             .contains("NotFound")
     );

@@ -1,18 +1,19 @@
 //! Cluster nodes, end to end with real processes: node agents authenticate over HTTPS
-//! with projected ServiceAccount tokens bound to their node, and a node's reboot is
-//! wrapped in cordon, drain (evictions that respect PodDisruptionBudgets) and
-//! uncordon, one node of a plan at a time. `fleetpatch dev` stands in for the cluster:
-//! its Nodes and Pods are objects only (no kubelet), so the tests set their status.
+//! with ServiceAccount tokens bound to their pod and node, and a node's reboot is
+//! wrapped in cordon, drain (evictions that respect PodDisruptionBudgets, whose status
+//! the disruption controller computes) and uncordon, one node of a plan at a time.
+//! The cluster is the real control plane (or `fleetpatch dev`) without kubelets: Nodes
+//! and Pods are objects only, so the tests set their status, and workload pods have a
+//! termination grace period of 0 because no kubelet would finish a graceful deletion.
 
-mod devserver_support;
-mod e2e_support;
+mod support;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use devserver_support::{DevServer, eventually};
-use e2e_support::{BIN, Process, curl, free_port};
+use support::e2e::{self as e2e_support, BIN, Process, curl, free_port};
+use support::{Cluster, Kubectl, eventually};
 
 const NS: &str = "fleetpatch-system";
 
@@ -51,44 +52,41 @@ fn certificates(dir: &std::path::Path) -> Certificates {
     files
 }
 
-struct Cluster {
+struct Nodes {
     home: tempfile::TempDir,
-    dev: DevServer,
+    cluster: Cluster,
+    /// The controller's kubeconfig: its ServiceAccount with the chart's RBAC.
+    controller_kubeconfig: PathBuf,
     certs: Certificates,
     gateway: String,
     gateway_port: u16,
 }
 
-impl Cluster {
-    /// The dev server with the CRDs, the node agent's ServiceAccount and DaemonSet, and
-    /// the given Ready nodes, each with its node agent pod.
+impl Nodes {
+    /// A cluster with the CRDs, the chart's ServiceAccounts and RBAC, the node agent
+    /// DaemonSet, and the given Ready nodes, each with its node agent pod.
     fn start(nodes: &[&str]) -> Self {
         let home = tempfile::tempdir().unwrap();
-        let dev = DevServer::start(home.path(), None);
-        dev.kubectl_ok(&[
-            "apply",
-            "-f",
-            &format!("{}/crds", env!("CARGO_MANIFEST_DIR")),
-        ]);
-        dev.kubectl_ok(&["create", "namespace", NS]);
-        dev.kubectl_ok(&[
-            "-n",
-            NS,
-            "create",
-            "serviceaccount",
-            "fleetpatch-node-agent",
-        ]);
+        let cluster = Cluster::start(home.path());
+        cluster.install_crds();
+        let controller_kubeconfig = cluster.controller_kubeconfig(NS);
+        // Made by the chart's templates above; by hand when helm is missing.
+        cluster.apply(&format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: fleetpatch-node-agent, namespace: {NS}}}\n"
+        ));
+        cluster.create_namespace("default");
         let certs = certificates(home.path());
         let gateway_port = free_port();
-        let cluster = Cluster {
+        let cluster = Nodes {
             gateway: format!("https://127.0.0.1:{gateway_port}"),
             gateway_port,
             certs,
             home,
-            dev,
+            cluster,
+            controller_kubeconfig,
         };
         cluster.apply(&format!(
-            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: fleetpatch-node-agent, namespace: {NS}}}\nspec:\n  selector: {{matchLabels: {{app: node-agent}}}}\n  template:\n    metadata: {{labels: {{app: node-agent}}}}\n    spec: {{containers: [{{name: agent, image: fleetpatch}}]}}\n"
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: fleetpatch-node-agent, namespace: {NS}}}\nspec:\n  selector: {{matchLabels: {{app: node-agent}}}}\n  template:\n    metadata: {{labels: {{app: node-agent}}}}\n    spec: {{serviceAccountName: fleetpatch-node-agent, containers: [{{name: agent, image: fleetpatch}}]}}\n"
         ));
         let daemonset_uid = cluster.get(&[
             "-n",
@@ -105,7 +103,7 @@ impl Cluster {
             ));
             cluster.set_node_ready(node, true);
             cluster.apply(&format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: agent-{node}\n  namespace: {NS}\n  labels: {{app: node-agent}}\n  ownerReferences: [{{apiVersion: apps/v1, kind: DaemonSet, name: fleetpatch-node-agent, uid: {daemonset_uid}, controller: true}}]\nspec:\n  nodeName: {node}\n  containers: [{{name: agent, image: fleetpatch}}]\n"
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: agent-{node}\n  namespace: {NS}\n  labels: {{app: node-agent}}\n  ownerReferences: [{{apiVersion: apps/v1, kind: DaemonSet, name: fleetpatch-node-agent, uid: {daemonset_uid}, controller: true}}]\nspec:\n  nodeName: {node}\n  serviceAccountName: fleetpatch-node-agent\n  containers: [{{name: agent, image: fleetpatch}}]\n"
             ));
             cluster.set_pod_running(NS, &format!("agent-{node}"));
         }
@@ -113,16 +111,11 @@ impl Cluster {
     }
 
     fn apply(&self, manifest: &str) {
-        let output = self.dev.kubectl_stdin(&["apply", "-f", "-"], manifest);
-        assert!(
-            output.status.success(),
-            "{}\n{manifest}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        self.cluster.apply(manifest);
     }
 
     fn get(&self, args: &[&str]) -> String {
-        self.dev.kubectl_ok(args)
+        self.cluster.kubectl_ok(args)
     }
 
     fn set_node_ready(&self, node: &str, ready: bool) {
@@ -156,8 +149,18 @@ impl Cluster {
 
     /// A workload pod on `node`.
     fn pod(&self, name: &str, node: &str, labels: &str) {
+        self.owned_pod(name, node, labels, "");
+    }
+
+    /// A workload pod on `node` with `owner` as its metadata's ownerReferences (YAML flow).
+    fn owned_pod(&self, name: &str, node: &str, labels: &str, owner: &str) {
+        let owner = if owner.is_empty() {
+            String::new()
+        } else {
+            format!(", ownerReferences: [{owner}]")
+        };
         self.apply(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{{labels}}}}}\nspec:\n  nodeName: {node}\n  containers: [{{name: app, image: app}}]\n"
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{{labels}}}{owner}}}\nspec:\n  nodeName: {node}\n  terminationGracePeriodSeconds: 0\n  containers: [{{name: app, image: app}}]\n"
         ));
         self.set_pod_running("default", name);
     }
@@ -191,7 +194,7 @@ impl Cluster {
         let gateway = format!("127.0.0.1:{}", self.gateway_port);
         // The gateway line comes once the controller leads and its caches are filled.
         let (process, _) = e2e_support::start_controller(
-            &self.dev,
+            &self.controller_kubeconfig,
             &[
                 "--namespace",
                 NS,
@@ -234,7 +237,7 @@ impl Cluster {
     }
 
     fn wait_for_ready_agents(&self, count: usize) {
-        e2e_support::wait_for_ready_agents(&self.dev, count);
+        e2e_support::wait_for_ready_agents(&self.cluster, count);
     }
 
     fn node_field(&self, node: &str, path: &str) -> String {
@@ -257,7 +260,7 @@ impl Cluster {
     }
 
     fn run_plan(&self, name: &str) {
-        e2e_support::run_plan(&self.dev.kubeconfig, name);
+        e2e_support::run_plan(&self.cluster.kubeconfig, name);
     }
 
     fn events(&self, node: &str) -> String {
@@ -285,7 +288,7 @@ fn reboot_plan(name: &str, group: &str, max_nodes: u32, drain: &str) -> String {
 
 #[test]
 fn a_node_agent_speaks_https_and_is_bound_to_its_node() {
-    let cluster = Cluster::start(&["node-a", "node-b"]);
+    let cluster = Nodes::start(&["node-a", "node-b"]);
     let _controller = cluster.controller();
     let _agent = cluster.node_agent("node-a", "nodes");
     cluster.wait_for_ready_agents(1);
@@ -340,8 +343,12 @@ fn a_node_agent_speaks_https_and_is_bound_to_its_node() {
             .unwrap();
     let answer = ask("node-a", &wrong_audience);
     assert!(answer.ends_with("\n401"), "{answer}");
-    // Another ServiceAccount's token, even bound to the right node, is not the node agent.
+    // Another ServiceAccount's token, even bound to a pod on the right node, is not the
+    // node agent. (A token can only be bound to a pod that runs as its ServiceAccount.)
     cluster.get(&["-n", NS, "create", "serviceaccount", "intruder"]);
+    cluster.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: intruder-a, namespace: {NS}}}\nspec: {{nodeName: node-a, serviceAccountName: intruder, containers: [{{name: x, image: x}}]}}\n"
+    ));
     let intruder = cluster.get(&[
         "-n",
         NS,
@@ -353,7 +360,7 @@ fn a_node_agent_speaks_https_and_is_bound_to_its_node() {
         "--bound-object-kind",
         "Pod",
         "--bound-object-name",
-        "agent-node-a",
+        "intruder-a",
     ]);
     let answer = ask("node-a", intruder.trim());
     assert!(answer.ends_with("\n403"), "{answer}");
@@ -366,7 +373,7 @@ fn a_node_agent_speaks_https_and_is_bound_to_its_node() {
 
 #[test]
 fn node_reboots_are_drained_one_node_at_a_time_and_uncordoned_after() {
-    let cluster = Cluster::start(&["node-a", "node-b"]);
+    let cluster = Nodes::start(&["node-a", "node-b"]);
     cluster.pod("web-a", "node-a", "app: web");
     cluster.pod("web-b", "node-b", "app: web");
     cluster.pod("keep-a", "node-a", "fleetpatch.io/keep: \"yes\"");
@@ -487,7 +494,7 @@ fn node_reboots_are_drained_one_node_at_a_time_and_uncordoned_after() {
 
 #[test]
 fn a_budget_that_forbids_eviction_times_out_and_the_node_is_uncordoned() {
-    let cluster = Cluster::start(&["node-a"]);
+    let cluster = Nodes::start(&["node-a"]);
     cluster.pod("db-0", "node-a", "app: db");
     cluster.apply(
         "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: {name: db, namespace: default}\nspec: {minAvailable: 1, selector: {matchLabels: {app: db}}}\n",
@@ -530,7 +537,7 @@ fn a_budget_that_forbids_eviction_times_out_and_the_node_is_uncordoned() {
 
 #[test]
 fn a_cordoned_node_is_uncordoned_after_a_controller_restart_when_its_plan_is_gone() {
-    let cluster = Cluster::start(&["node-a"]);
+    let cluster = Nodes::start(&["node-a"]);
     cluster.pod("db-0", "node-a", "app: db");
     cluster.apply(
         "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: {name: db, namespace: default}\nspec: {minAvailable: 1, selector: {matchLabels: {app: db}}}\n",
@@ -549,7 +556,9 @@ fn a_cordoned_node_is_uncordoned_after_a_controller_restart_when_its_plan_is_gon
     let _ = controller.0.wait();
     // With the controller down, the plan (and with it its jobs) is deleted.
     cluster.get(&["delete", "rplan", "db", "--wait=false"]);
-    assert!(eventually(Duration::from_secs(20), || {
+    // The garbage collector takes the jobs along; a real one learns of new CRDs from
+    // discovery every 30 s, so this can take that long after the CRDs were installed.
+    assert!(eventually(Duration::from_secs(90), || {
         cluster.get(&["get", "pj", "-o", "name"]).is_empty()
     }));
     assert!(cluster.cordoned("node-a"));

@@ -7,7 +7,7 @@
 //! target/tools/bin). Without them these tests skip loudly on a developer machine and fail
 //! when `CI` is set.
 
-mod devserver_support;
+mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use std::process::{Command, Output};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use devserver_support::{DevServer, repo};
+use support::{DevServer, Kubectl, repo};
 
 const NAMESPACE: &str = "fleetpatch-system";
 const RELEASE: &str = "fleetpatch";

@@ -2,14 +2,12 @@
 //! the test, the controller started and waited for, plans run, agents awaited, and
 //! raw HTTP requests with curl.
 
-#![allow(dead_code)]
-
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::devserver_support::{DevServer, eventually};
+use super::{Kubectl, eventually};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_fleetpatch");
 
@@ -73,14 +71,14 @@ pub fn child_log_level() -> String {
     std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())
 }
 
-/// Starts `fleetpatch controller` with `args` against the dev server and waits for the
-/// line of its standard output that contains `wanted`; returns the process and the line.
-pub fn start_controller(dev: &DevServer, args: &[&str], wanted: &str) -> (Process, String) {
+/// Starts `fleetpatch controller` with `args` and `kubeconfig` and waits for the line of
+/// its standard output that contains `wanted`; returns the process and the line.
+pub fn start_controller(kubeconfig: &Path, args: &[&str], wanted: &str) -> (Process, String) {
     let mut process = Process(
         Command::new(BIN)
             .arg("controller")
             .args(args)
-            .env("KUBECONFIG", &dev.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", child_log_level())
             .stdout(Stdio::piped())
             .stderr(child_log())
@@ -123,9 +121,9 @@ pub fn run_plan(kubeconfig: &Path, name: &str) {
 }
 
 /// Waits until `count` Agents are Ready.
-pub fn wait_for_ready_agents(dev: &DevServer, count: usize) {
+pub fn wait_for_ready_agents(cluster: &impl Kubectl, count: usize) {
     let ok = eventually(Duration::from_secs(30), || {
-        dev.kubectl_ok(&[
+        cluster.kubectl_ok(&[
             "get",
             "agents",
             "-o",
@@ -139,7 +137,7 @@ pub fn wait_for_ready_agents(dev: &DevServer, count: usize) {
     assert!(
         ok,
         "agents did not become Ready:\n{}",
-        dev.kubectl_ok(&["get", "agents", "-o", "yaml"])
+        cluster.kubectl_ok(&["get", "agents", "-o", "yaml"])
     );
 }
 
