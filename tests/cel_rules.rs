@@ -1,5 +1,9 @@
 //! Every CEL rule in the CRDs, each with an object it accepts and one it rejects,
-//! evaluated client-side by kube's CEL validation exactly as the CRD declares it.
+//! evaluated client-side by kube's CEL validation exactly as the CRD declares it, and
+//! by the real kube-apiserver (which also compiles every rule against its cost budget
+//! when the CRDs are applied): both must agree, field path and message.
+
+mod support;
 
 use fleetpatch::api::{Agent, PatchJob, RemediationPlan, Script, Task, Workflow};
 use kube::core::cel::ValidationErrors;
@@ -176,6 +180,42 @@ fn cases() -> Vec<Case> {
             task(json!({"os": "Linux", "type": "Reboot", "reboot": {"onlyIfRequired": true}})),
             with(&run_script_task(), "/spec/reboot", json!({})),
             "spec.reboot: reboot may only be set when type is Reboot",
+        ),
+        case(
+            "REG_DWORD data fits in 32 bits",
+            with(
+                &registry_task(),
+                "/spec/changeRegistryKey/valueData",
+                json!("0004294967295"),
+            ),
+            with(
+                &registry_task(),
+                "/spec/changeRegistryKey/valueData",
+                json!("4294967296"),
+            ),
+            "spec.changeRegistryKey.valueData: valueData does not fit in a REG_DWORD",
+        ),
+        case(
+            "REG_QWORD data fits in 64 bits",
+            with(
+                &with(
+                    &registry_task(),
+                    "/spec/changeRegistryKey/valueType",
+                    json!("REG_QWORD"),
+                ),
+                "/spec/changeRegistryKey/valueData",
+                json!("18446744073709551615"),
+            ),
+            with(
+                &with(
+                    &registry_task(),
+                    "/spec/changeRegistryKey/valueType",
+                    json!("REG_QWORD"),
+                ),
+                "/spec/changeRegistryKey/valueData",
+                json!("18446744073709551616"),
+            ),
+            "spec.changeRegistryKey.valueData: valueData does not fit in a REG_QWORD",
         ),
         case(
             "registry and uninstall are Windows-only",
@@ -608,5 +648,99 @@ fn agent_mode_is_immutable() {
             .iter()
             .any(|e| e.field_path == "spec.mode" && e.message == "mode is immutable"),
         "{errors:?}"
+    );
+}
+
+/// Whether the server's refusal names `expect` (`field: message`): a cause on that field
+/// whose message contains the message.
+fn server_says(status: &kube::core::Status, expect: &str) -> bool {
+    let mut causes = status.details.iter().flat_map(|d| d.causes.iter());
+    match expect.split_once(": ") {
+        Some((field, message)) => causes.any(|c| c.field == field && c.message.contains(message)),
+        // A case that names only the field.
+        None => causes.any(|c| c.field == expect),
+    }
+}
+
+#[test]
+fn the_real_api_server_agrees_with_every_rule() {
+    let home = tempfile::tempdir().unwrap();
+    let cluster = support::Cluster::shared(home.path());
+    if !cluster.is_real() {
+        return;
+    }
+    cluster.install_crds();
+    let namespace = "cel-rules";
+    cluster.create_namespace(namespace);
+    let api = support::raw::RawApi::new(&cluster.kubeconfig);
+    let mut failures = Vec::new();
+    for Case {
+        rule,
+        accepted,
+        rejected,
+        expect,
+    } in cases()
+    {
+        if let Err(status) = api.create(&accepted, namespace, true) {
+            failures.push(format!(
+                "{rule}: the server refused the accepted object: {:?}",
+                support::raw::describe(&status)
+            ));
+        }
+        match api.create(&rejected, namespace, true) {
+            Ok(_) => failures.push(format!("{rule}: the server accepted the rejected object")),
+            Err(status) if status.code == 422 && server_says(&status, expect) => {}
+            Err(status) => failures.push(format!(
+                "{rule}: expected 422 with {expect:?}, the server said {} {:?}",
+                status.code,
+                support::raw::describe(&status)
+            )),
+        }
+    }
+    // Transition rules, on stored objects.
+    for (old, new, expect) in [
+        (
+            patch_job(),
+            with(&patch_job(), "/spec/agent", json!("other-host")),
+            "spec: PatchJob spec is immutable",
+        ),
+        (
+            with(&agent(), "/metadata/name", json!("cel-rules-agent")),
+            with(
+                &with(
+                    &with(&agent(), "/metadata/name", json!("cel-rules-agent")),
+                    "/spec/mode",
+                    json!("External"),
+                ),
+                "/spec/nodeName",
+                Value::Null,
+            ),
+            "spec.mode: mode is immutable",
+        ),
+    ] {
+        let stored = api.create(&old, namespace, false).unwrap();
+        let mut changed = new.clone();
+        changed["metadata"]["resourceVersion"] = stored["metadata"]["resourceVersion"].clone();
+        match api.replace(&changed, namespace) {
+            Ok(_) => failures.push(format!("{expect}: the server accepted the change")),
+            Err(status) if status.code == 422 && server_says(&status, expect) => {}
+            Err(status) => failures.push(format!(
+                "{expect}: the server said {} {:?}",
+                status.code,
+                support::raw::describe(&status)
+            )),
+        }
+        let path = format!(
+            "{}/{}",
+            support::raw::collection(&old, namespace),
+            old["metadata"]["name"].as_str().unwrap()
+        );
+        api.send("DELETE", &path, None).unwrap();
+    }
+    assert!(
+        failures.is_empty(),
+        "the real API server disagrees on {} rule(s):\n{}",
+        failures.len(),
+        failures.join("\n")
     );
 }

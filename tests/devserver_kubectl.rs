@@ -456,8 +456,7 @@ fn invalid_manifests_are_refused_with_the_field_named() {
     assert!(!spec.contains("bogus"), "{spec}");
 
     // The same test fixtures the offline validator uses are refused by the server.
-    let fixture =
-        support::repo().join("tests/fixtures/bad/registry-key-trailing-backslash.yaml");
+    let fixture = support::repo().join("tests/fixtures/bad/registry-key-trailing-backslash.yaml");
     if fixture.exists() {
         let err = server.kubectl_err(&["apply", "-f", fixture.to_str().unwrap()]);
         assert!(err.contains("keyPath"), "{err}");

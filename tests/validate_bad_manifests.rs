@@ -5,6 +5,13 @@
 //! too large to commit are generated into a temporary directory at run time. Every
 //! row is checked and all failures are reported together, so one run shows every
 //! case that breaks.
+//!
+//! The real kube-apiserver gets every case too: what a CRD schema or CEL rule can refuse
+//! it refuses, naming the same field as `validate`; what only `validate` can see (rules
+//! across objects, checks no schema expresses) it accepts, so each row says which it is
+//! and a rule that moves into the CRDs shows up here.
+
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -124,6 +131,48 @@ const CASES: &[Case] = &[
     case("duplicate-object.yaml", 2, "metadata.name", Some("duplicate")),
     case("metadata-unknown-field.yaml", 1, "metadata.lables", Some("unknown field")),
     case("metadata-label-not-string.yaml", 1, "metadata.labels", None),
+];
+
+/// Cases the API server accepts, with why only `validate` refuses them. Every other case
+/// must be refused by the API server too.
+#[rustfmt::skip]
+const VALIDATE_ONLY: &[(&str, &str)] = &[
+    ("script-bash-syntax-error.yaml", "syntax is checked with tree-sitter, not by a schema"),
+    ("script-bash-stray-fi.yaml", "syntax is checked with tree-sitter, not by a schema"),
+    ("task-bash-script-on-windows.yaml", "needs the referenced Script"),
+    ("task-powershell-script-on-linux.yaml", "needs the referenced Script"),
+    ("task-script-missing.yaml", "needs the referenced Script"),
+    ("task-script-foreign-namespace.yaml", "the library namespace is a controller setting, not part of the schema"),
+    ("task-undeclared-parameter.yaml", "needs the referenced Script"),
+    ("task-required-parameter-missing.yaml", "needs the referenced Script"),
+    ("workflow-reboot-not-last.yaml", "needs the referenced Tasks"),
+    ("workflow-reboot-not-last-in-post.yaml", "needs the referenced Tasks"),
+    ("workflow-internal-script.yaml", "needs the referenced Task and Script"),
+    ("workflow-two-defaults.yaml", "spans two Workflows"),
+    ("workflow-missing-task.yaml", "needs the referenced Task"),
+    ("workflow-foreign-namespace.yaml", "the library namespace is a controller setting, not part of the schema"),
+    ("workflow-windows-task.yaml", "needs the referenced Task"),
+    ("plan-workflow-os-mismatch.yaml", "needs the referenced Workflow"),
+    ("plan-missing-workflow.yaml", "needs the referenced Workflow"),
+    ("plan-cron-hour-out-of-range.yaml", "field ranges of a cron expression are beyond a CEL rule's cost; the controller reports it too"),
+    ("plan-unknown-time-zone.yaml", "the IANA database is not in CEL; the controller reports it too"),
+    ("agent-with-namespace.yaml", "the API server drops the namespace of a cluster-scoped object"),
+    ("duplicate-object.yaml", "spans two documents; the second is an update to the server"),
+];
+
+/// Cases that never reach an API server as an object: kubectl (or any client) fails first.
+#[rustfmt::skip]
+const NOT_SENT: &[(&str, &str)] = &[
+    ("malformed-yaml.yaml", "not YAML"),
+    ("api-version-v1.yaml", "no such resource: the client finds no mapping"),
+    ("kind-unknown.yaml", "no such resource: the client finds no mapping"),
+];
+
+/// Cases the API server refuses naming the field its own way.
+#[rustfmt::skip]
+const SERVER_NAMES: &[(&str, &str)] = &[
+    // A decoding error, before validation: the Go JSON decoder names the Go struct field.
+    ("metadata-label-not-string.yaml", "ObjectMeta.labels"),
 ];
 
 /// Name of the fixture with one character too many, written at run time.
@@ -261,6 +310,88 @@ fn every_bad_manifest_is_rejected_with_its_field() {
     );
 }
 
+/// The document `doc` (1-based) of a fixture, as JSON.
+fn document(path: &Path, doc: usize) -> serde_json::Value {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(path).unwrap();
+    let yaml = serde_yaml_ng::Deserializer::from_str(&text)
+        .nth(doc - 1)
+        .unwrap_or_else(|| panic!("{}: no document {doc}", path.display()));
+    serde_yaml_ng::Value::deserialize(yaml)
+        .and_then(|v| serde_yaml_ng::from_value(v))
+        .unwrap_or_else(|e| panic!("{}:{doc}: {e}", path.display()))
+}
+
+#[test]
+fn the_real_api_server_agrees_with_validate_case_by_case() {
+    let home = tempfile::tempdir().unwrap();
+    let cluster = support::Cluster::shared(home.path());
+    if !cluster.is_real() {
+        return;
+    }
+    cluster.install_crds();
+    let api = support::raw::RawApi::new(&cluster.kubeconfig);
+    let generated = tempfile::tempdir().unwrap();
+    for (name, content) in generated_fixtures() {
+        std::fs::write(generated.path().join(name), content).unwrap();
+    }
+    let mut failures = Vec::new();
+    for case in CASES {
+        if NOT_SENT.iter().any(|(file, _)| *file == case.file) {
+            continue;
+        }
+        let path = match generated.path().join(case.file) {
+            path if path.exists() => path,
+            _ => fixtures_dir().join(case.file),
+        };
+        let object = document(&path, case.doc);
+        let namespace = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("bad-manifests")
+            .to_string();
+        cluster.create_namespace(&namespace);
+        let answer = api.create(&object, &namespace, true);
+        let validate_only = VALIDATE_ONLY.iter().find(|(file, _)| *file == case.file);
+        match (validate_only, answer) {
+            (Some(_), Ok(_)) => {}
+            (Some((_, why)), Err(status)) => failures.push(format!(
+                "{}: listed as validate-only ({why}) but the server refused it: {:?}",
+                case.file,
+                support::raw::describe(&status)
+            )),
+            (None, Ok(_)) => failures.push(format!(
+                "{}: the server accepted it; validate says {} is wrong",
+                case.file, case.field
+            )),
+            (None, Err(status)) => {
+                let said = support::raw::describe(&status);
+                let field = SERVER_NAMES
+                    .iter()
+                    .find(|(file, _)| *file == case.file)
+                    .map_or(case.field, |(_, field)| field);
+                let names_field = status
+                    .details
+                    .iter()
+                    .flat_map(|d| d.causes.iter())
+                    .any(|c| c.field.contains(field))
+                    || status.message.contains(field);
+                if !(400..500).contains(&status.code) || !names_field {
+                    failures.push(format!(
+                        "{}: the server refused it ({}) without naming {field}: {said:?}",
+                        case.file, status.code
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "validate and the API server disagree on {} case(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
 #[test]
 fn every_fixture_file_has_a_case() {
     let mut orphans = Vec::new();
@@ -275,6 +406,13 @@ fn every_fixture_file_has_a_case() {
         orphans.is_empty(),
         "fixtures without a row in CASES: {orphans:?}"
     );
+    let listed = VALIDATE_ONLY.iter().chain(NOT_SENT).chain(SERVER_NAMES);
+    for (file, _) in listed {
+        assert!(
+            CASES.iter().any(|case| case.file == *file),
+            "{file} is listed but has no case"
+        );
+    }
     assert!(CASES.len() >= 34, "only {} cases", CASES.len());
 }
 

@@ -11,7 +11,7 @@ use super::common::{ObjectRef, OperatingSystem};
 use super::plan::RemediationPlan;
 use super::script::{Script, ScriptCategory, ScriptLanguage};
 use super::syntax;
-use super::task::{RegistryValueType, Task, TaskType};
+use super::task::{Task, TaskType};
 use super::workflow::Workflow;
 
 /// Namespace of the built-in library when the controller is not told otherwise.
@@ -277,11 +277,6 @@ impl Catalog {
                 }
             }
         }
-        if let Some(registry) = &spec.change_registry_key
-            && let Some(message) = numeric_range_problem(registry.value_type, &registry.value_data)
-        {
-            problems.push(problem("spec.changeRegistryKey.valueData", message));
-        }
         problems
     }
 
@@ -456,16 +451,6 @@ pub fn language_fits(language: ScriptLanguage, os: OperatingSystem) -> bool {
                 OperatingSystem::Linux
             )
     )
-}
-
-fn numeric_range_problem(value_type: RegistryValueType, data: &str) -> Option<String> {
-    let fits = match value_type {
-        RegistryValueType::REG_DWORD => data.parse::<u32>().is_ok(),
-        RegistryValueType::REG_QWORD => data.parse::<u64>().is_ok(),
-        _ => return None,
-    };
-    (!fits && data.chars().all(|c| c.is_ascii_digit()) && !data.is_empty())
-        .then(|| format!("{data} does not fit in a {}", value_type.as_str()))
 }
 
 /// Syntax problems of one Script.

@@ -167,6 +167,14 @@ impl RegistryValueType {
     validation = Rule::new("!(self.valueType in ['REG_BINARY', 'REG_DWORD', 'REG_QWORD']) || self.valueData.matches('^[0-9]+$')")
         .message("valueData must be a non-negative decimal number for REG_BINARY, REG_DWORD and REG_QWORD")
         .field_path(".valueData"),
+    // The ranges, compared as digit strings without leading zeros (CEL has no
+    // arbitrary-precision numbers): equal lengths compare like the numbers.
+    validation = Rule::new("self.valueType != 'REG_DWORD' || !self.valueData.matches('^[0-9]+$') || size(self.valueData.find('[1-9][0-9]*$')) < 10 || (size(self.valueData.find('[1-9][0-9]*$')) == 10 && self.valueData.find('[1-9][0-9]*$') <= '4294967295')")
+        .message("valueData does not fit in a REG_DWORD (at most 4294967295)")
+        .field_path(".valueData"),
+    validation = Rule::new("self.valueType != 'REG_QWORD' || !self.valueData.matches('^[0-9]+$') || size(self.valueData.find('[1-9][0-9]*$')) < 20 || (size(self.valueData.find('[1-9][0-9]*$')) == 20 && self.valueData.find('[1-9][0-9]*$') <= '18446744073709551615')")
+        .message("valueData does not fit in a REG_QWORD (at most 18446744073709551615)")
+        .field_path(".valueData"),
 )]
 pub struct ChangeRegistryKey {
     /// Full key path including the key name, e.g. `HKEY_LOCAL_MACHINE\SOFTWARE\Vendor\App`.

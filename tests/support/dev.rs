@@ -100,4 +100,3 @@ impl Drop for DevServer {
         self.stop();
     }
 }
-

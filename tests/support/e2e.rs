@@ -123,15 +123,16 @@ pub fn run_plan(kubeconfig: &Path, name: &str) {
 /// Waits until `count` Agents are Ready.
 pub fn wait_for_ready_agents(cluster: &impl Kubectl, count: usize) {
     let ok = eventually(Duration::from_secs(30), || {
-        cluster.kubectl_ok(&[
-            "get",
-            "agents",
-            "-o",
-            "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}",
-        ])
-        .split_whitespace()
-        .filter(|s| *s == "True")
-        .count()
+        cluster
+            .kubectl_ok(&[
+                "get",
+                "agents",
+                "-o",
+                "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}",
+            ])
+            .split_whitespace()
+            .filter(|s| *s == "True")
+            .count()
             == count
     });
     assert!(

@@ -10,6 +10,7 @@ pub mod dev;
 pub mod e2e;
 pub mod kubectl;
 pub mod prerequisite;
+pub mod raw;
 
 use std::path::PathBuf;
 use std::time::Duration;
