@@ -318,7 +318,7 @@ fn document(path: &Path, doc: usize) -> serde_json::Value {
         .nth(doc - 1)
         .unwrap_or_else(|| panic!("{}: no document {doc}", path.display()));
     serde_yaml_ng::Value::deserialize(yaml)
-        .and_then(|v| serde_yaml_ng::from_value(v))
+        .and_then(serde_yaml_ng::from_value)
         .unwrap_or_else(|e| panic!("{}:{doc}: {e}", path.display()))
 }
 
