@@ -1,5 +1,6 @@
-//! kube-rs clients (the ones the controller is built on) against `fleetpatch dev`:
-//! a reflector keeps an accurate cache across a restart of a persistent server.
+//! kube-rs clients (the ones the controller is built on) against `fleetpatch dev`: a
+//! reflector keeps an accurate cache across a restart of a persistent server. The
+//! selector watch and the controller scenarios run against the real API server too.
 
 mod support;
 
@@ -16,8 +17,8 @@ use kube::{Client, Config, ResourceExt};
 use fleetpatch::api::{Agent, AgentMode, AgentSpec, OperatingSystem};
 use support::{DevServer, Kubectl};
 
-async fn client(server: &DevServer) -> Client {
-    let kubeconfig = Kubeconfig::read_from(&server.kubeconfig).unwrap();
+async fn client(server: &impl Kubectl) -> Client {
+    let kubeconfig = Kubeconfig::read_from(server.kubeconfig()).unwrap();
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .unwrap();
@@ -182,12 +183,35 @@ async fn reflector_survives_a_restart_of_a_persistent_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn selector_watches_see_objects_enter_and_leave() {
+    let home = tempfile::tempdir().unwrap();
+    let server = DevServer::start(home.path(), None);
+    selector_watches(&server).await;
+    // fleetpatch dev sends bookmarks at its --bookmark-interval-seconds; the real server
+    // sends them when it sees fit (none came in 10 s here), as the API allows.
+    bookmarks(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selector_watches_see_objects_enter_and_leave_on_the_real_api_server() {
+    let home = tempfile::tempdir().unwrap();
+    if let Some(cluster) = real(home.path()).await {
+        selector_watches(&cluster).await;
+    }
+}
+
+/// A private real control plane, started off the async runtime's threads.
+async fn real(home: &std::path::Path) -> Option<support::Cluster> {
+    let home = home.to_path_buf();
+    tokio::task::spawn_blocking(move || support::Cluster::real(&home))
+        .await
+        .unwrap()
+}
+
+async fn selector_watches(server: &impl Kubectl) {
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::api::WatchEvent;
 
-    let home = tempfile::tempdir().unwrap();
-    let server = DevServer::start(home.path(), None);
-    let client = client(&server).await;
+    let client = client(server).await;
     let maps: Api<ConfigMap> = Api::namespaced(client, "default");
     let mut cm = ConfigMap::default();
     cm.metadata.name = Some("cm".into());
@@ -226,8 +250,15 @@ async fn selector_watches_see_objects_enter_and_leave() {
         }
     }
     assert_eq!(events, ["ADDED", "DELETED"]);
+}
 
-    // Watches that ask for bookmarks get them, carrying the current resourceVersion.
+/// Watches that ask for bookmarks get them, carrying the current resourceVersion.
+async fn bookmarks(server: &impl Kubectl) {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::WatchEvent;
+
+    let maps: Api<ConfigMap> = Api::namespaced(client(server).await, "default");
+    let created = maps.get("cm").await.unwrap();
     let mut stream = maps
         .watch(
             &kube::api::WatchParams::default().timeout(10),
@@ -247,21 +278,34 @@ async fn selector_watches_see_objects_enter_and_leave() {
     assert!(rv >= 3, "bookmark at {rv}");
 }
 
-/// A kube-rs `Controller`, as the fleetpatch controller will run, reconciling
-/// against the dev server: it writes status through server-side apply and sees its
-/// own changes come back through the watch.
+/// A kube-rs `Controller`, as the fleetpatch controller runs, reconciling against the
+/// dev server: it writes status through server-side apply and sees its own changes come
+/// back through the watch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kube_rs_controller_reconciles_against_the_dev_server() {
+    let home = tempfile::tempdir().unwrap();
+    let server = DevServer::start(home.path(), None);
+    server.kubectl_ok(&["apply", "-f", "crds/"]);
+    reconciles(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kube_rs_controller_reconciles_against_the_real_api_server() {
+    let home = tempfile::tempdir().unwrap();
+    if let Some(cluster) = real(home.path()).await {
+        cluster.install_crds();
+        reconciles(&cluster).await;
+    }
+}
+
+async fn reconciles(server: &impl Kubectl) {
     use fleetpatch::api::{Task, TaskStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
     use kube::runtime::controller::{Action, Controller};
 
-    let home = tempfile::tempdir().unwrap();
-    let server = DevServer::start(home.path(), None);
-    server.kubectl_ok(&["apply", "-f", "crds/"]);
     server.kubectl_ok(&["create", "namespace", "fleetpatch-system"]);
     server.kubectl_ok(&["apply", "-f", "examples/linux/", "--recursive"]);
-    let client = client(&server).await;
+    let client = client(server).await;
     let tasks: Api<Task> = Api::namespaced(client.clone(), "default");
 
     #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,7 @@ use std::process::{Command, Output};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use support::{DevServer, Kubectl, repo};
+use support::{Cluster, Kubectl, repo};
 
 const NAMESPACE: &str = "fleetpatch-system";
 const RELEASE: &str = "fleetpatch";
@@ -86,8 +86,8 @@ impl Helm {
         succeeded(&format!("helm {args:?}"), self.output(args))
     }
 
-    /// helm against a dev server.
-    fn ok_on(&self, server: &DevServer, args: &[&str]) -> String {
+    /// helm against a cluster.
+    fn ok_on(&self, server: &impl Kubectl, args: &[&str]) -> String {
         let mut command = server.command(self.bin.to_str().unwrap());
         command.args(args);
         self.isolate(&mut command);
@@ -1051,7 +1051,7 @@ fn rendered_manifests_pass_server_side_strict_validation() {
         return;
     };
     let home = tempfile::tempdir().unwrap();
-    let server = DevServer::start(home.path(), None);
+    let server = Cluster::start(home.path());
     let kubectl_ok = |args: &[&str]| {
         let mut command = server.command(kubectl.to_str().unwrap());
         command.args(args);
@@ -1059,16 +1059,20 @@ fn rendered_manifests_pass_server_side_strict_validation() {
     };
     kubectl_ok(&["create", "namespace", NAMESPACE]);
     let full = full_values();
-    // fleetpatch dev serves no ServiceMonitor (a Prometheus Operator CRD) and no
-    // NetworkPolicy: those two are checked in full_render_wires_every_option instead.
-    let unserved = ["ServiceMonitor", "NetworkPolicy"];
+    // No cluster here serves ServiceMonitor (a Prometheus Operator CRD), and fleetpatch
+    // dev serves no NetworkPolicy: full_render_wires_every_option checks those instead.
+    let unserved: &[&str] = if server.is_real() {
+        &["ServiceMonitor"]
+    } else {
+        &["ServiceMonitor", "NetworkPolicy"]
+    };
     for (case, extra) in [
         ("default", vec![]),
         ("full", vec!["-f", full.to_str().unwrap()]),
     ] {
         let rendered = helm.render(&extra);
         let file = home.path().join(format!("{case}.yaml"));
-        std::fs::write(&file, rendered.yaml_without(&unserved)).unwrap();
+        std::fs::write(&file, rendered.yaml_without(unserved)).unwrap();
         let applied = kubectl_ok(&[
             "apply",
             "--dry-run=server",
@@ -1116,7 +1120,7 @@ fn helm_installs_upgrades_and_uninstalls_keeping_the_crds_and_the_certificate() 
         return;
     };
     let home = tempfile::tempdir().unwrap();
-    let server = DevServer::start(home.path(), None);
+    let server = Cluster::start(home.path());
     let kubectl_ok = |args: &[&str]| {
         let mut command = server.command(kubectl.to_str().unwrap());
         command.args(args);
