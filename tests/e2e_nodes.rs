@@ -573,3 +573,105 @@ fn a_cordoned_node_is_uncordoned_after_a_controller_restart_when_its_plan_is_gon
             .contains("fleetpatch.io/")
     );
 }
+
+/// A budget of `maxUnavailable: 1` over a ReplicaSet of two, one pod on each of two
+/// nodes that reboot together: the first eviction uses the one disruption the budget
+/// allows (the disruption controller's `status.disruptionsAllowed`), so the second node's
+/// drain is held, saying why, until the ReplicaSet's replacement is Ready elsewhere.
+#[test]
+fn a_budget_over_a_replicaset_holds_the_second_drain_until_a_replacement_is_ready() {
+    let cluster = Nodes::start(&["node-a", "node-b", "node-c"]);
+    cluster.apply(
+        "apiVersion: apps/v1\nkind: ReplicaSet\nmetadata: {name: web, namespace: default}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: app, image: app}]}\n",
+    );
+    let uid = cluster.get(&["get", "replicaset", "web", "-o", "jsonpath={.metadata.uid}"]);
+    let owner = format!(
+        "{{apiVersion: apps/v1, kind: ReplicaSet, name: web, uid: {uid}, controller: true}}"
+    );
+    cluster.owned_pod("web-a", "node-a", "app: web", &owner);
+    cluster.owned_pod("web-b", "node-b", "app: web", &owner);
+    cluster.apply(
+        "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: {name: web, namespace: default}\nspec: {maxUnavailable: 1, selector: {matchLabels: {app: web}}}\n",
+    );
+    let budget = |field: &str| {
+        cluster.get(&[
+            "get",
+            "pdb",
+            "web",
+            "-o",
+            &format!("jsonpath={{.status.{field}}}"),
+        ])
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || budget("disruptionsAllowed")
+            == "1"),
+        "the budget never allowed a disruption: {}",
+        cluster.get(&["get", "pdb", "web", "-o", "yaml"])
+    );
+    let _controller = cluster.controller();
+    let mut agent_a = cluster.node_agent("node-a", "pair");
+    let mut agent_b = cluster.node_agent("node-b", "pair");
+    cluster.wait_for_ready_agents(2);
+    cluster.apply(&reboot_plan("pair", "pair", 2, "{timeoutSeconds: 120}"));
+    cluster.run_plan("pair");
+
+    // One node drains and reboots; the other's eviction is refused by the budget.
+    let mut first = None;
+    eventually(Duration::from_secs(60), || {
+        if !agent_a.running() {
+            first = Some("node-a");
+        } else if !agent_b.running() {
+            first = Some("node-b");
+        }
+        first.is_some()
+    });
+    let first = first.unwrap_or_else(|| {
+        panic!(
+            "no node agent rebooted:\n{}",
+            cluster.get(&["get", "pj,pdb,pods", "-A", "-o", "yaml"])
+        )
+    });
+    let (second, second_pod) = if first == "node-a" {
+        ("node-b", "web-b")
+    } else {
+        ("node-a", "web-a")
+    };
+    let mut held = String::new();
+    let is_held = eventually(Duration::from_secs(30), || {
+        held = cluster.job_field(
+            second,
+            ".metadata.annotations.fleetpatch\\.io/reboot-message",
+        );
+        held.contains("evictions refused") && held.contains(&format!("default/{second_pod}"))
+    });
+    assert!(
+        is_held,
+        "the second drain is not held by the budget: {held:?}"
+    );
+    assert!(held.contains("disruption budget"), "{held}");
+    assert_eq!(budget("disruptionsAllowed"), "0");
+    let second_agent = if second == "node-a" {
+        &mut agent_a
+    } else {
+        &mut agent_b
+    };
+    assert!(
+        second_agent.running(),
+        "the second node rebooted past the budget"
+    );
+    cluster.get(&["get", "pod", second_pod]);
+
+    // The ReplicaSet's replacement becomes Ready on the third node: one disruption is
+    // allowed again, and the second drain completes.
+    cluster.owned_pod("web-c", "node-c", "app: web", &owner);
+    assert_eq!(
+        second_agent.wait_exit(Duration::from_secs(60)),
+        Some(3),
+        "the second node agent did not reboot once the budget allowed it:\n{}",
+        cluster.get(&["get", "pj,pdb", "-o", "yaml"])
+    );
+    assert!(
+        cluster.cluster.kubectl(&["get", "pod", second_pod]).status.code() != Some(0),
+        "{second_pod} was not evicted"
+    );
+}

@@ -376,6 +376,18 @@ async fn drain(ctx: &Context, node: &Node, job: &PatchJob) -> Result<Action, Err
         release(ctx, node, "the drain timed out, the reboot was called off").await?;
         return Ok(Action::await_change());
     }
+    if !blocked.is_empty() {
+        // Live progress for whoever follows the job: why the drain is held, written only
+        // when it changes.
+        let message = format!(
+            "draining node {name}: {} pod(s) left; evictions refused: {}",
+            left.len(),
+            blocked.join("; ")
+        );
+        if job.annotations().get(REBOOT_MESSAGE_ANNOTATION) != Some(&message) {
+            annotate_job(ctx, job, None, &message).await;
+        }
+    }
     Ok(Action::requeue(Duration::from_secs(2)))
 }
 
