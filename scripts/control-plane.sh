@@ -182,7 +182,20 @@ up() {
         --unsafe-no-fsync --log-level warn
     wait_for etcd 30 curl -fsS "http://127.0.0.1:$etcd_port/health"
 
+    # An audit log of what fleetpatch's own ServiceAccounts do (metadata only): what the
+    # controller really uses of its RBAC, and what a failing test did.
+    cat >"$dir/audit-policy.yaml" <<'EOF2'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  userGroups: ["system:serviceaccounts:fleetpatch-system"]
+- level: None
+EOF2
     start kube-apiserver --bind-address 127.0.0.1 --secure-port "$api_port" \
+        --audit-policy-file "$dir/audit-policy.yaml" --audit-log-path "$dir/logs/audit.log" \
+        --audit-log-maxsize 100 --audit-log-maxbackup 1 \
         --etcd-servers "http://127.0.0.1:$etcd_port" \
         --tls-cert-file "$dir/pki/apiserver.crt" --tls-private-key-file "$dir/pki/apiserver.key" \
         --client-ca-file "$dir/pki/ca.crt" \

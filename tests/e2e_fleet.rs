@@ -12,7 +12,6 @@ use support::e2e::{self as e2e_support, BIN, Process, curl, free_port};
 use support::{Cluster, Kubectl, eventually};
 
 struct Fleet {
-    home: tempfile::TempDir,
     cluster: Cluster,
     /// The controller's kubeconfig: its ServiceAccount with the chart's RBAC.
     controller_kubeconfig: PathBuf,
@@ -20,6 +19,8 @@ struct Fleet {
     gateway: String,
     gateway_port: u16,
     metrics: std::sync::Mutex<String>,
+    /// Last, so it is removed after the cluster that keeps its files there stopped.
+    home: tempfile::TempDir,
 }
 
 impl Fleet {

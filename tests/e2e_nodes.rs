@@ -53,13 +53,14 @@ fn certificates(dir: &std::path::Path) -> Certificates {
 }
 
 struct Nodes {
-    home: tempfile::TempDir,
     cluster: Cluster,
     /// The controller's kubeconfig: its ServiceAccount with the chart's RBAC.
     controller_kubeconfig: PathBuf,
     certs: Certificates,
     gateway: String,
     gateway_port: u16,
+    /// Last, so it is removed after the cluster that keeps its files there stopped.
+    home: tempfile::TempDir,
 }
 
 impl Nodes {
@@ -671,7 +672,12 @@ fn a_budget_over_a_replicaset_holds_the_second_drain_until_a_replacement_is_read
         cluster.get(&["get", "pj,pdb", "-o", "yaml"])
     );
     assert!(
-        cluster.cluster.kubectl(&["get", "pod", second_pod]).status.code() != Some(0),
+        cluster
+            .cluster
+            .kubectl(&["get", "pod", second_pod])
+            .status
+            .code()
+            != Some(0),
         "{second_pod} was not evicted"
     );
 }

@@ -86,6 +86,20 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        // Kept for a look at what the controller did with its RBAC (see README).
+        if let Some(keep) = std::env::var_os("FLEETPATCH_TEST_AUDIT_DIR") {
+            let keep = Path::new(&keep);
+            let _ = std::fs::create_dir_all(keep);
+            let name = self
+                .dir
+                .parent()
+                .and_then(Path::file_name)
+                .unwrap_or_default();
+            let _ = std::fs::copy(
+                self.dir.join("logs/audit.log"),
+                keep.join(format!("audit{}.log", name.to_string_lossy())),
+            );
+        }
         // Closing its standard input is the script's signal to stop what it started.
         drop(self.stdin.take());
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
