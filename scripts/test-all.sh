@@ -10,6 +10,10 @@ echo "== toolchain components"
 if ! cargo fmt --version >/dev/null 2>&1; then rustup component add rustfmt; fi
 if ! cargo clippy --version >/dev/null 2>&1; then rustup component add clippy; fi
 
+echo "== Go (builds the test control plane; test tooling only)"
+command -v go >/dev/null || { echo "the Go toolchain is needed to build the test control plane" >&2; exit 1; }
+go version
+
 echo "== system packages the tests use"
 # dpkg-dev (dpkg-scanpackages) builds the local apt repository of the apt patcher test.
 if ! command -v dpkg-scanpackages >/dev/null 2>&1; then
@@ -30,9 +34,24 @@ echo "== generated CRDs are current"
 cargo run --locked --quiet -- crds --out-dir target/crds-check
 diff -r crds target/crds-check
 
-echo "== test tools (helm 4, newer kubectl) for the dev server tests"
+echo "== test tools (helm 4, newer kubectl)"
 scripts/install-test-tools.sh
 
-echo "== cargo test"
+echo "== the real control plane (etcd, kube-apiserver, kube-controller-manager from their Go modules)"
+scripts/control-plane.sh build
+# One shared control plane for the suites that keep to their own namespaces; tests that
+# run a controller start private ones (scripts/control-plane.sh serve). Stopped however
+# this script ends.
+export CONTROL_PLANE_DIR="${CARGO_TARGET_DIR:-$PWD/target}/control-plane/shared"
+trap 'scripts/control-plane.sh down' EXIT
+scripts/control-plane.sh down >/dev/null 2>&1 || true
+scripts/control-plane.sh up
+eval "$(scripts/control-plane.sh env)"
+unset KUBECONFIG   # tests use their own kubeconfigs, never the shell's
+
+echo "== cargo test (end-to-end suites on the real control plane)"
 # Benchmarks print figures and are run on their own (see README), not as tests.
 cargo test --locked --lib --bins --tests
+
+echo "== the whole loop once more on fleetpatch dev (the README's one-machine setup)"
+FLEETPATCH_TEST_SUBSTRATE=dev cargo test --locked --test e2e_fleet
