@@ -90,6 +90,7 @@ fn gaps() -> Vec<Duration> {
             max_download_bytes: 1 << 20,
             on_event: &on_event,
             reboot_gate: None,
+            cancel: None,
         };
         let mut record = executor::new_record(format!("bench-{round}"), "bench", spec.clone());
         runtime.block_on(executor.run(&mut record)).unwrap();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use fleetpatch::api::OperatingSystem;
 use fleetpatch::api::patchjob::{JobPhase, PatchJobStatus};
 use fleetpatch::gateway::protocol::{
-    Assignments, ProgressAck, ProgressReport, RegisterRequest, RegisterResponse,
+    Assignments, JobName, ProgressAck, ProgressReport, RegisterRequest, RegisterResponse,
 };
 
 struct Killed(Child);
@@ -264,6 +264,10 @@ async fn simulate(agents: usize) {
                         let report = ProgressReport {
                             sequence,
                             status: status.clone(),
+                            job: Some(JobName {
+                                namespace: job.namespace.clone(),
+                                name: job.name.clone(),
+                            }),
                         };
                         let sent = http
                             .post(format!("{gateway}/agent/v1/jobs/{}/progress", job.uid))

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod api_errors;
 pub mod controller;
 pub mod crdgen;
 pub mod devserver;

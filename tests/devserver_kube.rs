@@ -33,6 +33,7 @@ fn agent(name: &str) -> Agent {
             os: OperatingSystem::Linux,
             node_name: None,
             paused: false,
+            allowed_plans: Default::default(),
         },
     )
 }

@@ -562,16 +562,17 @@ fn default_render_is_least_privilege_and_wired_together() {
             "fleetpatch.io",
             "patchjobs",
             "",
-            &["list", "watch", "create", "patch", "delete"],
+            &["get", "list", "watch", "create", "patch", "delete"],
         ),
         (
             "fleetpatch.io",
             "agents",
             "",
-            &["list", "watch", "create", "patch"],
+            &["list", "watch", "create", "patch", "delete"],
         ),
         ("events.k8s.io", "events", "", &["create", "patch"]),
         ("authentication.k8s.io", "tokenreviews", "", &["create"]),
+        ("", "namespaces", "", &["list", "watch"]),
         ("", "nodes", "", &["list", "watch", "patch"]),
         ("", "pods", "", &["list"]),
         ("", "pods/eviction", "", &["create"]),
@@ -591,15 +592,14 @@ fn default_render_is_least_privilege_and_wired_together() {
             "",
             "secrets",
             "",
-            &["get", "list", "create", "patch", "update"],
+            &["get", "list", "watch", "create", "patch", "delete"],
         ),
         ("", "pods", "", &["patch"]),
-        ("coordination.k8s.io", "leases", "", &["create"]),
         (
             "coordination.k8s.io",
             "leases",
-            "fleetpatch-controller",
-            &["get", "update"],
+            "",
+            &["get", "list", "watch", "create", "update", "patch"],
         ),
     ]);
     assert_eq!(grants(out.get("Role", "fleetpatch-controller")), namespaced);
@@ -725,19 +725,19 @@ fn default_render_is_least_privilege_and_wired_together() {
     ));
     assert_eq!(budget["spec"]["maxUnavailable"], 1);
 
-    // Services: the gateway on 8443 to the leading controller pod (the label it sets on
-    // itself with --label-leader-pod), metrics to every controller pod.
+    // Services: the gateway on 8443 to every controller pod (each replica serves it),
+    // metrics to every controller pod.
     let gateway = out.get("Service", "fleetpatch-gateway");
-    let mut leader_labels = pod_labels.clone();
-    leader_labels["fleetpatch.io/leader"] = json!("true");
-    assert!(labels_match(&gateway["spec"]["selector"], &leader_labels));
-    assert!(!labels_match(&gateway["spec"]["selector"], pod_labels));
+    assert!(labels_match(&gateway["spec"]["selector"], pod_labels));
     assert!(
-        deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-            .as_array()
-            .unwrap()
-            .contains(&json!("--label-leader-pod"))
+        gateway["spec"]["selector"].get("fleetpatch.io/leader").is_none(),
+        "the gateway must not follow the leader"
     );
+    let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap();
+    assert!(args.contains(&json!("--node-agent-plan-namespaces=")), "{args:?}");
+    assert!(args.contains(&json!("--max-node-reboots=1")), "{args:?}");
     assert_eq!(gateway["spec"]["type"], "ClusterIP");
     assert_eq!(
         gateway["spec"]["ports"],

@@ -104,6 +104,45 @@ pub struct Executor<'a> {
     pub on_event: &'a (dyn Fn(&JobRecord, &Event) + Send + Sync),
     /// Asked before every reboot when set (node agents: the controller drains the node).
     pub reboot_gate: Option<&'a dyn RebootGate>,
+    /// Set when the job must stop (it was deleted, or the agent paused).
+    pub cancel: Option<&'a Cancellation>,
+}
+
+/// A request to stop a job: the running action is killed and reported Interrupted,
+/// nothing further runs, and no reboot follows.
+#[derive(Default)]
+pub struct Cancellation {
+    reason: std::sync::Mutex<Option<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Cancellation {
+    pub fn cancel(&self, reason: impl Into<String>) {
+        let mut current = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if current.is_none() {
+            *current = Some(reason.into());
+        }
+        drop(current);
+        self.notify.notify_waiters();
+    }
+
+    pub fn reason(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Resolves once the job is cancelled.
+    pub async fn cancelled(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.reason().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Whether the host may reboot now. A node agent asks the controller, which cordons and
@@ -295,6 +334,12 @@ impl Executor<'_> {
             self.save(record, Event::JobStarted)?;
         }
         loop {
+            if let Some(reason) = self.cancel.and_then(Cancellation::reason)
+                && !record.status.phase.is_finished()
+            {
+                self.stop(record, &reason)?;
+                return Ok(RunOutcome::Finished);
+            }
             match next_step(record) {
                 Step::Done => return Ok(RunOutcome::Finished),
                 Step::Action(stage, index) => {
@@ -429,9 +474,23 @@ impl Executor<'_> {
             let _ = std::fs::create_dir_all(&job_dir)
                 .and_then(|()| std::fs::write(job_dir.join(RUNNING_BOOT_FILE), boot_id));
         }
-        let finished = self
-            .perform(&action, &job_dir, &stem, env, record.spec.os)
-            .await;
+        let perform = self.perform(&action, &job_dir, &stem, env, record.spec.os);
+        let finished = match self.cancel {
+            None => perform.await,
+            Some(cancel) => tokio::select! {
+                finished = perform => finished,
+                () = cancel.cancelled() => {
+                    // What the action started is stopped with it.
+                    process::kill_recorded_group(&job_dir.join(RUNNING_GROUP_FILE));
+                    Finished {
+                        phase: ActionPhase::Interrupted,
+                        exit_code: None,
+                        reboot_requested: false,
+                        message: format!("cancelled: {}", cancel.reason().unwrap_or_default()),
+                    }
+                }
+            },
+        };
         let result = &mut Self::actions(record, stage).1[index];
         result.phase = finished.phase;
         result.exit_code = finished.exit_code;
@@ -793,11 +852,17 @@ impl Executor<'_> {
                     requested_by: Some(requester.clone()),
                     ..RebootRecord::default()
                 });
-                record.status.message =
-                    "waiting for the controller to drain the node before the reboot".into();
+                record.status.message = "waiting for the controller's permission to reboot".into();
                 self.save(record, Event::RebootRequested)?;
             }
-            if let Err(reason) = gate.permit(record).await {
+            let permitted = match self.cancel {
+                None => gate.permit(record).await,
+                Some(cancel) => tokio::select! {
+                    permitted = gate.permit(record) => permitted,
+                    () = cancel.cancelled() => Err(format!("cancelled: {}", cancel.reason().unwrap_or_default())),
+                },
+            };
+            if let Err(reason) = permitted {
                 return self.reboot_not_performed(record, reason);
             }
             record.status.message.clear();
@@ -861,6 +926,57 @@ impl Executor<'_> {
         self.save(record, Event::RebootCompleted)
     }
 
+    /// Ends a cancelled job: what did not run never will, no reboot follows, and the job
+    /// fails saying why.
+    fn stop(&self, record: &mut JobRecord, reason: &str) -> Result<(), ExecError> {
+        let message = format!("cancelled: {reason}");
+        let status = &mut record.status;
+        for action in status
+            .pre_actions
+            .iter_mut()
+            .chain(status.post_actions.iter_mut())
+        {
+            if !action.phase.is_finished() {
+                action.phase = if action.phase == ActionPhase::Running {
+                    ActionPhase::Interrupted
+                } else {
+                    ActionPhase::NotRun
+                };
+                action.message = message.clone();
+            }
+        }
+        if status
+            .patches
+            .as_ref()
+            .is_none_or(|p| !p.phase.is_finished())
+        {
+            status.patches = Some(PatchResults {
+                phase: ActionPhase::NotRun,
+                message: message.clone(),
+                ..Default::default()
+            });
+        }
+        if let Some(reboot) = &mut status.reboot
+            && matches!(reboot.state, RebootState::Pending)
+        {
+            reboot.state = RebootState::RequiredNotPerformed;
+            reboot.message = Some(message.clone());
+        }
+        status.phase = JobPhase::Failed;
+        status.message = message.clone();
+        status.completion_time = Some(Time(now()));
+        conditions::set_outcome(
+            &mut status.conditions,
+            false,
+            "Cancelled",
+            &message,
+            status.observed_generation,
+            now(),
+        );
+        let _ = std::fs::remove_dir_all(self.job_dir(record));
+        self.save(record, Event::JobFinished)
+    }
+
     fn finish(&self, record: &mut JobRecord) -> Result<(), ExecError> {
         let status = &mut record.status;
         let failed_action = status
@@ -903,34 +1019,18 @@ impl Executor<'_> {
         if status.message.is_empty() || succeeded || reboot_failed.is_some() {
             status.message = message.clone();
         }
-        let at = now();
-        let (complete, failed) = if succeeded {
-            (conditions::TRUE, conditions::FALSE)
-        } else {
-            (conditions::FALSE, conditions::TRUE)
-        };
         let reason = if succeeded {
             "JobSucceeded"
         } else {
             "JobFailed"
         };
-        conditions::set(
+        conditions::set_outcome(
             &mut status.conditions,
-            "Complete",
-            complete,
+            succeeded,
             reason,
-            message.clone(),
+            &message,
             status.observed_generation,
-            at,
-        );
-        conditions::set(
-            &mut status.conditions,
-            "Failed",
-            failed,
-            reason,
-            message,
-            status.observed_generation,
-            at,
+            now(),
         );
         let _ = std::fs::remove_dir_all(self.job_dir(record));
         self.save(record, Event::JobFinished)

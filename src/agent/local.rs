@@ -188,6 +188,7 @@ pub async fn exec(options: ExecOptions) -> anyhow::Result<u8> {
         max_download_bytes: super::download::DEFAULT_MAX_BYTES,
         on_event: &on_event,
         reboot_gate: None,
+        cancel: None,
     };
     let outcome = executor.run(&mut record).await?;
     match options.output {

@@ -16,13 +16,13 @@ use tokio::sync::Notify;
 use crate::api::OperatingSystem;
 use crate::api::agent::Platform;
 use crate::api::patchjob::PatchJobStatus;
+use crate::gateway::auth::NODE_HEADER;
 use crate::gateway::protocol::{
-    Assignments, Heartbeat, ProgressAck, ProgressReport, RebootDecision, RebootVerdict,
-    RegisterRequest, RegisterResponse, decode_spec,
+    Assignments, Heartbeat, HeartbeatAnswer, JobName, ProgressAck, ProgressReport, RebootDecision,
+    RebootVerdict, RegisterRequest, RegisterResponse, decode_spec,
 };
-use crate::gateway::server::NODE_HEADER;
 
-use super::executor::{self, Event, Executor, RunOutcome};
+use super::executor::{self, Cancellation, Event, Executor, RunOutcome};
 use super::journal::{JobRecord, Journal};
 use super::patcher;
 use super::reboot::{HostRebooter, Rebooter, SimulatedRebooter};
@@ -89,6 +89,37 @@ enum Auth {
     Node { node: String, token_file: PathBuf },
 }
 
+/// Why a request to the gateway did not succeed: what it answered (the agent decides
+/// by the status, never by the text), or that it could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("gateway answered {0}: {1}")]
+    Refused(reqwest::StatusCode, String),
+    #[error("cannot reach the gateway: {0}")]
+    Transport(reqwest::Error),
+    #[error("{0}")]
+    Local(String),
+}
+
+impl GatewayError {
+    fn status(&self) -> Option<reqwest::StatusCode> {
+        match self {
+            Self::Refused(status, _) => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// An answer that will not change by asking again (bad input, refused credentials):
+    /// anything but a throttle, a server-side hiccup or an unreachable gateway.
+    fn is_final(&self) -> bool {
+        self.status().is_some_and(|status| {
+            status.is_client_error()
+                && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+                && status != reqwest::StatusCode::REQUEST_TIMEOUT
+        })
+    }
+}
+
 #[derive(Clone)]
 struct GatewayClient {
     http: reqwest::Client,
@@ -101,7 +132,7 @@ impl GatewayClient {
         &self,
         method: reqwest::Method,
         path: &str,
-    ) -> anyhow::Result<reqwest::RequestBuilder> {
+    ) -> Result<reqwest::RequestBuilder, GatewayError> {
         let builder = self
             .http
             .request(method, format!("{}{path}", self.base.trim_end_matches('/')));
@@ -110,8 +141,9 @@ impl GatewayClient {
                 builder.bearer_auth(format!("{agent}.{credential}"))
             }
             Auth::Node { node, token_file } => {
-                let token = std::fs::read_to_string(token_file)
-                    .with_context(|| format!("reading {}", token_file.display()))?;
+                let token = std::fs::read_to_string(token_file).map_err(|err| {
+                    GatewayError::Local(format!("reading {}: {err}", token_file.display()))
+                })?;
                 builder.bearer_auth(token.trim()).header(NODE_HEADER, node)
             }
         })
@@ -120,14 +152,17 @@ impl GatewayClient {
     async fn send<T: serde::de::DeserializeOwned>(
         &self,
         request: reqwest::RequestBuilder,
-    ) -> anyhow::Result<T> {
-        let response = request.send().await?;
+    ) -> Result<T, GatewayError> {
+        let response = request.send().await.map_err(GatewayError::Transport)?;
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
-            anyhow::bail!("gateway answered {status}: {body}");
+            return Err(GatewayError::Refused(
+                status,
+                body.chars().take(512).collect(),
+            ));
         }
-        Ok(response.json().await?)
+        response.json().await.map_err(GatewayError::Transport)
     }
 
     fn agent(&self) -> &str {
@@ -200,8 +235,11 @@ fn http_client(options: &RunOptions) -> anyhow::Result<reqwest::Client> {
     Ok(builder.build()?)
 }
 
-async fn connect(options: &RunOptions) -> anyhow::Result<GatewayClient> {
-    let http = http_client(options)?;
+/// Registers (or finds the saved credential) and returns a client for the gateway.
+/// `Local` errors and answers that will not change are final; the rest are retried.
+async fn connect(options: &RunOptions) -> Result<GatewayClient, GatewayError> {
+    let local = |what: String| GatewayError::Local(what);
+    let http = http_client(options).map_err(|err| local(format!("{err:#}")))?;
     let labels: BTreeMap<String, String> = options.labels.iter().cloned().collect();
     if let Some(node) = &options.node {
         let client = GatewayClient {
@@ -230,8 +268,12 @@ async fn connect(options: &RunOptions) -> anyhow::Result<GatewayClient> {
     }
     let saved_path = options.state_dir.join("credential.json");
     if let Ok(bytes) = std::fs::read(&saved_path) {
-        let saved: SavedCredential =
-            serde_json::from_slice(&bytes).context("the saved credential is unreadable")?;
+        let saved: SavedCredential = serde_json::from_slice(&bytes).map_err(|err| {
+            local(format!(
+                "the saved credential {} is unreadable: {err}",
+                saved_path.display()
+            ))
+        })?;
         return Ok(GatewayClient {
             http,
             base: options.server.clone(),
@@ -241,12 +283,11 @@ async fn connect(options: &RunOptions) -> anyhow::Result<GatewayClient> {
             },
         });
     }
-    let token_file = options
-        .token_file
-        .as_ref()
-        .context("this agent has no credential yet: give --token-file with a bootstrap token")?;
+    let token_file = options.token_file.as_ref().ok_or_else(|| {
+        local("this agent has no credential yet: give --token-file with a bootstrap token".into())
+    })?;
     let token = std::fs::read_to_string(token_file)
-        .with_context(|| format!("reading {}", token_file.display()))?;
+        .map_err(|err| local(format!("reading {}: {err}", token_file.display())))?;
     let name = options.name.clone().unwrap_or_else(hostname);
     let request = RegisterRequest {
         name: name.clone(),
@@ -256,24 +297,30 @@ async fn connect(options: &RunOptions) -> anyhow::Result<GatewayClient> {
         platform: None,
     };
     let url = format!("{}/agent/v1/register", options.server.trim_end_matches('/'));
-    let response = http.post(url).json(&request).send().await?;
-    let status = response.status();
-    if !status.is_success() {
-        anyhow::bail!(
-            "registration refused ({status}): {}",
-            response.text().await.unwrap_or_default()
-        );
-    }
-    let registered: RegisterResponse = response.json().await?;
+    let unregistered = GatewayClient {
+        http: http.clone(),
+        base: options.server.clone(),
+        auth: Auth::External {
+            agent: name,
+            credential: String::new(),
+        },
+    };
+    let registered: RegisterResponse = unregistered.send(http.post(url).json(&request)).await?;
     let credential = registered
         .credential
-        .context("the gateway sent no credential")?;
+        .ok_or_else(|| local("the gateway sent no credential".into()))?;
     let saved = SavedCredential {
         agent: registered.agent.clone(),
         credential: credential.clone(),
     };
-    std::fs::create_dir_all(&options.state_dir)?;
-    write_private(&saved_path, &serde_json::to_vec(&saved)?)?;
+    std::fs::create_dir_all(&options.state_dir)
+        .and_then(|()| write_private(&saved_path, &serde_json::to_vec(&saved).unwrap_or_default()))
+        .map_err(|err| {
+            local(format!(
+                "saving the credential in {}: {err}",
+                saved_path.display()
+            ))
+        })?;
     tracing::info!(agent = %registered.agent, "registered with the gateway");
     Ok(GatewayClient {
         http,
@@ -299,11 +346,14 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// Latest status per job waiting to be acknowledged.
+/// Latest status per job waiting to be acknowledged, with the job's namespace/name.
 #[derive(Default)]
 struct Outbox {
-    pending: Mutex<HashMap<String, (i64, PatchJobStatus)>>,
+    pending: Mutex<HashMap<String, (i64, PatchJobStatus, String)>>,
     acknowledged: Mutex<HashMap<String, i64>>,
+    /// Jobs the gateway will take no more reports for (finished there, or deleted):
+    /// their journal entries are dropped.
+    closed: Mutex<std::collections::HashSet<String>>,
     wake: Notify,
 }
 
@@ -312,7 +362,10 @@ impl Outbox {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(record.id.clone(), (record.sequence, record.status.clone()));
+            .insert(
+                record.id.clone(),
+                (record.sequence, record.status.clone(), record.name.clone()),
+            );
         self.wake.notify_one();
     }
 
@@ -324,9 +377,17 @@ impl Outbox {
             .copied()
             .unwrap_or(0)
     }
+
+    fn closed(&self, uid: &str) -> bool {
+        self.closed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(uid)
+    }
 }
 
-/// A node agent's reboots wait for the controller, which cordons and drains the node.
+/// The gateway's permission to reboot: node agents wait for the controller to cordon
+/// and drain their node; every agent is refused when its job ended or was cancelled.
 struct GatewayRebootGate {
     client: GatewayClient,
 }
@@ -367,8 +428,8 @@ impl executor::RebootGate for GatewayRebootGate {
                             }
                         }
                     }
-                    Err(err) if err.to_string().contains("404 Not Found") => {
-                        return Err("the job was deleted before the reboot".into());
+                    Err(err) if err.is_final() => {
+                        return Err(format!("the gateway refused the reboot: {err}"));
                     }
                     Err(err) => {
                         tracing::warn!(job = %record.name, error = %err, "cannot ask whether to reboot; retrying");
@@ -381,20 +442,34 @@ impl executor::RebootGate for GatewayRebootGate {
     }
 }
 
+fn job_name(record_name: &str) -> Option<JobName> {
+    let (namespace, name) = record_name.split_once('/')?;
+    Some(JobName {
+        namespace: namespace.into(),
+        name: name.into(),
+    })
+}
+
 /// Sends what the outbox holds until the gateway has written it, retrying with backoff.
+/// A job the gateway takes no more reports for (409: it is finished there; 404/410: it
+/// is gone) is closed: the agent stops reporting it and forgets it.
 async fn deliver(client: GatewayClient, outbox: Arc<Outbox>) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        let batch: Vec<(String, i64, PatchJobStatus)> = outbox
+        let batch: Vec<(String, i64, PatchJobStatus, String)> = outbox
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(k, (s, st))| (k.clone(), *s, st.clone()))
+            .map(|(k, (s, st, n))| (k.clone(), *s, st.clone(), n.clone()))
             .collect();
         let mut all_done = true;
-        for (uid, sequence, status) in batch {
-            let report = ProgressReport { sequence, status };
+        for (uid, sequence, status, name) in batch {
+            let report = ProgressReport {
+                sequence,
+                status,
+                job: job_name(&name),
+            };
             let sent = async {
                 let request = client
                     .request(
@@ -416,7 +491,7 @@ async fn deliver(client: GatewayClient, outbox: Arc<Outbox>) {
                         let mut pending = outbox.pending.lock().unwrap_or_else(|p| p.into_inner());
                         if pending
                             .get(&uid)
-                            .is_some_and(|(s, _)| *s <= ack.acknowledged_sequence)
+                            .is_some_and(|(s, _, _)| *s <= ack.acknowledged_sequence)
                         {
                             pending.remove(&uid);
                         }
@@ -424,6 +499,28 @@ async fn deliver(client: GatewayClient, outbox: Arc<Outbox>) {
                         all_done = false; // accepted, not yet written: ask again shortly
                     }
                     backoff = Duration::from_millis(200);
+                }
+                Err(err)
+                    if matches!(
+                        err.status(),
+                        Some(
+                            reqwest::StatusCode::CONFLICT
+                                | reqwest::StatusCode::GONE
+                                | reqwest::StatusCode::NOT_FOUND
+                        )
+                    ) =>
+                {
+                    tracing::warn!(job = %name, error = %err, "the gateway takes no more reports for this job; forgetting it");
+                    outbox
+                        .pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&uid);
+                    outbox
+                        .closed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(uid);
                 }
                 Err(err) => {
                     tracing::warn!(job = %uid, error = %err, "cannot deliver progress; keeping it");
@@ -441,10 +538,77 @@ async fn deliver(client: GatewayClient, outbox: Arc<Outbox>) {
     }
 }
 
+/// The job the agent runs now.
+#[derive(Clone)]
+struct RunningJob {
+    uid: String,
+    name: String,
+    cancel: Arc<Cancellation>,
+}
+
+type Running = Arc<Mutex<Option<RunningJob>>>;
+
+/// Sends heartbeats forever; the gateway answers with the jobs to stop, which cancels
+/// the running one.
+async fn send_heartbeats(
+    client: GatewayClient,
+    every: Duration,
+    platform: Platform,
+    running: Running,
+) {
+    loop {
+        let job = running.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let beat = Heartbeat {
+            version: env!("CARGO_PKG_VERSION").into(),
+            hostname: Some(hostname()),
+            platform: Some(platform.clone()),
+            updates: None,
+            current_job: job.as_ref().map(|j| j.name.clone()),
+        };
+        let sent = async {
+            let request = client
+                .request(reqwest::Method::POST, "/agent/v1/heartbeat")?
+                .json(&beat);
+            client.send::<HeartbeatAnswer>(request).await
+        }
+        .await;
+        match sent {
+            Ok(answer) => {
+                if let Some(job) = job.filter(|j| answer.cancel.contains(&j.uid)) {
+                    tracing::warn!(job = %job.name, "the gateway cancelled the running job");
+                    job.cancel
+                        .cancel("the job was deleted, or its agent paused");
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "heartbeat failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 fn jitter(base: Duration) -> Duration {
     base + Duration::from_millis(
         u64::from(rand::random::<u16>()) % (base.as_millis() as u64 / 2 + 1),
     )
+}
+
+/// Connects, retrying what may succeed later; gives up on answers that will not.
+async fn connect_until_done(options: &RunOptions) -> anyhow::Result<GatewayClient> {
+    let mut backoff = Duration::from_secs(2);
+    loop {
+        match connect(options).await {
+            Ok(client) => return Ok(client),
+            Err(err @ GatewayError::Local(_)) => return Err(err.into()),
+            Err(err) if err.is_final() => {
+                anyhow::bail!("registration refused: {err}");
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot reach the gateway; retrying");
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
 }
 
 /// Runs the agent until it is stopped (or, with a simulated reboot, until it "reboots").
@@ -454,20 +618,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
             .context("--host-namespaces")?;
     }
     let journal = Journal::open(&options.state_dir)?;
-    let client = loop {
-        match connect(&options).await {
-            Ok(client) => break client,
-            Err(err) if options.token_file.is_some() || options.node.is_some() => {
-                // Registration errors from the gateway itself are final; network errors are retried.
-                if err.to_string().contains("refused (") {
-                    return Err(err);
-                }
-                tracing::warn!(error = %err, "cannot reach the gateway; retrying");
-                tokio::time::sleep(jitter(Duration::from_secs(2))).await;
-            }
-            Err(err) => return Err(err),
-        }
-    };
+    let client = connect_until_done(&options).await?;
     tracing::info!(agent = %client.agent(), server = %options.server, "agent started");
 
     let outbox = Arc::new(Outbox::default());
@@ -477,40 +628,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
     }
     tokio::spawn(deliver(client.clone(), outbox.clone()));
 
-    let current_job: Arc<Mutex<Option<String>>> = Arc::default();
-    let beat_client = client.clone();
-    let beat_job = current_job.clone();
-    let every = Duration::from_secs(options.heartbeat_seconds.max(1));
+    let running: Running = Arc::default();
     let detected = patcher::detect();
-    let host_platform = platform(detected.as_deref().map(|p| p.name()));
-    tokio::spawn(async move {
-        loop {
-            let beat = Heartbeat {
-                version: env!("CARGO_PKG_VERSION").into(),
-                hostname: Some(hostname()),
-                platform: Some(host_platform.clone()),
-                updates: None,
-                current_job: beat_job.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            };
-            let sent = async {
-                let request = beat_client
-                    .request(reqwest::Method::POST, "/agent/v1/heartbeat")?
-                    .json(&beat);
-                let response = request.send().await?;
-                anyhow::ensure!(
-                    response.status().is_success(),
-                    "gateway answered {}",
-                    response.status()
-                );
-                Ok(())
-            }
-            .await;
-            if let Err(err) = sent {
-                tracing::warn!(error = %err, "heartbeat failed");
-            }
-            tokio::time::sleep(every).await;
-        }
-    });
+    tokio::spawn(send_heartbeats(
+        client.clone(),
+        Duration::from_secs(options.heartbeat_seconds.max(1)),
+        platform(detected.as_deref().map(|p| p.name())),
+        running.clone(),
+    ));
 
     let host_rebooter = HostRebooter;
     let simulated = SimulatedRebooter {
@@ -521,9 +646,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
     } else {
         &host_rebooter
     };
-    let gate = options.node.is_some().then(|| GatewayRebootGate {
+    // Every agent asks before it reboots: node agents wait for the drain, and any
+    // agent's reboot is called off when its job was cancelled.
+    let gate = GatewayRebootGate {
         client: client.clone(),
-    });
+    };
     let mut backoff = Duration::from_millis(500);
     loop {
         // Unfinished jobs in the journal first: they were cut off by a crash or a reboot.
@@ -541,9 +668,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
                     assignments
                 }
                 Err(err) => {
-                    tracing::warn!(error = %err, "cannot fetch assignments; retrying");
+                    if err.status() == Some(reqwest::StatusCode::UNAUTHORIZED) {
+                        tracing::error!(error = %err, "the gateway no longer accepts this agent's credential (revoked, or its Agent deleted)");
+                        backoff = backoff.max(Duration::from_secs(15));
+                    } else {
+                        tracing::warn!(error = %err, "cannot fetch assignments; retrying");
+                    }
                     tokio::time::sleep(jitter(backoff)).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
                     continue;
                 }
             };
@@ -574,7 +706,15 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
             }
         }
         for mut record in work {
-            *current_job.lock().unwrap_or_else(|p| p.into_inner()) = Some(record.name.clone());
+            let cancel = Arc::new(Cancellation::default());
+            if outbox.closed(&record.id) {
+                cancel.cancel("the gateway takes no more reports for this job");
+            }
+            *running.lock().unwrap_or_else(|p| p.into_inner()) = Some(RunningJob {
+                uid: record.id.clone(),
+                name: record.name.clone(),
+                cancel: cancel.clone(),
+            });
             let events = outbox.clone();
             let on_event = move |record: &JobRecord, _event: &Event| events.put(record);
             let executor = Executor {
@@ -589,7 +729,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
                 minute: Duration::from_millis(options.minute_ms),
                 max_download_bytes: super::download::DEFAULT_MAX_BYTES,
                 on_event: &on_event,
-                reboot_gate: gate.as_ref().map(|g| g as &dyn executor::RebootGate),
+                reboot_gate: Some(&gate),
+                cancel: Some(&cancel),
             };
             let outcome = executor.run(&mut record).await?;
             outbox.put(&record);
@@ -607,11 +748,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
                 tracing::info!("waiting for the host to reboot");
                 std::future::pending::<()>().await;
             }
-            *current_job.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *running.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
-        // Forget finished jobs the gateway has written.
+        // Forget finished jobs the gateway has written, or will take nothing more for.
         for record in journal.all()? {
-            if record.is_finished() && outbox.acknowledged(&record.id) >= record.sequence {
+            let delivered = outbox.acknowledged(&record.id) >= record.sequence;
+            if record.is_finished() && (delivered || outbox.closed(&record.id)) {
                 journal.remove(&record.id)?;
             }
         }

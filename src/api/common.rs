@@ -20,6 +20,9 @@ pub const RUN_REQUESTED_ANNOTATION: &str = "fleetpatch.io/run-requested";
 pub const REBOOT_DECISION_ANNOTATION: &str = "fleetpatch.io/reboot-decision";
 /// On a PatchJob: why the reboot waits or was denied, in words.
 pub const REBOOT_MESSAGE_ANNOTATION: &str = "fleetpatch.io/reboot-message";
+/// Finalizer on PatchJobs: a deleted job stays (counted by its run) until the run ended,
+/// so the run never makes a second job for the same host.
+pub const RUN_FINALIZER: &str = "fleetpatch.io/run";
 /// Labels on PatchJobs naming their plan, run and agent.
 pub const PLAN_LABEL: &str = "fleetpatch.io/plan";
 pub const RUN_LABEL: &str = "fleetpatch.io/run";

@@ -49,6 +49,43 @@ pub fn set(
     }
 }
 
+/// The `Complete`/`Failed` pair of a finished job, so `kubectl wait --for=condition=...`
+/// works either way: Complete True and Failed False when it succeeded, the reverse when
+/// it did not. Returns whether anything changed.
+pub fn set_outcome(
+    conditions: &mut Vec<Condition>,
+    succeeded: bool,
+    reason: &str,
+    message: &str,
+    observed_generation: Option<i64>,
+    now: Timestamp,
+) -> bool {
+    let (complete, failed) = if succeeded {
+        (TRUE, FALSE)
+    } else {
+        (FALSE, TRUE)
+    };
+    let a = set(
+        conditions,
+        "Complete",
+        complete,
+        reason,
+        message,
+        observed_generation,
+        now,
+    );
+    let b = set(
+        conditions,
+        "Failed",
+        failed,
+        reason,
+        message,
+        observed_generation,
+        now,
+    );
+    a || b
+}
+
 /// The status of condition `type_`, if present.
 pub fn status<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a str> {
     conditions

@@ -286,6 +286,10 @@ pub struct RunCounts {
     pub unknown: i32,
     /// Hosts selected but skipped because their Agent is paused.
     pub paused: i32,
+    /// Hosts selected but skipped because their Agent does not accept plans from this
+    /// plan's namespace (`spec.allowedPlans`).
+    #[serde(default)]
+    pub not_permitted: i32,
 }
 
 /// Phase of one plan run.

@@ -6,14 +6,15 @@ use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
 use serde_json::json;
 
 use crate::api::rules::{Catalog, Limits};
-use crate::api::{Agent, PatchJob, RemediationPlan, Script, Task, Workflow};
-use crate::gateway::server::{Gateway, Heartbeats};
+use crate::gateway::Gateway;
+use crate::gateway::jobs::JobSigner;
 
+use super::caches::Caches;
 use super::metrics::Metrics;
 
 /// Field manager of the controller's writes.
@@ -22,41 +23,35 @@ pub const FIELD_MANAGER: &str = "fleetpatch.io/controller";
 /// Controller settings.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// The controller's namespace: built-in library, Secrets, Lease.
+    /// The controller's namespace: built-in library, Secrets, Leases.
     pub namespace: String,
     pub limits: Limits,
-    /// Finished PatchJobs are deleted this long after they finish.
+    /// Finished PatchJobs are deleted this long after they finish (once their run ended).
     pub job_ttl: Duration,
     /// An Agent without a heartbeat for this long is not Ready.
     pub heartbeat_timeout: Duration,
     /// Default deadline of a job when the plan sets none.
     pub default_job_deadline: Duration,
-}
-
-/// The read caches the reconcilers use.
-#[derive(Clone)]
-pub struct Caches {
-    pub scripts: Store<Script>,
-    pub tasks: Store<Task>,
-    pub workflows: Store<Workflow>,
-    pub plans: Store<RemediationPlan>,
-    pub jobs: Store<PatchJob>,
-    pub agents: Store<Agent>,
+    /// Most cluster nodes rebooting at once, whatever plans they belong to.
+    pub max_node_reboots: usize,
+    /// Most reconciles of one kind in flight at once.
+    pub workers: u16,
 }
 
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
-    pub caches: Caches,
+    pub caches: Arc<Caches>,
     pub recorder: Recorder,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
-    pub heartbeats: Heartbeats,
     pub gateway: Arc<Gateway>,
+    /// Signs the PatchJobs the controller makes; the gateway serves no other.
+    pub signer: JobSigner,
     /// A client that does not retry `429`: for evictions, where a 429 is the answer
     /// (a PodDisruptionBudget forbids it now), not a hiccup.
     pub eviction_client: Client,
-    /// Held while a node is claimed for a drain, so `maxConcurrentNodes` holds.
+    /// Held while a node is claimed for a drain, so the reboot limits hold.
     pub drain_lock: tokio::sync::Mutex<()>,
 }
 
@@ -102,16 +97,36 @@ impl Context {
     }
 
     /// Writes `status` with server-side apply under the controller's field manager.
-    pub async fn apply_status<K>(&self, object: &K, status: serde_json::Value) -> Result<(), Error>
+    pub async fn apply_status<K, S>(&self, object: &K, status: &S) -> Result<(), Error>
     where
         K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        S: Serialize,
+    {
+        self.apply_status_over(object, status, None).await
+    }
+
+    /// Like [`Self::apply_status`], but only over `resource_version` (409 otherwise),
+    /// for writes that must not land on a state they did not see.
+    pub async fn apply_status_over<K, S>(
+        &self,
+        object: &K,
+        status: &S,
+        resource_version: Option<String>,
+    ) -> Result<(), Error>
+    where
+        K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        S: Serialize,
     {
         let resource = kube::api::ApiResource::erase::<K>(&());
         let api: Api<kube::api::DynamicObject> = match object.namespace() {
             Some(ns) => Api::namespaced_with(self.client.clone(), &ns, &resource),
             None => Api::all_with(self.client.clone(), &resource),
         };
-        let body = json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "metadata": {"name": object.name_any()}, "status": status});
+        let mut metadata = json!({"name": object.name_any()});
+        if let Some(version) = resource_version {
+            metadata["resourceVersion"] = json!(version);
+        }
+        let body = json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "metadata": metadata, "status": status});
         api.patch_status(
             &object.name_any(),
             &PatchParams::apply(FIELD_MANAGER).force(),

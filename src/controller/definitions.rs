@@ -92,13 +92,12 @@ pub async fn reconcile_script(script: Arc<Script>, ctx: Arc<Context>) -> Result<
     }
     ctx.apply_status(
         script.as_ref(),
-        serde_json::to_value(ScriptStatus {
+        &ScriptStatus {
             observed_generation: generation,
             sha256: Some(sha256),
             diagnostics,
             conditions,
-        })
-        .expect("serializes"),
+        },
     )
     .await?;
     Ok(Action::requeue(RECHECK))
@@ -131,11 +130,7 @@ pub async fn reconcile_task(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action
             observed_generation: generation,
             conditions,
         };
-        ctx.apply_status(
-            task.as_ref(),
-            serde_json::to_value(status).expect("serializes"),
-        )
-        .await?;
+        ctx.apply_status(task.as_ref(), &status).await?;
     }
     // References may appear later: look again soon while not Ready.
     Ok(Action::requeue(if problems.is_empty() {
@@ -219,13 +214,12 @@ pub async fn reconcile_workflow(
         }
         ctx.apply_status(
             workflow.as_ref(),
-            serde_json::to_value(WorkflowStatus {
+            &WorkflowStatus {
                 observed_generation: generation,
                 active_plans,
                 default_for,
                 conditions,
-            })
-            .expect("serializes"),
+            },
         )
         .await?;
     }

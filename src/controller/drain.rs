@@ -1,10 +1,13 @@
 //! Safe reboots of cluster nodes. A node agent that must reboot reports its job's
 //! reboot as `Pending` and asks the gateway for permission. This reconciler (one per
-//! Node) then, at most `maxConcurrentNodes` nodes of a plan at a time: cordons the node,
+//! Node, leader only) then — for a signed job of this node's own node agent, at most
+//! `maxConcurrentNodes` nodes of a plan and `--max-node-reboots` nodes of the cluster at
+//! a time, never two control-plane nodes together — cordons the node,
 //! evicts its pods through the eviction API (so PodDisruptionBudgets hold) and approves
 //! the reboot on the job; or, when the pods do not leave within the drain timeout,
 //! denies it and uncordons. After the reboot it waits for the node to be Ready and
-//! uncordons it.
+//! uncordons it. An approved reboot that does not happen within five minutes is
+//! called off, so a node is never left cordoned for a host that stayed up.
 //!
 //! Everything it needs to finish is recorded on the Node itself (annotations), so a
 //! node cordoned by us is uncordoned even when the job fails, the plan is deleted or
@@ -38,6 +41,61 @@ pub const DRAIN_STARTED_ANNOTATION: &str = "fleetpatch.io/drain-started";
 /// On a Node: `"true"` when fleetpatch cordoned it (and so must uncordon it). A node
 /// somebody else had cordoned stays cordoned.
 pub const CORDONED_ANNOTATION: &str = "fleetpatch.io/cordoned";
+/// On a Node: when the reboot was approved (RFC 3339).
+pub const DRAIN_APPROVED_ANNOTATION: &str = "fleetpatch.io/drain-approved";
+/// Labels of nodes with the control-plane role.
+const CONTROL_PLANE_LABELS: [&str; 2] = [
+    "node-role.kubernetes.io/control-plane",
+    "node-role.kubernetes.io/master",
+];
+/// How long an approved reboot may take to begin before it is called off.
+pub const APPROVED_REBOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A node being drained or rebooted for a job, as its annotations record it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claimed {
+    pub plan: String,
+    pub control_plane: bool,
+}
+
+/// Why a node may not be claimed yet.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Wait {
+    #[error("{0} node(s) of plan {1} are being drained or rebooted (maxConcurrentNodes {2})")]
+    Plan(usize, String, u32),
+    #[error("{0} node(s) of the cluster are being drained or rebooted (--max-node-reboots {1})")]
+    Cluster(usize, usize),
+    #[error("another control-plane node is being drained or rebooted")]
+    ControlPlane,
+}
+
+/// Whether one more node may start draining: the plan's limit, the cluster's, and never
+/// two control-plane nodes at once.
+pub fn claim_decision(
+    claimed: &[Claimed],
+    plan: &str,
+    max_of_plan: u32,
+    control_plane: bool,
+    max_of_cluster: usize,
+) -> Result<(), Wait> {
+    let of_plan = claimed.iter().filter(|c| c.plan == plan).count();
+    if !may_claim(of_plan, max_of_plan) {
+        return Err(Wait::Plan(of_plan, plan.to_string(), max_of_plan));
+    }
+    if claimed.len() >= max_of_cluster.max(1) {
+        return Err(Wait::Cluster(claimed.len(), max_of_cluster.max(1)));
+    }
+    if control_plane && claimed.iter().any(|c| c.control_plane) {
+        return Err(Wait::ControlPlane);
+    }
+    Ok(())
+}
+
+fn is_control_plane(node: &Node) -> bool {
+    CONTROL_PLANE_LABELS
+        .iter()
+        .any(|label| node.labels().contains_key(*label))
+}
 
 /// What drain does with one pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +182,26 @@ fn is_finished(job: &PatchJob) -> bool {
     job.status.as_ref().is_some_and(|s| s.phase.is_finished())
 }
 
+/// Whether `job` is a signed job of `node`'s own node agent: only those drain a node.
+fn is_node_agents_job(ctx: &Context, job: &PatchJob, node: &str) -> bool {
+    let agent = ctx.caches.agents.get(&ObjectRef::new(&job.spec.agent));
+    let own = agent.is_some_and(|agent| {
+        agent.spec.mode == crate::api::agent::AgentMode::Node
+            && agent.spec.node_name.as_deref() == Some(node)
+    });
+    own && ctx.signer.verify(job)
+}
+
+/// Whether an approved reboot has not happened for longer than it may take.
+fn approval_lapsed(node: &Node, now: Timestamp) -> bool {
+    node.annotations()
+        .get(DRAIN_APPROVED_ANNOTATION)
+        .and_then(|t| t.parse::<Timestamp>().ok())
+        .is_some_and(|approved| {
+            now.duration_since(approved).as_secs() >= APPROVED_REBOOT_TIMEOUT.as_secs() as i64
+        })
+}
+
 /// A job on this node waiting for a reboot decision.
 fn waiting_job(ctx: &Context, node: &str) -> Option<Arc<PatchJob>> {
     let mut waiting: Vec<Arc<PatchJob>> = ctx
@@ -136,6 +214,7 @@ fn waiting_job(ctx: &Context, node: &str) -> Option<Arc<PatchJob>> {
                 && !is_finished(job)
                 && reboot_state(job) == Some(RebootState::Pending)
                 && decision(job).is_none()
+                && is_node_agents_job(ctx, job, node)
         })
         .collect();
     // The oldest first, should there ever be more than one.
@@ -187,19 +266,30 @@ async fn claim(ctx: &Context, node: &Node, job: &PatchJob) -> Result<Action, Err
     let plan_key = key(&namespace, &plan.name_any());
     let _serial = ctx.drain_lock.lock().await;
     // A fresh list, not the cache: the previous claim's write must be counted.
-    let claimed = nodes(ctx)
+    let claimed: Vec<Claimed> = nodes(ctx)
         .list(&ListParams::default())
         .await?
         .items
         .iter()
-        .filter(|n| n.annotations().get(DRAIN_PLAN_ANNOTATION) == Some(&plan_key))
-        .count();
+        .filter(|n| n.name_any() != name)
+        .filter_map(|n| {
+            n.annotations()
+                .get(DRAIN_PLAN_ANNOTATION)
+                .map(|plan| Claimed {
+                    plan: plan.clone(),
+                    control_plane: is_control_plane(n),
+                })
+        })
+        .collect();
     let max = plan.spec.reboot.max_concurrent_nodes;
-    if !may_claim(claimed, max) {
-        let message = format!(
-            "waiting: {claimed} node(s) of plan {} are being drained or rebooted (maxConcurrentNodes {max})",
-            plan.name_any()
-        );
+    if let Err(wait) = claim_decision(
+        &claimed,
+        &plan_key,
+        max,
+        is_control_plane(node),
+        ctx.settings.max_node_reboots,
+    ) {
+        let message = format!("waiting: {wait}");
         if job.annotations().get(REBOOT_MESSAGE_ANNOTATION) != Some(&message) {
             annotate_job(ctx, job, None, &message).await;
         }
@@ -262,6 +352,7 @@ async fn release(ctx: &Context, node: &Node, why: &str) -> Result<(), Error> {
         DRAIN_FOR_ANNOTATION: null,
         DRAIN_PLAN_ANNOTATION: null,
         DRAIN_STARTED_ANNOTATION: null,
+        DRAIN_APPROVED_ANNOTATION: null,
         CORDONED_ANNOTATION: null,
     }}});
     if ours {
@@ -336,6 +427,10 @@ async fn drain(ctx: &Context, node: &Node, job: &PatchJob) -> Result<Action, Err
             .count()
     };
     if still_there == 0 {
+        let patch = json!({"metadata": {"annotations": {DRAIN_APPROVED_ANNOTATION: Timestamp::now().to_string()}}});
+        nodes(ctx)
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
         annotate_job(
             ctx,
             job,
@@ -408,6 +503,15 @@ pub async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action
         Some(job) if !is_finished(job) && state == Some(RebootState::Pending) => {
             match decision(job) {
                 None => drain(&ctx, &node, job).await,
+                Some("Approved") if approval_lapsed(&node, Timestamp::now()) => {
+                    let message = format!(
+                        "the reboot of node {name} was approved but the host did not go down within {}s; called off",
+                        APPROVED_REBOOT_TIMEOUT.as_secs()
+                    );
+                    annotate_job(&ctx, job, Some("Denied"), &message).await;
+                    release(&ctx, &node, "the approved reboot did not happen").await?;
+                    Ok(Action::await_change())
+                }
                 // Approved: the agent reboots shortly. Denied: released already.
                 Some(_) => Ok(Action::requeue(Duration::from_secs(10))),
             }
@@ -520,6 +624,54 @@ mod tests {
         let mut leaving = pod(&[]);
         leaving.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
         assert_eq!(pod_fate(&leaving, None), PodFate::Wait);
+    }
+
+    #[test]
+    fn the_cluster_limit_and_the_control_plane_rule_hold_across_plans() {
+        let claimed = |plan: &str, control_plane: bool| Claimed {
+            plan: plan.into(),
+            control_plane,
+        };
+        assert_eq!(claim_decision(&[], "a/p", 1, true, 1), Ok(()));
+        // Two plans, one node each: the second waits for the cluster-wide limit.
+        assert_eq!(
+            claim_decision(&[claimed("a/p", false)], "b/q", 1, false, 1),
+            Err(Wait::Cluster(1, 1))
+        );
+        assert_eq!(
+            claim_decision(&[claimed("a/p", false)], "b/q", 1, false, 2),
+            Ok(())
+        );
+        // Never two control-plane nodes, whatever the limits say.
+        assert_eq!(
+            claim_decision(&[claimed("a/p", true)], "b/q", 5, true, 10),
+            Err(Wait::ControlPlane)
+        );
+        assert_eq!(
+            claim_decision(&[claimed("a/p", true)], "b/q", 5, false, 10),
+            Ok(())
+        );
+        assert_eq!(
+            claim_decision(&[claimed("a/p", false)], "a/p", 1, false, 10),
+            Err(Wait::Plan(1, "a/p".into(), 1))
+        );
+    }
+
+    #[test]
+    fn an_approval_lapses_after_the_timeout() {
+        let mut node = Node::default();
+        let now: Timestamp = "2026-12-01T12:00:00Z".parse().unwrap();
+        assert!(!approval_lapsed(&node, now));
+        node.metadata.annotations = Some(BTreeMap::from([(
+            DRAIN_APPROVED_ANNOTATION.to_string(),
+            "2026-12-01T11:58:00Z".to_string(),
+        )]));
+        assert!(!approval_lapsed(&node, now));
+        node.metadata.annotations = Some(BTreeMap::from([(
+            DRAIN_APPROVED_ANNOTATION.to_string(),
+            "2026-12-01T11:54:00Z".to_string(),
+        )]));
+        assert!(approval_lapsed(&node, now));
     }
 
     #[test]

@@ -17,12 +17,15 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use crate::api::common::{AGENT_LABEL, PLAN_LABEL, RUN_LABEL, RUN_REQUESTED_ANNOTATION};
+use crate::api::common::{
+    AGENT_LABEL, PLAN_LABEL, RUN_FINALIZER, RUN_LABEL, RUN_REQUESTED_ANNOTATION,
+};
 use crate::api::conditions;
 use crate::api::patchjob::{JobPhase, PatchJob, PatchJobSpec, PatchJobStatus};
-use crate::api::plan::{PlanRun, RemediationPlan, RunFailure, RunPhase};
+use crate::api::plan::{PlanRun, RemediationPlan, RemediationPlanStatus, RunFailure, RunPhase};
 use crate::api::resolve::{self, JobTarget};
 use crate::api::schedule::ParsedSchedule;
+use crate::gateway::jobs::SIGNATURE_ANNOTATION;
 
 use super::context::{Context, Error};
 use super::rollout::{FleetAgent, RunJob, plan_rollout};
@@ -58,8 +61,188 @@ pub fn job_name(plan: &str, run: &str, agent: &str) -> String {
     format!("{}-{}", keep.trim_end_matches(['-', '.']), &digest[..16])
 }
 
-fn run_is_open(run: &PlanRun) -> bool {
+/// Whether a run may still create jobs or is waiting for them to finish.
+pub fn run_is_open(run: &PlanRun) -> bool {
     matches!(run.phase, RunPhase::Running | RunPhase::Halted) && run.completion_time.is_none()
+}
+
+/// What starts a run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// `fleetpatch run plan` set the run-requested annotation to this value.
+    Request(String),
+    /// The schedule's occurrence at this time.
+    Schedule(chrono::DateTime<Utc>),
+}
+
+/// The run to start now, if any: none while one is open, while suspended or invalid;
+/// else a new run request, else a due schedule. Run ids are deterministic, so a
+/// trigger seen again through a stale cache maps to a run that exists and starts
+/// nothing.
+pub fn decide_run(
+    spec: &crate::api::plan::RemediationPlanSpec,
+    status: &RemediationPlanStatus,
+    requested: Option<&String>,
+    schedule: Option<&ParsedSchedule>,
+    valid: bool,
+    now: chrono::DateTime<Utc>,
+) -> Option<(String, Trigger)> {
+    if !valid || spec.suspend || status.current_run.as_ref().is_some_and(run_is_open) {
+        return None;
+    }
+    let new_request = requested.filter(|value| status.last_run_request.as_ref() != Some(*value));
+    let trigger = match new_request {
+        Some(value) => Trigger::Request(value.clone()),
+        None => Trigger::Schedule(
+            schedule?.due(
+                now,
+                status
+                    .last_schedule_time
+                    .as_ref()
+                    .map(|t| from_timestamp(t.0)),
+            )?,
+        ),
+    };
+    let id = match &trigger {
+        Trigger::Request(value) => run_id_for_request(value),
+        Trigger::Schedule(at) => run_id_for_schedule(*at),
+    };
+    let known = status
+        .current_run
+        .iter()
+        .chain(&status.recent_runs)
+        .any(|run| run.id == id);
+    (!known).then_some((id, trigger))
+}
+
+/// `status` with run `id` started by `trigger`: the previous run moves to the recent ones.
+pub fn start_run(status: &mut RemediationPlanStatus, id: &str, trigger: &Trigger, now: Timestamp) {
+    match trigger {
+        Trigger::Request(value) => status.last_run_request = Some(value.clone()),
+        Trigger::Schedule(at) => status.last_schedule_time = Some(Time(to_timestamp(*at))),
+    }
+    if let Some(finished) = status.current_run.take() {
+        status.recent_runs.retain(|run| run.id != finished.id);
+        status.recent_runs.insert(0, finished);
+        status.recent_runs.truncate(MAX_RECENT_RUNS);
+    }
+    status.current_run = Some(PlanRun {
+        id: id.to_string(),
+        phase: RunPhase::Running,
+        start_time: Time(now),
+        completion_time: None,
+        counts: Default::default(),
+        failures: vec![],
+    });
+}
+
+/// The PatchJob for one host of one run, whether its workflow resolved or not: one
+/// builder for every path. A job whose workflow did not resolve has no actions and is
+/// marked Failed right after it is created, so the run counts the host and a person
+/// sees why on the job. Every job is signed (the gateway serves no other), owned by its
+/// plan, and carries the finalizer that keeps a deleted job counted until its run ends.
+pub fn build_job(
+    plan: &RemediationPlan,
+    target: &crate::api::plan::PlanTarget,
+    agent: &crate::api::Agent,
+    run: &str,
+    resolved: &Result<PatchJobSpec, resolve::ResolveError>,
+    deadline: Timestamp,
+    signer: &crate::gateway::jobs::JobSigner,
+) -> PatchJob {
+    let namespace = plan.namespace().unwrap_or_default();
+    let plan_name = plan.name_any();
+    let agent_name = agent.name_any();
+    let mut spec = match resolved {
+        Ok(spec) => spec.clone(),
+        Err(_) => PatchJobSpec {
+            agent: agent_name.clone(),
+            plan: plan_name.clone(),
+            run: run.to_string(),
+            os: agent.spec.os,
+            workflow: target.workflow_ref.clone(),
+            pre_actions: vec![],
+            post_actions: vec![],
+            failure_policy: Default::default(),
+            patches: plan.spec.patches.clone(),
+            reboot: plan.spec.reboot.policy,
+            deadline: None,
+            node: None,
+        },
+    };
+    spec.deadline = Some(Time(deadline));
+    spec.node = (agent.spec.mode == crate::api::agent::AgentMode::Node)
+        .then(|| agent.spec.node_name.clone())
+        .flatten();
+    let name = job_name(&plan_name, run, &agent_name);
+    let signature = signer.sign(&namespace, &name, &spec);
+    PatchJob {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(namespace),
+            labels: Some(BTreeMap::from([
+                (PLAN_LABEL.to_string(), plan_name),
+                (RUN_LABEL.to_string(), run.to_string()),
+                (AGENT_LABEL.to_string(), agent_name),
+            ])),
+            annotations: Some(BTreeMap::from([(
+                SIGNATURE_ANNOTATION.to_string(),
+                signature,
+            )])),
+            owner_references: Some(vec![owner(plan)]),
+            finalizers: Some(vec![RUN_FINALIZER.to_string()]),
+            ..Default::default()
+        },
+        spec,
+        status: None,
+    }
+}
+
+/// The status of a job that could not be resolved.
+pub fn unresolved_status(err: &resolve::ResolveError, now: Timestamp) -> PatchJobStatus {
+    let message = format!("cannot resolve the workflow: {err}");
+    let mut status = PatchJobStatus {
+        phase: JobPhase::Failed,
+        message: message.clone(),
+        completion_time: Some(Time(now)),
+        ..Default::default()
+    };
+    conditions::set_outcome(
+        &mut status.conditions,
+        false,
+        err.category(),
+        &message,
+        None,
+        now,
+    );
+    status
+}
+
+/// The plan's Ready condition from its problems.
+fn set_ready(
+    status: &mut RemediationPlanStatus,
+    problems: &[crate::api::rules::Problem],
+    generation: Option<i64>,
+) {
+    let (state, reason, message) = if problems.is_empty() {
+        (conditions::TRUE, "Valid", String::new())
+    } else {
+        let message = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        (conditions::FALSE, "InvalidPlan", message)
+    };
+    conditions::set(
+        &mut status.conditions,
+        "Ready",
+        state,
+        reason,
+        message,
+        generation,
+        Timestamp::now(),
+    );
 }
 
 pub async fn reconcile_plan(
@@ -68,8 +251,7 @@ pub async fn reconcile_plan(
 ) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile("RemediationPlan");
     let mut status = plan.status.clone().unwrap_or_default();
-    let before = serde_json::to_value(&status).unwrap_or_default();
-    let generation = plan.metadata.generation;
+    let before = status.clone();
     let now = Utc::now();
 
     let problems = ctx.catalog().check_plan(&plan);
@@ -78,105 +260,35 @@ pub async fn reconcile_plan(
         .schedule
         .as_ref()
         .map(ParsedSchedule::parse)
-        .transpose();
-    let ready_message = problems
-        .iter()
-        .map(|p| format!("{}: {}", p.field, p.message))
-        .collect::<Vec<_>>()
-        .join("; ");
-    if problems.is_empty() {
-        conditions::set(
-            &mut status.conditions,
-            "Ready",
-            conditions::TRUE,
-            "Valid",
-            "",
-            generation,
-            Timestamp::now(),
-        );
-    } else {
-        conditions::set(
-            &mut status.conditions,
-            "Ready",
-            conditions::FALSE,
-            "InvalidPlan",
-            ready_message.clone(),
-            generation,
-            Timestamp::now(),
-        );
-    }
-    status.observed_generation = generation;
-    let schedule = schedule.ok().flatten();
+        .transpose()
+        .ok()
+        .flatten();
+    set_ready(&mut status, &problems, plan.metadata.generation);
+    status.observed_generation = plan.metadata.generation;
     status.next_schedule_time = schedule
         .as_ref()
         .and_then(|s| s.next_after(now))
         .map(|t| Time(to_timestamp(t)));
 
-    // Start a run when none is open.
-    if problems.is_empty()
-        && !plan.spec.suspend
-        && status.current_run.as_ref().is_none_or(|r| !run_is_open(r))
-    {
-        let requested = plan.annotations().get(RUN_REQUESTED_ANNOTATION).cloned();
-        let new_request = requested.filter(|value| status.last_run_request.as_ref() != Some(value));
-        let due = schedule.as_ref().and_then(|s| {
-            s.due(
-                now,
-                status
-                    .last_schedule_time
-                    .as_ref()
-                    .map(|t| from_timestamp(t.0)),
-            )
-        });
-        let run_id = match (&new_request, due) {
-            (Some(value), _) => Some(run_id_for_request(value)),
-            (None, Some(at)) => Some(run_id_for_schedule(at)),
-            (None, None) => None,
-        };
-        // Ids are deterministic, so a trigger seen again through a stale cache maps to a
-        // run that already exists and starts nothing.
-        let known = |id: &str| {
-            status
-                .current_run
-                .iter()
-                .chain(&status.recent_runs)
-                .any(|run| run.id == id)
-        };
-        let run_id = run_id.filter(|id| !known(id));
-        if let Some(id) = run_id {
-            if let Some(value) = new_request {
-                status.last_run_request = Some(value);
-            } else if let Some(at) = due {
-                status.last_schedule_time = Some(Time(to_timestamp(at)));
-            }
-            if let Some(finished) = status.current_run.take() {
-                status.recent_runs.retain(|run| run.id != finished.id);
-                status.recent_runs.insert(0, finished);
-                status.recent_runs.truncate(MAX_RECENT_RUNS);
-            }
-            status.current_run = Some(PlanRun {
-                id: id.clone(),
-                phase: RunPhase::Running,
-                start_time: Time(Timestamp::now()),
-                completion_time: None,
-                counts: Default::default(),
-                failures: vec![],
-            });
-            // Record the run before creating any job, so a restart continues this run.
-            ctx.apply_status(
-                plan.as_ref(),
-                serde_json::to_value(&status).expect("status serializes"),
-            )
-            .await?;
-            ctx.event(
-                plan.as_ref(),
-                EventType::Normal,
-                "RunStarted",
-                "Run",
-                format!("run {id} started"),
-            )
-            .await;
-        }
+    if let Some((id, trigger)) = decide_run(
+        &plan.spec,
+        &status,
+        plan.annotations().get(RUN_REQUESTED_ANNOTATION),
+        schedule.as_ref(),
+        problems.is_empty(),
+        now,
+    ) {
+        start_run(&mut status, &id, &trigger, Timestamp::now());
+        // Recorded before any job is created, so a restart continues this run.
+        ctx.apply_status(plan.as_ref(), &status).await?;
+        ctx.event(
+            plan.as_ref(),
+            EventType::Normal,
+            "RunStarted",
+            "Run",
+            format!("run {id} started"),
+        )
+        .await;
     }
 
     let mut requeue = match &status.next_schedule_time {
@@ -187,13 +299,15 @@ pub async fn reconcile_plan(
     };
     if let Some(run) = status.current_run.clone().filter(run_is_open) {
         let run = advance_run(&plan, &ctx, run).await?;
-        if !run_is_open(&run) {
+        if run_is_open(&run) {
+            requeue = Duration::from_secs(2);
+        } else {
             let (reason, type_) = match run.phase {
                 RunPhase::Succeeded => ("RunSucceeded", EventType::Normal),
                 RunPhase::Halted => ("RunHalted", EventType::Warning),
                 _ => ("RunFailed", EventType::Warning),
             };
-            let note = format!(
+            let mut note = format!(
                 "run {}: {} succeeded, {} failed, {} unknown of {} host(s)",
                 run.id,
                 run.counts.succeeded,
@@ -201,18 +315,49 @@ pub async fn reconcile_plan(
                 run.counts.unknown,
                 run.counts.total
             );
+            if run.counts.not_permitted > 0 {
+                note.push_str(&format!(
+                    "; {} selected host(s) skipped: their Agents do not accept plans from namespace {}",
+                    run.counts.not_permitted,
+                    plan.namespace().unwrap_or_default()
+                ));
+            }
             ctx.event(plan.as_ref(), type_, reason, "Run", note).await;
-        } else {
-            requeue = Duration::from_secs(2);
         }
         status.current_run = Some(run);
     }
 
-    let after = serde_json::to_value(&status).unwrap_or_default();
-    if after != before {
-        ctx.apply_status(plan.as_ref(), after).await?;
+    if status != before {
+        ctx.apply_status(plan.as_ref(), &status).await?;
     }
     Ok(Action::requeue(requeue))
+}
+
+/// The hosts as the planner sees them for `plan`: whether each accepts plans from its
+/// namespace comes from the Agent's `allowedPlans` and the namespace's labels.
+fn fleet_for(ctx: &Context, plan: &RemediationPlan) -> Vec<FleetAgent> {
+    let namespace = plan.namespace().unwrap_or_default();
+    let labels = ctx
+        .caches
+        .namespaces
+        .get(&kube::runtime::reflector::ObjectRef::new(&namespace))
+        .map(|ns| ns.labels().clone());
+    ctx.caches
+        .agents
+        .state()
+        .iter()
+        .map(|agent| FleetAgent {
+            name: agent.name_any(),
+            os: agent.spec.os,
+            labels: agent.labels().clone(),
+            paused: agent.spec.paused,
+            permitted: agent.spec.allowed_plans.admits(
+                &namespace,
+                labels.as_ref(),
+                &ctx.settings.namespace,
+            ),
+        })
+        .collect()
 }
 
 /// Creates the jobs the rollout allows and recounts the run.
@@ -223,6 +368,8 @@ async fn advance_run(
 ) -> Result<PlanRun, Error> {
     let namespace = plan.namespace().unwrap_or_default();
     let name = plan.name_any();
+    // Deleted jobs of the run count too (they keep a finalizer until the run ends), so a
+    // host whose job was deleted never gets a second one in the same run.
     let jobs: Vec<Arc<PatchJob>> = ctx
         .caches
         .jobs
@@ -241,25 +388,13 @@ async fn advance_run(
             phase: job.status.as_ref().map(|s| s.phase).unwrap_or_default(),
         })
         .collect();
-    let agents: Vec<FleetAgent> = ctx
-        .caches
-        .agents
-        .state()
-        .iter()
-        .map(|agent| FleetAgent {
-            name: agent.name_any(),
-            os: agent.spec.os,
-            labels: agent.labels().clone(),
-            paused: agent.spec.paused,
-        })
-        .collect();
     let rollout = &plan.spec.rollout;
     let decision = plan_rollout(
         &plan.spec.targets,
         &rollout.max_concurrent,
         &rollout.max_failures,
         plan.spec.suspend,
-        &agents,
+        &fleet_for(ctx, plan),
         &run_jobs,
     );
     let in_flight =
@@ -272,16 +407,23 @@ async fn advance_run(
         .job_deadline_minutes
         .map(|m| Duration::from_secs(u64::from(m) * 60))
         .unwrap_or(ctx.settings.default_job_deadline);
-    let mut failures: Vec<RunFailure> = Vec::new();
+    let deadline = Timestamp::now()
+        .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(
+            deadline_after.as_secs() as i64,
+        ))
+        .unwrap_or(Timestamp::MAX);
     let mut pending = Vec::new();
     for assignment in &decision.create {
         let target = &plan.spec.targets[assignment.target];
-        let agent = agents
-            .iter()
-            .find(|a| a.name == assignment.agent)
-            .expect("assignments name known agents");
+        let Some(agent) = ctx
+            .caches
+            .agents
+            .get(&kube::runtime::reflector::ObjectRef::new(&assignment.agent))
+        else {
+            continue;
+        };
         let job_target = JobTarget {
-            agent: agent.name.clone(),
+            agent: assignment.agent.clone(),
             plan: name.clone(),
             run: run.id.clone(),
             patches: plan.spec.patches.clone(),
@@ -291,66 +433,25 @@ async fn advance_run(
             Some(reference) => catalog
                 .workflow(reference, &namespace)
                 .map_err(|err| resolve::ResolveError::WorkflowNotFound(err.to_string()))
-                .and_then(|workflow| resolve::resolve_job(&catalog, workflow, job_target.clone())),
-            None => match catalog.default_workflow(&namespace, agent.os) {
-                Some(workflow) => resolve::resolve_job(&catalog, workflow, job_target.clone()),
+                .and_then(|workflow| resolve::resolve_job(&catalog, workflow, job_target)),
+            None => match catalog.default_workflow(&namespace, agent.spec.os) {
+                Some(workflow) => resolve::resolve_job(&catalog, workflow, job_target),
                 None => Err(resolve::ResolveError::WorkflowNotFound(format!(
                     "no default workflow for {}",
-                    agent.os
+                    agent.spec.os
                 ))),
             },
         };
-        let deadline = Timestamp::now()
-            + k8s_openapi::jiff::SignedDuration::from_secs(deadline_after.as_secs() as i64);
-        let (spec, failed) = match resolved {
-            Ok(mut spec) => {
-                spec.deadline = Some(Time(deadline));
-                (spec, None)
-            }
-            // The job is still created, empty and Failed, so the run counts the host and a
-            // person sees why on the job itself.
-            Err(err) => (
-                PatchJobSpec {
-                    agent: agent.name.clone(),
-                    plan: name.clone(),
-                    run: run.id.clone(),
-                    os: agent.os,
-                    workflow: target.workflow_ref.clone(),
-                    pre_actions: vec![],
-                    post_actions: vec![],
-                    failure_policy: Default::default(),
-                    patches: plan.spec.patches.clone(),
-                    reboot: plan.spec.reboot.policy,
-                    deadline: Some(Time(deadline)),
-                    node: None,
-                },
-                Some(err),
-            ),
-        };
-        let mut spec = spec;
-        spec.node = ctx
-            .caches
-            .agents
-            .get(&kube::runtime::reflector::ObjectRef::new(&agent.name))
-            .filter(|a| a.spec.mode == crate::api::agent::AgentMode::Node)
-            .and_then(|a| a.spec.node_name.clone());
-        let job_name = job_name(&name, &run.id, &agent.name);
-        let job = PatchJob {
-            metadata: ObjectMeta {
-                name: Some(job_name.clone()),
-                namespace: Some(namespace.clone()),
-                labels: Some(BTreeMap::from([
-                    (PLAN_LABEL.to_string(), name.clone()),
-                    (RUN_LABEL.to_string(), run.id.clone()),
-                    (AGENT_LABEL.to_string(), agent.name.clone()),
-                ])),
-                owner_references: Some(vec![owner(plan)]),
-                ..Default::default()
-            },
-            spec,
-            status: None,
-        };
-        pending.push((job, failed, agent.name.clone()));
+        let job = build_job(
+            plan,
+            target,
+            &agent,
+            &run.id,
+            &resolved,
+            deadline,
+            &ctx.signer,
+        );
+        pending.push((job, resolved.err(), assignment.agent.clone()));
     }
     // Creations run a few at a time: a large fleet's first wave is thousands of jobs.
     let created: Vec<Result<Option<RunFailure>, Error>> = futures::stream::iter(pending)
@@ -358,6 +459,7 @@ async fn advance_run(
         .buffer_unordered(16)
         .collect()
         .await;
+    let mut failures: Vec<RunFailure> = Vec::new();
     for result in created {
         failures.extend(result?);
     }
@@ -401,59 +503,29 @@ async fn create_job(
     agent: String,
 ) -> Result<Option<RunFailure>, Error> {
     let job_name = job.name_any();
-    match api
-        .create(
-            &PostParams {
-                field_manager: Some(super::context::FIELD_MANAGER.into()),
-                ..Default::default()
-            },
-            &job,
-        )
-        .await
-    {
+    let params = PostParams {
+        field_manager: Some(super::context::FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match api.create(&params, &job).await {
         Ok(created) => {
             ctx.metrics.job_created();
             ctx.gateway.job_changed(&agent);
             if let Some(err) = failed {
-                let message = format!("cannot resolve the workflow: {err}");
-                let mut status = PatchJobStatus {
-                    phase: JobPhase::Failed,
-                    message: message.clone(),
-                    ..Default::default()
-                };
-                conditions::set(
-                    &mut status.conditions,
-                    "Failed",
-                    conditions::TRUE,
-                    err.category(),
-                    message.clone(),
-                    None,
-                    Timestamp::now(),
-                );
-                conditions::set(
-                    &mut status.conditions,
-                    "Complete",
-                    conditions::FALSE,
-                    err.category(),
-                    message.clone(),
-                    None,
-                    Timestamp::now(),
-                );
-                status.completion_time = Some(Time(Timestamp::now()));
-                ctx.apply_status(&created, serde_json::to_value(&status).expect("serializes"))
-                    .await?;
+                let status = unresolved_status(&err, Timestamp::now());
+                ctx.apply_status(&created, &status).await?;
                 ctx.event(
                     plan,
                     EventType::Warning,
                     err.category(),
                     "CreateJob",
-                    format!("{job_name}: {message}"),
+                    format!("{job_name}: {}", status.message),
                 )
                 .await;
                 return Ok(Some(RunFailure {
-                    agent: agent.clone(),
+                    agent,
                     job: job_name,
-                    reason: message,
+                    reason: status.message,
                 }));
             }
         }

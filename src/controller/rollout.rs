@@ -18,6 +18,8 @@ pub struct FleetAgent {
     pub os: OperatingSystem,
     pub labels: BTreeMap<String, String>,
     pub paused: bool,
+    /// Whether the Agent accepts plans from the plan's namespace (`spec.allowedPlans`).
+    pub permitted: bool,
 }
 
 /// A job of the current run that already exists.
@@ -52,30 +54,42 @@ pub fn resolve_limit(limit: &IntOrString, total: i32, round_up: bool) -> i32 {
     match limit {
         IntOrString::Int(n) => *n,
         IntOrString::String(text) => {
-            let percent: i64 = text.trim_end_matches('%').trim().parse().unwrap_or(0);
-            let scaled = i64::from(total) * percent;
+            // The CRD allows 0%..100%; anything else is clamped, never overflowed.
+            let percent: i64 = text
+                .trim_end_matches('%')
+                .trim()
+                .parse::<i64>()
+                .unwrap_or(0)
+                .clamp(0, 100);
+            let scaled = i64::from(total.max(0)) * percent;
             let value = if round_up {
                 (scaled + 99) / 100
             } else {
                 scaled / 100
             };
-            value as i32
+            i32::try_from(value).unwrap_or(i32::MAX)
         }
     }
 }
 
+/// The hosts a plan's targets select.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub selected: Vec<Assignment>,
+    /// Selected but paused: counted, not run.
+    pub paused: Vec<String>,
+    /// Selected but not accepting plans from the plan's namespace: counted, not run.
+    pub not_permitted: Vec<String>,
+}
+
 /// Hosts each target selects, each host at most once: targets are taken by descending
 /// priority (then in their order in the plan), so a host in two groups belongs to the
-/// more important one. Returns (selected, paused) — paused agents are counted, not run.
-pub fn select_hosts(
-    targets: &[PlanTarget],
-    agents: &[FleetAgent],
-) -> (Vec<Assignment>, Vec<String>) {
+/// more important one.
+pub fn select_hosts(targets: &[PlanTarget], agents: &[FleetAgent]) -> Selection {
     let mut order: Vec<usize> = (0..targets.len()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(targets[i].priority), i));
     let mut taken = BTreeSet::new();
-    let mut selected = Vec::new();
-    let mut paused = Vec::new();
+    let mut selection = Selection::default();
     for index in order {
         let target = &targets[index];
         // An invalid selector selects nothing rather than everything.
@@ -91,17 +105,19 @@ pub fn select_hosts(
         matching.sort_by(|a, b| a.name.cmp(&b.name));
         for agent in matching {
             taken.insert(agent.name.clone());
-            if agent.paused {
-                paused.push(agent.name.clone());
+            if !agent.permitted {
+                selection.not_permitted.push(agent.name.clone());
+            } else if agent.paused {
+                selection.paused.push(agent.name.clone());
             } else {
-                selected.push(Assignment {
+                selection.selected.push(Assignment {
                     agent: agent.name.clone(),
                     target: index,
                 });
             }
         }
     }
-    (selected, paused)
+    selection
 }
 
 fn is_failure(phase: JobPhase) -> bool {
@@ -119,7 +135,11 @@ pub fn plan_rollout(
     agents: &[FleetAgent],
     jobs: &[RunJob],
 ) -> RolloutDecision {
-    let (selected, paused) = select_hosts(targets, agents);
+    let Selection {
+        selected,
+        paused,
+        not_permitted,
+    } = select_hosts(targets, agents);
     let with_job: BTreeSet<&str> = jobs.iter().map(|j| j.agent.as_str()).collect();
     // Hosts with a job count even if they no longer match (labels changed mid-run).
     let total = (selected
@@ -133,6 +153,7 @@ pub fn plan_rollout(
     let mut counts = RunCounts {
         total,
         paused: paused.len() as i32,
+        not_permitted: not_permitted.len() as i32,
         ..RunCounts::default()
     };
     for job in jobs {
@@ -210,7 +231,44 @@ mod tests {
             os,
             labels: BTreeMap::from([("group".to_string(), group.to_string())]),
             paused,
+            permitted: true,
         }
+    }
+
+    #[test]
+    fn hosts_that_do_not_accept_the_plans_namespace_are_counted_not_run() {
+        let targets = [target("all", OperatingSystem::Linux, Some("web"), 1)];
+        let mut locked = agent("b", OperatingSystem::Linux, "web", false);
+        locked.permitted = false;
+        let agents = [agent("a", OperatingSystem::Linux, "web", false), locked];
+        let decision = plan_rollout(
+            &targets,
+            &IntOrString::Int(10),
+            &IntOrString::Int(0),
+            false,
+            &agents,
+            &[],
+        );
+        assert_eq!(decision.create.len(), 1);
+        assert_eq!(decision.create[0].agent, "a");
+        assert_eq!(decision.counts.not_permitted, 1);
+        assert_eq!(decision.counts.total, 1, "not part of the run");
+    }
+
+    #[test]
+    fn percentages_are_clamped_never_overflowed() {
+        assert_eq!(
+            resolve_limit(
+                &IntOrString::String("99999999999999999%".into()),
+                i32::MAX,
+                true
+            ),
+            i32::MAX
+        );
+        assert_eq!(
+            resolve_limit(&IntOrString::String("-5%".into()), 10, true),
+            0
+        );
     }
 
     #[test]
@@ -242,7 +300,9 @@ mod tests {
             agent("c", OperatingSystem::Linux, "web", true),
             agent("w", OperatingSystem::Windows, "web", false),
         ];
-        let (selected, paused) = select_hosts(&targets, &agents);
+        let Selection {
+            selected, paused, ..
+        } = select_hosts(&targets, &agents);
         assert_eq!(
             selected,
             [
@@ -384,7 +444,7 @@ mod tests {
                 }
                 let running: Vec<usize> = jobs.iter().enumerate().filter(|(_, j)| !j.phase.is_finished()).map(|(i, _)| i).collect();
                 if running.is_empty() {
-                    let (selected, paused) = select_hosts(&fleet.targets, &fleet.agents);
+                    let Selection { selected, paused, .. } = select_hosts(&fleet.targets, &fleet.agents);
                     let total_failures = jobs.iter().filter(|j| is_failure(j.phase)).count() as i32;
                     if decision.phase == RunPhase::Halted || decision.phase == RunPhase::Failed && total_failures > decision.max_failures {
                         // Halted: the failures that stopped the run are at most the budget plus what was in flight.

@@ -17,6 +17,24 @@ struct Entry {
     /// Status waiting to be written, with its sequence.
     pending: Option<(i64, PatchJobStatus)>,
     last_write: Option<Instant>,
+    /// resourceVersion the gateway's last write left, for the next write's precondition.
+    version: Option<String>,
+    /// The job finished by someone else's write (the controller expired it) while a
+    /// report waited: the agent's result can no longer land.
+    overtaken: bool,
+}
+
+impl Entry {
+    fn new() -> Self {
+        Self {
+            accepted: 0,
+            written: 0,
+            pending: None,
+            last_write: None,
+            version: None,
+            overtaken: false,
+        }
+    }
 }
 
 /// What to do with one report.
@@ -45,12 +63,7 @@ impl ProgressBook {
 
     /// Sets the sequence already stored in the job's status (after a restart).
     pub fn seed(&mut self, uid: &str, stored_sequence: i64) {
-        let entry = self.jobs.entry(uid.to_string()).or_insert(Entry {
-            accepted: 0,
-            written: 0,
-            pending: None,
-            last_write: None,
-        });
+        let entry = self.jobs.entry(uid.to_string()).or_insert_with(Entry::new);
         entry.accepted = entry.accepted.max(stored_sequence);
         entry.written = entry.written.max(stored_sequence);
     }
@@ -61,10 +74,28 @@ impl ProgressBook {
         self.jobs.get(uid).map_or(0, |e| e.written)
     }
 
-    pub fn mark_written(&mut self, uid: &str, sequence: i64) {
+    /// Records a write of `sequence` that left the job at resourceVersion `version`.
+    pub fn mark_written(&mut self, uid: &str, sequence: i64, version: Option<String>) {
         if let Some(entry) = self.jobs.get_mut(uid) {
             entry.written = entry.written.max(sequence);
+            entry.version = version;
         }
+    }
+
+    /// resourceVersion the gateway's last write of this job left.
+    pub fn version(&self, uid: &str) -> Option<String> {
+        self.jobs.get(uid).and_then(|e| e.version.clone())
+    }
+
+    /// The job finished by another writer: what waits is dropped, later reports refused.
+    pub fn overtake(&mut self, uid: &str) {
+        let entry = self.jobs.entry(uid.to_string()).or_insert_with(Entry::new);
+        entry.pending = None;
+        entry.overtaken = true;
+    }
+
+    pub fn overtaken(&self, uid: &str) -> bool {
+        self.jobs.get(uid).is_some_and(|e| e.overtaken)
     }
 
     pub fn accepted(&self, uid: &str) -> i64 {
@@ -72,13 +103,8 @@ impl ProgressBook {
     }
 
     pub fn report(&mut self, uid: &str, sequence: i64, status: PatchJobStatus) -> Accepted {
-        let entry = self.jobs.entry(uid.to_string()).or_insert(Entry {
-            accepted: 0,
-            written: 0,
-            pending: None,
-            last_write: None,
-        });
-        if sequence <= entry.accepted {
+        let entry = self.jobs.entry(uid.to_string()).or_insert_with(Entry::new);
+        if sequence <= entry.accepted || entry.overtaken {
             return Accepted::Duplicate;
         }
         entry.accepted = sequence;
@@ -182,8 +208,25 @@ mod tests {
             0,
             "nothing is acknowledged before it is written"
         );
-        book.mark_written("j", 21);
+        book.mark_written("j", 21, Some("7".into()));
         assert_eq!(book.written("j"), 21);
+        assert_eq!(book.version("j").as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn a_job_finished_elsewhere_takes_no_more_reports() {
+        let mut book = ProgressBook::new(Duration::from_secs(1));
+        book.report("j", 4, status(JobPhase::Succeeded));
+        book.overtake("j");
+        assert!(
+            book.due(Instant::now()).is_empty(),
+            "the waiting report is dropped"
+        );
+        assert!(book.overtaken("j"));
+        assert_eq!(
+            book.report("j", 5, status(JobPhase::Failed)),
+            Accepted::Duplicate
+        );
     }
 
     #[test]

@@ -1,11 +1,15 @@
 //! Agent credentials: bootstrap tokens that external hosts exchange once for a
 //! per-agent credential, which the gateway stores only as a SHA-256 hash.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+
+use crate::api::agent::AllowedPlans;
 
 /// Secret type of bootstrap tokens.
 pub const BOOTSTRAP_SECRET_TYPE: &str = "fleetpatch.io/bootstrap-token";
@@ -16,6 +20,10 @@ pub const CREDENTIAL_SECRET_TYPE: &str = "fleetpatch.io/agent-credential";
 pub const USED_BY_ANNOTATION: &str = "fleetpatch.io/used-by";
 /// Label on credential Secrets naming their Agent.
 pub const AGENT_LABEL: &str = "fleetpatch.io/agent";
+/// Key of a credential Secret holding the credential's SHA-256 (hex).
+pub const CREDENTIAL_HASH_KEY: &str = "credential-sha256";
+/// Most labels a bootstrap token may pin.
+const MAX_TOKEN_LABELS: usize = 32;
 
 /// A fresh random secret: 32 bytes, hex.
 pub fn generate_secret() -> String {
@@ -45,7 +53,7 @@ pub fn parse_agent_bearer(value: &str) -> Option<(&str, &str)> {
 }
 
 /// How a bootstrap token may be used.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct BootstrapToken {
     pub secret_name: String,
     pub token_hash: String,
@@ -53,12 +61,22 @@ pub struct BootstrapToken {
     pub single_use: bool,
     /// A single-use token's agent, once used.
     pub used_by: Option<String>,
+    /// Which plans may target the hosts that register with it (`plan-namespaces`:
+    /// empty for the controller's namespace, `*` for all, else namespace names).
+    pub allowed_plans: AllowedPlans,
+    /// Labels every host registering with it gets, over whatever the host asks for
+    /// (`labels`: `key=value,key=value`), so a token can fix a host's group.
+    pub labels: BTreeMap<String, String>,
+    /// resourceVersion of the Secret read, for marking it used without a race.
+    pub resource_version: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BootstrapError {
     #[error("Secret {0} is not a bootstrap token: it needs data.token")]
     Malformed(String),
+    #[error("Secret {0}: {1}")]
+    Invalid(String, String),
     #[error("bootstrap token {0} expired")]
     Expired(String),
     #[error("bootstrap token {0} was already used")]
@@ -92,6 +110,13 @@ impl BootstrapToken {
             .ok_or_else(|| BootstrapError::Malformed(name.clone()))?;
         let expires = data(secret, "expiration").and_then(|e| e.trim().parse::<Timestamp>().ok());
         let single_use = data(secret, "usage").is_none_or(|u| u.trim() != "multi");
+        let allowed_plans =
+            AllowedPlans::parse_names(&data(secret, "plan-namespaces").unwrap_or_default())
+                .map_err(|why| {
+                    BootstrapError::Invalid(name.clone(), format!("plan-namespaces: {why}"))
+                })?;
+        let labels = parse_labels(&data(secret, "labels").unwrap_or_default())
+            .map_err(|why| BootstrapError::Invalid(name.clone(), format!("labels: {why}")))?;
         Ok(Self {
             secret_name: name,
             token_hash: hash(&token),
@@ -103,6 +128,9 @@ impl BootstrapToken {
                 .as_ref()
                 .and_then(|a| a.get(USED_BY_ANNOTATION))
                 .cloned(),
+            allowed_plans,
+            labels,
+            resource_version: secret.metadata.resource_version.clone(),
         })
     }
 
@@ -119,6 +147,62 @@ impl BootstrapToken {
         }
         Ok(())
     }
+}
+
+/// `key=value,key=value` as labels, each a valid Kubernetes label.
+pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut labels = BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+        if let Some(why) = label_problem(key, value) {
+            return Err(why);
+        }
+        labels.insert(key.to_string(), value.to_string());
+    }
+    if labels.len() > MAX_TOKEN_LABELS {
+        return Err(format!("at most {MAX_TOKEN_LABELS} labels"));
+    }
+    Ok(labels)
+}
+
+/// What is wrong with a label, if anything: a qualified name as key (optional DNS
+/// subdomain prefix, a name part of at most 63 characters) and a value of at most 63.
+pub fn label_problem(key: &str, value: &str) -> Option<String> {
+    let name_ok = |name: &str| {
+        !name.is_empty()
+            && name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if key.len() > 317
+        || !name_ok(name)
+        || prefix.is_some_and(|p| !crate::manifests::is_dns_subdomain(p))
+    {
+        return Some(format!(
+            "label key {:?} is not a valid label name",
+            truncate(key)
+        ));
+    }
+    if !value.is_empty() && !name_ok(value) {
+        return Some(format!(
+            "label value {:?} of {key} is not valid",
+            truncate(value)
+        ));
+    }
+    None
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(64).collect()
 }
 
 #[cfg(test)]

@@ -6,9 +6,15 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
 use crate::api::OperatingSystem;
 use crate::api::agent::{Platform, UpdateInventory};
-use crate::api::patchjob::{PatchJobSpec, PatchJobStatus, ResolvedScript};
+use crate::api::conditions;
+use crate::api::patchjob::{
+    ActionResult, JobPhase, PatchJobSpec, PatchJobStatus, PatchOutcome, ResolvedScript,
+};
 use crate::api::resolve::content_sha256;
 
 /// Path prefix of every agent endpoint.
@@ -77,13 +83,33 @@ pub struct Assignments {
     pub jobs: Vec<Assignment>,
 }
 
+/// What a heartbeat is answered with: the jobs the agent must stop (deleted, or the
+/// agent was paused), by uid.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatAnswer {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cancel: Vec<String>,
+}
+
 /// `POST /agent/v1/jobs/{uid}/progress`: the job's whole status at one sequence number.
 /// Reports are idempotent: one at or below the acknowledged sequence changes nothing.
+/// A report on a finished job is refused (409) and changes nothing.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProgressReport {
     pub sequence: i64,
     pub status: PatchJobStatus,
+    /// The job's namespace and name, so a gateway that has not seen the job yet (another
+    /// replica handed it out) can look it up, and one that knows it is gone can say so (410).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobName>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobName {
+    pub namespace: String,
+    pub name: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -115,6 +141,204 @@ pub struct RebootDecision {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorBody {
     pub error: String,
+}
+
+/// Highest progress sequence number accepted (far beyond any job's steps, far below
+/// where arithmetic on it could overflow).
+pub const MAX_SEQUENCE: i64 = 1 << 40;
+/// Longest text kept from an agent: an action's or the job's message.
+pub const MAX_MESSAGE: usize = 4096;
+/// Longest short text kept from an agent: names, versions, host names.
+pub const MAX_SHORT: usize = 253;
+/// Most patches listed as installed or as failed.
+pub const MAX_PATCHES: usize = 2000;
+/// How far an agent's clock may be ahead before its times are replaced by ours.
+const CLOCK_SKEW: SignedDuration = SignedDuration::from_mins(5);
+
+/// `text` cut to at most `max` bytes at a character boundary, marked when cut.
+pub fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// What is wrong with the platform an agent reports, if anything.
+pub fn platform_problem(platform: &Platform) -> Option<String> {
+    let fields = [
+        ("name", platform.name.as_str()),
+        ("version", platform.version.as_str()),
+        ("arch", platform.arch.as_str()),
+        ("patcher", platform.patcher.as_deref().unwrap_or_default()),
+    ];
+    fields
+        .iter()
+        .find(|(_, value)| value.len() > 64 || value.chars().any(char::is_control))
+        .map(|(field, _)| format!("platform.{field} must be at most 64 printable characters"))
+}
+
+/// A heartbeat made safe to keep and show: texts bounded, counts not negative, and
+/// `current_job` only when it is one of `own_jobs` (namespace/name).
+pub fn accept_heartbeat(mut beat: Heartbeat, own_jobs: &[String]) -> Heartbeat {
+    beat.version = bounded(&beat.version, 64);
+    beat.hostname = beat.hostname.map(|h| bounded(&h, MAX_SHORT));
+    if beat
+        .platform
+        .as_ref()
+        .is_some_and(|p| platform_problem(p).is_some())
+    {
+        beat.platform = None;
+    }
+    if let Some(updates) = &mut beat.updates {
+        updates.available = updates.available.max(0);
+        updates.security = updates.security.max(0);
+        updates.checked_at = None;
+    }
+    beat.current_job = beat.current_job.filter(|job| own_jobs.contains(job));
+    beat
+}
+
+/// Why a progress report is refused (422).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReportProblem {
+    #[error("sequence must be between 1 and {MAX_SEQUENCE}")]
+    Sequence,
+    #[error("phase {0:?} is not one an agent reports")]
+    Phase(JobPhase),
+    #[error(
+        "{stage} actions do not match the job: expected at most {expected} named as in the spec"
+    )]
+    Actions {
+        stage: &'static str,
+        expected: usize,
+    },
+}
+
+/// The status an agent reported, made safe to store. It must fit the job (no phase
+/// only the controller sets, no action the spec lacks); every time it carries must be
+/// plausible (not before the job was created, not ahead of our clock) or is replaced by
+/// `now`; texts and lists are bounded; and what the gateway owns — conditions,
+/// `completionTime`, `progress`, `lastSequence`, `observedGeneration` — comes from the
+/// gateway, not the agent. Nothing here can overflow or panic on any input.
+pub fn accept_report(
+    spec: &PatchJobSpec,
+    stored: Option<&PatchJobStatus>,
+    created: Option<Timestamp>,
+    report: ProgressReport,
+    now: Timestamp,
+) -> Result<PatchJobStatus, ReportProblem> {
+    if !(1..=MAX_SEQUENCE).contains(&report.sequence) {
+        return Err(ReportProblem::Sequence);
+    }
+    let mut status = report.status;
+    if status.phase == JobPhase::Unknown {
+        return Err(ReportProblem::Phase(status.phase));
+    }
+    for (stage, results, actions) in [
+        ("pre", &status.pre_actions, &spec.pre_actions),
+        ("post", &status.post_actions, &spec.post_actions),
+    ] {
+        let fits = results.len() <= actions.len()
+            && results.iter().zip(actions).all(|(r, a)| r.name == a.name);
+        if !fits {
+            return Err(ReportProblem::Actions {
+                stage,
+                expected: actions.len(),
+            });
+        }
+    }
+    let earliest = created.map_or(Timestamp::MIN, |c| {
+        c.saturating_sub(SignedDuration::from_hours(1))
+            .unwrap_or(Timestamp::MIN)
+    });
+    let latest = now.saturating_add(CLOCK_SKEW).unwrap_or(Timestamp::MAX);
+    let plausible = |time: Option<Time>| -> Option<Time> {
+        time.map(|t| {
+            if t.0 >= earliest && t.0 <= latest {
+                t
+            } else {
+                Time(now)
+            }
+        })
+    };
+    for action in status
+        .pre_actions
+        .iter_mut()
+        .chain(status.post_actions.iter_mut())
+    {
+        accept_action(action, &plausible);
+    }
+    if let Some(patches) = &mut status.patches {
+        patches.patcher = patches.patcher.as_deref().map(|p| bounded(p, 64));
+        patches.message = bounded(&patches.message, MAX_MESSAGE);
+        for list in [&mut patches.installed, &mut patches.failed] {
+            list.truncate(MAX_PATCHES);
+            list.iter_mut().for_each(accept_patch);
+        }
+    }
+    if let Some(reboot) = &mut status.reboot {
+        reboot.requested_by = reboot
+            .requested_by
+            .as_deref()
+            .map(|r| bounded(r, MAX_SHORT));
+        reboot.message = reboot.message.as_deref().map(|m| bounded(m, MAX_MESSAGE));
+        reboot.started_at = plausible(reboot.started_at.take());
+        reboot.completed_at = plausible(reboot.completed_at.take());
+    }
+    status.message = bounded(&status.message, MAX_MESSAGE);
+    status.start_time = stored
+        .and_then(|s| s.start_time.clone())
+        .or_else(|| plausible(status.start_time.take()))
+        .or(Some(Time(now)));
+    let done = status
+        .pre_actions
+        .iter()
+        .chain(&status.post_actions)
+        .filter(|a| a.phase.is_finished())
+        .count();
+    status.progress = Some(format!(
+        "{done}/{}",
+        spec.pre_actions.len() + spec.post_actions.len()
+    ));
+    // Conditions and the completion time are the gateway's, from the phase.
+    status.conditions = stored.map(|s| s.conditions.clone()).unwrap_or_default();
+    status.completion_time = None;
+    if status.phase.is_finished() {
+        let succeeded = status.phase == JobPhase::Succeeded;
+        let reason = if succeeded {
+            "JobSucceeded"
+        } else {
+            "JobFailed"
+        };
+        conditions::set_outcome(
+            &mut status.conditions,
+            succeeded,
+            reason,
+            &status.message,
+            None,
+            now,
+        );
+        status.completion_time = Some(Time(now));
+    }
+    status.last_sequence = Some(report.sequence);
+    status.observed_generation = None;
+    Ok(status)
+}
+
+fn accept_action(action: &mut ActionResult, plausible: &impl Fn(Option<Time>) -> Option<Time>) {
+    action.message = bounded(&action.message, MAX_MESSAGE);
+    action.start_time = plausible(action.start_time.take());
+    action.finish_time = plausible(action.finish_time.take());
+}
+
+fn accept_patch(patch: &mut PatchOutcome) {
+    patch.name = bounded(&patch.name, MAX_SHORT);
+    patch.version = patch.version.as_deref().map(|v| bounded(v, MAX_SHORT));
+    patch.message = patch.message.as_deref().map(|m| bounded(m, 1024));
 }
 
 fn scripts_mut(spec: &mut PatchJobSpec) -> impl Iterator<Item = &mut ResolvedScript> {

@@ -1,0 +1,250 @@
+//! The routes under `/agent/v1`, thin: authenticate (before any body is read), check
+//! the input, hand over to the gateway, answer. Every request has a deadline and a
+//! bounded body.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+
+use crate::api::common::{REBOOT_DECISION_ANNOTATION, REBOOT_MESSAGE_ANNOTATION};
+use crate::api::patchjob::PatchJob;
+
+use super::auth::{Identity, NODE_HEADER, Purpose};
+use super::protocol::{
+    self, Assignments, Heartbeat, HeartbeatAnswer, ProgressAck, ProgressReport, RebootDecision,
+    RebootVerdict, RegisterRequest, RegisterResponse,
+};
+use super::{Gateway, HeartbeatRecord, Refusal};
+
+/// Largest request body: a progress report with long messages and patch lists.
+const MAX_BODY: usize = 512 * 1024;
+/// Longest any request may take, long-polls included.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    let authenticated = Router::new()
+        .route("/agent/v1/heartbeat", post(heartbeat))
+        .route("/agent/v1/assignments", get(assignments))
+        .route("/agent/v1/jobs/{uid}/progress", post(progress))
+        .route("/agent/v1/jobs/{uid}/reboot", get(reboot_decision))
+        .route_layer(middleware::from_fn_with_state(
+            gateway.clone(),
+            authenticate,
+        ));
+    Router::new()
+        .route("/agent/v1/register", post(register))
+        .merge(authenticated)
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(deadline))
+        .with_state(gateway)
+}
+
+/// Ends a request that takes too long (a client dribbling its body, say).
+async fn deadline(request: Request, next: Next) -> Response {
+    match tokio::time::timeout(REQUEST_DEADLINE, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => (StatusCode::REQUEST_TIMEOUT, "request took too long").into_response(),
+    }
+}
+
+fn source(request: &Request) -> SocketAddr {
+    super::serve::peer(request.extensions())
+}
+
+/// Authenticates from the headers alone, before the body is read, and passes the
+/// caller's [`Identity`] on.
+async fn authenticate(
+    State(gateway): State<Arc<Gateway>>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, Refusal> {
+    let source = source(&request).ip();
+    let identity = gateway
+        .auth
+        .authenticate(request.headers(), source, Purpose::Serve, &gateway.limiter)
+        .await?;
+    request.extensions_mut().insert(identity);
+    Ok(next.run(request).await)
+}
+
+async fn register(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(peer): Extension<axum::extract::ConnectInfo<SocketAddr>>,
+    headers: HeaderMap,
+    Json(request): Json<RegisterRequest>,
+) -> Result<Json<RegisterResponse>, Refusal> {
+    let source = peer.0.ip();
+    if headers.contains_key(NODE_HEADER) {
+        let identity = gateway
+            .auth
+            .authenticate(&headers, source, Purpose::Register, &gateway.limiter)
+            .await?;
+        return Ok(Json(gateway.register_node(&identity, &request).await?));
+    }
+    Ok(Json(gateway.register_external(&request, source).await?))
+}
+
+async fn heartbeat(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(identity): Extension<Identity>,
+    Json(beat): Json<Heartbeat>,
+) -> Json<HeartbeatAnswer> {
+    let jobs = gateway
+        .job_signals
+        .jobs_of(&identity.agent, &gateway.caches.jobs);
+    let own: Vec<String> = jobs
+        .iter()
+        .map(|job| {
+            format!(
+                "{}/{}",
+                kube::ResourceExt::namespace(job.as_ref()).unwrap_or_default(),
+                kube::ResourceExt::name_any(job.as_ref())
+            )
+        })
+        .collect();
+    let beat = protocol::accept_heartbeat(beat, &own);
+    let answer = HeartbeatAnswer {
+        cancel: gateway.cancelled_jobs(&identity, &jobs),
+    };
+    gateway.heartbeats.lock().insert(
+        identity.agent,
+        HeartbeatRecord {
+            at: Instant::now(),
+            heartbeat: beat,
+        },
+    );
+    Json(answer)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WaitQuery {
+    #[serde(default)]
+    wait_seconds: u64,
+}
+
+async fn assignments(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(identity): Extension<Identity>,
+    Query(query): Query<WaitQuery>,
+) -> Result<Json<Assignments>, Refusal> {
+    let deadline = Instant::now()
+        + Duration::from_secs(query.wait_seconds.min(3600)).min(gateway.config.max_wait);
+    loop {
+        // Interest is registered before looking, so a change in between is not missed.
+        let signal = gateway.job_signals.signal(&identity.agent);
+        let changed = signal.notified();
+        let jobs = gateway.assignments_for(&identity).await?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if !jobs.is_empty() || remaining.is_zero() {
+            return Ok(Json(Assignments { jobs }));
+        }
+        let _ = tokio::time::timeout(remaining, changed).await;
+    }
+}
+
+async fn progress(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(identity): Extension<Identity>,
+    Path(uid): Path<String>,
+    Json(report): Json<ProgressReport>,
+) -> Result<Json<ProgressAck>, Refusal> {
+    Ok(Json(gateway.report(&identity, &uid, report).await?))
+}
+
+/// The controller's reboot decision for a job, from the job's annotations. Only the
+/// drain reconciler writes them, and only for a node agent's job on its own node;
+/// external hosts are approved unless the job ended or was cancelled.
+pub fn reboot_verdict(job: &PatchJob, paused: bool) -> RebootDecision {
+    let annotations = kube::ResourceExt::annotations(job);
+    let message = annotations
+        .get(REBOOT_MESSAGE_ANNOTATION)
+        .cloned()
+        .unwrap_or_default();
+    let phase = job.status.as_ref().map(|s| s.phase).unwrap_or_default();
+    let denied = |message: String| RebootDecision {
+        verdict: RebootVerdict::Denied,
+        message,
+    };
+    if phase.is_finished() {
+        return denied(format!("the job already ended ({phase:?})"));
+    }
+    if job.metadata.deletion_timestamp.is_some() {
+        return denied("the job was deleted".into());
+    }
+    if paused {
+        return denied("the agent is paused".into());
+    }
+    if job.spec.node.is_none() {
+        return RebootDecision {
+            verdict: RebootVerdict::Approved,
+            message,
+        };
+    }
+    let verdict = match annotations
+        .get(REBOOT_DECISION_ANNOTATION)
+        .map(String::as_str)
+    {
+        Some("Approved") => RebootVerdict::Approved,
+        Some("Denied") => RebootVerdict::Denied,
+        _ => RebootVerdict::Waiting,
+    };
+    RebootDecision { verdict, message }
+}
+
+/// Long-polls the controller's decision on rebooting for a job.
+async fn reboot_decision(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(identity): Extension<Identity>,
+    Path(uid): Path<String>,
+    Query(query): Query<WaitQuery>,
+) -> Result<Json<RebootDecision>, Refusal> {
+    let deadline = Instant::now()
+        + Duration::from_secs(query.wait_seconds.min(3600)).min(gateway.config.max_wait);
+    loop {
+        let signal = gateway.job_signals.signal(&identity.agent);
+        let changed = signal.notified();
+        let job = gateway
+            .job_signals
+            .job_by_uid(&uid, &gateway.caches.jobs)
+            .ok_or_else(|| {
+                Refusal::Gone(format!("no job with uid {}", protocol::bounded(&uid, 64)))
+            })?;
+        gateway.check_serving(&identity, &job)?;
+        let decision = reboot_verdict(&job, gateway.paused(&identity.agent));
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if decision.verdict != RebootVerdict::Waiting || remaining.is_zero() {
+            return Ok(Json(decision));
+        }
+        let _ = tokio::time::timeout(remaining, changed).await;
+    }
+}
+
+impl Gateway {
+    /// Whether the Agent is paused (its running job is cancelled).
+    pub fn paused(&self, agent: &str) -> bool {
+        self.caches
+            .agents
+            .get(&kube::runtime::reflector::ObjectRef::new(agent))
+            .is_some_and(|a| a.spec.paused)
+    }
+
+    /// The caller's unfinished jobs it must stop: deleted ones, or all when paused.
+    fn cancelled_jobs(&self, identity: &Identity, jobs: &[Arc<PatchJob>]) -> Vec<String> {
+        let paused = self.paused(&identity.agent);
+        jobs.iter()
+            .filter(|job| !job.status.as_ref().is_some_and(|s| s.phase.is_finished()))
+            .filter(|job| paused || job.metadata.deletion_timestamp.is_some())
+            .filter_map(|job| kube::ResourceExt::uid(job.as_ref()))
+            .collect()
+    }
+}

@@ -1,0 +1,272 @@
+//! Serving the gateway on a socket anyone on the network can reach: HTTPS (rustls, the
+//! certificate reloaded when its files change) or plain HTTP, HTTP/1.1 only, with the
+//! limits that keep a client without credentials from exhausting the process — a
+//! deadline for the TLS handshake and for each request's headers (which also bounds how
+//! long an idle keep-alive connection stays), small header buffers, and caps on open
+//! connections, in all and per source address.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum_server::tls_rustls::RustlsConfig;
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// How much of the process one network peer, or all of them, may hold.
+#[derive(Clone, Debug)]
+pub struct ServeLimits {
+    /// Longest a TLS handshake may take.
+    pub handshake_timeout: Duration,
+    /// Longest from the start of waiting for a request until its headers are complete;
+    /// an idle keep-alive connection is closed after this too. Longer than the agents'
+    /// heartbeat interval, so their connections are reused.
+    pub header_timeout: Duration,
+    /// Open connections at most (beyond it new ones are closed at once).
+    pub max_connections: usize,
+    /// Open connections at most from one source address (0: no per-source limit).
+    pub max_connections_per_source: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(30),
+            max_connections: 16_384,
+            max_connections_per_source: 1_024,
+        }
+    }
+}
+
+/// Largest request head (request line and headers) the gateway reads. Agents send a
+/// few hundred bytes; hyper's default would buffer up to ~400 KiB per connection.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Most request headers.
+const MAX_HEADERS: usize = 32;
+
+/// The gateway's certificate, loaded at start so a bad file fails at once, and reloaded
+/// in the background when either file changes (cert-manager, a renewed Secret).
+pub async fn load_certificate(
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> anyhow::Result<Option<RustlsConfig>> {
+    use anyhow::Context as _;
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return Ok(None);
+    };
+    let config = RustlsConfig::from_pem_file(cert, key)
+        .await
+        .with_context(|| {
+            format!(
+                "loading the gateway certificate {} and key {}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    offer_http1_only(&config);
+    tokio::spawn(reload_certificate(
+        config.clone(),
+        cert.to_path_buf(),
+        key.to_path_buf(),
+    ));
+    Ok(Some(config))
+}
+
+/// The gateway speaks HTTP/1.1 only (see [`serve`]): offer only http/1.1 in ALPN, so
+/// clients that would pick h2 (curl, say) do not. Applied after every load.
+fn offer_http1_only(config: &RustlsConfig) {
+    let mut adjusted = (*config.get_inner()).clone();
+    adjusted.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.reload_from_config(Arc::new(adjusted));
+}
+
+async fn reload_certificate(
+    config: RustlsConfig,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+) {
+    let modified = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut seen = (modified(&cert), modified(&key));
+    loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let now = (modified(&cert), modified(&key));
+        if now == seen {
+            continue;
+        }
+        match config.reload_from_pem_file(&cert, &key).await {
+            Ok(()) => {
+                offer_http1_only(&config);
+                tracing::info!(cert = %cert.display(), "gateway certificate reloaded");
+                seen = now;
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot reload the gateway certificate"),
+        }
+    }
+}
+
+/// Open connections, in all and per source; a [`ConnectionSlot`] is held for each.
+pub struct ConnectionSlots {
+    total: Arc<Semaphore>,
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+    max_per_source: usize,
+}
+
+/// One admitted connection; dropping it frees the slot.
+pub struct ConnectionSlot {
+    _total: OwnedSemaphorePermit,
+    source: IpAddr,
+    slots: Arc<ConnectionSlots>,
+}
+
+impl ConnectionSlots {
+    pub fn new(limits: &ServeLimits) -> Arc<Self> {
+        Arc::new(Self {
+            total: Arc::new(Semaphore::new(limits.max_connections)),
+            per_source: Mutex::new(HashMap::new()),
+            max_per_source: limits.max_connections_per_source,
+        })
+    }
+
+    /// A slot for a connection from `source`, or `None` when the gateway is full or the
+    /// source holds its share.
+    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Option<ConnectionSlot> {
+        let total = self.total.clone().try_acquire_owned().ok()?;
+        let mut per_source = self.per_source.lock();
+        let held = per_source.entry(source).or_insert(0);
+        if self.max_per_source > 0 && *held >= self.max_per_source {
+            return None;
+        }
+        *held += 1;
+        Some(ConnectionSlot {
+            _total: total,
+            source,
+            slots: self.clone(),
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.per_source.lock().values().sum()
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut per_source = self.slots.per_source.lock();
+        if let Some(held) = per_source.get_mut(&self.source) {
+            *held -= 1;
+            if *held == 0 {
+                per_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Serves `router` on `listener` until the listener fails: HTTPS when `tls` is set,
+/// else plain HTTP; HTTP/1.1 only. Agents speak nothing else, and a connection that can
+/// only be HTTP/1.1 costs far less memory than one that may still turn out to be HTTP/2
+/// (measured with 8,000 idle long-polls: about 10 KiB each instead of 17.5 KiB), which
+/// counts at one connection per agent. Handlers see the peer's address as
+/// `ConnectInfo<SocketAddr>`.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    router: axum::Router,
+    tls: Option<RustlsConfig>,
+    limits: ServeLimits,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let slots = ConnectionSlots::new(&limits);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of file descriptors, say: wait a moment rather than spin.
+                tracing::warn!(error = %err, "gateway cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(slot) = slots.admit(peer.ip()) else {
+            tracing::debug!(%peer, open = slots.open(), "connection refused: at the connection limit");
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(
+            router
+                .clone()
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+        );
+        // The current configuration: a reloaded certificate applies to new connections.
+        let acceptor = tls
+            .as_ref()
+            .map(|config| tokio_rustls::TlsAcceptor::from(config.get_inner()));
+        let limits = limits.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .max_headers(MAX_HEADERS);
+            let served = match acceptor {
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(stream)) => {
+                            http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await
+                        }
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                None => {
+                    http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await
+                }
+            };
+            if let Err(err) = served {
+                tracing::debug!(%peer, error = %err, "gateway connection ended with an error");
+            }
+        });
+    }
+}
+
+/// The peer of a request served by [`serve`] (unspecified when served another way,
+/// e.g. in tests that call the router directly).
+pub fn peer(extensions: &axum::http::Extensions) -> SocketAddr {
+    extensions
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|info| info.0)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_cap_connections_in_all_and_per_source() {
+        let slots = ConnectionSlots::new(&ServeLimits {
+            max_connections: 3,
+            max_connections_per_source: 2,
+            ..ServeLimits::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = slots.admit(a).expect("a's first");
+        let _second = slots.admit(a).expect("a's second");
+        assert!(slots.admit(a).is_none(), "a holds its share");
+        let _third = slots.admit(b).expect("b's first");
+        assert!(slots.admit(b).is_none(), "the gateway is full");
+        drop(first);
+        assert_eq!(slots.open(), 2);
+        assert!(slots.admit(b).is_some(), "a freed slot is free again");
+    }
+}
