@@ -354,15 +354,15 @@ mod tests {
         );
         assert!(registration_problem(&request("Web_1")).is_some());
         assert!(registration_problem(&request("")).is_some());
-        let mut reserved = request("web-1");
-        reserved
+        let mut group = request("web-1");
+        group
             .labels
             .insert("fleetpatch.io/group".into(), "db".into());
-        assert!(
-            registration_problem(&reserved)
-                .unwrap()
-                .contains("reserved")
-        );
+        assert_eq!(registration_problem(&group), None, "the documented way to group hosts");
+        let mut role = request("web-1");
+        role.labels
+            .insert("node-role.kubernetes.io/control-plane".into(), "".into());
+        assert!(registration_problem(&role).unwrap().contains("reserved"));
         let mut os = request("web-1");
         os.labels
             .insert("kubernetes.io/os".into(), "windows".into());
