@@ -140,6 +140,8 @@ ours() {
     [ -n "$pid" ] && [ "$(start_time "$pid")" = "$started" ]
 }
 
+# Waits for a component; fails (returning 1, having shown the end of its log) when it
+# exits or is not ready in time.
 wait_for() {
     local what="$1" seconds="$2"; shift 2
     local deadline=$((SECONDS + seconds))
@@ -147,10 +149,13 @@ wait_for() {
         if [ $SECONDS -ge $deadline ]; then
             log "$what did not become ready in ${seconds}s; the end of its log:"
             tail -n 30 "$dir/logs/$what.log" >&2 || true
-            stop_all
-            exit 1
+            return 1
         fi
-        ours "$what" || { log "$what exited; the end of its log:"; tail -n 30 "$dir/logs/$what.log" >&2; stop_all; exit 1; }
+        if ! ours "$what"; then
+            log "$what exited; the end of its log:"
+            tail -n 30 "$dir/logs/$what.log" >&2 || true
+            return 1
+        fi
         sleep 0.2
     done
 }
@@ -170,6 +175,23 @@ up() {
     mkdir -p "$dir/logs" "$dir/pids"
     rm -rf "$dir/etcd"
     pki
+    # Ports are picked free, then bound by the components a moment later; another process
+    # may take one in between (tests start control planes side by side), so a start that
+    # fails is tried again on new ports.
+    local attempt
+    for attempt in 1 2 3; do
+        if start_components; then
+            log "up: kube-apiserver https://127.0.0.1:$(cat "$dir/apiserver.port"), kubeconfig $dir/admin.kubeconfig"
+            return
+        fi
+        stop_all
+        rm -rf "$dir/etcd"
+        log "start $attempt failed; trying again on other ports"
+    done
+    die "the control plane did not start (see $dir/logs)"
+}
+
+start_components() {
     local etcd_port peer_port api_port
     etcd_port="$(free_port)"; peer_port="$(free_port)"
     api_port="${CONTROL_PLANE_PORT:-$(free_port)}"
@@ -180,7 +202,7 @@ up() {
         --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
         --initial-cluster "control-plane=http://127.0.0.1:$peer_port" \
         --unsafe-no-fsync --log-level warn
-    wait_for etcd 30 curl -fsS "http://127.0.0.1:$etcd_port/health"
+    wait_for etcd 30 curl -fsS "http://127.0.0.1:$etcd_port/health" || return 1
 
     # An audit log of what fleetpatch's own ServiceAccounts do (metadata only): what the
     # controller really uses of its RBAC, and what a failing test did.
@@ -204,7 +226,7 @@ EOF2
         --authorization-mode RBAC --anonymous-auth=false \
         --allow-privileged=true --service-cluster-ip-range 10.0.0.0/24 \
         --profiling=false --event-ttl 1h --v 1
-    wait_for kube-apiserver 120 admin_curl /readyz
+    wait_for kube-apiserver 120 admin_curl /readyz || return 1
 
     kubeconfig admin "$dir/admin.kubeconfig"
     kubeconfig controller-manager "$dir/controller-manager.kubeconfig"
@@ -215,7 +237,6 @@ EOF2
         --controllers "$controllers" --leader-elect=false --secure-port 0 --v 1
     # The controller manager is ready for us once it has made the default ServiceAccount.
     wait_for kube-controller-manager 60 admin_curl /api/v1/namespaces/default/serviceaccounts/default
-    log "up: kube-apiserver https://127.0.0.1:$api_port, kubeconfig $dir/admin.kubeconfig"
 }
 
 stop_one() {

@@ -200,19 +200,19 @@ impl Nodes {
         let gateway = format!("127.0.0.1:{}", self.gateway_port);
         // The gateway line comes once the controller leads and its caches are filled.
         let mut args = vec![
-                "--namespace",
-                NS,
-                "--node-agent-plan-namespaces",
-                "default",
-                "--gateway-listen",
-                &gateway,
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--tls-cert-file",
-                self.certs.cert.to_str().unwrap(),
-                "--tls-key-file",
-                self.certs.key.to_str().unwrap(),
-            ];
+            "--namespace",
+            NS,
+            "--node-agent-plan-namespaces",
+            "default",
+            "--gateway-listen",
+            &gateway,
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--tls-cert-file",
+            self.certs.cert.to_str().unwrap(),
+            "--tls-key-file",
+            self.certs.key.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         let (process, _) = e2e_support::start_controller(
             &self.controller_kubeconfig,
@@ -571,13 +571,20 @@ fn a_cordoned_node_is_uncordoned_after_a_controller_restart_when_its_plan_is_gon
     cluster.get(&["delete", "rplan", "db", "--wait=false"]);
     assert!(eventually(Duration::from_secs(90), || {
         !cluster
-            .get(&["get", "pj", "-o", "jsonpath={.items[*].metadata.deletionTimestamp}"])
+            .get(&[
+                "get",
+                "pj",
+                "-o",
+                "jsonpath={.items[*].metadata.deletionTimestamp}",
+            ])
             .is_empty()
     }));
     assert!(cluster.cordoned("node-a"));
     let _controller = cluster.controller();
     assert!(
-        eventually(Duration::from_secs(30), || cluster.get(&["get", "pj", "-o", "name"]).is_empty()),
+        eventually(Duration::from_secs(30), || cluster
+            .get(&["get", "pj", "-o", "name"])
+            .is_empty()),
         "the deleted jobs stayed after the restart"
     );
     assert!(

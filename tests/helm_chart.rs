@@ -730,13 +730,18 @@ fn default_render_is_least_privilege_and_wired_together() {
     let gateway = out.get("Service", "fleetpatch-gateway");
     assert!(labels_match(&gateway["spec"]["selector"], pod_labels));
     assert!(
-        gateway["spec"]["selector"].get("fleetpatch.io/leader").is_none(),
+        gateway["spec"]["selector"]
+            .get("fleetpatch.io/leader")
+            .is_none(),
         "the gateway must not follow the leader"
     );
     let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
         .as_array()
         .unwrap();
-    assert!(args.contains(&json!("--node-agent-plan-namespaces=")), "{args:?}");
+    assert!(
+        args.contains(&json!("--node-agent-plan-namespaces=")),
+        "{args:?}"
+    );
     assert!(args.contains(&json!("--max-node-reboots=1")), "{args:?}");
     assert_eq!(gateway["spec"]["type"], "ClusterIP");
     assert_eq!(

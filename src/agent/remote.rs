@@ -450,10 +450,24 @@ fn job_name(record_name: &str) -> Option<JobName> {
     })
 }
 
+/// Drops a finished job from the journal: its result is with the gateway, or the
+/// gateway takes none (an unfinished one stays: the executor still needs it).
+fn forget_if_finished(journal: &Journal, uid: &str) {
+    match journal.load(uid) {
+        Ok(Some(record)) if record.is_finished() => {
+            if let Err(err) = journal.remove(uid) {
+                tracing::warn!(job = %record.name, error = %err, "cannot remove a finished job from the journal");
+            }
+        }
+        Ok(_) => {}
+        Err(err) => tracing::warn!(job = %uid, error = %err, "cannot read the journal"),
+    }
+}
+
 /// Sends what the outbox holds until the gateway has written it, retrying with backoff.
 /// A job the gateway takes no more reports for (409: it is finished there; 404/410: it
 /// is gone) is closed: the agent stops reporting it and forgets it.
-async fn deliver(client: GatewayClient, outbox: Arc<Outbox>) {
+async fn deliver(client: GatewayClient, outbox: Arc<Outbox>, journal: Journal) {
     let mut backoff = Duration::from_millis(200);
     loop {
         let batch: Vec<(String, i64, PatchJobStatus, String)> = outbox
@@ -494,6 +508,8 @@ async fn deliver(client: GatewayClient, outbox: Arc<Outbox>) {
                             .is_some_and(|(s, _, _)| *s <= ack.acknowledged_sequence)
                         {
                             pending.remove(&uid);
+                            drop(pending);
+                            forget_if_finished(&journal, &uid);
                         }
                     } else {
                         all_done = false; // accepted, not yet written: ask again shortly
@@ -516,6 +532,7 @@ async fn deliver(client: GatewayClient, outbox: Arc<Outbox>) {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&uid);
+                    forget_if_finished(&journal, &uid);
                     outbox
                         .closed
                         .lock()
@@ -626,7 +643,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
     for record in journal.all()? {
         outbox.put(&record);
     }
-    tokio::spawn(deliver(client.clone(), outbox.clone()));
+    tokio::spawn(deliver(client.clone(), outbox.clone(), journal.clone()));
 
     let running: Running = Arc::default();
     let detected = patcher::detect();

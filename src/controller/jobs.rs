@@ -98,7 +98,8 @@ pub async fn reconcile_job(job: Arc<PatchJob>, ctx: Arc<Context>) -> Result<Acti
     if job.metadata.deletion_timestamp.is_some() {
         if open {
             // Stays (Terminating) until the run ends; its agent was told to stop it.
-            return Ok(Action::requeue(Duration::from_secs(30)));
+            // Deleted jobs of open runs are few: look again soon.
+            return Ok(Action::requeue(Duration::from_secs(5)));
         }
         release_finalizer(&api, &job).await?;
         return Ok(Action::await_change());

@@ -221,6 +221,11 @@ impl Gateway {
         let mut book = self.progress.lock();
         book.seed(uid, stored.and_then(|s| s.last_sequence).unwrap_or(0));
         let sequence = report.sequence;
+        if !(1..=protocol::MAX_SEQUENCE).contains(&sequence) {
+            return Err(Refusal::Invalid(
+                protocol::ReportProblem::Sequence.to_string(),
+            ));
+        }
         // A retry of what was accepted: the same answer as before, nothing changes.
         if sequence <= book.accepted(uid) && !book.overtaken(uid) {
             return Ok(ProgressAck {

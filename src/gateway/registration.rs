@@ -358,7 +358,11 @@ mod tests {
         group
             .labels
             .insert("fleetpatch.io/group".into(), "db".into());
-        assert_eq!(registration_problem(&group), None, "the documented way to group hosts");
+        assert_eq!(
+            registration_problem(&group),
+            None,
+            "the documented way to group hosts"
+        );
         let mut role = request("web-1");
         role.labels
             .insert("node-role.kubernetes.io/control-plane".into(), "".into());

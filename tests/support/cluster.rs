@@ -128,6 +128,17 @@ impl Cluster {
         }
     }
 
+    /// The API server's audit log of what fleetpatch's ServiceAccounts did (a private real
+    /// control plane only), one JSON event per line.
+    pub fn audit_log(&self) -> Option<String> {
+        match &self.server {
+            Server::Private(plane) => {
+                std::fs::read_to_string(plane.dir.join("logs/audit.log")).ok()
+            }
+            _ => None,
+        }
+    }
+
     /// The end of the API server's log, for a failing test's message.
     pub fn server_log(&self) -> String {
         match &self.server {

@@ -108,8 +108,13 @@ pub fn start_controller(kubeconfig: &Path, args: &[&str], wanted: &str) -> (Proc
 
 /// `fleetpatch run plan NAME`, as a person would.
 pub fn run_plan(kubeconfig: &Path, name: &str) {
+    run_plan_in(kubeconfig, "default", name);
+}
+
+/// `fleetpatch run plan NAME -n NAMESPACE`.
+pub fn run_plan_in(kubeconfig: &Path, namespace: &str, name: &str) {
     let output = Command::new(BIN)
-        .args(["run", "plan", name])
+        .args(["run", "plan", name, "-n", namespace])
         .env("KUBECONFIG", kubeconfig)
         .output()
         .unwrap();

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod control_plane;
 pub mod dev;
 pub mod e2e;
+pub mod fleet;
 pub mod kubectl;
 pub mod prerequisite;
 pub mod raw;
