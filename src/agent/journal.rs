@@ -1,6 +1,9 @@
 //! The agent's journal: one JSON file per job in the state directory, replaced
 //! atomically (temporary file, fsync, rename, fsync of the directory) after every step,
-//! so a crash or a reboot resumes the job where it stopped.
+//! so a crash or a reboot resumes the job where it stopped. Only root reads it (the
+//! directory is 0700, the files 0600: they hold scripts and their output). A file that
+//! cannot be read back is moved aside to `jobs/corrupt/` and reported, never a reason
+//! for the agent to stop.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -68,7 +71,27 @@ impl Journal {
     pub fn open(state_dir: &Path) -> Result<Self, JournalError> {
         let dir = state_dir.join("jobs");
         std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_error(&dir))?;
+        }
         Ok(Self { dir })
+    }
+
+    /// Moves an unreadable journal file to `jobs/corrupt/`, so the agent goes on with the
+    /// others; returns where it went.
+    fn quarantine(&self, path: &Path) -> Option<PathBuf> {
+        let aside = self.dir.join("corrupt");
+        std::fs::create_dir_all(&aside).ok()?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let target = aside.join(format!("{}.{stamp}", path.file_name()?.to_string_lossy()));
+        std::fs::rename(path, &target).ok()?;
+        Some(target)
     }
 
     fn path(&self, id: &str) -> PathBuf {
@@ -90,7 +113,14 @@ impl Journal {
         let path = self.path(&record.id);
         let temporary = path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(record).expect("job records serialize");
-        let mut file = std::fs::File::create(&temporary).map_err(io_error(&temporary))?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut file = options.open(&temporary).map_err(io_error(&temporary))?;
         file.write_all(&body)
             .and_then(|()| file.sync_all())
             .map_err(io_error(&temporary))?;
@@ -132,14 +162,23 @@ impl Journal {
             })
             .collect();
         entries.sort();
-        entries
-            .into_iter()
-            .map(|(_, path)| {
-                let bytes = std::fs::read(&path).map_err(io_error(&path))?;
-                serde_json::from_slice(&bytes)
-                    .map_err(|source| JournalError::Corrupt { path, source })
-            })
-            .collect()
+        let mut records = Vec::new();
+        for (_, path) in entries {
+            let bytes = std::fs::read(&path).map_err(io_error(&path))?;
+            match serde_json::from_slice(&bytes) {
+                Ok(record) => records.push(record),
+                Err(err) => {
+                    let moved = self.quarantine(&path);
+                    tracing::error!(
+                        file = %path.display(),
+                        moved_to = %moved.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default(),
+                        error = %err,
+                        "a journal file is unreadable; it was moved aside and its job is not resumed"
+                    );
+                }
+            }
+        }
+        Ok(records)
     }
 
     /// Jobs that have not finished, oldest first.
@@ -214,6 +253,55 @@ mod tests {
         assert_eq!(names, ["uid_with_odd_chars.json"]);
         journal.remove(&job.id).unwrap();
         assert_eq!(journal.load(&job.id).unwrap(), None);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_moved_aside_and_the_others_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        journal.save(&record("good")).unwrap();
+        std::fs::write(dir.path().join("jobs/bad.json"), "{not json").unwrap();
+        let loaded = journal.all().unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].id, "good");
+        assert!(!dir.path().join("jobs/bad.json").exists());
+        let aside: Vec<_> = std::fs::read_dir(dir.path().join("jobs/corrupt"))
+            .unwrap()
+            .collect();
+        assert_eq!(aside.len(), 1, "kept for a person to look at");
+        assert_eq!(
+            journal.all().unwrap().len(),
+            1,
+            "and not tripped over again"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn only_root_reads_the_journal() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        journal.save(&record("j")).unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("jobs")), 0o700);
+        assert_eq!(mode(&dir.path().join("jobs/j.json")), 0o600);
+    }
+
+    /// A full disk: writes to /dev/full fail with ENOSPC, which the journal reports
+    /// as an error (the agent reports the job instead of dying).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_full_disk_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        std::os::unix::fs::symlink("/dev/full", dir.path().join("jobs/full.json.tmp")).unwrap();
+        match journal.save(&record("full")) {
+            Err(JournalError::Io { source, .. }) => {
+                assert_eq!(source.raw_os_error(), Some(nix::libc::ENOSPC), "{source}")
+            }
+            other => panic!("expected ENOSPC, got {other:?}"),
+        }
     }
 
     #[test]

@@ -609,6 +609,24 @@ fn jitter(base: Duration) -> Duration {
     )
 }
 
+/// Marks a job failed without the journal (it cannot be written).
+fn fail_in_memory(record: &mut JobRecord, message: &str) {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let status = &mut record.status;
+    status.phase = crate::api::patchjob::JobPhase::Failed;
+    status.message = message.to_string();
+    status.completion_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+    crate::api::conditions::set_outcome(
+        &mut status.conditions,
+        false,
+        "JournalFailed",
+        message,
+        None,
+        now,
+    );
+    record.sequence += 1;
+}
+
 /// Connects, retrying what may succeed later; gives up on answers that will not.
 async fn connect_until_done(options: &RunOptions) -> anyhow::Result<GatewayClient> {
     let mut backoff = Duration::from_secs(2);
@@ -709,8 +727,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
                                 spec,
                             );
                             record.sequence = assignment.acknowledged_sequence;
-                            journal.save(&record)?;
-                            work.push(record);
+                            match journal.save(&record) {
+                                Ok(()) => work.push(record),
+                                // Without a journal the job cannot be run at most once.
+                                Err(err) => {
+                                    tracing::error!(job = %record.name, error = %err, "cannot journal a new job (is the disk full?); not starting it");
+                                    tokio::time::sleep(Duration::from_secs(30)).await;
+                                }
+                            }
                         }
                         Err(err) => {
                             tracing::error!(job = %assignment.name, error = %err, "refusing a job whose scripts do not verify")
@@ -749,7 +773,24 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
                 reboot_gate: Some(&gate),
                 cancel: Some(&cancel),
             };
-            let outcome = executor.run(&mut record).await?;
+            let outcome = match executor.run(&mut record).await {
+                Ok(outcome) => outcome,
+                Err(err) => {
+                    // A full disk, say: the job cannot go on safely. Its failure is
+                    // reported from memory; once the journal can be written again the
+                    // journaled state is picked up (and any report of it is refused
+                    // as the job is final).
+                    tracing::error!(job = %record.name, error = %err, "cannot write the journal; the job is reported failed");
+                    fail_in_memory(
+                        &mut record,
+                        &format!("the agent cannot write its journal: {err}"),
+                    );
+                    outbox.put(&record);
+                    *running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    continue;
+                }
+            };
             outbox.put(&record);
             if outcome == RunOutcome::Rebooting {
                 // Give the gateway a moment to hear that the host is rebooting.
