@@ -4,7 +4,7 @@
 //! ownerReference garbage collection. Everything answers in the API server's JSON
 //! shapes, errors as `Status` objects.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +28,7 @@ use super::registry::ResourceKind;
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{self, EventType, StoreError};
 use super::table;
-use super::{Propagation, Server};
+use super::{DeleteOptions, Deleted, Server};
 
 type Query = HashMap<String, String>;
 
@@ -36,7 +36,11 @@ pub fn now() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-fn json_response(code: StatusCode, value: &impl Serialize, warnings: &[String]) -> Response {
+pub(super) fn json_response(
+    code: StatusCode,
+    value: &impl Serialize,
+    warnings: &[String],
+) -> Response {
     let body = serde_json::to_vec(value).unwrap_or_default();
     let mut response = (code, [(header::CONTENT_TYPE, "application/json")], body).into_response();
     for warning in warnings {
@@ -48,25 +52,50 @@ fn json_response(code: StatusCode, value: &impl Serialize, warnings: &[String]) 
     response
 }
 
+/// Adds `Warning` headers to a response, before those it has.
+fn with_warnings(mut response: Response, warnings: &[String]) -> Response {
+    if warnings.is_empty() {
+        return response;
+    }
+    let existing: Vec<HeaderValue> = response
+        .headers()
+        .get_all(header::WARNING)
+        .iter()
+        .cloned()
+        .collect();
+    response.headers_mut().remove(header::WARNING);
+    let mut all: Vec<HeaderValue> = warnings
+        .iter()
+        .filter_map(|w| {
+            HeaderValue::from_str(&format!("299 - \"{}\"", w.replace('"', "\\\""))).ok()
+        })
+        .collect();
+    all.extend(existing);
+    for value in all {
+        response.headers_mut().append(header::WARNING, value);
+    }
+    response
+}
+
 /// What a request names: a resource (maybe one object, maybe a subresource).
-struct Target {
-    kind: Arc<ResourceKind>,
-    namespace: Option<String>,
-    name: Option<String>,
-    subresource: Option<String>,
+pub(super) struct Target {
+    pub(super) kind: Arc<ResourceKind>,
+    pub(super) namespace: Option<String>,
+    pub(super) name: Option<String>,
+    pub(super) subresource: Option<String>,
 }
 
 impl Target {
-    fn key(&self) -> String {
+    pub(super) fn key(&self) -> String {
         self.kind.storage_key()
     }
-    fn ns(&self) -> &str {
+    pub(super) fn ns(&self) -> &str {
         self.namespace.as_deref().unwrap_or_default()
     }
-    fn name(&self) -> &str {
+    pub(super) fn name(&self) -> &str {
         self.name.as_deref().unwrap_or_default()
     }
-    fn not_found(&self) -> ApiError {
+    pub(super) fn not_found(&self) -> ApiError {
         ApiError::not_found(&self.kind.group, &self.kind.plural, self.name())
     }
 }
@@ -120,6 +149,91 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
         serde_json::from_slice(body)
             .map_err(|e| ApiError::BadRequest(format!("error decoding JSON: {e}")))
     }
+}
+
+/// Field paths that occur twice in one JSON object of `body` (`spec.os`), which strict
+/// decoding refuses and the others warn about (the last one wins, as in serde_json).
+fn duplicate_fields(body: &[u8]) -> Vec<String> {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    struct Walk<'a> {
+        path: String,
+        found: &'a mut Vec<String>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+            deserializer.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let Walk { path, found } = self;
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let child = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                if !seen.insert(key) && !found.contains(&child) {
+                    found.push(child.clone());
+                }
+                map.next_value_seed(Walk {
+                    path: child,
+                    found: &mut *found,
+                })?;
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let Walk { path, found } = self;
+            let mut index = 0;
+            while seq
+                .next_element_seed(Walk {
+                    path: format!("{path}[{index}]"),
+                    found: &mut *found,
+                })?
+                .is_some()
+            {
+                index += 1;
+            }
+            Ok(())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+    }
+
+    let mut found = Vec::new();
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let _ = Walk {
+        path: String::new(),
+        found: &mut found,
+    }
+    .deserialize(&mut deserializer);
+    found
 }
 
 /// The entry point for every request.
@@ -210,10 +324,15 @@ fn write_metrics(server: &Server) -> String {
     out
 }
 
+/// The caller of a request with a bearer token: one this server issued, for the API
+/// audience, whose ServiceAccount (and bound object) still exist.
 fn authenticate(server: &Server, headers: &HeaderMap) -> Option<Claims> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let token = value.strip_prefix("Bearer ")?.trim();
-    server.auth.verify(token)
+    server
+        .authenticate_token(token, &[])
+        .ok()
+        .map(|(claims, _)| claims)
 }
 
 async fn route(
@@ -276,7 +395,8 @@ async fn route(
         {
             let kind = find(plural).ok_or(ApiError::NoRoute)?;
             if !kind.namespaced {
-                return Err(ApiError::NoRoute);
+                // No such route at all: the API server's mux answers in plain text.
+                return Ok((StatusCode::NOT_FOUND, "404 page not found\n").into_response());
             }
             match tail {
                 [] => Target {
@@ -332,6 +452,7 @@ async fn route(
         headers,
         query: &query,
         user,
+        duplicates: &[],
     };
     if let Some(sub) = target.subresource.as_deref() {
         return match (sub, method.as_str()) {
@@ -359,6 +480,19 @@ async fn route(
             _ => Err(ApiError::MethodNotAllowed),
         };
     }
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .is_none_or(|c| c.contains("json"));
+    let duplicates = if is_json && matches!(method.as_str(), "POST" | "PUT") {
+        duplicate_fields(&body)
+    } else {
+        Vec::new()
+    };
+    let ctx = Request {
+        duplicates: &duplicates,
+        ..ctx
+    };
     match (method.as_str(), target.name.is_some()) {
         ("GET", true) => ctx.get(&target),
         ("GET", false) if is_true(&query, "watch") => ctx.watch(&target),
@@ -373,11 +507,25 @@ async fn route(
 }
 
 /// One request's context.
-struct Request<'a> {
-    server: &'a Arc<Server>,
-    headers: &'a HeaderMap,
-    query: &'a Query,
-    user: Option<&'a Claims>,
+pub(super) struct Request<'a> {
+    pub(super) server: &'a Arc<Server>,
+    pub(super) headers: &'a HeaderMap,
+    pub(super) query: &'a Query,
+    pub(super) user: Option<&'a Claims>,
+    /// Fields the JSON body has twice.
+    pub(super) duplicates: &'a [String],
+}
+
+/// Calls `f` with the schema that decides list and map semantics for managedFields:
+/// the CRD's, or the built-in kind's.
+fn with_ownership_schema<R>(kind: &ResourceKind, f: impl FnOnce(Option<&Value>) -> R) -> R {
+    match &kind.schema {
+        Some(schema) => f(Some(&schema.json)),
+        None => {
+            let builtin = discovery::builtin_ownership_schema(&kind.group, &kind.plural);
+            f(builtin.as_deref())
+        }
+    }
 }
 
 /// An object as the requested version presents it (versions share storage).
@@ -439,7 +587,7 @@ fn selected_event(change: &store::Change, matches: &impl Fn(&Value) -> bool) -> 
     }
 }
 
-fn map_store_error(target: &Target, err: StoreError) -> ApiError {
+pub(super) fn map_store_error(target: &Target, err: StoreError) -> ApiError {
     let kind = &target.kind;
     match err {
         StoreError::NotFound => target.not_found(),
@@ -454,6 +602,88 @@ fn map_store_error(target: &Target, err: StoreError) -> ApiError {
     }
 }
 
+/// What decoding a built-in object into its Go type does to it, before field
+/// ownership is recorded (so the writer owns the result): defaults such as a Secret's
+/// type and a namespace's name label, a Secret's `stringData` folded into `data`, and
+/// empty maps that `omitempty` leaves out.
+fn decode_defaults(kind: &ResourceKind, object: &mut Value) {
+    if kind.custom {
+        return;
+    }
+    match (kind.group.as_str(), kind.plural.as_str()) {
+        ("", "secrets") => {
+            if let Some(Value::Object(plain)) =
+                object.as_object_mut().and_then(|o| o.remove("stringData"))
+            {
+                for (key, value) in plain {
+                    let text = value.as_str().unwrap_or_default();
+                    object["data"][key] = json!(base64::Engine::encode(
+                        &base64::engine::general_purpose::STANDARD,
+                        text
+                    ));
+                }
+            }
+            if object["type"].is_null() {
+                object["type"] = json!("Opaque");
+            }
+        }
+        ("", "namespaces") => {
+            let name = object["metadata"]["name"].clone();
+            if object["metadata"]["labels"]["kubernetes.io/metadata.name"].is_null() {
+                object["metadata"]["labels"]["kubernetes.io/metadata.name"] = name;
+            }
+        }
+        _ => {}
+    }
+    for (parent, field) in [
+        (None, "data"),
+        (None, "binaryData"),
+        (Some("metadata"), "labels"),
+        (Some("metadata"), "annotations"),
+    ] {
+        let holder = match parent {
+            Some(p) => object.get_mut(p),
+            None => Some(&mut *object),
+        };
+        if let Some(map) = holder.and_then(Value::as_object_mut)
+            && map
+                .get(field)
+                .is_some_and(|v| v.as_object().is_some_and(|m| m.is_empty()))
+        {
+            map.remove(field);
+        }
+    }
+}
+
+/// A pod's quality-of-service class from its containers' requests and limits.
+fn qos_class(pod: &Value) -> &'static str {
+    let containers: Vec<&Value> = ["containers", "initContainers"]
+        .iter()
+        .flat_map(|f| pod["spec"][f].as_array().into_iter().flatten())
+        .collect();
+    let resources = |c: &Value, which: &str, what: &str| c["resources"][which][what].clone();
+    let any = containers.iter().any(|c| {
+        ["requests", "limits"]
+            .iter()
+            .any(|w| c["resources"][w].as_object().is_some_and(|m| !m.is_empty()))
+    });
+    if !any {
+        return "BestEffort";
+    }
+    let guaranteed = containers.iter().all(|c| {
+        ["cpu", "memory"].iter().all(|what| {
+            let limit = resources(c, "limits", what);
+            let request = resources(c, "requests", what);
+            !limit.is_null() && (request.is_null() || request == limit)
+        })
+    });
+    if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
+    }
+}
+
 fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     uuid::Uuid::new_v4()
@@ -465,7 +695,7 @@ fn random_suffix() -> String {
 }
 
 impl Request<'_> {
-    fn field_manager(&self) -> String {
+    pub(super) fn field_manager(&self) -> String {
         if let Some(manager) = self.query.get("fieldManager") {
             return manager.clone();
         }
@@ -478,7 +708,7 @@ impl Request<'_> {
             .to_string()
     }
 
-    fn dry_run(&self) -> bool {
+    pub(super) fn dry_run(&self) -> bool {
         self.query.get("dryRun").is_some_and(|d| d == "All")
     }
 
@@ -518,7 +748,7 @@ impl Request<'_> {
         Ok(self.respond(target, StatusCode::OK, &object, &[]))
     }
 
-    fn selectors(&self) -> Result<(LabelSelector, FieldSelector), ApiError> {
+    fn selectors(&self, target: &Target) -> Result<(LabelSelector, FieldSelector), ApiError> {
         let labels = LabelSelector::parse(
             self.query
                 .get("labelSelector")
@@ -533,11 +763,22 @@ impl Request<'_> {
                 .unwrap_or(""),
         )
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        // Custom resources can be selected by name and namespace only (our CRDs declare
+        // no selectableFields).
+        if target.kind.custom
+            && let Some(path) = fields
+                .paths()
+                .find(|p| !matches!(*p, "metadata.name" | "metadata.namespace"))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "field label not supported: {path}"
+            )));
+        }
         Ok((labels, fields))
     }
 
     fn list(&self, target: &Target) -> Result<Response, ApiError> {
-        let (labels, fields) = self.selectors()?;
+        let (labels, fields) = self.selectors(target)?;
         let (items, rv) = self
             .server
             .store
@@ -619,6 +860,10 @@ impl Request<'_> {
             );
             return Ok(json_response(StatusCode::OK, &table, &[]));
         }
+        if target.kind.custom && meta["continue"].is_null() {
+            // Unstructured lists always carry the field.
+            meta["continue"] = json!("");
+        }
         #[derive(Serialize)]
         struct List<'a> {
             kind: String,
@@ -652,7 +897,7 @@ impl Request<'_> {
     }
 
     fn watch(&self, target: &Target) -> Result<Response, ApiError> {
-        let (labels, fields) = self.selectors()?;
+        let (labels, fields) = self.selectors(target)?;
         let since = match self.query.get("resourceVersion").map(String::as_str) {
             None | Some("") | Some("0") => None,
             Some(rv) => Some(
@@ -853,6 +1098,22 @@ impl Request<'_> {
         let kind = &target.kind;
         if let Some(k) = object["kind"].as_str()
             && k != kind.kind
+            && kind.custom
+        {
+            let name = object["metadata"]["name"].as_str().unwrap_or_default();
+            return Err(ApiError::invalid(
+                &kind.group,
+                k,
+                name,
+                vec![Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: format!("Invalid value: {k:?}: must be {}", kind.kind),
+                    field: "kind".into(),
+                }],
+            ));
+        }
+        if let Some(k) = object["kind"].as_str()
+            && k != kind.kind
         {
             return Err(ApiError::BadRequest(format!(
                 "the kind {k:?} in the body does not match the resource {} ({})",
@@ -881,7 +1142,33 @@ impl Request<'_> {
     }
 
     fn create(&self, target: &Target, object: Value) -> Result<Response, ApiError> {
-        self.create_object(target, object, None)
+        let warnings = self.check_duplicates(target)?;
+        let response = self.create_object(target, object, None)?;
+        Ok(with_warnings(response, &warnings))
+    }
+
+    /// Duplicate fields: refused under strict validation, a warning under Warn.
+    fn check_duplicates(&self, target: &Target) -> Result<Vec<String>, ApiError> {
+        let found: Vec<String> = self
+            .duplicates
+            .iter()
+            .map(|d| format!("duplicate field \"{d}\""))
+            .collect();
+        match self.field_validation() {
+            _ if found.is_empty() => Ok(Vec::new()),
+            FieldValidation::Strict => {
+                let kind = &target.kind;
+                Err(ApiError::BadRequest(format!(
+                    "{} in version {:?} cannot be handled as a {}: strict decoding error: {}",
+                    kind.kind,
+                    kind.version,
+                    kind.kind,
+                    found.join(", ")
+                )))
+            }
+            FieldValidation::Warn => Ok(found),
+            FieldValidation::Ignore => Ok(Vec::new()),
+        }
     }
 
     /// Creates an object; `managed_fields` = Some keeps the given ownership (an apply
@@ -956,27 +1243,31 @@ impl Request<'_> {
             subresource: None,
         };
         self.check_namespace(&target)?;
-        let warnings = admission::admit(&kind, &mut object, None, self.field_validation())?;
-        self.prepare_builtin(&kind, &mut object, None)?;
+        let warnings = admission::admit(&kind, &mut object, None, self.field_validation(), "")?;
+        decode_defaults(&kind, &mut object);
         match managed_fields {
             Some(fields) => object["metadata"]["managedFields"] = fields,
             None => {
                 let manager = self.field_manager();
                 let api_version = kind.api_version();
                 let now = now();
-                managed::record_update(
-                    None,
-                    &mut object,
-                    kind.schema.as_ref().map(|s| &s.json),
-                    &Writer {
-                        manager: &manager,
-                        subresource: "",
-                        api_version: &api_version,
-                        now: &now,
-                    },
-                );
+                with_ownership_schema(&kind, |schema| {
+                    managed::record_update(
+                        None,
+                        &mut object,
+                        schema,
+                        !kind.custom,
+                        &Writer {
+                            manager: &manager,
+                            subresource: "",
+                            api_version: &api_version,
+                            now: &now,
+                        },
+                    )
+                });
             }
         }
+        self.prepare_builtin(&kind, &mut object, None)?;
         if self.dry_run() {
             return Ok(self.respond(&target, StatusCode::CREATED, &object, &warnings));
         }
@@ -989,12 +1280,14 @@ impl Request<'_> {
         Ok(self.respond(&target, StatusCode::CREATED, &stored, &warnings))
     }
 
-    /// Built-in kinds' server-side behaviour: CRD names and status, namespace phase.
+    /// What built-in kinds' strategies do before an object is stored, after its field
+    /// ownership is recorded: CRD names and status; the status a namespace, pod or
+    /// disruption budget starts with; a namespace's `kubernetes` finalizer.
     fn prepare_builtin(
         &self,
         kind: &ResourceKind,
         object: &mut Value,
-        _old: Option<&Value>,
+        old: Option<&Value>,
     ) -> Result<(), ApiError> {
         match (kind.group.as_str(), kind.plural.as_str()) {
             ("apiextensions.k8s.io", "customresourcedefinitions") => {
@@ -1053,28 +1346,24 @@ impl Request<'_> {
                     ],
                 });
             }
-            ("", "secrets") => {
-                // stringData is write-only: folded into data, as the API server does.
-                if let Some(Value::Object(plain)) =
-                    object.as_object_mut().and_then(|o| o.remove("stringData"))
-                {
-                    for (key, value) in plain {
-                        let text = value.as_str().unwrap_or_default();
-                        object["data"][key] = json!(base64::Engine::encode(
-                            &base64::engine::general_purpose::STANDARD,
-                            text
-                        ));
-                    }
+            ("", "namespaces") if old.is_none() => {
+                object["status"] = json!({"phase": "Active"});
+                let mut finalizers: Vec<Value> = object["spec"]["finalizers"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                if !finalizers.contains(&json!("kubernetes")) {
+                    finalizers.push(json!("kubernetes"));
                 }
+                object["spec"]["finalizers"] = json!(finalizers);
             }
-            ("", "namespaces") => {
-                if object["status"]["phase"].is_null() {
-                    object["status"] = json!({"phase": "Active"});
-                }
-                let name = object["metadata"]["name"].clone();
-                if object["metadata"]["labels"]["kubernetes.io/metadata.name"].is_null() {
-                    object["metadata"]["labels"]["kubernetes.io/metadata.name"] = name;
-                }
+            // What a pod's status starts as, whatever the client sent: no kubelet has
+            // seen it yet.
+            ("", "pods") if old.is_none() => {
+                object["status"] = json!({"phase": "Pending", "qosClass": qos_class(object)});
+            }
+            ("policy", "poddisruptionbudgets") if old.is_none() => {
+                object["status"] = super::disruption::initial_status();
             }
             _ => {}
         }
@@ -1082,6 +1371,12 @@ impl Request<'_> {
     }
 
     fn update(&self, target: &Target, body: Value) -> Result<Response, ApiError> {
+        let duplicate_warnings = self.check_duplicates(target)?;
+        let response = self.update_object(target, body)?;
+        Ok(with_warnings(response, &duplicate_warnings))
+    }
+
+    fn update_object(&self, target: &Target, body: Value) -> Result<Response, ApiError> {
         self.check_identity(target, &body)?;
         if let Some(name) = body["metadata"]["name"].as_str()
             && name != target.name()
@@ -1100,6 +1395,19 @@ impl Request<'_> {
             .store
             .get(&target.key(), target.ns(), target.name())
             .ok_or_else(|| target.not_found())?;
+        // Custom resources may not be updated without saying which version they replace.
+        if expected.is_none() && target.kind.custom {
+            return Err(ApiError::invalid(
+                &target.kind.group,
+                &target.kind.plural,
+                target.name(),
+                vec![Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: "Invalid value: 0: must be specified for an update".into(),
+                    field: "metadata.resourceVersion".into(),
+                }],
+            ));
+        }
         if expected.is_some_and(|e| e != store::resource_version(&old)) {
             return Err(ApiError::conflict(
                 &target.kind.group,
@@ -1192,7 +1500,8 @@ impl Request<'_> {
         {
             new["metadata"]["generation"] = json!(generation + 1);
         }
-        let warnings = admission::admit(kind, &mut new, Some(old), self.field_validation())?;
+        let warnings = admission::admit(kind, &mut new, Some(old), self.field_validation(), sub)?;
+        decode_defaults(kind, &mut new);
         self.prepare_builtin(kind, &mut new, Some(old))?;
         if without_volatile(&new) == without_volatile(old) {
             // Nothing changed: no write, no event, same resourceVersion.
@@ -1201,17 +1510,20 @@ impl Request<'_> {
         let manager = self.field_manager();
         let api_version = kind.api_version();
         let now = now();
-        managed::record_update(
-            Some(old),
-            &mut new,
-            kind.schema.as_ref().map(|s| &s.json),
-            &Writer {
-                manager: &manager,
-                subresource: sub,
-                api_version: &api_version,
-                now: &now,
-            },
-        );
+        with_ownership_schema(kind, |schema| {
+            managed::record_update(
+                Some(old),
+                &mut new,
+                schema,
+                !kind.custom,
+                &Writer {
+                    manager: &manager,
+                    subresource: sub,
+                    api_version: &api_version,
+                    now: &now,
+                },
+            )
+        });
         self.store_update(
             target,
             new,
@@ -1281,7 +1593,19 @@ impl Request<'_> {
                             !target.kind.custom,
                         ),
                     };
-                    applied.map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                    applied.map_err(|e| match patch_type {
+                        // The API server reports a JSON patch that does not apply as a
+                        // bare 422.
+                        PatchType::Json => {
+                            tracing::debug!(error = %e, "JSON patch does not apply");
+                            ApiError::Status(json!({
+                                "kind": "Status", "apiVersion": "v1", "metadata": {},
+                                "status": "Failure", "reason": "Invalid", "details": {}, "code": 422,
+                                "message": "the server rejected our request due to an error in our request",
+                            }))
+                        }
+                        _ => ApiError::BadRequest(e.to_string()),
+                    })?;
                     self.check_identity(target, &doc)?;
                     let pinned = doc["metadata"]["resourceVersion"]
                         .as_str()
@@ -1322,9 +1646,15 @@ impl Request<'_> {
 
     fn apply_writer_parts(&self, target: &Target) -> Result<(String, String, String), ApiError> {
         let manager = self.query.get("fieldManager").cloned().ok_or_else(|| {
-            ApiError::BadRequest(
-                "PATCH, application/apply-patch+yaml: fieldManager is required for apply requests"
-                    .into(),
+            ApiError::invalid(
+                "meta.k8s.io",
+                "PatchOptions",
+                "",
+                vec![Cause {
+                    reason: "FieldValueRequired".into(),
+                    message: "Required value: is required for apply patch".into(),
+                    field: "fieldManager".into(),
+                }],
             )
         })?;
         Ok((manager, target.kind.api_version(), now()))
@@ -1372,7 +1702,7 @@ impl Request<'_> {
                 .into_iter()
                 .map(|c| Cause {
                     reason: "FieldManagerConflict".into(),
-                    message: format!("conflict with \"{}\": {}", c.manager, c.path),
+                    message: format!("conflict with {}", c.manager),
                     field: c.path,
                 })
                 .collect(),
@@ -1382,15 +1712,16 @@ impl Request<'_> {
     fn apply_create(&self, target: &Target, patch: &Value) -> Result<Response, ApiError> {
         let applied = self.applied_config(target, patch)?;
         let (manager, api_version, now) = self.apply_writer_parts(target)?;
-        let schema = target.kind.schema.as_ref().map(|s| &s.json);
         let writer = Writer {
             manager: &manager,
             subresource: "",
             api_version: &api_version,
             now: &now,
         };
-        let object =
-            managed::apply(None, &applied, schema, &writer, true).map_err(Self::conflict_error)?;
+        let object = with_ownership_schema(&target.kind, |schema| {
+            managed::apply(None, &applied, schema, &writer, true)
+        })
+        .map_err(Self::conflict_error)?;
         let managed_fields = object["metadata"]["managedFields"].clone();
         self.create_object(target, object, Some(managed_fields))
     }
@@ -1403,7 +1734,6 @@ impl Request<'_> {
     ) -> Result<(StatusCode, Arc<Value>, Vec<String>), ApiError> {
         let applied = self.applied_config(target, patch)?;
         let (manager, api_version, now) = self.apply_writer_parts(target)?;
-        let schema = target.kind.schema.as_ref().map(|s| &s.json);
         let sub = target.subresource.as_deref().unwrap_or_default();
         let writer = Writer {
             manager: &manager,
@@ -1412,8 +1742,10 @@ impl Request<'_> {
             now: &now,
         };
         let force = is_true(self.query, "force");
-        let mut new = managed::apply(Some(old), &applied, schema, &writer, force)
-            .map_err(Self::conflict_error)?;
+        let mut new = with_ownership_schema(&target.kind, |schema| {
+            managed::apply(Some(old), &applied, schema, &writer, force)
+        })
+        .map_err(Self::conflict_error)?;
         let kind = &target.kind;
         if kind.status_subresource && sub.is_empty() {
             match old.get("status") {
@@ -1430,7 +1762,8 @@ impl Request<'_> {
         {
             new["metadata"]["generation"] = json!(generation + 1);
         }
-        let warnings = admission::admit(kind, &mut new, Some(old), self.field_validation())?;
+        let warnings = admission::admit(kind, &mut new, Some(old), self.field_validation(), sub)?;
+        decode_defaults(kind, &mut new);
         self.prepare_builtin(kind, &mut new, Some(old))?;
         if without_times(&new) == without_times(old) {
             // Same values, same owners: a no-op apply writes nothing.
@@ -1450,55 +1783,45 @@ impl Request<'_> {
             .get(&target.key(), target.ns(), target.name())
             .ok_or_else(|| target.not_found())?;
         let pre = &options["preconditions"];
-        if let Some(rv) = pre["resourceVersion"].as_str()
-            && rv
-                != old["metadata"]["resourceVersion"]
-                    .as_str()
-                    .unwrap_or_default()
-        {
-            return Err(ApiError::conflict(
-                &target.kind.group,
-                &target.kind.plural,
-                target.name(),
-            ));
+        let kind = &target.kind;
+        let precondition_failed =
+            |why: String| ApiError::conflict_because(&kind.group, &kind.kind, target.name(), why);
+        if let Some(uid) = pre["uid"].as_str() {
+            let actual = old["metadata"]["uid"].as_str().unwrap_or_default();
+            if uid != actual {
+                return Err(precondition_failed(format!(
+                    "the UID in the precondition ({uid}) does not match the UID in record ({actual}). The object might have been deleted and then recreated"
+                )));
+            }
         }
-        if let Some(uid) = pre["uid"].as_str()
-            && uid != old["metadata"]["uid"].as_str().unwrap_or_default()
-        {
-            return Err(ApiError::conflict(
-                &target.kind.group,
-                &target.kind.plural,
-                target.name(),
-            ));
-        }
-        let propagation = Propagation::parse(
-            options["propagationPolicy"]
+        if let Some(rv) = pre["resourceVersion"].as_str() {
+            let actual = old["metadata"]["resourceVersion"]
                 .as_str()
-                .or(self.query.get("propagationPolicy").map(String::as_str)),
-        );
-        if self.dry_run() {
-            return Ok(self.respond(target, StatusCode::OK, &old, &[]));
+                .unwrap_or_default();
+            if rv != actual {
+                return Err(precondition_failed(format!(
+                    "the ResourceVersion in the precondition ({rv}) does not match the ResourceVersion in record ({actual}). The object might have been modified"
+                )));
+            }
         }
-        let object = self
+        let options = DeleteOptions::parse(&options, self.query);
+        if self.dry_run() {
+            let answer = Deleted::Removed(old.clone()).answer(kind);
+            return Ok(self.respond(target, StatusCode::OK, &answer, &[]));
+        }
+        let deleted = self
             .server
-            .delete_object(&target.kind, &old, propagation)
+            .delete_object(kind, &old, options)
             .map_err(|e| map_store_error(target, e))?;
-        let code = if object["metadata"]["deletionTimestamp"].is_string()
-            && self
-                .server
-                .store
-                .get(&target.key(), target.ns(), target.name())
-                .is_some()
-        {
-            StatusCode::ACCEPTED
-        } else {
-            StatusCode::OK
-        };
-        Ok(self.respond(target, code, &object, &[]))
+        let answer = deleted.answer(kind);
+        if answer["kind"] == "Status" {
+            return Ok(json_response(StatusCode::OK, &answer, &[]));
+        }
+        Ok(self.respond(target, StatusCode::OK, &answer, &[]))
     }
 
     fn delete_collection(&self, target: &Target) -> Result<Response, ApiError> {
-        let (labels, fields) = self.selectors()?;
+        let (labels, fields) = self.selectors(target)?;
         let (items, _) = self
             .server
             .store
@@ -1507,10 +1830,11 @@ impl Request<'_> {
             .iter()
             .filter(|i| labels.matches(i) && fields.matches(i))
         {
-            match self
-                .server
-                .delete_object(&target.kind, item, Propagation::Background)
-            {
+            match self.server.delete_object(
+                &target.kind,
+                item,
+                DeleteOptions::parse(&Value::Null, self.query),
+            ) {
                 Ok(_) | Err(StoreError::NotFound) => {}
                 Err(err) => return Err(map_store_error(target, err)),
             }
@@ -1518,160 +1842,6 @@ impl Request<'_> {
         Ok(json_response(
             StatusCode::OK,
             &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
-            &[],
-        ))
-    }
-
-    fn token_review(&self, body: Value) -> Result<Response, ApiError> {
-        let token = body["spec"]["token"].as_str().unwrap_or_default();
-        let wanted: Vec<String> = body["spec"]["audiences"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let status = match self.server.auth.verify(token) {
-            Some(claims)
-                if wanted.is_empty()
-                    || claims.audiences.is_empty()
-                    || wanted.iter().any(|w| claims.audiences.contains(w)) =>
-            {
-                let audiences = if wanted.is_empty() {
-                    claims.audiences.clone()
-                } else {
-                    wanted
-                };
-                json!({
-                    "authenticated": true,
-                    "user": {"username": claims.username, "uid": claims.uid, "groups": claims.groups, "extra": claims.extra},
-                    "audiences": audiences,
-                })
-            }
-            Some(_) => json!({"authenticated": false, "error": "token audiences do not match"}),
-            None => json!({"authenticated": false, "error": "invalid bearer token"}),
-        };
-        let mut review = body;
-        review["apiVersion"] = json!("authentication.k8s.io/v1");
-        review["kind"] = json!("TokenReview");
-        review["metadata"] = json!({"creationTimestamp": null});
-        review["status"] = status;
-        tracing::debug!(reviewer = ?self.user.map(|u| &u.username), "token review");
-        Ok(json_response(StatusCode::CREATED, &review, &[]))
-    }
-
-    fn token_request(&self, target: &Target, body: Value) -> Result<Response, ApiError> {
-        let account = self
-            .server
-            .store
-            .get(&target.key(), target.ns(), target.name())
-            .ok_or_else(|| target.not_found())?;
-        let seconds = body["spec"]["expirationSeconds"]
-            .as_i64()
-            .unwrap_or(3600)
-            .max(600);
-        let expires = Utc::now() + chrono::Duration::seconds(seconds);
-        let audiences: Vec<String> = body["spec"]["audiences"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let extra = self.bound_object_extra(target.ns(), &body["spec"]["boundObjectRef"])?;
-        let token = self.server.auth.issue(&Claims {
-            username: format!("system:serviceaccount:{}:{}", target.ns(), target.name()),
-            uid: account["metadata"]["uid"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            groups: vec![
-                "system:serviceaccounts".into(),
-                format!("system:serviceaccounts:{}", target.ns()),
-                "system:authenticated".into(),
-            ],
-            audiences: audiences.clone(),
-            extra,
-            exp: Some(expires.timestamp()),
-        });
-        let mut response = body;
-        response["apiVersion"] = json!("authentication.k8s.io/v1");
-        response["kind"] = json!("TokenRequest");
-        response["metadata"] =
-            json!({"name": target.name(), "namespace": target.ns(), "creationTimestamp": now()});
-        response["spec"]["audiences"] = json!(audiences);
-        response["spec"]["expirationSeconds"] = json!(seconds);
-        response["status"] = json!({
-            "token": token,
-            "expirationTimestamp": expires.to_rfc3339_opts(SecondsFormat::Secs, true),
-        });
-        Ok(json_response(StatusCode::CREATED, &response, &[]))
-    }
-
-    /// A token bound to a Pod carries the pod's and its node's identity, like the
-    /// kubelet's projected tokens on a real cluster; the pod must exist (and match the
-    /// uid, when one is given).
-    fn bound_object_extra(
-        &self,
-        namespace: &str,
-        bound: &Value,
-    ) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
-        let mut extra = BTreeMap::new();
-        if bound.is_null() || bound["kind"] != "Pod" {
-            return Ok(extra);
-        }
-        let name = bound["name"].as_str().unwrap_or_default();
-        let pod = self
-            .server
-            .store
-            .get("/pods", namespace, name)
-            .ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "spec.boundObjectRef: pod {namespace}/{name} does not exist"
-                ))
-            })?;
-        let uid = pod["metadata"]["uid"].as_str().unwrap_or_default();
-        if let Some(wanted) = bound["uid"].as_str().filter(|u| !u.is_empty())
-            && wanted != uid
-        {
-            return Err(ApiError::BadRequest(format!(
-                "spec.boundObjectRef: pod {namespace}/{name} has uid {uid}, not {wanted}"
-            )));
-        }
-        let key = |k: &str| format!("authentication.kubernetes.io/{k}");
-        extra.insert(key("pod-name"), vec![name.to_string()]);
-        extra.insert(key("pod-uid"), vec![uid.to_string()]);
-        if let Some(node) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) {
-            extra.insert(key("node-name"), vec![node.to_string()]);
-            if let Some(node) = self.server.store.get("/nodes", "", node) {
-                let uid = node["metadata"]["uid"].as_str().unwrap_or_default();
-                extra.insert(key("node-uid"), vec![uid.to_string()]);
-            }
-        }
-        Ok(extra)
-    }
-
-    fn evict(&self, target: &Target, _body: Value) -> Result<Response, ApiError> {
-        let pod = self
-            .server
-            .store
-            .get(&target.key(), target.ns(), target.name())
-            .ok_or_else(|| target.not_found())?;
-        if let Some(budget) = self.server.blocking_budget(&pod) {
-            return Err(ApiError::TooManyRequests(format!(
-                "Cannot evict pod as it would violate the pod's disruption budget. The disruption budget {budget} needs more healthy pods."
-            )));
-        }
-        self.server
-            .delete_object(&target.kind, &pod, Propagation::Background)
-            .map_err(|e| map_store_error(target, e))?;
-        Ok(json_response(
-            StatusCode::CREATED,
-            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
             &[],
         ))
     }
