@@ -16,8 +16,8 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, Wat
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, ResourceExt};
 
-use support::DevServer;
 use fleetpatch::api::{Script, ScriptCategory, ScriptLanguage, ScriptSpec};
+use support::DevServer;
 
 const OBJECTS: usize = 10_000;
 const CONCURRENCY: usize = 32;

@@ -13,8 +13,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Config, ResourceExt};
 
-use support::{DevServer, Kubectl};
 use fleetpatch::api::{Agent, AgentMode, AgentSpec, OperatingSystem};
+use support::{DevServer, Kubectl};
 
 async fn client(server: &DevServer) -> Client {
     let kubeconfig = Kubeconfig::read_from(&server.kubeconfig).unwrap();
