@@ -345,26 +345,14 @@ fn admit_builtin(
     })
 }
 
-/// Checks (and defaults, and prunes) `object` for `kind`. Returns warnings for the
-/// response's `Warning` headers.
-pub fn admit(
-    kind: &ResourceKind,
-    object: &mut Value,
-    old: Option<&Value>,
-    validation: FieldValidation,
-    subresource: &str,
-) -> Result<Vec<String>, ApiError> {
-    let name = object["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let invalid = |causes: Vec<Cause>| ApiError::invalid(&kind.group, &kind.kind, &name, causes);
-
+/// What is wrong with an object's name, labels and (for ConfigMaps and Secrets) keys.
+fn metadata_causes(kind: &ResourceKind, object: &Value) -> Vec<Cause> {
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
     let mut causes = Vec::new();
     let name_ok = if kind.plural == "namespaces" {
-        is_dns_label(&name)
+        is_dns_label(name)
     } else {
-        is_dns_subdomain(&name) || kind.is_virtual()
+        is_dns_subdomain(name) || kind.is_virtual()
     };
     if !name_ok {
         let message = if kind.plural == "namespaces" {
@@ -398,6 +386,25 @@ pub fn admit(
             }
         }
     }
+    causes
+}
+
+/// Checks (and defaults, and prunes) `object` for `kind`. Returns warnings for the
+/// response's `Warning` headers.
+pub fn admit(
+    kind: &ResourceKind,
+    object: &mut Value,
+    old: Option<&Value>,
+    validation: FieldValidation,
+    subresource: &str,
+) -> Result<Vec<String>, ApiError> {
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let invalid = |causes: Vec<Cause>| ApiError::invalid(&kind.group, &kind.kind, &name, causes);
+
+    let causes = metadata_causes(kind, object);
     if !causes.is_empty() {
         return Err(invalid(causes));
     }
