@@ -97,10 +97,62 @@ impl Answer {
     }
 }
 
+/// One request and what came back; a server that does not answer within
+/// [`REQUEST_TIMEOUT`] is an answer too (code 0).
+async fn exchange(
+    client: &Client,
+    side: &str,
+    method: Method,
+    path: &str,
+    headers: &[(header::HeaderName, &str)],
+    body: Option<Vec<u8>>,
+) -> Answer {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::USER_AGENT, USER_AGENT);
+    for (name, value) in headers {
+        request = request.header(name, *value);
+    }
+    let request = request
+        .body(kube::client::Body::from(body.unwrap_or_default()))
+        .unwrap();
+    let exchange = async {
+        let response = client
+            .send(request)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {path}: {e}", side));
+        let code = response.status().as_u16();
+        let warnings = response
+            .headers()
+            .get_all(header::WARNING)
+            .iter()
+            .map(|v| v.to_str().unwrap_or_default().to_string())
+            .collect();
+        let bytes = response.into_body().collect_bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Answer {
+            code,
+            body,
+            warnings,
+        }
+    };
+    // A server that never answers is a difference to report, not a hung test.
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| Answer {
+            code: 0,
+            body: json!(format!("no answer within {REQUEST_TIMEOUT:?}")),
+            warnings: Vec::new(),
+        })
+}
+
 /// One API server under test.
 struct Side {
     name: &'static str,
     cluster: Cluster,
+    config: kube::Config,
     client: Client,
 }
 
@@ -113,12 +165,21 @@ impl Side {
                 .unwrap();
         // A 429 is an answer to compare, not something to retry.
         config.default_retry = false;
-        let client = Client::try_from(config).unwrap();
+        let client = Client::try_from(config.clone()).unwrap();
         Self {
             name,
             cluster,
+            config,
             client,
         }
+    }
+
+    /// GET `path` authenticated by nothing but a bearer `token`.
+    async fn get_with_token(&self, path: &str, token: &str) -> Answer {
+        let mut config = self.config.clone();
+        config.auth_info = serde_json::from_value(json!({"token": token})).unwrap();
+        let client = Client::try_from(config).unwrap();
+        exchange(&client, self.name, Method::GET, path, &[], None).await
     }
 
     async fn call(
@@ -128,46 +189,7 @@ impl Side {
         headers: &[(header::HeaderName, &str)],
         body: Option<Vec<u8>>,
     ) -> Answer {
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::USER_AGENT, USER_AGENT);
-        for (name, value) in headers {
-            request = request.header(name, *value);
-        }
-        let request = request
-            .body(kube::client::Body::from(body.unwrap_or_default()))
-            .unwrap();
-        let exchange = async {
-            let response = self
-                .client
-                .send(request)
-                .await
-                .unwrap_or_else(|e| panic!("{}: {path}: {e}", self.name));
-            let code = response.status().as_u16();
-            let warnings = response
-                .headers()
-                .get_all(header::WARNING)
-                .iter()
-                .map(|v| v.to_str().unwrap_or_default().to_string())
-                .collect();
-            let bytes = response.into_body().collect_bytes().await.unwrap();
-            let body = serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-            Answer {
-                code,
-                body,
-                warnings,
-            }
-        };
-        // A server that never answers is a difference to report, not a hung test.
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .unwrap_or_else(|_| Answer {
-                code: 0,
-                body: json!(format!("no answer within {REQUEST_TIMEOUT:?}")),
-                warnings: Vec::new(),
-            })
+        exchange(&self.client, self.name, method, path, headers, body).await
     }
 
     async fn get(&self, path: &str) -> Answer {
@@ -412,6 +434,7 @@ impl Normaliser {
                     let here = format!("{at}/{}", escape(&key));
                     match (key.as_str(), &v) {
                         ("resourceVersion", Value::String(_)) => v = json!("<rv>"),
+                        ("serverAddress", Value::String(_)) => v = json!("<server>"),
                         ("token", Value::String(t)) if !t.is_empty() => v = json!("<token>"),
                         _ => self.value(&mut v, &here),
                     }
@@ -1880,6 +1903,21 @@ async fn tokens(side: &Side) -> Transcript {
                 &json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {}}),
             )
             .await,
+    );
+    // As a bearer token on a request, a token is good for the API audience only.
+    let token = |a: &Answer| {
+        a.body["status"]["token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    t.answer(
+        "api-with-a-token-for-the-api",
+        &side.get_with_token("/api", &token(&default)).await,
+    );
+    t.answer(
+        "api-with-a-token-for-another-audience",
+        &side.get_with_token("/api", &token(&for_a)).await,
     );
     let deleted = side.delete(&format!("{pods}/agent-pod"), None).await;
     t.record(
