@@ -1,29 +1,16 @@
 //! helm 4 (server-side apply) and the newer kubectl against `fleetpatch dev`.
-//! The tools come from `scripts/install-test-tools.sh` (into target/tools/bin).
+//! The tools come from `scripts/install-test-tools.sh` (into the target directory's
+//! tools/bin).
 //! Without them the tests skip loudly on a developer machine, and fail under CI.
 
 mod support;
 
-use std::path::PathBuf;
-
 use support::{DevServer, Kubectl, repo};
 
-fn tool(name: &str) -> Option<PathBuf> {
-    let path = repo().join("target/tools/bin").join(name);
-    if path.exists() {
-        return Some(path);
-    }
-    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-    assert!(
-        !ci,
-        "{} is missing and CI is set: run scripts/install-test-tools.sh first",
-        path.display()
-    );
-    eprintln!(
-        "\n!!!!! SKIPPING: {} is missing; run scripts/install-test-tools.sh to run the helm tests !!!!!\n",
-        path.display()
-    );
-    None
+/// A tool from `scripts/install-test-tools.sh`, in the target directory (which
+/// `CARGO_TARGET_DIR` moves); skipped loudly when missing, a failure under CI.
+fn tool(name: &str) -> Option<std::path::PathBuf> {
+    support::prerequisite::tool(name)
 }
 
 #[test]

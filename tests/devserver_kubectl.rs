@@ -502,14 +502,12 @@ metadata: {name: node-1}
 apiVersion: v1
 kind: Pod
 metadata: {name: db-1, namespace: default, labels: {app: db}}
-spec: {nodeName: node-1, containers: [{name: c, image: db}]}
-status: {phase: Running}
+spec: {nodeName: node-1, terminationGracePeriodSeconds: 0, containers: [{name: c, image: db}]}
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: db-2, namespace: default, labels: {app: db}}
-spec: {nodeName: node-1, containers: [{name: c, image: db}]}
-status: {phase: Running}
+spec: {nodeName: node-1, terminationGracePeriodSeconds: 0, containers: [{name: c, image: db}]}
 ---
 apiVersion: policy/v1
 kind: PodDisruptionBudget
@@ -519,6 +517,29 @@ spec: {minAvailable: 1, selector: {matchLabels: {app: db}}}
     let path = home.path().join("node.yaml");
     std::fs::write(&path, manifests).unwrap();
     server.kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+    // As on a cluster, a pod's status is the kubelet's to set: here, through the
+    // status subresource. Pending pods would be evicted without asking the budget.
+    for pod in ["db-1", "db-2"] {
+        server.kubectl_ok(&[
+            "patch",
+            "pod",
+            pod,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"phase":"Running","conditions":[{"type":"Ready","status":"True"}]}}"#,
+        ]);
+    }
+    let allowed = eventually(Duration::from_secs(10), || {
+        server.kubectl_ok(&[
+            "get",
+            "pdb",
+            "db",
+            "-o",
+            "jsonpath={.status.disruptionsAllowed}",
+        ]) == "1"
+    });
+    assert!(allowed, "the budget's status does not allow one disruption");
     // One pod may go; the budget keeps the other, so the drain times out.
     let out = server.kubectl(&["drain", "node-1", "--force", "--timeout=4s"]);
     assert!(!out.status.success());
@@ -561,8 +582,13 @@ spec: {minAvailable: 1, selector: {matchLabels: {app: db}}}
         accepted["status"]["user"]["username"],
         "system:serviceaccount:default:agent"
     );
+    // As from a real server, a refusal says why and leaves `authenticated` out.
     let refused = review("fpdev.forged.token");
-    assert_eq!(refused["status"]["authenticated"], false, "{refused}");
+    assert_ne!(refused["status"]["authenticated"], true, "{refused}");
+    assert_eq!(
+        refused["status"]["error"], "invalid bearer token",
+        "{refused}"
+    );
 }
 
 #[test]

@@ -16,6 +16,11 @@ type HmacSha256 = Hmac<Sha256>;
 
 const PREFIX: &str = "fpdev";
 
+/// The audience of tokens requested without one, and the one a TokenReview without
+/// audiences checks for: what a real API server defaults both to (its service-account
+/// issuer, here the usual in-cluster one).
+pub const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+
 /// Who a token stands for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -31,6 +36,9 @@ pub struct Claims {
     /// Unix seconds; absent = never expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exp: Option<i64>,
+    /// The token's id, which TokenReview reports as `user.extra`'s credential id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub jti: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +134,7 @@ impl Auth {
             audiences: Vec::new(),
             extra: Default::default(),
             exp: None,
+            jti: String::new(),
         })
     }
 }
@@ -152,6 +161,7 @@ mod tests {
             audiences: vec![],
             extra: Default::default(),
             exp: Some(1),
+            jti: String::new(),
         });
         assert!(auth.verify(&expired).is_none());
     }

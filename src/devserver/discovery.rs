@@ -267,6 +267,71 @@ pub fn builtin_field_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
     computed
 }
 
+/// [`builtin_field_schema`] with the list and map semantics the API server's own
+/// schemas declare for the fields people apply most (k8s-openapi's schemas leave them
+/// out): lists of containers, volumes, env, ports and conditions are maps by their key
+/// fields, label selectors are atomic. Server-side apply and managedFields use it.
+pub fn builtin_ownership_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<String, Option<Arc<Value>>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Mutex::default);
+    let key = format!("{group}/{plural}");
+    if let Some(found) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return found.clone();
+    }
+    let computed = builtin_field_schema(group, plural).map(|schema| {
+        let mut schema = (*schema).clone();
+        declare_list_semantics(&mut schema);
+        Arc::new(schema)
+    });
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, computed.clone());
+    computed
+}
+
+fn declare_list_semantics(schema: &mut Value) {
+    let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) else {
+        if let Some(items) = schema.get_mut("items") {
+            declare_list_semantics(items);
+        }
+        return;
+    };
+    let is_selector =
+        properties.contains_key("matchLabels") && properties.contains_key("matchExpressions");
+    for (name, child) in properties.iter_mut() {
+        let item_fields: Vec<String> = child["items"]["properties"]
+            .as_object()
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default();
+        let has = |f: &str| item_fields.iter().any(|i| i == f);
+        let keys: Option<&[&str]> = match name.as_str() {
+            "conditions" if has("type") => Some(&["type"]),
+            "containers" | "initContainers" | "ephemeralContainers" | "volumes" | "env"
+                if has("name") =>
+            {
+                Some(&["name"])
+            }
+            "ports" if has("containerPort") => Some(&["containerPort", "protocol"]),
+            "ports" if has("port") && has("targetPort") => Some(&["port", "protocol"]),
+            "volumeMounts" if has("mountPath") => Some(&["mountPath"]),
+            "volumeDevices" if has("devicePath") => Some(&["devicePath"]),
+            "hostAliases" if has("ip") => Some(&["ip"]),
+            _ => None,
+        };
+        if let (Some(keys), Some(map)) = (keys, child.as_object_mut()) {
+            map.insert("x-kubernetes-list-type".into(), json!("map"));
+            map.insert("x-kubernetes-list-map-keys".into(), json!(keys));
+        }
+        declare_list_semantics(child);
+    }
+    if is_selector && let Some(map) = schema.as_object_mut() {
+        map.insert("x-kubernetes-map-type".into(), json!("atomic"));
+    }
+}
+
 /// Inlines `$ref`s. A definition referring back to one being inlined (recursive types
 /// such as a CRD's JSONSchemaProps) becomes an open node instead, so the result stays
 /// proportional to the schema rather than growing exponentially.

@@ -60,10 +60,20 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Gone(String),
-    #[error("{0}")]
-    TooManyRequests(String),
+    /// 429, with the causes and the `Retry-After` an eviction refused by a disruption
+    /// budget carries.
+    #[error("{message}")]
+    TooManyRequests {
+        message: String,
+        retry_after_seconds: u32,
+        causes: Vec<Cause>,
+    },
     #[error("Internal error occurred: {0}")]
     Internal(String),
+    /// A `Status` answered as it is, with its own code (the eviction handler's 500 for
+    /// a pod under two budgets is one).
+    #[error("{}", .0["message"].as_str().unwrap_or_default())]
+    Status(Value),
 }
 
 fn invalid_summary(causes: &[Cause]) -> String {
@@ -84,12 +94,31 @@ fn invalid_summary(causes: &[Cause]) -> String {
     }
 }
 
+/// The API server's wording: one conflict on one line; several grouped by manager,
+/// managers in order, each path on a line of its own.
 fn apply_conflict_message(causes: &[Cause]) -> String {
-    let lines: Vec<String> = causes.iter().map(|c| format!("- {}", c.message)).collect();
+    if let [only] = causes {
+        return format!(
+            "Apply failed with 1 conflict: {}: {}",
+            only.message, only.field
+        );
+    }
+    let mut managers: Vec<&str> = causes.iter().map(|c| c.message.as_str()).collect();
+    managers.sort();
+    managers.dedup();
+    let mut lines = Vec::new();
+    for manager in managers {
+        lines.push(format!(
+            "{}:",
+            manager.replacen("conflict with", "conflicts with", 1)
+        ));
+        for cause in causes.iter().filter(|c| c.message == manager) {
+            lines.push(format!("- {}", cause.field));
+        }
+    }
     format!(
-        "Apply failed with {} conflict{}: {}",
+        "Apply failed with {} conflicts: {}",
         causes.len(),
-        if causes.len() == 1 { "" } else { "s" },
         lines.join("\n")
     )
 }
@@ -122,6 +151,19 @@ impl ApiError {
         )
     }
 
+    /// A 409 with the API server's own explanation (failed preconditions, a token bound
+    /// to an object that was recreated).
+    pub fn conflict_because(group: &str, kind: &str, name: &str, why: String) -> Self {
+        Self::Conflict(
+            Target {
+                group: group.into(),
+                kind: kind.into(),
+                name: name.into(),
+            },
+            why,
+        )
+    }
+
     pub fn invalid(group: &str, kind: &str, name: &str, causes: Vec<Cause>) -> Self {
         Self::Invalid(
             Target {
@@ -146,13 +188,17 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Gone(_) => StatusCode::GONE,
-            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Status(status) => status["code"]
+                .as_u64()
+                .and_then(|c| StatusCode::from_u16(c as u16).ok())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
 
     /// The `reason` field of the Status.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> &str {
         match self {
             Self::NotFound(_) | Self::NoRoute => "NotFound",
             Self::AlreadyExists(_) => "AlreadyExists",
@@ -164,13 +210,17 @@ impl ApiError {
             Self::MethodNotAllowed => "MethodNotAllowed",
             Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
             Self::Gone(_) => "Expired",
-            Self::TooManyRequests(_) => "TooManyRequests",
+            Self::TooManyRequests { .. } => "TooManyRequests",
             Self::Internal(_) => "InternalError",
+            Self::Status(status) => status["reason"].as_str().unwrap_or_default(),
         }
     }
 
     /// The error as a `meta/v1 Status` object.
     pub fn to_status(&self) -> Value {
+        if let Self::Status(status) = self {
+            return status.clone();
+        }
         let mut status = json!({
             "kind": "Status",
             "apiVersion": "v1",
@@ -180,20 +230,48 @@ impl ApiError {
             "reason": self.reason(),
             "code": self.code().as_u16(),
         });
+        // Empty fields are left out, as Go's `omitempty` does.
         let causes_json = |causes: &[Cause]| -> Value {
             causes
                 .iter()
-                .map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field}))
+                .map(|c| {
+                    let mut cause = json!({"reason": c.reason, "message": c.message});
+                    if !c.field.is_empty() {
+                        cause["field"] = json!(c.field);
+                    }
+                    cause
+                })
                 .collect()
         };
-        let details = match self {
-            Self::NotFound(t) | Self::AlreadyExists(t) | Self::Conflict(t, _) => {
-                Some(json!({"name": t.name, "group": t.group, "kind": t.kind}))
+        let about = |t: &Target| {
+            let mut details = json!({"name": t.name, "kind": t.kind});
+            if !t.group.is_empty() {
+                details["group"] = json!(t.group);
             }
-            Self::Invalid(t, causes) => Some(
-                json!({"name": t.name, "group": t.group, "kind": t.kind, "causes": causes_json(causes)}),
-            ),
+            if t.name.is_empty() {
+                details.as_object_mut().map(|d| d.remove("name"));
+            }
+            details
+        };
+        let details = match self {
+            Self::NotFound(t) | Self::AlreadyExists(t) | Self::Conflict(t, _) => Some(about(t)),
+            Self::Invalid(t, causes) => {
+                let mut details = about(t);
+                details["causes"] = causes_json(causes);
+                Some(details)
+            }
             Self::ApplyConflict(causes) => Some(json!({"causes": causes_json(causes)})),
+            Self::TooManyRequests {
+                retry_after_seconds,
+                causes,
+                ..
+            } => {
+                let mut details = json!({"causes": causes_json(causes)});
+                if *retry_after_seconds > 0 {
+                    details["retryAfterSeconds"] = json!(retry_after_seconds);
+                }
+                Some(details)
+            }
             _ => None,
         };
         if let Some(details) = details {
@@ -212,12 +290,24 @@ impl axum::response::IntoResponse for ApiError {
             tracing::debug!(error = %self, code = code.as_u16(), "request refused");
         }
         let body = serde_json::to_vec(&self.to_status()).unwrap_or_default();
-        (
+        let mut response = (
             code,
             [(axum::http::header::CONTENT_TYPE, "application/json")],
             body,
         )
-            .into_response()
+            .into_response();
+        if let Self::TooManyRequests {
+            retry_after_seconds,
+            ..
+        } = &self
+            && *retry_after_seconds > 0
+        {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(*retry_after_seconds),
+            );
+        }
+        response
     }
 }
 

@@ -1,34 +1,31 @@
-//! Request routing and the verbs: get, list, watch, create, update, patch, delete,
-//! deletecollection, the status subresource, pod eviction, ServiceAccount tokens and
-//! TokenReview; plus what follows a write — CRD registration, namespace clean-up and
-//! ownerReference garbage collection. Everything answers in the API server's JSON
-//! shapes, errors as `Status` objects.
+//! Request routing: every request enters at [`dispatch`], is authenticated, and
+//! `route` hands it to discovery, OpenAPI or the verb that serves it — `read.rs` (get,
+//! list, watch), `write.rs` (create, update, status), `apply.rs` (patches and
+//! server-side apply), `deletion.rs` (delete, deletecollection, garbage collection),
+//! `eviction.rs` and `tokens.rs` (subresources). This file also owns what every verb
+//! shares: the request's `Target` and `Request` context and answers in the API
+//! server's JSON shapes.
 
-use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, mpsc};
 
-use super::admission::{self, FieldValidation};
+use super::Server;
+use super::admission::FieldValidation;
 use super::auth::Claims;
+use super::body::{duplicate_fields, parse_body};
 use super::discovery;
-use super::errors::{ApiError, Cause};
-use super::managed::{self, Writer};
-use super::patch::{self, PatchType};
+use super::errors::ApiError;
 use super::registry::ResourceKind;
-use super::selector::{FieldSelector, LabelSelector};
-use super::store::{self, EventType, StoreError};
+use super::store::StoreError;
 use super::table;
-use super::{Propagation, Server};
 
 type Query = HashMap<String, String>;
 
@@ -36,7 +33,11 @@ pub fn now() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-fn json_response(code: StatusCode, value: &impl Serialize, warnings: &[String]) -> Response {
+pub(super) fn json_response(
+    code: StatusCode,
+    value: &impl Serialize,
+    warnings: &[String],
+) -> Response {
     let body = serde_json::to_vec(value).unwrap_or_default();
     let mut response = (code, [(header::CONTENT_TYPE, "application/json")], body).into_response();
     for warning in warnings {
@@ -48,30 +49,55 @@ fn json_response(code: StatusCode, value: &impl Serialize, warnings: &[String]) 
     response
 }
 
+/// Adds `Warning` headers to a response, before those it has.
+pub(super) fn with_warnings(mut response: Response, warnings: &[String]) -> Response {
+    if warnings.is_empty() {
+        return response;
+    }
+    let existing: Vec<HeaderValue> = response
+        .headers()
+        .get_all(header::WARNING)
+        .iter()
+        .cloned()
+        .collect();
+    response.headers_mut().remove(header::WARNING);
+    let mut all: Vec<HeaderValue> = warnings
+        .iter()
+        .filter_map(|w| {
+            HeaderValue::from_str(&format!("299 - \"{}\"", w.replace('"', "\\\""))).ok()
+        })
+        .collect();
+    all.extend(existing);
+    for value in all {
+        response.headers_mut().append(header::WARNING, value);
+    }
+    response
+}
+
 /// What a request names: a resource (maybe one object, maybe a subresource).
-struct Target {
-    kind: Arc<ResourceKind>,
-    namespace: Option<String>,
-    name: Option<String>,
-    subresource: Option<String>,
+pub(super) struct Target {
+    pub(super) kind: Arc<ResourceKind>,
+    pub(super) namespace: Option<String>,
+    pub(super) name: Option<String>,
+    pub(super) subresource: Option<String>,
 }
 
 impl Target {
-    fn key(&self) -> String {
+    pub(super) fn key(&self) -> String {
         self.kind.storage_key()
     }
-    fn ns(&self) -> &str {
+    pub(super) fn ns(&self) -> &str {
         self.namespace.as_deref().unwrap_or_default()
     }
-    fn name(&self) -> &str {
+    pub(super) fn name(&self) -> &str {
         self.name.as_deref().unwrap_or_default()
     }
-    fn not_found(&self) -> ApiError {
+    pub(super) fn not_found(&self) -> ApiError {
         ApiError::not_found(&self.kind.group, &self.kind.plural, self.name())
     }
 }
 
-fn wants_table(headers: &HeaderMap) -> bool {
+pub(super) fn wants_table(headers: &HeaderMap) -> bool {
     headers
         .get(header::ACCEPT)
         .and_then(|a| a.to_str().ok())
@@ -82,44 +108,14 @@ fn wants_table(headers: &HeaderMap) -> bool {
         })
 }
 
-fn parse_query(uri: &Uri) -> Query {
+pub(super) fn parse_query(uri: &Uri) -> Query {
     uri.query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default()
 }
 
-fn is_true(query: &Query, key: &str) -> bool {
+pub(super) fn is_true(query: &Query, key: &str) -> bool {
     matches!(query.get(key).map(String::as_str), Some("true" | "1"))
-}
-
-fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|c| c.to_str().ok())
-        .unwrap_or("application/json");
-    if content_type.contains("protobuf") {
-        return super::protobuf::decode(body).map_err(|e| match e {
-            super::protobuf::ProtobufError::UnsupportedKind(_) => {
-                ApiError::UnsupportedMediaType("application/json, application/yaml".into())
-            }
-            other => ApiError::BadRequest(other.to_string()),
-        });
-    }
-    if content_type.contains("cbor") {
-        return Err(ApiError::UnsupportedMediaType(
-            "application/json, application/yaml".into(),
-        ));
-    }
-    if body.is_empty() {
-        return Ok(Value::Null);
-    }
-    if content_type.contains("yaml") {
-        serde_yaml_ng::from_slice(body)
-            .map_err(|e| ApiError::BadRequest(format!("error decoding YAML: {e}")))
-    } else {
-        serde_json::from_slice(body)
-            .map_err(|e| ApiError::BadRequest(format!("error decoding JSON: {e}")))
-    }
 }
 
 /// The entry point for every request.
@@ -210,10 +206,15 @@ fn write_metrics(server: &Server) -> String {
     out
 }
 
+/// The caller of a request with a bearer token: one this server issued, for the API
+/// audience, whose ServiceAccount (and bound object) still exist.
 fn authenticate(server: &Server, headers: &HeaderMap) -> Option<Claims> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let token = value.strip_prefix("Bearer ")?.trim();
-    server.auth.verify(token)
+    server
+        .authenticate_token(token, &[])
+        .ok()
+        .map(|(claims, _)| claims)
 }
 
 async fn route(
@@ -276,7 +277,8 @@ async fn route(
         {
             let kind = find(plural).ok_or(ApiError::NoRoute)?;
             if !kind.namespaced {
-                return Err(ApiError::NoRoute);
+                // No such route at all: the API server's mux answers in plain text.
+                return Ok((StatusCode::NOT_FOUND, "404 page not found\n").into_response());
             }
             match tail {
                 [] => Target {
@@ -332,6 +334,7 @@ async fn route(
         headers,
         query: &query,
         user,
+        duplicates: &[],
     };
     if let Some(sub) = target.subresource.as_deref() {
         return match (sub, method.as_str()) {
@@ -359,6 +362,19 @@ async fn route(
             _ => Err(ApiError::MethodNotAllowed),
         };
     }
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .is_none_or(|c| c.contains("json"));
+    let duplicates = if is_json && matches!(method.as_str(), "POST" | "PUT") {
+        duplicate_fields(&body)
+    } else {
+        Vec::new()
+    };
+    let ctx = Request {
+        duplicates: &duplicates,
+        ..ctx
+    };
     match (method.as_str(), target.name.is_some()) {
         ("GET", true) => ctx.get(&target),
         ("GET", false) if is_true(&query, "watch") => ctx.watch(&target),
@@ -373,15 +389,17 @@ async fn route(
 }
 
 /// One request's context.
-struct Request<'a> {
-    server: &'a Arc<Server>,
-    headers: &'a HeaderMap,
-    query: &'a Query,
-    user: Option<&'a Claims>,
+pub(super) struct Request<'a> {
+    pub(super) server: &'a Arc<Server>,
+    pub(super) headers: &'a HeaderMap,
+    pub(super) query: &'a Query,
+    pub(super) user: Option<&'a Claims>,
+    /// Fields the JSON body has twice.
+    pub(super) duplicates: &'a [String],
 }
 
 /// An object as the requested version presents it (versions share storage).
-fn present(kind: &ResourceKind, object: &Value) -> Value {
+pub(super) fn present(kind: &ResourceKind, object: &Value) -> Value {
     let mut object = object.clone();
     if kind.custom {
         object["apiVersion"] = json!(kind.api_version());
@@ -389,57 +407,7 @@ fn present(kind: &ResourceKind, object: &Value) -> Value {
     object
 }
 
-fn spec_like(object: &Value, status_subresource: bool) -> Value {
-    let mut copy = object.clone();
-    if let Some(map) = copy.as_object_mut() {
-        map.remove("metadata");
-        if status_subresource {
-            map.remove("status");
-        }
-    }
-    copy
-}
-
-fn without_volatile(object: &Value) -> Value {
-    let mut copy = object.clone();
-    if let Some(meta) = copy.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.remove("managedFields");
-        meta.remove("resourceVersion");
-    }
-    copy
-}
-
-/// The object without resourceVersion and managedFields timestamps.
-fn without_times(object: &Value) -> Value {
-    let mut copy = object.clone();
-    if let Some(meta) = copy.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.remove("resourceVersion");
-        if let Some(Value::Array(entries)) = meta.get_mut("managedFields") {
-            for entry in entries {
-                if let Some(entry) = entry.as_object_mut() {
-                    entry.remove("time");
-                }
-            }
-        }
-    }
-    copy
-}
-
-/// The event a watch with selectors reports for a change: an object that starts
-/// matching is ADDED, one that stops matching is DELETED, one that never matches is
-/// not reported — as the API server does it.
-fn selected_event(change: &store::Change, matches: &impl Fn(&Value) -> bool) -> Option<EventType> {
-    let now_matches = matches(&change.object);
-    let matched_before = change.previous.as_deref().map(matches);
-    match (change.kind, matched_before, now_matches) {
-        (EventType::Modified, Some(false), true) => Some(EventType::Added),
-        (EventType::Modified, Some(true), false) => Some(EventType::Deleted),
-        (_, _, false) => None,
-        (kind, _, true) => Some(kind),
-    }
-}
-
-fn map_store_error(target: &Target, err: StoreError) -> ApiError {
+pub(super) fn map_store_error(target: &Target, err: StoreError) -> ApiError {
     let kind = &target.kind;
     match err {
         StoreError::NotFound => target.not_found(),
@@ -454,18 +422,8 @@ fn map_store_error(target: &Target, err: StoreError) -> ApiError {
     }
 }
 
-fn random_suffix() -> String {
-    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    uuid::Uuid::new_v4()
-        .as_bytes()
-        .iter()
-        .take(5)
-        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
-        .collect()
-}
-
 impl Request<'_> {
-    fn field_manager(&self) -> String {
+    pub(super) fn field_manager(&self) -> String {
         if let Some(manager) = self.query.get("fieldManager") {
             return manager.clone();
         }
@@ -478,15 +436,15 @@ impl Request<'_> {
             .to_string()
     }
 
-    fn dry_run(&self) -> bool {
+    pub(super) fn dry_run(&self) -> bool {
         self.query.get("dryRun").is_some_and(|d| d == "All")
     }
 
-    fn field_validation(&self) -> FieldValidation {
+    pub(super) fn field_validation(&self) -> FieldValidation {
         FieldValidation::parse(self.query.get("fieldValidation").map(String::as_str))
     }
 
-    fn respond(
+    pub(super) fn respond(
         &self,
         target: &Target,
         code: StatusCode,
@@ -507,1172 +465,5 @@ impl Request<'_> {
             return json_response(code, &table, warnings);
         }
         json_response(code, &present(&target.kind, object), warnings)
-    }
-
-    fn get(&self, target: &Target) -> Result<Response, ApiError> {
-        let object = self
-            .server
-            .store
-            .get(&target.key(), target.ns(), target.name())
-            .ok_or_else(|| target.not_found())?;
-        Ok(self.respond(target, StatusCode::OK, &object, &[]))
-    }
-
-    fn selectors(&self) -> Result<(LabelSelector, FieldSelector), ApiError> {
-        let labels = LabelSelector::parse(
-            self.query
-                .get("labelSelector")
-                .map(String::as_str)
-                .unwrap_or(""),
-        )
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let fields = FieldSelector::parse(
-            self.query
-                .get("fieldSelector")
-                .map(String::as_str)
-                .unwrap_or(""),
-        )
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        Ok((labels, fields))
-    }
-
-    fn list(&self, target: &Target) -> Result<Response, ApiError> {
-        let (labels, fields) = self.selectors()?;
-        let (items, rv) = self
-            .server
-            .store
-            .list(&target.key(), target.namespace.as_deref());
-        let start_after: Option<(String, String)> =
-            match self.query.get("continue").filter(|c| !c.is_empty()) {
-                Some(token) => {
-                    let decoded = base64::Engine::decode(
-                        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
-                        token,
-                    )
-                    .ok()
-                    .and_then(|b| String::from_utf8(b).ok())
-                    .and_then(|s| {
-                        s.split_once('\0')
-                            .map(|(a, b)| (a.to_string(), b.to_string()))
-                    })
-                    .ok_or_else(|| ApiError::BadRequest("invalid continue token".into()))?;
-                    Some(decoded)
-                }
-                None => None,
-            };
-        let limit: usize = self
-            .query
-            .get("limit")
-            .and_then(|l| l.parse().ok())
-            .filter(|l| *l > 0)
-            .unwrap_or(usize::MAX);
-        let key_of = |o: &Value| {
-            (
-                o["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-                o["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-            )
-        };
-        let mut selected: Vec<&Value> = Vec::new();
-        let mut more = false;
-        let mut remaining = 0usize;
-        for item in &items {
-            if let Some(after) = &start_after
-                && key_of(item) <= *after
-            {
-                continue;
-            }
-            if !labels.matches(item) || !fields.matches(item) {
-                continue;
-            }
-            if selected.len() >= limit {
-                more = true;
-                remaining += 1;
-                continue;
-            }
-            selected.push(item);
-        }
-        let mut meta = json!({"resourceVersion": rv.to_string()});
-        if more && let Some(last) = selected.last() {
-            let (ns, name) = key_of(last);
-            meta["continue"] = json!(base64::Engine::encode(
-                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
-                format!("{ns}\0{name}")
-            ));
-            meta["remainingItemCount"] = json!(remaining);
-        }
-        if wants_table(self.headers) {
-            let table = table::render(
-                &target.kind,
-                &selected,
-                meta,
-                self.query
-                    .get("includeObject")
-                    .map(String::as_str)
-                    .unwrap_or("Metadata"),
-                true,
-            );
-            return Ok(json_response(StatusCode::OK, &table, &[]));
-        }
-        #[derive(Serialize)]
-        struct List<'a> {
-            kind: String,
-            #[serde(rename = "apiVersion")]
-            api_version: String,
-            metadata: Value,
-            items: Vec<&'a Value>,
-        }
-        let api_version = target.kind.api_version();
-        let converted: Vec<Value>;
-        let items: Vec<&Value> = if target.kind.custom
-            && selected
-                .iter()
-                .any(|o| o["apiVersion"].as_str() != Some(api_version.as_str()))
-        {
-            converted = selected.iter().map(|o| present(&target.kind, o)).collect();
-            converted.iter().collect()
-        } else {
-            selected
-        };
-        Ok(json_response(
-            StatusCode::OK,
-            &List {
-                kind: target.kind.list_kind(),
-                api_version,
-                metadata: meta,
-                items,
-            },
-            &[],
-        ))
-    }
-
-    fn watch(&self, target: &Target) -> Result<Response, ApiError> {
-        let (labels, fields) = self.selectors()?;
-        let since = match self.query.get("resourceVersion").map(String::as_str) {
-            None | Some("") | Some("0") => None,
-            Some(rv) => Some(
-                rv.parse::<u64>()
-                    .map_err(|_| ApiError::BadRequest(format!("invalid resourceVersion {rv:?}")))?,
-            ),
-        };
-        let send_initial = is_true(self.query, "sendInitialEvents");
-        let since = if send_initial { None } else { since };
-        let bookmarks = is_true(self.query, "allowWatchBookmarks");
-        let timeout = self
-            .query
-            .get("timeoutSeconds")
-            .and_then(|t| t.parse::<u64>().ok())
-            .map(Duration::from_secs)
-            .unwrap_or(Duration::from_secs(1800));
-        let key = target.key();
-        let namespace = target.namespace.clone();
-        let (tx, rx) = mpsc::channel::<Bytes>(256);
-        let as_table = wants_table(self.headers);
-        let include_object = self
-            .query
-            .get("includeObject")
-            .cloned()
-            .unwrap_or_else(|| "Metadata".into());
-        let kind = target.kind.clone();
-        let store_ref = self.server.clone();
-        let interval = self.server.bookmark_interval;
-
-        let subscription = store_ref.store.subscribe(&key, namespace.as_deref(), since);
-        tokio::spawn(async move {
-            let mut first = true;
-            let encode = |kind_name: &str, object: &Value, first: &mut bool| -> Bytes {
-                let object = if as_table && kind_name != "BOOKMARK" && kind_name != "ERROR" {
-                    let table = table::render(&kind, &[object], json!({}), &include_object, *first);
-                    *first = false;
-                    table
-                } else {
-                    present(&kind, object)
-                };
-                let mut line = serde_json::to_vec(&json!({"type": kind_name, "object": object}))
-                    .unwrap_or_default();
-                line.push(b'\n');
-                Bytes::from(line)
-            };
-            let mut subscription = match subscription {
-                Ok(s) => s,
-                Err(err) => {
-                    let status = ApiError::Gone(err.to_string()).to_status();
-                    let _ = tx.send(encode("ERROR", &status, &mut first)).await;
-                    return;
-                }
-            };
-            let matches = |object: &Value| labels.matches(object) && fields.matches(object);
-            let bookmark = |rv: u64, initial_end: bool| {
-                let mut meta = json!({"resourceVersion": rv.to_string()});
-                if initial_end {
-                    meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
-                }
-                json!({"apiVersion": kind.api_version(), "kind": kind.kind, "metadata": meta})
-            };
-            let mut last = since.unwrap_or(subscription.rv);
-            for change in subscription.backlog.drain(..) {
-                last = last.max(change.rv);
-                let Some(event) = selected_event(&change, &matches) else {
-                    continue;
-                };
-                if tx
-                    .send(encode(event.as_str(), &change.object, &mut first))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            last = last.max(subscription.rv);
-            if send_initial {
-                let _ = tx
-                    .send(encode("BOOKMARK", &bookmark(last, true), &mut first))
-                    .await;
-            }
-            let deadline = tokio::time::sleep(timeout);
-            tokio::pin!(deadline);
-            let mut ticker = tokio::time::interval(interval);
-            ticker.tick().await;
-            loop {
-                let changes = tokio::select! {
-                    _ = &mut deadline => return,
-                    _ = ticker.tick() => {
-                        if bookmarks && tx.send(encode("BOOKMARK", &bookmark(last, false), &mut first)).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                    _ = tx.closed() => return,
-                    received = subscription.live.recv() => match received {
-                        Ok(change) => vec![change],
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            match store_ref.store.replay(&key, namespace.as_deref(), last) {
-                                Ok(changes) => changes,
-                                Err(err) => {
-                                    let status = ApiError::Gone(err.to_string()).to_status();
-                                    let _ = tx.send(encode("ERROR", &status, &mut first)).await;
-                                    return;
-                                }
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
-                };
-                for change in changes {
-                    if change.rv <= last {
-                        continue;
-                    }
-                    last = change.rv;
-                    if change.key != key
-                        || namespace
-                            .as_deref()
-                            .is_some_and(|ns| ns != change.namespace)
-                    {
-                        continue;
-                    }
-                    let Some(event) = selected_event(&change, &matches) else {
-                        continue;
-                    };
-                    if tx
-                        .send(encode(event.as_str(), &change.object, &mut first))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-        });
-        let stream = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv()
-                .await
-                .map(|bytes| (Ok::<_, Infallible>(bytes), rx))
-        });
-        let mut response = Response::new(Body::from_stream(stream));
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        response.headers_mut().insert(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static("no-cache, private"),
-        );
-        Ok(response)
-    }
-
-    fn check_namespace(&self, target: &Target) -> Result<(), ApiError> {
-        if !target.kind.namespaced {
-            return Ok(());
-        }
-        let ns = self
-            .server
-            .store
-            .get("/namespaces", "", target.ns())
-            .ok_or_else(|| ApiError::not_found("", "namespaces", target.ns()))?;
-        if ns["metadata"]["deletionTimestamp"].is_string() {
-            return Err(ApiError::Forbidden(format!(
-                "{} \"{}\" is forbidden: unable to create new content in namespace {} because it is being terminated",
-                target.kind.plural,
-                target.name(),
-                target.ns()
-            )));
-        }
-        Ok(())
-    }
-
-    fn check_identity(&self, target: &Target, object: &Value) -> Result<(), ApiError> {
-        if !object.is_object() {
-            return Err(ApiError::BadRequest(
-                "the request body must be a JSON object".into(),
-            ));
-        }
-        // Shapes the server writes into must be what they claim, or it would be
-        // writing into a string or a list.
-        let meta = &object["metadata"];
-        let shape_ok = (meta.is_null() || meta.is_object())
-            && ["labels", "annotations"]
-                .iter()
-                .all(|f| meta[*f].is_null() || meta[*f].is_object())
-            && ["finalizers", "ownerReferences", "managedFields"]
-                .iter()
-                .all(|f| meta[*f].is_null() || meta[*f].is_array())
-            && (target.kind.plural != "secrets"
-                || ["data", "stringData"]
-                    .iter()
-                    .all(|f| object[*f].is_null() || object[*f].is_object()));
-        if !shape_ok {
-            return Err(ApiError::BadRequest(
-                "metadata must be an object, with object labels and annotations and list finalizers and ownerReferences".into(),
-            ));
-        }
-        let kind = &target.kind;
-        if let Some(k) = object["kind"].as_str()
-            && k != kind.kind
-        {
-            return Err(ApiError::BadRequest(format!(
-                "the kind {k:?} in the body does not match the resource {} ({})",
-                kind.plural, kind.kind
-            )));
-        }
-        if let Some(api_version) = object["apiVersion"].as_str()
-            && api_version != kind.api_version()
-        {
-            return Err(ApiError::BadRequest(format!(
-                "the API version in the data ({api_version}) does not match the expected API version ({})",
-                kind.api_version()
-            )));
-        }
-        if let (Some(ns), Some(want)) = (
-            object["metadata"]["namespace"].as_str(),
-            target.namespace.as_deref(),
-        ) && ns != want
-            && !ns.is_empty()
-        {
-            return Err(ApiError::BadRequest(
-                "the namespace of the provided object does not match the namespace sent on the request".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    fn create(&self, target: &Target, object: Value) -> Result<Response, ApiError> {
-        self.create_object(target, object, None)
-    }
-
-    /// Creates an object; `managed_fields` = Some keeps the given ownership (an apply
-    /// that creates) instead of recording the creation as an Update.
-    fn create_object(
-        &self,
-        target: &Target,
-        mut object: Value,
-        managed_fields: Option<Value>,
-    ) -> Result<Response, ApiError> {
-        self.check_identity(target, &object)?;
-        let kind = target.kind.clone();
-        object["apiVersion"] = json!(kind.api_version());
-        object["kind"] = json!(kind.kind);
-        if !object["metadata"].is_object() {
-            object["metadata"] = json!({});
-        }
-        let meta = object["metadata"].as_object_mut().expect("made an object");
-        if meta
-            .get("name")
-            .and_then(Value::as_str)
-            .is_none_or(str::is_empty)
-        {
-            match meta.get("generateName").and_then(Value::as_str) {
-                Some(prefix) if !prefix.is_empty() => {
-                    meta.insert("name".into(), json!(format!("{prefix}{}", random_suffix())));
-                }
-                _ => {
-                    return Err(ApiError::invalid(
-                        &kind.group,
-                        &kind.kind,
-                        "",
-                        vec![Cause {
-                            reason: "FieldValueRequired".into(),
-                            message: "Required value: name or generateName is required".into(),
-                            field: "metadata.name".into(),
-                        }],
-                    ));
-                }
-            }
-        }
-        let name = meta["name"].as_str().unwrap_or_default().to_string();
-        if kind.namespaced {
-            meta.insert("namespace".into(), json!(target.ns()));
-        } else {
-            meta.remove("namespace");
-        }
-        for field in [
-            "resourceVersion",
-            "deletionTimestamp",
-            "deletionGracePeriodSeconds",
-            "managedFields",
-            "selfLink",
-        ] {
-            meta.remove(field);
-        }
-        meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
-        meta.insert("creationTimestamp".into(), json!(now()));
-        if kind.custom || object.get("spec").is_some() {
-            object["metadata"]["generation"] = json!(1);
-        }
-        if kind.custom
-            && kind.status_subresource
-            && let Some(map) = object.as_object_mut()
-        {
-            map.remove("status");
-        }
-        let target = Target {
-            kind: kind.clone(),
-            namespace: target.namespace.clone(),
-            name: Some(name),
-            subresource: None,
-        };
-        self.check_namespace(&target)?;
-        let warnings = admission::admit(&kind, &mut object, None, self.field_validation())?;
-        self.prepare_builtin(&kind, &mut object, None)?;
-        match managed_fields {
-            Some(fields) => object["metadata"]["managedFields"] = fields,
-            None => {
-                let manager = self.field_manager();
-                let api_version = kind.api_version();
-                let now = now();
-                managed::record_update(
-                    None,
-                    &mut object,
-                    kind.schema.as_ref().map(|s| &s.json),
-                    &Writer {
-                        manager: &manager,
-                        subresource: "",
-                        api_version: &api_version,
-                        now: &now,
-                    },
-                );
-            }
-        }
-        if self.dry_run() {
-            return Ok(self.respond(&target, StatusCode::CREATED, &object, &warnings));
-        }
-        let stored = self
-            .server
-            .store
-            .create(&target.key(), object)
-            .map_err(|e| map_store_error(&target, e))?;
-        self.server.after_write(&kind, &stored);
-        Ok(self.respond(&target, StatusCode::CREATED, &stored, &warnings))
-    }
-
-    /// Built-in kinds' server-side behaviour: CRD names and status, namespace phase.
-    fn prepare_builtin(
-        &self,
-        kind: &ResourceKind,
-        object: &mut Value,
-        _old: Option<&Value>,
-    ) -> Result<(), ApiError> {
-        match (kind.group.as_str(), kind.plural.as_str()) {
-            ("apiextensions.k8s.io", "customresourcedefinitions") => {
-                let spec = &object["spec"];
-                let expected = format!(
-                    "{}.{}",
-                    spec["names"]["plural"].as_str().unwrap_or_default(),
-                    spec["group"].as_str().unwrap_or_default()
-                );
-                let name = object["metadata"]["name"].as_str().unwrap_or_default();
-                if name != expected {
-                    return Err(ApiError::invalid(
-                        &kind.group,
-                        &kind.kind,
-                        name,
-                        vec![Cause {
-                            reason: "FieldValueInvalid".into(),
-                            message: format!(
-                                "Invalid value: {name:?}: must be spec.names.plural+\".\"+spec.group"
-                            ),
-                            field: "metadata.name".into(),
-                        }],
-                    ));
-                }
-                let mut accepted = spec["names"].clone();
-                if accepted["singular"].is_null() {
-                    accepted["singular"] = json!(
-                        spec["names"]["kind"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .to_lowercase()
-                    );
-                }
-                if accepted["listKind"].is_null() {
-                    accepted["listKind"] = json!(format!(
-                        "{}List",
-                        spec["names"]["kind"].as_str().unwrap_or_default()
-                    ));
-                }
-                let stored: Vec<Value> = spec["versions"]
-                    .as_array()
-                    .map(|v| {
-                        v.iter()
-                            .filter(|v| v["storage"] == json!(true))
-                            .map(|v| v["name"].clone())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let time = object["metadata"]["creationTimestamp"].clone();
-                object["status"] = json!({
-                    "acceptedNames": accepted,
-                    "storedVersions": stored,
-                    "conditions": [
-                        {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": time},
-                        {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": time},
-                    ],
-                });
-            }
-            ("", "secrets") => {
-                // stringData is write-only: folded into data, as the API server does.
-                if let Some(Value::Object(plain)) =
-                    object.as_object_mut().and_then(|o| o.remove("stringData"))
-                {
-                    for (key, value) in plain {
-                        let text = value.as_str().unwrap_or_default();
-                        object["data"][key] = json!(base64::Engine::encode(
-                            &base64::engine::general_purpose::STANDARD,
-                            text
-                        ));
-                    }
-                }
-            }
-            ("", "namespaces") => {
-                if object["status"]["phase"].is_null() {
-                    object["status"] = json!({"phase": "Active"});
-                }
-                let name = object["metadata"]["name"].clone();
-                if object["metadata"]["labels"]["kubernetes.io/metadata.name"].is_null() {
-                    object["metadata"]["labels"]["kubernetes.io/metadata.name"] = name;
-                }
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    fn update(&self, target: &Target, body: Value) -> Result<Response, ApiError> {
-        self.check_identity(target, &body)?;
-        if let Some(name) = body["metadata"]["name"].as_str()
-            && name != target.name()
-        {
-            return Err(ApiError::BadRequest(format!(
-                "the name of the object ({name}) does not match the name on the URL ({})",
-                target.name()
-            )));
-        }
-        let expected = body["metadata"]["resourceVersion"]
-            .as_str()
-            .filter(|rv| !rv.is_empty())
-            .map(|rv| rv.parse::<u64>().unwrap_or(u64::MAX));
-        let old = self
-            .server
-            .store
-            .get(&target.key(), target.ns(), target.name())
-            .ok_or_else(|| target.not_found())?;
-        if expected.is_some_and(|e| e != store::resource_version(&old)) {
-            return Err(ApiError::conflict(
-                &target.kind.group,
-                &target.kind.plural,
-                target.name(),
-            ));
-        }
-        let (code, object, warnings) = self.write(target, &old, body, expected)?;
-        Ok(self.respond(target, code, &object, &warnings))
-    }
-
-    /// Turns a requested new state into the stored one (status subresource rules,
-    /// immutable metadata, generation, admission, ownership) and stores it.
-    fn write(
-        &self,
-        target: &Target,
-        old: &Value,
-        requested: Value,
-        expected_rv: Option<u64>,
-    ) -> Result<(StatusCode, Arc<Value>, Vec<String>), ApiError> {
-        let kind = &target.kind;
-        let sub = target.subresource.as_deref().unwrap_or_default();
-        let mut new = if sub == "status" {
-            let mut new = old.clone();
-            match requested.get("status") {
-                Some(status) => new["status"] = status.clone(),
-                None => {
-                    if let Some(map) = new.as_object_mut() {
-                        map.remove("status");
-                    }
-                }
-            }
-            new
-        } else {
-            let mut new = requested;
-            if kind.status_subresource {
-                match old.get("status") {
-                    Some(status) => new["status"] = status.clone(),
-                    None => {
-                        if let Some(map) = new.as_object_mut() {
-                            map.remove("status");
-                        }
-                    }
-                }
-            }
-            new
-        };
-        new["apiVersion"] = json!(kind.api_version());
-        new["kind"] = json!(kind.kind);
-        if !new["metadata"].is_object() {
-            new["metadata"] = json!({});
-        }
-        for field in [
-            "name",
-            "namespace",
-            "uid",
-            "creationTimestamp",
-            "deletionTimestamp",
-            "deletionGracePeriodSeconds",
-            "generation",
-            "managedFields",
-        ] {
-            match old["metadata"].get(field) {
-                Some(value) => new["metadata"][field] = value.clone(),
-                None => {
-                    if let Some(meta) = new["metadata"].as_object_mut() {
-                        meta.remove(field);
-                    }
-                }
-            }
-        }
-        if old["metadata"]["deletionTimestamp"].is_string() {
-            // Finalizers may only shrink while an object is being deleted.
-            let before: Vec<Value> = old["metadata"]["finalizers"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let after: Vec<Value> = new["metadata"]["finalizers"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            if after.iter().any(|f| !before.contains(f)) {
-                return Err(ApiError::Forbidden(
-                    "no new finalizers can be added if the object is being deleted".into(),
-                ));
-            }
-        }
-        if spec_like(&new, kind.status_subresource) != spec_like(old, kind.status_subresource)
-            && let Some(generation) = old["metadata"]["generation"].as_i64()
-        {
-            new["metadata"]["generation"] = json!(generation + 1);
-        }
-        let warnings = admission::admit(kind, &mut new, Some(old), self.field_validation())?;
-        self.prepare_builtin(kind, &mut new, Some(old))?;
-        if without_volatile(&new) == without_volatile(old) {
-            // Nothing changed: no write, no event, same resourceVersion.
-            return Ok((StatusCode::OK, Arc::new(old.clone()), warnings));
-        }
-        let manager = self.field_manager();
-        let api_version = kind.api_version();
-        let now = now();
-        managed::record_update(
-            Some(old),
-            &mut new,
-            kind.schema.as_ref().map(|s| &s.json),
-            &Writer {
-                manager: &manager,
-                subresource: sub,
-                api_version: &api_version,
-                now: &now,
-            },
-        );
-        self.store_update(
-            target,
-            new,
-            expected_rv.or(Some(store::resource_version(old))),
-            warnings,
-        )
-    }
-
-    fn store_update(
-        &self,
-        target: &Target,
-        new: Value,
-        expected_rv: Option<u64>,
-        warnings: Vec<String>,
-    ) -> Result<(StatusCode, Arc<Value>, Vec<String>), ApiError> {
-        if self.dry_run() {
-            return Ok((StatusCode::OK, Arc::new(new), warnings));
-        }
-        let finished = new["metadata"]["deletionTimestamp"].is_string()
-            && new["metadata"]["finalizers"]
-                .as_array()
-                .is_none_or(Vec::is_empty);
-        let stored = self
-            .server
-            .store
-            .replace(&target.key(), new, expected_rv)
-            .map_err(|e| map_store_error(target, e))?;
-        self.server.after_write(&target.kind, &stored);
-        if finished {
-            self.server
-                .remove_now(&target.kind, target.ns(), target.name());
-        }
-        Ok((StatusCode::OK, stored, warnings))
-    }
-
-    fn patch(&self, target: &Target, body: &[u8]) -> Result<Response, ApiError> {
-        let content_type = self
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|c| c.to_str().ok())
-            .unwrap_or_default();
-        let patch_type = PatchType::from_content_type(content_type).ok_or_else(|| {
-            ApiError::UnsupportedMediaType(
-                "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json".into(),
-            )
-        })?;
-        let patch_value = parse_body(self.headers, body)?;
-        for _attempt in 0..8 {
-            let old = self
-                .server
-                .store
-                .get(&target.key(), target.ns(), target.name());
-            let result = match (old, patch_type) {
-                (None, PatchType::Apply) if target.subresource.is_none() => {
-                    return self.apply_create(target, &patch_value);
-                }
-                (None, _) => return Err(target.not_found()),
-                (Some(old), PatchType::Apply) => self.apply_update(target, &old, &patch_value),
-                (Some(old), _) => {
-                    let mut doc = (*old).clone();
-                    let applied = match patch_type {
-                        PatchType::Merge => patch::merge_patch(&mut doc, &patch_value),
-                        PatchType::Json => patch::json_patch(&mut doc, patch_value.clone()),
-                        _ => patch::strategic_merge_patch(
-                            &mut doc,
-                            &patch_value,
-                            !target.kind.custom,
-                        ),
-                    };
-                    applied.map_err(|e| ApiError::BadRequest(e.to_string()))?;
-                    self.check_identity(target, &doc)?;
-                    let pinned = doc["metadata"]["resourceVersion"]
-                        .as_str()
-                        .filter(|rv| {
-                            *rv != old["metadata"]["resourceVersion"]
-                                .as_str()
-                                .unwrap_or_default()
-                        })
-                        .map(|rv| rv.parse::<u64>().unwrap_or(u64::MAX));
-                    if pinned.is_some() {
-                        return Err(ApiError::conflict(
-                            &target.kind.group,
-                            &target.kind.plural,
-                            target.name(),
-                        ));
-                    }
-                    self.write(target, &old, doc, None)
-                }
-            };
-            match result {
-                Err(ApiError::Conflict(..)) if !self.pins_version(&patch_value) => continue,
-                Err(err) => return Err(err),
-                Ok((code, object, warnings)) => {
-                    return Ok(self.respond(target, code, &object, &warnings));
-                }
-            }
-        }
-        Err(ApiError::conflict(
-            &target.kind.group,
-            &target.kind.plural,
-            target.name(),
-        ))
-    }
-
-    fn pins_version(&self, patch: &Value) -> bool {
-        patch["metadata"]["resourceVersion"].is_string()
-    }
-
-    fn apply_writer_parts(&self, target: &Target) -> Result<(String, String, String), ApiError> {
-        let manager = self.query.get("fieldManager").cloned().ok_or_else(|| {
-            ApiError::BadRequest(
-                "PATCH, application/apply-patch+yaml: fieldManager is required for apply requests"
-                    .into(),
-            )
-        })?;
-        Ok((manager, target.kind.api_version(), now()))
-    }
-
-    fn applied_config(&self, target: &Target, patch: &Value) -> Result<Value, ApiError> {
-        self.check_identity(target, patch)?;
-        if patch["apiVersion"].is_null() || patch["kind"].is_null() {
-            return Err(ApiError::BadRequest(
-                "apiVersion and kind must be set in an applied configuration".into(),
-            ));
-        }
-        let mut applied = patch.clone();
-        if let Some(meta) = applied.get_mut("metadata").and_then(Value::as_object_mut) {
-            for field in [
-                "resourceVersion",
-                "uid",
-                "creationTimestamp",
-                "managedFields",
-                "generation",
-                "deletionTimestamp",
-            ] {
-                meta.remove(field);
-            }
-        }
-        let sub = target.subresource.as_deref().unwrap_or_default();
-        if let Some(map) = applied.as_object_mut() {
-            if sub == "status" {
-                map.retain(|k, _| {
-                    matches!(k.as_str(), "apiVersion" | "kind" | "metadata" | "status")
-                });
-                if let Some(meta) = map.get_mut("metadata").and_then(Value::as_object_mut) {
-                    meta.retain(|k, _| matches!(k.as_str(), "name" | "namespace"));
-                }
-            } else if target.kind.status_subresource {
-                map.remove("status");
-            }
-        }
-        Ok(applied)
-    }
-
-    fn conflict_error(conflicts: Vec<managed::Conflict>) -> ApiError {
-        ApiError::ApplyConflict(
-            conflicts
-                .into_iter()
-                .map(|c| Cause {
-                    reason: "FieldManagerConflict".into(),
-                    message: format!("conflict with \"{}\": {}", c.manager, c.path),
-                    field: c.path,
-                })
-                .collect(),
-        )
-    }
-
-    fn apply_create(&self, target: &Target, patch: &Value) -> Result<Response, ApiError> {
-        let applied = self.applied_config(target, patch)?;
-        let (manager, api_version, now) = self.apply_writer_parts(target)?;
-        let schema = target.kind.schema.as_ref().map(|s| &s.json);
-        let writer = Writer {
-            manager: &manager,
-            subresource: "",
-            api_version: &api_version,
-            now: &now,
-        };
-        let object =
-            managed::apply(None, &applied, schema, &writer, true).map_err(Self::conflict_error)?;
-        let managed_fields = object["metadata"]["managedFields"].clone();
-        self.create_object(target, object, Some(managed_fields))
-    }
-
-    fn apply_update(
-        &self,
-        target: &Target,
-        old: &Value,
-        patch: &Value,
-    ) -> Result<(StatusCode, Arc<Value>, Vec<String>), ApiError> {
-        let applied = self.applied_config(target, patch)?;
-        let (manager, api_version, now) = self.apply_writer_parts(target)?;
-        let schema = target.kind.schema.as_ref().map(|s| &s.json);
-        let sub = target.subresource.as_deref().unwrap_or_default();
-        let writer = Writer {
-            manager: &manager,
-            subresource: sub,
-            api_version: &api_version,
-            now: &now,
-        };
-        let force = is_true(self.query, "force");
-        let mut new = managed::apply(Some(old), &applied, schema, &writer, force)
-            .map_err(Self::conflict_error)?;
-        let kind = &target.kind;
-        if kind.status_subresource && sub.is_empty() {
-            match old.get("status") {
-                Some(status) => new["status"] = status.clone(),
-                None => {
-                    if let Some(map) = new.as_object_mut() {
-                        map.remove("status");
-                    }
-                }
-            }
-        }
-        if spec_like(&new, kind.status_subresource) != spec_like(old, kind.status_subresource)
-            && let Some(generation) = old["metadata"]["generation"].as_i64()
-        {
-            new["metadata"]["generation"] = json!(generation + 1);
-        }
-        let warnings = admission::admit(kind, &mut new, Some(old), self.field_validation())?;
-        self.prepare_builtin(kind, &mut new, Some(old))?;
-        if without_times(&new) == without_times(old) {
-            // Same values, same owners: a no-op apply writes nothing.
-            return Ok((StatusCode::OK, Arc::new(old.clone()), warnings));
-        }
-        let expected = applied["metadata"]["resourceVersion"]
-            .as_str()
-            .and_then(|rv| rv.parse().ok())
-            .or(Some(store::resource_version(old)));
-        self.store_update(target, new, expected, warnings)
-    }
-
-    fn delete(&self, target: &Target, options: Value) -> Result<Response, ApiError> {
-        let old = self
-            .server
-            .store
-            .get(&target.key(), target.ns(), target.name())
-            .ok_or_else(|| target.not_found())?;
-        let pre = &options["preconditions"];
-        if let Some(rv) = pre["resourceVersion"].as_str()
-            && rv
-                != old["metadata"]["resourceVersion"]
-                    .as_str()
-                    .unwrap_or_default()
-        {
-            return Err(ApiError::conflict(
-                &target.kind.group,
-                &target.kind.plural,
-                target.name(),
-            ));
-        }
-        if let Some(uid) = pre["uid"].as_str()
-            && uid != old["metadata"]["uid"].as_str().unwrap_or_default()
-        {
-            return Err(ApiError::conflict(
-                &target.kind.group,
-                &target.kind.plural,
-                target.name(),
-            ));
-        }
-        let propagation = Propagation::parse(
-            options["propagationPolicy"]
-                .as_str()
-                .or(self.query.get("propagationPolicy").map(String::as_str)),
-        );
-        if self.dry_run() {
-            return Ok(self.respond(target, StatusCode::OK, &old, &[]));
-        }
-        let object = self
-            .server
-            .delete_object(&target.kind, &old, propagation)
-            .map_err(|e| map_store_error(target, e))?;
-        let code = if object["metadata"]["deletionTimestamp"].is_string()
-            && self
-                .server
-                .store
-                .get(&target.key(), target.ns(), target.name())
-                .is_some()
-        {
-            StatusCode::ACCEPTED
-        } else {
-            StatusCode::OK
-        };
-        Ok(self.respond(target, code, &object, &[]))
-    }
-
-    fn delete_collection(&self, target: &Target) -> Result<Response, ApiError> {
-        let (labels, fields) = self.selectors()?;
-        let (items, _) = self
-            .server
-            .store
-            .list(&target.key(), target.namespace.as_deref());
-        for item in items
-            .iter()
-            .filter(|i| labels.matches(i) && fields.matches(i))
-        {
-            match self
-                .server
-                .delete_object(&target.kind, item, Propagation::Background)
-            {
-                Ok(_) | Err(StoreError::NotFound) => {}
-                Err(err) => return Err(map_store_error(target, err)),
-            }
-        }
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
-            &[],
-        ))
-    }
-
-    fn token_review(&self, body: Value) -> Result<Response, ApiError> {
-        let token = body["spec"]["token"].as_str().unwrap_or_default();
-        let wanted: Vec<String> = body["spec"]["audiences"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let status = match self.server.auth.verify(token) {
-            Some(claims)
-                if wanted.is_empty()
-                    || claims.audiences.is_empty()
-                    || wanted.iter().any(|w| claims.audiences.contains(w)) =>
-            {
-                let audiences = if wanted.is_empty() {
-                    claims.audiences.clone()
-                } else {
-                    wanted
-                };
-                json!({
-                    "authenticated": true,
-                    "user": {"username": claims.username, "uid": claims.uid, "groups": claims.groups, "extra": claims.extra},
-                    "audiences": audiences,
-                })
-            }
-            Some(_) => json!({"authenticated": false, "error": "token audiences do not match"}),
-            None => json!({"authenticated": false, "error": "invalid bearer token"}),
-        };
-        let mut review = body;
-        review["apiVersion"] = json!("authentication.k8s.io/v1");
-        review["kind"] = json!("TokenReview");
-        review["metadata"] = json!({"creationTimestamp": null});
-        review["status"] = status;
-        tracing::debug!(reviewer = ?self.user.map(|u| &u.username), "token review");
-        Ok(json_response(StatusCode::CREATED, &review, &[]))
-    }
-
-    fn token_request(&self, target: &Target, body: Value) -> Result<Response, ApiError> {
-        let account = self
-            .server
-            .store
-            .get(&target.key(), target.ns(), target.name())
-            .ok_or_else(|| target.not_found())?;
-        let seconds = body["spec"]["expirationSeconds"]
-            .as_i64()
-            .unwrap_or(3600)
-            .max(600);
-        let expires = Utc::now() + chrono::Duration::seconds(seconds);
-        let audiences: Vec<String> = body["spec"]["audiences"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let extra = self.bound_object_extra(target.ns(), &body["spec"]["boundObjectRef"])?;
-        let token = self.server.auth.issue(&Claims {
-            username: format!("system:serviceaccount:{}:{}", target.ns(), target.name()),
-            uid: account["metadata"]["uid"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            groups: vec![
-                "system:serviceaccounts".into(),
-                format!("system:serviceaccounts:{}", target.ns()),
-                "system:authenticated".into(),
-            ],
-            audiences: audiences.clone(),
-            extra,
-            exp: Some(expires.timestamp()),
-        });
-        let mut response = body;
-        response["apiVersion"] = json!("authentication.k8s.io/v1");
-        response["kind"] = json!("TokenRequest");
-        response["metadata"] =
-            json!({"name": target.name(), "namespace": target.ns(), "creationTimestamp": now()});
-        response["spec"]["audiences"] = json!(audiences);
-        response["spec"]["expirationSeconds"] = json!(seconds);
-        response["status"] = json!({
-            "token": token,
-            "expirationTimestamp": expires.to_rfc3339_opts(SecondsFormat::Secs, true),
-        });
-        Ok(json_response(StatusCode::CREATED, &response, &[]))
-    }
-
-    /// A token bound to a Pod carries the pod's and its node's identity, like the
-    /// kubelet's projected tokens on a real cluster; the pod must exist (and match the
-    /// uid, when one is given).
-    fn bound_object_extra(
-        &self,
-        namespace: &str,
-        bound: &Value,
-    ) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
-        let mut extra = BTreeMap::new();
-        if bound.is_null() || bound["kind"] != "Pod" {
-            return Ok(extra);
-        }
-        let name = bound["name"].as_str().unwrap_or_default();
-        let pod = self
-            .server
-            .store
-            .get("/pods", namespace, name)
-            .ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "spec.boundObjectRef: pod {namespace}/{name} does not exist"
-                ))
-            })?;
-        let uid = pod["metadata"]["uid"].as_str().unwrap_or_default();
-        if let Some(wanted) = bound["uid"].as_str().filter(|u| !u.is_empty())
-            && wanted != uid
-        {
-            return Err(ApiError::BadRequest(format!(
-                "spec.boundObjectRef: pod {namespace}/{name} has uid {uid}, not {wanted}"
-            )));
-        }
-        let key = |k: &str| format!("authentication.kubernetes.io/{k}");
-        extra.insert(key("pod-name"), vec![name.to_string()]);
-        extra.insert(key("pod-uid"), vec![uid.to_string()]);
-        if let Some(node) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) {
-            extra.insert(key("node-name"), vec![node.to_string()]);
-            if let Some(node) = self.server.store.get("/nodes", "", node) {
-                let uid = node["metadata"]["uid"].as_str().unwrap_or_default();
-                extra.insert(key("node-uid"), vec![uid.to_string()]);
-            }
-        }
-        Ok(extra)
-    }
-
-    fn evict(&self, target: &Target, _body: Value) -> Result<Response, ApiError> {
-        let pod = self
-            .server
-            .store
-            .get(&target.key(), target.ns(), target.name())
-            .ok_or_else(|| target.not_found())?;
-        if let Some(budget) = self.server.blocking_budget(&pod) {
-            return Err(ApiError::TooManyRequests(format!(
-                "Cannot evict pod as it would violate the pod's disruption budget. The disruption budget {budget} needs more healthy pods."
-            )));
-        }
-        self.server
-            .delete_object(&target.kind, &pod, Propagation::Background)
-            .map_err(|e| map_store_error(target, e))?;
-        Ok(json_response(
-            StatusCode::CREATED,
-            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
-            &[],
-        ))
     }
 }

@@ -26,6 +26,8 @@ pub enum Elem {
 
 pub type FieldPath = Vec<Elem>;
 
+/// A path as the API server prints it: `.spec.containers[name="app"].image`,
+/// `.metadata.finalizers[="a"]`.
 pub fn path_to_string(path: &FieldPath) -> String {
     let mut out = String::new();
     for elem in path {
@@ -34,11 +36,39 @@ pub fn path_to_string(path: &FieldPath) -> String {
                 out.push('.');
                 out.push_str(f);
             }
-            Elem::Key(k) => out.push_str(&format!("[{k}]")),
+            Elem::Key(k) => {
+                let fields: Vec<String> = match serde_json::from_str::<Value>(k) {
+                    Ok(Value::Object(key)) => {
+                        key.iter().map(|(name, v)| format!("{name}={v}")).collect()
+                    }
+                    _ => vec![k.clone()],
+                };
+                out.push_str(&format!("[{}]", fields.join(",")));
+            }
             Elem::Item(v) => out.push_str(&format!("[={v}]")),
         }
     }
     out
+}
+
+/// The order the API server lists paths of a field set in (a depth-first walk where,
+/// at each level, the fields that end there come before those that go deeper).
+fn walk_order(a: &FieldPath, b: &FieldPath) -> std::cmp::Ordering {
+    for i in 0..a.len().min(b.len()) {
+        let (a_ends, b_ends) = (i + 1 == a.len(), i + 1 == b.len());
+        if a_ends != b_ends {
+            return if a_ends {
+                std::cmp::Ordering::Less
+            } else {
+                std::cmp::Ordering::Greater
+            };
+        }
+        match a[i].cmp(&b[i]) {
+            std::cmp::Ordering::Equal if !a_ends => continue,
+            other => return other,
+        }
+    }
+    a.len().cmp(&b.len())
 }
 
 enum ListType {
@@ -106,7 +136,13 @@ fn item_key(item: &Value, keys: &[String]) -> String {
 }
 
 /// Root metadata fields that ownership is tracked for.
-const TRACKED_METADATA: &[&str] = &["labels", "annotations", "finalizers", "ownerReferences"];
+const TRACKED_METADATA: &[&str] = &[
+    "generateName",
+    "labels",
+    "annotations",
+    "finalizers",
+    "ownerReferences",
+];
 
 /// The field paths set in `value` (an object body), per the schema's list semantics.
 pub fn fields_of(value: &Value, schema: Option<&Value>) -> BTreeSet<FieldPath> {
@@ -139,6 +175,14 @@ pub fn fields_of(value: &Value, schema: Option<&Value>) -> BTreeSet<FieldPath> {
 }
 
 fn walk(value: &Value, schema: Option<&Value>, path: FieldPath, set: &mut BTreeSet<FieldPath>) {
+    // An ownerReference is owned whole (the API server's OwnerReference is atomic).
+    if path.len() == 3
+        && path[0] == Elem::Field("metadata".into())
+        && path[1] == Elem::Field("ownerReferences".into())
+    {
+        set.insert(path);
+        return;
+    }
     match value {
         Value::Object(map) if !map.is_empty() && !is_atomic_map(schema) => {
             for (key, child) in map {
@@ -153,6 +197,15 @@ fn walk(value: &Value, schema: Option<&Value>, path: FieldPath, set: &mut BTreeS
                     let mut item_path = path.clone();
                     item_path.push(Elem::Key(item_key(item, &keys)));
                     set.insert(item_path.clone());
+                    if item_path.len() == 3
+                        && path[..]
+                            == [
+                                Elem::Field("metadata".into()),
+                                Elem::Field("ownerReferences".into()),
+                            ]
+                    {
+                        continue;
+                    }
                     if let Some(fields) = item.as_object() {
                         for (key, child) in fields {
                             let mut child_path = item_path.clone();
@@ -182,6 +235,110 @@ fn walk(value: &Value, schema: Option<&Value>, path: FieldPath, set: &mut BTreeS
             set.insert(path);
         }
     }
+}
+
+/// The maps and lists in `value` that an ordinary write which creates them owns as a
+/// whole (`"."` in `FieldsV1`): associative lists, and maps — for a built-in kind
+/// (`typed`) only those its schema declares as maps, not its structs, which exist in
+/// every object of the kind whether set or not.
+fn nodes_of(value: &Value, schema: Option<&Value>, typed: bool) -> BTreeSet<FieldPath> {
+    // A built-in kind's required fields (Go fields without `omitempty`) are in every
+    // object, if only as null: writing them adds nothing.
+    fn visit(
+        value: &Value,
+        schema: Option<&Value>,
+        typed: bool,
+        required: bool,
+        path: FieldPath,
+        set: &mut BTreeSet<FieldPath>,
+    ) {
+        let always_there = typed && required;
+        match value {
+            Value::Object(map) if !is_atomic_map(schema) => {
+                let is_struct = schema.is_some_and(|s| s.get("properties").is_some());
+                let root_or_metadata =
+                    path.is_empty() || path[..] == [Elem::Field("metadata".into())];
+                if !(root_or_metadata || always_there || typed && is_struct) {
+                    set.insert(path.clone());
+                }
+                let required_here = |key: &str| {
+                    schema
+                        .and_then(|s| s["required"].as_array())
+                        .is_some_and(|r| r.iter().any(|f| f == key))
+                };
+                for (key, child) in map {
+                    if path.is_empty() && matches!(key.as_str(), "apiVersion" | "kind") {
+                        continue;
+                    }
+                    if path[..] == [Elem::Field("metadata".into())]
+                        && !TRACKED_METADATA.contains(&key.as_str())
+                    {
+                        continue;
+                    }
+                    let child_schema = if path.is_empty() && key == "metadata" {
+                        None
+                    } else {
+                        child_schema(schema, key)
+                    };
+                    let mut child_path = path.clone();
+                    child_path.push(Elem::Field(key.clone()));
+                    visit(
+                        child,
+                        child_schema,
+                        typed,
+                        required_here(key),
+                        child_path,
+                        set,
+                    );
+                }
+            }
+            Value::Array(items) => match list_type(schema, &path) {
+                ListType::Map(keys) if !keys.is_empty() => {
+                    if !always_there {
+                        set.insert(path.clone());
+                    }
+                    if path[..]
+                        == [
+                            Elem::Field("metadata".into()),
+                            Elem::Field("ownerReferences".into()),
+                        ]
+                    {
+                        return;
+                    }
+                    for item in items {
+                        let mut item_path = path.clone();
+                        item_path.push(Elem::Key(item_key(item, &keys)));
+                        if let Some(fields) = item.as_object() {
+                            let item_schema = items_schema(schema);
+                            for (key, child) in fields {
+                                let mut child_path = item_path.clone();
+                                child_path.push(Elem::Field(key.clone()));
+                                let required = item_schema
+                                    .and_then(|s| s["required"].as_array())
+                                    .is_some_and(|r| r.iter().any(|f| f == key));
+                                visit(
+                                    child,
+                                    child_schema(item_schema, key),
+                                    typed,
+                                    required,
+                                    child_path,
+                                    set,
+                                );
+                            }
+                        }
+                    }
+                }
+                ListType::Set if !always_there => {
+                    set.insert(path);
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    let mut set = BTreeSet::new();
+    visit(value, schema, typed, false, Vec::new(), &mut set);
+    set
 }
 
 fn matches_key(item: &Value, key: &str) -> bool {
@@ -357,8 +514,27 @@ pub fn read_entries(object: &Value) -> Vec<Entry> {
 }
 
 pub fn write_entries(object: &mut Value, entries: &[Entry]) {
-    let list: Vec<Value> = entries
-        .iter()
+    // The API server's order: appliers first, then by time (to the second), manager,
+    // apiVersion and subresource.
+    let mut sorted: Vec<&Entry> = entries.iter().collect();
+    sorted.sort_by(|a, b| {
+        (
+            &a.operation,
+            &a.time,
+            &a.manager,
+            &a.api_version,
+            &a.subresource,
+        )
+            .cmp(&(
+                &b.operation,
+                &b.time,
+                &b.manager,
+                &b.api_version,
+                &b.subresource,
+            ))
+    });
+    let list: Vec<Value> = sorted
+        .into_iter()
         .filter(|e| !e.fields.is_empty())
         .map(|e| {
             let mut entry = json!({
@@ -398,15 +574,26 @@ pub fn record_update(
     old: Option<&Value>,
     new: &mut Value,
     schema: Option<&Value>,
+    typed: bool,
     writer: &Writer,
 ) {
     let mut entries = old.map(read_entries).unwrap_or_default();
-    let new_fields = fields_of(new, schema);
-    let changed: BTreeSet<FieldPath> = new_fields
+    let new_nodes = nodes_of(new, schema, typed);
+    let old_nodes = old.map(|o| nodes_of(o, schema, typed)).unwrap_or_default();
+    let mut new_fields = fields_of(new, schema);
+    // A list item's membership moves only with the item itself: changing its fields
+    // moves those fields, not the item.
+    let mut changed: BTreeSet<FieldPath> = new_fields
         .iter()
-        .filter(|path| old.and_then(|o| value_at(o, path)) != value_at(new, path))
+        .filter(|path| match path.last() {
+            Some(Elem::Key(_) | Elem::Item(_)) => old.and_then(|o| value_at(o, path)).is_none(),
+            _ => old.and_then(|o| value_at(o, path)) != value_at(new, path),
+        })
         .cloned()
         .collect();
+    // A map or list this write brings into being is this writer's as a whole.
+    changed.extend(new_nodes.difference(&old_nodes).cloned());
+    new_fields.extend(new_nodes);
     for entry in &mut entries {
         entry.fields.retain(|p| new_fields.contains(p));
         if !(entry.manager == writer.manager && entry.operation == "Update") {
@@ -440,8 +627,22 @@ pub fn record_update(
 /// A field another manager owns with a different value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conflict {
+    /// The manager as the API server names it: `"helm"`, or for an ordinary writer
+    /// `"kubectl-edit" using apps/v1`.
     pub manager: String,
     pub path: String,
+}
+
+/// How the API server names a manager in a conflict.
+fn describe(entry: &Entry) -> String {
+    let mut text = serde_json::to_string(&entry.manager).unwrap_or_default();
+    if !entry.subresource.is_empty() {
+        text.push_str(&format!(" with subresource {:?}", entry.subresource));
+    }
+    if entry.operation == "Update" {
+        text.push_str(&format!(" using {}", entry.api_version));
+    }
+    text
 }
 
 /// Merges an applied configuration into an object (list maps by key, sets by value).
@@ -513,21 +714,25 @@ pub fn apply(
 
     let mut conflicts = Vec::new();
     let mut forced: BTreeSet<FieldPath> = BTreeSet::new();
-    for entry in entries
+    let mut rivals: Vec<&Entry> = entries
         .iter()
         .filter(|e| !is_mine(e) && e.manager != writer.manager)
-    {
-        for path in entry.fields.intersection(&applied_fields) {
-            if matches!(path.last(), Some(Elem::Key(_) | Elem::Item(_))) {
-                continue;
-            }
-            if value_at(&base, path) != value_at(applied, path) {
-                conflicts.push(Conflict {
-                    manager: entry.manager.clone(),
-                    path: path_to_string(path),
-                });
-                forced.insert(path.clone());
-            }
+        .collect();
+    rivals.sort_by(|a, b| (&a.manager, &a.operation).cmp(&(&b.manager, &b.operation)));
+    for entry in rivals {
+        let mut paths: Vec<&FieldPath> = entry
+            .fields
+            .intersection(&applied_fields)
+            .filter(|path| !matches!(path.last(), Some(Elem::Key(_) | Elem::Item(_))))
+            .filter(|path| value_at(&base, path) != value_at(applied, path))
+            .collect();
+        paths.sort_by(|a, b| walk_order(a, b));
+        for path in paths {
+            conflicts.push(Conflict {
+                manager: describe(entry),
+                path: path_to_string(path),
+            });
+            forced.insert(path.clone());
         }
     }
     if !conflicts.is_empty() && !force {
@@ -633,13 +838,19 @@ mod tests {
     fn another_managers_field_conflicts_unless_forced() {
         let schema = schema();
         let mut obj = json!({"metadata": {"name": "o"}, "spec": {"a": "1"}});
-        record_update(None, &mut obj, Some(&schema), &writer("kubectl-edit"));
+        record_update(
+            None,
+            &mut obj,
+            Some(&schema),
+            false,
+            &writer("kubectl-edit"),
+        );
         let applied = json!({"metadata": {"name": "o"}, "spec": {"a": "2"}});
         let err = apply(Some(&obj), &applied, Some(&schema), &writer("helm"), false).unwrap_err();
         assert_eq!(
             err,
             vec![Conflict {
-                manager: "kubectl-edit".into(),
+                manager: "\"kubectl-edit\" using v1".into(),
                 path: ".spec.a".into()
             }]
         );
@@ -650,7 +861,8 @@ mod tests {
         assert_eq!(forced["spec"]["a"], "2");
         let owners = owners(&forced);
         assert_eq!(owners["helm"], vec![".spec.a"]);
-        assert!(!owners.contains_key("kubectl-edit"));
+        // The writer that created `spec` keeps owning the map itself, as on a real server.
+        assert_eq!(owners["kubectl-edit"], vec![".spec"]);
     }
 
     #[test]
@@ -664,6 +876,7 @@ mod tests {
             Some(&obj),
             &mut new,
             Some(&schema),
+            false,
             &writer("kubectl-patch"),
         );
         let owners = owners(&new);

@@ -158,6 +158,11 @@ impl FieldSelector {
         Ok(Self(reqs))
     }
 
+    /// The field paths the selector reads.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(path, _, _)| path.as_str())
+    }
+
     /// The value this selector pins `metadata.name` to, if any: lets a get-like
     /// list (`kubectl wait`, `get -w NAME`) skip scanning.
     pub fn pinned_name(&self) -> Option<&str> {

@@ -9,12 +9,15 @@ use serde_json::{Value, json};
 
 use super::registry::{PrinterColumn, ResourceKind};
 
+/// How the API server describes the Name column.
+const NAME_DESCRIPTION: &str = "Name must be unique within a namespace. Is required when creating resources, although some resources may allow a client to request the generation of an appropriate name automatically. Name is primarily intended for creation idempotence and configuration definition. Cannot be updated. More info: https://kubernetes.io/docs/concepts/overview/working-with-objects/names#names";
+
 fn columns(kind: &ResourceKind) -> Vec<PrinterColumn> {
     let mut columns = vec![PrinterColumn {
         name: "Name".into(),
         type_: "string".into(),
         format: "name".into(),
-        description: "Name must be unique within a namespace.".into(),
+        description: NAME_DESCRIPTION.into(),
         priority: 0,
         json_path: ".metadata.name".into(),
     }];
@@ -28,7 +31,17 @@ fn columns(kind: &ResourceKind) -> Vec<PrinterColumn> {
             json_path: ".metadata.creationTimestamp".into(),
         });
     } else {
-        columns.extend(kind.printer_columns.iter().cloned());
+        // A printer column without a description is described by its JSONPath.
+        columns.extend(kind.printer_columns.iter().map(|c| {
+            let mut column = c.clone();
+            if column.description.is_empty() && kind.custom {
+                column.description = format!(
+                    "Custom resource definition column (in JSONPath format): {}",
+                    column.json_path
+                );
+            }
+            column
+        }));
     }
     columns
 }
@@ -138,11 +151,7 @@ pub fn render(
                     "metadata": object["metadata"],
                 }),
             };
-            let mut row = json!({"cells": cells});
-            if !row_object.is_null() {
-                row["object"] = row_object;
-            }
-            row
+            json!({"cells": cells, "object": row_object})
         })
         .collect();
     let definitions: Vec<Value> = if with_columns {
