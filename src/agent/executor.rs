@@ -218,7 +218,7 @@ fn update_progress(status: &mut PatchJobStatus) {
 
 /// The next thing to do for a job, derived from its status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Step {
+pub enum Step {
     Action(Stage, usize),
     Patches,
     ResumeReboot,
@@ -229,7 +229,9 @@ enum Step {
     Done,
 }
 
-fn next_step(record: &JobRecord) -> Step {
+/// The next thing to do for `record`, from its status alone (so a journal read back
+/// after a crash says where to resume). Never fails, whatever the record holds.
+pub fn next_step(record: &JobRecord) -> Step {
     let status = &record.status;
     if status.phase.is_finished() {
         return Step::Done;
@@ -269,7 +271,8 @@ fn next_step(record: &JobRecord) -> Step {
     if let Some(index) = status
         .post_actions
         .iter()
-        .position(|a| !a.phase.is_finished())
+        .zip(&record.spec.post_actions)
+        .position(|(result, _)| !result.phase.is_finished())
     {
         return Step::Action(Stage::Post, index);
     }

@@ -36,6 +36,18 @@ impl JobRecord {
     pub fn is_finished(&self) -> bool {
         self.status.phase.is_finished()
     }
+
+    /// Whether the status fits the spec: one result per action, in the spec's order.
+    /// A record that does not (a damaged or tampered file) is not resumed.
+    pub fn is_consistent(&self) -> bool {
+        let fits = |results: &[crate::api::patchjob::ActionResult],
+                    actions: &[crate::api::patchjob::ResolvedAction]| {
+            results.len() == actions.len()
+                && results.iter().zip(actions).all(|(r, a)| r.name == a.name)
+        };
+        fits(&self.status.pre_actions, &self.spec.pre_actions)
+            && fits(&self.status.post_actions, &self.spec.post_actions)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,11 +58,10 @@ pub enum JournalError {
         #[source]
         source: std::io::Error,
     },
-    #[error("journal {path} is unreadable: {source}")]
-    Corrupt {
+    #[error("journal {path} is unreadable or does not fit its job; moved to {moved:?}")]
+    Quarantined {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        moved: Option<PathBuf>,
     },
 }
 
@@ -134,14 +145,22 @@ impl Journal {
         Ok(())
     }
 
+    /// The journaled job `id`, if any. A file that cannot be read back, or does not fit
+    /// its own job, is moved aside and reported as [`JournalError::Quarantined`]: the
+    /// job it held must not be run again from the start.
     pub fn load(&self, id: &str) -> Result<Option<JobRecord>, JournalError> {
         let path = self.path(id);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| JournalError::Corrupt { path, source }),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(JournalError::Io { path, source }),
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(JournalError::Io { path, source }),
+        };
+        match serde_json::from_slice::<JobRecord>(&bytes) {
+            Ok(record) if record.is_consistent() => Ok(Some(record)),
+            _ => {
+                let moved = self.quarantine(&path);
+                Err(JournalError::Quarantined { path, moved })
+            }
         }
     }
 
@@ -165,8 +184,16 @@ impl Journal {
         let mut records = Vec::new();
         for (_, path) in entries {
             let bytes = std::fs::read(&path).map_err(io_error(&path))?;
-            match serde_json::from_slice(&bytes) {
-                Ok(record) => records.push(record),
+            match serde_json::from_slice::<JobRecord>(&bytes) {
+                Ok(record) if record.is_consistent() => records.push(record),
+                Ok(_) => {
+                    let moved = self.quarantine(&path);
+                    tracing::error!(
+                        file = %path.display(),
+                        moved_to = %moved.as_deref().map(Path::display).map(|d| d.to_string()).unwrap_or_default(),
+                        "a journal file does not fit its own job (damaged or edited); it was moved aside and its job is not resumed"
+                    );
+                }
                 Err(err) => {
                     let moved = self.quarantine(&path);
                     tracing::error!(
@@ -261,6 +288,10 @@ mod tests {
         let journal = Journal::open(dir.path()).unwrap();
         journal.save(&record("good")).unwrap();
         std::fs::write(dir.path().join("jobs/bad.json"), "{not json").unwrap();
+        // A record whose results do not fit its actions (edited by hand, say).
+        let mut misfit = record("misfit");
+        misfit.status.post_actions.push(Default::default());
+        journal.save(&misfit).unwrap();
         let loaded = journal.all().unwrap();
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].id, "good");
@@ -311,7 +342,8 @@ mod tests {
         std::fs::write(dir.path().join("jobs/bad.json"), "{not json").unwrap();
         assert!(matches!(
             journal.load("bad"),
-            Err(JournalError::Corrupt { .. })
+            Err(JournalError::Quarantined { moved: Some(_), .. })
         ));
+        assert!(matches!(journal.load("bad"), Ok(None)), "moved aside once");
     }
 }

@@ -715,7 +715,27 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
                 }
             };
             for assignment in assignments.jobs {
-                match journal.load(&assignment.uid)? {
+                let journaled = match journal.load(&assignment.uid) {
+                    Ok(journaled) => journaled,
+                    // What the host did for this job is unknown: it is not run (again)
+                    // but reported failed, so a person looks.
+                    Err(err @ super::journal::JournalError::Quarantined { .. }) => {
+                        tracing::error!(job = %assignment.name, error = %err, "the journal of a job is unreadable; reporting it failed, not running it");
+                        if let Ok(spec) = decode_spec(&assignment.spec) {
+                            let mut record = executor::new_record(
+                                &assignment.uid,
+                                format!("{}/{}", assignment.namespace, assignment.name),
+                                spec,
+                            );
+                            record.sequence = assignment.acknowledged_sequence;
+                            fail_in_memory(&mut record, &format!("the agent's journal of this job was unreadable and moved aside; not run again: {err}"));
+                            outbox.put(&record);
+                        }
+                        continue;
+                    }
+                    Err(err) => return Err(err.into()),
+                };
+                match journaled {
                     // Finished here but not yet recorded there: report again, never re-run.
                     Some(record) if record.is_finished() => outbox.put(&record),
                     Some(record) => work.push(record),
