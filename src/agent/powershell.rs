@@ -1,12 +1,54 @@
 //! PowerShell generated for the Windows-only actions (registry changes, msiexec
 //! uninstalls) and for the Windows Update patcher. Every value from a manifest enters
-//! the code as a single-quoted literal, never as code.
+//! the code through [`quote`], as a single-quoted literal, never as code; script files
+//! are UTF-8 with a byte order mark.
 
 use crate::api::task::{ChangeRegistryKey, RegistryValueType, UninstallSoftware};
 
-/// A PowerShell single-quoted string literal: the only special character is `'`.
+/// What PowerShell's tokenizer takes for a single quote (`CharExtensions.IsSingleQuote`):
+/// the apostrophe and the typographic quotes U+2018 to U+201B.
+pub const SINGLE_QUOTES: [char; 5] = ['\'', '\u{2018}', '\u{2019}', '\u{201A}', '\u{201B}'];
+
+/// What it takes for a double quote (`IsDoubleQuote`). Generated code never puts a value
+/// inside double quotes; the list is here so tests can throw these at [`quote`] too.
+pub const DOUBLE_QUOTES: [char; 4] = ['"', '\u{201C}', '\u{201D}', '\u{201E}'];
+
+pub fn is_single_quote(c: char) -> bool {
+    SINGLE_QUOTES.contains(&c)
+}
+
+/// `value` as one PowerShell single-quoted string literal. Inside one, only single
+/// quotes are special, and the tokenizer reads any two of them in a row as the second:
+/// doubling every quote character keeps the value exact and the literal closed.
 pub fn quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
+    let mut literal = String::with_capacity(value.len() + 2);
+    literal.push('\'');
+    for c in value.chars() {
+        if is_single_quote(c) {
+            literal.push(c);
+        }
+        literal.push(c);
+    }
+    literal.push('\'');
+    literal
+}
+
+/// `@('a', 'b')`: an array of single-quoted literals.
+pub fn quote_list(values: impl IntoIterator<Item = impl AsRef<str>>) -> String {
+    let quoted: Vec<String> = values.into_iter().map(|v| quote(v.as_ref())).collect();
+    format!("@({})", quoted.join(", "))
+}
+
+/// UTF-8's byte order mark. Windows PowerShell 5.1 reads a `.ps1` file without one in
+/// the ANSI code page, so every non-ASCII character of a script would change.
+pub const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// The bytes of a `.ps1` file holding `text`: UTF-8 with a byte order mark.
+pub fn script_file(text: &str) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(UTF8_BOM.len() + text.len());
+    bytes.extend_from_slice(UTF8_BOM);
+    bytes.extend_from_slice(text.as_bytes());
+    bytes
 }
 
 /// Registry provider path for a key path like `HKEY_LOCAL_MACHINE\SOFTWARE\Vendor`.
@@ -170,8 +212,14 @@ mod tests {
     }
 
     #[test]
-    fn quoting_keeps_values_out_of_code() {
+    fn quoting_doubles_every_quote_character_powershell_knows() {
         assert_eq!(quote("it's"), "'it''s'");
+        assert_eq!(
+            quote("\u{2018}a\u{2019}b\u{201A}c\u{201B}"),
+            "'\u{2018}\u{2018}a\u{2019}\u{2019}b\u{201A}\u{201A}c\u{201B}\u{201B}'"
+        );
+        // Double quotes, `$` and backticks are plain characters in a single-quoted literal.
+        assert_eq!(quote("\"$x`\u{201C}"), "'\"$x`\u{201C}'");
         let script =
             change_registry_key(&change(RegistryValueType::REG_SZ, "x'; exit 0; '")).unwrap();
         assert!(
@@ -180,6 +228,16 @@ mod tests {
         );
         assert!(script.contains("-Value 'x''; exit 0; '''"), "{script}");
         parses(&script);
+    }
+
+    #[test]
+    fn script_files_carry_a_utf8_byte_order_mark() {
+        let bytes = script_file("Write-Host 'Grüße'");
+        assert_eq!(&bytes[..3], [0xEF, 0xBB, 0xBF]);
+        assert_eq!(
+            std::str::from_utf8(&bytes[3..]).unwrap(),
+            "Write-Host 'Grüße'"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::api::ScriptLanguage;
 use crate::api::patchjob::ResolvedScript;
 use crate::api::resolve::content_sha256;
 
+use super::powershell;
 use super::process::ProcessSpec;
 
 #[derive(Debug, thiserror::Error)]
@@ -64,9 +65,9 @@ pub fn prepare(run: &ScriptRun<'_>, work_dir: &Path) -> Result<ProcessSpec, Scri
                 Some(signature) => format!("{}\r\n{}", script.content, signature),
                 None => script.content.clone(),
             };
-            ("ps1", body)
+            ("ps1", powershell::script_file(&body))
         }
-        ScriptLanguage::Bash | ScriptLanguage::Sh => ("sh", script.content.clone()),
+        ScriptLanguage::Bash | ScriptLanguage::Sh => ("sh", script.content.clone().into_bytes()),
     };
     let path = work_dir.join(format!("{}.{extension}", run.stem));
     std::fs::create_dir_all(work_dir)
@@ -125,7 +126,7 @@ pub fn powershell_inline(
     }
     let path = work_dir.join(format!("{stem}.ps1"));
     std::fs::create_dir_all(work_dir)
-        .and_then(|()| std::fs::write(&path, code))
+        .and_then(|()| std::fs::write(&path, powershell::script_file(code)))
         .map_err(|source| ScriptError::Write {
             path: path.clone(),
             source,

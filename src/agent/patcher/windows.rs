@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
-use crate::agent::powershell::quote;
+use crate::agent::powershell::quote_list;
 use crate::api::patchjob::{ActionPhase, PatchOutcome, PatchResults};
 use crate::api::plan::{PatchClassification, PatchSelection};
 
@@ -38,11 +38,6 @@ fn categories(selection: &PatchSelection) -> Vec<&'static str> {
         });
     }
     names
-}
-
-fn list(values: impl IntoIterator<Item = impl AsRef<str>>) -> String {
-    let quoted: Vec<String> = values.into_iter().map(|v| quote(v.as_ref())).collect();
-    format!("@({})", quoted.join(", "))
 }
 
 /// The script that searches, filters, downloads and installs updates.
@@ -90,9 +85,9 @@ Write-Output ('{prefix}' + ($summary | ConvertTo-Json -Compress -Depth 4))
 if ($failed.Count -gt 0) {{ exit 1 }}
 exit 0
 "#,
-        categories = list(categories(selection)),
-        include = list(&selection.include),
-        exclude = list(&selection.exclude),
+        categories = quote_list(categories(selection)),
+        include = quote_list(&selection.include),
+        exclude = quote_list(&selection.exclude),
         prefix = RESULT_PREFIX,
     )
 }

@@ -1,0 +1,243 @@
+//! The PowerShell the agent generates, read the way PowerShell reads it. Structure comes
+//! from the tree-sitter PowerShell grammar; where a single-quoted literal ends comes
+//! from PowerShell's own tokenizer rule, which the grammar does not know: any of
+//! `'`, U+2018, U+2019, U+201A and U+201B opens and closes a literal, and two of them in
+//! a row stand for the second (`CharExtensions.IsSingleQuote`, `ScanStringLiteral`).
+//!
+//! Arbitrary values (every quote character, `$`, backticks, newlines, any NUL-free
+//! unicode) go through every generated script; each must come out as exactly the
+//! literals the script has for a harmless value, with the same code around them, and
+//! each literal must end where PowerShell ends it.
+
+use fleetpatch::agent::patcher::windows;
+use fleetpatch::agent::powershell::{self, DOUBLE_QUOTES, SINGLE_QUOTES, quote};
+use fleetpatch::api::plan::{PatchClassification, PatchSelection};
+use fleetpatch::api::task::{
+    ChangeRegistryKey, RegistryValueType, UninstallSoftware, VersionMatch,
+};
+use proptest::prelude::*;
+use tree_sitter::{Node, Parser, Tree};
+
+fn parse(script: &str) -> Tree {
+    let mut parser = Parser::new();
+    parser
+        .set_language(&tree_sitter_powershell::LANGUAGE.into())
+        .unwrap();
+    let tree = parser.parse(script, None).unwrap();
+    assert!(
+        !tree.root_node().has_error(),
+        "does not parse:\n{}\n{script}",
+        tree.root_node().to_sexp()
+    );
+    tree
+}
+
+const LITERAL: &str = "verbatim_string_characters";
+
+/// The tokens of `script` in order, as (kind, text): the leaves of the tree, with
+/// single-quoted literals as one token each.
+fn tokens(script: &str) -> Vec<(&'static str, String)> {
+    fn walk(node: Node<'_>, script: &str, out: &mut Vec<(&'static str, String)>) {
+        if node.kind() == LITERAL || node.child_count() == 0 {
+            let text = node.utf8_text(script.as_bytes()).unwrap().to_string();
+            out.push((node.kind(), text));
+            return;
+        }
+        let mut cursor = node.walk();
+        for child in node.children(&mut cursor) {
+            walk(child, script, out);
+        }
+    }
+    let tree = parse(script);
+    let mut out = Vec::new();
+    walk(tree.root_node(), script, &mut out);
+    out
+}
+
+/// Reads the single-quoted literal at the start of `text` as PowerShell's tokenizer
+/// does: its value, and the byte length of the literal.
+fn powershell_literal(text: &str) -> (String, usize) {
+    let mut chars = text.char_indices().peekable();
+    let (_, open) = chars.next().expect("a literal");
+    assert!(
+        SINGLE_QUOTES.contains(&open),
+        "not a single-quoted literal: {text}"
+    );
+    let mut value = String::new();
+    while let Some((at, c)) = chars.next() {
+        if SINGLE_QUOTES.contains(&c) {
+            match chars.peek() {
+                Some(&(_, next)) if SINGLE_QUOTES.contains(&next) => {
+                    value.push(next);
+                    chars.next();
+                    continue;
+                }
+                _ => return (value, at + c.len_utf8()),
+            }
+        }
+        value.push(c);
+    }
+    panic!("PowerShell would not end this literal: {text}");
+}
+
+/// Asserts that `script` (made with hostile values) is `baseline` (made with harmless
+/// ones) but for the content of its literals, that PowerShell ends every literal where
+/// the grammar does, and returns the literals' values.
+fn same_code_other_literals(script: &str, baseline: &str) -> Vec<String> {
+    let hostile = tokens(script);
+    let harmless = tokens(baseline);
+    fn kinds(tokens: &[(&'static str, String)]) -> Vec<&'static str> {
+        tokens.iter().map(|(k, _)| *k).collect()
+    }
+    assert_eq!(
+        kinds(&hostile),
+        kinds(&harmless),
+        "the code changed with the values:\n{script}"
+    );
+    let mut values = Vec::new();
+    for ((kind, text), (_, base)) in hostile.iter().zip(&harmless) {
+        if *kind == LITERAL {
+            let (value, length) = powershell_literal(text);
+            assert_eq!(
+                length,
+                text.len(),
+                "PowerShell ends the literal {text:?} early: the rest would be code"
+            );
+            values.push(value);
+        } else {
+            assert_eq!(text, base, "code differs:\n{script}");
+        }
+    }
+    values
+}
+
+fn hostile_char() -> impl Strategy<Value = char> {
+    let special: Vec<char> = SINGLE_QUOTES
+        .iter()
+        .chain(&DOUBLE_QUOTES)
+        .copied()
+        .chain([
+            '$', '`', '(', ')', '{', '}', '[', ']', ';', '&', '|', '#', '<', '>', '@', '-',
+            '\u{2013}', '\u{2014}', '\n', '\r', '\t', ' ', '\\',
+        ])
+        .collect();
+    prop_oneof![
+        3 => prop::sample::select(special),
+        2 => any::<char>().prop_filter("NUL-free", |c| *c != '\0'),
+    ]
+}
+
+fn hostile_string() -> impl Strategy<Value = String> {
+    prop::collection::vec(hostile_char(), 0..24).prop_map(|chars| chars.into_iter().collect())
+}
+
+fn registry(key: &str, value_type: RegistryValueType, name: &str, data: &str) -> String {
+    powershell::change_registry_key(&ChangeRegistryKey {
+        key_path: format!(r"HKEY_LOCAL_MACHINE\{key}"),
+        value_type,
+        value_name: name.into(),
+        value_data: data.into(),
+        create_if_missing: true,
+    })
+    .unwrap()
+}
+
+fn uninstall(key: &str, name: &str, version: &str) -> String {
+    powershell::uninstall_software(&UninstallSoftware {
+        uninstall_key: format!(r"HKEY_LOCAL_MACHINE\SOFTWARE\{key}"),
+        display_name: name.into(),
+        display_version: Some(version.into()),
+        version_match: VersionMatch::Equals,
+    })
+}
+
+fn windows_update(include: &[String], exclude: &[String]) -> String {
+    windows::script(&PatchSelection {
+        classifications: vec![PatchClassification::Security],
+        include: include.to_vec(),
+        exclude: exclude.to_vec(),
+        skip: false,
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn registry_values_stay_literals(
+        key in hostile_string(),
+        name in hostile_string().prop_filter("the empty name is the default value", |n| !n.is_empty()),
+        data in hostile_string(),
+        expand in any::<bool>(),
+    ) {
+        let value_type = if expand { RegistryValueType::REG_EXPAND_SZ } else { RegistryValueType::REG_SZ };
+        let values = same_code_other_literals(
+            &registry(&key, value_type, &name, &data),
+            &registry("k", value_type, "n", "d"),
+        );
+        let path = format!(r"Registry::HKEY_LOCAL_MACHINE\{key}");
+        prop_assert!(values.contains(&path));
+        prop_assert!(values.contains(&name));
+        prop_assert!(values.contains(&data));
+    }
+
+    #[test]
+    fn multi_string_lines_stay_literals(
+        lines in prop::collection::vec(
+            hostile_string().prop_map(|l| l.replace(['\n', '\r'], "")), 1..5),
+    ) {
+        let harmless: Vec<&str> = lines.iter().map(|_| "line").collect();
+        let values = same_code_other_literals(
+            &registry("k", RegistryValueType::REG_MULTI_SZ, "n", &lines.join("\n")),
+            &registry("k", RegistryValueType::REG_MULTI_SZ, "n", &harmless.join("\n")),
+        );
+        for line in &lines {
+            prop_assert!(values.contains(line));
+        }
+    }
+
+    #[test]
+    fn uninstall_fields_stay_literals(
+        key in hostile_string(),
+        name in hostile_string(),
+        version in hostile_string(),
+    ) {
+        let values = same_code_other_literals(
+            &uninstall(&key, &name, &version),
+            &uninstall("k", "n", "v"),
+        );
+        let path = format!(r"Registry::HKEY_LOCAL_MACHINE\SOFTWARE\{key}");
+        prop_assert!(values.contains(&path));
+        prop_assert!(values.contains(&name));
+        prop_assert!(values.contains(&version));
+    }
+
+    #[test]
+    fn patch_names_stay_literals(
+        include in prop::collection::vec(hostile_string(), 0..4),
+        exclude in prop::collection::vec(hostile_string(), 0..4),
+    ) {
+        let harmless = |names: &[String]| names.iter().map(|_| "KB1".to_string()).collect::<Vec<_>>();
+        let values = same_code_other_literals(
+            &windows_update(&include, &exclude),
+            &windows_update(&harmless(&include), &harmless(&exclude)),
+        );
+        for name in include.iter().chain(&exclude) {
+            prop_assert!(values.contains(name));
+        }
+    }
+}
+
+#[test]
+fn typographic_quotes_would_have_ended_an_apostrophe_only_literal() {
+    // What quoting used to do: double only the apostrophe.
+    let apostrophe_only = |v: &str| format!("'{}'", v.replace('\'', "''"));
+    for quote_char in &SINGLE_QUOTES[1..] {
+        let value = format!("{quote_char}; Remove-Item C:\\ -Recurse; {quote_char}");
+        let old = apostrophe_only(&value);
+        let (_, length) = powershell_literal(&old);
+        assert!(length < old.len(), "{old}: PowerShell ends it early");
+        let new = quote(&value);
+        assert_eq!(powershell_literal(&new), (value.clone(), new.len()));
+    }
+}
