@@ -226,6 +226,15 @@ proptest! {
             prop_assert!(values.contains(name));
         }
     }
+
+    #[test]
+    fn the_script_path_stays_a_literal(path in hostile_string()) {
+        let values = same_code_other_literals(
+            &powershell::generated_script_loader(&path),
+            &powershell::generated_script_loader(r"C:\state\work\pre-0.ps1"),
+        );
+        prop_assert!(values.contains(&path));
+    }
 }
 
 #[test]
@@ -240,4 +249,13 @@ fn typographic_quotes_would_have_ended_an_apostrophe_only_literal() {
         let new = quote(&value);
         assert_eq!(powershell_literal(&new), (value.clone(), new.len()));
     }
+}
+
+#[test]
+fn the_loader_switches_the_console_to_utf8_and_catches_everything() {
+    let loader = powershell::generated_script_loader(r"C:\var\lib\fleetpatch\work\j\pre-0.ps1");
+    parse(&loader);
+    assert!(loader.starts_with("$ErrorActionPreference = 'Stop'\ntry { [Console]::OutputEncoding = New-Object System.Text.UTF8Encoding $false } catch { }\n"));
+    assert!(loader.contains("Get-Content -LiteralPath $path -Raw -Encoding UTF8"));
+    assert!(loader.contains("try {\n  & $block\n} catch {"));
 }

@@ -1,7 +1,12 @@
-//! PowerShell generated for the Windows-only actions (registry changes, msiexec
-//! uninstalls) and for the Windows Update patcher. Every value from a manifest enters
-//! the code through [`quote`], as a single-quoted literal, never as code; script files
-//! are UTF-8 with a byte order mark.
+//! PowerShell the agent generates (registry changes, msiexec uninstalls, the Windows
+//! Update patcher) and how PowerShell code reaches `powershell.exe`. Every value from a
+//! manifest enters generated code through [`quote`], as one single-quoted literal and
+//! never as code; script files are UTF-8 with a byte order mark; generated code starts
+//! through `-EncodedCommand`, where no execution policy applies.
+
+use std::path::PathBuf;
+
+use base64::Engine;
 
 use crate::api::task::{ChangeRegistryKey, RegistryValueType, UninstallSoftware};
 
@@ -49,6 +54,89 @@ pub fn script_file(text: &str) -> Vec<u8> {
     bytes.extend_from_slice(UTF8_BOM);
     bytes.extend_from_slice(text.as_bytes());
     bytes
+}
+
+/// `text` with every line ending CRLF.
+pub fn crlf(text: &str) -> String {
+    text.replace("\r\n", "\n").replace('\n', "\r\n")
+}
+
+/// The file of a signed script: its code, a line break unless the code ends with one,
+/// then the signature block, all with CRLF line endings. Authenticode signs the text as
+/// it was on Windows; YAML turns CRLF into LF on the way, which would fail verification.
+pub fn signed_script(content: &str, signature: &str) -> String {
+    let mut text = String::with_capacity(content.len() + signature.len() + 2);
+    text.push_str(content);
+    if !content.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(signature);
+    crlf(&text)
+}
+
+/// Windows PowerShell by its absolute path under `%SystemRoot%` (`C:\Windows` when the
+/// variable is missing), so no `powershell.exe` earlier on `PATH` is run instead.
+pub fn powershell_exe(system_root: Option<&str>) -> PathBuf {
+    let root = system_root
+        .filter(|root| !root.is_empty())
+        .unwrap_or(r"C:\Windows")
+        .trim_end_matches('\\');
+    PathBuf::from(format!(
+        r"{root}\System32\WindowsPowerShell\v1.0\powershell.exe"
+    ))
+}
+
+/// `code` as `-EncodedCommand` takes it: base64 of its UTF-16LE bytes.
+pub fn encode_command(code: &str) -> String {
+    let bytes: Vec<u8> = code.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The command that runs the generated script stored at `script_path`. It is passed
+/// with `-EncodedCommand` (a command, which no execution policy covers, not a script
+/// file, which AllSigned would refuse); it reads the script and runs it as a script
+/// block, so the command line stays short however long the script is (`-EncodedCommand`
+/// alone would need 2.7 characters of command line per character of script, and a
+/// 16384-character registry value does not fit in Windows' 32767). It also switches the
+/// console to UTF-8, which the agent decodes, instead of the OEM code page.
+pub fn generated_script_loader(script_path: &str) -> String {
+    format!(
+        r#"$ErrorActionPreference = 'Stop'
+try {{ [Console]::OutputEncoding = New-Object System.Text.UTF8Encoding $false }} catch {{ }}
+$path = {path}
+try {{
+  $block = [scriptblock]::Create((Get-Content -LiteralPath $path -Raw -Encoding UTF8))
+}} catch {{
+  Write-Host "cannot load the generated script $path : $($_.Exception.Message)"
+  exit 1
+}}
+try {{
+  & $block
+}} catch {{
+  Write-Host "the generated script $path failed: $($_.Exception.Message)"
+  exit 1
+}}
+exit 0
+"#,
+        path = quote(script_path),
+    )
+}
+
+/// Program and arguments that run the generated script at `script_path`.
+pub fn generated_script_command(
+    script_path: &str,
+    system_root: Option<&str>,
+) -> (PathBuf, Vec<String>) {
+    (
+        powershell_exe(system_root),
+        vec![
+            "-NoLogo".into(),
+            "-NoProfile".into(),
+            "-NonInteractive".into(),
+            "-EncodedCommand".into(),
+            encode_command(&generated_script_loader(script_path)),
+        ],
+    )
 }
 
 /// Registry provider path for a key path like `HKEY_LOCAL_MACHINE\SOFTWARE\Vendor`.
@@ -238,6 +326,71 @@ mod tests {
             std::str::from_utf8(&bytes[3..]).unwrap(),
             "Write-Host 'Grüße'"
         );
+    }
+
+    #[test]
+    fn signed_scripts_get_crlf_and_exactly_one_line_break_before_the_signature() {
+        let signature = "# SIG # Begin signature block\n# MIIb\n# SIG # End signature block\n";
+        let expected = "Write-Host hi\r\nexit 0\r\n# SIG # Begin signature block\r\n# MIIb\r\n# SIG # End signature block\r\n";
+        assert_eq!(
+            signed_script("Write-Host hi\nexit 0\n", signature),
+            expected
+        );
+        assert_eq!(signed_script("Write-Host hi\nexit 0", signature), expected);
+        assert_eq!(
+            signed_script("Write-Host hi\r\nexit 0\r\n", signature),
+            expected
+        );
+    }
+
+    #[test]
+    fn powershell_is_called_by_its_absolute_path() {
+        assert_eq!(
+            powershell_exe(Some(r"D:\WINDOWS\")),
+            PathBuf::from(r"D:\WINDOWS\System32\WindowsPowerShell\v1.0\powershell.exe")
+        );
+        assert_eq!(
+            powershell_exe(None),
+            PathBuf::from(r"C:\Windows\System32\WindowsPowerShell\v1.0\powershell.exe")
+        );
+    }
+
+    #[test]
+    fn generated_code_runs_as_an_encoded_command_not_as_a_script_file() {
+        let (program, args) = generated_script_command(r"C:\state\work\job\pre-0.ps1", None);
+        assert_eq!(program, powershell_exe(None));
+        assert_eq!(
+            args[..4],
+            [
+                "-NoLogo",
+                "-NoProfile",
+                "-NonInteractive",
+                "-EncodedCommand"
+            ]
+        );
+        assert!(!args.iter().any(|a| a.eq_ignore_ascii_case("-File")));
+        assert!(
+            !args
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case("-ExecutionPolicy"))
+        );
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(&args[4])
+            .unwrap();
+        let units: Vec<u16> = decoded
+            .chunks(2)
+            .map(|pair| u16::from_le_bytes([pair[0], pair[1]]))
+            .collect();
+        let loader = String::from_utf16(&units).unwrap();
+        assert_eq!(
+            loader,
+            generated_script_loader(r"C:\state\work\job\pre-0.ps1")
+        );
+        assert!(loader.contains(r"$path = 'C:\state\work\job\pre-0.ps1'"));
+        assert!(loader.contains("[Console]::OutputEncoding"));
+        parses(&loader);
+        // Short, whatever the script: far below Windows' 32767-character command line.
+        assert!(args[4].len() < 2000, "{}", args[4].len());
     }
 
     #[test]

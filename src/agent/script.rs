@@ -1,6 +1,7 @@
 //! Running a resolved script: check its SHA-256, write it to the job's work directory,
 //! and start the interpreter its language needs with the parameters as environment
-//! variables.
+//! variables. What PowerShell needs of the files and command lines is in
+//! [`super::powershell`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -62,7 +63,7 @@ pub fn prepare(run: &ScriptRun<'_>, work_dir: &Path) -> Result<ProcessSpec, Scri
             }
             // A signed script carries its signature block after the code.
             let body = match &script.signature {
-                Some(signature) => format!("{}\r\n{}", script.content, signature),
+                Some(signature) => powershell::signed_script(&script.content, signature),
                 None => script.content.clone(),
             };
             ("ps1", powershell::script_file(&body))
@@ -107,12 +108,17 @@ pub fn interpreter_command(
                 args.extend(["-ExecutionPolicy".to_string(), "Bypass".to_string()]);
             }
             args.extend(["-File".to_string(), path]);
-            ("powershell.exe".into(), args)
+            (powershell::powershell_exe(system_root().as_deref()), args)
         }
     }
 }
 
-/// Command line for generated PowerShell (registry and uninstall actions, Windows Update).
+fn system_root() -> Option<String> {
+    std::env::var("SystemRoot").ok()
+}
+
+/// Command line for generated PowerShell (registry and uninstall actions, Windows
+/// Update): the code goes into a file, which a short `-EncodedCommand` runs.
 pub fn powershell_inline(
     code: &str,
     stem: &str,
@@ -131,16 +137,11 @@ pub fn powershell_inline(
             path: path.clone(),
             source,
         })?;
+    let (program, args) =
+        powershell::generated_script_command(&path.display().to_string(), system_root().as_deref());
     Ok(ProcessSpec {
-        program: "powershell.exe".into(),
-        args: vec![
-            "-NoProfile".into(),
-            "-NonInteractive".into(),
-            "-ExecutionPolicy".into(),
-            "Bypass".into(),
-            "-File".into(),
-            path.display().to_string(),
-        ],
+        program,
+        args,
         env: BTreeMap::new(),
         current_dir: Some(work_dir.to_path_buf()),
         timeout,
@@ -199,7 +200,10 @@ mod tests {
     fn powershell_bypasses_the_execution_policy_only_when_asked() {
         let path = Path::new("C:\\work\\pre-0.ps1");
         let (program, args) = interpreter_command(ScriptLanguage::PowerShell, path, false);
-        assert_eq!(program, PathBuf::from("powershell.exe"));
+        assert_eq!(
+            program,
+            powershell::powershell_exe(std::env::var("SystemRoot").ok().as_deref())
+        );
         assert_eq!(
             args,
             [
