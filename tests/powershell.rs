@@ -251,6 +251,84 @@ fn typographic_quotes_would_have_ended_an_apostrophe_only_literal() {
     }
 }
 
+/// The argument after `-Value` in the generated `New-ItemProperty` call.
+fn value_argument(script: &str) -> (String, String) {
+    fn find<'a>(node: Node<'a>, script: &str) -> Option<Node<'a>> {
+        if node.kind() == "command_elements" {
+            let mut cursor = node.walk();
+            let elements: Vec<Node<'a>> = node
+                .named_children(&mut cursor)
+                .filter(|n| n.kind() != "command_argument_sep")
+                .collect();
+            for pair in elements.windows(2) {
+                if pair[0].kind() == "command_parameter"
+                    && pair[0].utf8_text(script.as_bytes()).unwrap() == "-Value"
+                {
+                    return Some(pair[1]);
+                }
+            }
+        }
+        let mut cursor = node.walk();
+        let children: Vec<Node<'a>> = node.children(&mut cursor).collect();
+        children.into_iter().find_map(|child| find(child, script))
+    }
+    let tree = parse(script);
+    let argument = find(tree.root_node(), script).expect("a -Value argument");
+    // array_literal_expression > unary_expression > what the argument is.
+    let mut inner = argument;
+    while matches!(
+        inner.kind(),
+        "array_literal_expression" | "unary_expression"
+    ) && inner.named_child_count() == 1
+    {
+        inner = inner.named_child(0).unwrap();
+    }
+    (
+        inner.kind().to_string(),
+        argument.utf8_text(script.as_bytes()).unwrap().to_string(),
+    )
+}
+
+#[test]
+fn every_value_is_a_literal_or_parenthesised_where_powershell_parses_arguments() {
+    // In argument mode `[` starts a bare word: `-Value [string[]]@('a')` binds a string.
+    // (This grammar reads it as a cast; PowerShell does not, so a bare word or a cast
+    // right after -Value is the bug.)
+    for (value_type, data) in [
+        (RegistryValueType::REG_SZ, "text"),
+        (RegistryValueType::REG_EXPAND_SZ, r"%ProgramFiles%\App"),
+        (RegistryValueType::REG_MULTI_SZ, "a\nb"),
+        (RegistryValueType::REG_DWORD, "1"),
+        (RegistryValueType::REG_QWORD, "1"),
+        (RegistryValueType::REG_BINARY, "0100"),
+    ] {
+        let script = registry(r"SOFTWARE\Vendor", value_type, "Setting", data);
+        let (kind, text) = value_argument(&script);
+        assert!(
+            matches!(kind.as_str(), "string_literal" | "parenthesized_expression"),
+            "{value_type:?}: -Value {text} is a {kind}"
+        );
+        assert_ne!(kind, "generic_token");
+        assert!(
+            text.starts_with(['\'', '(']),
+            "{value_type:?}: -Value {text}"
+        );
+    }
+}
+
+#[test]
+fn the_default_value_is_set_by_its_provider_name() {
+    let script = registry(r"SOFTWARE\Vendor", RegistryValueType::REG_SZ, "", "x");
+    let literals: Vec<String> = tokens(&script)
+        .into_iter()
+        .filter(|(kind, _)| *kind == LITERAL)
+        .map(|(_, text)| powershell_literal(&text).0)
+        .collect();
+    assert!(literals.contains(&"(default)".to_string()), "{script}");
+    assert!(!literals.contains(&String::new()), "{script}");
+    assert!(script.contains("-Name $name"), "{script}");
+}
+
 #[test]
 fn the_loader_switches_the_console_to_utf8_and_catches_everything() {
     let loader = powershell::generated_script_loader(r"C:\var\lib\fleetpatch\work\j\pre-0.ps1");

@@ -139,12 +139,18 @@ pub fn generated_script_command(
     )
 }
 
+/// The registry provider's name for a key's default (unnamed) value; `-Name ''` does
+/// not bind.
+pub const DEFAULT_VALUE_NAME: &str = "(default)";
+
 /// Registry provider path for a key path like `HKEY_LOCAL_MACHINE\SOFTWARE\Vendor`.
 fn provider_path(key_path: &str) -> String {
     quote(&format!("Registry::{key_path}"))
 }
 
-/// `New-ItemProperty -PropertyType` and the value expression for registry data.
+/// `New-ItemProperty -PropertyType` and the value expression for registry data. Every
+/// expression is a string literal or parenthesised: in argument mode a bare `[` starts
+/// a word, so `-Value [string[]]@(...)` would bind a string, not an array.
 fn property_value(
     value_type: RegistryValueType,
     data: &str,
@@ -161,11 +167,8 @@ fn property_value(
         RegistryValueType::REG_SZ => ("String", quote(data)),
         RegistryValueType::REG_EXPAND_SZ => ("ExpandString", quote(data)),
         RegistryValueType::REG_MULTI_SZ => {
-            let lines: Vec<String> = data
-                .split('\n')
-                .map(|l| quote(l.trim_end_matches('\r')))
-                .collect();
-            ("MultiString", format!("[string[]]@({})", lines.join(", ")))
+            let lines = data.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+            ("MultiString", format!("([string[]]{})", quote_list(lines)))
         }
         RegistryValueType::REG_DWORD => {
             let value = u32::try_from(number()?)
@@ -188,6 +191,13 @@ fn property_value(
 
 const PRELUDE: &str = "$ErrorActionPreference = 'Stop'\n$ProgressPreference = 'SilentlyContinue'\n";
 
+/// Whether `key_path` is under HKEY_CURRENT_USER, which for the agent (running as
+/// SYSTEM) is SYSTEM's own hive, HKEY_USERS\S-1-5-18, not a signed-in user's.
+fn is_current_user(key_path: &str) -> bool {
+    let root = key_path.split('\\').next().unwrap_or_default();
+    root.eq_ignore_ascii_case("HKEY_CURRENT_USER")
+}
+
 /// Script that sets one registry value. Exit 0 when set (or when the key is missing and
 /// may not be created), 1 on error.
 pub fn change_registry_key(change: &ChangeRegistryKey) -> Result<String, String> {
@@ -197,8 +207,18 @@ pub fn change_registry_key(change: &ChangeRegistryKey) -> Result<String, String>
     } else {
         "$false"
     };
+    let name = if change.value_name.is_empty() {
+        DEFAULT_VALUE_NAME
+    } else {
+        change.value_name.as_str()
+    };
+    let note = if is_current_user(&change.key_path) {
+        "Write-Host 'note: HKEY_CURRENT_USER is the hive of the account the agent runs as (SYSTEM: HKEY_USERS\\S-1-5-18), not that of a signed-in user'\n"
+    } else {
+        ""
+    };
     Ok(format!(
-        r#"{PRELUDE}$path = {path}
+        r#"{PRELUDE}{note}$path = {path}
 $name = {name}
 $createIfMissing = {create}
 try {{
@@ -219,7 +239,7 @@ try {{
 }}
 "#,
         path = provider_path(&change.key_path),
-        name = quote(&change.value_name),
+        name = quote(name),
         value_type = change.value_type.as_str(),
     ))
 }
@@ -408,8 +428,8 @@ mod tests {
             ),
             (
                 RegistryValueType::REG_MULTI_SZ,
-                "a\nb",
-                "[string[]]@('a', 'b')",
+                "a\r\nb",
+                "-Value ([string[]]@('a', 'b'))",
             ),
             (
                 RegistryValueType::REG_DWORD,
@@ -441,6 +461,26 @@ mod tests {
     fn numeric_types_refuse_what_does_not_fit() {
         assert!(change_registry_key(&change(RegistryValueType::REG_DWORD, "4294967296")).is_err());
         assert!(change_registry_key(&change(RegistryValueType::REG_QWORD, "abc")).is_err());
+    }
+
+    #[test]
+    fn the_default_value_is_named_default() {
+        let mut default = change(RegistryValueType::REG_SZ, "x");
+        default.value_name = String::new();
+        let script = change_registry_key(&default).unwrap();
+        assert!(script.contains("$name = '(default)'"), "{script}");
+        parses(&script);
+    }
+
+    #[test]
+    fn current_user_keys_say_whose_hive_they_are() {
+        let mut hkcu = change(RegistryValueType::REG_SZ, "x");
+        hkcu.key_path = r"HKEY_CURRENT_USER\Software\Vendor".into();
+        let script = change_registry_key(&hkcu).unwrap();
+        assert!(script.contains(r"HKEY_USERS\S-1-5-18"), "{script}");
+        parses(&script);
+        let machine = change_registry_key(&change(RegistryValueType::REG_SZ, "x")).unwrap();
+        assert!(!machine.contains("S-1-5-18"));
     }
 
     #[test]
