@@ -458,11 +458,15 @@ fn cases() -> Vec<Case> {
             "spec.changeRegistryKey.valueData: valueData must be a non-negative decimal number",
         ),
         case(
-            "REG_BINARY data numeric",
+            "REG_BINARY data is hexadecimal byte pairs",
             with(
-                &registry_task(),
-                "/spec/changeRegistryKey/valueType",
-                json!("REG_BINARY"),
+                &with(
+                    &registry_task(),
+                    "/spec/changeRegistryKey/valueType",
+                    json!("REG_BINARY"),
+                ),
+                "/spec/changeRegistryKey/valueData",
+                json!("0100fF"),
             ),
             with(
                 &with(
@@ -471,9 +475,9 @@ fn cases() -> Vec<Case> {
                     json!("REG_BINARY"),
                 ),
                 "/spec/changeRegistryKey/valueData",
-                json!("ff"),
+                json!("100"),
             ),
-            "spec.changeRegistryKey.valueData: valueData must be a non-negative decimal number",
+            "spec.changeRegistryKey.valueData: valueData must be hexadecimal byte pairs for REG_BINARY",
         ),
         case(
             "REG_SZ data free-form",

@@ -58,7 +58,7 @@ const CASES: &[Case] = &[
     // Registry value data.
     case("registry-dword-not-numeric.yaml", 1, "spec.changeRegistryKey.valueData", Some("non-negative decimal number")),
     case("registry-qword-not-numeric.yaml", 1, "spec.changeRegistryKey.valueData", Some("non-negative decimal number")),
-    case("registry-binary-not-numeric.yaml", 1, "spec.changeRegistryKey.valueData", Some("non-negative decimal number")),
+    case("registry-binary-not-numeric.yaml", 1, "spec.changeRegistryKey.valueData", Some("hexadecimal byte pairs")),
     case("registry-dword-too-large.yaml", 1, "spec.changeRegistryKey.valueData", Some("does not fit in a REG_DWORD")),
     case("registry-qword-too-large.yaml", 1, "spec.changeRegistryKey.valueData", Some("does not fit in a REG_QWORD")),
     case("registry-task-on-linux.yaml", 1, "spec.os", Some("Windows-only")),

@@ -148,6 +148,13 @@ fn provider_path(key_path: &str) -> String {
     quote(&format!("Registry::{key_path}"))
 }
 
+/// REG_BINARY data: hexadecimal byte pairs, `01ff` for the bytes 0x01 and 0xff.
+pub fn binary_data(data: &str) -> Result<Vec<u8>, String> {
+    hex::decode(data).map_err(|_| {
+        format!("REG_BINARY data must be hexadecimal byte pairs like 01ff, got {data:?}")
+    })
+}
+
 /// `New-ItemProperty -PropertyType` and the value expression for registry data. Every
 /// expression is a string literal or parenthesised: in argument mode a bare `[` starts
 /// a word, so `-Value [string[]]@(...)` would bind a string, not an array.
@@ -177,13 +184,10 @@ fn property_value(
         }
         RegistryValueType::REG_QWORD => ("QWord", format!("([uint64]{})", number()?)),
         RegistryValueType::REG_BINARY => {
-            // The number's little-endian bytes, without trailing zero bytes (at least one byte).
-            let bytes = number()?.to_le_bytes();
-            let used = bytes
+            let list: Vec<String> = binary_data(data)?
                 .iter()
-                .rposition(|b| *b != 0)
-                .map_or(1, |last| last + 1);
-            let list: Vec<String> = bytes[..used].iter().map(|b| format!("0x{b:02x}")).collect();
+                .map(|b| format!("0x{b:02x}"))
+                .collect();
             ("Binary", format!("([byte[]]@({}))", list.join(", ")))
         }
     })
@@ -443,10 +447,10 @@ mod tests {
             ),
             (
                 RegistryValueType::REG_BINARY,
-                "258",
-                "([byte[]]@(0x02, 0x01))",
+                "0100ff",
+                "-Value ([byte[]]@(0x01, 0x00, 0xff))",
             ),
-            (RegistryValueType::REG_BINARY, "0", "([byte[]]@(0x00))"),
+            (RegistryValueType::REG_BINARY, "", "([byte[]]@())"),
         ] {
             let script = change_registry_key(&change(value_type, data)).unwrap();
             assert!(
@@ -461,6 +465,10 @@ mod tests {
     fn numeric_types_refuse_what_does_not_fit() {
         assert!(change_registry_key(&change(RegistryValueType::REG_DWORD, "4294967296")).is_err());
         assert!(change_registry_key(&change(RegistryValueType::REG_QWORD, "abc")).is_err());
+        for bad in ["258", "0x01", "de ad", "zz"] {
+            let err = change_registry_key(&change(RegistryValueType::REG_BINARY, bad)).unwrap_err();
+            assert!(err.contains("hexadecimal byte pairs"), "{bad}: {err}");
+        }
     }
 
     #[test]

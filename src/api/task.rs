@@ -143,7 +143,8 @@ pub enum RegistryValueType {
 }
 
 impl RegistryValueType {
-    /// Types whose data must be a number.
+    /// Types whose data must be digits: decimal for REG_DWORD and REG_QWORD, hexadecimal
+    /// byte pairs for REG_BINARY.
     pub fn is_numeric(self) -> bool {
         matches!(self, Self::REG_BINARY | Self::REG_DWORD | Self::REG_QWORD)
     }
@@ -164,8 +165,12 @@ impl RegistryValueType {
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("!(self.valueType in ['REG_BINARY', 'REG_DWORD', 'REG_QWORD']) || self.valueData.matches('^[0-9]+$')")
-        .message("valueData must be a non-negative decimal number for REG_BINARY, REG_DWORD and REG_QWORD")
+    validation = Rule::new("!(self.valueType in ['REG_DWORD', 'REG_QWORD']) || self.valueData.matches('^[0-9]+$')")
+        .message("valueData must be a non-negative decimal number for REG_DWORD and REG_QWORD")
+        .field_path(".valueData"),
+    // Bytes, not a number: a number loses leading zero bytes and says nothing of the length.
+    validation = Rule::new("self.valueType != 'REG_BINARY' || self.valueData.matches('^([0-9a-fA-F]{2})*$')")
+        .message("valueData must be hexadecimal byte pairs for REG_BINARY, like 0100ff for the bytes 0x01 0x00 0xff")
         .field_path(".valueData"),
     // The ranges, compared as digit strings without leading zeros (CEL has no
     // arbitrary-precision numbers): equal lengths compare like the numbers.
@@ -181,11 +186,15 @@ pub struct ChangeRegistryKey {
     #[schemars(schema_with = "registry_key_path_schema")]
     pub key_path: String,
     pub value_type: RegistryValueType,
-    /// Value name; empty means the key's default value.
+    /// Value name; empty means the key's default value (`(default)` to the registry
+    /// provider). Under HKEY_CURRENT_USER the agent, running as SYSTEM, changes SYSTEM's own
+    /// hive (HKEY_USERS\S-1-5-18), not a signed-in user's: use HKEY_USERS\<SID> for those.
     #[serde(default)]
     #[schemars(length(max = 16383))]
     pub value_name: String,
-    /// Value data. Numeric for REG_BINARY, REG_DWORD and REG_QWORD; lines separated by `\n` for REG_MULTI_SZ.
+    /// Value data. Decimal for REG_DWORD and REG_QWORD; hexadecimal byte pairs for
+    /// REG_BINARY (`0100ff` is the three bytes 0x01 0x00 0xff); lines separated by `\n`
+    /// for REG_MULTI_SZ.
     #[schemars(length(max = 16384))]
     pub value_data: String,
     /// Create the key when it does not exist; when false a missing key leaves the host unchanged.
