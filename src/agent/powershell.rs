@@ -248,51 +248,95 @@ try {{
     ))
 }
 
-/// Script that uninstalls an msiexec-installed product. Exit 0 when removed or nothing
-/// matched, 10 when removed and a reboot is needed, 1 on failure.
+/// The uninstall keys to look in: `key` itself, then the same key in the other registry
+/// view (`HKEY_LOCAL_MACHINE\SOFTWARE\...` for 64-bit programs,
+/// `HKEY_LOCAL_MACHINE\SOFTWARE\WOW6432Node\...` for 32-bit ones).
+pub fn uninstall_key_candidates(key: &str) -> Vec<String> {
+    const MACHINE_SOFTWARE: &str = "hkey_local_machine\\software\\";
+    const WOW: &str = "wow6432node\\";
+    let lower = key.to_ascii_lowercase();
+    let mut keys = vec![key.to_string()];
+    if let Some(rest) = lower.strip_prefix(MACHINE_SOFTWARE) {
+        let at = MACHINE_SOFTWARE.len();
+        if rest.starts_with(WOW) {
+            keys.push(format!("{}{}", &key[..at], &key[at + WOW.len()..]));
+        } else {
+            keys.push(format!("{}WOW6432Node\\{}", &key[..at], &key[at..]));
+        }
+    }
+    keys
+}
+
+/// Script that uninstalls a Windows Installer product. Exit 0 when removed or when
+/// nothing matched (the message starts with `skipped:`), 10 when removed and a reboot
+/// is needed, 1 when it cannot be removed or is still there afterwards.
 pub fn uninstall_software(uninstall: &UninstallSoftware) -> String {
     let version = uninstall
         .display_version
         .as_deref()
         .map(quote)
         .unwrap_or_else(|| "$null".into());
+    let keys: Vec<String> = uninstall_key_candidates(&uninstall.uninstall_key)
+        .iter()
+        .map(|key| format!("Registry::{key}"))
+        .collect();
     format!(
-        r#"{PRELUDE}$key = {key}
+        r#"{PRELUDE}$keys = {keys}
 $displayName = {name}
 $displayVersion = {version}
-if (-not (Test-Path -LiteralPath $key)) {{
-  Write-Host "nothing to uninstall: $key does not exist"
+$key = $null
+foreach ($candidate in $keys) {{
+  if (Test-Path -LiteralPath $candidate) {{ $key = $candidate; break }}
+}}
+if ($null -eq $key) {{
+  Write-Host "skipped: nothing to uninstall, none of these keys exists: $($keys -join ', ')"
   exit 0
 }}
 $entry = Get-ItemProperty -LiteralPath $key
 if ($entry.DisplayName -ne $displayName) {{
-  Write-Host "nothing to uninstall: DisplayName is '$($entry.DisplayName)', not '$displayName'"
+  Write-Host "skipped: nothing to uninstall, DisplayName under $key is '$($entry.DisplayName)', not '$displayName'"
   exit 0
 }}
 if ($null -ne $displayVersion -and $entry.DisplayVersion -ne $displayVersion) {{
-  Write-Host "left installed: version $($entry.DisplayVersion) does not equal $displayVersion"
+  Write-Host "skipped: left installed, version $($entry.DisplayVersion) does not equal $displayVersion"
   exit 0
 }}
-$productCode = Split-Path -Leaf $key
-if ($productCode -notmatch '^\{{[0-9A-Fa-f-]{{36}}\}}$') {{
-  if ($entry.UninstallString -match '(\{{[0-9A-Fa-f-]{{36}}\}})') {{
-    $productCode = $Matches[1]
-  }} else {{
-    Write-Host "cannot uninstall '$displayName': it is not an msiexec-based installer (no product code)"
-    exit 1
-  }}
+# A Windows Installer product: its key is the product code and says WindowsInstaller=1,
+# or its UninstallString calls msiexec with the product code. Anything else (a Burn
+# bundle, an NSIS or Inno setup) is not removed by msiexec, whatever its key looks like.
+$productCode = $null
+$leaf = Split-Path -Leaf $key
+if ($entry.WindowsInstaller -eq 1 -and $leaf -match '^\{{[0-9A-Fa-f-]{{36}}\}}$') {{
+  $productCode = $leaf
+}} elseif ("$($entry.UninstallString)" -match '(?i)msiexec(\.exe)?"?\s+(.*\s)?/[xi]\s*"?(?<code>\{{[0-9a-f-]{{36}}\}})') {{
+  $productCode = $Matches['code']
 }}
+if ($null -eq $productCode) {{
+  Write-Host "cannot uninstall '$displayName': it is not a Windows Installer product (UninstallString: $($entry.UninstallString)); remove it with a RunScript task"
+  exit 1
+}}
+$msiexec = Join-Path $env:SystemRoot 'System32\msiexec.exe'
 Write-Host "uninstalling $displayName $($entry.DisplayVersion) ($productCode)"
-$process = Start-Process -FilePath 'msiexec.exe' -ArgumentList @('/x', $productCode, '/qn', '/norestart') -Wait -PassThru
-switch ($process.ExitCode) {{
-  0 {{ Write-Host 'uninstalled'; exit 0 }}
-  1605 {{ Write-Host 'msiexec: product is not installed'; exit 0 }}
-  1641 {{ Write-Host 'uninstalled; reboot initiated by the installer'; exit 10 }}
-  3010 {{ Write-Host 'uninstalled; reboot needed'; exit 10 }}
-  default {{ Write-Host "msiexec failed with exit code $($process.ExitCode)"; exit 1 }}
+$process = Start-Process -FilePath $msiexec -ArgumentList @('/x', $productCode, '/qn', '/norestart') -Wait -PassThru
+$code = $process.ExitCode
+$reboot = $false
+switch ($code) {{
+  0 {{ }}
+  1641 {{ $reboot = $true }}
+  3010 {{ $reboot = $true }}
+  1605 {{ Write-Host "msiexec does not know $productCode although its uninstall key exists: nothing was removed"; exit 1 }}
+  1618 {{ Write-Host 'msiexec: another installation is in progress; nothing was removed'; exit 1 }}
+  default {{ Write-Host "msiexec failed with exit code $code"; exit 1 }}
 }}
+if (Test-Path -LiteralPath $key) {{
+  Write-Host "msiexec exited $code but $key is still there: $displayName is still installed"
+  exit 1
+}}
+if ($reboot) {{ Write-Host "uninstalled; msiexec exit code $code: a reboot is needed"; exit 10 }}
+Write-Host 'uninstalled'
+exit 0
 "#,
-        key = provider_path(&uninstall.uninstall_key),
+        keys = quote_list(&keys),
         name = quote(&uninstall.display_name),
     )
 }
@@ -492,6 +536,21 @@ mod tests {
     }
 
     #[test]
+    fn uninstall_keys_are_searched_in_both_registry_views() {
+        let native = r"HKEY_LOCAL_MACHINE\SOFTWARE\Microsoft\Windows\CurrentVersion\Uninstall\{1E0D5689-40F1-4E46-ABBB-EAAC68B5CD89}";
+        let wow = r"HKEY_LOCAL_MACHINE\SOFTWARE\WOW6432Node\Microsoft\Windows\CurrentVersion\Uninstall\{1E0D5689-40F1-4E46-ABBB-EAAC68B5CD89}";
+        assert_eq!(uninstall_key_candidates(native), [native, wow]);
+        assert_eq!(uninstall_key_candidates(wow), [wow, native]);
+        let lower = r"hkey_local_machine\software\wow6432node\X";
+        assert_eq!(
+            uninstall_key_candidates(lower),
+            [lower, r"hkey_local_machine\software\X"]
+        );
+        let user = r"HKEY_CURRENT_USER\Software\Microsoft\Windows\CurrentVersion\Uninstall\App";
+        assert_eq!(uninstall_key_candidates(user), [user]);
+    }
+
+    #[test]
     fn uninstall_scripts_parse_with_and_without_a_version() {
         for version in [Some("8.5".to_string()), None] {
             let script = uninstall_software(&UninstallSoftware {
@@ -505,6 +564,13 @@ mod tests {
                 script.contains("$displayVersion = '8.5'"),
                 version.is_some()
             );
+            assert!(script.contains("WOW6432Node"), "{script}");
+            // msiexec's "unknown product" is a failure, and so is a key that survives.
+            assert!(script.contains("1605 { Write-Host"), "{script}");
+            assert!(
+                !script.contains("1605 { Write-Host 'msiexec: product is not installed'; exit 0 }")
+            );
+            assert!(script.contains("$entry.WindowsInstaller -eq 1"), "{script}");
         }
     }
 }
