@@ -22,6 +22,10 @@ pub enum ScriptError {
         expected: String,
         actual: String,
     },
+    #[error(
+        "parameter {name} is refused: it would replace the {name} environment variable every script gets"
+    )]
+    ReservedParameter { name: String },
     #[error("{language} scripts need Windows PowerShell; this host is not Windows")]
     RequiresWindows { language: &'static str },
     #[error("cannot write the script to {path}: {source}")]
@@ -53,6 +57,9 @@ pub fn prepare(run: &ScriptRun<'_>, work_dir: &Path) -> Result<ProcessSpec, Scri
             expected: script.sha256.clone(),
             actual,
         });
+    }
+    if let Some(name) = run.env.keys().find(|name| is_reserved_parameter(name)) {
+        return Err(ScriptError::ReservedParameter { name: name.clone() });
     }
     let (extension, body) = match script.language {
         ScriptLanguage::PowerShell => {
@@ -111,6 +118,14 @@ pub fn interpreter_command(
             (powershell::powershell_exe(system_root().as_deref()), args)
         }
     }
+}
+
+/// Whether a parameter would replace one of the variables every child gets (PATH, or on
+/// Windows `Path`, `ProgramFiles`, ...), compared ignoring case as Windows does.
+fn is_reserved_parameter(name: &str) -> bool {
+    crate::api::task::RESERVED_PARAMETER_NAMES
+        .iter()
+        .any(|reserved| reserved.eq_ignore_ascii_case(name))
 }
 
 fn system_root() -> Option<String> {
@@ -225,6 +240,34 @@ mod tests {
                 "C:\\work\\pre-0.ps1"
             ]
         );
+    }
+
+    #[test]
+    fn parameters_cannot_replace_the_variables_every_script_gets() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "PATH",
+            "path",
+            "Path",
+            "ProgramFiles",
+            "SystemRoot",
+            "HOME",
+            "LC_ALL",
+        ] {
+            let echo = script(ScriptLanguage::Sh, "echo $PATH");
+            let mut run = run(&echo);
+            run.env.insert(name.into(), "/tmp/evil".into());
+            let err = prepare(&run, dir.path()).unwrap_err();
+            assert!(
+                matches!(&err, ScriptError::ReservedParameter { name: n } if n == name),
+                "{name}: {err}"
+            );
+        }
+        let echo = script(ScriptLanguage::Sh, "echo $PATHS");
+        let mut run = run(&echo);
+        run.env.insert("PATHS".into(), "/ /var".into());
+        run.env.insert("FLEETPATCH_JOB".into(), "job".into());
+        assert!(prepare(&run, dir.path()).is_ok());
     }
 
     #[cfg(not(windows))]

@@ -37,6 +37,45 @@ impl std::fmt::Display for TaskType {
     }
 }
 
+/// Parameter names that scripts cannot be given, compared ignoring case (Windows does):
+/// the environment variables the agent passes to every child itself. The Task CRD's CEL
+/// rule lists the same names, and refuses the `FLEETPATCH_` prefix the agent uses for
+/// its own variables too.
+pub const RESERVED_PARAMETER_NAMES: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TEMP",
+    "TMP",
+    "SystemRoot",
+    "windir",
+    "SystemDrive",
+    "ProgramData",
+    "ProgramFiles",
+    "ProgramW6432",
+    "CommonProgramFiles",
+    "CommonProgramW6432",
+    "ALLUSERSPROFILE",
+    "PUBLIC",
+    "APPDATA",
+    "LOCALAPPDATA",
+    "USERPROFILE",
+    "USERNAME",
+    "USERDOMAIN",
+    "COMPUTERNAME",
+    "ComSpec",
+    "PATHEXT",
+    "PSModulePath",
+    "OS",
+    "NUMBER_OF_PROCESSORS",
+    "PROCESSOR_ARCHITECTURE",
+    "PROCESSOR_IDENTIFIER",
+    "PROCESSOR_LEVEL",
+    "PROCESSOR_REVISION",
+    "DriverData",
+];
+
 fn default_timeout_minutes() -> u32 {
     60
 }
@@ -53,8 +92,12 @@ pub struct RunScript {
     /// Values for the script's parameters, passed as environment variables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
-    #[x_kube(validation = Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))")
-        .message("parameter names must be environment variable names: letters, digits and _, not starting with a digit"))]
+    #[x_kube(
+        validation = Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))")
+            .message("parameter names must be environment variable names: letters, digits and _, not starting with a digit"),
+        validation = Rule::new("self.all(k, !k.matches('^(?i)(PATH|HOME|LANG|LC_ALL|TEMP|TMP|SystemRoot|windir|SystemDrive|ProgramData|ProgramFiles|ProgramW6432|CommonProgramFiles|CommonProgramW6432|ALLUSERSPROFILE|PUBLIC|APPDATA|LOCALAPPDATA|USERPROFILE|USERNAME|USERDOMAIN|COMPUTERNAME|ComSpec|PATHEXT|PSModulePath|OS|NUMBER_OF_PROCESSORS|PROCESSOR_ARCHITECTURE|PROCESSOR_IDENTIFIER|PROCESSOR_LEVEL|PROCESSOR_REVISION|DriverData|FLEETPATCH_.*)$'))")
+            .message("parameter names must not be PATH, HOME, LANG, LC_ALL, TEMP, TMP, a Windows system variable (SystemRoot, ProgramFiles, ComSpec, ...; any case) or start with FLEETPATCH_: the agent sets those for every script"),
+    )]
     pub parameters: BTreeMap<String, String>,
     /// Run PowerShell with `-ExecutionPolicy Bypass`.
     #[serde(default)]
@@ -122,8 +165,12 @@ pub struct InstallSoftware {
     /// Values for the scripts' parameters, passed as environment variables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
-    #[x_kube(validation = Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))")
-        .message("parameter names must be environment variable names: letters, digits and _, not starting with a digit"))]
+    #[x_kube(
+        validation = Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))")
+            .message("parameter names must be environment variable names: letters, digits and _, not starting with a digit"),
+        validation = Rule::new("self.all(k, !k.matches('^(?i)(PATH|HOME|LANG|LC_ALL|TEMP|TMP|SystemRoot|windir|SystemDrive|ProgramData|ProgramFiles|ProgramW6432|CommonProgramFiles|CommonProgramW6432|ALLUSERSPROFILE|PUBLIC|APPDATA|LOCALAPPDATA|USERPROFILE|USERNAME|USERDOMAIN|COMPUTERNAME|ComSpec|PATHEXT|PSModulePath|OS|NUMBER_OF_PROCESSORS|PROCESSOR_ARCHITECTURE|PROCESSOR_IDENTIFIER|PROCESSOR_LEVEL|PROCESSOR_REVISION|DriverData|FLEETPATCH_.*)$'))")
+            .message("parameter names must not be PATH, HOME, LANG, LC_ALL, TEMP, TMP, a Windows system variable (SystemRoot, ProgramFiles, ComSpec, ...; any case) or start with FLEETPATCH_: the agent sets those for every script"),
+    )]
     pub parameters: BTreeMap<String, String>,
     /// Run PowerShell with `-ExecutionPolicy Bypass`.
     #[serde(default)]
