@@ -98,6 +98,49 @@ pub fn enter_host_namespaces(
     Ok(())
 }
 
+/// The agent's variables every child gets, besides those of its [`ProcessSpec`]. On
+/// Windows that is the system's set: installers and scripts expect `ProgramFiles`,
+/// `SystemDrive`, `ComSpec`, `PATHEXT`, ... (`"$env:ProgramFiles\App\uninst.exe"`). Each
+/// is also a reserved parameter name ([`crate::api::task::RESERVED_PARAMETER_NAMES`]) where
+/// it can be one.
+pub fn inherited_variables(windows: bool) -> &'static [&'static str] {
+    const UNIX: &[&str] = &["PATH", "HOME", "LANG", "TEMP", "TMP"];
+    const WINDOWS: &[&str] = &[
+        "ALLUSERSPROFILE",
+        "APPDATA",
+        "CommonProgramFiles",
+        "CommonProgramFiles(x86)",
+        "CommonProgramW6432",
+        "COMPUTERNAME",
+        "ComSpec",
+        "DriverData",
+        "LOCALAPPDATA",
+        "NUMBER_OF_PROCESSORS",
+        "OS",
+        "PATH",
+        "PATHEXT",
+        "PROCESSOR_ARCHITECTURE",
+        "PROCESSOR_IDENTIFIER",
+        "PROCESSOR_LEVEL",
+        "PROCESSOR_REVISION",
+        "ProgramData",
+        "ProgramFiles",
+        "ProgramFiles(x86)",
+        "ProgramW6432",
+        "PSModulePath",
+        "PUBLIC",
+        "SystemDrive",
+        "SystemRoot",
+        "TEMP",
+        "TMP",
+        "USERDOMAIN",
+        "USERNAME",
+        "USERPROFILE",
+        "windir",
+    ];
+    if windows { WINDOWS } else { UNIX }
+}
+
 /// Most bytes of output kept as an action's message.
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
 
@@ -210,7 +253,7 @@ async fn pump(
     captured
 }
 
-/// Runs `spec` to completion or timeout. Only `PATH`, `HOME`, `LANG` and the given
+/// Runs `spec` to completion or timeout. Only [`inherited_variables`] and the given
 /// variables reach the child; a timeout kills the child's whole process group, so
 /// grandchildren it spawned do not survive it.
 pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutcome, ProcessError> {
@@ -229,16 +272,7 @@ pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutcome, ProcessError> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for inherited in [
-        "PATH",
-        "HOME",
-        "LANG",
-        "SystemRoot",
-        "TEMP",
-        "TMP",
-        "ProgramData",
-        "windir",
-    ] {
+    for inherited in inherited_variables(cfg!(windows)) {
         if let Ok(value) = std::env::var(inherited) {
             command.env(inherited, value);
         }
@@ -349,6 +383,54 @@ fn exit_of(status: std::process::ExitStatus) -> ProcessEnd {
         }
     }
     ProcessEnd::Exited(-1)
+}
+
+#[cfg(test)]
+mod windows_tests {
+    use super::*;
+
+    #[test]
+    fn windows_children_get_the_system_variables() {
+        let windows = inherited_variables(true);
+        for name in [
+            "ProgramFiles",
+            "ProgramFiles(x86)",
+            "SystemDrive",
+            "COMPUTERNAME",
+            "PROCESSOR_ARCHITECTURE",
+            "ComSpec",
+            "PATHEXT",
+            "USERPROFILE",
+            "SystemRoot",
+            "windir",
+            "TEMP",
+            "PATH",
+        ] {
+            assert!(windows.contains(&name), "{name}");
+        }
+        assert_eq!(
+            inherited_variables(false),
+            ["PATH", "HOME", "LANG", "TEMP", "TMP"]
+        );
+    }
+
+    #[test]
+    fn every_inherited_variable_a_parameter_could_name_is_reserved() {
+        let name_rule = regex::Regex::new("^[A-Za-z_][A-Za-z0-9_]*$").unwrap();
+        for name in inherited_variables(true)
+            .iter()
+            .chain(inherited_variables(false))
+            .chain(&["LC_ALL"])
+            .filter(|name| name_rule.is_match(name))
+        {
+            assert!(
+                crate::api::task::RESERVED_PARAMETER_NAMES
+                    .iter()
+                    .any(|reserved| reserved.eq_ignore_ascii_case(name)),
+                "{name} is not reserved"
+            );
+        }
+    }
 }
 
 #[cfg(all(test, unix))]
