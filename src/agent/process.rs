@@ -141,6 +141,70 @@ pub fn inherited_variables(windows: bool) -> &'static [&'static str] {
     if windows { WINDOWS } else { UNIX }
 }
 
+/// Well-known SIDs for icacls (`*SID`): account names are localised ("Administratoren").
+const SYSTEM_SID: &str = "*S-1-5-18";
+const ADMINISTRATORS_SID: &str = "*S-1-5-32-544";
+
+/// `icacls.exe` by its absolute path under `%SystemRoot%`.
+pub fn icacls_exe(system_root: Option<&str>) -> PathBuf {
+    let root = system_root
+        .filter(|root| !root.is_empty())
+        .unwrap_or(r"C:\Windows")
+        .trim_end_matches('\\');
+    PathBuf::from(format!(r"{root}\System32\icacls.exe"))
+}
+
+/// The icacls runs, in order, that close `dir` to everyone but SYSTEM and
+/// Administrators: everything in it back to inherited entries only (explicit grants
+/// gone), then `dir` stops inheriting from its parent and grants full control to those
+/// two alone, for itself and all it holds, then Administrators own all of it (an owner
+/// can always rewrite an ACL).
+pub fn state_dir_acl_commands(dir: &str) -> Vec<Vec<String>> {
+    let full_control = |sid: &str| format!("{sid}:(OI)(CI)F");
+    [
+        vec![dir, "/reset", "/T", "/C", "/Q"],
+        vec![
+            dir,
+            "/inheritance:r",
+            "/grant:r",
+            full_control(SYSTEM_SID).as_str(),
+            full_control(ADMINISTRATORS_SID).as_str(),
+            "/Q",
+        ],
+        vec![dir, "/setowner", ADMINISTRATORS_SID, "/T", "/C", "/Q"],
+    ]
+    .into_iter()
+    .map(|args| args.into_iter().map(String::from).collect())
+    .collect()
+}
+
+/// Gives the agent's state directory (journal, scripts, downloads) an ACL for SYSTEM and
+/// Administrators only, so no local user can change a script that runs as SYSTEM. On
+/// other systems it changes nothing.
+pub fn protect_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(windows)]
+    {
+        let icacls = icacls_exe(std::env::var("SystemRoot").ok().as_deref());
+        for args in state_dir_acl_commands(&dir.display().to_string()) {
+            let output = std::process::Command::new(&icacls)
+                .args(&args)
+                .stdin(Stdio::null())
+                .output()?;
+            if !output.status.success() {
+                return Err(std::io::Error::other(format!(
+                    "{} {}: {}{}",
+                    icacls.display(),
+                    args.join(" "),
+                    String::from_utf8_lossy(&output.stdout).trim(),
+                    String::from_utf8_lossy(&output.stderr).trim()
+                )));
+            }
+        }
+    }
+    let _ = dir;
+    Ok(())
+}
+
 /// Most bytes of output kept as an action's message.
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
 
@@ -430,6 +494,51 @@ mod windows_tests {
                 "{name} is not reserved"
             );
         }
+    }
+
+    #[test]
+    fn the_state_directory_acl_names_sids_and_leaves_nothing_else() {
+        let commands = state_dir_acl_commands(r"C:\var\lib\fleetpatch");
+        assert_eq!(
+            commands,
+            [
+                vec![r"C:\var\lib\fleetpatch", "/reset", "/T", "/C", "/Q"],
+                vec![
+                    r"C:\var\lib\fleetpatch",
+                    "/inheritance:r",
+                    "/grant:r",
+                    "*S-1-5-18:(OI)(CI)F",
+                    "*S-1-5-32-544:(OI)(CI)F",
+                    "/Q"
+                ],
+                vec![
+                    r"C:\var\lib\fleetpatch",
+                    "/setowner",
+                    "*S-1-5-32-544",
+                    "/T",
+                    "/C",
+                    "/Q"
+                ],
+            ]
+        );
+        // Localised account names would fail on a German or French Windows.
+        assert!(
+            !commands
+                .concat()
+                .iter()
+                .any(|a| a.contains("SYSTEM") || a.contains("Administrators"))
+        );
+        assert_eq!(
+            icacls_exe(Some(r"C:\WINDOWS")),
+            PathBuf::from(r"C:\WINDOWS\System32\icacls.exe")
+        );
+    }
+
+    #[cfg(not(windows))]
+    #[test]
+    fn elsewhere_the_state_directory_is_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        protect_state_dir(dir.path()).unwrap();
     }
 }
 
