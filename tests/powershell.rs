@@ -330,6 +330,73 @@ fn the_default_value_is_set_by_its_provider_name() {
 }
 
 #[test]
+fn windows_update_selects_categories_by_id() {
+    let guid = regex::Regex::new("^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+        .unwrap();
+    for classifications in [
+        vec![PatchClassification::Security],
+        vec![PatchClassification::Critical],
+        vec![PatchClassification::Security, PatchClassification::Critical],
+        vec![PatchClassification::Bugfix],
+    ] {
+        let script = windows::script(&PatchSelection {
+            classifications: classifications.clone(),
+            ..PatchSelection::default()
+        });
+        let line = script
+            .lines()
+            .find(|l| l.starts_with("$categories = "))
+            .unwrap();
+        let ids: Vec<String> = tokens(line)
+            .into_iter()
+            .filter(|(kind, _)| *kind == LITERAL)
+            .map(|(_, text)| powershell_literal(&text).0)
+            .collect();
+        assert!(!ids.is_empty(), "{classifications:?}: {line}");
+        for id in &ids {
+            assert!(
+                guid.is_match(id),
+                "{classifications:?}: {id} is not a category ID"
+            );
+        }
+        // Compared with the updates' category IDs, never with their localised names.
+        assert!(script.contains("$_.CategoryID"), "{script}");
+        assert!(!script.contains("$_.Name"), "{script}");
+        assert!(!script.contains("Updates'"), "{script}");
+    }
+    let security = windows::script(&PatchSelection::default());
+    assert!(security.contains("'0fa1201d-4330-4fa8-8ae9-b877473b6441'"));
+    assert!(security.contains("'e6cf1350-c01b-414d-a61f-263d14d133b4'"));
+}
+
+#[test]
+fn windows_update_checks_downloads_and_skips_optional_updates() {
+    let script = windows::script(&PatchSelection::default());
+    parse(&script);
+    // Only what downloaded is installed; what did not is reported as failed.
+    assert!(
+        script.contains("$download = $downloader.Download()"),
+        "{script}"
+    );
+    assert!(script.contains("$download.GetUpdateResult($i)"), "{script}");
+    assert!(script.contains("'download'"), "{script}");
+    assert!(script.contains("$installer.Updates = $ready"), "{script}");
+    // Optional (BrowseOnly) updates only when named in include.
+    assert!(
+        script.contains("if ($update.BrowseOnly -and -not $included) { continue }"),
+        "{script}"
+    );
+    // An API error still prints the result line, with the error.
+    assert!(
+        script.contains("} catch {\n  $errorText = $_.Exception.Message"),
+        "{script}"
+    );
+    let catch = script.find("} catch {").unwrap();
+    let result = script.find("Write-Output ('FLEETPATCH-RESULT '").unwrap();
+    assert!(catch < result, "the result line is printed after the catch");
+}
+
+#[test]
 fn the_loader_switches_the_console_to_utf8_and_catches_everything() {
     let loader = powershell::generated_script_loader(r"C:\var\lib\fleetpatch\work\j\pre-0.ps1");
     parse(&loader);
