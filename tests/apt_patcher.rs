@@ -136,6 +136,7 @@ async fn apt_upgrades_a_real_package_from_a_local_repository() {
             "APT::Sandbox::User=root".into(),
         ],
         reboot_marker: root.join("reboot-required"),
+        ..Apt::default()
     };
 
     // Security-only selection: the local repository is no security suite, so nothing is installed.

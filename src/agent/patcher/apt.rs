@@ -13,7 +13,7 @@ use regex::Regex;
 use crate::api::patchjob::{ActionPhase, PatchResults};
 use crate::api::plan::PatchSelection;
 
-use super::{PatchError, Patcher, Update, command, results, run, select};
+use super::{Commands, PatchError, Patcher, Update, results, run, select};
 
 /// The apt patcher. `options` are extra `-o Key=Value` settings, e.g. to point apt at
 /// another sources list.
@@ -22,6 +22,7 @@ pub struct Apt {
     pub options: Vec<String>,
     /// File whose presence means a reboot is needed.
     pub reboot_marker: PathBuf,
+    pub commands: Commands,
 }
 
 impl Default for Apt {
@@ -29,6 +30,7 @@ impl Default for Apt {
         Self {
             options: Vec::new(),
             reboot_marker: PathBuf::from("/var/run/reboot-required"),
+            commands: Commands::default(),
         }
     }
 }
@@ -88,6 +90,7 @@ pub fn parse_simulation(output: &str) -> Vec<Update> {
                 name: c[1].to_string(),
                 current_version: c.get(2).map(|m| m.as_str().to_string()),
                 new_version: c[3].to_string(),
+                arch: None,
                 security,
                 critical: security,
             }
@@ -117,7 +120,7 @@ impl Patcher for Apt {
     ) -> BoxFuture<'a, Result<PatchResults, PatchError>> {
         Box::pin(async move {
             run(
-                &command(
+                &self.commands.spec(
                     "apt-get",
                     &self.args(&["-q", "update"]),
                     NONINTERACTIVE,
@@ -127,7 +130,7 @@ impl Patcher for Apt {
             )
             .await?;
             let simulation = run(
-                &command(
+                &self.commands.spec(
                     "apt-get",
                     &self.args(&["-s", "upgrade"]),
                     NONINTERACTIVE,
@@ -149,13 +152,19 @@ impl Patcher for Apt {
             let install_args = self.install_args(&names);
             let install_args: Vec<&str> = install_args.iter().map(String::as_str).collect();
             let install = run(
-                &command("apt-get", &install_args, NONINTERACTIVE, timeout),
+                &self
+                    .commands
+                    .spec("apt-get", &install_args, NONINTERACTIVE, timeout),
                 &[0, 100],
             )
             .await?;
             let mut query_args = vec!["-W", "-f=${Package} ${Version}\\n"];
             query_args.extend(names.iter().map(String::as_str));
-            let installed = run(&command("dpkg-query", &query_args, &[], timeout), &[0, 1]).await?;
+            let installed = run(
+                &self.commands.spec("dpkg-query", &query_args, &[], timeout),
+                &[0, 1],
+            )
+            .await?;
             let mut results = results(
                 self.name(),
                 &wanted,

@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use crate::api::patchjob::PatchResults;
 use crate::api::plan::{PatchClassification, PatchSelection};
 
-use super::{PatchError, Patcher, Update, command, results, run, select};
+use super::{Commands, PatchError, Patcher, Update, results, run, select};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flavour {
@@ -21,6 +21,7 @@ pub enum Flavour {
 #[derive(Clone, Debug)]
 pub struct Dnf {
     pub flavour: Flavour,
+    pub commands: Commands,
 }
 
 /// rpm query format matching the `[epoch:]version-release` that check-update prints.
@@ -28,7 +29,10 @@ pub const RPM_QUERY_FORMAT: &str = "%{NAME} %|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{
 
 impl Dnf {
     pub fn new(flavour: Flavour) -> Self {
-        Self { flavour }
+        Self {
+            flavour,
+            commands: Commands::default(),
+        }
     }
 
     fn program(&self) -> &'static str {
@@ -86,6 +90,7 @@ pub fn parse_check_update(output: &str) -> Vec<Update> {
             name: strip_arch(chunk[0]).to_string(),
             current_version: None,
             new_version: chunk[1].to_string(),
+            arch: None,
             security: false,
             critical: false,
         })
@@ -144,7 +149,9 @@ impl Patcher for Dnf {
         Box::pin(async move {
             let program = self.program();
             let listed = run(
-                &command(program, &["-q", "check-update"], &[], timeout),
+                &self
+                    .commands
+                    .spec(program, &["-q", "check-update"], &[], timeout),
                 &[0, 100],
             )
             .await?;
@@ -157,7 +164,9 @@ impl Patcher for Dnf {
             });
             if wants_classes {
                 let info = run(
-                    &command(program, &self.updateinfo_args(), &[], timeout),
+                    &self
+                        .commands
+                        .spec(program, &self.updateinfo_args(), &[], timeout),
                     &[0],
                 )
                 .await?;
@@ -170,18 +179,18 @@ impl Patcher for Dnf {
                 }
             }
             let wanted = select(candidates, selection);
-            let reboot_required = needs_restarting(self.flavour, timeout).await;
+            let reboot_required = needs_restarting(&self.commands, self.flavour, timeout).await;
             if wanted.is_empty() {
                 return Ok(results(program, &[], &Default::default(), reboot_required));
             }
             let names: Vec<String> = wanted.iter().map(|u| u.name.clone()).collect();
             let upgrade = self.upgrade_args(&names);
             let upgrade: Vec<&str> = upgrade.iter().map(String::as_str).collect();
-            run(&command(program, &upgrade, &[], timeout), &[0]).await?;
+            run(&self.commands.spec(program, &upgrade, &[], timeout), &[0]).await?;
             let mut query = vec!["-q", "--qf", RPM_QUERY_FORMAT];
             query.extend(names.iter().map(String::as_str));
-            let installed = run(&command("rpm", &query, &[], timeout), &[0, 1]).await?;
-            let reboot_required = needs_restarting(self.flavour, timeout).await;
+            let installed = run(&self.commands.spec("rpm", &query, &[], timeout), &[0, 1]).await?;
+            let reboot_required = needs_restarting(&self.commands, self.flavour, timeout).await;
             Ok(results(
                 program,
                 &wanted,
@@ -193,10 +202,10 @@ impl Patcher for Dnf {
 }
 
 /// `needs-restarting -r` exits 1 when a reboot is needed; without the tool, assume not.
-async fn needs_restarting(flavour: Flavour, timeout: Duration) -> bool {
+async fn needs_restarting(commands: &Commands, flavour: Flavour, timeout: Duration) -> bool {
     let spec = match flavour {
-        Flavour::Dnf => command("dnf", &["-q", "needs-restarting", "-r"], &[], timeout),
-        Flavour::Yum => command("needs-restarting", &["-r"], &[], timeout),
+        Flavour::Dnf => commands.spec("dnf", &["-q", "needs-restarting", "-r"], &[], timeout),
+        Flavour::Yum => commands.spec("needs-restarting", &["-r"], &[], timeout),
     };
     matches!(run(&spec, &[0, 1]).await, Ok(outcome) if outcome.end == crate::agent::process::ProcessEnd::Exited(1))
 }

@@ -1,7 +1,8 @@
 //! Patchers: one trait over apt, dnf/yum, zypper and Windows Update. Each finds the
 //! updates the plan selects, installs them, and reports what was installed, what
 //! failed and whether the host needs a reboot. Command construction and output parsing
-//! are pure functions, tested against recorded outputs; only `apply` runs commands.
+//! are pure functions, tested against recorded outputs; only `apply` runs commands,
+//! always with `LC_ALL=C` so the output parsed is the untranslated one.
 
 pub mod apt;
 pub mod dnf;
@@ -25,6 +26,8 @@ pub struct Update {
     pub name: String,
     pub current_version: Option<String>,
     pub new_version: String,
+    /// Architecture, where the package manager says (apt: `amd64`, `all`, ...).
+    pub arch: Option<String>,
     /// Security (or critical) fix, as the package source classifies it.
     pub security: bool,
     pub critical: bool,
@@ -66,7 +69,7 @@ pub fn detect() -> Option<Box<dyn Patcher>> {
         return Some(Box::new(dnf::Dnf::new(dnf::Flavour::Yum)));
     }
     if find_program("zypper").is_some() {
-        return Some(Box::new(zypper::Zypper));
+        return Some(Box::new(zypper::Zypper::default()));
     }
     None
 }
@@ -117,34 +120,63 @@ pub fn select(updates: Vec<Update>, selection: &PatchSelection) -> Vec<Update> {
         .contains(&PatchClassification::Critical);
     updates
         .into_iter()
-        .filter(|u| !selection.exclude.contains(&u.name))
+        .filter(|u| !is_excluded(&selection.exclude, &u.name))
         .filter(|u| {
             all || (security && u.security)
                 || (critical && u.critical)
-                || selection.include.contains(&u.name)
+                || selection
+                    .include
+                    .iter()
+                    .any(|i| *i == u.name || i == base_name(&u.name))
         })
         .collect()
 }
 
-/// A command the patcher runs, with its output kept for parsing.
-pub(crate) fn command(
-    program: &str,
-    args: &[&str],
-    env: &[(&str, &str)],
-    timeout: Duration,
-) -> ProcessSpec {
-    ProcessSpec {
-        program: program.into(),
-        args: args.iter().map(|a| a.to_string()).collect(),
-        env: env
+/// How a patcher runs its package manager and helpers.
+#[derive(Clone, Debug, Default)]
+pub struct Commands {
+    /// `PATH` to find them on; `None` keeps the agent's. (Tests put fake package
+    /// managers first.)
+    pub path: Option<String>,
+}
+
+impl Commands {
+    /// A command the patcher runs, with its output kept for parsing: `LC_ALL=C`, since
+    /// the parsers read the untranslated output (zypper's tables, dnf's messages).
+    pub(crate) fn spec(
+        &self,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        timeout: Duration,
+    ) -> ProcessSpec {
+        let mut env: BTreeMap<String, String> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<BTreeMap<_, _>>(),
-        current_dir: None,
-        timeout,
-        capture_stdout: true,
-        group_file: None,
+            .collect();
+        env.insert("LC_ALL".into(), "C".into());
+        if let Some(path) = &self.path {
+            env.insert("PATH".into(), path.clone());
+        }
+        ProcessSpec {
+            program: program.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env,
+            current_dir: None,
+            timeout,
+            capture_stdout: true,
+            group_file: None,
+        }
     }
+}
+
+/// A package name without its `:arch` qualifier.
+pub(crate) fn base_name(name: &str) -> &str {
+    name.split_once(':').map_or(name, |(base, _)| base)
+}
+
+fn is_excluded(exclude: &[String], name: &str) -> bool {
+    exclude.iter().any(|e| e == name || e == base_name(name))
 }
 
 /// Runs `spec`; `ok_codes` are the exit codes that are not errors.
@@ -249,6 +281,7 @@ mod tests {
             name: name.into(),
             current_version: None,
             new_version: "2".into(),
+            arch: None,
             security,
             critical,
         }
@@ -281,6 +314,20 @@ mod tests {
             names(&select(updates, &selection)),
             ["openssl", "curl", "vim"]
         );
+    }
+
+    #[test]
+    fn patcher_commands_read_untranslated_output() {
+        let spec =
+            Commands::default().spec("zypper", &["-n"], &[("A", "b")], Duration::from_secs(1));
+        assert_eq!(spec.env["LC_ALL"], "C");
+        assert_eq!(spec.env["A"], "b");
+        assert!(!spec.env.contains_key("PATH"));
+        let spec = Commands {
+            path: Some("/tmp/fake:/usr/bin".into()),
+        }
+        .spec("zypper", &[], &[], Duration::from_secs(1));
+        assert_eq!(spec.env["PATH"], "/tmp/fake:/usr/bin");
     }
 
     #[test]

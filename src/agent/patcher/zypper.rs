@@ -10,15 +10,17 @@ use futures::future::BoxFuture;
 use crate::api::patchjob::{ActionPhase, PatchResults};
 use crate::api::plan::{PatchClassification, PatchSelection};
 
-use super::{PatchError, Patcher, Update, command, results, run, select, summary};
+use super::{Commands, PatchError, Patcher, Update, results, run, select, summary};
 
 /// zypper's "reboot needed" exit code.
 pub const EXIT_REBOOT_NEEDED: i32 = 102;
 /// zypper's "restart zypper (it updated itself)" exit code.
 pub const EXIT_RESTART_NEEDED: i32 = 103;
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Zypper;
+#[derive(Clone, Debug, Default)]
+pub struct Zypper {
+    pub commands: Commands,
+}
 
 fn table_rows(output: &str) -> Vec<Vec<String>> {
     let mut rows = Vec::new();
@@ -49,6 +51,7 @@ pub fn parse_list_updates(output: &str) -> Vec<Update> {
             name: row[2].clone(),
             current_version: Some(row[3].clone()),
             new_version: row[4].clone(),
+            arch: None,
             security: false,
             critical: false,
         })
@@ -110,7 +113,7 @@ impl Patcher for Zypper {
                     ));
                 }
                 let listed = run(
-                    &command(
+                    &self.commands.spec(
                         "zypper",
                         &["-n", "-q", "list-patches", "--category", "security"],
                         &[],
@@ -127,7 +130,11 @@ impl Patcher for Zypper {
                 if critical_only {
                     args.extend(["--severity", "critical"]);
                 }
-                let outcome = run(&command("zypper", &args, &[], timeout), &reboot_codes).await?;
+                let outcome = run(
+                    &self.commands.spec("zypper", &args, &[], timeout),
+                    &reboot_codes,
+                )
+                .await?;
                 let upgraded = parse_upgraded(&outcome.stdout);
                 let mut results = PatchResults {
                     phase: ActionPhase::Succeeded,
@@ -152,7 +159,9 @@ impl Patcher for Zypper {
                 return Ok(results);
             }
             let listed = run(
-                &command("zypper", &["-n", "-q", "list-updates"], &[], timeout),
+                &self
+                    .commands
+                    .spec("zypper", &["-n", "-q", "list-updates"], &[], timeout),
                 &[0, 100],
             )
             .await?;
@@ -163,10 +172,14 @@ impl Patcher for Zypper {
             let mut args: Vec<String> = vec!["-n".into(), "update".into()];
             args.extend(wanted.iter().map(|u| u.name.clone()));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let outcome = run(&command("zypper", &args, &[], timeout), &reboot_codes).await?;
+            let outcome = run(
+                &self.commands.spec("zypper", &args, &[], timeout),
+                &reboot_codes,
+            )
+            .await?;
             let mut query = vec!["-q", "--qf", super::dnf::RPM_QUERY_FORMAT];
             query.extend(wanted.iter().map(|u| u.name.as_str()));
-            let installed = run(&command("rpm", &query, &[], timeout), &[0, 1]).await?;
+            let installed = run(&self.commands.spec("rpm", &query, &[], timeout), &[0, 1]).await?;
             let reboot =
                 outcome.end == crate::agent::process::ProcessEnd::Exited(EXIT_REBOOT_NEEDED);
             Ok(results(
