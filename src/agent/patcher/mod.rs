@@ -10,6 +10,7 @@ pub mod windows;
 pub mod zypper;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -179,6 +180,81 @@ fn is_excluded(exclude: &[String], name: &str) -> bool {
     exclude.iter().any(|e| e == name || e == base_name(name))
 }
 
+/// Splits `wanted` into the updates that can be installed without changing a package
+/// the plan excludes, and the others, each with a message naming what it would have
+/// brought along. `simulate(names)` tells which packages installing `names` would
+/// upgrade, install or remove (the package manager's dry run). `exclude` is a promise
+/// that those packages are never changed, also as another update's dependency.
+pub(crate) async fn hold_back_for_exclusions<F, Fut>(
+    wanted: Vec<Update>,
+    exclude: &[String],
+    simulate: F,
+) -> Result<(Vec<Update>, Vec<PatchOutcome>), PatchError>
+where
+    F: Fn(Vec<String>) -> Fut,
+    Fut: Future<Output = Result<Vec<String>, PatchError>>,
+{
+    let names = |updates: &[Update]| updates.iter().map(|u| u.name.clone()).collect::<Vec<_>>();
+    let touches = |changed: &[String]| {
+        changed
+            .iter()
+            .filter(|name| is_excluded(exclude, name))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    if exclude.is_empty()
+        || wanted.is_empty()
+        || touches(&simulate(names(&wanted)).await?).is_empty()
+    {
+        return Ok((wanted, Vec::new()));
+    }
+    let held = |update: &Update, excluded: &[String], together: bool| PatchOutcome {
+        name: update.name.clone(),
+        version: update.current_version.clone(),
+        message: Some(format!(
+            "not installed: {together}{name} {version} would also change {excluded}, which the plan excludes",
+            together = if together {
+                "with the other selected updates, "
+            } else {
+                ""
+            },
+            name = update.name,
+            version = update.new_version,
+            excluded = excluded.join(", "),
+        )),
+    };
+    let mut allowed = Vec::new();
+    let mut blocked = Vec::new();
+    for update in wanted {
+        let excluded = touches(&simulate(vec![update.name.clone()]).await?);
+        if excluded.is_empty() {
+            allowed.push(update);
+        } else {
+            blocked.push(held(&update, &excluded, false));
+        }
+    }
+    // Together they can still need what none needs alone; then none is installed.
+    if !allowed.is_empty() {
+        let excluded = touches(&simulate(names(&allowed)).await?);
+        if !excluded.is_empty() {
+            for update in allowed.drain(..) {
+                blocked.push(held(&update, &excluded, true));
+            }
+        }
+    }
+    Ok((allowed, blocked))
+}
+
+/// Adds failures found before anything ran (updates held back) to `results`.
+pub(crate) fn add_failures(results: &mut PatchResults, failures: Vec<PatchOutcome>) {
+    if failures.is_empty() {
+        return;
+    }
+    results.failed.extend(failures);
+    results.phase = ActionPhase::Failed;
+    results.message = summary(results);
+}
+
 /// Runs `spec`; `ok_codes` are the exit codes that are not errors.
 pub(crate) async fn run(
     spec: &ProcessSpec,
@@ -328,6 +404,37 @@ mod tests {
         }
         .spec("zypper", &[], &[], Duration::from_secs(1));
         assert_eq!(spec.env["PATH"], "/tmp/fake:/usr/bin");
+    }
+
+    #[tokio::test]
+    async fn an_excluded_dependency_holds_back_only_its_dependants() {
+        // openssl needs the excluded libssl3; curl needs nothing new.
+        let simulate = |names: Vec<String>| async move {
+            let mut changed = names.clone();
+            if names.iter().any(|n| n == "openssl") {
+                changed.push("libssl3:amd64".into());
+            }
+            Ok::<_, PatchError>(changed)
+        };
+        let wanted = vec![update("openssl", true, true), update("curl", true, false)];
+        let (allowed, held) =
+            hold_back_for_exclusions(wanted.clone(), &["libssl3".into()], simulate)
+                .await
+                .unwrap();
+        assert_eq!(names(&allowed), ["curl"]);
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].name, "openssl");
+        assert_eq!(
+            held[0].message.as_deref(),
+            Some(
+                "not installed: openssl 2 would also change libssl3:amd64, which the plan excludes"
+            )
+        );
+        let (allowed, held) = hold_back_for_exclusions(wanted, &[], simulate)
+            .await
+            .unwrap();
+        assert_eq!(allowed.len(), 2);
+        assert!(held.is_empty());
     }
 
     #[test]
