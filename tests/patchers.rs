@@ -1,14 +1,17 @@
-//! The dnf patcher against fake package managers: small shell scripts in a temporary
-//! directory that the patcher finds first on its `PATH`. They keep the "installed" and
-//! "available" versions in files there, log every call, and behave like the real tools
-//! where it matters: dnf answers "No such command" for needs-restarting without
-//! dnf-plugins-core, and prints translated output unless `LC_ALL=C`. Nothing outside
-//! the temporary directory is touched.
+//! The dnf and zypper patchers against fake package managers: small shell scripts in a
+//! temporary directory that the patcher finds first on its `PATH`. They keep the
+//! "installed" and "available" versions in files there, log every call, and behave like
+//! the real tools where it matters: zypper exits 103 after updating itself and 106/107
+//! with warnings, refuses to run while "locked" unless told to wait, and wants licenses
+//! agreed; dnf answers "No such command" for needs-restarting without dnf-plugins-core;
+//! both print translated output unless `LC_ALL=C`. Nothing outside the temporary
+//! directory is touched.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use fleetpatch::agent::patcher::dnf::{Dnf, Flavour};
+use fleetpatch::agent::patcher::zypper::Zypper;
 use fleetpatch::agent::patcher::{Commands, Patcher};
 use fleetpatch::api::patchjob::{ActionPhase, PatchResults};
 use fleetpatch::api::plan::{PatchClassification, PatchSelection};
@@ -262,4 +265,148 @@ async fn dnf_never_upgrades_an_excluded_dependency() {
         .find(|c| c.contains(" upgrade "))
         .unwrap();
     assert!(upgrade.contains("--exclude=openssl-libs"), "{upgrade}");
+}
+
+/// Answers zypper's commands from the fake host's files. The first `patch` run updates
+/// zypper itself and exits 103, as zypper does when the package manager had patches.
+const ZYPPER: &str = r#"
+if [ -z "$ZYPP_LOCK_TIMEOUT" ] && [ -f "$S/locked" ]; then
+  echo "System management is locked by the application with pid 4242 (zypper)." >&2; exit 7
+fi
+rm -f "$S/locked"
+german() { [ "$LC_ALL" != C ]; }
+licenses() { case " $* " in *" --auto-agree-with-licenses "*) ;; *) echo "Aborting: license agreement required" >&2; exit 4;; esac; }
+block() { # header, then the packages
+  h=$1; shift
+  if german; then echo "Die folgenden $# Pakete werden aktualisiert:"; else echo "The following $# packages are $h:"; fi
+  echo "  $*"; echo
+}
+case " $* " in
+  *" list-patches "*)
+    if german; then echo "Repository | Name | Kategorie | Schweregrad | Interaktiv | Status | Zusammenfassung"
+    else echo "Repository | Name | Category | Severity | Interactive | Status | Summary"; fi
+    echo "-----------+------+----------+----------+-------------+--------+--------"
+    echo "Update 15.5 | openSUSE-SLE-15.5-2024-1 | security | important | --- | needed | Security update for glibc"
+    echo "Update 15.5 | openSUSE-SLE-15.5-2024-2 | security | important | --- | needed | Security update for openssl"
+    exit 100 ;;
+  *" patch "*)
+    licenses "$@"
+    n=$(cat "$S/patch-runs" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "$S/patch-runs"
+    if [ $n = 1 ]; then block "going to be upgraded" zypper; exit 103; fi
+    block "going to be upgraded" glibc libopenssl3; exit 0 ;;
+  *" list-updates "*)
+    echo "S | Repository | Name | Current Version | Available Version | Arch"
+    echo "--+------------+------+-----------------+-------------------+-------"
+    for f in "$S"/available/*; do
+      n=$(basename "$f"); [ "$(cat "$S/installed/$n")" = "$(cat "$f")" ] && continue
+      echo "v | Update 15.5 | $n | $(cat "$S/installed/$n") | $(cat "$f") | x86_64"
+    done
+    echo "Warning: Repository 'Backports' appears to be outdated." >&2
+    exit 106 ;;
+  *" update "*)
+    licenses "$@"
+    changed=""
+    for a in "$@"; do case "$a" in -*|update) continue;; esac; changed="$changed $a $(cat "$S/needs/$a" 2>/dev/null)"; done
+    case " $* " in *" --dry-run "*) block "going to be upgraded" $changed; exit 0;; esac
+    for p in $changed; do cp "$S/available/$p" "$S/installed/$p"; done
+    block "going to be upgraded" $changed
+    exit 107 ;;
+  *" needs-rebooting "*) [ -f "$S/reboot" ] && exit 102; exit 0 ;;
+esac
+echo "unexpected: $*" >&2; exit 2
+"#;
+
+fn zypper_host() -> (FakeHost, Zypper) {
+    let host = FakeHost::new();
+    host.program("zypper", ZYPPER);
+    let zypper = Zypper {
+        commands: host.commands(),
+    };
+    (host, zypper)
+}
+
+#[tokio::test]
+async fn zypper_runs_again_after_updating_itself_and_waits_for_its_lock() {
+    let (host, zypper) = zypper_host();
+    host.write("locked", "");
+    host.write("reboot", "");
+    let results = zypper
+        .apply(&PatchSelection::default(), TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(results.phase, ActionPhase::Succeeded, "{results:?}");
+    assert_eq!(
+        names(&results),
+        ["zypper", "glibc", "libopenssl3"],
+        "the second run installs the patches the first left: {results:?}"
+    );
+    assert!(results.reboot_required, "needs-rebooting said 102");
+    assert!(
+        results.message.contains("2 security patch(es) were needed"),
+        "{}",
+        results.message
+    );
+    let calls = host.calls();
+    let patches: Vec<&String> = calls.iter().filter(|c| c.contains(" patch ")).collect();
+    assert_eq!(patches.len(), 2, "{calls:?}");
+    for call in &calls {
+        assert!(call.contains("|ZYPP_LOCK_TIMEOUT=60"), "{call}");
+    }
+    all_untranslated(&host);
+}
+
+#[tokio::test]
+async fn zypper_warnings_106_and_107_are_not_failures() {
+    let (host, zypper) = zypper_host();
+    host.installed("vim", "9.1.0111-150500.20.9.1");
+    host.available("vim", "9.1.0330-150500.20.12.1");
+    let results = zypper.apply(&all(), TIMEOUT).await.unwrap();
+    assert_eq!(results.phase, ActionPhase::Succeeded, "{results:?}");
+    assert_eq!(names(&results), ["vim"], "{results:?}");
+    assert_eq!(
+        results.installed[0].version.as_deref(),
+        Some("9.1.0330-150500.20.12.1")
+    );
+    assert!(!results.reboot_required);
+    assert!(
+        results.message.contains("exit 106") && results.message.contains("exit 107"),
+        "{}",
+        results.message
+    );
+    let update = host
+        .calls()
+        .into_iter()
+        .find(|c| c.starts_with("zypper -n update --auto"))
+        .unwrap();
+    assert!(update.contains("--auto-agree-with-licenses"), "{update}");
+    all_untranslated(&host);
+}
+
+#[tokio::test]
+async fn zypper_holds_back_an_update_that_needs_an_excluded_package() {
+    let (host, zypper) = zypper_host();
+    for (package, old, new) in [
+        ("vim", "9.1.0111", "9.1.0330"),
+        ("vim-data-common", "9.1.0111", "9.1.0330"),
+        ("libopenssl3", "3.0.8-150500.5.27.1", "3.0.8-150500.5.30.1"),
+    ] {
+        host.installed(package, old);
+        host.available(package, new);
+    }
+    host.needs("vim", "vim-data-common");
+    let selection = PatchSelection {
+        exclude: vec!["vim-data-common".into()],
+        ..all()
+    };
+    let results = zypper.apply(&selection, TIMEOUT).await.unwrap();
+    assert_eq!(host.version("vim-data-common").as_deref(), Some("9.1.0111"));
+    assert_eq!(host.version("vim").as_deref(), Some("9.1.0111"));
+    assert_eq!(names(&results), ["libopenssl3"], "{results:?}");
+    assert_eq!(results.failed.len(), 1, "{results:?}");
+    assert_eq!(
+        results.failed[0].message.as_deref(),
+        Some(
+            "not installed: vim 9.1.0330 would also change vim-data-common, which the plan excludes"
+        )
+    );
 }
