@@ -263,6 +263,34 @@ fn cases() -> Vec<Case> {
             ),
             "spec.installSoftware.parameters: parameter names must be environment variable names",
         ),
+        case(
+            "runScript parameters cannot replace PATH",
+            with(
+                &run_script_task(),
+                "/spec/runScript/parameters",
+                json!({"PATHS": "/ /var"}),
+            ),
+            with(
+                &run_script_task(),
+                "/spec/runScript/parameters",
+                json!({"path": "/tmp"}),
+            ),
+            "spec.runScript.parameters: parameter names must not be PATH",
+        ),
+        case(
+            "installSoftware parameters cannot replace Windows system variables",
+            with(
+                &install_task(),
+                "/spec/installSoftware/parameters",
+                json!({"PROGRAM_FILES": "x"}),
+            ),
+            with(
+                &install_task(),
+                "/spec/installSoftware/parameters",
+                json!({"ProgramFiles": "x"}),
+            ),
+            "spec.installSoftware.parameters: parameter names must not be PATH",
+        ),
         // InstallSoftware download source
         case(
             "Https needs url",
@@ -458,11 +486,15 @@ fn cases() -> Vec<Case> {
             "spec.changeRegistryKey.valueData: valueData must be a non-negative decimal number",
         ),
         case(
-            "REG_BINARY data numeric",
+            "REG_BINARY data is hexadecimal byte pairs",
             with(
-                &registry_task(),
-                "/spec/changeRegistryKey/valueType",
-                json!("REG_BINARY"),
+                &with(
+                    &registry_task(),
+                    "/spec/changeRegistryKey/valueType",
+                    json!("REG_BINARY"),
+                ),
+                "/spec/changeRegistryKey/valueData",
+                json!("0100fF"),
             ),
             with(
                 &with(
@@ -471,9 +503,9 @@ fn cases() -> Vec<Case> {
                     json!("REG_BINARY"),
                 ),
                 "/spec/changeRegistryKey/valueData",
-                json!("ff"),
+                json!("100"),
             ),
-            "spec.changeRegistryKey.valueData: valueData must be a non-negative decimal number",
+            "spec.changeRegistryKey.valueData: valueData must be hexadecimal byte pairs for REG_BINARY",
         ),
         case(
             "REG_SZ data free-form",
@@ -609,6 +641,35 @@ fn every_rule_accepts_its_good_object_and_rejects_its_bad_one() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// The CEL rule and the list the agent checks (`RESERVED_PARAMETER_NAMES`) agree, in
+/// any case, and the agent's own `FLEETPATCH_` prefix is refused too.
+#[test]
+fn every_reserved_parameter_name_is_refused() {
+    let refused = |name: &str| {
+        let task = with(
+            &run_script_task(),
+            "/spec/runScript/parameters",
+            json!({name: "x"}),
+        );
+        cel(&task, None).is_err_and(|errors| {
+            errors
+                .iter()
+                .any(|e| e.message.starts_with("parameter names must not be PATH"))
+        })
+    };
+    for name in fleetpatch::api::task::RESERVED_PARAMETER_NAMES {
+        for spelling in [name.to_string(), name.to_lowercase(), name.to_uppercase()] {
+            assert!(refused(&spelling), "{spelling} is accepted");
+        }
+    }
+    for name in ["FLEETPATCH_JOB", "fleetpatch_download_path"] {
+        assert!(refused(name), "{name} is accepted");
+    }
+    for name in ["PATHS", "MY_PATH", "HOMEPAGE", "OSVERSION", "TEMPLATE"] {
+        assert!(!refused(name), "{name} is refused");
+    }
 }
 
 #[test]

@@ -58,7 +58,7 @@ const CASES: &[Case] = &[
     // Registry value data.
     case("registry-dword-not-numeric.yaml", 1, "spec.changeRegistryKey.valueData", Some("non-negative decimal number")),
     case("registry-qword-not-numeric.yaml", 1, "spec.changeRegistryKey.valueData", Some("non-negative decimal number")),
-    case("registry-binary-not-numeric.yaml", 1, "spec.changeRegistryKey.valueData", Some("non-negative decimal number")),
+    case("registry-binary-not-numeric.yaml", 1, "spec.changeRegistryKey.valueData", Some("hexadecimal byte pairs")),
     case("registry-dword-too-large.yaml", 1, "spec.changeRegistryKey.valueData", Some("does not fit in a REG_DWORD")),
     case("registry-qword-too-large.yaml", 1, "spec.changeRegistryKey.valueData", Some("does not fit in a REG_QWORD")),
     case("registry-task-on-linux.yaml", 1, "spec.os", Some("Windows-only")),
@@ -92,6 +92,7 @@ const CASES: &[Case] = &[
     case("task-installsoftware-without-struct.yaml", 1, "spec.installSoftware", Some("must be set when type is InstallSoftware")),
     case("task-reboot-struct-on-runscript.yaml", 1, "spec.reboot", Some("only be set when type is Reboot")),
     case("task-parameter-not-env-name.yaml", 1, "spec.runScript.parameters", Some("environment variable names")),
+    case("task-parameter-reserved-name.yaml", 1, "spec.runScript.parameters", Some("must not be PATH")),
     case("task-bash-script-on-windows.yaml", 1, "spec.runScript.scriptRef", Some("Script hello is Bash but the task is for Windows")),
     case("task-powershell-script-on-linux.yaml", 1, "spec.runScript.scriptRef", Some("Script hello is PowerShell but the task is for Linux")),
     case("task-script-missing.yaml", 1, "spec.runScript.scriptRef", Some("does not exist")),

@@ -98,6 +98,113 @@ pub fn enter_host_namespaces(
     Ok(())
 }
 
+/// The agent's variables every child gets, besides those of its [`ProcessSpec`]. On
+/// Windows that is the system's set: installers and scripts expect `ProgramFiles`,
+/// `SystemDrive`, `ComSpec`, `PATHEXT`, ... (`"$env:ProgramFiles\App\uninst.exe"`). Each
+/// is also a reserved parameter name ([`crate::api::task::RESERVED_PARAMETER_NAMES`]) where
+/// it can be one.
+pub fn inherited_variables(windows: bool) -> &'static [&'static str] {
+    const UNIX: &[&str] = &["PATH", "HOME", "LANG", "TEMP", "TMP"];
+    const WINDOWS: &[&str] = &[
+        "ALLUSERSPROFILE",
+        "APPDATA",
+        "CommonProgramFiles",
+        "CommonProgramFiles(x86)",
+        "CommonProgramW6432",
+        "COMPUTERNAME",
+        "ComSpec",
+        "DriverData",
+        "LOCALAPPDATA",
+        "NUMBER_OF_PROCESSORS",
+        "OS",
+        "PATH",
+        "PATHEXT",
+        "PROCESSOR_ARCHITECTURE",
+        "PROCESSOR_IDENTIFIER",
+        "PROCESSOR_LEVEL",
+        "PROCESSOR_REVISION",
+        "ProgramData",
+        "ProgramFiles",
+        "ProgramFiles(x86)",
+        "ProgramW6432",
+        "PSModulePath",
+        "PUBLIC",
+        "SystemDrive",
+        "SystemRoot",
+        "TEMP",
+        "TMP",
+        "USERDOMAIN",
+        "USERNAME",
+        "USERPROFILE",
+        "windir",
+    ];
+    if windows { WINDOWS } else { UNIX }
+}
+
+/// Well-known SIDs for icacls (`*SID`): account names are localised ("Administratoren").
+const SYSTEM_SID: &str = "*S-1-5-18";
+const ADMINISTRATORS_SID: &str = "*S-1-5-32-544";
+
+/// `icacls.exe` by its absolute path under `%SystemRoot%`.
+pub fn icacls_exe(system_root: Option<&str>) -> PathBuf {
+    let root = system_root
+        .filter(|root| !root.is_empty())
+        .unwrap_or(r"C:\Windows")
+        .trim_end_matches('\\');
+    PathBuf::from(format!(r"{root}\System32\icacls.exe"))
+}
+
+/// The icacls runs, in order, that close `dir` to everyone but SYSTEM and
+/// Administrators: everything in it back to inherited entries only (explicit grants
+/// gone), then `dir` stops inheriting from its parent and grants full control to those
+/// two alone, for itself and all it holds, then Administrators own all of it (an owner
+/// can always rewrite an ACL).
+pub fn state_dir_acl_commands(dir: &str) -> Vec<Vec<String>> {
+    let full_control = |sid: &str| format!("{sid}:(OI)(CI)F");
+    [
+        vec![dir, "/reset", "/T", "/C", "/Q"],
+        vec![
+            dir,
+            "/inheritance:r",
+            "/grant:r",
+            full_control(SYSTEM_SID).as_str(),
+            full_control(ADMINISTRATORS_SID).as_str(),
+            "/Q",
+        ],
+        vec![dir, "/setowner", ADMINISTRATORS_SID, "/T", "/C", "/Q"],
+    ]
+    .into_iter()
+    .map(|args| args.into_iter().map(String::from).collect())
+    .collect()
+}
+
+/// Gives the agent's state directory (journal, scripts, downloads) an ACL for SYSTEM and
+/// Administrators only, so no local user can change a script that runs as SYSTEM. On
+/// other systems it changes nothing.
+pub fn protect_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(windows)]
+    {
+        let icacls = icacls_exe(std::env::var("SystemRoot").ok().as_deref());
+        for args in state_dir_acl_commands(&dir.display().to_string()) {
+            let output = std::process::Command::new(&icacls)
+                .args(&args)
+                .stdin(Stdio::null())
+                .output()?;
+            if !output.status.success() {
+                return Err(std::io::Error::other(format!(
+                    "{} {}: {}{}",
+                    icacls.display(),
+                    args.join(" "),
+                    String::from_utf8_lossy(&output.stdout).trim(),
+                    String::from_utf8_lossy(&output.stderr).trim()
+                )));
+            }
+        }
+    }
+    let _ = dir;
+    Ok(())
+}
+
 /// Most bytes of output kept as an action's message.
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
 
@@ -210,7 +317,7 @@ async fn pump(
     captured
 }
 
-/// Runs `spec` to completion or timeout. Only `PATH`, `HOME`, `LANG` and the given
+/// Runs `spec` to completion or timeout. Only [`inherited_variables`] and the given
 /// variables reach the child; a timeout kills the child's whole process group, so
 /// grandchildren it spawned do not survive it.
 pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutcome, ProcessError> {
@@ -229,16 +336,7 @@ pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutcome, ProcessError> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for inherited in [
-        "PATH",
-        "HOME",
-        "LANG",
-        "SystemRoot",
-        "TEMP",
-        "TMP",
-        "ProgramData",
-        "windir",
-    ] {
+    for inherited in inherited_variables(cfg!(windows)) {
         if let Ok(value) = std::env::var(inherited) {
             command.env(inherited, value);
         }
@@ -349,6 +447,99 @@ fn exit_of(status: std::process::ExitStatus) -> ProcessEnd {
         }
     }
     ProcessEnd::Exited(-1)
+}
+
+#[cfg(test)]
+mod windows_tests {
+    use super::*;
+
+    #[test]
+    fn windows_children_get_the_system_variables() {
+        let windows = inherited_variables(true);
+        for name in [
+            "ProgramFiles",
+            "ProgramFiles(x86)",
+            "SystemDrive",
+            "COMPUTERNAME",
+            "PROCESSOR_ARCHITECTURE",
+            "ComSpec",
+            "PATHEXT",
+            "USERPROFILE",
+            "SystemRoot",
+            "windir",
+            "TEMP",
+            "PATH",
+        ] {
+            assert!(windows.contains(&name), "{name}");
+        }
+        assert_eq!(
+            inherited_variables(false),
+            ["PATH", "HOME", "LANG", "TEMP", "TMP"]
+        );
+    }
+
+    #[test]
+    fn every_inherited_variable_a_parameter_could_name_is_reserved() {
+        let name_rule = regex::Regex::new("^[A-Za-z_][A-Za-z0-9_]*$").unwrap();
+        for name in inherited_variables(true)
+            .iter()
+            .chain(inherited_variables(false))
+            .chain(&["LC_ALL"])
+            .filter(|name| name_rule.is_match(name))
+        {
+            assert!(
+                crate::api::task::RESERVED_PARAMETER_NAMES
+                    .iter()
+                    .any(|reserved| reserved.eq_ignore_ascii_case(name)),
+                "{name} is not reserved"
+            );
+        }
+    }
+
+    #[test]
+    fn the_state_directory_acl_names_sids_and_leaves_nothing_else() {
+        let commands = state_dir_acl_commands(r"C:\var\lib\fleetpatch");
+        assert_eq!(
+            commands,
+            [
+                vec![r"C:\var\lib\fleetpatch", "/reset", "/T", "/C", "/Q"],
+                vec![
+                    r"C:\var\lib\fleetpatch",
+                    "/inheritance:r",
+                    "/grant:r",
+                    "*S-1-5-18:(OI)(CI)F",
+                    "*S-1-5-32-544:(OI)(CI)F",
+                    "/Q"
+                ],
+                vec![
+                    r"C:\var\lib\fleetpatch",
+                    "/setowner",
+                    "*S-1-5-32-544",
+                    "/T",
+                    "/C",
+                    "/Q"
+                ],
+            ]
+        );
+        // Localised account names would fail on a German or French Windows.
+        assert!(
+            !commands
+                .concat()
+                .iter()
+                .any(|a| a.contains("SYSTEM") || a.contains("Administrators"))
+        );
+        assert_eq!(
+            icacls_exe(Some(r"C:\WINDOWS")),
+            PathBuf::from(r"C:\WINDOWS\System32\icacls.exe")
+        );
+    }
+
+    #[cfg(not(windows))]
+    #[test]
+    fn elsewhere_the_state_directory_is_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        protect_state_dir(dir.path()).unwrap();
+    }
 }
 
 #[cfg(all(test, unix))]

@@ -1,6 +1,7 @@
 //! Running a resolved script: check its SHA-256, write it to the job's work directory,
 //! and start the interpreter its language needs with the parameters as environment
-//! variables.
+//! variables. What PowerShell needs of the files and command lines is in
+//! [`super::powershell`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use crate::api::ScriptLanguage;
 use crate::api::patchjob::ResolvedScript;
 use crate::api::resolve::content_sha256;
 
+use super::powershell;
 use super::process::ProcessSpec;
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +22,10 @@ pub enum ScriptError {
         expected: String,
         actual: String,
     },
+    #[error(
+        "parameter {name} is refused: it would replace the {name} environment variable every script gets"
+    )]
+    ReservedParameter { name: String },
     #[error("{language} scripts need Windows PowerShell; this host is not Windows")]
     RequiresWindows { language: &'static str },
     #[error("cannot write the script to {path}: {source}")]
@@ -52,6 +58,9 @@ pub fn prepare(run: &ScriptRun<'_>, work_dir: &Path) -> Result<ProcessSpec, Scri
             actual,
         });
     }
+    if let Some(name) = run.env.keys().find(|name| is_reserved_parameter(name)) {
+        return Err(ScriptError::ReservedParameter { name: name.clone() });
+    }
     let (extension, body) = match script.language {
         ScriptLanguage::PowerShell => {
             if !cfg!(windows) {
@@ -61,12 +70,12 @@ pub fn prepare(run: &ScriptRun<'_>, work_dir: &Path) -> Result<ProcessSpec, Scri
             }
             // A signed script carries its signature block after the code.
             let body = match &script.signature {
-                Some(signature) => format!("{}\r\n{}", script.content, signature),
+                Some(signature) => powershell::signed_script(&script.content, signature),
                 None => script.content.clone(),
             };
-            ("ps1", body)
+            ("ps1", powershell::script_file(&body))
         }
-        ScriptLanguage::Bash | ScriptLanguage::Sh => ("sh", script.content.clone()),
+        ScriptLanguage::Bash | ScriptLanguage::Sh => ("sh", script.content.clone().into_bytes()),
     };
     let path = work_dir.join(format!("{}.{extension}", run.stem));
     std::fs::create_dir_all(work_dir)
@@ -106,12 +115,25 @@ pub fn interpreter_command(
                 args.extend(["-ExecutionPolicy".to_string(), "Bypass".to_string()]);
             }
             args.extend(["-File".to_string(), path]);
-            ("powershell.exe".into(), args)
+            (powershell::powershell_exe(system_root().as_deref()), args)
         }
     }
 }
 
-/// Command line for generated PowerShell (registry and uninstall actions, Windows Update).
+/// Whether a parameter would replace one of the variables every child gets (PATH, or on
+/// Windows `Path`, `ProgramFiles`, ...), compared ignoring case as Windows does.
+fn is_reserved_parameter(name: &str) -> bool {
+    crate::api::task::RESERVED_PARAMETER_NAMES
+        .iter()
+        .any(|reserved| reserved.eq_ignore_ascii_case(name))
+}
+
+fn system_root() -> Option<String> {
+    std::env::var("SystemRoot").ok()
+}
+
+/// Command line for generated PowerShell (registry and uninstall actions, Windows
+/// Update): the code goes into a file, which a short `-EncodedCommand` runs.
 pub fn powershell_inline(
     code: &str,
     stem: &str,
@@ -125,21 +147,16 @@ pub fn powershell_inline(
     }
     let path = work_dir.join(format!("{stem}.ps1"));
     std::fs::create_dir_all(work_dir)
-        .and_then(|()| std::fs::write(&path, code))
+        .and_then(|()| std::fs::write(&path, powershell::script_file(code)))
         .map_err(|source| ScriptError::Write {
             path: path.clone(),
             source,
         })?;
+    let (program, args) =
+        powershell::generated_script_command(&path.display().to_string(), system_root().as_deref());
     Ok(ProcessSpec {
-        program: "powershell.exe".into(),
-        args: vec![
-            "-NoProfile".into(),
-            "-NonInteractive".into(),
-            "-ExecutionPolicy".into(),
-            "Bypass".into(),
-            "-File".into(),
-            path.display().to_string(),
-        ],
+        program,
+        args,
         env: BTreeMap::new(),
         current_dir: Some(work_dir.to_path_buf()),
         timeout,
@@ -198,7 +215,10 @@ mod tests {
     fn powershell_bypasses_the_execution_policy_only_when_asked() {
         let path = Path::new("C:\\work\\pre-0.ps1");
         let (program, args) = interpreter_command(ScriptLanguage::PowerShell, path, false);
-        assert_eq!(program, PathBuf::from("powershell.exe"));
+        assert_eq!(
+            program,
+            powershell::powershell_exe(std::env::var("SystemRoot").ok().as_deref())
+        );
         assert_eq!(
             args,
             [
@@ -220,6 +240,34 @@ mod tests {
                 "C:\\work\\pre-0.ps1"
             ]
         );
+    }
+
+    #[test]
+    fn parameters_cannot_replace_the_variables_every_script_gets() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "PATH",
+            "path",
+            "Path",
+            "ProgramFiles",
+            "SystemRoot",
+            "HOME",
+            "LC_ALL",
+        ] {
+            let echo = script(ScriptLanguage::Sh, "echo $PATH");
+            let mut run = run(&echo);
+            run.env.insert(name.into(), "/tmp/evil".into());
+            let err = prepare(&run, dir.path()).unwrap_err();
+            assert!(
+                matches!(&err, ScriptError::ReservedParameter { name: n } if n == name),
+                "{name}: {err}"
+            );
+        }
+        let echo = script(ScriptLanguage::Sh, "echo $PATHS");
+        let mut run = run(&echo);
+        run.env.insert("PATHS".into(), "/ /var".into());
+        run.env.insert("FLEETPATCH_JOB".into(), "job".into());
+        assert!(prepare(&run, dir.path()).is_ok());
     }
 
     #[cfg(not(windows))]

@@ -37,6 +37,45 @@ impl std::fmt::Display for TaskType {
     }
 }
 
+/// Parameter names that scripts cannot be given, compared ignoring case (Windows does):
+/// the environment variables the agent passes to every child itself. The Task CRD's CEL
+/// rule lists the same names, and refuses the `FLEETPATCH_` prefix the agent uses for
+/// its own variables too.
+pub const RESERVED_PARAMETER_NAMES: &[&str] = &[
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TEMP",
+    "TMP",
+    "SystemRoot",
+    "windir",
+    "SystemDrive",
+    "ProgramData",
+    "ProgramFiles",
+    "ProgramW6432",
+    "CommonProgramFiles",
+    "CommonProgramW6432",
+    "ALLUSERSPROFILE",
+    "PUBLIC",
+    "APPDATA",
+    "LOCALAPPDATA",
+    "USERPROFILE",
+    "USERNAME",
+    "USERDOMAIN",
+    "COMPUTERNAME",
+    "ComSpec",
+    "PATHEXT",
+    "PSModulePath",
+    "OS",
+    "NUMBER_OF_PROCESSORS",
+    "PROCESSOR_ARCHITECTURE",
+    "PROCESSOR_IDENTIFIER",
+    "PROCESSOR_LEVEL",
+    "PROCESSOR_REVISION",
+    "DriverData",
+];
+
 fn default_timeout_minutes() -> u32 {
     60
 }
@@ -53,8 +92,12 @@ pub struct RunScript {
     /// Values for the script's parameters, passed as environment variables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
-    #[x_kube(validation = Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))")
-        .message("parameter names must be environment variable names: letters, digits and _, not starting with a digit"))]
+    #[x_kube(
+        validation = Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))")
+            .message("parameter names must be environment variable names: letters, digits and _, not starting with a digit"),
+        validation = Rule::new("self.all(k, !k.matches('^(?i)(PATH|HOME|LANG|LC_ALL|TEMP|TMP|SystemRoot|windir|SystemDrive|ProgramData|ProgramFiles|ProgramW6432|CommonProgramFiles|CommonProgramW6432|ALLUSERSPROFILE|PUBLIC|APPDATA|LOCALAPPDATA|USERPROFILE|USERNAME|USERDOMAIN|COMPUTERNAME|ComSpec|PATHEXT|PSModulePath|OS|NUMBER_OF_PROCESSORS|PROCESSOR_ARCHITECTURE|PROCESSOR_IDENTIFIER|PROCESSOR_LEVEL|PROCESSOR_REVISION|DriverData|FLEETPATCH_.*)$'))")
+            .message("parameter names must not be PATH, HOME, LANG, LC_ALL, TEMP, TMP, a Windows system variable (SystemRoot, ProgramFiles, ComSpec, ...; any case) or start with FLEETPATCH_: the agent sets those for every script"),
+    )]
     pub parameters: BTreeMap<String, String>,
     /// Run PowerShell with `-ExecutionPolicy Bypass`.
     #[serde(default)]
@@ -122,8 +165,12 @@ pub struct InstallSoftware {
     /// Values for the scripts' parameters, passed as environment variables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
-    #[x_kube(validation = Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))")
-        .message("parameter names must be environment variable names: letters, digits and _, not starting with a digit"))]
+    #[x_kube(
+        validation = Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))")
+            .message("parameter names must be environment variable names: letters, digits and _, not starting with a digit"),
+        validation = Rule::new("self.all(k, !k.matches('^(?i)(PATH|HOME|LANG|LC_ALL|TEMP|TMP|SystemRoot|windir|SystemDrive|ProgramData|ProgramFiles|ProgramW6432|CommonProgramFiles|CommonProgramW6432|ALLUSERSPROFILE|PUBLIC|APPDATA|LOCALAPPDATA|USERPROFILE|USERNAME|USERDOMAIN|COMPUTERNAME|ComSpec|PATHEXT|PSModulePath|OS|NUMBER_OF_PROCESSORS|PROCESSOR_ARCHITECTURE|PROCESSOR_IDENTIFIER|PROCESSOR_LEVEL|PROCESSOR_REVISION|DriverData|FLEETPATCH_.*)$'))")
+            .message("parameter names must not be PATH, HOME, LANG, LC_ALL, TEMP, TMP, a Windows system variable (SystemRoot, ProgramFiles, ComSpec, ...; any case) or start with FLEETPATCH_: the agent sets those for every script"),
+    )]
     pub parameters: BTreeMap<String, String>,
     /// Run PowerShell with `-ExecutionPolicy Bypass`.
     #[serde(default)]
@@ -143,7 +190,8 @@ pub enum RegistryValueType {
 }
 
 impl RegistryValueType {
-    /// Types whose data must be a number.
+    /// Types whose data must be digits: decimal for REG_DWORD and REG_QWORD, hexadecimal
+    /// byte pairs for REG_BINARY.
     pub fn is_numeric(self) -> bool {
         matches!(self, Self::REG_BINARY | Self::REG_DWORD | Self::REG_QWORD)
     }
@@ -164,8 +212,12 @@ impl RegistryValueType {
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("!(self.valueType in ['REG_BINARY', 'REG_DWORD', 'REG_QWORD']) || self.valueData.matches('^[0-9]+$')")
-        .message("valueData must be a non-negative decimal number for REG_BINARY, REG_DWORD and REG_QWORD")
+    validation = Rule::new("!(self.valueType in ['REG_DWORD', 'REG_QWORD']) || self.valueData.matches('^[0-9]+$')")
+        .message("valueData must be a non-negative decimal number for REG_DWORD and REG_QWORD")
+        .field_path(".valueData"),
+    // Bytes, not a number: a number loses leading zero bytes and says nothing of the length.
+    validation = Rule::new("self.valueType != 'REG_BINARY' || self.valueData.matches('^([0-9a-fA-F]{2})*$')")
+        .message("valueData must be hexadecimal byte pairs for REG_BINARY, like 0100ff for the bytes 0x01 0x00 0xff")
         .field_path(".valueData"),
     // The ranges, compared as digit strings without leading zeros (CEL has no
     // arbitrary-precision numbers): equal lengths compare like the numbers.
@@ -181,11 +233,15 @@ pub struct ChangeRegistryKey {
     #[schemars(schema_with = "registry_key_path_schema")]
     pub key_path: String,
     pub value_type: RegistryValueType,
-    /// Value name; empty means the key's default value.
+    /// Value name; empty means the key's default value (`(default)` to the registry
+    /// provider). Under HKEY_CURRENT_USER the agent, running as SYSTEM, changes SYSTEM's own
+    /// hive (HKEY_USERS\S-1-5-18), not a signed-in user's: use HKEY_USERS\<SID> for those.
     #[serde(default)]
     #[schemars(length(max = 16383))]
     pub value_name: String,
-    /// Value data. Numeric for REG_BINARY, REG_DWORD and REG_QWORD; lines separated by `\n` for REG_MULTI_SZ.
+    /// Value data. Decimal for REG_DWORD and REG_QWORD; hexadecimal byte pairs for
+    /// REG_BINARY (`0100ff` is the three bytes 0x01 0x00 0xff); lines separated by `\n`
+    /// for REG_MULTI_SZ.
     #[schemars(length(max = 16384))]
     pub value_data: String,
     /// Create the key when it does not exist; when false a missing key leaves the host unchanged.

@@ -1,9 +1,12 @@
-//! apt (Debian, Ubuntu): `apt-get update`, a simulated upgrade to find candidates and
-//! their origin (a `-security` suite marks security fixes), `apt-get install
-//! --only-upgrade`, then `dpkg-query` to see what is really installed.
+//! apt (Debian, Ubuntu): `apt-get update`, a simulated upgrade that may install new
+//! packages (so a kernel whose new version depends on a new ABI package is not kept
+//! back) to find candidates and their origin (a `-security` suite marks security fixes),
+//! a simulated install of the chosen ones to hold back what would change an excluded
+//! package, `apt-get install --only-upgrade`, then `dpkg-query` to see what is really
+//! installed.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -13,7 +16,10 @@ use regex::Regex;
 use crate::api::patchjob::{ActionPhase, PatchResults};
 use crate::api::plan::PatchSelection;
 
-use super::{PatchError, Patcher, Update, command, results, run, select};
+use super::{
+    Commands, PatchError, Patcher, Update, add_failures, hold_back_for_exclusions, results, run,
+    select,
+};
 
 /// The apt patcher. `options` are extra `-o Key=Value` settings, e.g. to point apt at
 /// another sources list.
@@ -22,15 +28,26 @@ pub struct Apt {
     pub options: Vec<String>,
     /// File whose presence means a reboot is needed.
     pub reboot_marker: PathBuf,
+    pub commands: Commands,
 }
 
 impl Default for Apt {
     fn default() -> Self {
         Self {
             options: Vec::new(),
-            reboot_marker: PathBuf::from("/var/run/reboot-required"),
+            reboot_marker: reboot_marker(crate::agent::process::host_root().as_deref()),
+            commands: Commands::default(),
         }
     }
+}
+
+/// Where the host says it needs a reboot (`update-notifier-common`, `unattended-upgrades`
+/// and kernel packages write it), under `root` when the agent sees the host's file
+/// system there (a node agent: `/proc/1/root`). `/run`, not `/var/run`: that is a
+/// symbolic link to `/run`, and an absolute link under `/proc/1/root` would lead back
+/// into the agent's own container.
+pub fn reboot_marker(root: Option<&Path>) -> PathBuf {
+    root.unwrap_or(Path::new("/")).join("run/reboot-required")
 }
 
 const NONINTERACTIVE: &[(&str, &str)] = &[
@@ -49,8 +66,20 @@ impl Apt {
         args
     }
 
+    /// The option that makes apt wait for the dpkg lock (held by unattended-upgrades, a
+    /// person's apt run, ...) instead of failing at once.
+    pub fn lock_wait(timeout: Duration) -> String {
+        format!("DPkg::Lock::Timeout={}", timeout.as_secs())
+    }
+
+    /// Arguments of the simulated upgrade that finds the candidates: new packages may be
+    /// installed (`--with-new-pkgs`), nothing removed.
+    pub fn simulation_args(&self) -> Vec<&str> {
+        self.args(&["-s", "--with-new-pkgs", "upgrade"])
+    }
+
     /// Arguments of the install step for `packages`.
-    pub fn install_args(&self, packages: &[String]) -> Vec<String> {
+    pub fn install_args(&self, packages: &[String], timeout: Duration) -> Vec<String> {
         let mut args: Vec<String> = self
             .args(&[
                 "-y",
@@ -58,27 +87,53 @@ impl Apt {
                 "Dpkg::Options::=--force-confdef",
                 "-o",
                 "Dpkg::Options::=--force-confold",
-                "install",
-                "--only-upgrade",
             ])
             .into_iter()
             .map(String::from)
             .collect();
+        args.extend([
+            "-o".to_string(),
+            Self::lock_wait(timeout),
+            "install".into(),
+            "--only-upgrade".into(),
+        ]);
         args.extend(packages.iter().cloned());
         args
     }
+
+    /// The packages installing `packages` would upgrade, install or remove.
+    async fn simulate_install(
+        &self,
+        packages: Vec<String>,
+        timeout: Duration,
+    ) -> Result<Vec<String>, PatchError> {
+        let mut args = self.args(&["-s", "install", "--only-upgrade"]);
+        args.extend(packages.iter().map(String::as_str));
+        let simulation = run(
+            &self
+                .commands
+                .spec("apt-get", &args, NONINTERACTIVE, timeout),
+            &[0],
+        )
+        .await?;
+        Ok(parse_changes(&simulation.stdout))
+    }
 }
 
-/// Parses `apt-get -s upgrade` output: one `Inst` line per package to upgrade.
-pub fn parse_simulation(output: &str) -> Vec<Update> {
+fn inst_line() -> &'static Regex {
     static LINE: OnceLock<Regex> = OnceLock::new();
-    let line = LINE.get_or_init(|| {
-        Regex::new(r"^Inst (\S+) (?:\[(\S+)\] )?\((\S+) ([^\[\)]*?)(?: \[[^\]]*\])?\)")
+    LINE.get_or_init(|| {
+        Regex::new(r"^Inst (\S+) (?:\[(\S+)\] )?\((\S+) ([^\[\)]*?)(?: \[([^\]]*)\])?\)")
             .expect("valid regex")
-    });
+    })
+}
+
+/// Parses `apt-get -s upgrade` output: one `Inst` line per package to upgrade (with its
+/// installed version in brackets) or to install (without).
+pub fn parse_simulation(output: &str) -> Vec<Update> {
     output
         .lines()
-        .filter_map(|l| line.captures(l))
+        .filter_map(|l| inst_line().captures(l))
         .map(|c| {
             let origin = c.get(4).map_or("", |m| m.as_str());
             let security = origin
@@ -88,6 +143,7 @@ pub fn parse_simulation(output: &str) -> Vec<Update> {
                 name: c[1].to_string(),
                 current_version: c.get(2).map(|m| m.as_str().to_string()),
                 new_version: c[3].to_string(),
+                arch: c.get(5).map(|m| m.as_str().to_string()),
                 security,
                 critical: security,
             }
@@ -95,13 +151,63 @@ pub fn parse_simulation(output: &str) -> Vec<Update> {
         .collect()
 }
 
-/// Parses `dpkg-query -W -f='${Package} ${Version}\n'` output.
+/// The packages an `apt-get -s` run would change: its `Inst` and `Remv` lines.
+pub fn parse_changes(output: &str) -> Vec<String> {
+    output
+        .lines()
+        .filter_map(|line| {
+            line.strip_prefix("Inst ")
+                .or_else(|| line.strip_prefix("Remv "))
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(String::from)
+        })
+        .collect()
+}
+
+/// The `dpkg-query -W` format [`parse_installed`] reads.
+pub const DPKG_QUERY_FORMAT: &str = "-f=${Package}\\t${Architecture}\\t${Version}\\t${Status}\\n";
+
+/// Parses `dpkg-query -W` output in [`DPKG_QUERY_FORMAT`]: installed versions keyed by
+/// `package:architecture` (`libc6:i386` and `libc6:amd64` are different packages; apt
+/// names the native one plain `libc6`).
 pub fn parse_installed(output: &str) -> BTreeMap<String, String> {
     output
         .lines()
-        .filter_map(|l| l.split_once(' '))
-        .filter(|(_, version)| !version.trim().is_empty())
-        .map(|(name, version)| (name.to_string(), version.trim().to_string()))
+        .filter_map(|line| {
+            let mut fields = line.split('\t');
+            let (package, arch, version, status) = (
+                fields.next()?,
+                fields.next()?,
+                fields.next()?,
+                fields.next()?,
+            );
+            (status.split_whitespace().last() == Some("installed") && !version.is_empty())
+                .then(|| (format!("{package}:{arch}"), version.to_string()))
+        })
+        .collect()
+}
+
+/// The installed version of each of `wanted`, under the name apt gave it.
+pub fn installed_versions(
+    wanted: &[Update],
+    installed: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    wanted
+        .iter()
+        .filter_map(|update| {
+            let version = if update.name.contains(':') {
+                installed.get(&update.name)
+            } else if let Some(arch) = &update.arch {
+                installed.get(&format!("{}:{arch}", update.name))
+            } else {
+                let prefix = format!("{}:", update.name);
+                installed
+                    .iter()
+                    .find(|(key, _)| key.starts_with(&prefix))
+                    .map(|(_, version)| version)
+            };
+            version.map(|v| (update.name.clone(), v.clone()))
+        })
         .collect()
 }
 
@@ -116,10 +222,11 @@ impl Patcher for Apt {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<PatchResults, PatchError>> {
         Box::pin(async move {
+            let lock_wait = Self::lock_wait(timeout);
             run(
-                &command(
+                &self.commands.spec(
                     "apt-get",
-                    &self.args(&["-q", "update"]),
+                    &self.args(&["-o", &lock_wait, "-q", "update"]),
                     NONINTERACTIVE,
                     timeout,
                 ),
@@ -127,44 +234,56 @@ impl Patcher for Apt {
             )
             .await?;
             let simulation = run(
-                &command(
-                    "apt-get",
-                    &self.args(&["-s", "upgrade"]),
-                    NONINTERACTIVE,
-                    timeout,
-                ),
+                &self
+                    .commands
+                    .spec("apt-get", &self.simulation_args(), NONINTERACTIVE, timeout),
                 &[0],
             )
             .await?;
-            let wanted = select(parse_simulation(&simulation.stdout), selection);
+            // Upgrades only: packages new to the host come along as dependencies.
+            let candidates = parse_simulation(&simulation.stdout)
+                .into_iter()
+                .filter(|u| u.current_version.is_some())
+                .collect();
+            let (wanted, held_back) = hold_back_for_exclusions(
+                select(candidates, selection),
+                &selection.exclude,
+                |packages| self.simulate_install(packages, timeout),
+            )
+            .await?;
+            let reboot_required = || self.reboot_marker.exists();
             if wanted.is_empty() {
-                return Ok(results(
-                    self.name(),
-                    &[],
-                    &Default::default(),
-                    self.reboot_marker.exists(),
-                ));
+                let mut results = results(self.name(), &[], &Default::default(), reboot_required());
+                add_failures(&mut results, held_back);
+                return Ok(results);
             }
             let names: Vec<String> = wanted.iter().map(|u| u.name.clone()).collect();
-            let install_args = self.install_args(&names);
+            let install_args = self.install_args(&names, timeout);
             let install_args: Vec<&str> = install_args.iter().map(String::as_str).collect();
             let install = run(
-                &command("apt-get", &install_args, NONINTERACTIVE, timeout),
+                &self
+                    .commands
+                    .spec("apt-get", &install_args, NONINTERACTIVE, timeout),
                 &[0, 100],
             )
             .await?;
-            let mut query_args = vec!["-W", "-f=${Package} ${Version}\\n"];
+            let mut query_args = vec!["-W", DPKG_QUERY_FORMAT];
             query_args.extend(names.iter().map(String::as_str));
-            let installed = run(&command("dpkg-query", &query_args, &[], timeout), &[0, 1]).await?;
+            let installed = run(
+                &self.commands.spec("dpkg-query", &query_args, &[], timeout),
+                &[0, 1],
+            )
+            .await?;
             let mut results = results(
                 self.name(),
                 &wanted,
-                &parse_installed(&installed.stdout),
-                self.reboot_marker.exists(),
+                &installed_versions(&wanted, &parse_installed(&installed.stdout)),
+                reboot_required(),
             );
             if results.phase == ActionPhase::Failed {
                 results.message = format!("{}\n{}", results.message, install.output_tail);
             }
+            add_failures(&mut results, held_back);
             Ok(results)
         })
     }
@@ -228,12 +347,12 @@ Conf base-files (12.4+deb12u6 Debian:12.6/stable [amd64])
     }
 
     #[test]
-    fn install_is_noninteractive_and_upgrade_only() {
+    fn install_is_noninteractive_upgrade_only_and_waits_for_the_lock() {
         let apt = Apt {
             options: vec!["Dir::Etc::SourceList=/tmp/s.list".into()],
             ..Apt::default()
         };
-        let args = apt.install_args(&["openssl".into()]);
+        let args = apt.install_args(&["openssl".into()], Duration::from_secs(600));
         assert_eq!(
             args,
             [
@@ -244,17 +363,75 @@ Conf base-files (12.4+deb12u6 Debian:12.6/stable [amd64])
                 "Dpkg::Options::=--force-confdef",
                 "-o",
                 "Dpkg::Options::=--force-confold",
+                "-o",
+                "DPkg::Lock::Timeout=600",
                 "install",
                 "--only-upgrade",
                 "openssl"
             ]
         );
+        assert_eq!(
+            apt.simulation_args(),
+            [
+                "-o",
+                "Dir::Etc::SourceList=/tmp/s.list",
+                "-s",
+                "--with-new-pkgs",
+                "upgrade"
+            ]
+        );
     }
 
     #[test]
-    fn installed_versions_are_read_from_dpkg_query() {
-        let versions = parse_installed("openssl 3.0.13-1~deb12u1\nnot-installed \n");
-        assert_eq!(versions.len(), 1);
-        assert_eq!(versions["openssl"], "3.0.13-1~deb12u1");
+    fn installed_versions_keep_the_architecture() {
+        let rows = parse_installed(
+            "openssl\tamd64\t3.0.13-1~deb12u1\tinstall ok installed\n\
+             libc6\tamd64\t2.36-9+deb12u7\tinstall ok installed\n\
+             libc6\ti386\t2.36-9+deb12u4\tinstall ok installed\n\
+             tzdata\tall\t2024a-0+deb12u1\thold ok installed\n\
+             removed\tamd64\t1.0\tdeinstall ok config-files\n\
+             never\tamd64\t\tunknown ok not-installed\n",
+        );
+        assert_eq!(rows.len(), 4, "{rows:?}");
+        assert_eq!(rows["libc6:i386"], "2.36-9+deb12u4");
+        let wanted = parse_simulation(
+            "Inst libc6 [2.36-9+deb12u4] (2.36-9+deb12u7 Debian-Security:12/stable-security [amd64])\n\
+             Inst libc6:i386 [2.36-9+deb12u4] (2.36-9+deb12u7 Debian-Security:12/stable-security [i386])\n\
+             Inst tzdata [2024a-0+deb12u0] (2024a-0+deb12u1 Debian:12.6/stable [all])\n",
+        );
+        let versions = installed_versions(&wanted, &rows);
+        assert_eq!(versions["libc6"], "2.36-9+deb12u7");
+        assert_eq!(
+            versions["libc6:i386"], "2.36-9+deb12u4",
+            "the i386 one did not upgrade"
+        );
+        assert_eq!(versions["tzdata"], "2024a-0+deb12u1");
+        assert!(DPKG_QUERY_FORMAT.contains("${Architecture}"));
+    }
+
+    #[test]
+    fn simulated_changes_include_new_and_removed_packages() {
+        assert_eq!(
+            parse_changes(
+                "Inst linux-image-6.1.0-99-amd64 (6.1.99-1 Debian-Security:12/stable-security [amd64])\n\
+                 Inst linux-image-amd64 [6.1.90-1] (6.1.99-1 Debian-Security:12/stable-security [amd64])\n\
+                 Remv old-thing [1.0]\n\
+                 Conf linux-image-amd64 (6.1.99-1 Debian-Security:12/stable-security [amd64])\n"
+            ),
+            [
+                "linux-image-6.1.0-99-amd64",
+                "linux-image-amd64",
+                "old-thing"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_reboot_marker_is_on_the_host() {
+        assert_eq!(reboot_marker(None), PathBuf::from("/run/reboot-required"));
+        assert_eq!(
+            reboot_marker(Some(Path::new("/proc/1/root"))),
+            PathBuf::from("/proc/1/root/run/reboot-required")
+        );
     }
 }

@@ -1,16 +1,19 @@
 //! dnf and yum (RHEL, Fedora, Rocky, Amazon Linux): `check-update` for candidates,
 //! `updateinfo` for security and critical advisories, `upgrade` for the chosen
-//! packages, `rpm -q` to see what is installed, `needs-restarting -r` for reboots.
+//! packages with the plan's exclusions passed to the package manager (so no dependency
+//! is upgraded past them either), `rpm -q` to see what is installed, `needs-restarting
+//! -r` for reboots.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+use crate::agent::process::ProcessEnd;
 use crate::api::patchjob::PatchResults;
 use crate::api::plan::{PatchClassification, PatchSelection};
 
-use super::{PatchError, Patcher, Update, command, results, run, select};
+use super::{Commands, PatchError, Patcher, Update, results, run, select, summary};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flavour {
@@ -21,14 +24,33 @@ pub enum Flavour {
 #[derive(Clone, Debug)]
 pub struct Dnf {
     pub flavour: Flavour,
+    pub commands: Commands,
 }
 
 /// rpm query format matching the `[epoch:]version-release` that check-update prints.
 pub const RPM_QUERY_FORMAT: &str = "%{NAME} %|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\\n";
 
+/// Packages after whose update `needs-restarting -r` says a reboot is needed; the
+/// agent's own answer when that command is missing (dnf without dnf-plugins-core).
+pub const REBOOT_PACKAGES: &[&str] = &[
+    "kernel",
+    "kernel-core",
+    "kernel-rt",
+    "glibc",
+    "linux-firmware",
+    "systemd",
+    "dbus",
+    "dbus-broker",
+    "dbus-daemon",
+    "microcode_ctl",
+];
+
 impl Dnf {
     pub fn new(flavour: Flavour) -> Self {
-        Self { flavour }
+        Self {
+            flavour,
+            commands: Commands::default(),
+        }
     }
 
     fn program(&self) -> &'static str {
@@ -46,16 +68,40 @@ impl Dnf {
         }
     }
 
-    /// Arguments that upgrade exactly `packages`.
-    pub fn upgrade_args(&self, packages: &[String]) -> Vec<String> {
+    /// Arguments that list every available advisory, of any type.
+    pub fn all_advisories_args(&self) -> Vec<&'static str> {
+        match self.flavour {
+            Flavour::Dnf => vec!["-q", "updateinfo", "list", "--available"],
+            Flavour::Yum => vec!["-q", "updateinfo", "list", "available"],
+        }
+    }
+
+    /// Arguments that upgrade exactly `packages` and change nothing in `exclude`, not
+    /// even as a dependency. A package that cannot be upgraded without an excluded one
+    /// is skipped (`--skip-broken`, and for dnf not insisting on the newest version),
+    /// instead of failing every other upgrade with it.
+    pub fn upgrade_args(&self, packages: &[String], exclude: &[String]) -> Vec<String> {
+        let mut args = vec!["-y".to_string()];
+        args.extend(exclusions(exclude));
+        args.push("--skip-broken".into());
         let verb = match self.flavour {
-            Flavour::Dnf => "upgrade",
+            Flavour::Dnf => {
+                args.push("--setopt=best=False".into());
+                "upgrade"
+            }
             Flavour::Yum => "update",
         };
-        let mut args = vec!["-y".to_string(), verb.to_string()];
+        args.push(verb.to_string());
         args.extend(packages.iter().cloned());
         args
     }
+}
+
+fn exclusions(exclude: &[String]) -> Vec<String> {
+    exclude
+        .iter()
+        .map(|name| format!("--exclude={name}"))
+        .collect()
 }
 
 /// Strips `.arch` from `name.arch`.
@@ -86,6 +132,7 @@ pub fn parse_check_update(output: &str) -> Vec<Update> {
             name: strip_arch(chunk[0]).to_string(),
             current_version: None,
             new_version: chunk[1].to_string(),
+            arch: chunk[0].rsplit_once('.').map(|(_, arch)| arch.to_string()),
             security: false,
             critical: false,
         })
@@ -121,6 +168,13 @@ pub fn parse_updateinfo(output: &str) -> BTreeMap<String, bool> {
     packages
 }
 
+/// Whether `updateinfo list` printed any advisory: lines of advisory id, type, package.
+pub fn lists_advisories(output: &str) -> bool {
+    output
+        .lines()
+        .any(|line| line.split_whitespace().count() >= 3)
+}
+
 /// Parses `rpm -q --qf RPM_QUERY_FORMAT` output.
 pub fn parse_rpm_query(output: &str) -> BTreeMap<String, String> {
     output
@@ -129,6 +183,87 @@ pub fn parse_rpm_query(output: &str) -> BTreeMap<String, String> {
         .filter_map(|l| l.split_once(' '))
         .map(|(name, version)| (name.to_string(), version.trim().to_string()))
         .collect()
+}
+
+/// What `needs-restarting -r` answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RestartAnswer {
+    Required,
+    NotRequired,
+    /// It did not answer (missing, unknown command, another error): the first line it printed.
+    Unknown(String),
+}
+
+/// Reads `needs-restarting -r`: exit 1 with "Reboot is required", exit 0 with "Reboot
+/// should not be necessary". Anything else (dnf's "No such command: needs-restarting"
+/// without dnf-plugins-core is exit 1 too) is no answer.
+pub fn parse_needs_restarting(end: &ProcessEnd, output: &str) -> RestartAnswer {
+    match end {
+        ProcessEnd::Exited(1) if output.contains("Reboot is required") => RestartAnswer::Required,
+        ProcessEnd::Exited(0) => RestartAnswer::NotRequired,
+        _ => RestartAnswer::Unknown(
+            output
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or("no output")
+                .to_string(),
+        ),
+    }
+}
+
+impl Dnf {
+    async fn needs_restarting(&self, timeout: Duration) -> RestartAnswer {
+        let spec = match self.flavour {
+            Flavour::Dnf => {
+                self.commands
+                    .spec("dnf", &["-q", "needs-restarting", "-r"], &[], timeout)
+            }
+            Flavour::Yum => self
+                .commands
+                .spec("needs-restarting", &["-r"], &[], timeout),
+        };
+        match crate::agent::process::run(&spec).await {
+            Ok(outcome) => parse_needs_restarting(&outcome.end, &outcome.output_tail),
+            Err(err) => RestartAnswer::Unknown(err.to_string()),
+        }
+    }
+
+    /// Whether a reboot is needed, and a note when that is the agent's guess.
+    fn reboot(answer: RestartAnswer, installed: &[String]) -> (bool, Option<String>) {
+        match answer {
+            RestartAnswer::Required => (true, None),
+            RestartAnswer::NotRequired => (false, None),
+            RestartAnswer::Unknown(why) => {
+                let core: Vec<&String> = installed
+                    .iter()
+                    .filter(|name| REBOOT_PACKAGES.contains(&name.as_str()))
+                    .collect();
+                let note = format!(
+                    "needs-restarting gave no answer ({why}; on dnf it comes with dnf-plugins-core)"
+                );
+                if core.is_empty() {
+                    (false, Some(format!("{note}: no reboot assumed")))
+                } else {
+                    let core: Vec<&str> = core.iter().map(|s| s.as_str()).collect();
+                    (
+                        true,
+                        Some(format!(
+                            "{note}: reboot assumed, {} was updated",
+                            core.join(", ")
+                        )),
+                    )
+                }
+            }
+        }
+    }
+}
+
+fn with_notes(mut results: PatchResults, notes: &[String]) -> PatchResults {
+    for note in notes {
+        results.message = format!("{}; {note}", results.message);
+    }
+    results
 }
 
 impl Patcher for Dnf {
@@ -143,8 +278,13 @@ impl Patcher for Dnf {
     ) -> BoxFuture<'a, Result<PatchResults, PatchError>> {
         Box::pin(async move {
             let program = self.program();
+            let mut notes = Vec::new();
+            let mut list_args = vec!["-q".to_string()];
+            list_args.extend(exclusions(&selection.exclude));
+            list_args.push("check-update".into());
+            let list_args: Vec<&str> = list_args.iter().map(String::as_str).collect();
             let listed = run(
-                &command(program, &["-q", "check-update"], &[], timeout),
+                &self.commands.spec(program, &list_args, &[], timeout),
                 &[0, 100],
             )
             .await?;
@@ -157,11 +297,28 @@ impl Patcher for Dnf {
             });
             if wants_classes {
                 let info = run(
-                    &command(program, &self.updateinfo_args(), &[], timeout),
+                    &self
+                        .commands
+                        .spec(program, &self.updateinfo_args(), &[], timeout),
                     &[0],
                 )
                 .await?;
                 let advisories = parse_updateinfo(&info.stdout);
+                if advisories.is_empty() && !candidates.is_empty() {
+                    let all = run(
+                        &self
+                            .commands
+                            .spec(program, &self.all_advisories_args(), &[], timeout),
+                        &[0],
+                    )
+                    .await?;
+                    if !lists_advisories(&all.stdout) {
+                        notes.push(format!(
+                            "warning: the repositories publish no advisories (updateinfo), so Security and Critical select none of the {} available update(s); name them in include or select All",
+                            candidates.len()
+                        ));
+                    }
+                }
                 for update in &mut candidates {
                     if let Some(critical) = advisories.get(&update.name) {
                         update.security = true;
@@ -170,35 +327,40 @@ impl Patcher for Dnf {
                 }
             }
             let wanted = select(candidates, selection);
-            let reboot_required = needs_restarting(self.flavour, timeout).await;
             if wanted.is_empty() {
-                return Ok(results(program, &[], &Default::default(), reboot_required));
+                let (reboot, note) = Self::reboot(self.needs_restarting(timeout).await, &[]);
+                notes.extend(note);
+                return Ok(with_notes(
+                    results(program, &[], &Default::default(), reboot),
+                    &notes,
+                ));
             }
             let names: Vec<String> = wanted.iter().map(|u| u.name.clone()).collect();
-            let upgrade = self.upgrade_args(&names);
+            let upgrade = self.upgrade_args(&names, &selection.exclude);
             let upgrade: Vec<&str> = upgrade.iter().map(String::as_str).collect();
-            run(&command(program, &upgrade, &[], timeout), &[0]).await?;
+            run(&self.commands.spec(program, &upgrade, &[], timeout), &[0]).await?;
             let mut query = vec!["-q", "--qf", RPM_QUERY_FORMAT];
             query.extend(names.iter().map(String::as_str));
-            let installed = run(&command("rpm", &query, &[], timeout), &[0, 1]).await?;
-            let reboot_required = needs_restarting(self.flavour, timeout).await;
-            Ok(results(
-                program,
-                &wanted,
-                &parse_rpm_query(&installed.stdout),
-                reboot_required,
-            ))
+            let installed = run(&self.commands.spec("rpm", &query, &[], timeout), &[0, 1]).await?;
+            let installed = parse_rpm_query(&installed.stdout);
+            let mut results = results(program, &wanted, &installed, false);
+            let upgraded: Vec<String> = results.installed.iter().map(|p| p.name.clone()).collect();
+            let (reboot, note) = Self::reboot(self.needs_restarting(timeout).await, &upgraded);
+            results.reboot_required = reboot;
+            notes.extend(note);
+            if !selection.exclude.is_empty() {
+                for failed in &mut results.failed {
+                    failed.message = Some(format!(
+                        "{}: its new version may need a package the plan excludes ({}), which is never installed",
+                        failed.message.as_deref().unwrap_or("not upgraded"),
+                        selection.exclude.join(", ")
+                    ));
+                }
+            }
+            results.message = summary(&results);
+            Ok(with_notes(results, &notes))
         })
     }
-}
-
-/// `needs-restarting -r` exits 1 when a reboot is needed; without the tool, assume not.
-async fn needs_restarting(flavour: Flavour, timeout: Duration) -> bool {
-    let spec = match flavour {
-        Flavour::Dnf => command("dnf", &["-q", "needs-restarting", "-r"], &[], timeout),
-        Flavour::Yum => command("needs-restarting", &["-r"], &[], timeout),
-    };
-    matches!(run(&spec, &[0, 1]).await, Ok(outcome) if outcome.end == crate::agent::process::ProcessEnd::Exited(1))
 }
 
 #[cfg(test)]
@@ -259,17 +421,57 @@ RLBA-2024:3400 bugfix         NetworkManager-1:1.46.0-8.el9_4.x86_64
     #[test]
     fn commands_for_each_flavour() {
         assert_eq!(
-            Dnf::new(Flavour::Dnf).upgrade_args(&["kernel".into()]),
-            ["-y", "upgrade", "kernel"]
+            Dnf::new(Flavour::Dnf).upgrade_args(&["openssl".into()], &["openssl-libs".into()]),
+            [
+                "-y",
+                "--exclude=openssl-libs",
+                "--skip-broken",
+                "--setopt=best=False",
+                "upgrade",
+                "openssl"
+            ]
         );
         assert_eq!(
-            Dnf::new(Flavour::Yum).upgrade_args(&["kernel".into()]),
-            ["-y", "update", "kernel"]
+            Dnf::new(Flavour::Yum).upgrade_args(&["kernel".into()], &[]),
+            ["-y", "--skip-broken", "update", "kernel"]
         );
         assert_eq!(
             Dnf::new(Flavour::Yum).updateinfo_args(),
             ["-q", "updateinfo", "list", "security", "available"]
         );
+    }
+
+    #[test]
+    fn needs_restarting_answers_only_with_its_own_words() {
+        assert_eq!(
+            parse_needs_restarting(
+                &ProcessEnd::Exited(1),
+                "Core libraries or services have been updated since boot-up:\n  * kernel\n\nReboot is required to fully utilize these updates.\n"
+            ),
+            RestartAnswer::Required
+        );
+        assert_eq!(
+            parse_needs_restarting(
+                &ProcessEnd::Exited(0),
+                "No core libraries or services have been updated since boot-up.\nReboot should not be necessary.\n"
+            ),
+            RestartAnswer::NotRequired
+        );
+        assert_eq!(
+            parse_needs_restarting(
+                &ProcessEnd::Exited(1),
+                "No such command: needs-restarting. Please use /usr/bin/dnf --help\n"
+            ),
+            RestartAnswer::Unknown(
+                "No such command: needs-restarting. Please use /usr/bin/dnf --help".into()
+            )
+        );
+        let (reboot, note) =
+            Dnf::reboot(RestartAnswer::Unknown("x".into()), &["kernel-core".into()]);
+        assert!(reboot);
+        assert!(note.unwrap().contains("kernel-core was updated"));
+        let (reboot, _) = Dnf::reboot(RestartAnswer::Unknown("x".into()), &["vim".into()]);
+        assert!(!reboot);
     }
 
     #[test]

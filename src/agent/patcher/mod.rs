@@ -1,7 +1,8 @@
 //! Patchers: one trait over apt, dnf/yum, zypper and Windows Update. Each finds the
 //! updates the plan selects, installs them, and reports what was installed, what
 //! failed and whether the host needs a reboot. Command construction and output parsing
-//! are pure functions, tested against recorded outputs; only `apply` runs commands.
+//! are pure functions, tested against recorded outputs; only `apply` runs commands,
+//! always with `LC_ALL=C` so the output parsed is the untranslated one.
 
 pub mod apt;
 pub mod dnf;
@@ -9,6 +10,7 @@ pub mod windows;
 pub mod zypper;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,6 +27,8 @@ pub struct Update {
     pub name: String,
     pub current_version: Option<String>,
     pub new_version: String,
+    /// Architecture, where the package manager says (apt: `amd64`, `all`, ...).
+    pub arch: Option<String>,
     /// Security (or critical) fix, as the package source classifies it.
     pub security: bool,
     pub critical: bool,
@@ -66,7 +70,7 @@ pub fn detect() -> Option<Box<dyn Patcher>> {
         return Some(Box::new(dnf::Dnf::new(dnf::Flavour::Yum)));
     }
     if find_program("zypper").is_some() {
-        return Some(Box::new(zypper::Zypper));
+        return Some(Box::new(zypper::Zypper::default()));
     }
     None
 }
@@ -117,34 +121,138 @@ pub fn select(updates: Vec<Update>, selection: &PatchSelection) -> Vec<Update> {
         .contains(&PatchClassification::Critical);
     updates
         .into_iter()
-        .filter(|u| !selection.exclude.contains(&u.name))
+        .filter(|u| !is_excluded(&selection.exclude, &u.name))
         .filter(|u| {
             all || (security && u.security)
                 || (critical && u.critical)
-                || selection.include.contains(&u.name)
+                || selection
+                    .include
+                    .iter()
+                    .any(|i| *i == u.name || i == base_name(&u.name))
         })
         .collect()
 }
 
-/// A command the patcher runs, with its output kept for parsing.
-pub(crate) fn command(
-    program: &str,
-    args: &[&str],
-    env: &[(&str, &str)],
-    timeout: Duration,
-) -> ProcessSpec {
-    ProcessSpec {
-        program: program.into(),
-        args: args.iter().map(|a| a.to_string()).collect(),
-        env: env
+/// How a patcher runs its package manager and helpers.
+#[derive(Clone, Debug, Default)]
+pub struct Commands {
+    /// `PATH` to find them on; `None` keeps the agent's. (Tests put fake package
+    /// managers first.)
+    pub path: Option<String>,
+}
+
+impl Commands {
+    /// A command the patcher runs, with its output kept for parsing: `LC_ALL=C`, since
+    /// the parsers read the untranslated output (zypper's tables, dnf's messages).
+    pub(crate) fn spec(
+        &self,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        timeout: Duration,
+    ) -> ProcessSpec {
+        let mut env: BTreeMap<String, String> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<BTreeMap<_, _>>(),
-        current_dir: None,
-        timeout,
-        capture_stdout: true,
-        group_file: None,
+            .collect();
+        env.insert("LC_ALL".into(), "C".into());
+        if let Some(path) = &self.path {
+            env.insert("PATH".into(), path.clone());
+        }
+        ProcessSpec {
+            program: program.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env,
+            current_dir: None,
+            timeout,
+            capture_stdout: true,
+            group_file: None,
+        }
     }
+}
+
+/// A package name without its `:arch` qualifier.
+pub(crate) fn base_name(name: &str) -> &str {
+    name.split_once(':').map_or(name, |(base, _)| base)
+}
+
+fn is_excluded(exclude: &[String], name: &str) -> bool {
+    exclude.iter().any(|e| e == name || e == base_name(name))
+}
+
+/// Splits `wanted` into the updates that can be installed without changing a package
+/// the plan excludes, and the others, each with a message naming what it would have
+/// brought along. `simulate(names)` tells which packages installing `names` would
+/// upgrade, install or remove (the package manager's dry run). `exclude` is a promise
+/// that those packages are never changed, also as another update's dependency.
+pub(crate) async fn hold_back_for_exclusions<F, Fut>(
+    wanted: Vec<Update>,
+    exclude: &[String],
+    simulate: F,
+) -> Result<(Vec<Update>, Vec<PatchOutcome>), PatchError>
+where
+    F: Fn(Vec<String>) -> Fut,
+    Fut: Future<Output = Result<Vec<String>, PatchError>>,
+{
+    let names = |updates: &[Update]| updates.iter().map(|u| u.name.clone()).collect::<Vec<_>>();
+    let touches = |changed: &[String]| {
+        changed
+            .iter()
+            .filter(|name| is_excluded(exclude, name))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    if exclude.is_empty()
+        || wanted.is_empty()
+        || touches(&simulate(names(&wanted)).await?).is_empty()
+    {
+        return Ok((wanted, Vec::new()));
+    }
+    let held = |update: &Update, excluded: &[String], together: bool| PatchOutcome {
+        name: update.name.clone(),
+        version: update.current_version.clone(),
+        message: Some(format!(
+            "not installed: {together}{name} {version} would also change {excluded}, which the plan excludes",
+            together = if together {
+                "with the other selected updates, "
+            } else {
+                ""
+            },
+            name = update.name,
+            version = update.new_version,
+            excluded = excluded.join(", "),
+        )),
+    };
+    let mut allowed = Vec::new();
+    let mut blocked = Vec::new();
+    for update in wanted {
+        let excluded = touches(&simulate(vec![update.name.clone()]).await?);
+        if excluded.is_empty() {
+            allowed.push(update);
+        } else {
+            blocked.push(held(&update, &excluded, false));
+        }
+    }
+    // Together they can still need what none needs alone; then none is installed.
+    if !allowed.is_empty() {
+        let excluded = touches(&simulate(names(&allowed)).await?);
+        if !excluded.is_empty() {
+            for update in allowed.drain(..) {
+                blocked.push(held(&update, &excluded, true));
+            }
+        }
+    }
+    Ok((allowed, blocked))
+}
+
+/// Adds failures found before anything ran (updates held back) to `results`.
+pub(crate) fn add_failures(results: &mut PatchResults, failures: Vec<PatchOutcome>) {
+    if failures.is_empty() {
+        return;
+    }
+    results.failed.extend(failures);
+    results.phase = ActionPhase::Failed;
+    results.message = summary(results);
 }
 
 /// Runs `spec`; `ok_codes` are the exit codes that are not errors.
@@ -249,6 +357,7 @@ mod tests {
             name: name.into(),
             current_version: None,
             new_version: "2".into(),
+            arch: None,
             security,
             critical,
         }
@@ -281,6 +390,51 @@ mod tests {
             names(&select(updates, &selection)),
             ["openssl", "curl", "vim"]
         );
+    }
+
+    #[test]
+    fn patcher_commands_read_untranslated_output() {
+        let spec =
+            Commands::default().spec("zypper", &["-n"], &[("A", "b")], Duration::from_secs(1));
+        assert_eq!(spec.env["LC_ALL"], "C");
+        assert_eq!(spec.env["A"], "b");
+        assert!(!spec.env.contains_key("PATH"));
+        let spec = Commands {
+            path: Some("/tmp/fake:/usr/bin".into()),
+        }
+        .spec("zypper", &[], &[], Duration::from_secs(1));
+        assert_eq!(spec.env["PATH"], "/tmp/fake:/usr/bin");
+    }
+
+    #[tokio::test]
+    async fn an_excluded_dependency_holds_back_only_its_dependants() {
+        // openssl needs the excluded libssl3; curl needs nothing new.
+        let simulate = |names: Vec<String>| async move {
+            let mut changed = names.clone();
+            if names.iter().any(|n| n == "openssl") {
+                changed.push("libssl3:amd64".into());
+            }
+            Ok::<_, PatchError>(changed)
+        };
+        let wanted = vec![update("openssl", true, true), update("curl", true, false)];
+        let (allowed, held) =
+            hold_back_for_exclusions(wanted.clone(), &["libssl3".into()], simulate)
+                .await
+                .unwrap();
+        assert_eq!(names(&allowed), ["curl"]);
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].name, "openssl");
+        assert_eq!(
+            held[0].message.as_deref(),
+            Some(
+                "not installed: openssl 2 would also change libssl3:amd64, which the plan excludes"
+            )
+        );
+        let (allowed, held) = hold_back_for_exclusions(wanted, &[], simulate)
+            .await
+            .unwrap();
+        assert_eq!(allowed.len(), 2);
+        assert!(held.is_empty());
     }
 
     #[test]

@@ -1,24 +1,38 @@
 //! zypper (SUSE, openSUSE): `list-updates` for package candidates, `list-patches`
-//! for security and critical patches, `update` of the chosen packages, and zypper's
-//! exit code 102 (or `needs-rebooting`) for reboots.
+//! for security and critical patches, `update` of the chosen packages (a dry run first
+//! holds back what would change an excluded package), and zypper's exit codes: 102
+//! (reboot needed, as `needs-rebooting` also says), 103 (zypper updated itself: run it
+//! again for the rest), 106 and 107 (done, with a warning).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::api::patchjob::{ActionPhase, PatchResults};
+use crate::agent::process::{ProcessEnd, ProcessOutcome};
+use crate::api::patchjob::{ActionPhase, PatchOutcome, PatchResults};
 use crate::api::plan::{PatchClassification, PatchSelection};
 
-use super::{PatchError, Patcher, Update, command, results, run, select, summary};
+use super::{
+    Commands, PatchError, Patcher, Update, add_failures, hold_back_for_exclusions, results, run,
+    select, summary,
+};
 
 /// zypper's "reboot needed" exit code.
 pub const EXIT_REBOOT_NEEDED: i32 = 102;
 /// zypper's "restart zypper (it updated itself)" exit code.
 pub const EXIT_RESTART_NEEDED: i32 = 103;
+/// Some repositories could not be refreshed and were skipped; the rest worked.
+pub const EXIT_REPOS_SKIPPED: i32 = 106;
+/// Packages were installed but an RPM scriptlet of one of them failed.
+pub const EXIT_RPM_SCRIPT_FAILED: i32 = 107;
+/// Times zypper runs a transaction that keeps saying it updated itself.
+pub const MAX_RESTARTS: usize = 3;
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Zypper;
+#[derive(Clone, Debug, Default)]
+pub struct Zypper {
+    pub commands: Commands,
+}
 
 fn table_rows(output: &str) -> Vec<Vec<String>> {
     let mut rows = Vec::new();
@@ -49,6 +63,7 @@ pub fn parse_list_updates(output: &str) -> Vec<Update> {
             name: row[2].clone(),
             current_version: Some(row[3].clone()),
             new_version: row[4].clone(),
+            arch: Some(row[5].clone()),
             security: false,
             critical: false,
         })
@@ -66,12 +81,13 @@ pub fn parse_list_patches(output: &str) -> BTreeMap<String, bool> {
         .collect()
 }
 
-/// Packages a `zypper update`/`patch` run upgraded, from its "going to be upgraded" block.
-pub fn parse_upgraded(output: &str) -> Vec<String> {
+/// Packages listed in the transaction summary blocks whose header contains `what`
+/// ("going to be upgraded", "going to be installed", ...).
+fn transaction_block(output: &str, what: &[&str]) -> Vec<String> {
     let mut names = Vec::new();
     let mut in_block = false;
     for line in output.lines() {
-        if line.contains("going to be upgraded") {
+        if line.starts_with("The following") && what.iter().any(|w| line.contains(w)) {
             in_block = true;
             continue;
         }
@@ -84,6 +100,129 @@ pub fn parse_upgraded(output: &str) -> Vec<String> {
         }
     }
     names
+}
+
+/// Packages a `zypper update`/`patch` run upgraded, from its "going to be upgraded" block.
+pub fn parse_upgraded(output: &str) -> Vec<String> {
+    transaction_block(output, &["going to be upgraded"])
+}
+
+/// Every package a (dry) run changes: upgraded, newly installed, downgraded or removed.
+pub fn parse_changes(output: &str) -> Vec<String> {
+    transaction_block(
+        output,
+        &[
+            "going to be upgraded",
+            "going to be installed",
+            "going to be downgraded",
+            "going to be REMOVED",
+        ],
+    )
+}
+
+/// A transaction run to its end: every run's output, and whether one asked for a reboot
+/// or ended with a warning.
+struct Transaction {
+    upgraded: Vec<String>,
+    reboot: bool,
+    warnings: Vec<String>,
+    last: ProcessOutcome,
+}
+
+fn warning(code: i32) -> Option<&'static str> {
+    match code {
+        EXIT_REPOS_SKIPPED => Some("zypper skipped repositories it could not refresh (exit 106)"),
+        EXIT_RPM_SCRIPT_FAILED => {
+            Some("an RPM scriptlet failed while installing (exit 107); the packages are installed")
+        }
+        _ => None,
+    }
+}
+
+impl Zypper {
+    /// zypper with `args`, waiting for the package manager lock (held by another zypper,
+    /// YaST or PackageKit) up to `timeout` instead of failing at once.
+    fn spec(&self, args: &[&str], timeout: Duration) -> crate::agent::process::ProcessSpec {
+        let wait = timeout.as_secs().to_string();
+        self.commands
+            .spec("zypper", args, &[("ZYPP_LOCK_TIMEOUT", &wait)], timeout)
+    }
+
+    /// Runs a transaction, again while zypper says it updated itself and must be
+    /// restarted for the rest (exit 103).
+    async fn transaction(
+        &self,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<Transaction, PatchError> {
+        let ok = [
+            0,
+            EXIT_REBOOT_NEEDED,
+            EXIT_RESTART_NEEDED,
+            EXIT_REPOS_SKIPPED,
+            EXIT_RPM_SCRIPT_FAILED,
+        ];
+        let mut upgraded = Vec::new();
+        let mut reboot = false;
+        let mut warnings = Vec::new();
+        let mut runs = 0;
+        loop {
+            runs += 1;
+            let outcome = run(&self.spec(args, timeout), &ok).await?;
+            upgraded.extend(parse_upgraded(&outcome.stdout));
+            // run() accepts only the exit codes in `ok`.
+            let code = match outcome.end {
+                ProcessEnd::Exited(code) => code,
+                _ => 0,
+            };
+            reboot |= code == EXIT_REBOOT_NEEDED;
+            warnings.extend(warning(code).map(String::from));
+            if code != EXIT_RESTART_NEEDED {
+                return Ok(Transaction {
+                    upgraded,
+                    reboot,
+                    warnings,
+                    last: outcome,
+                });
+            }
+            if runs == MAX_RESTARTS {
+                return Err(PatchError::Command {
+                    command: format!("zypper {}", args.join(" ")),
+                    message: format!(
+                        "zypper still asks to be restarted (exit 103) after {MAX_RESTARTS} runs"
+                    ),
+                });
+            }
+        }
+    }
+
+    /// `zypper needs-rebooting` exits 102 when core libraries or the kernel changed.
+    async fn needs_rebooting(&self, timeout: Duration) -> bool {
+        matches!(
+            crate::agent::process::run(&self.spec(&["-n", "needs-rebooting"], timeout)).await,
+            Ok(outcome) if outcome.end == ProcessEnd::Exited(EXIT_REBOOT_NEEDED)
+        )
+    }
+
+    /// The packages updating `packages` would change, from a dry run.
+    async fn simulate_update(
+        &self,
+        packages: Vec<String>,
+        timeout: Duration,
+    ) -> Result<Vec<String>, PatchError> {
+        let mut args = vec!["-n", "update", "--dry-run", "--auto-agree-with-licenses"];
+        args.extend(packages.iter().map(String::as_str));
+        let ok = [0, EXIT_REBOOT_NEEDED, EXIT_REPOS_SKIPPED];
+        let outcome = run(&self.spec(&args, timeout), &ok).await?;
+        Ok(parse_changes(&outcome.stdout))
+    }
+}
+
+fn with_warnings(mut results: PatchResults, warnings: &[String]) -> PatchResults {
+    for warning in warnings {
+        results.message = format!("{}; warning: {warning}", results.message);
+    }
+    results
 }
 
 impl Patcher for Zypper {
@@ -101,7 +240,7 @@ impl Patcher for Zypper {
                 .classifications
                 .iter()
                 .any(|c| matches!(c, PatchClassification::All | PatchClassification::Bugfix));
-            let reboot_codes = [0, EXIT_REBOOT_NEEDED, EXIT_RESTART_NEEDED];
+            let mut warnings = Vec::new();
             if !wants_all {
                 // Security and critical fixes come as patches, which name no single package.
                 if !selection.exclude.is_empty() {
@@ -110,33 +249,45 @@ impl Patcher for Zypper {
                     ));
                 }
                 let listed = run(
-                    &command(
-                        "zypper",
+                    &self.spec(
                         &["-n", "-q", "list-patches", "--category", "security"],
-                        &[],
                         timeout,
                     ),
-                    &[0, 100, 101],
+                    &[0, 100, 101, EXIT_REPOS_SKIPPED],
                 )
                 .await?;
+                warnings.extend(
+                    warning(match listed.end {
+                        ProcessEnd::Exited(code) => code,
+                        _ => 0,
+                    })
+                    .map(String::from),
+                );
                 let patches = parse_list_patches(&listed.stdout);
                 let critical_only = !selection
                     .classifications
                     .contains(&PatchClassification::Security);
-                let mut args = vec!["-n", "patch", "--category", "security"];
+                let mut args = vec![
+                    "-n",
+                    "patch",
+                    "--auto-agree-with-licenses",
+                    "--category",
+                    "security",
+                ];
                 if critical_only {
                     args.extend(["--severity", "critical"]);
                 }
-                let outcome = run(&command("zypper", &args, &[], timeout), &reboot_codes).await?;
-                let upgraded = parse_upgraded(&outcome.stdout);
+                let transaction = self.transaction(&args, timeout).await?;
+                warnings.extend(transaction.warnings);
+                let reboot = transaction.reboot || self.needs_rebooting(timeout).await;
                 let mut results = PatchResults {
                     phase: ActionPhase::Succeeded,
                     patcher: Some(self.name().into()),
-                    reboot_required: outcome.end
-                        == crate::agent::process::ProcessEnd::Exited(EXIT_REBOOT_NEEDED),
-                    installed: upgraded
+                    reboot_required: reboot,
+                    installed: transaction
+                        .upgraded
                         .into_iter()
-                        .map(|name| crate::api::patchjob::PatchOutcome {
+                        .map(|name| PatchOutcome {
                             name,
                             version: None,
                             message: None,
@@ -149,32 +300,51 @@ impl Patcher for Zypper {
                     summary(&results),
                     patches.len()
                 );
-                return Ok(results);
+                return Ok(with_warnings(results, &warnings));
             }
             let listed = run(
-                &command("zypper", &["-n", "-q", "list-updates"], &[], timeout),
-                &[0, 100],
+                &self.spec(&["-n", "-q", "list-updates"], timeout),
+                &[0, 100, EXIT_REPOS_SKIPPED],
             )
             .await?;
-            let wanted = select(parse_list_updates(&listed.stdout), selection);
-            if wanted.is_empty() {
-                return Ok(results(self.name(), &[], &Default::default(), false));
+            if listed.end == ProcessEnd::Exited(EXIT_REPOS_SKIPPED) {
+                warnings.extend(warning(EXIT_REPOS_SKIPPED).map(String::from));
             }
-            let mut args: Vec<String> = vec!["-n".into(), "update".into()];
-            args.extend(wanted.iter().map(|u| u.name.clone()));
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let outcome = run(&command("zypper", &args, &[], timeout), &reboot_codes).await?;
+            let (wanted, held_back) = hold_back_for_exclusions(
+                select(parse_list_updates(&listed.stdout), selection),
+                &selection.exclude,
+                |packages| self.simulate_update(packages, timeout),
+            )
+            .await?;
+            if wanted.is_empty() {
+                let mut results = results(
+                    self.name(),
+                    &[],
+                    &Default::default(),
+                    self.needs_rebooting(timeout).await,
+                );
+                add_failures(&mut results, held_back);
+                return Ok(with_warnings(results, &warnings));
+            }
+            let mut args: Vec<&str> = vec!["-n", "update", "--auto-agree-with-licenses"];
+            args.extend(wanted.iter().map(|u| u.name.as_str()));
+            let transaction = self.transaction(&args, timeout).await?;
+            warnings.extend(transaction.warnings);
             let mut query = vec!["-q", "--qf", super::dnf::RPM_QUERY_FORMAT];
             query.extend(wanted.iter().map(|u| u.name.as_str()));
-            let installed = run(&command("rpm", &query, &[], timeout), &[0, 1]).await?;
-            let reboot =
-                outcome.end == crate::agent::process::ProcessEnd::Exited(EXIT_REBOOT_NEEDED);
-            Ok(results(
+            let installed = run(&self.commands.spec("rpm", &query, &[], timeout), &[0, 1]).await?;
+            let reboot = transaction.reboot || self.needs_rebooting(timeout).await;
+            let mut results = results(
                 self.name(),
                 &wanted,
                 &super::dnf::parse_rpm_query(&installed.stdout),
                 reboot,
-            ))
+            );
+            if results.phase == ActionPhase::Failed {
+                results.message = format!("{}\n{}", results.message, transaction.last.output_tail);
+            }
+            add_failures(&mut results, held_back);
+            Ok(with_warnings(results, &warnings))
         })
     }
 }
@@ -233,5 +403,27 @@ Continue? [y/n/v/...? shows all options] (y): y
     #[test]
     fn upgraded_packages_from_the_transaction_summary() {
         assert_eq!(parse_upgraded(UPDATE), ["vim", "vim-data-common"]);
+    }
+
+    #[test]
+    fn a_dry_run_lists_every_package_it_would_change() {
+        let dry_run = "\
+Loading repository data...
+Reading installed packages...
+Resolving package dependencies...
+
+The following NEW package is going to be installed:
+  libopenssl3-32bit
+
+The following 2 packages are going to be upgraded:
+  libopenssl3 openssl-3
+
+2 packages to upgrade, 1 new.
+";
+        assert_eq!(
+            parse_changes(dry_run),
+            ["libopenssl3-32bit", "libopenssl3", "openssl-3"]
+        );
+        assert_eq!(parse_upgraded(dry_run), ["libopenssl3", "openssl-3"]);
     }
 }
