@@ -492,10 +492,35 @@ fn registry_actions_say_they_need_windows() {
     let host = Host::new(manifests);
     let (code, status) = host.exec_json("win", &[]);
     assert_eq!(code, 1);
-    assert_eq!(
-        status.pre_actions[0].message,
-        "ChangeRegistryKey requires Windows; this host runs Windows"
+    // The message names the host's own system, not the job's.
+    let message = &status.pre_actions[0].message;
+    assert!(
+        message.starts_with("ChangeRegistryKey requires Windows; this host runs "),
+        "{message}"
     );
+    assert!(!message.ends_with("runs Windows"), "{message}");
+    let os_release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    if let Some(name) = os_release
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+    {
+        assert!(message.ends_with(name.trim_matches('"')), "{message}");
+    }
+}
+
+#[test]
+fn uninstall_on_linux_fails_cleanly_naming_the_host() {
+    let manifests = "apiVersion: fleetpatch.io/v1alpha1\nkind: Task\nmetadata: {name: rm}\nspec:\n  os: Windows\n  type: UninstallSoftware\n  uninstallSoftware: {uninstallKey: 'HKEY_LOCAL_MACHINE\\SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\Uninstall\\App', displayName: App}\n---\n\
+        apiVersion: fleetpatch.io/v1alpha1\nkind: Workflow\nmetadata: {name: win}\nspec:\n  os: Windows\n  preTasks: [{taskRef: {name: rm}}]\n";
+    let host = Host::new(manifests);
+    let (code, status) = host.exec_json("win", &[]);
+    assert_eq!(code, 1);
+    let message = &status.pre_actions[0].message;
+    assert!(
+        message.starts_with("UninstallSoftware requires Windows; this host runs "),
+        "{message}"
+    );
+    assert!(!message.ends_with("runs Windows"), "{message}");
 }
 
 #[test]

@@ -158,6 +158,19 @@ fn now() -> Timestamp {
     Timestamp::now()
 }
 
+/// The operating system this agent runs on, in words: the distribution and version from
+/// os-release where there is one.
+fn host_os() -> String {
+    let text = ["/etc/os-release", "/usr/lib/os-release"]
+        .iter()
+        .find_map(|file| std::fs::read_to_string(file).ok())
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|line| line.strip_prefix("PRETTY_NAME="))
+        .map(|name| name.trim_matches('"').to_string())
+        .unwrap_or_else(|| std::env::consts::OS.to_string())
+}
+
 fn is_failure(phase: ActionPhase) -> bool {
     matches!(
         phase,
@@ -477,7 +490,7 @@ impl Executor<'_> {
             let _ = std::fs::create_dir_all(&job_dir)
                 .and_then(|()| std::fs::write(job_dir.join(RUNNING_BOOT_FILE), boot_id));
         }
-        let perform = self.perform(&action, &job_dir, &stem, env, record.spec.os);
+        let perform = self.perform(&action, &job_dir, &stem, env);
         let finished = match self.cancel {
             None => perform.await,
             Some(cancel) => tokio::select! {
@@ -511,7 +524,6 @@ impl Executor<'_> {
         job_dir: &std::path::Path,
         stem: &str,
         mut env: BTreeMap<String, String>,
-        os: crate::api::OperatingSystem,
     ) -> Finished {
         let deadline = Instant::now() + self.minute * action.timeout_minutes;
         let remaining = || deadline.saturating_duration_since(Instant::now());
@@ -622,8 +634,9 @@ impl Executor<'_> {
             TaskType::ChangeRegistryKey | TaskType::UninstallSoftware => {
                 if !cfg!(windows) {
                     return Finished::failed(format!(
-                        "{} requires Windows; this host runs {os}",
-                        action.action_type
+                        "{} requires Windows; this host runs {}",
+                        action.action_type,
+                        host_os()
                     ));
                 }
                 let code = match (&action.change_registry_key, &action.uninstall_software) {
@@ -668,19 +681,7 @@ impl Executor<'_> {
                     &format!("killed by signal {signal}"),
                     &outcome.output_tail,
                 )),
-                ProcessEnd::Exited(code) => {
-                    let meaning = ExitOutcome::classify(code, &action.success_exit_codes);
-                    Finished {
-                        phase: if meaning.succeeded {
-                            ActionPhase::Succeeded
-                        } else {
-                            ActionPhase::Failed
-                        },
-                        exit_code: Some(code),
-                        reboot_requested: meaning.reboot_requested,
-                        message: outcome.output_tail,
-                    }
-                }
+                ProcessEnd::Exited(code) => classify_exit(action, code, outcome.output_tail),
             },
         }
     }
@@ -1040,6 +1041,31 @@ impl Executor<'_> {
     }
 }
 
+/// What an action's exit code means: the seeds' codes (0, 10, 11, `successExitCodes`),
+/// and for generated uninstall code its "nothing to remove" code, which is Skipped.
+fn classify_exit(action: &ResolvedAction, code: i32, output: String) -> Finished {
+    if action.action_type == TaskType::UninstallSoftware && code == powershell::NOT_APPLICABLE_EXIT
+    {
+        return Finished {
+            phase: ActionPhase::Skipped,
+            exit_code: Some(code),
+            reboot_requested: false,
+            message: output,
+        };
+    }
+    let meaning = ExitOutcome::classify(code, &action.success_exit_codes);
+    Finished {
+        phase: if meaning.succeeded {
+            ActionPhase::Succeeded
+        } else {
+            ActionPhase::Failed
+        },
+        exit_code: Some(code),
+        reboot_requested: meaning.reboot_requested,
+        message: output,
+    }
+}
+
 /// Result of one action before it is written into the status.
 struct Finished {
     phase: ActionPhase,
@@ -1073,5 +1099,75 @@ fn join(headline: &str, output: &str) -> String {
         headline.to_string()
     } else {
         format!("{headline}\n{output}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::common::ObjectRef;
+
+    fn action(action_type: TaskType, success: &[i32]) -> ResolvedAction {
+        ResolvedAction {
+            name: "a".into(),
+            task: ObjectRef::default(),
+            action_type,
+            timeout_minutes: 1,
+            success_exit_codes: success.to_vec(),
+            parameters: Default::default(),
+            bypass_execution_policy: false,
+            script: None,
+            detection_script: None,
+            download: None,
+            change_registry_key: None,
+            uninstall_software: None,
+            reboot: None,
+        }
+    }
+
+    #[test]
+    fn exit_codes_follow_the_seeds_and_nothing_to_uninstall_is_skipped() {
+        let phase = |t, code| classify_exit(&action(t, &[0]), code, String::new()).phase;
+        assert_eq!(phase(TaskType::RunScript, 0), ActionPhase::Succeeded);
+        assert_eq!(phase(TaskType::RunScript, 11), ActionPhase::Failed);
+        let rebooting = classify_exit(&action(TaskType::RunScript, &[0]), 10, String::new());
+        assert_eq!(
+            (rebooting.phase, rebooting.reboot_requested),
+            (ActionPhase::Succeeded, true)
+        );
+        assert_eq!(
+            phase(TaskType::UninstallSoftware, powershell::NOT_APPLICABLE_EXIT),
+            ActionPhase::Skipped
+        );
+        // The code means nothing special to anyone else's scripts.
+        assert_eq!(
+            phase(TaskType::RunScript, powershell::NOT_APPLICABLE_EXIT),
+            ActionPhase::Failed
+        );
+    }
+
+    #[test]
+    fn a_record_with_more_results_than_actions_never_points_past_its_spec() {
+        let spec = PatchJobSpec {
+            agent: "a".into(),
+            plan: String::new(),
+            run: String::new(),
+            os: crate::api::OperatingSystem::Linux,
+            workflow: None,
+            pre_actions: vec![],
+            post_actions: vec![],
+            failure_policy: Default::default(),
+            patches: Default::default(),
+            reboot: Default::default(),
+            deadline: None,
+            node: None,
+        };
+        let mut record = new_record("j", "n", spec);
+        record.status.patches = Some(PatchResults {
+            phase: ActionPhase::Succeeded,
+            ..Default::default()
+        });
+        record.status.post_actions.push(ActionResult::default());
+        assert_ne!(next_step(&record), Step::Action(Stage::Post, 0));
     }
 }

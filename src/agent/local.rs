@@ -102,6 +102,8 @@ fn reboot_policy(choice: RebootChoice) -> RebootPolicy {
 /// Runs `agent exec`; returns the process exit status.
 pub async fn exec(options: ExecOptions) -> anyhow::Result<u8> {
     let journal = Journal::open(&options.state_dir)?;
+    // Windows: SYSTEM and Administrators only (scripts there run as SYSTEM).
+    super::process::protect_state_dir(&options.state_dir)?;
     let id = format!("local-{}-{}", options.namespace, options.workflow);
     let mut record = match journal.load(&id)? {
         Some(record) if !record.is_finished() => {

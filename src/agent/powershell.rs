@@ -267,9 +267,12 @@ pub fn uninstall_key_candidates(key: &str) -> Vec<String> {
     keys
 }
 
-/// Script that uninstalls a Windows Installer product. Exit 0 when removed or when
-/// nothing matched (the message starts with `skipped:`), 10 when removed and a reboot
-/// is needed, 1 when it cannot be removed or is still there afterwards.
+/// Exit code of generated code meaning "nothing to do here": the action is Skipped.
+pub const NOT_APPLICABLE_EXIT: i32 = 9;
+
+/// Script that uninstalls a Windows Installer product. Exit 0 when removed,
+/// [`NOT_APPLICABLE_EXIT`] when nothing matched (reported Skipped), 10 when removed and
+/// a reboot is needed, 1 when it cannot be removed or is still there afterwards.
 pub fn uninstall_software(uninstall: &UninstallSoftware) -> String {
     let version = uninstall
         .display_version
@@ -290,16 +293,16 @@ foreach ($candidate in $keys) {{
 }}
 if ($null -eq $key) {{
   Write-Host "skipped: nothing to uninstall, none of these keys exists: $($keys -join ', ')"
-  exit 0
+  exit {NOT_APPLICABLE_EXIT}
 }}
 $entry = Get-ItemProperty -LiteralPath $key
 if ($entry.DisplayName -ne $displayName) {{
   Write-Host "skipped: nothing to uninstall, DisplayName under $key is '$($entry.DisplayName)', not '$displayName'"
-  exit 0
+  exit {NOT_APPLICABLE_EXIT}
 }}
 if ($null -ne $displayVersion -and $entry.DisplayVersion -ne $displayVersion) {{
   Write-Host "skipped: left installed, version $($entry.DisplayVersion) does not equal $displayVersion"
-  exit 0
+  exit {NOT_APPLICABLE_EXIT}
 }}
 # A Windows Installer product: its key is the product code and says WindowsInstaller=1,
 # or its UninstallString calls msiexec with the product code. Anything else (a Burn

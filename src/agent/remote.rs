@@ -653,6 +653,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
             .context("--host-namespaces")?;
     }
     let journal = Journal::open(&options.state_dir)?;
+    // Windows: SYSTEM and Administrators only (scripts there run as SYSTEM).
+    super::process::protect_state_dir(&options.state_dir)
+        .with_context(|| format!("protecting {}", options.state_dir.display()))?;
     let client = connect_until_done(&options).await?;
     tracing::info!(agent = %client.agent(), server = %options.server, "agent started");
 
@@ -728,7 +731,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
                                 spec,
                             );
                             record.sequence = assignment.acknowledged_sequence;
-                            fail_in_memory(&mut record, &format!("the agent's journal of this job was unreadable and moved aside; not run again: {err}"));
+                            fail_in_memory(
+                                &mut record,
+                                &format!(
+                                    "the agent's journal of this job was unreadable and moved aside; not run again: {err}"
+                                ),
+                            );
                             outbox.put(&record);
                         }
                         continue;
