@@ -248,3 +248,69 @@ fn keep_credential_hash(secret: &mut Secret) {
         secret.data = Some([(CREDENTIAL_HASH_KEY.to_string(), hash)].into());
     }
 }
+
+/// Writers of every cache, for tests that fill the caches directly.
+#[cfg(test)]
+pub struct TestWriters {
+    pub scripts: reflector::store::Writer<Script>,
+    pub tasks: reflector::store::Writer<Task>,
+    pub workflows: reflector::store::Writer<Workflow>,
+    pub plans: reflector::store::Writer<RemediationPlan>,
+    pub jobs: reflector::store::Writer<PatchJob>,
+    pub agents: reflector::store::Writer<Agent>,
+    pub namespaces: reflector::store::Writer<Namespace>,
+    pub credentials: reflector::store::Writer<Secret>,
+    pub tokens: reflector::store::Writer<Secret>,
+    pub leases: reflector::store::Writer<Lease>,
+}
+
+#[cfg(test)]
+impl Caches {
+    /// Empty caches and their writers.
+    pub fn for_tests() -> (Arc<Self>, TestWriters) {
+        let (scripts, scripts_w) = reflector::store();
+        let (tasks, tasks_w) = reflector::store();
+        let (workflows, workflows_w) = reflector::store();
+        let (plans, plans_w) = reflector::store();
+        let (jobs, jobs_w) = reflector::store();
+        let (agents, agents_w) = reflector::store();
+        let (namespaces, namespaces_w) = reflector::store();
+        let (credentials, credentials_w) = reflector::store();
+        let (tokens, tokens_w) = reflector::store();
+        let (leases, leases_w) = reflector::store();
+        let caches = Arc::new(Self {
+            scripts,
+            tasks,
+            workflows,
+            plans,
+            jobs,
+            agents,
+            namespaces,
+            credentials,
+            tokens,
+            leases,
+            fanouts: Arc::new(Fanouts {
+                scripts: Fanout::new(),
+                tasks: Fanout::new(),
+                workflows: Fanout::new(),
+                plans: Fanout::new(),
+                jobs: Fanout::new(),
+                agents: Fanout::new(),
+            }),
+            job_signals: Arc::default(),
+        });
+        let writers = TestWriters {
+            scripts: scripts_w,
+            tasks: tasks_w,
+            workflows: workflows_w,
+            plans: plans_w,
+            jobs: jobs_w,
+            agents: agents_w,
+            namespaces: namespaces_w,
+            credentials: credentials_w,
+            tokens: tokens_w,
+            leases: leases_w,
+        };
+        (caches, writers)
+    }
+}

@@ -10,12 +10,16 @@ pub mod caches;
 pub mod context;
 pub mod definitions;
 pub mod drain;
+#[cfg(test)]
+pub mod fixtures;
 pub mod jobs;
 pub mod leader;
 pub mod library;
 pub mod metrics;
 pub mod plan;
 pub mod rollout;
+#[cfg(test)]
+mod scenarios;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -15,6 +15,8 @@ pub mod presence;
 pub mod progress;
 pub mod protocol;
 pub mod registration;
+#[cfg(test)]
+mod scenarios;
 pub mod serve;
 
 use std::collections::HashMap;

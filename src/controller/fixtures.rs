@@ -1,0 +1,211 @@
+//! Scenario tests without a server, in the manner of kube-rs/controller-rs `fixtures.rs`:
+//! a [`Context`] (and its gateway) over a mock API server that checks every request a
+//! reconcile or a handler makes, in order, and answers it; caches filled directly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use tower_test::mock::{self, Handle};
+
+use crate::api::agent::AllowedPlans;
+use crate::gateway::auth::{NodePolicy, TokenReviewer};
+use crate::gateway::jobs::JobSigner;
+use crate::gateway::limits::UnauthenticatedLimits;
+use crate::gateway::{Gateway, GatewayConfig};
+
+use super::caches::{Caches, TestWriters};
+use super::context::{Context, Settings};
+use super::metrics::Metrics;
+
+pub const NAMESPACE: &str = "fleetpatch-system";
+pub const KEY: &[u8] = b"test signing key";
+
+/// The mock API server: each call takes the next request the code under test made.
+pub struct ApiServer(Handle<Request<Body>, Response<Body>>);
+
+impl ApiServer {
+    /// Takes the next request, checks its method and path (and that its query contains
+    /// `query`), answers `status` with `reply`, and returns the request's JSON body.
+    pub async fn answer(&mut self, method: &str, path: &str, status: u16, reply: Value) -> Value {
+        self.answer_query(method, path, "", status, reply).await
+    }
+
+    pub async fn answer_query(
+        &mut self,
+        method: &str,
+        path: &str,
+        query: &str,
+        status: u16,
+        reply: Value,
+    ) -> Value {
+        let (request, send) = tokio::time::timeout(Duration::from_secs(5), self.0.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("expected {method} {path}, but no request came"))
+            .expect("the client is gone");
+        let shown = format!("{} {}", request.method(), request.uri());
+        assert_eq!(request.method().as_str(), method, "{shown}");
+        assert_eq!(request.uri().path(), path, "{shown}");
+        assert!(
+            request.uri().query().unwrap_or_default().contains(query),
+            "{shown}: no {query:?} in the query"
+        );
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .header("Content-Type", "application/json")
+                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                .unwrap(),
+        );
+        body
+    }
+
+    /// Answers an Event the recorder publishes; returns the Event.
+    pub async fn event(&mut self, namespace: &str) -> Value {
+        let path = format!("/apis/events.k8s.io/v1/namespaces/{namespace}/events");
+        let event = self.answer("POST", &path, 201, json!({})).await;
+        assert!(event["reason"].is_string(), "{event}");
+        event
+    }
+
+    /// Asserts that nothing more is asked.
+    pub async fn done(mut self) {
+        if let Ok(Some((request, _))) =
+            tokio::time::timeout(Duration::from_millis(50), self.0.next_request()).await
+        {
+            panic!("unexpected {} {}", request.method(), request.uri());
+        }
+    }
+}
+
+/// A TokenReviewer that answers from a table (token → status).
+pub struct FakeReviewer(
+    pub  Vec<(
+        String,
+        k8s_openapi::api::authentication::v1::TokenReviewStatus,
+    )>,
+);
+
+impl TokenReviewer for FakeReviewer {
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+        _audience: &'a str,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<k8s_openapi::api::authentication::v1::TokenReviewStatus, kube::Error>,
+    > {
+        let status = self
+            .0
+            .iter()
+            .find(|(t, _)| t == token)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default();
+        Box::pin(async move { Ok(status) })
+    }
+}
+
+/// A controller's world without a server.
+pub struct Fixture {
+    pub ctx: Arc<Context>,
+    pub server: ApiServer,
+    pub writers: TestWriters,
+}
+
+impl Default for Fixture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        Self::with_reviewer(FakeReviewer(vec![]))
+    }
+
+    pub fn with_reviewer(reviewer: FakeReviewer) -> Self {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let (caches, writers) = Caches::for_tests();
+        let signer = JobSigner::new(KEY);
+        let gateway = Gateway::new(
+            client.clone(),
+            GatewayConfig {
+                namespace: NAMESPACE.into(),
+                node_policy: NodePolicy {
+                    audience: "fleetpatch-gateway".into(),
+                    username: format!("system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"),
+                },
+                node_agent_plans: AllowedPlans::all(),
+                max_wait: Duration::from_millis(200),
+                write_interval: Duration::from_secs(1),
+                write_concurrency: 4,
+                unauthenticated: UnauthenticatedLimits::default(),
+            },
+            caches.for_gateway(),
+            Box::new(reviewer),
+            signer.clone(),
+            caches.job_signals.clone(),
+            Arc::default(),
+        );
+        let ctx = Arc::new(Context {
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "fleetpatch-controller".into(),
+                    instance: Some("test".into()),
+                },
+            ),
+            eviction_client: client.clone(),
+            client,
+            caches,
+            settings: Settings {
+                namespace: NAMESPACE.into(),
+                limits: Default::default(),
+                job_ttl: Duration::from_secs(3600),
+                heartbeat_timeout: Duration::from_secs(45),
+                default_job_deadline: Duration::from_secs(3600),
+                max_node_reboots: 1,
+                workers: 4,
+            },
+            metrics: Arc::new(Metrics::new()),
+            gateway,
+            signer,
+            drain_lock: tokio::sync::Mutex::new(()),
+        });
+        Self {
+            ctx,
+            server: ApiServer(handle),
+            writers,
+        }
+    }
+}
+
+/// Puts `object` into a cache through its writer.
+pub fn cache<K>(writer: &mut kube::runtime::reflector::store::Writer<K>, object: K)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    writer.apply_watcher_event(&watcher::Event::Apply(object));
+}
+
+/// Metadata of a stored object: namespace (if any), uid, resourceVersion, generation 1.
+pub fn stored(name: &str, namespace: Option<&str>) -> kube::api::ObjectMeta {
+    kube::api::ObjectMeta {
+        name: Some(name.into()),
+        namespace: namespace.map(String::from),
+        uid: Some(format!("uid-{name}")),
+        resource_version: Some("7".into()),
+        generation: Some(1),
+        creation_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        )),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,535 @@
+//! Every reconciler, with the exact requests one reconcile makes against a mock API
+//! server (and none when nothing changed).
+
+use std::sync::Arc;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use serde_json::{Value, json};
+
+use crate::api::agent::{Agent, AgentStatus};
+use crate::api::conditions;
+use crate::api::patchjob::{JobPhase, PatchJob, PatchJobStatus, RebootRecord, RebootState};
+use crate::api::plan::RemediationPlan;
+use crate::api::resolve::content_sha256;
+use crate::api::{Script, ScriptStatus, Task, Workflow};
+
+use super::fixtures::{Fixture, NAMESPACE, cache, stored};
+
+/// Runs a reconcile that must make no request: an unanswered request would keep it
+/// waiting, so it must end on its own within a moment.
+async fn quietly<F: std::future::Future>(reconcile: F) -> F::Output {
+    tokio::time::timeout(std::time::Duration::from_secs(2), reconcile)
+        .await
+        .expect("the reconcile made a request (it is waiting for an answer)")
+}
+
+fn typed<K: serde::de::DeserializeOwned>(value: Value) -> K {
+    serde_json::from_value(value).unwrap()
+}
+
+fn script(name: &str) -> Script {
+    let mut script: Script = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Script",
+        "metadata": {"name": name}, "spec": {"language": "Bash", "content": "echo hi"}}),
+    );
+    script.metadata = stored(name, Some("team"));
+    script
+}
+
+fn task(name: &str, script: &str) -> Task {
+    let mut task: Task = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Task",
+        "metadata": {"name": name}, "spec": {"os": "Linux", "type": "RunScript", "runScript": {"scriptRef": {"name": script}}}}),
+    );
+    task.metadata = stored(name, Some("team"));
+    task
+}
+
+fn workflow(name: &str, tasks: &[&str]) -> Workflow {
+    let pre: Vec<Value> = tasks
+        .iter()
+        .map(|t| json!({"taskRef": {"name": t}}))
+        .collect();
+    let mut workflow: Workflow = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Workflow",
+        "metadata": {"name": name}, "spec": {"os": "Linux", "preTasks": pre}}),
+    );
+    workflow.metadata = stored(name, Some("team"));
+    workflow
+}
+
+fn agent(name: &str, status: Option<AgentStatus>) -> Agent {
+    let mut agent: Agent = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
+        "metadata": {"name": name, "labels": {"group": "web"}},
+        "spec": {"mode": "External", "os": "Linux", "allowedPlans": {"namespaces": {"from": "All"}}}}),
+    );
+    let labels = agent.metadata.labels.clone();
+    agent.metadata = stored(name, None);
+    agent.metadata.labels = labels;
+    agent.status = status;
+    agent
+}
+
+fn plan(max_concurrent: i32) -> RemediationPlan {
+    let mut plan: RemediationPlan = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "RemediationPlan",
+        "metadata": {"name": "weekly"},
+        "spec": {"targets": [{"name": "web", "os": "Linux", "selector": {"matchLabels": {"group": "web"}}, "workflowRef": {"name": "flow"}}],
+                 "patches": {"skip": true}, "rollout": {"maxConcurrent": max_concurrent, "maxFailures": 0}}}),
+    );
+    plan.metadata = stored("weekly", Some("team"));
+    plan
+}
+
+fn job(name: &str, status: PatchJobStatus, deadline: Timestamp) -> PatchJob {
+    let mut job: PatchJob = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "PatchJob",
+        "metadata": {"name": name}, "spec": {"agent": "web-1", "plan": "weekly", "run": "m1", "os": "Linux"}}),
+    );
+    job.metadata = stored(name, Some("team"));
+    job.metadata.finalizers = Some(vec![crate::api::common::RUN_FINALIZER.into()]);
+    job.spec.deadline = Some(Time(deadline));
+    job.status = Some(status);
+    job
+}
+
+#[tokio::test]
+async fn a_script_whose_status_is_current_makes_no_request_and_a_new_one_one_status_write() {
+    let Fixture {
+        ctx, mut server, ..
+    } = Fixture::new();
+    let mut current = script("hello");
+    let mut status = ScriptStatus {
+        observed_generation: Some(1),
+        sha256: Some(content_sha256("echo hi")),
+        diagnostics: vec![],
+        conditions: vec![],
+    };
+    conditions::set(
+        &mut status.conditions,
+        "Ready",
+        conditions::TRUE,
+        "Valid",
+        "",
+        Some(1),
+        Timestamp::now(),
+    );
+    current.status = Some(status);
+    quietly(super::definitions::reconcile_script(
+        Arc::new(current),
+        ctx.clone(),
+    ))
+    .await
+    .unwrap();
+    let reconcile = tokio::spawn(super::definitions::reconcile_script(
+        Arc::new(script("hello")),
+        ctx,
+    ));
+    let written = server
+        .answer(
+            "PATCH",
+            "/apis/fleetpatch.io/v1alpha1/namespaces/team/scripts/hello/status",
+            200,
+            json!({}),
+        )
+        .await;
+    assert_eq!(written["status"]["sha256"], content_sha256("echo hi"));
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn a_task_whose_script_is_missing_says_so_once_in_an_event_and_its_status() {
+    let Fixture {
+        ctx, mut server, ..
+    } = Fixture::new();
+    let reconcile = tokio::spawn(super::definitions::reconcile_task(
+        Arc::new(task("say", "missing")),
+        ctx,
+    ));
+    let event = server.event("team").await;
+    assert_eq!(event["reason"], "NotReady");
+    let written = server
+        .answer(
+            "PATCH",
+            "/apis/fleetpatch.io/v1alpha1/namespaces/team/tasks/say/status",
+            200,
+            json!({}),
+        )
+        .await;
+    assert_eq!(written["status"]["conditions"][0]["status"], "False");
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn a_workflow_of_existing_tasks_becomes_ready_in_one_write() {
+    let Fixture {
+        ctx,
+        mut server,
+        mut writers,
+    } = Fixture::new();
+    cache(&mut writers.scripts, script("hello"));
+    cache(&mut writers.tasks, task("say", "hello"));
+    let reconcile = tokio::spawn(super::definitions::reconcile_workflow(
+        Arc::new(workflow("flow", &["say"])),
+        ctx,
+    ));
+    let written = server
+        .answer(
+            "PATCH",
+            "/apis/fleetpatch.io/v1alpha1/namespaces/team/workflows/flow/status",
+            200,
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        written["status"]["conditions"][0]["status"], "True",
+        "{written}"
+    );
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn a_requested_run_with_max_concurrent_one_creates_exactly_one_signed_job() {
+    let Fixture {
+        ctx,
+        mut server,
+        mut writers,
+    } = Fixture::new();
+    cache(&mut writers.scripts, script("hello"));
+    cache(&mut writers.tasks, task("say", "hello"));
+    cache(&mut writers.workflows, workflow("flow", &["say"]));
+    for name in ["web-1", "web-2", "web-3"] {
+        cache(&mut writers.agents, agent(name, None));
+    }
+    let mut plan = plan(1);
+    plan.metadata.annotations = Some(
+        [(
+            crate::api::common::RUN_REQUESTED_ANNOTATION.to_string(),
+            "2026-12-01T12:00:00Z".to_string(),
+        )]
+        .into(),
+    );
+    let reconcile = tokio::spawn(super::plan::reconcile_plan(Arc::new(plan), ctx.clone()));
+    let status_path = "/apis/fleetpatch.io/v1alpha1/namespaces/team/remediationplans/weekly/status";
+    let started = server.answer("PATCH", status_path, 200, json!({})).await;
+    assert_eq!(started["status"]["currentRun"]["id"], "m20261201120000");
+    assert_eq!(server.event("team").await["reason"], "RunStarted");
+    let created = server
+        .answer("POST", "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "PatchJob", "metadata": {"name": "x"}, "spec": {"agent": "web-1", "os": "Linux"}}))
+        .await;
+    assert_eq!(created["spec"]["agent"], "web-1");
+    assert_eq!(
+        created["metadata"]["finalizers"],
+        json!([crate::api::common::RUN_FINALIZER])
+    );
+    let job: PatchJob = typed(created.clone());
+    assert!(ctx.signer.verify(&job), "the job is signed: {created}");
+    let counted = server.answer("PATCH", status_path, 200, json!({})).await;
+    assert_eq!(counted["status"]["currentRun"]["counts"]["pending"], 3);
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn an_unchanged_plan_makes_no_request() {
+    let Fixture {
+        ctx,
+        server,
+        mut writers,
+    } = Fixture::new();
+    cache(&mut writers.scripts, script("hello"));
+    cache(&mut writers.tasks, task("say", "hello"));
+    cache(&mut writers.workflows, workflow("flow", &["say"]));
+    let mut plan = plan(1);
+    let mut status = crate::api::plan::RemediationPlanStatus {
+        observed_generation: Some(1),
+        ..Default::default()
+    };
+    conditions::set(
+        &mut status.conditions,
+        "Ready",
+        conditions::TRUE,
+        "Valid",
+        "",
+        Some(1),
+        Timestamp::now(),
+    );
+    plan.status = Some(status);
+    quietly(super::plan::reconcile_plan(Arc::new(plan), ctx))
+        .await
+        .unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn a_job_past_its_deadline_gets_one_status_write_over_what_was_read_and_one_event() {
+    let Fixture {
+        ctx, mut server, ..
+    } = Fixture::new();
+    let past = Timestamp::now() - SignedDuration::from_mins(5);
+    let running = PatchJobStatus {
+        phase: JobPhase::Running,
+        ..Default::default()
+    };
+    let cached = job("weekly-m1-web-1", running.clone(), past);
+    let reconcile = tokio::spawn(super::jobs::reconcile_job(Arc::new(cached.clone()), ctx));
+    let path = "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs/weekly-m1-web-1";
+    server
+        .answer("GET", path, 200, serde_json::to_value(&cached).unwrap())
+        .await;
+    let written = server
+        .answer("PATCH", &format!("{path}/status"), 200, json!({}))
+        .await;
+    assert_eq!(written["status"]["phase"], "Unknown");
+    assert_eq!(
+        written["metadata"]["resourceVersion"], "7",
+        "written over what was read"
+    );
+    assert_eq!(server.event("team").await["reason"], "DeadlineExceeded");
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn a_finished_job_of_an_ended_run_is_deleted_after_its_ttl_then_let_go() {
+    let Fixture {
+        ctx, mut server, ..
+    } = Fixture::new();
+    let long_ago = Timestamp::now() - SignedDuration::from_hours(5);
+    let done = job(
+        "weekly-m1-web-1",
+        PatchJobStatus {
+            phase: JobPhase::Succeeded,
+            completion_time: Some(Time(long_ago)),
+            ..Default::default()
+        },
+        long_ago,
+    );
+    let path = "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs/weekly-m1-web-1";
+    let reconcile = tokio::spawn(super::jobs::reconcile_job(
+        Arc::new(done.clone()),
+        ctx.clone(),
+    ));
+    server
+        .answer("DELETE", path, 200, serde_json::to_value(&done).unwrap())
+        .await;
+    reconcile.await.unwrap().unwrap();
+    // Deleted (the finalizer holds it) and its run is over: the finalizer goes.
+    let mut deleting = done;
+    deleting.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    let reconcile = tokio::spawn(super::jobs::reconcile_job(Arc::new(deleting.clone()), ctx));
+    let patch = server
+        .answer("PATCH", path, 200, serde_json::to_value(&deleting).unwrap())
+        .await;
+    assert_eq!(patch["metadata"]["finalizers"], json!([]));
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn agents_no_gateway_can_judge_are_judged_by_the_leader_and_others_cost_nothing() {
+    let Fixture {
+        ctx,
+        mut server,
+        mut writers,
+    } = Fixture::new();
+    // Never heard from: one write, Unknown.
+    let reconcile = tokio::spawn(super::agents::reconcile_agent(
+        Arc::new(agent("new", None)),
+        ctx.clone(),
+    ));
+    let written = server
+        .answer(
+            "PATCH",
+            "/apis/fleetpatch.io/v1alpha1/agents/new/status",
+            200,
+            json!({}),
+        )
+        .await;
+    assert_eq!(written["status"]["conditions"][0]["status"], "Unknown");
+    reconcile.await.unwrap().unwrap();
+    // Ready through a replica whose presence Lease is current: nothing to do.
+    let mut ready = AgentStatus {
+        gateway: Some("replica-a".into()),
+        ..Default::default()
+    };
+    conditions::set(
+        &mut ready.conditions,
+        "Ready",
+        conditions::TRUE,
+        "Heartbeat",
+        "",
+        Some(1),
+        Timestamp::now(),
+    );
+    let lease = |renewed: Timestamp| Lease {
+        metadata: stored(
+            &crate::gateway::presence::presence_lease_name("replica-a"),
+            Some(NAMESPACE),
+        ),
+        spec: Some(LeaseSpec {
+            renew_time: Some(MicroTime(renewed)),
+            lease_duration_seconds: Some(20),
+            ..Default::default()
+        }),
+    };
+    cache(&mut writers.leases, lease(Timestamp::now()));
+    quietly(super::agents::reconcile_agent(
+        Arc::new(agent("web-1", Some(ready.clone()))),
+        ctx.clone(),
+    ))
+    .await
+    .unwrap();
+    // The replica went away long ago: not Ready, one write.
+    cache(
+        &mut writers.leases,
+        lease(Timestamp::now() - SignedDuration::from_mins(10)),
+    );
+    let reconcile = tokio::spawn(super::agents::reconcile_agent(
+        Arc::new(agent("web-1", Some(ready))),
+        ctx,
+    ));
+    let written = server
+        .answer(
+            "PATCH",
+            "/apis/fleetpatch.io/v1alpha1/agents/web-1/status",
+            200,
+            json!({}),
+        )
+        .await;
+    assert_eq!(written["status"]["conditions"][0]["reason"], "GatewayGone");
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn a_node_whose_agent_waits_to_reboot_is_claimed_cordoned_and_the_job_told() {
+    let Fixture {
+        ctx,
+        mut server,
+        mut writers,
+    } = Fixture::new();
+    let mut node_agent: Agent = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
+        "metadata": {"name": "node-a"}, "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a"}}),
+    );
+    node_agent.metadata = stored("node-a", None);
+    cache(&mut writers.agents, node_agent);
+    let mut plan = plan(5);
+    plan.status = None;
+    cache(&mut writers.plans, plan);
+    let mut waiting = job(
+        "weekly-m1-node-a",
+        PatchJobStatus {
+            phase: JobPhase::Running,
+            reboot: Some(RebootRecord {
+                state: RebootState::Pending,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Timestamp::now() + SignedDuration::from_hours(1),
+    );
+    waiting.spec.agent = "node-a".into();
+    waiting.spec.node = Some("node-a".into());
+    let signature = ctx.signer.sign("team", "weekly-m1-node-a", &waiting.spec);
+    waiting.metadata.annotations = Some(
+        [(
+            crate::gateway::jobs::SIGNATURE_ANNOTATION.to_string(),
+            signature,
+        )]
+        .into(),
+    );
+    cache(&mut writers.jobs, waiting);
+    let node = Node {
+        metadata: stored("node-a", None),
+        ..Default::default()
+    };
+    let reconcile = tokio::spawn(super::drain::reconcile_node(Arc::new(node), ctx));
+    server
+        .answer(
+            "GET",
+            "/api/v1/nodes",
+            200,
+            json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": []}),
+        )
+        .await;
+    let cordon = server
+        .answer(
+            "PATCH",
+            "/api/v1/nodes/node-a",
+            200,
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}}),
+        )
+        .await;
+    assert_eq!(cordon["spec"]["unschedulable"], true);
+    assert_eq!(
+        cordon["metadata"]["annotations"]["fleetpatch.io/drain-for"],
+        "team/weekly-m1-node-a"
+    );
+    assert_eq!(server.event("default").await["reason"], "Cordoned");
+    let told = server
+        .answer(
+            "PATCH",
+            "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs/weekly-m1-node-a",
+            200,
+            json!({}),
+        )
+        .await;
+    assert!(
+        told["metadata"]["annotations"]["fleetpatch.io/reboot-message"]
+            .as_str()
+            .unwrap()
+            .starts_with("draining node node-a")
+    );
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
+
+#[tokio::test]
+async fn a_forged_job_never_gets_a_node_cordoned() {
+    let Fixture {
+        ctx,
+        server,
+        mut writers,
+    } = Fixture::new();
+    let mut node_agent: Agent = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
+        "metadata": {"name": "node-a"}, "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a"}}),
+    );
+    node_agent.metadata = stored("node-a", None);
+    cache(&mut writers.agents, node_agent);
+    // Unsigned, and for node-b although its agent is node-a's.
+    let mut forged = job(
+        "forged",
+        PatchJobStatus {
+            phase: JobPhase::Running,
+            reboot: Some(RebootRecord {
+                state: RebootState::Pending,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Timestamp::now() + SignedDuration::from_hours(1),
+    );
+    forged.spec.agent = "node-a".into();
+    forged.spec.node = Some("node-b".into());
+    cache(&mut writers.jobs, forged);
+    for name in ["node-a", "node-b"] {
+        let node = Node {
+            metadata: stored(name, None),
+            ..Default::default()
+        };
+        quietly(super::drain::reconcile_node(Arc::new(node), ctx.clone()))
+            .await
+            .unwrap();
+    }
+    server.done().await;
+}

@@ -1,0 +1,377 @@
+//! Every gateway handler over a mock API server: the answers a caller gets, and the
+//! exact requests (often none) the gateway makes for it.
+
+use std::net::SocketAddr;
+
+use axum::body::Body as HttpBody;
+use axum::http::{Request, StatusCode};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use crate::api::agent::Agent;
+use crate::api::patchjob::PatchJob;
+use crate::controller::fixtures::{Fixture, NAMESPACE, cache, stored};
+
+use super::credentials;
+use super::jobs::SIGNATURE_ANNOTATION;
+use super::progress::strip_for_cache;
+
+const BEARER: &str = "Bearer web-1.s3cret";
+
+fn typed<K: serde::de::DeserializeOwned>(value: Value) -> K {
+    serde_json::from_value(value).unwrap()
+}
+
+/// An external host the caches know, with its credential.
+fn known_host(fixture: &mut Fixture) {
+    let mut agent: Agent = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
+        "metadata": {"name": "web-1"}, "spec": {"mode": "External", "os": "Linux", "allowedPlans": {"namespaces": {"from": "All"}}}}),
+    );
+    agent.metadata = stored("web-1", None);
+    cache(&mut fixture.writers.agents, agent);
+    let secret = Secret {
+        metadata: stored("fleetpatch-agent-web-1", Some(NAMESPACE)),
+        data: Some(
+            [(
+                credentials::CREDENTIAL_HASH_KEY.to_string(),
+                ByteString(credentials::hash("s3cret").into_bytes()),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    cache(&mut fixture.writers.credentials, secret);
+}
+
+/// A signed job of web-1, as the API holds it (with its script body).
+fn full_job(fixture: &Fixture) -> PatchJob {
+    let mut job: PatchJob = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "PatchJob",
+        "metadata": {"name": "weekly-m1-web-1"},
+        "spec": {"agent": "web-1", "plan": "weekly", "run": "m1", "os": "Linux",
+                 "preActions": [{"name": "hello", "task": {"name": "hello"}, "type": "RunScript", "timeoutMinutes": 1, "successExitCodes": [0],
+                                 "script": {"source": {"name": "hello"}, "language": "Bash", "content": "echo hi",
+                                            "sha256": crate::api::resolve::content_sha256("echo hi")}}]}}),
+    );
+    job.metadata = stored("weekly-m1-web-1", Some("team"));
+    let signature = fixture
+        .ctx
+        .signer
+        .sign("team", "weekly-m1-web-1", &job.spec);
+    job.metadata.annotations = Some([(SIGNATURE_ANNOTATION.to_string(), signature)].into());
+    job
+}
+
+/// The job as the cache keeps it (no bodies), indexed for its agent.
+fn cached_job(fixture: &mut Fixture, job: &PatchJob) {
+    let mut stripped = job.clone();
+    strip_for_cache(&mut stripped);
+    cache(&mut fixture.writers.jobs, stripped.clone());
+    fixture.ctx.caches.job_signals.observe(&stripped);
+}
+
+async fn call(
+    gateway: &std::sync::Arc<super::Gateway>,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Value,
+) -> (StatusCode, Value) {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("Content-Type", "application/json");
+    if let Some(bearer) = bearer {
+        request = request.header("Authorization", bearer);
+    }
+    let mut request = request
+        .body(HttpBody::from(serde_json::to_vec(&body).unwrap()))
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(axum::extract::ConnectInfo(SocketAddr::from((
+            [192, 0, 2, 1],
+            40000,
+        ))));
+    // A handler that asked the API something nobody answers would wait: it must not.
+    let response = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        gateway.router().oneshot(request),
+    )
+    .await
+    .expect("the handler is waiting for an API answer")
+    .unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn registration_creates_the_agent_and_its_credential_and_only_then_spends_the_token() {
+    let mut fixture = Fixture::new();
+    let token = Secret {
+        metadata: stored("once", Some(NAMESPACE)),
+        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
+        data: Some([("token".to_string(), ByteString(b"only-once".to_vec()))].into()),
+        ..Default::default()
+    };
+    cache(&mut fixture.writers.tokens, token);
+    let request = json!({"name": "web-1", "os": "Linux", "bootstrapToken": "only-once"});
+    let gateway = fixture.ctx.gateway.clone();
+    let gateway =
+        tokio::spawn(
+            async move { call(&gateway, "POST", "/agent/v1/register", None, request).await },
+        );
+    let server = &mut fixture.server;
+    server
+        .answer_query("GET", "/api/v1/nodes", "fieldSelector=metadata.name%3Dweb-1", 200,
+            json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
+        .await;
+    let agent = server
+        .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-1"}, "spec": {"mode": "External", "os": "Linux"}}))
+        .await;
+    assert_eq!(agent["spec"]["mode"], "External");
+    let stored_credential = server
+        .answer("PATCH", &format!("/api/v1/namespaces/{NAMESPACE}/secrets/fleetpatch-agent-web-1"), 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fleetpatch-agent-web-1"}}))
+        .await;
+    let spent = server
+        .answer(
+            "PATCH",
+            &format!("/api/v1/namespaces/{NAMESPACE}/secrets/once"),
+            200,
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "once"}}),
+        )
+        .await;
+    assert_eq!(
+        spent["metadata"]["resourceVersion"], "7",
+        "spent over the version read"
+    );
+    assert_eq!(
+        spent["metadata"]["annotations"][credentials::USED_BY_ANNOTATION],
+        "web-1"
+    );
+    let (status, body) = gateway.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let credential = body["credential"].as_str().unwrap();
+    assert_eq!(
+        stored_credential["data"][credentials::CREDENTIAL_HASH_KEY],
+        json!(base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            credentials::hash(credential)
+        )),
+        "only the hash is stored"
+    );
+    fixture.server.done().await;
+}
+
+#[tokio::test]
+async fn refused_registrations_cost_no_api_request() {
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    let token = Secret {
+        metadata: stored("multi", Some(NAMESPACE)),
+        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
+        data: Some(
+            [
+                ("token".to_string(), ByteString(b"t".to_vec())),
+                ("usage".to_string(), ByteString(b"multi".to_vec())),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    cache(&mut fixture.writers.tokens, token);
+    let register =
+        |name: &str, token: &str| json!({"name": name, "os": "Linux", "bootstrapToken": token});
+    let (status, _) = call(
+        &fixture.ctx.gateway,
+        "POST",
+        "/agent/v1/register",
+        None,
+        register("web-1", "t"),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "an existing agent is never replaced"
+    );
+    let (status, body) = call(
+        &fixture.ctx.gateway,
+        "POST",
+        "/agent/v1/register",
+        None,
+        register("web-2", "guess"),
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::UNAUTHORIZED, json!({"error": "unauthorized"}))
+    );
+    let (status, _) = call(
+        &fixture.ctx.gateway,
+        "POST",
+        "/agent/v1/register",
+        None,
+        register(&"a".repeat(64), "t"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    fixture.server.done().await;
+}
+
+#[tokio::test]
+async fn a_heartbeat_costs_nothing_and_names_the_deleted_job_to_stop() {
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    let mut job = full_job(&fixture);
+    job.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+    cached_job(&mut fixture, &job);
+    let (status, answer) = call(
+        &fixture.ctx.gateway,
+        "POST",
+        "/agent/v1/heartbeat",
+        Some(BEARER),
+        json!({"version": "1"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["cancel"], json!(["uid-weekly-m1-web-1"]));
+    assert!(fixture.ctx.gateway.heartbeats.lock().contains_key("web-1"));
+    let (status, _) = call(
+        &fixture.ctx.gateway,
+        "POST",
+        "/agent/v1/heartbeat",
+        Some("Bearer web-1.wrong"),
+        json!({"version": "1"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    fixture.server.done().await;
+}
+
+#[tokio::test]
+async fn an_assignment_fetches_the_full_job_once_and_hands_out_its_scripts() {
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    let job = full_job(&fixture);
+    cached_job(&mut fixture, &job);
+    let gateway = fixture.ctx.gateway.clone();
+    let asked = tokio::spawn(async move {
+        call(
+            &gateway,
+            "GET",
+            "/agent/v1/assignments",
+            Some(BEARER),
+            Value::Null,
+        )
+        .await
+    });
+    fixture
+        .server
+        .answer(
+            "GET",
+            "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs/weekly-m1-web-1",
+            200,
+            serde_json::to_value(&job).unwrap(),
+        )
+        .await;
+    let (status, body) = asked.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let script = &body["jobs"][0]["spec"]["preActions"][0]["script"];
+    assert_eq!(
+        script["content"],
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "echo hi")
+    );
+    // Asked again: from what it fetched, no second read.
+    let (status, body) = call(
+        &fixture.ctx.gateway,
+        "GET",
+        "/agent/v1/assignments",
+        Some(BEARER),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["jobs"].as_array().unwrap().len(), 1);
+    fixture.server.done().await;
+}
+
+#[tokio::test]
+async fn a_report_is_checked_and_written_over_the_version_it_was_checked_against() {
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    let job = full_job(&fixture);
+    cached_job(&mut fixture, &job);
+    let path = "/agent/v1/jobs/uid-weekly-m1-web-1/progress";
+    let (status, ack) = call(&fixture.ctx.gateway, "POST", path, Some(BEARER),
+        json!({"sequence": 2, "status": {"phase": "Succeeded", "preActions": [{"name": "hello", "phase": "Succeeded", "exitCode": 0}]}})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        ack["acknowledgedSequence"], 0,
+        "nothing acknowledged before it is written"
+    );
+    let (status, _) = call(
+        &fixture.ctx.gateway,
+        "POST",
+        path,
+        Some(BEARER),
+        json!({"sequence": 3, "status": {"phase": "Unknown"}}),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "a phase only the controller sets"
+    );
+    let gateway = fixture.ctx.gateway.clone();
+    let flush = tokio::spawn(async move { gateway.flush().await });
+    let written = fixture
+        .server
+        .answer("PATCH", "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs/weekly-m1-web-1/status", 200,
+            json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "PatchJob", "metadata": {"name": "weekly-m1-web-1", "resourceVersion": "8"}, "spec": {"agent": "web-1", "os": "Linux"}}))
+        .await;
+    flush.await.unwrap();
+    assert_eq!(written["metadata"]["resourceVersion"], "7");
+    assert_eq!(written["status"]["phase"], "Succeeded");
+    assert_eq!(written["status"]["lastSequence"], 2);
+    assert!(
+        written["status"]["completionTime"].is_string(),
+        "the gateway stamps it"
+    );
+    let (_, ack) = call(
+        &fixture.ctx.gateway,
+        "POST",
+        path,
+        Some(BEARER),
+        json!({"sequence": 2, "status": {"phase": "Succeeded"}}),
+    )
+    .await;
+    assert_eq!(ack["acknowledgedSequence"], 2);
+    fixture.server.done().await;
+}
+
+#[tokio::test]
+async fn an_external_host_may_reboot_for_its_own_running_job_and_a_stranger_may_not_ask() {
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    let job = full_job(&fixture);
+    cached_job(&mut fixture, &job);
+    let path = "/agent/v1/jobs/uid-weekly-m1-web-1/reboot";
+    let (status, decision) =
+        call(&fixture.ctx.gateway, "GET", path, Some(BEARER), Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(decision["verdict"], "Approved");
+    let (status, _) = call(&fixture.ctx.gateway, "GET", path, None, Value::Null).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    fixture.server.done().await;
+}
