@@ -299,7 +299,7 @@ mod tests {
         let aside: Vec<_> = std::fs::read_dir(dir.path().join("jobs/corrupt"))
             .unwrap()
             .collect();
-        assert_eq!(aside.len(), 1, "kept for a person to look at");
+        assert_eq!(aside.len(), 2, "both kept for a person to look at");
         assert_eq!(
             journal.all().unwrap().len(),
             1,
