@@ -6,8 +6,8 @@
 //! messages follow the API server's wording so a person sees the same thing in CI as
 //! at `kubectl apply`.
 
+use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
 
 use regex::Regex;
 use serde_json::Value;
@@ -146,9 +146,7 @@ fn join(path: &str, field: &str) -> String {
 
 fn compiled(pattern: &str) -> Option<Regex> {
     static CACHE: Mutex<Option<HashMap<String, Option<Regex>>>> = Mutex::new(None);
-    let mut cache = CACHE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut cache = CACHE.lock();
     cache
         .get_or_insert_with(HashMap::new)
         .entry(pattern.to_string())

@@ -1,6 +1,6 @@
 //! Prometheus metrics of the controller and gateway, prefixed `fleetpatch_`.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -110,7 +110,7 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let registry = self.registry.lock();
         prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("metrics encode to a String");
         out

@@ -240,12 +240,13 @@ fn kind_schema(kind: &ResourceKind) -> Value {
 /// (free-form JSON, raw extensions, and references nested too deep to inline)
 /// preserve unknown fields, so only fields the schema positively lacks are caught.
 pub fn builtin_field_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
+    use parking_lot::Mutex;
     use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
+    use std::sync::OnceLock;
     static CACHE: OnceLock<Mutex<HashMap<String, Option<Arc<Value>>>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Mutex::default);
     let key = format!("{group}/{plural}");
-    if let Some(found) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+    if let Some(found) = cache.lock().get(&key) {
         return found.clone();
     }
     let mut generator = SchemaSettings::openapi3()
@@ -260,10 +261,7 @@ pub fn builtin_field_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
             &mut vec![name.clone()],
         )))
     });
-    cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key, computed.clone());
+    cache.lock().insert(key, computed.clone());
     computed
 }
 
@@ -272,12 +270,13 @@ pub fn builtin_field_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
 /// out): lists of containers, volumes, env, ports and conditions are maps by their key
 /// fields, label selectors are atomic. Server-side apply and managedFields use it.
 pub fn builtin_ownership_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
+    use parking_lot::Mutex;
     use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
+    use std::sync::OnceLock;
     static CACHE: OnceLock<Mutex<HashMap<String, Option<Arc<Value>>>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Mutex::default);
     let key = format!("{group}/{plural}");
-    if let Some(found) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+    if let Some(found) = cache.lock().get(&key) {
         return found.clone();
     }
     let computed = builtin_field_schema(group, plural).map(|schema| {
@@ -285,10 +284,7 @@ pub fn builtin_ownership_schema(group: &str, plural: &str) -> Option<Arc<Value>>
         declare_list_semantics(&mut schema);
         Arc::new(schema)
     });
-    cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key, computed.clone());
+    cache.lock().insert(key, computed.clone());
     computed
 }
 

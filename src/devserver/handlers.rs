@@ -152,12 +152,7 @@ pub async fn dispatch(
         )
     {
         let key = format!("{method} {}", written_resource(&path));
-        *server
-            .writes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
-            .or_default() += 1;
+        *server.writes.lock().entry(key).or_default() += 1;
     }
     tracing::debug!(
         %method,
@@ -192,12 +187,7 @@ fn written_resource(path: &str) -> String {
 /// Write counters in the Prometheus text format.
 fn write_metrics(server: &Server) -> String {
     let mut out = String::from("# TYPE fleetpatch_devserver_writes_total counter\n");
-    for (key, count) in server
-        .writes
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-    {
+    for (key, count) in server.writes.lock().iter() {
         let (verb, resource) = key.split_once(' ').unwrap_or((key, ""));
         out.push_str(&format!(
             "fleetpatch_devserver_writes_total{{verb=\"{verb}\",resource=\"{resource}\"}} {count}\n"

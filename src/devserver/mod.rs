@@ -100,7 +100,7 @@ pub struct Server {
     pub bookmark_interval: Duration,
     /// Successful writes by verb and resource, served at `/metrics` so benchmarks can
     /// count what a component costs the API server.
-    pub writes: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    pub writes: parking_lot::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Server {

@@ -3,7 +3,9 @@
 //! declares, with their compiled schemas and printer columns. Looked up by
 //! group/version/plural for routing and by group/kind for discovery and OpenAPI.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use kube::core::cel::CompiledSchema;
 use serde_json::Value;
@@ -475,7 +477,7 @@ impl Registry {
     }
 
     pub fn all(&self) -> Arc<Vec<Arc<ResourceKind>>> {
-        self.kinds.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.kinds.read().clone()
     }
 
     /// Rebuilds the custom kinds from the given CRDs (those not being deleted).
@@ -487,7 +489,7 @@ impl Registry {
             }
             kinds.extend(kinds_of_crd(crd));
         }
-        *self.kinds.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(kinds);
+        *self.kinds.write() = Arc::new(kinds);
     }
 
     pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceKind>> {
