@@ -16,9 +16,7 @@ use crate::gateway::jobs::JobSigner;
 
 use super::caches::Caches;
 use super::metrics::Metrics;
-
-/// Field manager of the controller's writes.
-pub const FIELD_MANAGER: &str = "fleetpatch.io/controller";
+use crate::api_errors;
 
 /// Controller settings.
 #[derive(Clone, Debug)]
@@ -60,18 +58,15 @@ pub struct Context {
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("{0}")]
-    Invalid(String),
 }
 
 impl Error {
     /// Short label for Events and metrics.
     pub fn category(&self) -> &'static str {
         match self {
-            Self::Kube(kube::Error::Api(status)) if status.code == 429 => "Throttled",
-            Self::Kube(kube::Error::Api(status)) if status.code == 409 => "Conflict",
+            Self::Kube(err) if api_errors::is_throttled(err) => "Throttled",
+            Self::Kube(err) if api_errors::is_conflict(err) => "Conflict",
             Self::Kube(_) => "ApiError",
-            Self::Invalid(_) => "InvalidSpec",
         }
     }
 }
@@ -129,7 +124,7 @@ impl Context {
         let body = json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "metadata": metadata, "status": status});
         api.patch_status(
             &object.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
+            &PatchParams::apply(crate::field_manager::CONTROLLER).force(),
             &Patch::Apply(&body),
         )
         .await?;

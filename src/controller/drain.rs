@@ -29,6 +29,7 @@ use serde_json::json;
 use crate::api::common::{REBOOT_DECISION_ANNOTATION, REBOOT_MESSAGE_ANNOTATION};
 use crate::api::patchjob::{PatchJob, RebootState};
 use crate::api::plan::{DrainSettings, RemediationPlan};
+use crate::api_errors;
 
 use super::context::{Context, Error};
 
@@ -405,7 +406,7 @@ async fn drain(ctx: &Context, node: &Node, job: &PatchJob) -> Result<Action, Err
                         tracing::info!(node = %name, pod = %pod_key, "evicted");
                         left.push(pod_key);
                     }
-                    Err(kube::Error::Api(status)) if status.code == 404 => {}
+                    Err(err) if api_errors::is_not_found(&err) => {}
                     Err(kube::Error::Api(status)) if status.code == 429 => {
                         blocked.push(format!("{pod_key} ({})", status.message));
                         left.push(pod_key);

@@ -23,6 +23,7 @@ use crate::api::patchjob::{ActionPhase, JobPhase, PatchJob, PatchJobStatus};
 
 use super::context::{Context, Error};
 use super::plan::run_is_open;
+use crate::api_errors;
 
 /// The status of a job past its deadline without a final report, or `None` when it is
 /// not (finished, no deadline, or not yet due).
@@ -112,7 +113,7 @@ pub async fn reconcile_job(job: Arc<PatchJob>, ctx: Arc<Context>) -> Result<Acti
                 .await
             {
                 Ok(_) => {}
-                Err(err) if crate::api_errors::is_not_found(&err) => {}
+                Err(err) if api_errors::is_not_found(&err) => {}
                 Err(err) => return Err(err.into()),
             }
             return Ok(Action::await_change());
@@ -150,7 +151,7 @@ pub async fn reconcile_job(job: Arc<PatchJob>, ctx: Arc<Context>) -> Result<Acti
         .await
     {
         Ok(()) => {}
-        Err(Error::Kube(kube::Error::Api(err))) if err.code == 409 => {
+        Err(Error::Kube(err)) if api_errors::is_conflict(&err) => {
             return Ok(Action::requeue(Duration::from_secs(1)));
         }
         Err(err) => return Err(err),
@@ -187,11 +188,7 @@ async fn release_finalizer(api: &Api<PatchJob>, job: &PatchJob) -> Result<(), Er
         .await
     {
         Ok(_) => Ok(()),
-        Err(err)
-            if crate::api_errors::is_not_found(&err) || crate::api_errors::is_conflict(&err) =>
-        {
-            Ok(())
-        }
+        Err(err) if api_errors::is_not_found(&err) || api_errors::is_conflict(&err) => Ok(()),
         Err(err) => Err(err.into()),
     }
 }

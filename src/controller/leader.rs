@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use crate::api_errors;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -83,7 +84,7 @@ pub async fn try_acquire(client: &Client, settings: &LeaseSettings) -> Result<bo
             };
             match api.create(&PostParams::default(), &lease).await {
                 Ok(_) => Ok(true),
-                Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+                Err(err) if api_errors::is_conflict(&err) => Ok(false),
                 Err(err) => Err(err),
             }
         }
@@ -106,7 +107,7 @@ pub async fn try_acquire(client: &Client, settings: &LeaseSettings) -> Result<bo
                 .await
             {
                 Ok(_) => Ok(true),
-                Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+                Err(err) if api_errors::is_conflict(&err) => Ok(false),
                 Err(err) => Err(err),
             }
         }

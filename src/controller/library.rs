@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::api::library::Library;
 
-use super::context::FIELD_MANAGER;
+use crate::field_manager;
 
 async fn apply_all<K>(client: &Client, namespace: &str, objects: &[K]) -> Result<(), kube::Error>
 where
@@ -30,7 +30,7 @@ where
         body.as_object_mut().expect("object").remove("status");
         api.patch(
             &object.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
+            &PatchParams::apply(field_manager::CONTROLLER).force(),
             &Patch::Apply(&body),
         )
         .await?;

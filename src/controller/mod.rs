@@ -44,6 +44,7 @@ use crate::gateway::limits::UnauthenticatedLimits;
 use crate::gateway::serve::{self, ServeLimits};
 use crate::gateway::{Gateway, GatewayConfig};
 
+use crate::api_errors;
 use caches::Caches;
 use context::{Context, Error, Settings};
 use metrics::Metrics;
@@ -271,7 +272,7 @@ async fn signing_key(client: &Client, namespace: &str) -> anyhow::Result<JobSign
         match secrets.create(&PostParams::default(), &secret).await {
             Ok(_) => return Ok(JobSigner::new(&key)),
             // Another replica made it first: read theirs.
-            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            Err(err) if api_errors::is_conflict(&err) => continue,
             Err(err) => return Err(err.into()),
         }
     }
@@ -466,8 +467,7 @@ where
     tracing::warn!(kind = %K::kind(&()), error = %error, "reconcile failed");
     let jitter = Duration::from_millis(u64::from(rand::random::<u16>() % 1000));
     match error {
-        Error::Invalid(_) => Action::await_change(),
-        Error::Kube(kube::Error::Api(status)) if status.code == 429 => {
+        Error::Kube(err) if api_errors::is_throttled(err) => {
             Action::requeue(Duration::from_secs(10) + jitter * 5)
         }
         _ => Action::requeue(Duration::from_secs(2) + jitter),

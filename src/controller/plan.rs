@@ -29,6 +29,7 @@ use crate::gateway::jobs::SIGNATURE_ANNOTATION;
 
 use super::context::{Context, Error};
 use super::rollout::{FleetAgent, RunJob, plan_rollout};
+use crate::api_errors;
 
 /// Most failures kept in a run's status.
 pub const MAX_FAILURES_LISTED: usize = 20;
@@ -504,7 +505,7 @@ async fn create_job(
 ) -> Result<Option<RunFailure>, Error> {
     let job_name = job.name_any();
     let params = PostParams {
-        field_manager: Some(super::context::FIELD_MANAGER.into()),
+        field_manager: Some(crate::field_manager::CONTROLLER.into()),
         ..Default::default()
     };
     match api.create(&params, &job).await {
@@ -530,7 +531,7 @@ async fn create_job(
             }
         }
         // Created by an earlier incarnation of this controller: nothing to do.
-        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(err) if api_errors::is_conflict(&err) => {}
         Err(err) => return Err(err.into()),
     }
     Ok(None)

@@ -39,9 +39,6 @@ use jobs::{JobSignals, JobSigner};
 use limits::{SourceLimiter, UnauthenticatedLimits};
 use protocol::{ErrorBody, Heartbeat};
 
-/// Field manager of the gateway's writes to Agents and credentials.
-pub const FIELD_MANAGER_GATEWAY: &str = "fleetpatch.io/gateway";
-
 /// The last heartbeat of one agent.
 #[derive(Clone, Debug)]
 pub struct HeartbeatRecord {

@@ -20,8 +20,10 @@ use sha2::{Digest, Sha256};
 
 use crate::api::agent::{Agent, AgentStatus};
 use crate::api::conditions;
+use crate::api_errors;
 
-use super::{FIELD_MANAGER_GATEWAY, Gateway, HeartbeatRecord};
+use super::{Gateway, HeartbeatRecord};
+use crate::field_manager;
 
 /// Prefix of the replicas' presence Leases.
 pub const PRESENCE_LEASE_PREFIX: &str = "fleetpatch-gateway-";
@@ -155,7 +157,7 @@ impl Gateway {
                 match leases
                     .patch(
                         &lease_name,
-                        &PatchParams::apply(FIELD_MANAGER_GATEWAY).force(),
+                        &PatchParams::apply(field_manager::GATEWAY).force(),
                         &Patch::Apply(&lease),
                     )
                     .await
@@ -204,7 +206,7 @@ impl Gateway {
             match agents
                 .patch_status(
                     &name,
-                    &PatchParams::apply(crate::controller::context::FIELD_MANAGER).force(),
+                    &PatchParams::apply(field_manager::CONTROLLER).force(),
                     &Patch::Apply(&body),
                 )
                 .await
@@ -215,7 +217,7 @@ impl Gateway {
                     }
                 }
                 // Someone else wrote it meanwhile; the next round looks again.
-                Err(kube::Error::Api(err)) if err.code == 409 || err.code == 404 => {}
+                Err(err) if api_errors::is_conflict(&err) || api_errors::is_not_found(&err) => {}
                 Err(err) => {
                     tracing::warn!(agent = %name, error = %err, "cannot write an Agent's status")
                 }

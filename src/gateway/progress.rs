@@ -15,7 +15,8 @@ use serde_json::json;
 
 use crate::api::agent::Agent;
 use crate::api::patchjob::{PatchJob, PatchJobSpec, PatchJobStatus};
-use crate::controller::context::FIELD_MANAGER;
+use crate::api_errors;
+use crate::field_manager;
 
 use super::auth::Identity;
 use super::coalesce::Accepted;
@@ -286,7 +287,7 @@ impl Gateway {
             match api
                 .patch_status(
                     &name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &PatchParams::apply(field_manager::CONTROLLER).force(),
                     &Patch::Apply(&body),
                 )
                 .await
@@ -301,11 +302,11 @@ impl Gateway {
                     }
                     return;
                 }
-                Err(kube::Error::Api(err)) if err.code == 404 => {
+                Err(err) if api_errors::is_not_found(&err) => {
                     self.progress.lock().forget(&uid);
                     return;
                 }
-                Err(kube::Error::Api(err)) if err.code == 409 => match api.get_opt(&name).await {
+                Err(err) if api_errors::is_conflict(&err) => match api.get_opt(&name).await {
                     Ok(Some(fresh)) if fresh.uid().as_deref() == Some(uid.as_str()) => {
                         if fresh.status.as_ref().is_some_and(|s| s.phase.is_finished()) {
                             tracing::info!(job = %name, "the job finished meanwhile; a late report is dropped");
