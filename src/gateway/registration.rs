@@ -15,6 +15,7 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 
 use crate::api::agent::{Agent, AgentMode, AgentSpec, AllowedPlans, agent_name_problem};
+use crate::api_errors;
 
 use super::auth::{Identity, credential_secret_name};
 use super::credentials::{
@@ -22,12 +23,15 @@ use super::credentials::{
     USED_BY_ANNOTATION,
 };
 use super::protocol::{RegisterRequest, RegisterResponse};
-use super::{FIELD_MANAGER_GATEWAY, Gateway, Refusal};
+use super::{Gateway, Refusal};
+use crate::field_manager;
 
 /// Longest bootstrap token looked at.
 const MAX_TOKEN: usize = 4096;
 /// Most labels a host may ask for.
 const MAX_LABELS: usize = 32;
+/// How long a registration waits for this replica's caches to show what it wrote.
+const SETTLE_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
 /// Label prefixes Kubernetes reserves (the gateway sets `kubernetes.io/os` itself).
 const RESERVED_PREFIXES: [&str; 2] = ["kubernetes.io/", "k8s.io/"];
 
@@ -101,6 +105,12 @@ impl Gateway {
             return Err(refusal);
         }
         tracing::info!(agent = %name, token = %token.secret_name, %source, "external agent registered");
+        self.settle(
+            name,
+            AgentMode::External,
+            Some(&credentials::hash(&credential)),
+        )
+        .await;
         Ok(RegisterResponse {
             agent: name.to_string(),
             credential: Some(credential),
@@ -153,11 +163,12 @@ impl Gateway {
         agents
             .patch(
                 node,
-                &PatchParams::apply(FIELD_MANAGER_GATEWAY).force(),
+                &PatchParams::apply(field_manager::GATEWAY).force(),
                 &Patch::Apply(&body),
             )
             .await
             .map_err(|err| Refusal::internal("applying a node Agent", err))?;
+        self.settle(node, AgentMode::Node, None).await;
         Ok(RegisterResponse {
             agent: node.to_string(),
             credential: None,
@@ -197,6 +208,39 @@ impl Gateway {
         Err(refuse("no bootstrap token matches"))
     }
 
+    /// Waits, bounded, until this replica's caches hold what a registration wrote, so
+    /// the host's first request after the answer is not refused for a watch that has
+    /// not caught up. Past the bound the answer goes out anyway: the objects exist, and
+    /// an agent refused once retries.
+    async fn settle(&self, agent: &str, mode: AgentMode, credential_hash: Option<&str>) {
+        let cached = || {
+            let agent_cached = self
+                .caches
+                .agents
+                .get(&ObjectRef::new(agent))
+                .is_some_and(|cached| cached.spec.mode == mode);
+            let credential_cached = credential_hash.is_none_or(|hash| {
+                self.caches
+                    .credentials
+                    .get(
+                        &ObjectRef::new(&credential_secret_name(agent))
+                            .within(&self.config.namespace),
+                    )
+                    .and_then(|secret| secret.data.as_ref()?.get(CREDENTIAL_HASH_KEY).cloned())
+                    .is_some_and(|ByteString(stored)| stored == hash.as_bytes())
+            });
+            agent_cached && credential_cached
+        };
+        let deadline = tokio::time::Instant::now() + SETTLE_BOUND;
+        while !cached() {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(%agent, "the gateway's caches did not show a registration within {SETTLE_BOUND:?}; answering anyway");
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     async fn is_node(&self, name: &str) -> Result<bool, Refusal> {
         let nodes: Api<Node> = Api::all(self.client.clone());
         let found = nodes
@@ -233,12 +277,12 @@ impl Gateway {
         };
         let agents: Api<Agent> = Api::all(self.client.clone());
         let params = PostParams {
-            field_manager: Some(FIELD_MANAGER_GATEWAY.into()),
+            field_manager: Some(field_manager::GATEWAY.into()),
             ..Default::default()
         };
         match agents.create(&params, &agent).await {
             Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 409 => Err(Refusal::Conflict(format!(
+            Err(err) if api_errors::is_conflict(&err) => Err(Refusal::Conflict(format!(
                 "agent {} is already registered",
                 request.name
             ))),
@@ -268,7 +312,7 @@ impl Gateway {
         self.secrets()
             .patch(
                 &credential_secret_name(agent),
-                &PatchParams::apply(FIELD_MANAGER_GATEWAY).force(),
+                &PatchParams::apply(field_manager::GATEWAY).force(),
                 &Patch::Apply(&secret),
             )
             .await
@@ -292,7 +336,7 @@ impl Gateway {
             .await
         {
             Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 409 || status.code == 404 => {
+            Err(err) if api_errors::is_conflict(&err) || api_errors::is_not_found(&err) => {
                 tracing::info!(token = %token.secret_name, %agent, "a single-use bootstrap token was used by another host first");
                 Err(Refusal::Unauthorized)
             }

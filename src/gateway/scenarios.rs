@@ -159,6 +159,21 @@ async fn registration_creates_the_agent_and_its_credential_and_only_then_spends_
         spent["metadata"]["annotations"][credentials::USED_BY_ANNOTATION],
         "web-1"
     );
+    // The answer waits until this replica's watches show the Agent and the credential,
+    // or the host's first request would be refused.
+    let mut gateway = gateway;
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), &mut gateway)
+            .await
+            .is_err(),
+        "answered before the caches held the registration"
+    );
+    let mut watched: Agent = serde_json::from_value(agent).unwrap();
+    watched.metadata = stored("web-1", None);
+    cache(&mut fixture.writers.agents, watched);
+    let mut watched: Secret = serde_json::from_value(stored_credential.clone()).unwrap();
+    watched.metadata = stored("fleetpatch-agent-web-1", Some(NAMESPACE));
+    cache(&mut fixture.writers.credentials, watched);
     let (status, body) = gateway.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
     let credential = body["credential"].as_str().unwrap();
