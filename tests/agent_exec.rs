@@ -668,3 +668,270 @@ fn at_most_one_reboot_per_job() {
         "one reboot for two requests"
     );
 }
+
+/// Live processes (not zombies) that mention `needle` in their command line or
+/// environment: what an action under `needle`'s scratch directory left running.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        {
+            continue;
+        }
+        let read = |file: &str| std::fs::read(format!("/proc/{pid}/{file}")).unwrap_or_default();
+        let mentions = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).contains(needle);
+        if mentions(read("cmdline")) || mentions(read("environ")) {
+            found.push(format!(
+                "{pid}: {}",
+                String::from_utf8_lossy(&read("cmdline")).replace('\0', " ")
+            ));
+        }
+    }
+    found
+}
+
+/// Waits (bounded) until no live process mentions `needle`; returns those that remain.
+fn leftovers(needle: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let found = processes_mentioning(needle);
+        if found.is_empty() || Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Scripts that start a process which would touch `$DIR/NAME` three seconds later, each
+/// escaping the script's process group its own way, and then either hang until their
+/// timeout or exit at once.
+fn escapes(hang: bool) -> Vec<(&'static str, String)> {
+    let rest = if hang {
+        "echo started; sleep 300"
+    } else {
+        "echo started; exit 0"
+    };
+    let touch = |name: &str| format!("sleep 3; touch \"$DIR/{name}\"");
+    vec![
+        (
+            "double-fork",
+            format!("( sh -c '{}' & ) \n{rest}", touch("double-fork")),
+        ),
+        (
+            "setsid",
+            format!("setsid sh -c '{}' &\n{rest}", touch("setsid")),
+        ),
+        (
+            "nohup",
+            format!("nohup sh -c '{}' >/dev/null 2>&1 &\n{rest}", touch("nohup")),
+        ),
+        // No marker variable survives `env -i`: only the subreaper (or a cgroup) finds it.
+        (
+            "cleared-env",
+            format!(
+                "setsid env -i DIR=\"$DIR\" sh -c 'sleep 3; touch \"$DIR/cleared-env\"' &\n{rest}"
+            ),
+        ),
+    ]
+}
+
+fn contained_host(hang: bool) -> (Host, Vec<&'static str>) {
+    let mut manifests = String::new();
+    let mut names = Vec::new();
+    for (name, body) in escapes(hang) {
+        manifests +=
+            &run_script(name, &body, "").replace("  timeoutMinutes: 5\n", "  timeoutMinutes: 1\n");
+        names.push(name);
+    }
+    manifests += &workflow("escapes", &[], &names, "{post: Continue}");
+    (Host::new(&manifests), names)
+}
+
+#[test]
+fn nothing_an_action_starts_outlives_its_timeout() {
+    let (host, names) = contained_host(true);
+    let (_, status) = host.exec_json("escapes", &[]);
+    for (name, result) in names.iter().zip(&status.post_actions) {
+        assert_eq!(result.phase, ActionPhase::TimedOut, "{name}: {result:?}");
+    }
+    let scratch = host.dir.path().display().to_string();
+    assert_eq!(leftovers(&scratch), Vec::<String>::new(), "still running");
+    for name in names {
+        assert!(!host.path(name).exists(), "{name} wrote its file");
+    }
+}
+
+#[test]
+fn nothing_a_finished_action_started_outlives_it_and_the_message_says_so() {
+    let (host, names) = contained_host(false);
+    let (code, status) = host.exec_json("escapes", &[]);
+    assert_eq!(code, 0, "{status:?}");
+    for (name, result) in names.iter().zip(&status.post_actions) {
+        assert_eq!(result.phase, ActionPhase::Succeeded, "{name}: {result:?}");
+        assert!(
+            result
+                .message
+                .contains("were still running when it ended and were killed"),
+            "{name}: {}",
+            result.message
+        );
+    }
+    let scratch = host.dir.path().display().to_string();
+    assert_eq!(leftovers(&scratch), Vec::<String>::new(), "still running");
+    for name in names {
+        assert!(!host.path(name).exists(), "{name} wrote its file");
+    }
+}
+
+#[test]
+fn what_an_action_left_running_when_the_agent_was_killed_ends_when_it_restarts() {
+    let body = "setsid sh -c 'sleep 300' &\nnohup sh -c 'sleep 300' >/dev/null 2>&1 &\n( sh -c 'sleep 300' & )\necho ready > \"$DIR/ready\"\nsleep 300";
+    let manifests =
+        run_script("daemons", body, "") + &workflow("crash", &["daemons"], &[], "{pre: Continue}");
+    let host = Host::new(&manifests);
+    let mut agent = host
+        .command("crash", &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !host.path("ready").exists() {
+        assert!(Instant::now() < deadline, "the action never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    agent.wait().unwrap();
+    let scratch = host.dir.path().display().to_string();
+    assert!(
+        processes_mentioning(&scratch).len() >= 4,
+        "the daemons outlived the agent, as they would after a crash"
+    );
+    let (_, status) = host.exec_json("crash", &[]);
+    assert_eq!(phases(&status.pre_actions), [ActionPhase::Interrupted]);
+    assert_eq!(
+        leftovers(&scratch),
+        Vec::<String>::new(),
+        "still running after the restart"
+    );
+}
+
+#[test]
+fn an_action_over_its_memory_limit_fails_and_says_why() {
+    // The shell keeps the whole command substitution in memory: 256 MiB of it.
+    let body = "s=$(head -c 268435456 /dev/zero | tr '\\0' x)\necho \"got ${#s}\"";
+    let manifests = run_script("hungry", body, "  limits: {maxMemory: 32Mi}\n")
+        + &run_script(
+            "modest",
+            "echo fine",
+            "  limits: {maxMemory: 32Mi, cpuWeight: 50}\n",
+        )
+        + &workflow("memory", &[], &["hungry", "modest"], "{post: Continue}");
+    let host = Host::new(&manifests);
+    let (_, status) = host.exec_json("memory", &[]);
+    let hungry = &status.post_actions[0];
+    assert_eq!(hungry.phase, ActionPhase::Failed, "{hungry:?}");
+    assert!(
+        hungry.message.contains("maxMemory 32Mi"),
+        "{}",
+        hungry.message
+    );
+    assert!(
+        !hungry.message.contains("got 268435456"),
+        "{}",
+        hungry.message
+    );
+    assert_eq!(status.post_actions[1].phase, ActionPhase::Succeeded);
+}
+
+/// A fresh cgroup v2 directory for one test, removed at the end, where this machine
+/// lets the test make one; else why not.
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn new() -> Result<Self, String> {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+        let mount = mounts
+            .lines()
+            .find_map(|line| {
+                let (fields, rest) = line.split_once(" - ")?;
+                (rest.starts_with("cgroup2 "))
+                    .then(|| fields.split(' ').nth(4).map(PathBuf::from))?
+            })
+            .ok_or("no cgroup2 file system is mounted")?;
+        let dir = mount.join(format!("fleetpatch-test-{}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let cgroup = TestCgroup(dir);
+        if !cgroup.0.join("cgroup.kill").exists() {
+            return Err("the kernel has no cgroup.kill (before 5.14)".into());
+        }
+        Ok(cgroup)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn with_a_cgroup_each_action_has_its_own_and_it_ends_with_cgroup_kill() {
+    let cgroup = match TestCgroup::new() {
+        Ok(cgroup) => cgroup,
+        Err(why)
+            if std::env::var("CI").as_deref() == Ok("true") && nix::unistd::geteuid().is_root() =>
+        {
+            panic!("CI runs as root with cgroup v2, so this test must run: {why}")
+        }
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let body = "cat /proc/self/cgroup > \"$DIR/cgroup\"\nsetsid env -i DIR=\"$DIR\" sh -c 'sleep 3; touch \"$DIR/escaped\"' &\nsleep 300";
+    let manifests = run_script("boxed", body, "")
+        .replace("  timeoutMinutes: 5\n", "  timeoutMinutes: 1\n")
+        + &workflow("boxed", &[], &["boxed"], "{post: Continue}");
+    let host = Host::new(&manifests);
+    let base = cgroup.0.display().to_string();
+    let (_, status) = host.exec_json("boxed", &["--action-cgroup", &base]);
+    assert_eq!(
+        status.post_actions[0].phase,
+        ActionPhase::TimedOut,
+        "{status:?}"
+    );
+    let seen = std::fs::read_to_string(host.path("cgroup")).unwrap();
+    let name = cgroup.0.file_name().unwrap().to_str().unwrap();
+    assert!(seen.contains(&format!("/{name}/action-")), "{seen}");
+    let scratch = host.dir.path().display().to_string();
+    assert_eq!(leftovers(&scratch), Vec::<String>::new(), "still running");
+    assert!(!host.path("escaped").exists());
+    let children: Vec<_> = std::fs::read_dir(&cgroup.0)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        children.is_empty(),
+        "the action's cgroup was left: {children:?}"
+    );
+}

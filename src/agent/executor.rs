@@ -20,6 +20,7 @@ use crate::api::plan::RebootPolicy;
 use crate::api::task::TaskType;
 use crate::api::workflow::{PostFailurePolicy, PreFailurePolicy};
 
+use super::containment::{self, Limits};
 use super::download;
 use super::journal::{JobRecord, Journal, JournalError};
 use super::outcome::{ExitOutcome, detection_says_install};
@@ -31,7 +32,7 @@ use super::script::{self, ScriptRun};
 
 /// Files in the job directory naming the process group of the running action and
 /// the boot it started in.
-const RUNNING_GROUP_FILE: &str = "running.pgid";
+const RUNNING_FILE: &str = "running.json";
 const RUNNING_BOOT_FILE: &str = "running.boot";
 
 /// Environment variable holding the verified installer's path for install scripts.
@@ -453,7 +454,7 @@ impl Executor<'_> {
             let job_dir = self.job_dir(record);
             let recorded_boot = std::fs::read_to_string(job_dir.join(RUNNING_BOOT_FILE)).ok();
             if recorded_boot.is_some() && recorded_boot == self.rebooter.boot_id() {
-                process::kill_recorded_group(&job_dir.join(RUNNING_GROUP_FILE));
+                process::end_recorded_action(&job_dir.join(RUNNING_FILE));
             }
             let result = &mut Self::actions(record, stage).1[index];
             result.phase = ActionPhase::Interrupted;
@@ -497,7 +498,7 @@ impl Executor<'_> {
                 finished = perform => finished,
                 () = cancel.cancelled() => {
                     // What the action started is stopped with it.
-                    process::kill_recorded_group(&job_dir.join(RUNNING_GROUP_FILE));
+                    process::end_recorded_action(&job_dir.join(RUNNING_FILE));
                     Finished {
                         phase: ActionPhase::Interrupted,
                         exit_code: None,
@@ -565,7 +566,8 @@ impl Executor<'_> {
                         Err(err) => return Finished::failed(format!("detection script: {err}")),
                     };
                     let spec = ProcessSpec {
-                        group_file: Some(job_dir.join(RUNNING_GROUP_FILE)),
+                        running_file: Some(job_dir.join(RUNNING_FILE)),
+                        limits: limits_of(action),
                         ..spec
                     };
                     match process::run(&spec).await {
@@ -667,23 +669,43 @@ impl Executor<'_> {
         timeout_message: &str,
     ) -> Finished {
         let mut spec = spec.clone();
-        spec.group_file = spec
-            .current_dir
-            .as_ref()
-            .map(|dir| dir.join(RUNNING_GROUP_FILE));
-        match process::run(&spec).await {
-            Err(err) => Finished::failed(err.to_string()),
-            Ok(outcome) => match outcome.end {
-                ProcessEnd::TimedOut => {
-                    Finished::timed_out(timeout_message.to_string(), outcome.output_tail)
-                }
-                ProcessEnd::Signalled(signal) => Finished::failed(join(
-                    &format!("killed by signal {signal}"),
-                    &outcome.output_tail,
-                )),
-                ProcessEnd::Exited(code) => classify_exit(action, code, outcome.output_tail),
-            },
+        spec.running_file = spec.current_dir.as_ref().map(|dir| dir.join(RUNNING_FILE));
+        spec.limits = limits_of(action);
+        let outcome = match process::run(&spec).await {
+            Err(err) => return Finished::failed(err.to_string()),
+            Ok(outcome) => outcome,
+        };
+        let tail = outcome.output_tail;
+        let mut finished = match (outcome.end, spec.limits.max_memory) {
+            (ProcessEnd::TimedOut, _) => Finished::timed_out(timeout_message.to_string(), tail),
+            (_, Some(bytes)) if outcome.ending.out_of_memory => Finished::failed(join(
+                &format!(
+                    "killed: the action used more than its maxMemory {}",
+                    containment::human_bytes(bytes)
+                ),
+                &tail,
+            )),
+            (ProcessEnd::Signalled(signal), _) => {
+                Finished::failed(join(&format!("killed by signal {signal}"), &tail))
+            }
+            (ProcessEnd::Exited(code), _) => classify_exit(action, code, tail),
+        };
+        let mut notes = outcome.notes;
+        if outcome.ending.leftovers > 0 {
+            notes.push(format!(
+                "{} process(es) the action started were still running when it ended and were killed",
+                outcome.ending.leftovers
+            ));
         }
+        if !notes.is_empty() {
+            // After the headline, before the output.
+            let notes = notes.join("\n");
+            finished.message = match finished.message.split_once('\n') {
+                Some((headline, output)) => format!("{headline}\n{notes}\n{output}"),
+                None => join(&finished.message, &notes),
+            };
+        }
+        finished
     }
 
     async fn step_patches(&self, record: &mut JobRecord) -> Result<(), ExecError> {
@@ -1102,6 +1124,17 @@ fn join(headline: &str, output: &str) -> String {
     }
 }
 
+/// The Task's limits as the action's processes get them.
+fn limits_of(action: &ResolvedAction) -> Limits {
+    action
+        .limits
+        .map(|limits| Limits {
+            max_memory: limits.max_memory_bytes,
+            cpu_weight: limits.cpu_weight,
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1122,6 +1155,7 @@ mod tests {
             change_registry_key: None,
             uninstall_software: None,
             reboot: None,
+            limits: None,
         }
     }
 

@@ -69,6 +69,11 @@ pub struct ExecOptions {
     /// `text` prints each action as it starts and ends; `json` prints the final PatchJob status.
     #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
     pub output: OutputFormat,
+    /// A cgroup v2 directory the agent may manage: each action gets its own cgroup
+    /// under it (ended with `cgroup.kill`, carrying the Task's limits). Without it the
+    /// agent uses its own cgroup when systemd delegated it (`Delegate=yes`).
+    #[arg(long, value_name = "DIR")]
+    pub action_cgroup: Option<PathBuf>,
     /// Replace real reboots with a simulated one that stops the agent (for tests and demos).
     #[arg(long, hide = true)]
     pub simulate_reboot: bool,
@@ -101,6 +106,8 @@ fn reboot_policy(choice: RebootChoice) -> RebootPolicy {
 
 /// Runs `agent exec`; returns the process exit status.
 pub async fn exec(options: ExecOptions) -> anyhow::Result<u8> {
+    super::containment::start_agent(options.action_cgroup.as_deref())
+        .map_err(|why| anyhow::anyhow!("--action-cgroup: {why}"))?;
     let journal = Journal::open(&options.state_dir)?;
     // Windows: SYSTEM and Administrators only (scripts there run as SYSTEM).
     super::process::protect_state_dir(&options.state_dir)?;

@@ -2,6 +2,7 @@
 //! patches, post actions and single reboot with the seeds' semantics, journaling every
 //! step so a crash or a reboot resumes where it stopped.
 
+pub mod containment;
 pub mod download;
 pub mod executor;
 pub mod journal;

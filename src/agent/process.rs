@@ -1,5 +1,5 @@
-//! Running one child process the way actions need it: its own process group, a
-//! timeout after which the whole group is killed, environment variables instead of
+//! Running one child process the way actions need it: contained (everything it starts
+//! ends with it, see [`containment`]), a timeout, environment variables instead of
 //! spliced code, and a bounded tail of its combined output.
 
 use std::collections::BTreeMap;
@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
+
+use super::containment::{self, Ending, Limits, RunningRecord, Scope};
 
 /// Where the host's namespaces are, when children must run in them (a node agent in a
 /// container: `/proc/1/ns` with `hostPID`). Set once at start.
@@ -218,9 +220,12 @@ pub struct ProcessSpec {
     pub timeout: Duration,
     /// Keep the whole stdout (up to [`STDOUT_CAPTURE_BYTES`]) for parsing, besides the tail.
     pub capture_stdout: bool,
-    /// While the process runs, this file holds its process group id, so an agent that
-    /// restarts after a crash can stop what the dead agent left running.
-    pub group_file: Option<PathBuf>,
+    /// While the action runs, this file holds its [`RunningRecord`], so an agent that
+    /// restarts after a crash can end what the dead agent left running.
+    pub running_file: Option<PathBuf>,
+    /// Where the action's own cgroup is made; [`containment::cgroup_base`] if `None`.
+    pub cgroup_base: Option<PathBuf>,
+    pub limits: Limits,
 }
 
 /// Most stdout kept when [`ProcessSpec::capture_stdout`] is set.
@@ -244,6 +249,10 @@ pub struct ProcessOutcome {
     /// Full stdout when [`ProcessSpec::capture_stdout`] was set, else empty.
     pub stdout: String,
     pub duration: Duration,
+    /// What ending the action's other processes found.
+    pub ending: Ending,
+    /// Limits that applied in a weaker form than asked.
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -296,7 +305,7 @@ impl Tail {
 
 async fn pump(
     mut reader: impl AsyncRead + Unpin,
-    tail: std::sync::Arc<std::sync::Mutex<Tail>>,
+    tail: std::sync::Arc<parking_lot::Mutex<Tail>>,
     capture: bool,
 ) -> Vec<u8> {
     let mut buffer = [0u8; 8192];
@@ -305,9 +314,7 @@ async fn pump(
         match reader.read(&mut buffer).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                tail.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(&buffer[..n]);
+                tail.lock().push(&buffer[..n]);
                 if capture && captured.len() < STDOUT_CAPTURE_BYTES {
                     captured.extend_from_slice(&buffer[..n]);
                 }
@@ -318,17 +325,16 @@ async fn pump(
 }
 
 /// Runs `spec` to completion or timeout. Only [`inherited_variables`] and the given
-/// variables reach the child; a timeout kills the child's whole process group, so
-/// grandchildren it spawned do not survive it.
+/// variables reach the child. However it ends, everything it started ends with it
+/// (see [`containment`]).
 pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutcome, ProcessError> {
     let program = spec.program.display().to_string();
+    let spawn_error = |source| ProcessError::Spawn {
+        program: program.clone(),
+        source,
+    };
     let mut std_command = std::process::Command::new(&spec.program);
-    enter_host_namespaces(&mut std_command, spec.current_dir.as_deref()).map_err(|source| {
-        ProcessError::Spawn {
-            program: program.clone(),
-            source,
-        }
-    })?;
+    enter_host_namespaces(&mut std_command, spec.current_dir.as_deref()).map_err(spawn_error)?;
     let mut command = Command::from(std_command);
     command
         .args(&spec.args)
@@ -354,17 +360,19 @@ pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutcome, ProcessError> {
     #[cfg(unix)]
     command.process_group(0);
     command.kill_on_drop(true);
+    let cgroup_base = spec.cgroup_base.clone().or_else(containment::cgroup_base);
+    let mut scope = Scope::new(cgroup_base.as_deref(), spec.limits);
+    scope.prepare(command.as_std_mut()).map_err(spawn_error)?;
 
     let started = Instant::now();
-    let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
-        program: program.clone(),
-        source,
-    })?;
-    let pid = child.id();
-    if let (Some(file), Some(pid)) = (&spec.group_file, pid) {
-        let _ = std::fs::write(file, pid.to_string());
+    let mut child = command.spawn().map_err(spawn_error)?;
+    if let Some(pid) = child.id() {
+        let record = scope.started(pid);
+        if let Some(file) = &spec.running_file {
+            let _ = std::fs::write(file, serde_json::to_vec(&record).unwrap_or_default());
+        }
     }
-    let tail = std::sync::Arc::new(std::sync::Mutex::new(Tail::default()));
+    let tail = std::sync::Arc::new(parking_lot::Mutex::new(Tail::default()));
     let stdout = tokio::spawn(pump(
         child.stdout.take().expect("piped"),
         tail.clone(),
@@ -377,24 +385,23 @@ pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutcome, ProcessError> {
     ));
 
     let end = match tokio::time::timeout(spec.timeout, child.wait()).await {
-        Ok(status) => {
-            let status = status.map_err(|source| ProcessError::Wait {
-                program: program.clone(),
-                source,
-            })?;
-            // The child is gone; a grandchild may still hold the group. Leave nothing behind.
-            kill_group(pid);
-            exit_of(status)
-        }
+        Ok(status) => exit_of(status.map_err(|source| ProcessError::Wait {
+            program: program.clone(),
+            source,
+        })?),
         Err(_) => {
-            kill_group(pid);
             let _ = child.kill().await;
-            let _ = child.wait().await;
             ProcessEnd::TimedOut
         }
     };
-    // Output pipes close once every process of the group is dead; don't wait forever
-    // on a descendant that left the group.
+    // The first process is gone; whatever it started goes with it.
+    let notes = scope.notes().to_vec();
+    let ending = scope.end().await;
+    if let Some(file) = &spec.running_file {
+        let _ = std::fs::remove_file(file);
+    }
+    // Output pipes close once every process holding them is dead; don't wait forever
+    // on one that escaped.
     let captured = tokio::time::timeout(Duration::from_secs(2), async {
         let captured = stdout.await.unwrap_or_default();
         let _ = stderr.await;
@@ -402,38 +409,39 @@ pub async fn run(spec: &ProcessSpec) -> Result<ProcessOutcome, ProcessError> {
     })
     .await
     .unwrap_or_default();
-    let output_tail =
-        std::mem::take(&mut *tail.lock().unwrap_or_else(|p| p.into_inner())).into_string();
+    let output_tail = std::mem::take(&mut *tail.lock()).into_string();
     let stdout = String::from_utf8_lossy(&captured).into_owned();
     Ok(ProcessOutcome {
         end,
         output_tail,
         stdout,
         duration: started.elapsed(),
+        ending,
+        notes,
     })
 }
 
-/// Kills the process group recorded in `group_file` by a previous agent, if any.
-pub fn kill_recorded_group(group_file: &std::path::Path) {
-    if let Ok(text) = std::fs::read_to_string(group_file) {
-        if let Ok(pid) = text.trim().parse::<u32>() {
-            kill_group(Some(pid));
+/// Ends what an action recorded in `running_file` by a previous agent left running,
+/// if anything, and removes the record.
+pub fn end_recorded_action(running_file: &std::path::Path) {
+    if let Ok(text) = std::fs::read(running_file) {
+        match serde_json::from_slice::<RunningRecord>(&text) {
+            Ok(record) => {
+                let ending = containment::end_recorded(&record);
+                if ending.leftovers > 0 {
+                    tracing::warn!(
+                        processes = ending.leftovers,
+                        "ended what an interrupted action left running"
+                    );
+                }
+            }
+            Err(err) => {
+                tracing::warn!(file = %running_file.display(), error = %err, "an unreadable record of a running action");
+            }
         }
-        let _ = std::fs::remove_file(group_file);
+        let _ = std::fs::remove_file(running_file);
     }
 }
-
-#[cfg(unix)]
-fn kill_group(pid: Option<u32>) {
-    use nix::sys::signal::{Signal, killpg};
-    use nix::unistd::Pid;
-    if let Some(pid) = pid {
-        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-    }
-}
-
-#[cfg(not(unix))]
-fn kill_group(_pid: Option<u32>) {}
 
 fn exit_of(status: std::process::ExitStatus) -> ProcessEnd {
     if let Some(code) = status.code() {

@@ -62,6 +62,11 @@ pub struct RunOptions {
     /// namespace and mounts the state directory at the same path as the host.
     #[arg(long)]
     pub host_namespaces: bool,
+    /// A cgroup v2 directory the agent may manage: each action gets its own cgroup
+    /// under it (ended with `cgroup.kill`, carrying the Task's limits). Without it the
+    /// agent uses its own cgroup when systemd delegated it (`Delegate=yes`).
+    #[arg(long, value_name = "DIR")]
+    pub action_cgroup: Option<PathBuf>,
     /// Replace real reboots with a simulated one that stops the agent (for tests).
     #[arg(long, hide = true)]
     pub simulate_reboot: bool,
@@ -652,6 +657,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
         super::process::use_host_namespaces(PathBuf::from("/proc/1/ns"))
             .context("--host-namespaces")?;
     }
+    super::containment::start_agent(options.action_cgroup.as_deref())
+        .map_err(anyhow::Error::msg)
+        .context("--action-cgroup")?;
     let journal = Journal::open(&options.state_dir)?;
     // Windows: SYSTEM and Administrators only (scripts there run as SYSTEM).
     super::process::protect_state_dir(&options.state_dir)

@@ -92,7 +92,7 @@ pub fn prepare(run: &ScriptRun<'_>, work_dir: &Path) -> Result<ProcessSpec, Scri
         current_dir: Some(work_dir.to_path_buf()),
         timeout: run.timeout,
         capture_stdout: false,
-        group_file: None,
+        ..ProcessSpec::default()
     })
 }
 
@@ -161,7 +161,7 @@ pub fn powershell_inline(
         current_dir: Some(work_dir.to_path_buf()),
         timeout,
         capture_stdout: true,
-        group_file: None,
+        ..ProcessSpec::default()
     })
 }
 

@@ -59,6 +59,21 @@ pub struct ResolvedAction {
     pub uninstall_software: Option<UninstallSoftware>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reboot: Option<Reboot>,
+    /// The Task's limits, in bytes and cgroup weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ResolvedLimits>,
+}
+
+/// What an action's processes may use together.
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
 }
 
 /// The installer an InstallSoftware action downloads and verifies.

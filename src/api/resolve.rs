@@ -8,11 +8,13 @@ use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
 use super::common::ObjectRef;
-use super::patchjob::{PatchJobSpec, ResolvedAction, ResolvedDownload, ResolvedScript};
+use super::patchjob::{
+    PatchJobSpec, ResolvedAction, ResolvedDownload, ResolvedLimits, ResolvedScript,
+};
 use super::plan::{PatchSelection, RebootPolicy};
 use super::rules::{Catalog, Problem, RefError};
 use super::script::Script;
-use super::task::{Task, TaskType};
+use super::task::{ActionLimits, Task, TaskType, parse_max_memory};
 use super::workflow::{Workflow, WorkflowStep};
 
 /// Lower-case hex SHA-256 of a script body, as stored in `Script.status.sha256` and in jobs.
@@ -31,6 +33,8 @@ pub enum ResolveError {
         #[source]
         source: RefError,
     },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
     #[error("the workflow breaks {} rule(s): {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Rules(Vec<Problem>),
 }
@@ -41,7 +45,7 @@ impl ResolveError {
         match self {
             Self::WorkflowNotFound(_) => "WorkflowNotFound",
             Self::Reference { .. } => "ReferenceNotFound",
-            Self::Rules(_) => "InvalidWorkflow",
+            Self::Rules(_) | Self::Invalid { .. } => "InvalidWorkflow",
         }
     }
 }
@@ -183,6 +187,10 @@ fn resolve_action(catalog: &Catalog, task: &Task) -> Result<ResolvedAction, Reso
         change_registry_key: spec.change_registry_key.clone(),
         uninstall_software: spec.uninstall_software.clone(),
         reboot: spec.reboot.clone(),
+        limits: resolve_limits(spec.limits.as_ref()).map_err(|source| ResolveError::Invalid {
+            field: format!("Task {}: spec.limits.maxMemory", task.name_any()),
+            message: source,
+        })?,
     };
     match spec.task_type {
         TaskType::RunScript => {
@@ -227,6 +235,21 @@ fn resolve_action(catalog: &Catalog, task: &Task) -> Result<ResolvedAction, Reso
 }
 
 /// The last path segment of the URL or share path, without a query string.
+/// A Task's limits in bytes; `maxMemory` out of range is refused here as in `validate`.
+fn resolve_limits(limits: Option<&ActionLimits>) -> Result<Option<ResolvedLimits>, String> {
+    let Some(limits) = limits else {
+        return Ok(None);
+    };
+    Ok(Some(ResolvedLimits {
+        max_memory_bytes: limits
+            .max_memory
+            .as_deref()
+            .map(parse_max_memory)
+            .transpose()?,
+        cpu_weight: limits.cpu_weight,
+    }))
+}
+
 fn default_file_name(source: &super::task::DownloadSource) -> String {
     let location = source
         .url

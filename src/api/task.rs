@@ -359,6 +359,55 @@ pub struct TaskSpec {
     pub uninstall_software: Option<UninstallSoftware>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reboot: Option<Reboot>,
+    /// Resources the action and everything it starts may use together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ActionLimits>,
+}
+
+/// Resources an action may use, enforced through the action's own cgroup where the
+/// agent runs in a delegated one (see the README's executor section for elsewhere).
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ActionLimits {
+    /// Memory for the action and everything it starts, in Ki, Mi or Gi (at least 16Mi,
+    /// at most 1024Gi): `512Mi`. Past it the kernel kills the action, which fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new("self.matches('^[1-9][0-9]*(Ki|Mi|Gi)$')").message("maxMemory must be a whole number of Ki, Mi or Gi, like 512Mi"))]
+    pub max_memory: Option<String>,
+    /// CPU share against the host's other work, 1–10000; 100 is every process's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 10000").message("cpuWeight must be between 1 and 10000"))]
+    pub cpu_weight: Option<u32>,
+}
+
+/// Smallest and largest `maxMemory`.
+pub const MIN_ACTION_MEMORY: u64 = 16 << 20;
+pub const MAX_ACTION_MEMORY: u64 = 1024 << 30;
+
+/// Bytes of a `maxMemory` quantity, within [`MIN_ACTION_MEMORY`]..=[`MAX_ACTION_MEMORY`].
+pub fn parse_max_memory(quantity: &str) -> Result<u64, String> {
+    let (digits, unit) = quantity.split_at(quantity.len().saturating_sub(2));
+    let shift = match unit {
+        "Ki" => 10,
+        "Mi" => 20,
+        "Gi" => 30,
+        _ => {
+            return Err(format!(
+                "{quantity:?} is not a whole number of Ki, Mi or Gi"
+            ));
+        }
+    };
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .filter(|_| !digits.starts_with(['+', '-', '0']))
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{quantity:?} is not a whole number of Ki, Mi or Gi"))?;
+    if !(MIN_ACTION_MEMORY..=MAX_ACTION_MEMORY).contains(&bytes) {
+        return Err(format!("{quantity} is outside 16Mi..1024Gi"));
+    }
+    Ok(bytes)
 }
 
 impl TaskSpec {
@@ -385,4 +434,35 @@ pub struct TaskStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_limits_are_whole_binary_quantities_in_range() {
+        assert_eq!(parse_max_memory("16Mi"), Ok(16 << 20));
+        assert_eq!(parse_max_memory("512Mi"), Ok(512 << 20));
+        assert_eq!(parse_max_memory("1024Gi"), Ok(1024 << 30));
+        assert_eq!(parse_max_memory("65536Ki"), Ok(64 << 20));
+        for bad in [
+            "",
+            "Mi",
+            "512",
+            "512M",
+            "0512Mi",
+            "-1Mi",
+            "+1Mi",
+            "1.5Gi",
+            "99999999999999999999Gi",
+        ] {
+            assert!(
+                parse_max_memory(bad).unwrap_err().contains("whole number"),
+                "{bad}"
+            );
+        }
+        assert!(parse_max_memory("15Mi").unwrap_err().contains("outside"));
+        assert!(parse_max_memory("1025Gi").unwrap_err().contains("outside"));
+    }
 }

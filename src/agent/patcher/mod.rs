@@ -166,7 +166,7 @@ impl Commands {
             current_dir: None,
             timeout,
             capture_stdout: true,
-            group_file: None,
+            ..ProcessSpec::default()
         }
     }
 }
