@@ -748,6 +748,15 @@ fn escapes(hang: bool) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// No process of `host`'s actions runs any more, and none wrote its file.
+fn assert_nothing_left(host: &Host, names: &[&str]) {
+    let scratch = host.dir.path().display().to_string();
+    assert_eq!(leftovers(&scratch), Vec::<String>::new(), "still running");
+    for name in names {
+        assert!(!host.path(name).exists(), "{name} wrote its file");
+    }
+}
+
 fn contained_host(hang: bool) -> (Host, Vec<&'static str>) {
     let mut manifests = String::new();
     let mut names = Vec::new();
@@ -767,11 +776,7 @@ fn nothing_an_action_starts_outlives_its_timeout() {
     for (name, result) in names.iter().zip(&status.post_actions) {
         assert_eq!(result.phase, ActionPhase::TimedOut, "{name}: {result:?}");
     }
-    let scratch = host.dir.path().display().to_string();
-    assert_eq!(leftovers(&scratch), Vec::<String>::new(), "still running");
-    for name in names {
-        assert!(!host.path(name).exists(), "{name} wrote its file");
-    }
+    assert_nothing_left(&host, &names);
 }
 
 #[test]
@@ -789,11 +794,7 @@ fn nothing_a_finished_action_started_outlives_it_and_the_message_says_so() {
             result.message
         );
     }
-    let scratch = host.dir.path().display().to_string();
-    assert_eq!(leftovers(&scratch), Vec::<String>::new(), "still running");
-    for name in names {
-        assert!(!host.path(name).exists(), "{name} wrote its file");
-    }
+    assert_nothing_left(&host, &names);
 }
 
 #[test]
@@ -867,14 +868,7 @@ struct TestCgroup(PathBuf);
 
 impl TestCgroup {
     fn new() -> Result<Self, String> {
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
-        let mount = mounts
-            .lines()
-            .find_map(|line| {
-                let (fields, rest) = line.split_once(" - ")?;
-                (rest.starts_with("cgroup2 "))
-                    .then(|| fields.split(' ').nth(4).map(PathBuf::from))?
-            })
+        let mount = fleetpatch::agent::containment::cgroup2_mount()
             .ok_or("no cgroup2 file system is mounted")?;
         let dir = mount.join(format!("fleetpatch-test-{}", std::process::id()));
         std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;

@@ -20,7 +20,7 @@
 //! action ends; that code path is compiled and its arithmetic tested here, but it has
 //! not run on Windows.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -73,12 +73,12 @@ static CGROUP_BASE: OnceLock<PathBuf> = OnceLock::new();
 /// many actions run now: an orphan re-parented to the agent is attributed to an
 /// action only while exactly one runs.
 static CHILDREN: parking_lot::Mutex<Children> = parking_lot::Mutex::new(Children {
-    pids: None,
+    pids: BTreeSet::new(),
     running: 0,
 });
 
 struct Children {
-    pids: Option<HashSet<u32>>,
+    pids: BTreeSet<u32>,
     running: usize,
 }
 
@@ -186,12 +186,17 @@ fn own_cgroup() -> Option<(PathBuf, bool)> {
 }
 
 fn own_dir(relative: &str) -> Option<PathBuf> {
+    Some(cgroup2_mount()?.join(relative.trim_start_matches('/')))
+}
+
+/// Where this process sees the cgroup v2 hierarchy mounted (`/proc/self/mountinfo`).
+pub fn cgroup2_mount() -> Option<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mount = mounts.lines().find_map(|line| {
+    mounts.lines().find_map(|line| {
         let (fields, rest) = line.split_once(" - ")?;
-        (rest.split(' ').next() == Some("cgroup2")).then(|| fields.split(' ').nth(4))?
-    })?;
-    Some(Path::new(mount).join(relative.trim_start_matches('/')))
+        (rest.split(' ').next() == Some("cgroup2"))
+            .then(|| fields.split(' ').nth(4).map(PathBuf::from))?
+    })
 }
 
 /// Checks that `base` is a delegated cgroup this process may manage (only a non-root
@@ -277,29 +282,24 @@ impl Scope {
                 }
             }
         });
-        if cgroup.is_none() {
+        // On Windows the Job Object carries both limits.
+        if cgroup.is_none() && !cfg!(windows) {
             if let Some(bytes) = limits.max_memory {
                 notes.push(if cfg!(target_os = "linux") {
                     format!(
                         "maxMemory {} applies to each process alone (RLIMIT_DATA): the agent has no cgroup memory controller",
                         human_bytes(bytes)
                     )
-                } else if cfg!(windows) {
-                    String::new()
                 } else {
-                    format!(
-                        "maxMemory {} is not enforced on this system",
-                        human_bytes(bytes)
-                    )
+                    format!("maxMemory {} is not enforced on this system", human_bytes(bytes))
                 });
             }
-            if limits.cpu_weight.is_some() && !cfg!(windows) {
+            if limits.cpu_weight.is_some() {
                 notes.push(
                     "cpuWeight is not enforced: the agent has no cgroup cpu controller".into(),
                 );
             }
         }
-        notes.retain(|note| !note.is_empty());
         Self {
             marker,
             limits,
@@ -367,7 +367,7 @@ impl Scope {
     pub fn started(&mut self, pid: u32) -> RunningRecord {
         self.pid = Some(pid);
         let mut children = CHILDREN.lock();
-        children.pids.get_or_insert_with(HashSet::new).insert(pid);
+        children.pids.insert(pid);
         children.running += 1;
         drop(children);
         #[cfg(windows)]
@@ -405,8 +405,8 @@ impl Scope {
         let ending = end_all(self.pid, &self.marker, self.cgroup.as_deref(), orphans);
         if self.pid.is_some() {
             let mut children = CHILDREN.lock();
-            if let (Some(pids), Some(pid)) = (children.pids.as_mut(), self.pid) {
-                pids.remove(&pid);
+            if let Some(pid) = self.pid {
+                children.pids.remove(&pid);
             }
             children.running = children.running.saturating_sub(1);
         }
@@ -485,14 +485,17 @@ fn end_all(group: Option<u32>, marker: &str, cgroup: Option<&Path>, orphans: boo
     {
         let orphans = orphans && is_subreaper();
         let deadline = Instant::now() + Duration::from_secs(10);
+        // A process keeps being found (and signalled) until it has died: count it once.
+        let mut killed = BTreeSet::new();
         loop {
             let found = kill_matching(group, marker, orphans);
-            if found == 0 || Instant::now() > deadline {
+            if found.is_empty() || Instant::now() > deadline {
                 break;
             }
-            ending.leftovers += found;
+            killed.extend(found);
             std::thread::sleep(Duration::from_millis(10));
         }
+        ending.leftovers = killed.len();
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (group, marker, orphans);
@@ -562,19 +565,19 @@ fn carries_marker(environ: &[u8], marker: &str) -> bool {
 }
 
 /// One scan of `/proc`: SIGKILLs every live process that belongs to the action, reaps
-/// this process's zombies that tokio does not own, and returns how many it killed.
+/// this process's zombies that tokio does not own, and returns those it signalled.
 #[cfg(target_os = "linux")]
-fn kill_matching(group: Option<u32>, marker: &str, orphans: bool) -> usize {
+fn kill_matching(group: Option<u32>, marker: &str, orphans: bool) -> Vec<u32> {
     use nix::sys::signal::{Signal, kill};
     use nix::sys::wait::{WaitPidFlag, waitpid};
     use nix::unistd::Pid;
     let me = std::process::id();
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
+        return Vec::new();
     };
     let children = CHILDREN.lock();
-    let ours = |pid: u32| children.pids.as_ref().is_some_and(|p| p.contains(&pid));
-    let mut killed = 0;
+    let ours = |pid: u32| children.pids.contains(&pid);
+    let mut killed = Vec::new();
     for entry in entries.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -598,7 +601,7 @@ fn kill_matching(group: Option<u32>, marker: &str, orphans: bool) -> usize {
             || std::fs::read(format!("/proc/{pid}/environ"))
                 .is_ok_and(|environ| carries_marker(&environ, marker));
         if belongs && kill(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() {
-            killed += 1;
+            killed.push(pid);
         }
     }
     killed
