@@ -30,14 +30,9 @@ use serde::{Deserialize, Serialize};
 /// Every process of an action carries `FLEETPATCH_ACTION_ID=<id of that run>`.
 pub const MARKER_VAR: &str = "FLEETPATCH_ACTION_ID";
 
-/// The Task's optional resource limits, as the action's processes get them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Limits {
-    /// Bytes of memory for the whole action.
-    pub max_memory: Option<u64>,
-    /// Relative CPU weight, 1–10000 (cgroup v2's scale; 100 is the default).
-    pub cpu_weight: Option<u32>,
-}
+/// The Task's optional resource limits, as the job carries them: bytes of memory for
+/// the whole action, and a CPU weight on cgroup v2's scale (1–10000, 100 the default).
+pub use crate::api::patchjob::ResolvedLimits as Limits;
 
 /// What an agent that restarts after a crash needs to end what an action left
 /// running. Written when the action's first process starts, removed when it ends.
@@ -284,7 +279,7 @@ impl Scope {
         });
         // On Windows the Job Object carries both limits.
         if cgroup.is_none() && !cfg!(windows) {
-            if let Some(bytes) = limits.max_memory {
+            if let Some(bytes) = limits.max_memory_bytes {
                 notes.push(if cfg!(target_os = "linux") {
                     format!(
                         "maxMemory {} applies to each process alone (RLIMIT_DATA): the agent has no cgroup memory controller",
@@ -337,7 +332,10 @@ impl Scope {
                 ),
                 None => None,
             };
-            let data_limit = self.limits.max_memory.filter(|_| self.cgroup.is_none());
+            let data_limit = self
+                .limits
+                .max_memory_bytes
+                .filter(|_| self.cgroup.is_none());
             // SAFETY: between fork and exec the closure makes only system calls
             // (write(2) on a file opened before the fork, setrlimit(2)); it allocates
             // nothing and takes no locks.
@@ -431,7 +429,7 @@ fn apply_cgroup_limits(dir: &Path, limits: Limits) -> Result<Vec<String>, String
         std::fs::write(dir.join(file), value)
             .map_err(|err| format!("setting {}/{file}: {err}", dir.display()))
     };
-    if let Some(bytes) = limits.max_memory {
+    if let Some(bytes) = limits.max_memory_bytes {
         if dir.join("memory.max").exists() {
             write("memory.max", bytes.to_string())?;
             if dir.join("memory.swap.max").exists() {
@@ -654,7 +652,7 @@ pub mod job_limits {
     pub fn settings(limits: Limits) -> JobSettings {
         JobSettings {
             kill_on_close: true,
-            job_memory: limits.max_memory,
+            job_memory: limits.max_memory_bytes,
             cpu_weight: limits.cpu_weight.map(windows_weight),
         }
     }
@@ -789,7 +787,7 @@ mod tests {
         assert!(weights.iter().all(|w| (1..=9).contains(w)));
         assert!(windows_weight(99) < 5 && windows_weight(101) > 5);
         let job = settings(Limits {
-            max_memory: Some(64 << 20),
+            max_memory_bytes: Some(64 << 20),
             cpu_weight: Some(200),
         });
         assert!(job.kill_on_close);

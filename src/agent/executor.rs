@@ -20,7 +20,7 @@ use crate::api::plan::RebootPolicy;
 use crate::api::task::TaskType;
 use crate::api::workflow::{PostFailurePolicy, PreFailurePolicy};
 
-use super::containment::{self, Limits};
+use super::containment;
 use super::download;
 use super::journal::{JobRecord, Journal, JournalError};
 use super::outcome::{ExitOutcome, detection_says_install};
@@ -30,8 +30,8 @@ use super::process::{self, ProcessEnd, ProcessSpec};
 use super::reboot::Rebooter;
 use super::script::{self, ScriptRun};
 
-/// Files in the job directory naming the process group of the running action and
-/// the boot it started in.
+/// Files in the job directory recording the running action (see
+/// [`containment::RunningRecord`]) and the boot it started in.
 const RUNNING_FILE: &str = "running.json";
 const RUNNING_BOOT_FILE: &str = "running.boot";
 
@@ -567,7 +567,7 @@ impl Executor<'_> {
                     };
                     let spec = ProcessSpec {
                         running_file: Some(job_dir.join(RUNNING_FILE)),
-                        limits: limits_of(action),
+                        limits: action.limits.unwrap_or_default(),
                         ..spec
                     };
                     match process::run(&spec).await {
@@ -670,13 +670,13 @@ impl Executor<'_> {
     ) -> Finished {
         let mut spec = spec.clone();
         spec.running_file = spec.current_dir.as_ref().map(|dir| dir.join(RUNNING_FILE));
-        spec.limits = limits_of(action);
+        spec.limits = action.limits.unwrap_or_default();
         let outcome = match process::run(&spec).await {
             Err(err) => return Finished::failed(err.to_string()),
             Ok(outcome) => outcome,
         };
         let tail = outcome.output_tail;
-        let mut finished = match (outcome.end, spec.limits.max_memory) {
+        let mut finished = match (outcome.end, spec.limits.max_memory_bytes) {
             (ProcessEnd::TimedOut, _) => Finished::timed_out(timeout_message.to_string(), tail),
             (_, Some(bytes)) if outcome.ending.out_of_memory => Finished::failed(join(
                 &format!(
@@ -1122,17 +1122,6 @@ fn join(headline: &str, output: &str) -> String {
     } else {
         format!("{headline}\n{output}")
     }
-}
-
-/// The Task's limits as the action's processes get them.
-fn limits_of(action: &ResolvedAction) -> Limits {
-    action
-        .limits
-        .map(|limits| Limits {
-            max_memory: limits.max_memory_bytes,
-            cpu_weight: limits.cpu_weight,
-        })
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
