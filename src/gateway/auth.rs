@@ -289,14 +289,14 @@ impl Authenticator {
         }
     }
 
-    fn has_agent(&self, name: &str, mode: AgentMode) -> bool {
+    pub(super) fn has_agent(&self, name: &str, mode: AgentMode) -> bool {
         self.agents.get(&ObjectRef::new(name)).is_some_and(|agent| {
             agent.spec.mode == mode && agent.metadata.deletion_timestamp.is_none()
         })
     }
 
     /// An external agent's credential, against the cached hash and a live Agent.
-    fn check_credential(&self, agent: &str, secret: &str) -> Result<(), String> {
+    pub(super) fn check_credential(&self, agent: &str, secret: &str) -> Result<(), String> {
         let stored = self
             .credentials
             .get(&ObjectRef::new(&credential_secret_name(agent)).within(&self.namespace))

@@ -105,11 +105,9 @@ impl Gateway {
             return Err(refusal);
         }
         tracing::info!(agent = %name, token = %token.secret_name, %source, "external agent registered");
-        self.settle(
-            name,
-            AgentMode::External,
-            Some(&credentials::hash(&credential)),
-        )
+        self.settle(name, || {
+            self.auth.check_credential(name, &credential).is_ok()
+        })
         .await;
         Ok(RegisterResponse {
             agent: name.to_string(),
@@ -168,7 +166,8 @@ impl Gateway {
             )
             .await
             .map_err(|err| Refusal::internal("applying a node Agent", err))?;
-        self.settle(node, AgentMode::Node, None).await;
+        self.settle(node, || self.auth.has_agent(node, AgentMode::Node))
+            .await;
         Ok(RegisterResponse {
             agent: node.to_string(),
             credential: None,
@@ -208,31 +207,13 @@ impl Gateway {
         Err(refuse("no bootstrap token matches"))
     }
 
-    /// Waits, bounded, until this replica's caches hold what a registration wrote, so
-    /// the host's first request after the answer is not refused for a watch that has
-    /// not caught up. Past the bound the answer goes out anyway: the objects exist, and
-    /// an agent refused once retries.
-    async fn settle(&self, agent: &str, mode: AgentMode, credential_hash: Option<&str>) {
-        let cached = || {
-            let agent_cached = self
-                .caches
-                .agents
-                .get(&ObjectRef::new(agent))
-                .is_some_and(|cached| cached.spec.mode == mode);
-            let credential_cached = credential_hash.is_none_or(|hash| {
-                self.caches
-                    .credentials
-                    .get(
-                        &ObjectRef::new(&credential_secret_name(agent))
-                            .within(&self.config.namespace),
-                    )
-                    .and_then(|secret| secret.data.as_ref()?.get(CREDENTIAL_HASH_KEY).cloned())
-                    .is_some_and(|ByteString(stored)| stored == hash.as_bytes())
-            });
-            agent_cached && credential_cached
-        };
+    /// Waits, bounded, until this replica's caches hold what a registration wrote —
+    /// until `accepted` (the check the host's next request meets) holds — so that
+    /// request is not refused for a watch that has not caught up. Past the bound the
+    /// answer goes out anyway: the objects exist, and an agent refused once retries.
+    async fn settle(&self, agent: &str, accepted: impl Fn() -> bool) {
         let deadline = tokio::time::Instant::now() + SETTLE_BOUND;
-        while !cached() {
+        while !accepted() {
             if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(%agent, "the gateway's caches did not show a registration within {SETTLE_BOUND:?}; answering anyway");
                 return;
