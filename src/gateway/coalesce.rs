@@ -22,6 +22,10 @@ struct Entry {
     /// The job finished by someone else's write (the controller expired it) while a
     /// report waited: the agent's result can no longer land.
     overtaken: bool,
+    /// A final status (Succeeded, Failed, …) was accepted from the agent: the job is
+    /// over, whatever a lagging cache still says. Nothing newer is taken, and the job
+    /// is not handed out again.
+    finished: bool,
 }
 
 impl Entry {
@@ -33,6 +37,7 @@ impl Entry {
             last_write: None,
             version: None,
             overtaken: false,
+            finished: false,
         }
     }
 }
@@ -98,15 +103,24 @@ impl ProgressBook {
         self.jobs.get(uid).is_some_and(|e| e.overtaken)
     }
 
+    /// Whether a final status of the job was accepted here: the job must not be handed
+    /// out again, nor take a newer report.
+    pub fn finished(&self, uid: &str) -> bool {
+        self.jobs
+            .get(uid)
+            .is_some_and(|e| e.finished || e.overtaken)
+    }
+
     pub fn accepted(&self, uid: &str) -> i64 {
         self.jobs.get(uid).map_or(0, |e| e.accepted)
     }
 
     pub fn report(&mut self, uid: &str, sequence: i64, status: PatchJobStatus) -> Accepted {
         let entry = self.jobs.entry(uid.to_string()).or_insert_with(Entry::new);
-        if sequence <= entry.accepted || entry.overtaken {
+        if sequence <= entry.accepted || entry.overtaken || entry.finished {
             return Accepted::Duplicate;
         }
+        entry.finished = status.phase.is_finished();
         entry.accepted = sequence;
         entry.pending = Some((sequence, status));
         Accepted::Queued
@@ -227,6 +241,28 @@ mod tests {
             book.report("j", 5, status(JobPhase::Failed)),
             Accepted::Duplicate
         );
+    }
+
+    #[test]
+    fn nothing_follows_a_final_report() {
+        let mut book = ProgressBook::new(Duration::from_secs(1));
+        book.report("j", 3, status(JobPhase::Running));
+        assert!(!book.finished("j"));
+        book.report("j", 4, status(JobPhase::Succeeded));
+        assert!(
+            book.finished("j"),
+            "a final status ends the job here at once"
+        );
+        let now = Instant::now();
+        assert_eq!(book.due(now).len(), 1);
+        book.mark_written("j", 4, Some("9".into()));
+        assert_eq!(
+            book.report("j", 5, status(JobPhase::Running)),
+            Accepted::Duplicate,
+            "a report after the final one cannot reopen the job"
+        );
+        assert!(book.due(now).is_empty());
+        assert_eq!(book.accepted("j"), 4);
     }
 
     #[test]

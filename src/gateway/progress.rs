@@ -61,6 +61,15 @@ pub fn strip_for_cache(job: &mut PatchJob) {
     }
 }
 
+/// Whether the job's deadline has passed: such a job is never handed out (anew), so a
+/// signed copy of an old job, recreated under its name, runs nowhere.
+fn past_deadline(job: &PatchJob, now: Timestamp) -> bool {
+    job.spec
+        .deadline
+        .as_ref()
+        .is_some_and(|deadline| deadline.0 <= now)
+}
+
 /// Whether a cached job's spec still has its script bodies.
 fn has_bodies(spec: &PatchJobSpec) -> bool {
     spec.pre_actions
@@ -101,15 +110,24 @@ impl Gateway {
         identity: &Identity,
     ) -> Result<Vec<Assignment>, Refusal> {
         let mut out = Vec::new();
+        // A paused agent gets no work; its running job is cancelled by the heartbeat.
+        if self.paused(&identity.agent) {
+            return Ok(out);
+        }
+        let now = Timestamp::now();
         for job in self.job_signals.jobs_of(&identity.agent, &self.caches.jobs) {
+            let Some(uid) = job.uid() else { continue };
+            // The cache may lag the final write this replica made a moment ago: the
+            // progress book knows the job is over before the cache does.
             if job.metadata.deletion_timestamp.is_some()
                 || job.status.as_ref().is_some_and(|s| s.phase.is_finished())
+                || self.progress.lock().finished(&uid)
+                || past_deadline(&job, now)
                 || self.check_serving(identity, &job).is_err()
             {
                 continue;
             }
-            let Some(uid) = job.uid() else { continue };
-            let Some(spec) = self.full_spec(&job, &uid).await? else {
+            let Some(spec) = self.full_spec(identity, &job, &uid).await? else {
                 continue;
             };
             let stored = job
@@ -136,9 +154,11 @@ impl Gateway {
 
     /// The job's spec with its script bodies: fetched once (then kept while it is
     /// asked for), and only if it still is the job that was checked and its bodies
-    /// match their hashes. `None` when the job is gone or does not check out.
+    /// match their hashes. `None` when the job is gone or does not check out — which
+    /// is remembered too, so a job that does not check out is not fetched again.
     async fn full_spec(
         &self,
+        identity: &Identity,
         cached: &PatchJob,
         uid: &str,
     ) -> Result<Option<Arc<PatchJobSpec>>, Refusal> {
@@ -147,7 +167,10 @@ impl Gateway {
         }
         if let Some((spec, used)) = self.specs.lock().get_mut(uid) {
             *used = Instant::now();
-            return Ok(Some(spec.clone()));
+            return Ok(spec.clone());
+        }
+        if !self.agent_reads.allow(&identity.agent) {
+            return Err(Refusal::Throttled);
         }
         let api: Api<PatchJob> =
             Api::namespaced(self.client.clone(), &cached.namespace().unwrap_or_default());
@@ -162,20 +185,24 @@ impl Gateway {
         let verified = protocol::decode_spec(&encode_spec(&full.spec)).is_ok();
         if !same || !verified {
             tracing::warn!(job = %cached.name_any(), "a PatchJob changed or does not verify; not served");
+            self.specs
+                .lock()
+                .insert(uid.to_string(), (None, Instant::now()));
             return Ok(None);
         }
         let spec = Arc::new(full.spec);
         self.specs
             .lock()
-            .insert(uid.to_string(), (spec.clone(), Instant::now()));
+            .insert(uid.to_string(), (Some(spec.clone()), Instant::now()));
         Ok(Some(spec))
     }
 
     /// The job a report is about: from the cache, else (another replica handed it out,
     /// and this one's cache has not caught up) from the API server by the name the
-    /// report carries; 410 when it is gone.
+    /// report carries — within the caller's read budget; 410 when it is gone.
     async fn reported_job(
         &self,
+        identity: &Identity,
         uid: &str,
         report: &ProgressReport,
     ) -> Result<Arc<PatchJob>, Refusal> {
@@ -194,6 +221,9 @@ impl Gateway {
             return Err(Refusal::Invalid(
                 "job namespace or name is not valid".into(),
             ));
+        }
+        if !self.agent_reads.allow(&identity.agent) {
+            return Err(Refusal::Throttled);
         }
         let api: Api<PatchJob> = Api::namespaced(self.client.clone(), &named.namespace);
         match api.get_opt(&named.name).await {
@@ -216,7 +246,7 @@ impl Gateway {
         uid: &str,
         report: ProgressReport,
     ) -> Result<ProgressAck, Refusal> {
-        let job = self.reported_job(uid, &report).await?;
+        let job = self.reported_job(identity, uid, &report).await?;
         self.check_serving(identity, &job)?;
         let stored = job.status.as_ref();
         let mut book = self.progress.lock();
@@ -233,7 +263,7 @@ impl Gateway {
                 acknowledged_sequence: book.written(uid),
             });
         }
-        if book.overtaken(uid) || stored.is_some_and(|s| s.phase.is_finished()) {
+        if book.finished(uid) || stored.is_some_and(|s| s.phase.is_finished()) {
             return Err(Refusal::Conflict(format!(
                 "job {} is finished; its result can no longer change",
                 job.name_any()
