@@ -173,10 +173,38 @@ fn reboot_state(job: &PatchJob) -> Option<RebootState> {
         .map(|r| r.state)
 }
 
-fn decision(job: &PatchJob) -> Option<&str> {
-    job.annotations()
+/// The reboot decision that counts for `job` on `node`. A job's annotations can be
+/// written by whoever may edit the job — its plan's authors too — so they carry the
+/// message and a denial, never the permission: a reboot is approved only when the Node
+/// itself (which plan authors cannot write) records the drain for this very job as done.
+pub fn decision(job: &PatchJob, node: Option<&Node>) -> Option<Verdict> {
+    match job
+        .annotations()
         .get(REBOOT_DECISION_ANNOTATION)
         .map(String::as_str)
+    {
+        Some("Denied") => Some(Verdict::Denied),
+        Some("Approved") if node.is_some_and(|node| node_approves(node, job)) => {
+            Some(Verdict::Approved)
+        }
+        _ => None,
+    }
+}
+
+/// A reboot decision, as [`decision`] reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Approved,
+    Denied,
+}
+
+/// Whether `node` records that it was drained for `job` and its reboot approved.
+pub fn node_approves(node: &Node, job: &PatchJob) -> bool {
+    let annotations = node.annotations();
+    let job_key = key(&job.namespace().unwrap_or_default(), &job.name_any());
+    annotations.get(DRAIN_FOR_ANNOTATION) == Some(&job_key)
+        && annotations.contains_key(DRAIN_APPROVED_ANNOTATION)
+        && job.spec.node.as_deref() == Some(node.name_any().as_str())
 }
 
 fn is_finished(job: &PatchJob) -> bool {
@@ -214,7 +242,9 @@ fn waiting_job(ctx: &Context, node: &str) -> Option<Arc<PatchJob>> {
             job.spec.node.as_deref() == Some(node)
                 && !is_finished(job)
                 && reboot_state(job) == Some(RebootState::Pending)
-                && decision(job).is_none()
+                // An "Approved" the node does not record is nobody's approval: the node
+                // is drained as for any other job.
+                && decision(job, None) != Some(Verdict::Denied)
                 && is_node_agents_job(ctx, job, node)
         })
         .collect();
@@ -227,9 +257,8 @@ async fn annotate_job(ctx: &Context, job: &PatchJob, verdict: Option<&str>, mess
     let api: Api<PatchJob> =
         Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     let mut annotations = serde_json::Map::new();
-    if let Some(verdict) = verdict {
-        annotations.insert(REBOOT_DECISION_ANNOTATION.into(), json!(verdict));
-    }
+    // No verdict clears one: a decision on the job is only ever the drain's own.
+    annotations.insert(REBOOT_DECISION_ANNOTATION.into(), json!(verdict));
     annotations.insert(REBOOT_MESSAGE_ANNOTATION.into(), json!(message));
     let patch = json!({"metadata": {"annotations": annotations}});
     if let Err(err) = api
@@ -502,9 +531,9 @@ pub async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action
     let state = job.as_deref().and_then(reboot_state);
     match job.as_deref() {
         Some(job) if !is_finished(job) && state == Some(RebootState::Pending) => {
-            match decision(job) {
+            match decision(job, Some(&node)) {
                 None => drain(&ctx, &node, job).await,
-                Some("Approved") if approval_lapsed(&node, Timestamp::now()) => {
+                Some(Verdict::Approved) if approval_lapsed(&node, Timestamp::now()) => {
                     let message = format!(
                         "the reboot of node {name} was approved but the host did not go down within {}s; called off",
                         APPROVED_REBOOT_TIMEOUT.as_secs()

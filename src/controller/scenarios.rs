@@ -411,6 +411,18 @@ async fn agents_no_gateway_can_judge_are_judged_by_the_leader_and_others_cost_no
 
 #[tokio::test]
 async fn a_node_whose_agent_waits_to_reboot_is_claimed_cordoned_and_the_job_told() {
+    node_claimed_for_a_waiting_job(None).await;
+}
+
+/// A plan author may write their job's annotations: an "Approved" put there by hand is
+/// nobody's approval. The node is cordoned and drained as for any other job, and the
+/// false verdict cleared.
+#[tokio::test]
+async fn a_job_that_approves_its_own_reboot_is_drained_like_any_other() {
+    node_claimed_for_a_waiting_job(Some("Approved")).await;
+}
+
+async fn node_claimed_for_a_waiting_job(decision_on_the_job: Option<&str>) {
     let Fixture {
         ctx,
         mut server,
@@ -440,13 +452,18 @@ async fn a_node_whose_agent_waits_to_reboot_is_claimed_cordoned_and_the_job_told
     waiting.spec.agent = "node-a".into();
     waiting.spec.node = Some("node-a".into());
     let signature = ctx.signer.sign("team", "weekly-m1-node-a", &waiting.spec);
-    waiting.metadata.annotations = Some(
-        [(
-            crate::gateway::jobs::SIGNATURE_ANNOTATION.to_string(),
-            signature,
-        )]
-        .into(),
-    );
+    let mut annotations: std::collections::BTreeMap<String, String> = [(
+        crate::gateway::jobs::SIGNATURE_ANNOTATION.to_string(),
+        signature,
+    )]
+    .into();
+    if let Some(decision) = decision_on_the_job {
+        annotations.insert(
+            crate::api::common::REBOOT_DECISION_ANNOTATION.into(),
+            decision.into(),
+        );
+    }
+    waiting.metadata.annotations = Some(annotations);
     cache(&mut writers.jobs, waiting);
     let node = Node {
         metadata: stored("node-a", None),
@@ -488,6 +505,14 @@ async fn a_node_whose_agent_waits_to_reboot_is_claimed_cordoned_and_the_job_told
             .as_str()
             .unwrap()
             .starts_with("draining node node-a")
+    );
+    assert_eq!(
+        told["metadata"]["annotations"]
+            .as_object()
+            .unwrap()
+            .get("fleetpatch.io/reboot-decision"),
+        Some(&Value::Null),
+        "any verdict on the job is cleared: there is none until the drain gives one"
     );
     reconcile.await.unwrap().unwrap();
     server.done().await;

@@ -12,10 +12,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use k8s_openapi::api::core::v1::Node;
+use kube::ResourceExt;
+use kube::api::Api;
 use serde::Deserialize;
 
 use crate::api::common::{REBOOT_DECISION_ANNOTATION, REBOOT_MESSAGE_ANNOTATION};
 use crate::api::patchjob::PatchJob;
+use crate::controller::drain;
 
 use super::auth::{Identity, NODE_HEADER, Purpose};
 use super::protocol::{
@@ -161,10 +165,12 @@ async fn progress(
     Ok(Json(gateway.report(&identity, &uid, report).await?))
 }
 
-/// The controller's reboot decision for a job, from the job's annotations. Only the
-/// drain reconciler writes them, and only for a node agent's job on its own node;
-/// external hosts are approved unless the job ended or was cancelled.
-pub fn reboot_verdict(job: &PatchJob, paused: bool) -> RebootDecision {
+/// The controller's reboot decision for a job. External hosts are approved unless the
+/// job ended or was cancelled. A node agent's job waits for the drain reconciler, and
+/// its approval counts only when `node` (the job's Node, read by the caller) records the
+/// drain for this job as done: the job's own annotations may be written by its plan's
+/// authors, so they carry the message and a denial, never the permission.
+pub fn reboot_verdict(job: &PatchJob, paused: bool, node: Option<&Node>) -> RebootDecision {
     let annotations = kube::ResourceExt::annotations(job);
     let message = annotations
         .get(REBOOT_MESSAGE_ANNOTATION)
@@ -190,15 +196,20 @@ pub fn reboot_verdict(job: &PatchJob, paused: bool) -> RebootDecision {
             message,
         };
     }
-    let verdict = match annotations
-        .get(REBOOT_DECISION_ANNOTATION)
-        .map(String::as_str)
-    {
-        Some("Approved") => RebootVerdict::Approved,
-        Some("Denied") => RebootVerdict::Denied,
-        _ => RebootVerdict::Waiting,
+    let verdict = match drain::decision(job, node) {
+        Some(drain::Verdict::Approved) => RebootVerdict::Approved,
+        Some(drain::Verdict::Denied) => RebootVerdict::Denied,
+        None => RebootVerdict::Waiting,
     };
     RebootDecision { verdict, message }
+}
+
+/// Whether the job's annotations claim an approval, which only its Node can confirm.
+fn claims_approval(job: &PatchJob) -> bool {
+    job.spec.node.is_some()
+        && kube::ResourceExt::annotations(job)
+            .get(REBOOT_DECISION_ANNOTATION)
+            .is_some_and(|verdict| verdict == "Approved")
 }
 
 /// Long-polls the controller's decision on rebooting for a job.
@@ -220,7 +231,14 @@ async fn reboot_decision(
                 Refusal::Gone(format!("no job with uid {}", protocol::bounded(&uid, 64)))
             })?;
         gateway.check_serving(&identity, &job)?;
-        let decision = reboot_verdict(&job, gateway.paused(&identity.agent));
+        let node = match job.spec.node.as_deref() {
+            Some(node) if claims_approval(&job) => gateway.node(node).await?,
+            _ => None,
+        };
+        let decision = reboot_verdict(&job, gateway.paused(&identity.agent), node.as_ref());
+        if claims_approval(&job) && decision.verdict == RebootVerdict::Waiting {
+            tracing::warn!(job = %job.name_any(), "the job's annotations approve a reboot its Node does not record; waiting for the drain");
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         if decision.verdict != RebootVerdict::Waiting || remaining.is_zero() {
             return Ok(Json(decision));
@@ -230,6 +248,15 @@ async fn reboot_decision(
 }
 
 impl Gateway {
+    /// The Node a node agent's job runs on, read when the job claims its reboot was
+    /// approved (so at most once per change of the job).
+    async fn node(&self, name: &str) -> Result<Option<Node>, Refusal> {
+        Api::<Node>::all(self.client.clone())
+            .get_opt(name)
+            .await
+            .map_err(|err| Refusal::internal("reading a Node", err))
+    }
+
     /// Whether the Agent is paused (its running job is cancelled).
     pub fn paused(&self, agent: &str) -> bool {
         self.caches
