@@ -4,11 +4,18 @@
 //! directory is 0700, the files 0600: they hold scripts and their output). A file that
 //! cannot be read back is moved aside to `jobs/corrupt/` and reported, never a reason
 //! for the agent to stop.
+//!
+//! A finished job whose result the gateway holds leaves the journal but not the agent's
+//! memory: it is *retired* to `jobs/done/`, a small file named by the digest of the
+//! job's namespace, name and spec, kept until well after the job's deadline. A job
+//! handed out again — by a gateway whose cache lags its own final write, or as a copy
+//! of a signed job recreated under its old name — is recognised and never run twice.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::api::patchjob::{PatchJobSpec, PatchJobStatus};
 
@@ -63,6 +70,28 @@ pub enum JournalError {
         path: PathBuf,
         moved: Option<PathBuf>,
     },
+}
+
+/// Most retired jobs remembered; past this the oldest are forgotten first.
+pub const MAX_RETIRED: usize = 4096;
+/// How long a retired job is remembered after its deadline (or after it finished, for a
+/// job without one).
+const RETIRED_FOR: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// What identifies a job's work on a host: its namespace/name and its whole spec. A
+/// signed copy recreated under the job's name has a new uid but this same digest.
+pub fn job_digest(name: &str, spec: &PatchJobSpec) -> String {
+    let body = serde_json::to_vec(&(name, spec)).expect("a spec serializes");
+    hex::encode(Sha256::digest(&body))
+}
+
+/// A retired job: which uid ran, and until when it is remembered.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Retired {
+    uid: String,
+    /// Seconds since the epoch.
+    until: i64,
 }
 
 /// The journal directory (`STATE_DIR/jobs`).
@@ -217,6 +246,67 @@ impl Journal {
             .collect())
     }
 
+    fn retired_dir(&self) -> PathBuf {
+        self.dir.join("done")
+    }
+
+    /// Drops a finished job from the journal and remembers that it ran (see the module
+    /// documentation), forgetting the oldest memories past [`MAX_RETIRED`].
+    pub fn retire(&self, record: &JobRecord) -> Result<(), JournalError> {
+        let dir = self.retired_dir();
+        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        let now = k8s_openapi::jiff::Timestamp::now().as_second();
+        let from = record
+            .spec
+            .deadline
+            .as_ref()
+            .map_or(now, |deadline| deadline.0.as_second().max(now));
+        let retired = Retired {
+            uid: record.id.clone(),
+            until: from.saturating_add(RETIRED_FOR.as_secs() as i64),
+        };
+        let path = dir.join(job_digest(&record.name, &record.spec));
+        std::fs::write(&path, serde_json::to_vec(&retired).expect("serializes"))
+            .map_err(io_error(&path))?;
+        self.remove(&record.id)?;
+        self.prune_retired(now);
+        Ok(())
+    }
+
+    /// The uid of the job with this digest that already ran here, if any.
+    pub fn retired(&self, digest: &str) -> Option<String> {
+        let bytes = std::fs::read(self.retired_dir().join(digest)).ok()?;
+        serde_json::from_slice::<Retired>(&bytes)
+            .ok()
+            .map(|retired| retired.uid)
+    }
+
+    /// Forgets retired jobs past their time, then the oldest beyond [`MAX_RETIRED`].
+    fn prune_retired(&self, now: i64) {
+        let Ok(entries) = std::fs::read_dir(self.retired_dir()) else {
+            return;
+        };
+        let mut kept: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+        for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+            let expired = std::fs::read(&path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Retired>(&bytes).ok())
+                .is_none_or(|retired| retired.until < now);
+            if expired {
+                let _ = std::fs::remove_file(&path);
+            } else {
+                let modified = path.metadata().and_then(|m| m.modified());
+                kept.push((modified.unwrap_or(std::time::UNIX_EPOCH), path));
+            }
+        }
+        if kept.len() > MAX_RETIRED {
+            kept.sort();
+            for (_, path) in &kept[..kept.len() - MAX_RETIRED] {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
     pub fn remove(&self, id: &str) -> Result<(), JournalError> {
         let path = self.path(id);
         match std::fs::remove_file(&path) {
@@ -257,6 +347,58 @@ mod tests {
             sequence: 1,
             acknowledged_sequence: 0,
         }
+    }
+
+    #[test]
+    fn a_retired_job_is_remembered_by_what_it_ran_not_by_its_uid() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let mut job = record("uid-1");
+        job.status.phase = JobPhase::Succeeded;
+        journal.save(&job).unwrap();
+        let digest = job_digest(&job.name, &job.spec);
+        assert_eq!(journal.retired(&digest), None);
+        journal.retire(&job).unwrap();
+        assert_eq!(journal.load("uid-1").unwrap(), None, "it left the journal");
+        // A copy under a new uid has the same digest; another job does not.
+        let copy = record("uid-2");
+        assert_eq!(
+            journal.retired(&job_digest(&copy.name, &copy.spec)),
+            Some("uid-1".to_string())
+        );
+        let mut other = record("uid-3");
+        other.spec.run = "r2".into();
+        assert_eq!(journal.retired(&job_digest(&other.name, &other.spec)), None);
+        // Reopened (the agent restarted), it still remembers.
+        let reopened = Journal::open(dir.path()).unwrap();
+        assert_eq!(reopened.retired(&digest), Some("uid-1".to_string()));
+    }
+
+    #[test]
+    fn retired_jobs_are_forgotten_once_past_their_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let old = record("old");
+        std::fs::create_dir_all(journal.retired_dir()).unwrap();
+        let stale = Retired {
+            uid: "old".into(),
+            until: 1,
+        };
+        let digest = job_digest(&old.name, &old.spec);
+        std::fs::write(
+            journal.retired_dir().join(&digest),
+            serde_json::to_vec(&stale).unwrap(),
+        )
+        .unwrap();
+        let mut fresh = record("fresh");
+        fresh.spec.run = "r2".into();
+        journal.retire(&fresh).unwrap();
+        assert_eq!(journal.retired(&digest), None, "past its time");
+        assert!(
+            journal
+                .retired(&job_digest(&fresh.name, &fresh.spec))
+                .is_some()
+        );
     }
 
     #[test]

@@ -455,13 +455,14 @@ fn job_name(record_name: &str) -> Option<JobName> {
     })
 }
 
-/// Drops a finished job from the journal: its result is with the gateway, or the
-/// gateway takes none (an unfinished one stays: the executor still needs it).
+/// Retires a finished job from the journal: its result is with the gateway, or the
+/// gateway takes none (an unfinished one stays: the executor still needs it). The
+/// journal remembers that it ran, so it is never run again.
 fn forget_if_finished(journal: &Journal, uid: &str) {
     match journal.load(uid) {
         Ok(Some(record)) if record.is_finished() => {
-            if let Err(err) = journal.remove(uid) {
-                tracing::warn!(job = %record.name, error = %err, "cannot remove a finished job from the journal");
+            if let Err(err) = journal.retire(&record) {
+                tracing::warn!(job = %record.name, error = %err, "cannot retire a finished job from the journal");
             }
         }
         Ok(_) => {}
@@ -471,8 +472,8 @@ fn forget_if_finished(journal: &Journal, uid: &str) {
 
 /// Sends what the outbox holds until the gateway has written it, retrying with backoff.
 /// A job the gateway takes no more reports for (409: it is finished there; 404/410: it
-/// is gone) is closed: the agent stops reporting it and forgets it.
-async fn deliver(client: GatewayClient, outbox: Arc<Outbox>, journal: Journal) {
+/// is gone) is closed: the agent stops reporting it, stops running it, and forgets it.
+async fn deliver(client: GatewayClient, outbox: Arc<Outbox>, journal: Journal, running: Running) {
     let mut backoff = Duration::from_millis(200);
     loop {
         let batch: Vec<(String, i64, PatchJobStatus, String)> = outbox
@@ -532,6 +533,11 @@ async fn deliver(client: GatewayClient, outbox: Arc<Outbox>, journal: Journal) {
                     ) =>
                 {
                     tracing::warn!(job = %name, error = %err, "the gateway takes no more reports for this job; forgetting it");
+                    let current = running.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    if let Some(job) = current.filter(|job| job.uid == uid) {
+                        job.cancel
+                            .cancel("the gateway takes no more reports for this job (it ended there, or is gone)");
+                    }
                     outbox
                         .pending
                         .lock()
@@ -614,22 +620,57 @@ fn jitter(base: Duration) -> Duration {
     )
 }
 
-/// Marks a job failed without the journal (it cannot be written).
-fn fail_in_memory(record: &mut JobRecord, message: &str) {
+/// Marks a job failed without the journal (it cannot be written, or the job must not
+/// run and so has no journal), with the condition's `reason`.
+fn fail_in_memory(record: &mut JobRecord, reason: &str, message: &str) {
     let now = k8s_openapi::jiff::Timestamp::now();
     let status = &mut record.status;
     status.phase = crate::api::patchjob::JobPhase::Failed;
     status.message = message.to_string();
     status.completion_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
-    crate::api::conditions::set_outcome(
-        &mut status.conditions,
-        false,
-        "JournalFailed",
-        message,
-        None,
-        now,
-    );
+    crate::api::conditions::set_outcome(&mut status.conditions, false, reason, message, None, now);
     record.sequence += 1;
+}
+
+/// What to do with an assigned job the journal does not hold.
+#[derive(Debug, PartialEq, Eq)]
+enum FirstSight {
+    /// A new job: run it.
+    Run,
+    /// It already ran here under this very uid: a gateway whose cache lags its own
+    /// final write lists it once more. Nothing to do or say.
+    Skip,
+    /// Report it failed and do not run it: a copy of a job that ran here (its signed
+    /// spec recreated under its old name), or a job the gateway has results of from
+    /// this host although this agent has no record of it (its state directory was
+    /// lost): what ran of it is unknown.
+    Refuse {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+fn first_sight(
+    journal: &Journal,
+    uid: &str,
+    acknowledged: i64,
+    name: &str,
+    spec: &crate::api::patchjob::PatchJobSpec,
+) -> FirstSight {
+    match journal.retired(&super::journal::job_digest(name, spec)) {
+        Some(ran) if ran == uid => FirstSight::Skip,
+        Some(ran) => FirstSight::Refuse {
+            reason: "AlreadyRun",
+            message: format!(
+                "this host already ran a job with this very name and signed spec (uid {ran}); a copy is not run again"
+            ),
+        },
+        None if acknowledged > 0 => FirstSight::Refuse {
+            reason: "NoRecord",
+            message: "the gateway has results of this job from this host, but the agent has no record of it (was its state directory lost?); not run again".into(),
+        },
+        None => FirstSight::Run,
+    }
 }
 
 /// Connects, retrying what may succeed later; gives up on answers that will not.
@@ -672,9 +713,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
     for record in journal.all()? {
         outbox.put(&record);
     }
-    tokio::spawn(deliver(client.clone(), outbox.clone(), journal.clone()));
-
     let running: Running = Arc::default();
+    tokio::spawn(deliver(
+        client.clone(),
+        outbox.clone(),
+        journal.clone(),
+        running.clone(),
+    ));
+
     let detected = patcher::detect();
     tokio::spawn(send_heartbeats(
         client.clone(),
@@ -698,6 +744,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
         client: client.clone(),
     };
     let mut backoff = Duration::from_millis(500);
+    let mut idle = Duration::from_secs(1);
     loop {
         // Unfinished jobs in the journal first: they were cut off by a crash or a reboot.
         let mut work: Vec<JobRecord> = journal.unfinished()?;
@@ -741,6 +788,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
                             record.sequence = assignment.acknowledged_sequence;
                             fail_in_memory(
                                 &mut record,
+                                "JournalFailed",
                                 &format!(
                                     "the agent's journal of this job was unreadable and moved aside; not run again: {err}"
                                 ),
@@ -755,13 +803,30 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
                     // Finished here but not yet recorded there: report again, never re-run.
                     Some(record) if record.is_finished() => outbox.put(&record),
                     Some(record) => work.push(record),
+                    None if outbox.closed(&assignment.uid) => {}
                     None => match decode_spec(&assignment.spec) {
                         Ok(spec) => {
-                            let mut record = executor::new_record(
+                            let name = format!("{}/{}", assignment.namespace, assignment.name);
+                            match first_sight(
+                                &journal,
                                 &assignment.uid,
-                                format!("{}/{}", assignment.namespace, assignment.name),
-                                spec,
-                            );
+                                assignment.acknowledged_sequence,
+                                &name,
+                                &spec,
+                            ) {
+                                FirstSight::Run => {}
+                                FirstSight::Skip => continue,
+                                FirstSight::Refuse { reason, message } => {
+                                    tracing::error!(job = %name, %message, "not running a job again");
+                                    let mut record =
+                                        executor::new_record(&assignment.uid, name, spec);
+                                    record.sequence = assignment.acknowledged_sequence;
+                                    fail_in_memory(&mut record, reason, &message);
+                                    outbox.put(&record);
+                                    continue;
+                                }
+                            }
+                            let mut record = executor::new_record(&assignment.uid, name, spec);
                             record.sequence = assignment.acknowledged_sequence;
                             match journal.save(&record) {
                                 Ok(()) => work.push(record),
@@ -779,8 +844,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
                 }
             }
             if work.is_empty() {
+                // Handed only what must not run (a lagging gateway lists a job that just
+                // ended): ask again after a pause rather than at once.
+                tokio::time::sleep(jitter(idle)).await;
+                idle = (idle * 2).min(Duration::from_secs(30));
                 continue;
             }
+            idle = Duration::from_secs(1);
         }
         for mut record in work {
             let cancel = Arc::new(Cancellation::default());
@@ -819,6 +889,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
                     tracing::error!(job = %record.name, error = %err, "cannot write the journal; the job is reported failed");
                     fail_in_memory(
                         &mut record,
+                        "JournalFailed",
                         &format!("the agent cannot write its journal: {err}"),
                     );
                     outbox.put(&record);
@@ -844,11 +915,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
             }
             *running.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
-        // Forget finished jobs the gateway has written, or will take nothing more for.
+        // Retire finished jobs the gateway has written, or will take nothing more for.
         for record in journal.all()? {
             let delivered = outbox.acknowledged(&record.id) >= record.sequence;
             if record.is_finished() && (delivered || outbox.closed(&record.id)) {
-                journal.remove(&record.id)?;
+                journal.retire(&record)?;
             }
         }
     }
@@ -857,6 +928,53 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_that_ran_here_is_never_run_again_under_any_uid() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let spec: crate::api::patchjob::PatchJobSpec = serde_json::from_value(
+            serde_json::json!({"agent": "web-1", "plan": "weekly", "run": "m1", "os": "Linux"}),
+        )
+        .unwrap();
+        let name = "team/weekly-m1-web-1";
+        assert_eq!(
+            first_sight(&journal, "uid-1", 0, name, &spec),
+            FirstSight::Run
+        );
+        let mut record = executor::new_record("uid-1", name.to_string(), spec.clone());
+        record.status.phase = crate::api::patchjob::JobPhase::Succeeded;
+        record.sequence = 4;
+        journal.save(&record).unwrap();
+        journal.retire(&record).unwrap();
+        // Listed again by a gateway whose cache lags.
+        assert_eq!(
+            first_sight(&journal, "uid-1", 4, name, &spec),
+            FirstSight::Skip
+        );
+        // The same signed job recreated under its name: a new uid, nothing acknowledged.
+        assert!(matches!(
+            first_sight(&journal, "uid-2", 0, name, &spec),
+            FirstSight::Refuse {
+                reason: "AlreadyRun",
+                ..
+            }
+        ));
+        // Results were written from here, but the journal knows nothing of the job.
+        let mut other = spec.clone();
+        other.run = "m2".into();
+        assert!(matches!(
+            first_sight(&journal, "uid-3", 2, "team/weekly-m2-web-1", &other),
+            FirstSight::Refuse {
+                reason: "NoRecord",
+                ..
+            }
+        ));
+        assert_eq!(
+            first_sight(&journal, "uid-3", 0, "team/weekly-m2-web-1", &other),
+            FirstSight::Run
+        );
+    }
 
     #[test]
     fn os_release_gives_the_distribution_and_its_version() {
