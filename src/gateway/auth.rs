@@ -237,9 +237,11 @@ impl Authenticator {
         purpose: Purpose,
         limiter: &SourceLimiter,
     ) -> Result<Identity, Refusal> {
+        // Logged only while the source is within its rate: a flood of bad credentials
+        // costs one bucket check each, not a log line each.
         let refused = |why: &dyn std::fmt::Display| {
-            tracing::info!(%source, reason = %why, "authentication failed");
             if limiter.allow(source) {
+                tracing::info!(%source, reason = %why, "authentication failed");
                 Refusal::Unauthorized
             } else {
                 Refusal::Throttled

@@ -30,6 +30,22 @@ impl Default for UnauthenticatedLimits {
     }
 }
 
+/// The bucket a source address is charged to: an IPv4 address (or an IPv4-mapped IPv6
+/// one) on its own, an IPv6 address by its /64 — one host is routinely given a whole /64,
+/// and would otherwise get a fresh bucket for every address it picks from it.
+fn bucket_of(source: IpAddr) -> IpAddr {
+    match source {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+            }
+        },
+    }
+}
+
 pub struct SourceLimiter {
     buckets: DefaultKeyedRateLimiter<IpAddr>,
     registrations: Semaphore,
@@ -47,7 +63,7 @@ impl SourceLimiter {
 
     /// Takes one request from `source`'s bucket; false when it is empty.
     pub fn allow(&self, source: IpAddr) -> bool {
-        self.buckets.check_key(&source).is_ok()
+        self.buckets.check_key(&bucket_of(source)).is_ok()
     }
 
     /// A registration slot, if one is free.
@@ -68,9 +84,63 @@ impl SourceLimiter {
     }
 }
 
+/// What an authenticated agent may cost in API reads the caches cannot answer (a job
+/// another replica handed out, a job's script bodies): a token bucket per agent, so a
+/// host with a valid credential cannot turn reports about made-up jobs into a stream
+/// of GETs.
+pub struct AgentReads {
+    buckets: DefaultKeyedRateLimiter<String>,
+}
+
+impl AgentReads {
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let per_second = NonZeroU32::new(per_second.max(1)).expect("at least 1");
+        let burst = NonZeroU32::new(burst.max(1)).expect("at least 1");
+        Self {
+            buckets: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+        }
+    }
+
+    /// Takes one read from `agent`'s bucket; false when it is empty.
+    pub fn allow(&self, agent: &str) -> bool {
+        self.buckets.check_key(&agent.to_string()).is_ok()
+    }
+
+    pub fn prune(&self) {
+        self.buckets.retain_recent();
+        self.buckets.shrink_to_fit();
+    }
+}
+
+impl Default for AgentReads {
+    fn default() -> Self {
+        Self::new(5, 50)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_source_is_one_bucket_per_64_prefix() {
+        let limiter = SourceLimiter::new(&UnauthenticatedLimits {
+            per_second: 1,
+            burst: 2,
+            max_registrations: 1,
+        });
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:fffe".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(limiter.allow(a) && limiter.allow(b));
+        assert!(
+            !limiter.allow("2001:db8:1:2::99".parse().unwrap()),
+            "every address of a /64 draws on the same bucket"
+        );
+        assert!(limiter.allow(other), "the next /64 has its own");
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(bucket_of(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
 
     #[test]
     fn a_source_gets_its_burst_then_waits_and_others_are_unaffected() {

@@ -36,7 +36,7 @@ use crate::api::patchjob::{PatchJob, PatchJobSpec};
 use auth::{Authenticator, NodePolicy, TokenReviewer};
 use coalesce::ProgressBook;
 use jobs::{JobSignals, JobSigner};
-use limits::{SourceLimiter, UnauthenticatedLimits};
+use limits::{AgentReads, SourceLimiter, UnauthenticatedLimits};
 use protocol::{ErrorBody, Heartbeat};
 
 /// The last heartbeat of one agent.
@@ -143,6 +143,9 @@ impl IntoResponse for Refusal {
 }
 
 /// Shared state of the gateway.
+/// Full job specs by uid, each with when it was last asked for.
+pub(crate) type FetchedSpecs = HashMap<String, (Option<Arc<PatchJobSpec>>, Instant)>;
+
 pub struct Gateway {
     pub(crate) client: Client,
     pub(crate) config: GatewayConfig,
@@ -151,8 +154,11 @@ pub struct Gateway {
     pub(crate) limiter: SourceLimiter,
     pub(crate) signer: JobSigner,
     pub(crate) progress: Mutex<ProgressBook>,
-    /// Full specs fetched for handing out (the cache holds none), by uid.
-    pub(crate) specs: Mutex<HashMap<String, (Arc<PatchJobSpec>, Instant)>>,
+    /// Full specs fetched for handing out (the cache holds none), by uid; `None` for a
+    /// job whose fetched spec did not check out, so it is not fetched again and again.
+    pub(crate) specs: Mutex<FetchedSpecs>,
+    /// API reads each agent may cause beyond the caches.
+    pub(crate) agent_reads: AgentReads,
     /// One wake-up per agent, so a job change answers only its own agent's long-poll.
     pub job_signals: Arc<JobSignals>,
     pub heartbeats: Heartbeats,
@@ -187,6 +193,7 @@ impl Gateway {
             auth,
             signer,
             specs: Mutex::new(HashMap::new()),
+            agent_reads: AgentReads::default(),
             job_signals,
             heartbeats,
             status_writes: Default::default(),
@@ -208,6 +215,7 @@ impl Gateway {
         self.prune_progress();
         self.job_signals.prune(&self.caches.jobs);
         self.limiter.prune();
+        self.agent_reads.prune();
         let now = Instant::now();
         self.specs
             .lock()

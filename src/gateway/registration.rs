@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Node, Secret};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
@@ -141,12 +142,36 @@ impl Gateway {
             "kubernetes.io/os".into(),
             request.os.as_str().to_ascii_lowercase(),
         );
+        let current = self
+            .caches
+            .agents
+            .get(&ObjectRef::new(node))
+            .filter(|agent| agent.spec.mode == AgentMode::Node);
+        // A node agent announces itself at every start: when its Agent already says
+        // all of it, that costs no write.
+        if let Some(agent) = &current
+            && agent.spec.os == request.os
+            && agent.spec.node_name.as_deref() == Some(node)
+            && labels
+                .iter()
+                .all(|(key, value)| agent.labels().get(key) == Some(value))
+        {
+            return Ok(RegisterResponse {
+                agent: node.to_string(),
+                credential: None,
+            });
+        }
         let spec = AgentSpec {
             mode: AgentMode::Node,
             os: request.os,
             node_name: Some(node.to_string()),
             paused: false,
-            allowed_plans: self.config.node_agent_plans.clone(),
+            // The chart's setting for a new node agent; what an admin has set since
+            // stays (applied as it is, so the forced apply changes nothing there).
+            allowed_plans: current.as_ref().map_or_else(
+                || self.config.node_agent_plans.clone(),
+                |agent| agent.spec.allowed_plans.clone(),
+            ),
         };
         let mut body = json!({
             "apiVersion": "fleetpatch.io/v1alpha1",

@@ -81,12 +81,23 @@ async fn call(
     bearer: Option<&str>,
     body: Value,
 ) -> (StatusCode, Value) {
+    let headers: Vec<(&str, &str)> = bearer.map(|b| ("Authorization", b)).into_iter().collect();
+    call_with(gateway, method, path, &headers, body).await
+}
+
+async fn call_with(
+    gateway: &std::sync::Arc<super::Gateway>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Value,
+) -> (StatusCode, Value) {
     let mut request = Request::builder()
         .method(method)
         .uri(path)
         .header("Content-Type", "application/json");
-    if let Some(bearer) = bearer {
-        request = request.header("Authorization", bearer);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let mut request = request
         .body(HttpBody::from(serde_json::to_vec(&body).unwrap()))
@@ -328,25 +339,25 @@ async fn a_report_is_checked_and_written_over_the_version_it_was_checked_against
     let job = full_job(&fixture);
     cached_job(&mut fixture, &job);
     let path = "/agent/v1/jobs/uid-weekly-m1-web-1/progress";
-    let (status, ack) = call(&fixture.ctx.gateway, "POST", path, Some(BEARER),
-        json!({"sequence": 2, "status": {"phase": "Succeeded", "preActions": [{"name": "hello", "phase": "Succeeded", "exitCode": 0}]}})).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        ack["acknowledgedSequence"], 0,
-        "nothing acknowledged before it is written"
-    );
     let (status, _) = call(
         &fixture.ctx.gateway,
         "POST",
         path,
         Some(BEARER),
-        json!({"sequence": 3, "status": {"phase": "Unknown"}}),
+        json!({"sequence": 1, "status": {"phase": "Unknown"}}),
     )
     .await;
     assert_eq!(
         status,
         StatusCode::UNPROCESSABLE_ENTITY,
         "a phase only the controller sets"
+    );
+    let (status, ack) = call(&fixture.ctx.gateway, "POST", path, Some(BEARER),
+        json!({"sequence": 2, "status": {"phase": "Succeeded", "preActions": [{"name": "hello", "phase": "Succeeded", "exitCode": 0}]}})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        ack["acknowledgedSequence"], 0,
+        "nothing acknowledged before it is written"
     );
     let gateway = fixture.ctx.gateway.clone();
     let flush = tokio::spawn(async move { gateway.flush().await });
@@ -388,5 +399,213 @@ async fn an_external_host_may_reboot_for_its_own_running_job_and_a_stranger_may_
     assert_eq!(decision["verdict"], "Approved");
     let (status, _) = call(&fixture.ctx.gateway, "GET", path, None, Value::Null).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    fixture.server.done().await;
+}
+
+/// The final write lands before the cache hears of it: in that moment the job must
+/// neither be handed out again (the agent has just forgotten it, and would run it anew)
+/// nor take a later report that would set it back to Running.
+#[tokio::test]
+async fn a_job_is_over_once_its_final_report_is_written_whatever_the_cache_says() {
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    let job = full_job(&fixture);
+    cached_job(&mut fixture, &job);
+    let path = "/agent/v1/jobs/uid-weekly-m1-web-1/progress";
+    let (status, _) = call(&fixture.ctx.gateway, "POST", path, Some(BEARER),
+        json!({"sequence": 2, "status": {"phase": "Succeeded", "preActions": [{"name": "hello", "phase": "Succeeded", "exitCode": 0}]}})).await;
+    assert_eq!(status, StatusCode::OK);
+    let gateway = fixture.ctx.gateway.clone();
+    let flush = tokio::spawn(async move { gateway.flush().await });
+    fixture
+        .server
+        .answer("PATCH", "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs/weekly-m1-web-1/status", 200,
+            json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "PatchJob", "metadata": {"name": "weekly-m1-web-1", "resourceVersion": "8"}, "spec": {"agent": "web-1", "os": "Linux"}}))
+        .await;
+    flush.await.unwrap();
+    // The cache still has the job unfinished.
+    let (status, body) = call(
+        &fixture.ctx.gateway,
+        "GET",
+        "/agent/v1/assignments?waitSeconds=0",
+        Some(BEARER),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body["jobs"],
+        json!([]),
+        "a finished job is not handed out again"
+    );
+    let (status, body) = call(
+        &fixture.ctx.gateway,
+        "POST",
+        path,
+        Some(BEARER),
+        json!({"sequence": 3, "status": {"phase": "Running", "preActions": [{"name": "hello", "phase": "Running"}]}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    fixture.ctx.gateway.flush().await;
+    fixture.server.done().await;
+}
+
+/// A node agent's job carries an "Approved" its plan's author wrote by hand: the
+/// gateway asks the Node, which records no drain, so the agent waits; once the Node
+/// records the drain for this job, the reboot is approved.
+#[tokio::test]
+async fn a_node_reboot_is_approved_only_when_the_node_records_the_drain() {
+    use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
+    let review = TokenReviewStatus {
+        authenticated: Some(true),
+        audiences: Some(vec!["fleetpatch-gateway".into()]),
+        user: Some(UserInfo {
+            username: Some(format!(
+                "system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"
+            )),
+            extra: Some(
+                [(
+                    "authentication.kubernetes.io/node-name".to_string(),
+                    vec!["node-a".to_string()],
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        }),
+        error: None,
+    };
+    let mut fixture = Fixture::with_reviewer(crate::controller::fixtures::FakeReviewer(vec![(
+        "node-token".into(),
+        review,
+    )]));
+    let mut agent: Agent = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
+        "metadata": {"name": "node-a"}, "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a",
+        "allowedPlans": {"namespaces": {"from": "All"}}}}),
+    );
+    agent.metadata = stored("node-a", None);
+    cache(&mut fixture.writers.agents, agent);
+    let mut job = full_job(&fixture);
+    job.metadata = stored("weekly-m1-node-a", Some("team"));
+    job.spec.agent = "node-a".into();
+    job.spec.node = Some("node-a".into());
+    let signature = fixture
+        .ctx
+        .signer
+        .sign("team", "weekly-m1-node-a", &job.spec);
+    job.metadata.annotations = Some(
+        [
+            (SIGNATURE_ANNOTATION.to_string(), signature),
+            (
+                crate::api::common::REBOOT_DECISION_ANNOTATION.to_string(),
+                "Approved".to_string(),
+            ),
+        ]
+        .into(),
+    );
+    cached_job(&mut fixture, &job);
+    let headers = [
+        ("Authorization", "Bearer node-token"),
+        (super::auth::NODE_HEADER, "node-a"),
+    ];
+    let path = "/agent/v1/jobs/uid-weekly-m1-node-a/reboot?waitSeconds=0";
+    let ask = |fixture: &Fixture| {
+        let gateway = fixture.ctx.gateway.clone();
+        tokio::spawn(async move { call_with(&gateway, "GET", path, &headers, Value::Null).await })
+    };
+    let asked = ask(&fixture);
+    fixture
+        .server
+        .answer(
+            "GET",
+            "/api/v1/nodes/node-a",
+            200,
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}}),
+        )
+        .await;
+    let (status, decision) = asked.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{decision}");
+    assert_eq!(
+        decision["verdict"], "Waiting",
+        "the job's own word is not enough"
+    );
+    let asked = ask(&fixture);
+    fixture
+        .server
+        .answer("GET", "/api/v1/nodes/node-a", 200,
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "annotations": {
+                "fleetpatch.io/drain-for": "team/weekly-m1-node-a",
+                "fleetpatch.io/drain-approved": "2026-12-02T10:00:00Z"}}}))
+        .await;
+    let (_, decision) = asked.await.unwrap();
+    assert_eq!(decision["verdict"], "Approved");
+    fixture.server.done().await;
+}
+
+/// A signed job past its deadline — say, a copy of an old job recreated under its name
+/// by someone who may write PatchJobs — is handed out to nobody.
+#[tokio::test]
+async fn a_job_past_its_deadline_is_not_handed_out() {
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    let mut job = full_job(&fixture);
+    job.spec.deadline = Some(Time(
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_mins(1),
+    ));
+    let signature = fixture
+        .ctx
+        .signer
+        .sign("team", "weekly-m1-web-1", &job.spec);
+    job.metadata.annotations = Some([(SIGNATURE_ANNOTATION.to_string(), signature)].into());
+    cached_job(&mut fixture, &job);
+    let (status, body) = call(
+        &fixture.ctx.gateway,
+        "GET",
+        "/agent/v1/assignments?waitSeconds=0",
+        Some(BEARER),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["jobs"], json!([]));
+    fixture.server.done().await;
+}
+
+/// An agent with a valid credential reports about jobs the cache does not know: each
+/// costs a GET, but only within the agent's read budget; past it, 429 and no request.
+#[tokio::test]
+async fn reports_about_unknown_jobs_cost_reads_only_within_a_budget() {
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    let report = |i: usize| {
+        json!({"sequence": 1, "status": {"phase": "Running"},
+               "job": {"namespace": "team", "name": format!("made-up-{i}")}})
+    };
+    let mut reads = 0;
+    for i in 0..200 {
+        let gateway = fixture.ctx.gateway.clone();
+        let body = report(i);
+        let asked = tokio::spawn(async move {
+            let path = format!("/agent/v1/jobs/uid-{i}/progress");
+            call(&gateway, "POST", &path, Some(BEARER), body).await
+        });
+        // Either the gateway asks the API (answered: no such job), or it refuses at once.
+        let read = format!("/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs/made-up-{i}");
+        let answered = tokio::select! {
+            answered = asked => answered.unwrap(),
+            _ = fixture.server.answer("GET", &read, 404,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})) => {
+                reads += 1;
+                continue;
+            }
+        };
+        assert_eq!(answered.0, StatusCode::TOO_MANY_REQUESTS, "{}", answered.1);
+        break;
+    }
+    assert!(
+        (1..=60).contains(&reads),
+        "{reads} reads before the budget ran out"
+    );
     fixture.server.done().await;
 }
