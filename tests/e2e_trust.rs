@@ -620,14 +620,71 @@ fn a_deleted_job_is_stopped_on_its_host_and_never_made_again_in_its_run() {
         "1"
     );
     assert!(!late.exists());
-    // Its journal entry is gone from the host too.
+    // Its journal entry is gone from the host too (it is remembered as retired).
     let journal = fleet.state_dir("web-1").join("jobs");
     assert!(
-        eventually(Duration::from_secs(10), || std::fs::read_dir(&journal)
-            .map(|d| d.count())
-            .unwrap_or(0)
-            == 0),
+        eventually(Duration::from_secs(10), || journal_entries(&journal) == 0),
         "the journal keeps the deleted job"
+    );
+}
+
+/// Jobs in an agent's journal (not counting what it keeps of retired ones).
+fn journal_entries(journal: &std::path::Path) -> usize {
+    std::fs::read_dir(journal)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Whoever may write PatchJobs in a namespace can copy a finished job — name, spec and
+/// the controller's signature — delete it and create the copy. The gateway serves it
+/// (it is signed and within its deadline), but the host that ran it recognises the
+/// job and reports the copy failed instead of running its scripts again.
+#[test]
+fn a_signed_copy_of_a_finished_job_never_runs_again() {
+    let fleet = Fleet::start();
+    let _controller = fleet.controller();
+    let _agent = fleet.agent("web-1", "web");
+    fleet.wait_for_agents(1);
+    let marks = fleet.home.path().join("ran");
+    fleet.apply(
+        &(script("mark", &format!("echo ran >> {}", marks.display()))
+            + &workflow("mark-flow", &["mark"], &[])),
+    );
+    fleet.apply(&plan("p", &[("web", "web", "mark-flow", 0)], 1, 0));
+    fleet.run_plan("p");
+    fleet.wait_for_run("p", &["Succeeded"]);
+    let job: serde_json::Value =
+        serde_json::from_str(&fleet.get(&["get", "pj", "-o", "json"])).unwrap();
+    let job = &job["items"][0];
+    let name = job["metadata"]["name"].as_str().unwrap().to_string();
+    let copy = serde_json::json!({
+        "apiVersion": "fleetpatch.io/v1alpha1",
+        "kind": "PatchJob",
+        "metadata": {"name": name, "labels": job["metadata"]["labels"],
+                     "annotations": {"fleetpatch.io/signature": job["metadata"]["annotations"]["fleetpatch.io/signature"]}},
+        "spec": job["spec"],
+    });
+    fleet.get(&["delete", "pj", &name, "--wait=true", "--timeout=30s"]);
+    fleet.apply(&copy.to_string());
+    let refused = eventually(Duration::from_secs(30), || {
+        fleet.get(&["get", "pj", &name, "-o", "jsonpath={.status.phase}"]) == "Failed"
+    });
+    let shown = fleet.get(&["get", "pj", &name, "-o", "yaml"]);
+    assert!(refused, "{shown}");
+    assert!(shown.contains("a copy is not run again"), "{shown}");
+    assert_ne!(
+        fleet.get(&["get", "pj", &name, "-o", "jsonpath={.metadata.uid}"]),
+        job["metadata"]["uid"].as_str().unwrap(),
+        "it is a new object"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&marks).unwrap(),
+        "ran\n",
+        "the script ran once"
     );
 }
 

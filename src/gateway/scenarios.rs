@@ -454,8 +454,9 @@ async fn a_job_is_over_once_its_final_report_is_written_whatever_the_cache_says(
 /// A node agent's job carries an "Approved" its plan's author wrote by hand: the
 /// gateway asks the Node, which records no drain, so the agent waits; once the Node
 /// records the drain for this job, the reboot is approved.
-#[tokio::test]
-async fn a_node_reboot_is_approved_only_when_the_node_records_the_drain() {
+/// Node node-a's agent: its token reviews as the node agent bound to node-a, and its
+/// Agent is cached (admitting plans from the namespaces in `allowed`).
+fn node_agent_fixture(allowed: Value) -> Fixture {
     use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
     let review = TokenReviewStatus {
         authenticated: Some(true),
@@ -466,7 +467,7 @@ async fn a_node_reboot_is_approved_only_when_the_node_records_the_drain() {
             )),
             extra: Some(
                 [(
-                    "authentication.kubernetes.io/node-name".to_string(),
+                    super::auth::NODE_NAME_EXTRA.to_string(),
                     vec!["node-a".to_string()],
                 )]
                 .into(),
@@ -482,10 +483,46 @@ async fn a_node_reboot_is_approved_only_when_the_node_records_the_drain() {
     let mut agent: Agent = typed(
         json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
         "metadata": {"name": "node-a"}, "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a",
-        "allowedPlans": {"namespaces": {"from": "All"}}}}),
+        "allowedPlans": allowed}}),
     );
     agent.metadata = stored("node-a", None);
+    agent.metadata.labels = Some([("kubernetes.io/os".to_string(), "linux".to_string())].into());
     cache(&mut fixture.writers.agents, agent);
+    fixture
+}
+
+const NODE_HEADERS: [(&str, &str); 2] = [
+    ("Authorization", "Bearer node-token"),
+    (super::auth::NODE_HEADER, "node-a"),
+];
+
+/// A node agent announces itself at every start. When its Agent already says what it
+/// announces, that costs no write — and never puts back the chart's allowedPlans over
+/// what an admin set on the Agent since.
+#[tokio::test]
+async fn a_node_agent_announcing_itself_again_writes_nothing() {
+    let fixture = node_agent_fixture(
+        json!({"namespaces": {"from": "Selector", "selector": {"matchLabels": {"patching": "ok"}}}}),
+    );
+    let (status, body) = call_with(
+        &fixture.ctx.gateway,
+        "POST",
+        "/agent/v1/register",
+        &NODE_HEADERS,
+        json!({"name": "node-a", "os": "Linux"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["agent"], "node-a");
+    fixture.server.done().await;
+}
+
+/// A node agent's job carries an "Approved" its plan's author wrote by hand: the
+/// gateway asks the Node, which records no drain, so the agent waits; once the Node
+/// records the drain for this job, the reboot is approved.
+#[tokio::test]
+async fn a_node_reboot_is_approved_only_when_the_node_records_the_drain() {
+    let mut fixture = node_agent_fixture(json!({"namespaces": {"from": "All"}}));
     let mut job = full_job(&fixture);
     job.metadata = stored("weekly-m1-node-a", Some("team"));
     job.spec.agent = "node-a".into();
@@ -505,14 +542,12 @@ async fn a_node_reboot_is_approved_only_when_the_node_records_the_drain() {
         .into(),
     );
     cached_job(&mut fixture, &job);
-    let headers = [
-        ("Authorization", "Bearer node-token"),
-        (super::auth::NODE_HEADER, "node-a"),
-    ];
     let path = "/agent/v1/jobs/uid-weekly-m1-node-a/reboot?waitSeconds=0";
     let ask = |fixture: &Fixture| {
         let gateway = fixture.ctx.gateway.clone();
-        tokio::spawn(async move { call_with(&gateway, "GET", path, &headers, Value::Null).await })
+        tokio::spawn(
+            async move { call_with(&gateway, "GET", path, &NODE_HEADERS, Value::Null).await },
+        )
     };
     let asked = ask(&fixture);
     fixture
