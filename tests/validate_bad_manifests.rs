@@ -18,8 +18,8 @@ use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fleetpatch");
 
-/// Longest script body the API accepts, in characters.
-const SCRIPT_MAX_CHARS: usize = 20480;
+/// Longest script body the API accepts, in characters and in bytes of UTF-8.
+const SCRIPT_MAX: usize = 20480;
 
 /// One invalid manifest and what the tool must say about it.
 struct Case {
@@ -64,6 +64,7 @@ const CASES: &[Case] = &[
     case("registry-task-on-linux.yaml", 1, "spec.os", Some("Windows-only")),
     // Scripts.
     case(GENERATED_TOO_LONG, 1, "spec.content", Some("longer than 20480 characters")),
+    case(GENERATED_TOO_MANY_BYTES, 1, "spec.content", Some("at most 20480 bytes of UTF-8")),
     case("script-content-empty.yaml", 1, "spec.content", Some("must not be empty")),
     case("script-content-blank.yaml", 1, "spec.content", Some("must not be empty")),
     case("script-signature-on-bash.yaml", 1, "spec.signature", Some("only supported for PowerShell")),
@@ -178,12 +179,13 @@ const SERVER_NAMES: &[(&str, &str)] = &[
 
 /// Name of the fixture with one character too many, written at run time.
 const GENERATED_TOO_LONG: &str = "script-content-too-long.yaml";
+/// Name of the fixture within the characters but one byte too many.
+const GENERATED_TOO_MANY_BYTES: &str = "script-content-too-many-bytes.yaml";
 
-/// A Bash Script whose content is exactly `chars` characters of `fill` after `echo `.
-fn long_script(name: &str, fill: char, chars: usize) -> String {
-    let body: String = std::iter::repeat_n(fill, chars - "echo ".len()).collect();
+/// A Bash Script whose content is `echo ` and then `count` times `fill`.
+fn long_script(name: &str, fill: char, count: usize) -> String {
+    let body: String = std::iter::repeat_n(fill, count).collect();
     let content = format!("echo {body}");
-    assert_eq!(content.chars().count(), chars);
     format!(
         "apiVersion: fleetpatch.io/v1alpha1\nkind: Script\nmetadata:\n  name: {name}\nspec:\n  language: Bash\n  content: \"{content}\"\n"
     )
@@ -191,10 +193,17 @@ fn long_script(name: &str, fill: char, chars: usize) -> String {
 
 /// Fixtures too large to commit, by file name.
 fn generated_fixtures() -> Vec<(&'static str, String)> {
-    vec![(
-        GENERATED_TOO_LONG,
-        long_script("too-long", 'a', SCRIPT_MAX_CHARS + 1),
-    )]
+    // "echo " is five bytes; 'é' is two.
+    vec![
+        (
+            GENERATED_TOO_LONG,
+            long_script("too-long", 'a', SCRIPT_MAX + 1 - 5),
+        ),
+        (
+            GENERATED_TOO_MANY_BYTES,
+            long_script("too-many-bytes", 'é', (SCRIPT_MAX - 5) / 2 + 1),
+        ),
+    ]
 }
 
 fn fixtures_dir() -> PathBuf {
@@ -483,17 +492,18 @@ fn a_valid_linux_workflow_passes() {
 fn a_script_of_exactly_the_maximum_length_passes() {
     assert_clean(
         "script-max-ascii.yaml",
-        &long_script("max-ascii", 'a', SCRIPT_MAX_CHARS),
+        &long_script("max-ascii", 'a', SCRIPT_MAX - 5),
     );
 }
 
-/// The limit is in characters, as the API server's CEL `size()` counts them (code
-/// points), not UTF-8 bytes.
+/// The byte limit counts UTF-8: "echo " and 10,237 times 'é' are 20,479 bytes and pass;
+/// one 'é' more is 20,481 bytes and is refused (the generated case above), though both
+/// are far within the 20,480 characters.
 #[test]
-fn a_script_of_the_maximum_length_in_non_ascii_characters_passes() {
+fn a_non_ascii_script_within_the_bytes_passes() {
     assert_clean(
         "script-max-non-ascii.yaml",
-        &long_script("max-non-ascii", 'é', SCRIPT_MAX_CHARS),
+        &long_script("max-non-ascii", 'é', (SCRIPT_MAX - 5) / 2),
     );
 }
 

@@ -31,8 +31,10 @@ pub const AGENT_LABEL: &str = "fleetpatch.io/agent";
 /// Category every kind is listed under, so `kubectl get fleetpatch` shows them all.
 pub const CATEGORY: &str = "fleetpatch";
 
-/// Longest script body accepted. Longer scripts are rejected, never truncated.
-pub const SCRIPT_CONTENT_MAX_CHARS: usize = 20480;
+/// Longest script body accepted, in characters and in bytes of UTF-8 (both hold, as in
+/// Qualys: 20 KB and 20,480 characters). Longer scripts are rejected, never truncated.
+/// The CRD's rules spell the number out; a test checks they agree.
+pub const SCRIPT_CONTENT_MAX: usize = 20480;
 /// Longest an action may run before it is killed and the next action starts.
 pub const ACTION_TIMEOUT_MAX_MINUTES: u32 = 180;
 /// Default limit of pre-patching and of post-patching tasks per workflow.

@@ -95,12 +95,16 @@ pub struct ScriptParameter {
 pub struct ScriptSpec {
     /// Interpreter: PowerShell (Windows), Bash or Sh (Linux).
     pub language: ScriptLanguage,
-    /// The script body, at most 20480 characters. Longer scripts are rejected, never truncated.
-    // A length limit, not a CEL `size()` rule: the API server counts characters for
-    // maxLength, while kube-cel's `size()` counts UTF-8 bytes and would reject valid
-    // non-ASCII scripts in offline validation.
+    /// The script body, at most 20480 characters and 20480 bytes of UTF-8. Longer scripts
+    /// are rejected, never truncated.
+    // Characters by maxLength (the API server counts code points there); bytes by
+    // `size(bytes(self))`, which counts bytes both on the API server and in kube-cel
+    // (whose `size()` of a string would count bytes where the server counts characters).
     #[schemars(length(max = 20480))]
-    #[x_kube(validation = Rule::new("self.trim() != ''").message("script content must not be empty"))]
+    #[x_kube(
+        validation = Rule::new("self.trim() != ''").message("script content must not be empty"),
+        validation = Rule::new("size(bytes(self)) <= 20480").message("script content must be at most 20480 bytes of UTF-8 (non-ASCII characters take 2 to 4 bytes each)")
+    )]
     pub content: String,
     /// Authenticode signature block for PowerShell hosts whose execution policy requires signed scripts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,4 +149,29 @@ pub struct ScriptStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::common::SCRIPT_CONTENT_MAX;
+    use kube::CustomResourceExt;
+
+    #[test]
+    fn the_crd_limits_a_script_by_characters_and_by_bytes_alike() {
+        let crd = serde_json::to_value(Script::crd()).unwrap();
+        let content = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["content"];
+        assert_eq!(content["maxLength"], SCRIPT_CONTENT_MAX);
+        let rules: Vec<&str> = content["x-kubernetes-validations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|rule| rule["rule"].as_str())
+            .collect();
+        assert!(
+            rules.contains(&format!("size(bytes(self)) <= {SCRIPT_CONTENT_MAX}").as_str()),
+            "{rules:?}"
+        );
+    }
 }
