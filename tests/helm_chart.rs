@@ -501,6 +501,8 @@ fn default_render_is_least_privilege_and_wired_together() {
         "Secret/fleetpatch-gateway-tls",
         "Secret/fleetpatch-gateway-ca",
         "ConfigMap/fleetpatch-gateway-ca",
+        "ValidatingAdmissionPolicy/fleetpatch-builtin-library",
+        "ValidatingAdmissionPolicyBinding/fleetpatch-builtin-library",
     ] {
         assert!(kinds.contains(expected), "{expected} missing: {kinds:?}");
     }
@@ -516,7 +518,13 @@ fn default_render_is_least_privilege_and_wired_together() {
         "CRDs belong in crds/, not templates/"
     );
     for object in &out.objects {
-        if object["kind"] != "ClusterRole" && object["kind"] != "ClusterRoleBinding" {
+        let cluster_scoped = [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+        ];
+        if !cluster_scoped.contains(&object["kind"].as_str().unwrap_or_default()) {
             assert_eq!(
                 object["metadata"]["namespace"],
                 NAMESPACE,
@@ -573,7 +581,7 @@ fn default_render_is_least_privilege_and_wired_together() {
         ("events.k8s.io", "events", "", &["create", "patch"]),
         ("authentication.k8s.io", "tokenreviews", "", &["create"]),
         ("", "namespaces", "", &["list", "watch"]),
-        ("", "nodes", "", &["list", "watch", "patch"]),
+        ("", "nodes", "", &["get", "list", "watch", "patch"]),
         ("", "pods", "", &["list"]),
         ("", "pods/eviction", "", &["create"]),
     ]);
@@ -1196,6 +1204,12 @@ fn helm_installs_upgrades_and_uninstalls_keeping_the_crds_and_the_certificate() 
         assert!(namespaced.contains(object), "{object}: {namespaced}");
     }
 
+    library_is_read_only_but_to_the_controller(&|args: &[&str]| {
+        let mut command = server.command(kubectl.to_str().unwrap());
+        command.args(args);
+        command.output().unwrap()
+    });
+
     let secret_data = |name_: &str, key: &str| {
         kubectl_ok(&[
             "get",
@@ -1273,6 +1287,111 @@ fn helm_installs_upgrades_and_uninstalls_keeping_the_crds_and_the_certificate() 
             .count(),
         6,
         "helm uninstall must keep the CRDs: {crds}"
+    );
+}
+
+/// The chart's ValidatingAdmissionPolicy, on the real API server: objects labelled as
+/// built-in can be created, changed and deleted by the controller's ServiceAccount only;
+/// anyone else (here the cluster admin) is refused with a message that says to duplicate
+/// the object, and objects without the label are untouched.
+fn library_is_read_only_but_to_the_controller(kubectl: &dyn Fn(&[&str]) -> Output) {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = |name_: &str, builtin: bool, content: &str| {
+        let path = dir.path().join(format!("{name_}.yaml"));
+        let labels = if builtin {
+            "{fleetpatch.io/builtin: \"true\"}"
+        } else {
+            "{}"
+        };
+        std::fs::write(
+            &path,
+            format!("apiVersion: fleetpatch.io/v1alpha1\nkind: Script\nmetadata: {{name: {name_}, namespace: {NAMESPACE}, labels: {labels}}}\nspec: {{language: Bash, content: {content}}}\n"),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let controller = format!("--as=system:serviceaccount:{NAMESPACE}:fleetpatch-controller");
+    let refused = |output: Output| {
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(!output.status.success(), "allowed: {stderr}");
+        assert!(stderr.contains("duplicate it instead"), "{stderr}");
+        assert!(stderr.contains("fleetpatch duplicate script"), "{stderr}");
+    };
+    // The policy takes effect once the API server has loaded it.
+    let forged = manifest("forged", true, "echo forged");
+    let loaded = support::eventually(std::time::Duration::from_secs(30), || {
+        let output = kubectl(&["create", "-f", &forged]);
+        String::from_utf8_lossy(&output.stderr).contains("duplicate it instead")
+    });
+    assert!(
+        loaded,
+        "nobody but the controller may create a built-in object"
+    );
+    let builtin = manifest("builtin", true, "echo v1");
+    let applied = kubectl(&[
+        "apply",
+        "--server-side",
+        "--field-manager=fleetpatch-controller",
+        &controller,
+        "-f",
+        &builtin,
+    ]);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let edited = manifest("builtin", true, "echo v2");
+    refused(kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        &edited,
+    ]));
+    refused(kubectl(&[
+        "label",
+        "script",
+        "builtin",
+        "-n",
+        NAMESPACE,
+        "fleetpatch.io/builtin-",
+    ]));
+    refused(kubectl(&["delete", "script", "builtin", "-n", NAMESPACE]));
+    let applied = kubectl(&[
+        "apply",
+        "--server-side",
+        "--field-manager=fleetpatch-controller",
+        &controller,
+        "-f",
+        &edited,
+    ]);
+    assert!(
+        applied.status.success(),
+        "the controller keeps the library: {}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    // Not built-in: nothing to say.
+    let own = manifest("own", false, "echo mine");
+    let created = kubectl(&["create", "-f", &own]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    refused(kubectl(&[
+        "label",
+        "script",
+        "own",
+        "-n",
+        NAMESPACE,
+        "fleetpatch.io/builtin=true",
+    ]));
+    let deleted = kubectl(&["delete", "script", "own", "-n", NAMESPACE]);
+    assert!(
+        deleted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deleted.stderr)
     );
 }
 
