@@ -7,6 +7,7 @@ pub mod api_errors;
 pub mod controller;
 pub mod crdgen;
 pub mod devserver;
+pub mod duplicate;
 pub mod field_manager;
 pub mod gateway;
 pub mod manifests;

@@ -76,6 +76,11 @@ enum Command {
         #[command(subcommand)]
         command: RunCommand,
     },
+    /// Copy a Workflow, Task or Script (say, of the read-only built-in library) under a
+    /// new name into your namespace, to edit there. The copy is never a default
+    /// workflow; with --deep it takes its tasks and scripts along. Creates the copy,
+    /// or prints it with -o yaml for a GitOps repository.
+    Duplicate(fleetpatch::duplicate::DuplicateOptions),
     /// The agent that runs patch jobs on a host.
     Agent {
         #[command(subcommand)]
@@ -195,6 +200,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let value = runtime.block_on(request_run(&name, &namespace))?;
             println!("requested a run of remediationplan {namespace}/{name} ({value})");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Duplicate(options) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(fleetpatch::duplicate::run(&options))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent {

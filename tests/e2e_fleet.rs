@@ -340,3 +340,135 @@ fn a_single_use_bootstrap_token_admits_one_host_and_stays_marked() {
             .contains("NotFound")
     );
 }
+
+/// `fleetpatch duplicate` against the cluster, as a user runs it.
+fn duplicate(fleet: &Fleet, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fleetpatch"))
+        .arg("duplicate")
+        .args(args)
+        .env("KUBECONFIG", &fleet.cluster.kubeconfig)
+        .output()
+        .unwrap()
+}
+
+/// The built-in library cannot be edited in place: a team duplicates a built-in
+/// workflow into its namespace, first as manifests for its GitOps repository (which
+/// `validate` accepts as they are), then into the cluster. The copy owns its tasks and
+/// scripts, is no default, and a second copy under the same names creates nothing.
+#[test]
+fn a_built_in_workflow_is_duplicated_into_a_team_namespace() {
+    let fleet = Fleet::start();
+    let _controller = fleet.controller();
+    let installed = eventually(Duration::from_secs(60), || {
+        !fleet
+            .get(&[
+                "get",
+                "workflow",
+                "linux-default",
+                "-n",
+                "fleetpatch-system",
+                "-o",
+                "name",
+                "--ignore-not-found",
+            ])
+            .is_empty()
+    });
+    assert!(installed, "the controller installs the built-in library");
+    let args = [
+        "workflow",
+        "linux-default",
+        "my-linux",
+        "-n",
+        "default",
+        "--from-namespace",
+        "fleetpatch-system",
+        "--deep",
+    ];
+    let printed = duplicate(&fleet, &[&args[..], &["-o", "yaml"]].concat());
+    assert!(
+        printed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    let manifests = fleet.home.path().join("my-linux.yaml");
+    std::fs::write(&manifests, &printed.stdout).unwrap();
+    let validated = Command::new(env!("CARGO_BIN_EXE_fleetpatch"))
+        .args(["validate", "--library-namespace", "fleetpatch-system", "-f"])
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    assert!(
+        validated.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&validated.stdout),
+        String::from_utf8_lossy(&printed.stdout)
+    );
+    assert!(
+        fleet
+            .get(&["get", "workflow", "-n", "default", "-o", "name"])
+            .is_empty(),
+        "-o yaml creates nothing"
+    );
+
+    let created = duplicate(&fleet, &args);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let said = String::from_utf8_lossy(&created.stdout);
+    assert!(said.contains("Workflow default/my-linux created"), "{said}");
+    assert_eq!(
+        fleet.get(&[
+            "get",
+            "workflow",
+            "my-linux",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.spec.default}"
+        ]),
+        "false"
+    );
+    let tasks = fleet.get(&[
+        "get",
+        "workflow",
+        "my-linux",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.spec.postTasks[*].taskRef.name}",
+    ]);
+    assert!(!tasks.is_empty());
+    for task in tasks.split(' ') {
+        assert!(task.starts_with("my-linux-"), "{tasks}");
+        assert_eq!(
+            fleet
+                .get(&["get", "task", task, "-n", "default", "-o", "name"])
+                .trim(),
+            format!("task.fleetpatch.io/{task}")
+        );
+    }
+    assert!(
+        fleet
+            .get(&[
+                "get",
+                "script",
+                "-n",
+                "default",
+                "-l",
+                "fleetpatch.io/builtin",
+                "-o",
+                "name"
+            ])
+            .is_empty(),
+        "copies are not built-in"
+    );
+    let again = duplicate(&fleet, &args);
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains("nothing was created") && stderr.contains("already exist"),
+        "{stderr}"
+    );
+}
