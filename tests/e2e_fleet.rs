@@ -472,3 +472,85 @@ fn a_built_in_workflow_is_duplicated_into_a_team_namespace() {
         "{stderr}"
     );
 }
+
+/// A plan target without a workflowRef gets the default workflow for its hosts' OS: its
+/// own namespace's when there is one, else the built-in library's.
+#[test]
+fn a_target_without_a_workflow_gets_its_namespace_default_else_the_library_default() {
+    let fleet = Fleet::start();
+    let _controller = fleet.controller();
+    // The library's default ends with a reboot-if-required task: simulated here.
+    let _agent = fleet.agent_with("web-1", "web", &["--simulate-reboot"]);
+    fleet.wait_for_agents(1);
+    fleet.get(&[
+        "patch",
+        "agent",
+        "web-1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"allowedPlans":{"namespaces":{"from":"All","selector":null}}}}"#,
+    ]);
+    fleet.get(&["create", "namespace", "team-b"]);
+    fleet.apply(
+        &(script("mark", "echo marked")
+            + "apiVersion: fleetpatch.io/v1alpha1\nkind: Workflow\nmetadata: {name: team-default}\nspec:\n  os: Linux\n  default: true\n  preTasks: [{taskRef: {name: mark}}]\n"),
+    );
+    let untargeted = |namespace: &str| {
+        format!(
+            "apiVersion: fleetpatch.io/v1alpha1\nkind: RemediationPlan\nmetadata: {{name: p, namespace: {namespace}}}\nspec:\n  targets:\n  - {{name: web, os: Linux, selector: {{matchLabels: {{fleetpatch.io/group: web}}}}}}\n  patches: {{skip: true}}\n  rollout: {{maxConcurrent: 1, maxFailures: 0}}\n  reboot: {{policy: Never}}\n"
+        )
+    };
+    for namespace in ["default", "team-b"] {
+        fleet.apply(&untargeted(namespace));
+        support::e2e::run_plan_in(&fleet.cluster.kubeconfig, namespace, "p");
+        let finished = eventually(Duration::from_secs(90), || {
+            let phase = fleet.get(&[
+                "get",
+                "rplan",
+                "p",
+                "-n",
+                namespace,
+                "-o",
+                "jsonpath={.status.currentRun.phase}",
+            ]);
+            let done = fleet.get(&[
+                "get",
+                "rplan",
+                "p",
+                "-n",
+                namespace,
+                "-o",
+                "jsonpath={.status.currentRun.completionTime}",
+            ]);
+            phase == "Succeeded" && !done.is_empty()
+        });
+        assert!(
+            finished,
+            "{}",
+            fleet.get(&["get", "pj", "-n", namespace, "-o", "yaml"])
+        );
+    }
+    let workflow_of = |namespace: &str| {
+        fleet.get(&[
+            "get",
+            "pj",
+            "-n",
+            namespace,
+            "-o",
+            "jsonpath={.items[0].spec.workflow.namespace}/{.items[0].spec.workflow.name}",
+        ])
+    };
+    assert_eq!(workflow_of("default"), "default/team-default");
+    assert_eq!(workflow_of("team-b"), "fleetpatch-system/linux-default");
+    assert_eq!(
+        fleet.get(&[
+            "get",
+            "pj",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.items[0].status.preActions[0].name}"
+        ]),
+        "mark"
+    );
+}

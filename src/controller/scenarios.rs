@@ -237,6 +237,73 @@ async fn a_requested_run_with_max_concurrent_one_creates_exactly_one_signed_job(
     server.done().await;
 }
 
+/// A target without a workflowRef whose hosts' OS has no default workflow, neither in
+/// the plan's namespace nor in the library: the host is left out — its job is created
+/// failed, runs nothing, and says why, in its status, the run's failures and an Event.
+#[tokio::test]
+async fn a_host_whose_os_has_no_default_workflow_is_left_out_with_the_reason() {
+    let Fixture {
+        ctx,
+        mut server,
+        mut writers,
+    } = Fixture::new();
+    cache(&mut writers.scripts, script("hello"));
+    cache(&mut writers.tasks, task("say", "hello"));
+    let mut linux_default = workflow("flow", &["say"]);
+    linux_default.spec.default = true;
+    cache(&mut writers.workflows, linux_default);
+    let mut windows = agent("win-1", None);
+    windows.spec.os = crate::api::OperatingSystem::Windows;
+    cache(&mut writers.agents, windows);
+    let mut plan = plan(1);
+    let target = &mut plan.spec.targets[0];
+    target.os = crate::api::OperatingSystem::Windows;
+    target.workflow_ref = None;
+    plan.metadata.annotations = Some(
+        [(
+            crate::api::common::RUN_REQUESTED_ANNOTATION.to_string(),
+            "2026-12-01T12:00:00Z".to_string(),
+        )]
+        .into(),
+    );
+    let reconcile = tokio::spawn(super::plan::reconcile_plan(Arc::new(plan), ctx.clone()));
+    let status_path = "/apis/fleetpatch.io/v1alpha1/namespaces/team/remediationplans/weekly/status";
+    server.answer("PATCH", status_path, 200, json!({})).await;
+    assert_eq!(server.event("team").await["reason"], "RunStarted");
+    let created = server
+        .answer("POST", "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs", 201,
+            json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "PatchJob", "metadata": {"name": "weekly-m20261201120000-win-1", "namespace": "team", "uid": "u1"}, "spec": {"agent": "win-1", "os": "Windows"}}))
+        .await;
+    assert_eq!(created["spec"]["preActions"], json!([]), "nothing to run");
+    let failed = server
+        .answer("PATCH", "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs/weekly-m20261201120000-win-1/status", 200, json!({}))
+        .await;
+    assert_eq!(failed["status"]["phase"], "Failed");
+    let message = failed["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("no default workflow for Windows"),
+        "{message}"
+    );
+    let event = server.event("team").await;
+    assert!(
+        event["note"]
+            .as_str()
+            .unwrap()
+            .contains("no default workflow for Windows"),
+        "{event}"
+    );
+    let counted = server.answer("PATCH", status_path, 200, json!({})).await;
+    let failures = &counted["status"]["currentRun"]["failures"];
+    assert!(
+        failures
+            .to_string()
+            .contains("no default workflow for Windows"),
+        "{counted}"
+    );
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
+
 #[tokio::test]
 async fn an_unchanged_plan_makes_no_request() {
     let Fixture {
