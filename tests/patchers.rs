@@ -57,6 +57,7 @@ impl FakeHost {
                 "{}:/usr/bin:/bin",
                 self.dir.path().join("bin").display()
             )),
+            ..Commands::default()
         }
     }
 

@@ -17,8 +17,8 @@ use crate::api::patchjob::{ActionPhase, PatchResults};
 use crate::api::plan::PatchSelection;
 
 use super::{
-    Commands, PatchError, Patcher, Update, add_failures, hold_back_for_exclusions, results, run,
-    select,
+    Commands, PatchError, Patcher, Update, add_failures, hold_back_for_exclusions, is_excluded,
+    results, run, select,
 };
 
 /// The apt patcher. `options` are extra `-o Key=Value` settings, e.g. to point apt at
@@ -151,6 +151,25 @@ pub fn parse_simulation(output: &str) -> Vec<Update> {
         .collect()
 }
 
+/// The packages `apt-get -s --with-new-pkgs upgrade` keeps back: those whose new version
+/// would remove an installed package (a conflict, a replaced dependency) or that are
+/// held (`apt-mark hold`). A patch run removes nothing, so they stay; the result names
+/// them instead of leaving them out without a word.
+pub fn parse_kept_back(output: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut in_block = false;
+    for line in output.lines() {
+        if line.starts_with("The following packages have been kept back:") {
+            in_block = true;
+        } else if in_block && line.starts_with(' ') {
+            names.extend(line.split_whitespace().map(String::from));
+        } else {
+            in_block = false;
+        }
+    }
+    names
+}
+
 /// The packages an `apt-get -s` run would change: its `Inst` and `Remv` lines.
 pub fn parse_changes(output: &str) -> Vec<String> {
     output
@@ -211,6 +230,18 @@ pub fn installed_versions(
         .collect()
 }
 
+/// `results` with a note naming the packages apt kept back, if any.
+fn with_kept_back(mut results: PatchResults, kept_back: &[String]) -> PatchResults {
+    if !kept_back.is_empty() {
+        results.message = format!(
+            "{}; kept back by apt (the new version would remove an installed package, or the package is held), not installed: {}",
+            results.message,
+            kept_back.join(", ")
+        );
+    }
+    results
+}
+
 impl Patcher for Apt {
     fn name(&self) -> &'static str {
         "apt"
@@ -245,6 +276,10 @@ impl Patcher for Apt {
                 .into_iter()
                 .filter(|u| u.current_version.is_some())
                 .collect();
+            let kept_back: Vec<String> = parse_kept_back(&simulation.stdout)
+                .into_iter()
+                .filter(|name| !is_excluded(&selection.exclude, name))
+                .collect();
             let (wanted, held_back) = hold_back_for_exclusions(
                 select(candidates, selection),
                 &selection.exclude,
@@ -255,7 +290,7 @@ impl Patcher for Apt {
             if wanted.is_empty() {
                 let mut results = results(self.name(), &[], &Default::default(), reboot_required());
                 add_failures(&mut results, held_back);
-                return Ok(results);
+                return Ok(with_kept_back(results, &kept_back));
             }
             let names: Vec<String> = wanted.iter().map(|u| u.name.clone()).collect();
             let install_args = self.install_args(&names, timeout);
@@ -284,7 +319,7 @@ impl Patcher for Apt {
                 results.message = format!("{}\n{}", results.message, install.output_tail);
             }
             add_failures(&mut results, held_back);
-            Ok(results)
+            Ok(with_kept_back(results, &kept_back))
         })
     }
 }
@@ -423,6 +458,33 @@ Conf base-files (12.4+deb12u6 Debian:12.6/stable [amd64])
                 "linux-image-amd64",
                 "old-thing"
             ]
+        );
+    }
+
+    #[test]
+    fn kept_back_packages_are_named() {
+        let output = "\
+Calculating upgrade...
+The following packages have been kept back:
+  libfoo-dev linux-image-amd64
+  zfs-dkms
+The following packages will be upgraded:
+  openssl
+1 upgraded, 0 newly installed, 0 to remove and 3 not upgraded.
+Inst openssl [3.0.11-1~deb12u2] (3.0.13-1~deb12u1 Debian-Security:12/stable-security [amd64])
+";
+        assert_eq!(
+            parse_kept_back(output),
+            ["libfoo-dev", "linux-image-amd64", "zfs-dkms"]
+        );
+        assert!(parse_kept_back(SIMULATION).is_empty());
+        let results = with_kept_back(
+            results("apt", &[], &Default::default(), false),
+            &parse_kept_back(output),
+        );
+        assert_eq!(
+            results.message,
+            "no updates selected; kept back by apt (the new version would remove an installed package, or the package is held), not installed: libfoo-dev, linux-image-amd64, zfs-dkms"
         );
     }
 
