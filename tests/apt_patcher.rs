@@ -307,7 +307,13 @@ async fn apt_upgrades_a_real_package_from_a_local_repository() {
     assert_eq!(host.installed_version(DEMO).as_deref(), Some("2.0"));
     assert_eq!(host.file_of(DEMO).as_deref(), Some("2.0"));
 
-    // The host says it needs a reboot.
+    // The host says it needs a reboot: the marker is read under the host's root (a node
+    // agent's /proc/1/root), never the agent's own /run.
+    assert!(
+        apt.reboot_marker.starts_with(host.root()),
+        "{}",
+        apt.reboot_marker.display()
+    );
     std::fs::write(&apt.reboot_marker, "*** System restart required ***\n").unwrap();
     let results = apt.apply(&all(), TIMEOUT).await.unwrap();
     assert!(results.reboot_required, "{results:?}");

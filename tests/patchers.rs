@@ -411,3 +411,33 @@ async fn zypper_holds_back_an_update_that_needs_an_excluded_package() {
         )
     );
 }
+
+/// `include` names packages installed whatever their classification: with Security,
+/// zypper installs the security patches and then the named packages, as apt and dnf do.
+#[tokio::test]
+async fn zypper_installs_included_packages_besides_the_security_patches() {
+    let (host, zypper) = zypper_host();
+    host.installed("vim", "9.1.0111-150500.20.9.1");
+    host.available("vim", "9.1.0330-150500.20.12.1");
+    let selection = PatchSelection {
+        include: vec!["vim".into()],
+        ..PatchSelection::default()
+    };
+    let results = zypper.apply(&selection, TIMEOUT).await.unwrap();
+    assert_eq!(results.phase, ActionPhase::Succeeded, "{results:?}");
+    assert_eq!(
+        names(&results),
+        ["zypper", "glibc", "libopenssl3", "vim"],
+        "{results:?}"
+    );
+    assert_eq!(
+        host.version("vim").as_deref(),
+        Some("9.1.0330-150500.20.12.1")
+    );
+    assert!(
+        results.message.contains("included: 1 update(s) installed"),
+        "{}",
+        results.message
+    );
+    all_untranslated(&host);
+}
