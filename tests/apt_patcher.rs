@@ -463,17 +463,47 @@ async fn apt_waits_for_the_dpkg_lock() {
     machine_untouched();
 }
 
+/// apt-daily's `apt-get update` (or a person's) holding the package lists' lock makes
+/// the patcher's own update wait for it, not fail the patch run at once.
+#[tokio::test]
+async fn apt_waits_for_the_package_lists_lock() {
+    if !prerequisites() {
+        return;
+    }
+    let host = Sandbox::new();
+    host.install(DEMO, "1.0", "");
+    let apt = host.repository(&[(DEMO, "2.0", "")], None);
+
+    let held = Duration::from_secs(3);
+    let lock = hold_lock(&host.path().join("state/lists/lock"));
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(held);
+        drop(lock);
+    });
+    let started = Instant::now();
+    let results = apt.apply(&all(), TIMEOUT).await.unwrap();
+    release.join().unwrap();
+    assert_eq!(results.phase, ActionPhase::Succeeded, "{results:?}");
+    assert_eq!(host.installed_version(DEMO).as_deref(), Some("2.0"));
+    assert!(started.elapsed() >= held, "apt did not wait for the lock");
+    machine_untouched();
+}
+
 /// Takes the lock apt and dpkg take first (an fcntl write lock on `lock-frontend` in
 /// dpkg's database directory), as another package manager run would.
 fn hold_dpkg_frontend_lock(admin_dir: &Path) -> std::fs::File {
+    hold_lock(&admin_dir.join("lock-frontend"))
+}
+
+/// An fcntl write lock on `path`, as apt and dpkg take their locks.
+fn hold_lock(path: &Path) -> std::fs::File {
     use nix::fcntl::{FcntlArg, fcntl};
-    let path = admin_dir.join("lock-frontend");
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
+        .open(path)
         .unwrap();
     let lock = nix::libc::flock {
         l_type: nix::libc::F_WRLCK as i16,
@@ -482,6 +512,6 @@ fn hold_dpkg_frontend_lock(admin_dir: &Path) -> std::fs::File {
         l_len: 0,
         l_pid: 0,
     };
-    fcntl(&file, FcntlArg::F_SETLK(&lock)).expect("the dpkg frontend lock is free");
+    fcntl(&file, FcntlArg::F_SETLK(&lock)).expect("the lock is free");
     file
 }

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use regex::Regex;
@@ -72,6 +72,31 @@ impl Apt {
         format!("DPkg::Lock::Timeout={}", timeout.as_secs())
     }
 
+    /// `apt-get update`, again while another apt run holds the package lists' lock
+    /// (apt-daily's update, unattended-upgrades, a person's `apt update`), until
+    /// `timeout`: `DPkg::Lock::Timeout` covers dpkg's lock only, and `update` gives up at
+    /// once on this one.
+    async fn update_lists(&self, timeout: Duration) -> Result<(), PatchError> {
+        let deadline = Instant::now() + timeout;
+        let lock_wait = Self::lock_wait(timeout);
+        let args = self.args(&["-o", &lock_wait, "-q", "update"]);
+        let mut pause = Duration::from_millis(250);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let spec = self.commands.spec("apt-get", &args, NONINTERACTIVE, left);
+            match run(&spec, &[0]).await {
+                Ok(_) => return Ok(()),
+                Err(PatchError::Command { message, .. })
+                    if lists_lock_busy(&message) && Instant::now() + pause < deadline =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
     /// Arguments of the simulated upgrade that finds the candidates: new packages may be
     /// installed (`--with-new-pkgs`), nothing removed.
     pub fn simulation_args(&self) -> Vec<&str> {
@@ -118,6 +143,15 @@ impl Apt {
         .await?;
         Ok(parse_changes(&simulation.stdout))
     }
+}
+
+/// Whether `apt-get update` failed because another process holds the lists' lock
+/// (`E: Could not get lock /var/lib/apt/lists/lock. It is held by process 1234`).
+pub fn lists_lock_busy(output: &str) -> bool {
+    output.lines().any(|line| {
+        line.starts_with("E: Could not get lock ") && line.contains("/lists/lock")
+            || line.starts_with("E: Unable to lock directory ") && line.contains("/lists/")
+    })
 }
 
 fn inst_line() -> &'static Regex {
@@ -253,17 +287,7 @@ impl Patcher for Apt {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<PatchResults, PatchError>> {
         Box::pin(async move {
-            let lock_wait = Self::lock_wait(timeout);
-            run(
-                &self.commands.spec(
-                    "apt-get",
-                    &self.args(&["-o", &lock_wait, "-q", "update"]),
-                    NONINTERACTIVE,
-                    timeout,
-                ),
-                &[0],
-            )
-            .await?;
+            self.update_lists(timeout).await?;
             let simulation = run(
                 &self
                     .commands
@@ -459,6 +483,19 @@ Conf base-files (12.4+deb12u6 Debian:12.6/stable [amd64])
                 "old-thing"
             ]
         );
+    }
+
+    #[test]
+    fn a_busy_lists_lock_is_recognised() {
+        assert!(lists_lock_busy(
+            "Reading package lists...\nE: Could not get lock /var/lib/apt/lists/lock. It is held by process 4242 (apt-get)\nE: Unable to lock directory /var/lib/apt/lists/\n"
+        ));
+        assert!(!lists_lock_busy(
+            "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 4242 (apt)\n"
+        ));
+        assert!(!lists_lock_busy(
+            "E: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease\n"
+        ));
     }
 
     #[test]
