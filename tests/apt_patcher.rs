@@ -219,6 +219,21 @@ impl Sandbox {
         }
     }
 
+    /// `apt-mark args...` with the sandbox's configuration; its output.
+    fn apt_mark(&self, args: &[&str]) -> String {
+        let output = Command::new("apt-mark")
+            .args(args)
+            .env("APT_CONFIG", self.path().join("apt.conf"))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "apt-mark {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     fn installed_version(&self, package: &str) -> Option<String> {
         let admin_dir = format!("--admindir={}", self.admin_dir().display());
         let output = Command::new("dpkg-query")
@@ -405,6 +420,36 @@ async fn an_excluded_dependency_blocks_its_dependant() {
             format!("not installed: {APP} 2.0 would also change {LIB}, which the plan excludes")
                 .as_str()
         )
+    );
+    machine_untouched();
+}
+
+/// `apt-get install` marks what it is given as manually installed, even when it only
+/// upgrades it: a library that came as a dependency would then never be autoremoved.
+/// The patcher keeps apt's marks as they were.
+#[tokio::test]
+async fn upgraded_dependencies_stay_automatically_installed() {
+    if !prerequisites() {
+        return;
+    }
+    let host = Sandbox::new();
+    host.install(LIB, "1.0", "");
+    host.install(APP, "1.0", &format!("Depends: {LIB}"));
+    let apt = host.repository(
+        &[(LIB, "2.0", ""), (APP, "2.0", &format!("Depends: {LIB}"))],
+        None,
+    );
+    host.apt_mark(&["auto", LIB]);
+    assert_eq!(host.apt_mark(&["showauto"]).trim(), LIB);
+
+    let results = apt.apply(&all(), TIMEOUT).await.unwrap();
+    assert_eq!(results.phase, ActionPhase::Succeeded, "{results:?}");
+    assert_eq!(host.installed_version(LIB).as_deref(), Some("2.0"));
+    assert_eq!(host.installed_version(APP).as_deref(), Some("2.0"));
+    assert_eq!(
+        host.apt_mark(&["showauto"]).trim(),
+        LIB,
+        "{LIB} is still a dependency apt may autoremove, {APP} still manually installed"
     );
     machine_untouched();
 }

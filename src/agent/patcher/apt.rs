@@ -2,8 +2,8 @@
 //! packages (so a kernel whose new version depends on a new ABI package is not kept
 //! back) to find candidates and their origin (a `-security` suite marks security fixes),
 //! a simulated install of the chosen ones to hold back what would change an excluded
-//! package, `apt-get install --only-upgrade`, then `dpkg-query` to see what is really
-//! installed.
+//! package, `apt-get install --only-upgrade` (keeping apt's "automatically installed"
+//! marks), then `dpkg-query` to see what is really installed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -94,6 +94,54 @@ impl Apt {
                 }
                 Err(err) => return Err(err),
             }
+        }
+    }
+
+    /// Which of `packages` apt marks as automatically installed (dependencies that
+    /// `apt autoremove` may remove once nothing needs them). `apt-get install` marks what
+    /// it is given as manually installed, also when it only upgrades it; these marks are
+    /// put back afterwards. If apt-mark fails, a note says so and nothing is put back.
+    async fn automatic(
+        &self,
+        packages: &[String],
+        timeout: Duration,
+        notes: &mut Vec<String>,
+    ) -> Vec<String> {
+        let mut args = self.args(&["showauto"]);
+        args.extend(packages.iter().map(String::as_str));
+        match run(&self.commands.spec("apt-mark", &args, &[], timeout), &[0]).await {
+            Ok(outcome) => outcome
+                .stdout
+                .split_whitespace()
+                .map(String::from)
+                .collect(),
+            Err(err) => {
+                notes.push(format!(
+                    "warning: cannot read which packages are automatically installed, so the upgraded ones are now marked manually installed ({err})"
+                ));
+                Vec::new()
+            }
+        }
+    }
+
+    /// Marks `packages` as automatically installed again (see [`Apt::automatic`]).
+    async fn mark_automatic(
+        &self,
+        packages: &[String],
+        timeout: Duration,
+        notes: &mut Vec<String>,
+    ) {
+        if packages.is_empty() {
+            return;
+        }
+        let lock_wait = Self::lock_wait(timeout);
+        let mut args = self.args(&["-o", &lock_wait, "auto"]);
+        args.extend(packages.iter().map(String::as_str));
+        if let Err(err) = run(&self.commands.spec("apt-mark", &args, &[], timeout), &[0]).await {
+            notes.push(format!(
+                "warning: {} stay marked manually installed after the upgrade ({err})",
+                packages.join(", ")
+            ));
         }
     }
 
@@ -317,6 +365,8 @@ impl Patcher for Apt {
                 return Ok(with_kept_back(results, &kept_back));
             }
             let names: Vec<String> = wanted.iter().map(|u| u.name.clone()).collect();
+            let mut notes = Vec::new();
+            let automatic = self.automatic(&names, timeout, &mut notes).await;
             let install_args = self.install_args(&names, timeout);
             let install_args: Vec<&str> = install_args.iter().map(String::as_str).collect();
             let install = run(
@@ -326,6 +376,7 @@ impl Patcher for Apt {
                 &[0, 100],
             )
             .await?;
+            self.mark_automatic(&automatic, timeout, &mut notes).await;
             let mut query_args = vec!["-W", DPKG_QUERY_FORMAT];
             query_args.extend(names.iter().map(String::as_str));
             let installed = run(
@@ -343,6 +394,9 @@ impl Patcher for Apt {
                 results.message = format!("{}\n{}", results.message, install.output_tail);
             }
             add_failures(&mut results, held_back);
+            for note in notes {
+                results.message = format!("{}; {note}", results.message);
+            }
             Ok(with_kept_back(results, &kept_back))
         })
     }
