@@ -1,46 +1,56 @@
 //! The apt patcher against real packages: throwaway .debs built with `dpkg-deb`, local
 //! repositories made with `dpkg-scanpackages` (with a Release file when the test needs
-//! a `-security` suite), and real upgrades through the patcher. apt reads only the
-//! test's own sources list and package lists, so the host's configuration is not
-//! touched; the packages themselves are installed for real and purged afterwards. The
-//! tests run one at a time: they share the host's dpkg database.
+//! a `-security` suite), and real upgrades through the patcher, by the real apt-get and
+//! dpkg. Each test has a host of its own in a temporary directory: a dpkg root with its
+//! own package database, and an apt configuration (`APT_CONFIG`) that reads nothing of
+//! the machine's (no sources, no `apt.conf.d` hooks) and keeps its lists, caches, logs
+//! and locks there too. Nothing is installed on the machine, and its package database,
+//! apt state and logs are never written; each test checks that at its end. Root is not
+//! needed: dpkg unpacks with `--force-not-root`.
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fleetpatch::agent::patcher::Patcher;
-use fleetpatch::agent::patcher::apt::Apt;
+use fleetpatch::agent::patcher::apt::{self, Apt};
+use fleetpatch::agent::patcher::{Commands, Patcher};
 use fleetpatch::api::patchjob::ActionPhase;
 use fleetpatch::api::plan::{PatchClassification, PatchSelection};
 use support::prerequisite;
 
-const DEMO: &str = "fleetpatch-test-demo";
-const META: &str = "fleetpatch-test-meta";
-const ABI: &str = "fleetpatch-test-abi-2";
-const APP: &str = "fleetpatch-test-app";
-const LIB: &str = "fleetpatch-test-lib";
-const OTHER: &str = "fleetpatch-test-other";
-const EVERY_PACKAGE: &[&str] = &[DEMO, META, ABI, APP, LIB, OTHER];
-
-/// The tests share the host's dpkg database: one at a time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+// Names no other test uses, so the check that none reached the machine means this run.
+const DEMO: &str = "fleetpatch-sandboxed-demo";
+const META: &str = "fleetpatch-sandboxed-meta";
+const ABI: &str = "fleetpatch-sandboxed-abi-2";
+const APP: &str = "fleetpatch-sandboxed-app";
+const LIB: &str = "fleetpatch-sandboxed-lib";
+const OTHER: &str = "fleetpatch-sandboxed-other";
+const RIVAL: &str = "fleetpatch-sandboxed-rival";
+const EVERY_PACKAGE: &[&str] = &[DEMO, META, ABI, APP, LIB, OTHER, RIVAL];
 
 /// Skips outside CI when the machine cannot run the test; fails in CI.
 fn prerequisites() -> bool {
-    let missing: Vec<&str> = ["dpkg-deb", "dpkg-scanpackages", "apt-get", "dpkg-query"]
-        .into_iter()
-        .filter(|p| !prerequisite::on_path(p))
-        .collect();
+    let missing: Vec<&str> = [
+        "dpkg",
+        "dpkg-deb",
+        "dpkg-scanpackages",
+        "apt-get",
+        "dpkg-query",
+    ]
+    .into_iter()
+    .filter(|p| !prerequisite::on_path(p))
+    .collect();
     if !missing.is_empty() {
         prerequisite::missing(&format!(
             "apt patcher tests need {missing:?} (install dpkg-dev; scripts/test-all.sh does)"
         ));
         return false;
     }
-    prerequisite::root("the apt patcher tests (they install throwaway packages)")
+    // Not root: dpkg unpacks into the test's own root with --force-not-root.
+    true
 }
 
 fn run(program: &str, args: &[&str]) {
@@ -52,125 +62,219 @@ fn run(program: &str, args: &[&str]) {
     );
 }
 
-/// Builds `name` `version` (with a `Depends:` line when given) into `out`.
-fn build_deb(root: &Path, name: &str, version: &str, depends: Option<&str>, out: &Path) {
-    let tree = root.join(format!("tree-{name}-{version}"));
-    std::fs::create_dir_all(tree.join("DEBIAN")).unwrap();
-    std::fs::create_dir_all(tree.join(format!("usr/share/{name}"))).unwrap();
-    let depends = depends.map_or(String::new(), |d| format!("Depends: {d}\n"));
-    std::fs::write(
-        tree.join("DEBIAN/control"),
-        format!(
-            "Package: {name}\nVersion: {version}\nArchitecture: all\n{depends}Maintainer: fleetpatch tests <tests@fleetpatch.invalid>\nDescription: throwaway package for the apt patcher tests\n"
-        ),
-    )
-    .unwrap();
-    std::fs::write(tree.join(format!("usr/share/{name}/VERSION")), version).unwrap();
-    run(
-        "dpkg-deb",
-        &[
-            "--root-owner-group",
-            "--build",
-            tree.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ],
-    );
+fn text(path: &Path) -> &str {
+    path.to_str().unwrap()
 }
 
-/// Builds and installs `name` `version` on the host.
-fn install(root: &Path, name: &str, version: &str, depends: Option<&str>) {
-    let deb = root.join(format!("{name}_{version}_all.deb"));
-    build_deb(root, name, version, depends, &deb);
-    run("dpkg", &["-i", deb.to_str().unwrap()]);
-    assert_eq!(installed_version(name).as_deref(), Some(version));
+/// The test's own host: `root/` is what dpkg installs into, with its database in
+/// `root/var/lib/dpkg`; apt's configuration, sources, lists, caches and logs are beside it.
+struct Sandbox {
+    dir: tempfile::TempDir,
 }
 
-/// A local repository of `packages` (name, version, depends) and an apt patcher that
-/// reads only it. With `suite`, the repository has a Release file naming that suite.
-fn repository(root: &Path, packages: &[(&str, &str, Option<&str>)], suite: Option<&str>) -> Apt {
-    let repo = root.join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    for (name, version, depends) in packages {
-        build_deb(
-            root,
-            name,
-            version,
-            *depends,
-            &repo.join(format!("{name}_{version}_all.deb")),
-        );
-    }
-    let scanned = Command::new("dpkg-scanpackages")
-        .args(["--multiversion", "."])
-        .current_dir(&repo)
-        .output()
-        .unwrap();
-    assert!(scanned.status.success());
-    std::fs::write(repo.join("Packages"), &scanned.stdout).unwrap();
-    if let Some(suite) = suite {
-        use sha2::Digest;
-        let digest = hex::encode(sha2::Sha256::digest(&scanned.stdout));
-        std::fs::write(
-            repo.join("Release"),
+impl Sandbox {
+    fn new() -> Self {
+        let sandbox = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let dir = sandbox.dir.path();
+        for sub in [
+            "root/var/lib/dpkg/updates",
+            "root/var/lib/dpkg/info",
+            "root/run",
+            "apt.conf.d",
+            "preferences.d",
+            "sources.list.d",
+            "state/lists/partial",
+            "cache/archives/partial",
+            "log",
+            "repo",
+        ] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::fs::write(sandbox.admin_dir().join("status"), "").unwrap();
+        // Read before any other configuration, so the machine's apt.conf(.d) never is.
+        let setting = |key: &str, value: &Path| format!("{key} \"{}\";\n", value.display());
+        let config = [
+            setting("Dir::Etc::Parts", &dir.join("apt.conf.d")),
+            setting("Dir::Etc::Main", Path::new("/dev/null")),
+            setting("Dir::Etc::PreferencesParts", &dir.join("preferences.d")),
+            setting("Dir::Etc::Preferences", Path::new("/dev/null")),
+            setting("Dir::Etc::SourceList", &dir.join("sources.list")),
+            setting("Dir::Etc::SourceParts", &dir.join("sources.list.d")),
+            setting("Dir::State", &dir.join("state")),
+            // apt takes dpkg's locks in the directory of this file.
+            setting("Dir::State::status", &sandbox.admin_dir().join("status")),
+            setting("Dir::Cache", &dir.join("cache")),
+            setting("Dir::Log", &dir.join("log")),
+            // The repository is in the test's private temporary directory.
+            "APT::Sandbox::User \"root\";\n".to_string(),
             format!(
-                "Origin: fleetpatch-tests\nLabel: fleetpatch-tests\nSuite: {suite}\nCodename: fleetpatch\nDate: Thu, 01 Jan 2026 00:00:00 UTC\nSHA256:\n {digest} {} Packages\n",
-                scanned.stdout.len()
+                "DPkg::Options {{ \"--root={}\"; \"--log={}\"; \"--force-not-root\"; }};\n",
+                sandbox.root().display(),
+                dir.join("log/dpkg.log").display()
+            ),
+        ]
+        .concat();
+        std::fs::write(dir.join("apt.conf"), config).unwrap();
+        sandbox
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// What dpkg installs into: the host's `/` for this test.
+    fn root(&self) -> PathBuf {
+        self.path().join("root")
+    }
+
+    fn admin_dir(&self) -> PathBuf {
+        self.root().join("var/lib/dpkg")
+    }
+
+    /// Builds `name` `version` into `out`; `relations` are more control lines
+    /// (`Depends: lib (>= 2.0)`), or empty.
+    fn build_deb(&self, name: &str, version: &str, relations: &str, out: &Path) {
+        let tree = self.path().join(format!("tree-{name}-{version}"));
+        std::fs::create_dir_all(tree.join("DEBIAN")).unwrap();
+        std::fs::create_dir_all(tree.join(format!("usr/share/{name}"))).unwrap();
+        let relations = if relations.is_empty() {
+            String::new()
+        } else {
+            format!("{relations}\n")
+        };
+        std::fs::write(
+            tree.join("DEBIAN/control"),
+            format!(
+                "Package: {name}\nVersion: {version}\nArchitecture: all\n{relations}Maintainer: fleetpatch tests <tests@fleetpatch.invalid>\nDescription: throwaway package for the apt patcher tests\n"
             ),
         )
         .unwrap();
+        std::fs::write(tree.join(format!("usr/share/{name}/VERSION")), version).unwrap();
+        run(
+            "dpkg-deb",
+            &["--root-owner-group", "--build", text(&tree), text(out)],
+        );
     }
-    let sources = root.join("sources.list");
-    std::fs::write(
-        &sources,
-        format!("deb [trusted=yes] file:{} ./\n", repo.display()),
-    )
-    .unwrap();
-    let lists = root.join("lists");
-    std::fs::create_dir_all(lists.join("partial")).unwrap();
-    let archives = root.join("archives");
-    std::fs::create_dir_all(archives.join("partial")).unwrap();
-    Apt {
-        options: vec![
-            format!("Dir::Etc::SourceList={}", sources.display()),
-            "Dir::Etc::SourceParts=/nonexistent".into(),
-            format!("Dir::State::Lists={}", lists.display()),
-            format!("Dir::Cache::Archives={}", archives.display()),
-            "APT::Sandbox::User=root".into(),
-        ],
-        reboot_marker: root.join("reboot-required"),
-        ..Apt::default()
+
+    /// Builds `name` `version` and installs it into the sandbox's root.
+    fn install(&self, name: &str, version: &str, relations: &str) {
+        let deb = self.path().join(format!("{name}_{version}_all.deb"));
+        self.build_deb(name, version, relations, &deb);
+        let root = format!("--root={}", self.root().display());
+        let log = format!("--log={}", self.path().join("log/dpkg.log").display());
+        run("dpkg", &["--force-not-root", &root, &log, "-i", text(&deb)]);
+        assert_eq!(self.installed_version(name).as_deref(), Some(version));
+    }
+
+    /// A local repository of `packages` (name, version, relations) and an apt patcher
+    /// that reads only it. With `suite`, the repository has a Release file naming that
+    /// suite.
+    fn repository(&self, packages: &[(&str, &str, &str)], suite: Option<&str>) -> Apt {
+        let repo = self.path().join("repo");
+        for (name, version, relations) in packages {
+            self.build_deb(
+                name,
+                version,
+                relations,
+                &repo.join(format!("{name}_{version}_all.deb")),
+            );
+        }
+        let scanned = Command::new("dpkg-scanpackages")
+            .args(["--multiversion", "."])
+            .current_dir(&repo)
+            .output()
+            .unwrap();
+        assert!(scanned.status.success());
+        std::fs::write(repo.join("Packages"), &scanned.stdout).unwrap();
+        if let Some(suite) = suite {
+            use sha2::Digest;
+            let digest = hex::encode(sha2::Sha256::digest(&scanned.stdout));
+            std::fs::write(
+                repo.join("Release"),
+                format!(
+                    "Origin: fleetpatch-tests\nLabel: fleetpatch-tests\nSuite: {suite}\nCodename: fleetpatch\nDate: Thu, 01 Jan 2026 00:00:00 UTC\nSHA256:\n {digest} {} Packages\n",
+                    scanned.stdout.len()
+                ),
+            )
+            .unwrap();
+        }
+        std::fs::write(
+            self.path().join("sources.list"),
+            format!("deb [trusted=yes] file:{} ./\n", repo.display()),
+        )
+        .unwrap();
+        let variable = |name: &str, value: &Path| (name.to_string(), value.display().to_string());
+        Apt {
+            options: Vec::new(),
+            // As a node agent sees the host: under the host's root.
+            reboot_marker: apt::reboot_marker(Some(&self.root())),
+            commands: Commands {
+                path: None,
+                env: BTreeMap::from([
+                    variable("APT_CONFIG", &self.path().join("apt.conf")),
+                    variable("DPKG_ROOT", &self.root()),
+                    variable("DPKG_ADMINDIR", &self.admin_dir()),
+                ]),
+            },
+        }
+    }
+
+    /// `apt-mark args...` with the sandbox's configuration; its output.
+    fn apt_mark(&self, args: &[&str]) -> String {
+        let output = Command::new("apt-mark")
+            .args(args)
+            .env("APT_CONFIG", self.path().join("apt.conf"))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "apt-mark {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn installed_version(&self, package: &str) -> Option<String> {
+        let admin_dir = format!("--admindir={}", self.admin_dir().display());
+        let output = Command::new("dpkg-query")
+            .args([&admin_dir, "-W", "-f=${Status} ${Version}", package])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let version = text.strip_prefix("install ok installed ")?;
+        (output.status.success() && !version.is_empty()).then(|| version.to_string())
+    }
+
+    /// The file the package `name` installs, as the sandbox holds it.
+    fn file_of(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.root().join(format!("usr/share/{name}/VERSION"))).ok()
     }
 }
 
-fn installed_version(package: &str) -> Option<String> {
-    let output = Command::new("dpkg-query")
-        .args(["-W", "-f=${Status} ${Version}", package])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let version = text.strip_prefix("install ok installed ")?;
-    (output.status.success() && !version.is_empty()).then(|| version.to_string())
-}
-
-/// Purges every throwaway package, before a test (a killed run leaves them) and after.
-struct Purge;
-
-impl Purge {
-    fn now() -> Self {
-        Self.purge();
-        Self
-    }
-
-    fn purge(&self) {
-        let _ = Command::new("dpkg")
-            .arg("--purge")
-            .args(EVERY_PACKAGE)
-            .output();
-    }
-}
-
-impl Drop for Purge {
-    fn drop(&mut self) {
-        self.purge();
+/// Nothing of the tests reached the machine: none of their packages is in its package
+/// database, none of their files is in its `/usr/share`, its apt and dpkg logs never
+/// name them.
+fn machine_untouched() {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let status = read("/var/lib/dpkg/status");
+    let logs = [
+        read("/var/log/dpkg.log"),
+        read("/var/log/apt/history.log"),
+        read("/var/log/apt/term.log"),
+    ]
+    .concat();
+    for package in EVERY_PACKAGE {
+        assert!(
+            !status.contains(&format!("Package: {package}\n")),
+            "{package} is in the machine's dpkg database"
+        );
+        assert!(
+            !Path::new("/usr/share").join(package).exists(),
+            "/usr/share/{package} is on the machine"
+        );
+        assert!(!logs.contains(package), "the machine's logs name {package}");
     }
 }
 
@@ -188,12 +292,9 @@ async fn apt_upgrades_a_real_package_from_a_local_repository() {
     if !prerequisites() {
         return;
     }
-    let _serial = SERIAL.lock().await;
-    let _purge = Purge::now();
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    install(root, DEMO, "1.0", None);
-    let apt = repository(root, &[(DEMO, "2.0", None)], None);
+    let host = Sandbox::new();
+    host.install(DEMO, "1.0", "");
+    let apt = host.repository(&[(DEMO, "2.0", "")], None);
 
     // Security-only selection: the local repository is no security suite, so nothing is installed.
     let results = apt
@@ -202,7 +303,7 @@ async fn apt_upgrades_a_real_package_from_a_local_repository() {
         .unwrap();
     assert_eq!(results.phase, ActionPhase::Succeeded);
     assert!(results.installed.is_empty(), "{results:?}");
-    assert_eq!(installed_version(DEMO).as_deref(), Some("1.0"));
+    assert_eq!(host.installed_version(DEMO).as_deref(), Some("1.0"));
 
     // Excluded: still nothing.
     let excluded = PatchSelection {
@@ -220,16 +321,20 @@ async fn apt_upgrades_a_real_package_from_a_local_repository() {
     assert_eq!(results.installed[0].name, DEMO);
     assert_eq!(results.installed[0].version.as_deref(), Some("2.0"));
     assert!(!results.reboot_required);
-    assert_eq!(installed_version(DEMO).as_deref(), Some("2.0"));
-    assert_eq!(
-        std::fs::read_to_string(format!("/usr/share/{DEMO}/VERSION")).unwrap(),
-        "2.0"
-    );
+    assert_eq!(host.installed_version(DEMO).as_deref(), Some("2.0"));
+    assert_eq!(host.file_of(DEMO).as_deref(), Some("2.0"));
 
-    // The host says it needs a reboot.
+    // The host says it needs a reboot: the marker is read under the host's root (a node
+    // agent's /proc/1/root), never the agent's own /run.
+    assert!(
+        apt.reboot_marker.starts_with(host.root()),
+        "{}",
+        apt.reboot_marker.display()
+    );
     std::fs::write(&apt.reboot_marker, "*** System restart required ***\n").unwrap();
     let results = apt.apply(&all(), TIMEOUT).await.unwrap();
     assert!(results.reboot_required, "{results:?}");
+    machine_untouched();
 }
 
 /// Like `linux-image-amd64`, whose new version depends on a new ABI package
@@ -240,14 +345,11 @@ async fn a_package_whose_new_version_needs_a_new_dependency_is_selected() {
     if !prerequisites() {
         return;
     }
-    let _serial = SERIAL.lock().await;
-    let _purge = Purge::now();
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    install(root, META, "1.0", None);
-    let apt = repository(
-        root,
-        &[(META, "2.0", Some(ABI)), (ABI, "2.0", None)],
+    let host = Sandbox::new();
+    host.install(META, "1.0", "");
+    let depends_abi = format!("Depends: {ABI}");
+    let apt = host.repository(
+        &[(META, "2.0", &depends_abi), (ABI, "2.0", "")],
         Some("fleetpatch-security"),
     );
 
@@ -262,12 +364,13 @@ async fn a_package_whose_new_version_needs_a_new_dependency_is_selected() {
         .map(|p| (p.name.as_str(), p.version.as_deref()))
         .collect();
     assert_eq!(installed, [(META, Some("2.0"))], "{results:?}");
-    assert_eq!(installed_version(META).as_deref(), Some("2.0"));
+    assert_eq!(host.installed_version(META).as_deref(), Some("2.0"));
     assert_eq!(
-        installed_version(ABI).as_deref(),
+        host.installed_version(ABI).as_deref(),
         Some("2.0"),
         "the new dependency came along"
     );
+    machine_untouched();
 }
 
 /// The plan promises that an excluded package is never changed: an update that needs a
@@ -278,21 +381,13 @@ async fn an_excluded_dependency_blocks_its_dependant() {
     if !prerequisites() {
         return;
     }
-    let _serial = SERIAL.lock().await;
-    let _purge = Purge::now();
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    install(root, LIB, "1.0", None);
-    install(root, APP, "1.0", Some(&format!("{LIB} (>= 1.0)")));
-    install(root, OTHER, "1.0", None);
-    let lib_2 = format!("{LIB} (>= 2.0)");
-    let apt = repository(
-        root,
-        &[
-            (APP, "2.0", Some(&lib_2)),
-            (LIB, "2.0", None),
-            (OTHER, "2.0", None),
-        ],
+    let host = Sandbox::new();
+    host.install(LIB, "1.0", "");
+    host.install(APP, "1.0", &format!("Depends: {LIB} (>= 1.0)"));
+    host.install(OTHER, "1.0", "");
+    let lib_2 = format!("Depends: {LIB} (>= 2.0)");
+    let apt = host.repository(
+        &[(APP, "2.0", &lib_2), (LIB, "2.0", ""), (OTHER, "2.0", "")],
         None,
     );
 
@@ -302,17 +397,17 @@ async fn an_excluded_dependency_blocks_its_dependant() {
     };
     let results = apt.apply(&selection, TIMEOUT).await.unwrap();
     assert_eq!(
-        installed_version(LIB).as_deref(),
+        host.installed_version(LIB).as_deref(),
         Some("1.0"),
         "{results:?}"
     );
     assert_eq!(
-        installed_version(APP).as_deref(),
+        host.installed_version(APP).as_deref(),
         Some("1.0"),
         "{results:?}"
     );
     assert_eq!(
-        installed_version(OTHER).as_deref(),
+        host.installed_version(OTHER).as_deref(),
         Some("2.0"),
         "{results:?}"
     );
@@ -328,6 +423,65 @@ async fn an_excluded_dependency_blocks_its_dependant() {
                 .as_str()
         )
     );
+    machine_untouched();
+}
+
+/// `apt-get install` marks what it is given as manually installed, even when it only
+/// upgrades it: a library that came as a dependency would then never be autoremoved.
+/// The patcher keeps apt's marks as they were.
+#[tokio::test]
+async fn upgraded_dependencies_stay_automatically_installed() {
+    if !prerequisites() {
+        return;
+    }
+    let host = Sandbox::new();
+    host.install(LIB, "1.0", "");
+    host.install(APP, "1.0", &format!("Depends: {LIB}"));
+    let apt = host.repository(
+        &[(LIB, "2.0", ""), (APP, "2.0", &format!("Depends: {LIB}"))],
+        None,
+    );
+    host.apt_mark(&["auto", LIB]);
+    assert_eq!(host.apt_mark(&["showauto"]).trim(), LIB);
+
+    let results = apt.apply(&all(), TIMEOUT).await.unwrap();
+    assert_eq!(results.phase, ActionPhase::Succeeded, "{results:?}");
+    assert_eq!(host.installed_version(LIB).as_deref(), Some("2.0"));
+    assert_eq!(host.installed_version(APP).as_deref(), Some("2.0"));
+    assert_eq!(
+        host.apt_mark(&["showauto"]).trim(),
+        LIB,
+        "{LIB} is still a dependency apt may autoremove, {APP} still manually installed"
+    );
+    machine_untouched();
+}
+
+/// An update whose new version conflicts with an installed package would remove it:
+/// apt keeps it back even with `--with-new-pkgs`, and a patch run removes nothing. The
+/// result says so instead of leaving it out silently; the other updates go in.
+#[tokio::test]
+async fn an_update_that_would_remove_a_package_is_named_as_kept_back() {
+    if !prerequisites() {
+        return;
+    }
+    let host = Sandbox::new();
+    host.install(APP, "1.0", "");
+    host.install(RIVAL, "1.0", "");
+    host.install(OTHER, "1.0", "");
+    let conflict = format!("Conflicts: {RIVAL}");
+    let apt = host.repository(&[(APP, "2.0", &conflict), (OTHER, "2.0", "")], None);
+    let results = apt.apply(&all(), TIMEOUT).await.unwrap();
+    assert_eq!(results.phase, ActionPhase::Succeeded, "{results:?}");
+    let installed: Vec<&str> = results.installed.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(installed, [OTHER], "{results:?}");
+    assert!(
+        results.message.ends_with(&format!("not installed: {APP}")),
+        "{}",
+        results.message
+    );
+    assert_eq!(host.installed_version(APP).as_deref(), Some("1.0"));
+    assert_eq!(host.installed_version(RIVAL).as_deref(), Some("1.0"));
+    machine_untouched();
 }
 
 /// unattended-upgrades (or a person's apt run) holding the dpkg lock makes the patcher
@@ -337,15 +491,12 @@ async fn apt_waits_for_the_dpkg_lock() {
     if !prerequisites() {
         return;
     }
-    let _serial = SERIAL.lock().await;
-    let _purge = Purge::now();
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    install(root, DEMO, "1.0", None);
-    let apt = repository(root, &[(DEMO, "2.0", None)], None);
+    let host = Sandbox::new();
+    host.install(DEMO, "1.0", "");
+    let apt = host.repository(&[(DEMO, "2.0", "")], None);
 
     let held = Duration::from_secs(3);
-    let lock = hold_dpkg_frontend_lock();
+    let lock = hold_dpkg_frontend_lock(&host.admin_dir());
     let release = std::thread::spawn(move || {
         std::thread::sleep(held);
         drop(lock);
@@ -354,21 +505,52 @@ async fn apt_waits_for_the_dpkg_lock() {
     let results = apt.apply(&all(), TIMEOUT).await.unwrap();
     release.join().unwrap();
     assert_eq!(results.phase, ActionPhase::Succeeded, "{results:?}");
-    assert_eq!(installed_version(DEMO).as_deref(), Some("2.0"));
+    assert_eq!(host.installed_version(DEMO).as_deref(), Some("2.0"));
     assert!(started.elapsed() >= held, "apt did not wait for the lock");
+    machine_untouched();
 }
 
-/// Takes the lock apt and dpkg take first (an fcntl write lock on
-/// `/var/lib/dpkg/lock-frontend`), as another package manager run would.
-fn hold_dpkg_frontend_lock() -> std::fs::File {
+/// apt-daily's `apt-get update` (or a person's) holding the package lists' lock makes
+/// the patcher's own update wait for it, not fail the patch run at once.
+#[tokio::test]
+async fn apt_waits_for_the_package_lists_lock() {
+    if !prerequisites() {
+        return;
+    }
+    let host = Sandbox::new();
+    host.install(DEMO, "1.0", "");
+    let apt = host.repository(&[(DEMO, "2.0", "")], None);
+
+    let held = Duration::from_secs(3);
+    let lock = hold_lock(&host.path().join("state/lists/lock"));
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(held);
+        drop(lock);
+    });
+    let started = Instant::now();
+    let results = apt.apply(&all(), TIMEOUT).await.unwrap();
+    release.join().unwrap();
+    assert_eq!(results.phase, ActionPhase::Succeeded, "{results:?}");
+    assert_eq!(host.installed_version(DEMO).as_deref(), Some("2.0"));
+    assert!(started.elapsed() >= held, "apt did not wait for the lock");
+    machine_untouched();
+}
+
+/// Takes the lock apt and dpkg take first (an fcntl write lock on `lock-frontend` in
+/// dpkg's database directory), as another package manager run would.
+fn hold_dpkg_frontend_lock(admin_dir: &Path) -> std::fs::File {
+    hold_lock(&admin_dir.join("lock-frontend"))
+}
+
+/// An fcntl write lock on `path`, as apt and dpkg take their locks.
+fn hold_lock(path: &Path) -> std::fs::File {
     use nix::fcntl::{FcntlArg, fcntl};
-    let path = PathBuf::from("/var/lib/dpkg/lock-frontend");
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
+        .open(path)
         .unwrap();
     let lock = nix::libc::flock {
         l_type: nix::libc::F_WRLCK as i16,
@@ -377,6 +559,6 @@ fn hold_dpkg_frontend_lock() -> std::fs::File {
         l_len: 0,
         l_pid: 0,
     };
-    fcntl(&file, FcntlArg::F_SETLK(&lock)).expect("the dpkg frontend lock is free");
+    fcntl(&file, FcntlArg::F_SETLK(&lock)).expect("the lock is free");
     file
 }

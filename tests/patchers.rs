@@ -3,7 +3,8 @@
 //! "installed" and "available" versions in files there, log every call, and behave like
 //! the real tools where it matters: zypper exits 103 after updating itself and 106/107
 //! with warnings, refuses to run while "locked" unless told to wait, and wants licenses
-//! agreed; dnf answers "No such command" for needs-restarting without dnf-plugins-core;
+//! agreed; dnf answers "No such command" for needs-restarting without dnf-plugins-core,
+//! and yum finds no needs-restarting program without yum-utils;
 //! both print translated output unless `LC_ALL=C`. Nothing outside the temporary
 //! directory is touched.
 
@@ -57,6 +58,7 @@ impl FakeHost {
                 "{}:/usr/bin:/bin",
                 self.dir.path().join("bin").display()
             )),
+            ..Commands::default()
         }
     }
 
@@ -129,7 +131,7 @@ case " $* " in
     if [ "$LC_ALL" = C ]; then echo "No such command: needs-restarting. Please use /usr/bin/dnf --help" >&2
     else echo "Kein solcher Befehl: needs-restarting. Bitte /usr/bin/dnf --help verwenden" >&2; fi
     exit 1 ;;
-  *" upgrade "*) upgrade "$@"; exit 0 ;;
+  *" upgrade "*|*" update "*) upgrade "$@"; exit 0 ;;
 esac
 echo "unexpected: $*" >&2; exit 2
 "#;
@@ -191,6 +193,39 @@ async fn dnf_without_needs_restarting_does_not_claim_a_reboot() {
         "{}",
         results.message
     );
+}
+
+/// yum has needs-restarting as a program of its own (yum-utils); without it the patcher
+/// says so and assumes a reboot only after a kernel update, as with dnf.
+#[tokio::test]
+async fn yum_without_needs_restarting_does_not_claim_a_reboot() {
+    let host = FakeHost::new();
+    host.program("yum", &format!("{UPGRADE_NAMED}{DNF}"));
+    let path = host.commands().path.unwrap();
+    assert!(
+        std::env::split_paths(&path).all(|dir| !dir.join("needs-restarting").exists()),
+        "needs-restarting must be missing from {path}"
+    );
+    let yum = Dnf {
+        commands: host.commands(),
+        ..Dnf::new(Flavour::Yum)
+    };
+    host.installed("vim-enhanced", "2:8.0.1763-19.el7");
+    host.available("vim-enhanced", "2:8.0.1763-20.el7");
+    let results = yum.apply(&all(), TIMEOUT).await.unwrap();
+    assert_eq!(names(&results), ["vim-enhanced"], "{results:?}");
+    assert!(!results.reboot_required, "{results:?}");
+    assert!(
+        results.message.contains("no reboot assumed"),
+        "{}",
+        results.message
+    );
+    host.installed("kernel", "3.10.0-1160.105.1.el7");
+    host.available("kernel", "3.10.0-1160.108.1.el7");
+    let results = yum.apply(&all(), TIMEOUT).await.unwrap();
+    assert_eq!(names(&results), ["kernel"], "{results:?}");
+    assert!(results.reboot_required, "{results:?}");
+    all_untranslated(&host);
 }
 
 #[tokio::test]
@@ -409,4 +444,34 @@ async fn zypper_holds_back_an_update_that_needs_an_excluded_package() {
             "not installed: vim 9.1.0330 would also change vim-data-common, which the plan excludes"
         )
     );
+}
+
+/// `include` names packages installed whatever their classification: with Security,
+/// zypper installs the security patches and then the named packages, as apt and dnf do.
+#[tokio::test]
+async fn zypper_installs_included_packages_besides_the_security_patches() {
+    let (host, zypper) = zypper_host();
+    host.installed("vim", "9.1.0111-150500.20.9.1");
+    host.available("vim", "9.1.0330-150500.20.12.1");
+    let selection = PatchSelection {
+        include: vec!["vim".into()],
+        ..PatchSelection::default()
+    };
+    let results = zypper.apply(&selection, TIMEOUT).await.unwrap();
+    assert_eq!(results.phase, ActionPhase::Succeeded, "{results:?}");
+    assert_eq!(
+        names(&results),
+        ["zypper", "glibc", "libopenssl3", "vim"],
+        "{results:?}"
+    );
+    assert_eq!(
+        host.version("vim").as_deref(),
+        Some("9.1.0330-150500.20.12.1")
+    );
+    assert!(
+        results.message.contains("included: 1 update(s) installed"),
+        "{}",
+        results.message
+    );
+    all_untranslated(&host);
 }

@@ -404,3 +404,79 @@ fn the_loader_switches_the_console_to_utf8_and_catches_everything() {
     assert!(loader.contains("Get-Content -LiteralPath $path -Raw -Encoding UTF8"));
     assert!(loader.contains("try {\n  & $block\n} catch {"));
 }
+
+/// For every block of `script` that ends in `exit`: the last message it wrote with
+/// Write-Host (quotes stripped) and its exit statement, in the order of the script.
+fn exits_with_messages(script: &str) -> Vec<(String, String)> {
+    fn walk(node: Node<'_>, script: &str, out: &mut Vec<(String, String)>) {
+        if node.kind() == "statement_list" {
+            let mut message = String::new();
+            let mut cursor = node.walk();
+            for statement in node.named_children(&mut cursor) {
+                let text = statement.utf8_text(script.as_bytes()).unwrap();
+                match statement.kind() {
+                    "pipeline" => {
+                        if let Some(rest) = text.strip_prefix("Write-Host ") {
+                            message = rest.trim_matches(['\'', '"']).to_string();
+                        }
+                    }
+                    "flow_control_statement" if text.starts_with("exit") => {
+                        out.push((message.clone(), text.to_string()));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut cursor = node.walk();
+        for child in node.children(&mut cursor) {
+            walk(child, script, out);
+        }
+    }
+    let tree = parse(script);
+    let mut out = Vec::new();
+    walk(tree.root_node(), script, &mut out);
+    out
+}
+
+#[test]
+fn uninstall_exits_not_applicable_exactly_where_nothing_was_there_to_remove() {
+    let not_applicable = format!("exit {}", powershell::NOT_APPLICABLE_EXIT);
+    let script = uninstall(
+        r"Microsoft\Windows\CurrentVersion\Uninstall\{1E0D5689-40F1-4E46-ABBB-EAAC68B5CD89}",
+        "App",
+        "1.0",
+    );
+    let exits = exits_with_messages(&script);
+    let skipped: Vec<&(String, String)> = exits
+        .iter()
+        .filter(|(m, _)| m.starts_with("skipped:"))
+        .collect();
+    // No key in either view, another DisplayName, another DisplayVersion.
+    assert_eq!(skipped.len(), 3, "{exits:#?}");
+    for (message, exit) in &exits {
+        assert_eq!(
+            message.starts_with("skipped:"),
+            *exit == not_applicable,
+            "{message:?} ends with {exit}"
+        );
+    }
+    let exit_of = |start: &str| {
+        exits
+            .iter()
+            .find(|(m, _)| m.starts_with(start))
+            .map(|(_, e)| e.as_str())
+            .unwrap_or_else(|| panic!("no block writes {start:?}: {exits:#?}"))
+    };
+    // What msiexec cannot remove, or did not, fails: a Burn bundle or NSIS setup,
+    // msiexec's "unknown product" (1605), a key that is still there.
+    assert_eq!(exit_of("cannot uninstall"), "exit 1");
+    assert_eq!(exit_of("msiexec does not know"), "exit 1");
+    assert_eq!(exit_of("msiexec exited $code but"), "exit 1");
+    assert_eq!(exit_of("uninstalled; msiexec exit code"), "exit 10");
+    let done: Vec<&str> = exits
+        .iter()
+        .filter(|(m, _)| m == "uninstalled")
+        .map(|(_, e)| e.as_str())
+        .collect();
+    assert_eq!(done, ["exit 0"], "{exits:#?}");
+}

@@ -467,8 +467,8 @@ pub fn end_recorded(record: &RunningRecord) -> Ending {
 
 /// Kills the cgroup, then every process in the group `group` or carrying `marker`
 /// (and, with `orphans`, every process re-parented to this agent that it did not
-/// start), round after round until a scan finds none; reaps the zombies that are this
-/// process's; removes the cgroup.
+/// start), round after round until a scan finds none; with `orphans`, reaps the zombies
+/// it adopted; removes the cgroup.
 fn end_all(group: Option<u32>, marker: &str, cgroup: Option<&Path>, orphans: bool) -> Ending {
     let mut ending = Ending::default();
     if let Some(dir) = cgroup {
@@ -563,7 +563,8 @@ fn carries_marker(environ: &[u8], marker: &str) -> bool {
 }
 
 /// One scan of `/proc`: SIGKILLs every live process that belongs to the action, reaps
-/// this process's zombies that tokio does not own, and returns those it signalled.
+/// (with `orphans`) the zombies it adopted that tokio does not own, and returns those
+/// it signalled.
 #[cfg(target_os = "linux")]
 fn kill_matching(group: Option<u32>, marker: &str, orphans: bool) -> Vec<u32> {
     use nix::sys::signal::{Signal, kill};
@@ -589,7 +590,10 @@ fn kill_matching(group: Option<u32>, marker: &str, orphans: bool) -> Vec<u32> {
         }
         let Some(stat) = stat_of(pid) else { continue };
         if stat.state == 'Z' {
-            if stat.ppid == me && !ours(pid) {
+            // Only an orphan adopted as subreaper can be the action's; any other zombie
+            // child is one that other code here (a concurrent run, a std Command) is
+            // about to wait for, and reaping it would make that wait fail with ECHILD.
+            if orphans && stat.ppid == me && !ours(pid) {
                 let _ = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG));
             }
             continue;
@@ -750,6 +754,33 @@ mod windows {
 mod tests {
     use super::job_limits::{settings, windows_weight};
     use super::*;
+
+    /// A process that is not a subreaper adopts no orphans: a zombie child of it is
+    /// someone else's to wait for, also while an action ends.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn ending_an_action_leaves_other_code_its_exited_children() {
+        assert!(!is_subreaper(), "the test process adopts no orphans");
+        let mut other = std::process::Command::new("true").spawn().unwrap();
+        let pid = other.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stat_of(pid).is_some_and(|stat| stat.state != 'Z') {
+            assert!(Instant::now() < deadline, "true did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let outcome = crate::agent::process::run(&crate::agent::process::ProcessSpec {
+            program: "true".into(),
+            timeout: Duration::from_secs(10),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(outcome.end, crate::agent::process::ProcessEnd::Exited(0));
+        let status = other
+            .wait()
+            .expect("the exited child is still there to be waited for");
+        assert!(status.success());
+    }
 
     #[test]
     fn stat_lines_are_read_after_the_command_name() {

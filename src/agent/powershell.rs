@@ -74,6 +74,21 @@ pub fn signed_script(content: &str, signature: &str) -> String {
     crlf(&text)
 }
 
+/// The line that opens an Authenticode signature block at the end of a PowerShell script.
+pub const SIGNATURE_BLOCK_START: &str = "# SIG # Begin signature block";
+
+/// The text of the `.ps1` file for a Script's `content` and its `signature`. A signed
+/// script, whether its signature block comes in `signature` or is already at the end of
+/// `content` (pasted from a signed file), gets CRLF line endings, as it had when it was
+/// signed; anything else is written as it is.
+pub fn script_text(content: &str, signature: Option<&str>) -> String {
+    match signature {
+        Some(signature) => signed_script(content, signature),
+        None if content.contains(SIGNATURE_BLOCK_START) => crlf(content),
+        None => content.to_string(),
+    }
+}
+
 /// Windows PowerShell by its absolute path under `%SystemRoot%` (`C:\Windows` when the
 /// variable is missing), so no `powershell.exe` earlier on `PATH` is run instead.
 pub fn powershell_exe(system_root: Option<&str>) -> PathBuf {
@@ -412,6 +427,23 @@ mod tests {
             signed_script("Write-Host hi\r\nexit 0\r\n", signature),
             expected
         );
+    }
+
+    #[test]
+    fn a_signature_block_inside_the_content_also_gets_crlf() {
+        // YAML block scalars carry LF only; Authenticode hashed the CRLF text.
+        let pasted =
+            "Write-Host hi\n# SIG # Begin signature block\n# MIIb\n# SIG # End signature block\n";
+        assert_eq!(
+            script_text(pasted, None),
+            "Write-Host hi\r\n# SIG # Begin signature block\r\n# MIIb\r\n# SIG # End signature block\r\n"
+        );
+        assert_eq!(
+            script_text("Write-Host hi\n", Some("# SIG # Begin signature block\n")),
+            "Write-Host hi\r\n# SIG # Begin signature block\r\n"
+        );
+        // Unsigned scripts are written as they are.
+        assert_eq!(script_text("Write-Host hi\n", None), "Write-Host hi\n");
     }
 
     #[test]

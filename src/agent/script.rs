@@ -69,10 +69,7 @@ pub fn prepare(run: &ScriptRun<'_>, work_dir: &Path) -> Result<ProcessSpec, Scri
                 });
             }
             // A signed script carries its signature block after the code.
-            let body = match &script.signature {
-                Some(signature) => powershell::signed_script(&script.content, signature),
-                None => script.content.clone(),
-            };
+            let body = powershell::script_text(&script.content, script.signature.as_deref());
             ("ps1", powershell::script_file(&body))
         }
         ScriptLanguage::Bash | ScriptLanguage::Sh => ("sh", script.content.clone().into_bytes()),

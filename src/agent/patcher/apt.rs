@@ -2,13 +2,13 @@
 //! packages (so a kernel whose new version depends on a new ABI package is not kept
 //! back) to find candidates and their origin (a `-security` suite marks security fixes),
 //! a simulated install of the chosen ones to hold back what would change an excluded
-//! package, `apt-get install --only-upgrade`, then `dpkg-query` to see what is really
-//! installed.
+//! package, `apt-get install --only-upgrade` (keeping apt's "automatically installed"
+//! marks), then `dpkg-query` to see what is really installed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use regex::Regex;
@@ -17,8 +17,8 @@ use crate::api::patchjob::{ActionPhase, PatchResults};
 use crate::api::plan::PatchSelection;
 
 use super::{
-    Commands, PatchError, Patcher, Update, add_failures, hold_back_for_exclusions, results, run,
-    select,
+    Commands, PatchError, Patcher, Update, add_failures, hold_back_for_exclusions, is_excluded,
+    results, run, select,
 };
 
 /// The apt patcher. `options` are extra `-o Key=Value` settings, e.g. to point apt at
@@ -72,6 +72,79 @@ impl Apt {
         format!("DPkg::Lock::Timeout={}", timeout.as_secs())
     }
 
+    /// `apt-get update`, again while another apt run holds the package lists' lock
+    /// (apt-daily's update, unattended-upgrades, a person's `apt update`), until
+    /// `timeout`: `DPkg::Lock::Timeout` covers dpkg's lock only, and `update` gives up at
+    /// once on this one.
+    async fn update_lists(&self, timeout: Duration) -> Result<(), PatchError> {
+        let deadline = Instant::now() + timeout;
+        let lock_wait = Self::lock_wait(timeout);
+        let args = self.args(&["-o", &lock_wait, "-q", "update"]);
+        let mut pause = Duration::from_millis(250);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let spec = self.commands.spec("apt-get", &args, NONINTERACTIVE, left);
+            match run(&spec, &[0]).await {
+                Ok(_) => return Ok(()),
+                Err(PatchError::Command { message, .. })
+                    if lists_lock_busy(&message) && Instant::now() + pause < deadline =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Which of `packages` apt marks as automatically installed (dependencies that
+    /// `apt autoremove` may remove once nothing needs them). `apt-get install` marks what
+    /// it is given as manually installed, also when it only upgrades it; these marks are
+    /// put back afterwards. If apt-mark fails, a note says so and nothing is put back.
+    async fn automatic(
+        &self,
+        packages: &[String],
+        timeout: Duration,
+        notes: &mut Vec<String>,
+    ) -> Vec<String> {
+        let mut args = self.args(&["showauto"]);
+        args.extend(packages.iter().map(String::as_str));
+        match run(&self.commands.spec("apt-mark", &args, &[], timeout), &[0]).await {
+            Ok(outcome) => outcome
+                .stdout
+                .split_whitespace()
+                .map(String::from)
+                .collect(),
+            Err(err) => {
+                notes.push(format!(
+                    "warning: cannot read which packages are automatically installed, so the upgraded ones are now marked manually installed ({err})"
+                ));
+                Vec::new()
+            }
+        }
+    }
+
+    /// Marks `packages` as automatically installed again (see [`Apt::automatic`]).
+    async fn mark_automatic(
+        &self,
+        packages: &[String],
+        timeout: Duration,
+        notes: &mut Vec<String>,
+    ) {
+        if packages.is_empty() {
+            return;
+        }
+        let lock_wait = Self::lock_wait(timeout);
+        let mut args = self.args(&["-o", &lock_wait, "auto"]);
+        args.extend(packages.iter().map(String::as_str));
+        if let Err(err) = run(&self.commands.spec("apt-mark", &args, &[], timeout), &[0]).await {
+            notes.push(format!(
+                "warning: {} stay marked manually installed after the upgrade ({err})",
+                packages.join(", ")
+            ));
+        }
+    }
+
     /// Arguments of the simulated upgrade that finds the candidates: new packages may be
     /// installed (`--with-new-pkgs`), nothing removed.
     pub fn simulation_args(&self) -> Vec<&str> {
@@ -120,6 +193,15 @@ impl Apt {
     }
 }
 
+/// Whether `apt-get update` failed because another process holds the lists' lock
+/// (`E: Could not get lock /var/lib/apt/lists/lock. It is held by process 1234`).
+pub fn lists_lock_busy(output: &str) -> bool {
+    output.lines().any(|line| {
+        line.starts_with("E: Could not get lock ") && line.contains("/lists/lock")
+            || line.starts_with("E: Unable to lock directory ") && line.contains("/lists/")
+    })
+}
+
 fn inst_line() -> &'static Regex {
     static LINE: OnceLock<Regex> = OnceLock::new();
     LINE.get_or_init(|| {
@@ -149,6 +231,25 @@ pub fn parse_simulation(output: &str) -> Vec<Update> {
             }
         })
         .collect()
+}
+
+/// The packages `apt-get -s --with-new-pkgs upgrade` keeps back: those whose new version
+/// would remove an installed package (a conflict, a replaced dependency) or that are
+/// held (`apt-mark hold`). A patch run removes nothing, so they stay; the result names
+/// them instead of leaving them out without a word.
+pub fn parse_kept_back(output: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut in_block = false;
+    for line in output.lines() {
+        if line.starts_with("The following packages have been kept back:") {
+            in_block = true;
+        } else if in_block && line.starts_with(' ') {
+            names.extend(line.split_whitespace().map(String::from));
+        } else {
+            in_block = false;
+        }
+    }
+    names
 }
 
 /// The packages an `apt-get -s` run would change: its `Inst` and `Remv` lines.
@@ -211,6 +312,18 @@ pub fn installed_versions(
         .collect()
 }
 
+/// `results` with a note naming the packages apt kept back, if any.
+fn with_kept_back(mut results: PatchResults, kept_back: &[String]) -> PatchResults {
+    if !kept_back.is_empty() {
+        results.message = format!(
+            "{}; kept back by apt (the new version would remove an installed package, or the package is held), not installed: {}",
+            results.message,
+            kept_back.join(", ")
+        );
+    }
+    results
+}
+
 impl Patcher for Apt {
     fn name(&self) -> &'static str {
         "apt"
@@ -222,17 +335,7 @@ impl Patcher for Apt {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<PatchResults, PatchError>> {
         Box::pin(async move {
-            let lock_wait = Self::lock_wait(timeout);
-            run(
-                &self.commands.spec(
-                    "apt-get",
-                    &self.args(&["-o", &lock_wait, "-q", "update"]),
-                    NONINTERACTIVE,
-                    timeout,
-                ),
-                &[0],
-            )
-            .await?;
+            self.update_lists(timeout).await?;
             let simulation = run(
                 &self
                     .commands
@@ -245,6 +348,10 @@ impl Patcher for Apt {
                 .into_iter()
                 .filter(|u| u.current_version.is_some())
                 .collect();
+            let kept_back: Vec<String> = parse_kept_back(&simulation.stdout)
+                .into_iter()
+                .filter(|name| !is_excluded(&selection.exclude, name))
+                .collect();
             let (wanted, held_back) = hold_back_for_exclusions(
                 select(candidates, selection),
                 &selection.exclude,
@@ -255,9 +362,11 @@ impl Patcher for Apt {
             if wanted.is_empty() {
                 let mut results = results(self.name(), &[], &Default::default(), reboot_required());
                 add_failures(&mut results, held_back);
-                return Ok(results);
+                return Ok(with_kept_back(results, &kept_back));
             }
             let names: Vec<String> = wanted.iter().map(|u| u.name.clone()).collect();
+            let mut notes = Vec::new();
+            let automatic = self.automatic(&names, timeout, &mut notes).await;
             let install_args = self.install_args(&names, timeout);
             let install_args: Vec<&str> = install_args.iter().map(String::as_str).collect();
             let install = run(
@@ -267,6 +376,7 @@ impl Patcher for Apt {
                 &[0, 100],
             )
             .await?;
+            self.mark_automatic(&automatic, timeout, &mut notes).await;
             let mut query_args = vec!["-W", DPKG_QUERY_FORMAT];
             query_args.extend(names.iter().map(String::as_str));
             let installed = run(
@@ -284,7 +394,10 @@ impl Patcher for Apt {
                 results.message = format!("{}\n{}", results.message, install.output_tail);
             }
             add_failures(&mut results, held_back);
-            Ok(results)
+            for note in notes {
+                results.message = format!("{}; {note}", results.message);
+            }
+            Ok(with_kept_back(results, &kept_back))
         })
     }
 }
@@ -423,6 +536,46 @@ Conf base-files (12.4+deb12u6 Debian:12.6/stable [amd64])
                 "linux-image-amd64",
                 "old-thing"
             ]
+        );
+    }
+
+    #[test]
+    fn a_busy_lists_lock_is_recognised() {
+        assert!(lists_lock_busy(
+            "Reading package lists...\nE: Could not get lock /var/lib/apt/lists/lock. It is held by process 4242 (apt-get)\nE: Unable to lock directory /var/lib/apt/lists/\n"
+        ));
+        assert!(!lists_lock_busy(
+            "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 4242 (apt)\n"
+        ));
+        assert!(!lists_lock_busy(
+            "E: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease\n"
+        ));
+    }
+
+    #[test]
+    fn kept_back_packages_are_named() {
+        let output = "\
+Calculating upgrade...
+The following packages have been kept back:
+  libfoo-dev linux-image-amd64
+  zfs-dkms
+The following packages will be upgraded:
+  openssl
+1 upgraded, 0 newly installed, 0 to remove and 3 not upgraded.
+Inst openssl [3.0.11-1~deb12u2] (3.0.13-1~deb12u1 Debian-Security:12/stable-security [amd64])
+";
+        assert_eq!(
+            parse_kept_back(output),
+            ["libfoo-dev", "linux-image-amd64", "zfs-dkms"]
+        );
+        assert!(parse_kept_back(SIMULATION).is_empty());
+        let results = with_kept_back(
+            results("apt", &[], &Default::default(), false),
+            &parse_kept_back(output),
+        );
+        assert_eq!(
+            results.message,
+            "no updates selected; kept back by apt (the new version would remove an installed package, or the package is held), not installed: libfoo-dev, linux-image-amd64, zfs-dkms"
         );
     }
 

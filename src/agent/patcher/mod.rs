@@ -139,6 +139,10 @@ pub struct Commands {
     /// `PATH` to find them on; `None` keeps the agent's. (Tests put fake package
     /// managers first.)
     pub path: Option<String>,
+    /// More variables for every command. `LC_ALL` and `PATH` are the patcher's own and
+    /// cannot be set here. (Tests point apt and dpkg at a package database of their own
+    /// with `APT_CONFIG`, `DPKG_ROOT` and `DPKG_ADMINDIR`.)
+    pub env: BTreeMap<String, String>,
 }
 
 impl Commands {
@@ -151,9 +155,12 @@ impl Commands {
         env: &[(&str, &str)],
         timeout: Duration,
     ) -> ProcessSpec {
-        let mut env: BTreeMap<String, String> = env
+        let mut env: BTreeMap<String, String> = self
+            .env
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .filter(|(k, _)| !k.eq_ignore_ascii_case("PATH") && !k.eq_ignore_ascii_case("LC_ALL"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .chain(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .collect();
         env.insert("LC_ALL".into(), "C".into());
         if let Some(path) = &self.path {
@@ -176,7 +183,7 @@ pub(crate) fn base_name(name: &str) -> &str {
     name.split_once(':').map_or(name, |(base, _)| base)
 }
 
-fn is_excluded(exclude: &[String], name: &str) -> bool {
+pub(crate) fn is_excluded(exclude: &[String], name: &str) -> bool {
     exclude.iter().any(|e| e == name || e == base_name(name))
 }
 
@@ -400,10 +407,26 @@ mod tests {
         assert_eq!(spec.env["A"], "b");
         assert!(!spec.env.contains_key("PATH"));
         let spec = Commands {
+            path: None,
+            env: BTreeMap::from([("PATH".to_string(), "/elsewhere".to_string())]),
+        }
+        .spec("zypper", &[], &[], Duration::from_secs(1));
+        assert!(!spec.env.contains_key("PATH"), "the agent's PATH is kept");
+        let spec = Commands {
             path: Some("/tmp/fake:/usr/bin".into()),
+            env: BTreeMap::from([
+                ("APT_CONFIG".to_string(), "/tmp/apt.conf".to_string()),
+                ("LC_ALL".to_string(), "de_DE.UTF-8".to_string()),
+                ("PATH".to_string(), "/elsewhere".to_string()),
+            ]),
         }
         .spec("zypper", &[], &[], Duration::from_secs(1));
         assert_eq!(spec.env["PATH"], "/tmp/fake:/usr/bin");
+        assert_eq!(spec.env["APT_CONFIG"], "/tmp/apt.conf");
+        assert_eq!(
+            spec.env["LC_ALL"], "C",
+            "the parsers need untranslated output"
+        );
     }
 
     #[tokio::test]

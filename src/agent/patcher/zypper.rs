@@ -225,6 +225,116 @@ fn with_warnings(mut results: PatchResults, warnings: &[String]) -> PatchResults
     results
 }
 
+impl Zypper {
+    /// Security (and critical) patches: `zypper patch`, as often as it updates itself.
+    async fn apply_patches(
+        &self,
+        selection: &PatchSelection,
+        timeout: Duration,
+    ) -> Result<PatchResults, PatchError> {
+        let mut warnings = Vec::new();
+        let listed = run(
+            &self.spec(
+                &["-n", "-q", "list-patches", "--category", "security"],
+                timeout,
+            ),
+            &[0, 100, 101, EXIT_REPOS_SKIPPED],
+        )
+        .await?;
+        warnings.extend(
+            warning(match listed.end {
+                ProcessEnd::Exited(code) => code,
+                _ => 0,
+            })
+            .map(String::from),
+        );
+        let patches = parse_list_patches(&listed.stdout);
+        let critical_only = !selection
+            .classifications
+            .contains(&PatchClassification::Security);
+        let mut args = vec![
+            "-n",
+            "patch",
+            "--auto-agree-with-licenses",
+            "--category",
+            "security",
+        ];
+        if critical_only {
+            args.extend(["--severity", "critical"]);
+        }
+        let transaction = self.transaction(&args, timeout).await?;
+        warnings.extend(transaction.warnings);
+        let mut results = PatchResults {
+            phase: ActionPhase::Succeeded,
+            patcher: Some(self.name().into()),
+            reboot_required: transaction.reboot,
+            installed: transaction
+                .upgraded
+                .into_iter()
+                .map(|name| PatchOutcome {
+                    name,
+                    version: None,
+                    message: None,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        results.message = format!(
+            "{}; {} security patch(es) were needed",
+            summary(&results),
+            patches.len()
+        );
+        Ok(with_warnings(results, &warnings))
+    }
+
+    /// Package updates: those `selection` picks from `list-updates`, less those that
+    /// would change an excluded package.
+    async fn apply_updates(
+        &self,
+        selection: &PatchSelection,
+        timeout: Duration,
+    ) -> Result<PatchResults, PatchError> {
+        let mut warnings = Vec::new();
+        let listed = run(
+            &self.spec(&["-n", "-q", "list-updates"], timeout),
+            &[0, 100, EXIT_REPOS_SKIPPED],
+        )
+        .await?;
+        if listed.end == ProcessEnd::Exited(EXIT_REPOS_SKIPPED) {
+            warnings.extend(warning(EXIT_REPOS_SKIPPED).map(String::from));
+        }
+        let (wanted, held_back) = hold_back_for_exclusions(
+            select(parse_list_updates(&listed.stdout), selection),
+            &selection.exclude,
+            |packages| self.simulate_update(packages, timeout),
+        )
+        .await?;
+        if wanted.is_empty() {
+            let mut results = results(self.name(), &[], &Default::default(), false);
+            add_failures(&mut results, held_back);
+            return Ok(with_warnings(results, &warnings));
+        }
+        let mut args: Vec<&str> = vec!["-n", "update", "--auto-agree-with-licenses"];
+        args.extend(wanted.iter().map(|u| u.name.as_str()));
+        let transaction = self.transaction(&args, timeout).await?;
+        warnings.extend(transaction.warnings);
+        let mut query = vec!["-q", "--qf", super::dnf::RPM_QUERY_FORMAT];
+        query.extend(wanted.iter().map(|u| u.name.as_str()));
+        let installed = run(&self.commands.spec("rpm", &query, &[], timeout), &[0, 1]).await?;
+        let mut results = results(
+            self.name(),
+            &wanted,
+            &super::dnf::parse_rpm_query(&installed.stdout),
+            transaction.reboot,
+        );
+        if results.phase == ActionPhase::Failed {
+            results.message = format!("{}\n{}", results.message, transaction.last.output_tail);
+        }
+        add_failures(&mut results, held_back);
+        Ok(with_warnings(results, &warnings))
+    }
+}
+
 impl Patcher for Zypper {
     fn name(&self) -> &'static str {
         "zypper"
@@ -240,111 +350,35 @@ impl Patcher for Zypper {
                 .classifications
                 .iter()
                 .any(|c| matches!(c, PatchClassification::All | PatchClassification::Bugfix));
-            let mut warnings = Vec::new();
-            if !wants_all {
+            let mut results = if wants_all {
+                self.apply_updates(selection, timeout).await?
+            } else {
                 // Security and critical fixes come as patches, which name no single package.
                 if !selection.exclude.is_empty() {
                     return Err(PatchError::Unsupported(
                         "zypper installs security patches as a whole and cannot exclude packages from them; lock the packages on the host (zypper addlock) instead".into(),
                     ));
                 }
-                let listed = run(
-                    &self.spec(
-                        &["-n", "-q", "list-patches", "--category", "security"],
-                        timeout,
-                    ),
-                    &[0, 100, 101, EXIT_REPOS_SKIPPED],
-                )
-                .await?;
-                warnings.extend(
-                    warning(match listed.end {
-                        ProcessEnd::Exited(code) => code,
-                        _ => 0,
-                    })
-                    .map(String::from),
-                );
-                let patches = parse_list_patches(&listed.stdout);
-                let critical_only = !selection
-                    .classifications
-                    .contains(&PatchClassification::Security);
-                let mut args = vec![
-                    "-n",
-                    "patch",
-                    "--auto-agree-with-licenses",
-                    "--category",
-                    "security",
-                ];
-                if critical_only {
-                    args.extend(["--severity", "critical"]);
+                let mut results = self.apply_patches(selection, timeout).await?;
+                // The packages the plan names in include come on top, as on apt and dnf.
+                if !selection.include.is_empty() {
+                    let named = PatchSelection {
+                        classifications: Vec::new(),
+                        ..selection.clone()
+                    };
+                    let updates = self.apply_updates(&named, timeout).await?;
+                    results.installed.extend(updates.installed);
+                    results.failed.extend(updates.failed);
+                    results.reboot_required |= updates.reboot_required;
+                    if !results.failed.is_empty() {
+                        results.phase = ActionPhase::Failed;
+                    }
+                    results.message = format!("{}; included: {}", results.message, updates.message);
                 }
-                let transaction = self.transaction(&args, timeout).await?;
-                warnings.extend(transaction.warnings);
-                let reboot = transaction.reboot || self.needs_rebooting(timeout).await;
-                let mut results = PatchResults {
-                    phase: ActionPhase::Succeeded,
-                    patcher: Some(self.name().into()),
-                    reboot_required: reboot,
-                    installed: transaction
-                        .upgraded
-                        .into_iter()
-                        .map(|name| PatchOutcome {
-                            name,
-                            version: None,
-                            message: None,
-                        })
-                        .collect(),
-                    ..Default::default()
-                };
-                results.message = format!(
-                    "{}; {} security patch(es) were needed",
-                    summary(&results),
-                    patches.len()
-                );
-                return Ok(with_warnings(results, &warnings));
-            }
-            let listed = run(
-                &self.spec(&["-n", "-q", "list-updates"], timeout),
-                &[0, 100, EXIT_REPOS_SKIPPED],
-            )
-            .await?;
-            if listed.end == ProcessEnd::Exited(EXIT_REPOS_SKIPPED) {
-                warnings.extend(warning(EXIT_REPOS_SKIPPED).map(String::from));
-            }
-            let (wanted, held_back) = hold_back_for_exclusions(
-                select(parse_list_updates(&listed.stdout), selection),
-                &selection.exclude,
-                |packages| self.simulate_update(packages, timeout),
-            )
-            .await?;
-            if wanted.is_empty() {
-                let mut results = results(
-                    self.name(),
-                    &[],
-                    &Default::default(),
-                    self.needs_rebooting(timeout).await,
-                );
-                add_failures(&mut results, held_back);
-                return Ok(with_warnings(results, &warnings));
-            }
-            let mut args: Vec<&str> = vec!["-n", "update", "--auto-agree-with-licenses"];
-            args.extend(wanted.iter().map(|u| u.name.as_str()));
-            let transaction = self.transaction(&args, timeout).await?;
-            warnings.extend(transaction.warnings);
-            let mut query = vec!["-q", "--qf", super::dnf::RPM_QUERY_FORMAT];
-            query.extend(wanted.iter().map(|u| u.name.as_str()));
-            let installed = run(&self.commands.spec("rpm", &query, &[], timeout), &[0, 1]).await?;
-            let reboot = transaction.reboot || self.needs_rebooting(timeout).await;
-            let mut results = results(
-                self.name(),
-                &wanted,
-                &super::dnf::parse_rpm_query(&installed.stdout),
-                reboot,
-            );
-            if results.phase == ActionPhase::Failed {
-                results.message = format!("{}\n{}", results.message, transaction.last.output_tail);
-            }
-            add_failures(&mut results, held_back);
-            Ok(with_warnings(results, &warnings))
+                results
+            };
+            results.reboot_required |= self.needs_rebooting(timeout).await;
+            Ok(results)
         })
     }
 }
