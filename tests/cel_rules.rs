@@ -605,6 +605,69 @@ fn cases() -> Vec<Case> {
             "spec.nodeName: nodeName is required when mode is Node",
         ),
     ]
+    .into_iter()
+    .chain(registry_root_cases())
+    .collect()
+}
+
+/// Each of the five registry roots is accepted, in both fields that name a key, and its
+/// abbreviation (as `reg.exe` and PowerShell drives spell it) is not.
+fn registry_root_cases() -> Vec<Case> {
+    const ROOTS: [(&str, &str, &str); 5] = [
+        (
+            "HKEY_LOCAL_MACHINE",
+            "HKLM",
+            "registry root HKEY_LOCAL_MACHINE",
+        ),
+        (
+            "HKEY_CURRENT_USER",
+            "HKCU",
+            "registry root HKEY_CURRENT_USER",
+        ),
+        ("HKEY_USERS", "HKU", "registry root HKEY_USERS"),
+        (
+            "HKEY_CLASSES_ROOT",
+            "HKCR",
+            "registry root HKEY_CLASSES_ROOT",
+        ),
+        (
+            "HKEY_CURRENT_CONFIG",
+            "HKCC",
+            "registry root HKEY_CURRENT_CONFIG",
+        ),
+    ];
+    let mut cases = Vec::new();
+    for (root, short, rule) in ROOTS {
+        cases.push(case(
+            rule,
+            with(
+                &registry_task(),
+                "/spec/changeRegistryKey/keyPath",
+                json!(format!("{root}\\Software\\Vendor")),
+            ),
+            with(
+                &registry_task(),
+                "/spec/changeRegistryKey/keyPath",
+                json!(format!("{short}\\Software\\Vendor")),
+            ),
+            "spec.changeRegistryKey.keyPath: must start with HKEY_CURRENT_USER",
+        ));
+        cases.push(case(
+            rule,
+            with(
+                &uninstall_task(),
+                "/spec/uninstallSoftware/uninstallKey",
+                json!(format!("{root}\\Software\\App")),
+            ),
+            with(
+                &uninstall_task(),
+                "/spec/uninstallSoftware/uninstallKey",
+                json!(format!("{short}\\Software\\App")),
+            ),
+            "spec.uninstallSoftware.uninstallKey: must start with HKEY_CURRENT_USER",
+        ));
+    }
+    cases
 }
 
 #[test]
