@@ -365,6 +365,22 @@ fn serve(body: Vec<u8>) -> String {
     format!("http://{address}/files/tool_2.0_all.deb")
 }
 
+/// An InstallSoftware workflow without a detection script, whose install script exits
+/// with each of `exits` in turn (one task per code), writing a marker first.
+fn undetected_install_manifests(source: &str, sha256: &str, exits: &[i32]) -> String {
+    let mut manifests = String::new();
+    let mut tasks = Vec::new();
+    for code in exits {
+        manifests += &format!(
+            "apiVersion: fleetpatch.io/v1alpha1\nkind: Script\nmetadata: {{name: install-{code}}}\nspec:\n  language: Bash\n  content: |\n    echo installed >> \"$DIR/installed-{code}\"\n    exit {code}\n  parameters: [{{name: DIR, default: \"@DIR@\"}}]\n---\n\
+             apiVersion: fleetpatch.io/v1alpha1\nkind: Task\nmetadata: {{name: tool-{code}}}\nspec:\n  os: Linux\n  type: InstallSoftware\n  installSoftware:\n    source: {source}\n    sha256: {sha256}\n    installScriptRef: {{name: install-{code}}}\n---\n"
+        );
+        tasks.push(format!("tool-{code}"));
+    }
+    let tasks: Vec<&str> = tasks.iter().map(String::as_str).collect();
+    manifests + &workflow("install", &[], &tasks, "{post: Continue}")
+}
+
 fn install_manifests(source: &str, sha256: &str, detection_exit: i32) -> String {
     format!(
         "apiVersion: fleetpatch.io/v1alpha1\nkind: Script\nmetadata: {{name: detect}}\nspec:\n  language: Sh\n  content: |\n    echo checking\n    exit {detection_exit}\n---\n\
@@ -433,6 +449,48 @@ fn a_wrong_checksum_fails_the_action_and_deletes_the_file() {
             .iter()
             .all(|p| !p.to_string_lossy().contains("tool_2.0")),
         "downloaded file left behind: {leftovers:?}"
+    );
+}
+
+/// Without a detection script the install script runs straight away, and its exit code
+/// means what a RunScript's does: 10 installed and a reboot needed, 11 failed and a
+/// reboot needed.
+#[test]
+fn without_a_detection_script_the_install_runs_and_its_exit_code_says_the_outcome() {
+    let payload = b"installer".to_vec();
+    let host = Host::new("");
+    let share = host.path("share.deb");
+    std::fs::write(&share, &payload).unwrap();
+    host.write(&undetected_install_manifests(
+        &format!("{{protocol: NetworkShare, unc: \"{}\"}}", share.display()),
+        &sha256_hex(&payload),
+        &[0, 10, 11],
+    ));
+    let (code, status) = host.exec_json("install", &["--reboot", "never"]);
+    assert_eq!(code, 1, "exit 11 fails the job");
+    let summary: Vec<(ActionPhase, Option<i32>, bool)> = status
+        .post_actions
+        .iter()
+        .map(|a| (a.phase, a.exit_code, a.reboot_requested))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (ActionPhase::Succeeded, Some(0), false),
+            (ActionPhase::Succeeded, Some(10), true),
+            (ActionPhase::Failed, Some(11), true),
+        ]
+    );
+    for code in [0, 10, 11] {
+        assert_eq!(
+            std::fs::read_to_string(host.path(&format!("installed-{code}"))).unwrap(),
+            "installed\n",
+            "the install script of tool-{code} ran once, without detection"
+        );
+    }
+    assert_eq!(
+        status.reboot.unwrap().state,
+        RebootState::RequiredNotPerformed
     );
 }
 
