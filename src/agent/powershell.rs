@@ -414,6 +414,36 @@ mod tests {
         );
     }
 
+    /// `createIfMissing: false` never creates the key: the only `New-Item` sits after a
+    /// guard that ends the script when the key is missing and creating is not allowed.
+    #[test]
+    fn a_missing_key_is_created_only_when_allowed() {
+        let script = |create: bool| {
+            change_registry_key(&ChangeRegistryKey {
+                create_if_missing: create,
+                ..change(RegistryValueType::REG_SZ, "x")
+            })
+            .unwrap()
+        };
+        let refused = script(false);
+        assert!(refused.contains("$createIfMissing = $false\n"), "{refused}");
+        assert!(script(true).contains("$createIfMissing = $true\n"));
+        let guard = refused
+            .find("if (-not $createIfMissing) {")
+            .expect("the guard");
+        let create = refused.find("New-Item ").expect("the creation");
+        assert_eq!(refused.matches("New-Item ").count(), 1);
+        let guarded = &refused[guard..create];
+        assert!(
+            guarded.contains("nothing changed") && guarded.contains("exit 0\n    }"),
+            "the guard ends the script before New-Item: {guarded}"
+        );
+        let missing = refused
+            .find("if (-not (Test-Path -LiteralPath $path)) {")
+            .expect("the existence check");
+        assert!(missing < guard, "the guard applies only to a missing key");
+    }
+
     #[test]
     fn signed_scripts_get_crlf_and_exactly_one_line_break_before_the_signature() {
         let signature = "# SIG # Begin signature block\n# MIIb\n# SIG # End signature block\n";
