@@ -635,7 +635,7 @@ fn a_deleted_job_is_stopped_on_its_host_and_never_made_again_in_its_run() {
 fn pausing_an_agent_stops_its_running_job_and_no_reboot_follows() {
     let fleet = Fleet::start();
     let _controller = fleet.controller();
-    let mut agent = fleet.agent_with("web-1", "web", &["--simulate-reboot"]);
+    let mut agent = fleet.agent_with("web-1", "web", &["--simulate-reboot", "--allow-reboot"]);
     fleet.wait_for_agents(1);
     fleet.apply(&(script("nap", "sleep 120") + &workflow("nap-flow", &["nap"], &[])));
     fleet.apply(&support::fleet::plan_with_reboot(
@@ -674,7 +674,7 @@ fn pausing_an_agent_stops_its_running_job_and_no_reboot_follows() {
 fn an_external_host_asks_before_it_reboots_and_reboots_when_approved() {
     let fleet = Fleet::start();
     let _controller = fleet.controller();
-    let mut agent = fleet.agent_with("web-1", "web", &["--simulate-reboot"]);
+    let mut agent = fleet.agent_with("web-1", "web", &["--simulate-reboot", "--allow-reboot"]);
     fleet.wait_for_agents(1);
     fleet.apply(&(script("hello", "echo hi") + &workflow("flow", &["hello"], &[])));
     fleet.apply(&support::fleet::plan_with_reboot(
@@ -686,7 +686,7 @@ fn an_external_host_asks_before_it_reboots_and_reboots_when_approved() {
         Some(3),
         "the host did not reboot"
     );
-    let _back = fleet.agent_with("web-1", "web", &["--simulate-reboot"]);
+    let _back = fleet.agent_with("web-1", "web", &["--simulate-reboot", "--allow-reboot"]);
     fleet.wait_for_run("p", &["Succeeded"]);
     assert_eq!(
         fleet.get(&[
@@ -696,6 +696,41 @@ fn an_external_host_asks_before_it_reboots_and_reboots_when_approved() {
             "jsonpath={.items[0].status.reboot.state}"
         ]),
         "Completed"
+    );
+}
+
+#[test]
+fn an_external_host_started_without_allow_reboot_reports_the_reboot_not_performed() {
+    let fleet = Fleet::start();
+    let _controller = fleet.controller();
+    // Simulated so that a broken rule shows as a boot counter, not as a reboot.
+    let mut agent = fleet.agent_with("web-1", "web", &["--simulate-reboot"]);
+    fleet.wait_for_agents(1);
+    fleet.apply(&(script("hello", "echo hi") + &workflow("flow", &["hello"], &[])));
+    fleet.apply(&support::fleet::plan_with_reboot(
+        "p", "web", "flow", "Always",
+    ));
+    fleet.run_plan("p");
+    fleet.wait_for_run("p", &["Succeeded"]);
+    assert_eq!(
+        fleet.get(&[
+            "get",
+            "pj",
+            "-o",
+            "jsonpath={.items[0].status.reboot.state}"
+        ]),
+        "RequiredNotPerformed"
+    );
+    let message = fleet.get(&["get", "pj", "-o", "jsonpath={.items[0].status.message}"]);
+    assert!(
+        message.contains("a reboot is required but was not performed")
+            && message.contains("--allow-reboot"),
+        "the job says how to allow the reboot: {message}"
+    );
+    assert!(agent.running(), "the agent stopped as if the host rebooted");
+    assert!(
+        !fleet.state_dir("web-1").join("simulated-boot-id").exists(),
+        "the host rebooted (in simulation) without --allow-reboot"
     );
 }
 

@@ -122,6 +122,7 @@ impl Fleet {
             .arg(self.state_dir(name))
             .args(extra)
             .env("RUST_LOG", e2e_support::child_log_level())
+            .env("FLEETPATCH_FORBID_REAL_REBOOT", "1")
             .stdout(Stdio::null())
             .stderr(e2e_support::child_log())
             .spawn()
