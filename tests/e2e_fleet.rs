@@ -127,7 +127,8 @@ fn described_reasons(describe: &str) -> Vec<String> {
 #[test]
 fn kubectl_describe_tells_a_jobs_story_in_order() {
     let fleet = Fleet::start();
-    let _controller = fleet.controller();
+    let log = fleet.home.path().join("controller.log");
+    let _controller = fleet.controller_logging(&log);
     let reboots = ["--simulate-reboot", "--allow-reboot"];
     let mut agent = fleet.agent_with("story-1", "story", &reboots);
     fleet.wait_for_agents(1);
@@ -171,6 +172,33 @@ fn kubectl_describe_tells_a_jobs_story_in_order() {
             && events.contains("fleetpatch-controller"),
         "{events}"
     );
+
+    // The controller's JSON log: every line about the job names it, its run and agent.
+    let job = fleet.get(&["get", "pj", "-o", "jsonpath={.items[0].metadata.name}"]);
+    let run = fleet.get(&["get", "pj", "-o", "jsonpath={.items[0].spec.run}"]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let about_job: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|line| line["name"] == job.as_str())
+        .collect();
+    for reason in ["Assigned", "ActionFailed"] {
+        assert!(
+            about_job
+                .iter()
+                .any(|line| line["message"] == "job event" && line["reason"] == reason),
+            "the log line of the job's {reason} Event does not name the job:\n{text}"
+        );
+    }
+    for line in about_job {
+        assert_eq!(line["kind"], "PatchJob", "{line}");
+        assert_eq!(line["namespace"], "default", "{line}");
+        assert_eq!(line["run"], run.as_str(), "{line}");
+        assert_eq!(line["agent"], "story-1", "{line}");
+    }
 }
 
 #[test]
