@@ -727,6 +727,15 @@ fn an_external_host_started_without_allow_reboot_reports_the_reboot_not_performe
             && message.contains("--allow-reboot"),
         "the job says how to allow the reboot: {message}"
     );
+    let mut describe = String::new();
+    let told = eventually(Duration::from_secs(20), || {
+        describe = fleet.get(&["describe", "pj"]);
+        describe.contains("RebootNotPerformed")
+    });
+    assert!(
+        told && describe.contains("but was not performed: this agent reboots its host only when started with --allow-reboot"),
+        "kubectl describe tells why the host was not rebooted:\n{describe}"
+    );
     assert!(agent.running(), "the agent stopped as if the host rebooted");
     assert!(
         !fleet.state_dir("web-1").join("simulated-boot-id").exists(),

@@ -109,9 +109,10 @@ pub struct Executor<'a> {
     pub reboot_gate: Option<&'a dyn RebootGate>,
     /// Set when the job must stop (it was deleted, or the agent paused).
     pub cancel: Option<&'a Cancellation>,
-    /// Why this agent never reboots its host (it was started without `--allow-reboot`):
-    /// a reboot the job needs is then reported `RequiredNotPerformed`, with this text
-    /// saying how to allow it, and the job goes on as under the reboot policy Never.
+    /// Why this agent never reboots its host, saying how to allow it (it was started
+    /// without `--allow-reboot`): a reboot the job needs is then reported
+    /// `RequiredNotPerformed` with this reason, and the job goes on as under the reboot
+    /// policy Never.
     pub reboot_refusal: Option<&'a str>,
 }
 
@@ -884,8 +885,9 @@ impl Executor<'_> {
                 requested_by: Some(requester),
                 ..RebootRecord::default()
             });
-            end_running_actions(&mut record.status, ActionPhase::Skipped, refusal);
-            record.status.message = refusal.to_string();
+            let message = format!("reboot not performed: {refusal}");
+            end_running_actions(&mut record.status, ActionPhase::Skipped, &message);
+            record.status.message = message;
             self.save(record, Event::RebootRefused)?;
             return Ok(None);
         }

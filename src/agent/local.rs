@@ -20,8 +20,7 @@ use super::reboot::{HostRebooter, Rebooter, SimulatedRebooter};
 pub const EXIT_REBOOTING: u8 = 3;
 
 /// Why `agent exec` did not reboot, and how to let it.
-const EXEC_REBOOT_REFUSAL: &str =
-    "reboot not performed: `agent exec` reboots this host only with --allow-reboot";
+const EXEC_REBOOT_REFUSAL: &str = "`agent exec` reboots this host only with --allow-reboot";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PatchChoice {

@@ -701,7 +701,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
         &host_rebooter
     };
     let reboot_refusal = (options.node.is_none() && !options.allow_reboot).then_some(
-        "reboot not performed: this agent reboots its host only when started with --allow-reboot (as the shipped systemd unit does)",
+        "this agent reboots its host only when started with --allow-reboot (as the shipped systemd unit does)",
     );
     // Every agent asks before it reboots: node agents wait for the drain, and any
     // agent's reboot is called off when its job was cancelled.

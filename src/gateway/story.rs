@@ -102,6 +102,20 @@ pub fn bounded_note(mut note: String) -> String {
     note
 }
 
+/// Why a required reboot did not happen: the reboot record's reason, else the reason
+/// the agent gave in the job's or the Reboot action's message ("... not performed: WHY").
+fn why_not_rebooted(status: &PatchJobStatus) -> Option<String> {
+    let reason = status.reboot.as_ref().and_then(|r| r.message.clone());
+    let given = || {
+        std::iter::once(&status.message)
+            .chain(status.post_actions.iter().map(|a| &a.message))
+            .chain(status.pre_actions.iter().map(|a| &a.message))
+            .find_map(|message| message.split_once("not performed: ").map(|(_, why)| why))
+            .map(first_line)
+    };
+    reason.filter(|r| !r.is_empty()).or_else(given)
+}
+
 /// The Event of a job handed to its agent.
 pub fn assigned(agent: &str) -> StoryEvent {
     normal("Assigned", "Assign", format!("assigned to agent {agent}"))
@@ -182,15 +196,12 @@ pub fn told_by(before: &Told, after: &PatchJobStatus, agent: &str) -> Vec<StoryE
         Some(RebootState::RequiredNotPerformed)
             if was != Some(RebootState::RequiredNotPerformed) =>
         {
-            let why = reboot
-                .and_then(|r| r.message.clone())
-                .filter(|m| !m.is_empty())
-                .unwrap_or_else(|| after.message.clone());
-            events.push(warning(
-                "RebootNotPerformed",
-                "Reboot",
-                format!("a reboot is required (requested by {requested_by}) but was not performed: {why}"),
-            ));
+            let mut note =
+                format!("a reboot is required (requested by {requested_by}) but was not performed");
+            if let Some(why) = why_not_rebooted(after) {
+                note = format!("{note}: {why}");
+            }
+            events.push(warning("RebootNotPerformed", "Reboot", note));
         }
         _ => {}
     }
@@ -313,7 +324,7 @@ mod tests {
                 ..Default::default()
             }),
             message:
-                "succeeded; a reboot is required but was not performed: start with --allow-reboot"
+                "succeeded; a reboot is required but was not performed: start it with --allow-reboot"
                     .into(),
             ..Default::default()
         };
@@ -323,6 +334,9 @@ mod tests {
         };
         let events = told_by(&told, &status, "web-1");
         assert_eq!(reasons(&events), ["RebootNotPerformed", "Succeeded"]);
-        assert!(events[0].note.contains("--allow-reboot"), "{events:?}");
+        assert_eq!(
+            events[0].note,
+            "a reboot is required (requested by policy) but was not performed: start it with --allow-reboot"
+        );
     }
 }
