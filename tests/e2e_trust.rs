@@ -48,13 +48,15 @@ fn get(url: &str, headers: &[&str]) -> (u16, String) {
 
 /// The first PatchJob's uid once its first action runs.
 fn running_job(fleet: &Fleet) -> String {
+    // Until the plan's job exists the jsonpath has nothing to index: keep asking.
     let running = eventually(Duration::from_secs(60), || {
-        fleet.get(&[
+        let output = fleet.cluster.kubectl(&[
             "get",
             "pj",
             "-o",
             "jsonpath={.items[0].status.preActions[0].phase}",
-        ]) == "Running"
+        ]);
+        output.status.success() && output.stdout == b"Running"
     });
     assert!(running, "{}", fleet.get(&["get", "pj", "-o", "yaml"]));
     fleet.get(&["get", "pj", "-o", "jsonpath={.items[0].metadata.uid}"])
