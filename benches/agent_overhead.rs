@@ -91,6 +91,7 @@ fn gaps() -> Vec<Duration> {
             on_event: &on_event,
             reboot_gate: None,
             cancel: None,
+            reboot_refusal: None,
         };
         let mut record = executor::new_record(format!("bench-{round}"), "bench", spec.clone());
         runtime.block_on(executor.run(&mut record)).unwrap();

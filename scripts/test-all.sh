@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# No test may reboot this machine: the agent's real rebooter refuses while this is set
+# (.cargo/config.toml sets it too, for cargo run by hand).
+export FLEETPATCH_FORBID_REAL_REBOOT=1
 
 echo "== toolchain components"
 if ! cargo fmt --version >/dev/null 2>&1; then rustup component add rustfmt; fi

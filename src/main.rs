@@ -111,17 +111,6 @@ enum AgentCommand {
     Run(fleetpatch::agent::remote::RunOptions),
 }
 
-/// JSON logs on standard error, filtered by `RUST_LOG` (default `info`).
-fn init_json_logs() {
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 /// Sets the run-requested annotation of a plan to the current time.
 async fn request_run(name: &str, namespace: &str) -> anyhow::Result<String> {
     use fleetpatch::api::RemediationPlan;
@@ -184,7 +173,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Controller(options) => {
-            init_json_logs();
+            fleetpatch::logs::init_json();
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let client = kube::Client::try_default()
@@ -210,7 +199,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent {
             command: AgentCommand::Run(options),
         } => {
-            init_json_logs();
+            fleetpatch::logs::init_json();
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             Ok(ExitCode::from(
                 runtime.block_on(fleetpatch::agent::remote::run(options))?,
@@ -222,13 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data_dir,
             bookmark_interval_seconds,
         } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .with_writer(std::io::stderr)
-                .init();
+            fleetpatch::logs::init_text();
             let kubeconfig = kubeconfig.unwrap_or_else(|| match &data_dir {
                 Some(dir) => dir.join("kubeconfig"),
                 None => PathBuf::from("fleetpatch-dev.kubeconfig"),

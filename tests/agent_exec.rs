@@ -35,7 +35,16 @@ impl Host {
         self.dir.path().join(name)
     }
 
+    /// `agent exec` of `workflow` whose reboots are simulated and allowed.
     fn command(&self, workflow: &str, extra: &[&str]) -> Command {
+        let mut command = self.command_refusing_reboots(workflow, extra);
+        command.arg("--allow-reboot");
+        command
+    }
+
+    /// `agent exec` of `workflow` without `--allow-reboot`. Reboots stay simulated,
+    /// and the harness forbids real ones anyway (`FLEETPATCH_FORBID_REAL_REBOOT`).
+    fn command_refusing_reboots(&self, workflow: &str, extra: &[&str]) -> Command {
         let mut command = Command::new(BIN);
         command
             .args(["agent", "exec", "-f"])
@@ -43,6 +52,7 @@ impl Host {
             .args(["--workflow", workflow, "--state-dir"])
             .arg(self.path("state"))
             .args(["--minute-ms", "400", "--simulate-reboot"])
+            .env("FLEETPATCH_FORBID_REAL_REBOOT", "1")
             .args(extra);
         command
     }
@@ -56,6 +66,10 @@ impl Host {
         let mut args = vec!["-o", "json"];
         args.extend_from_slice(extra);
         let output = self.exec(workflow, &args);
+        Self::json_status(&output)
+    }
+
+    fn json_status(output: &Output) -> (i32, PatchJobStatus) {
         let stdout = String::from_utf8_lossy(&output.stdout);
         let status: PatchJobStatus = serde_json::from_str(&stdout).unwrap_or_else(|e| {
             panic!(
@@ -702,6 +716,61 @@ fn a_reboot_waits_for_the_patches_and_the_job_completes_after_the_host_is_back()
     // and a second reboot request within that job is still only one reboot.
     let again = host.exec("reboots", &[]);
     assert_eq!(again.status.code(), Some(3));
+}
+
+#[test]
+fn without_allow_reboot_a_required_reboot_is_reported_and_not_performed() {
+    let mut manifests = String::new();
+    manifests += &run_script("wants-reboot", "exit 10", "");
+    manifests += "apiVersion: fleetpatch.io/v1alpha1\nkind: Task\nmetadata: {name: reboot-if-required}\nspec:\n  os: Linux\n  type: Reboot\n  reboot: {onlyIfRequired: true}\n---\n";
+    manifests += &workflow(
+        "needs-reboot",
+        &["wants-reboot"],
+        &["reboot-if-required"],
+        "{}",
+    );
+    let host = Host::new(&manifests);
+    let boots = host.path("state/simulated-boot-id");
+
+    let text = host
+        .command_refusing_reboots("needs-reboot", &[])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert_eq!(text.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("reboot  required: reboot not performed")
+            && stdout.contains("--allow-reboot"),
+        "the output says the reboot was left out and how to allow it:\n{stdout}"
+    );
+    assert!(!boots.exists(), "nothing rebooted, not even in simulation");
+
+    let output = host
+        .command_refusing_reboots("needs-reboot", &["-o", "json"])
+        .output()
+        .unwrap();
+    let (code, status) = Host::json_status(&output);
+    assert_eq!(code, 0, "{status:?}");
+    assert_eq!(status.phase, JobPhase::Succeeded);
+    let reboot = status.reboot.clone().unwrap();
+    assert_eq!(reboot.state, RebootState::RequiredNotPerformed);
+    assert_eq!(reboot.requested_by.as_deref(), Some("wants-reboot"));
+    assert_eq!(status.post_actions[0].phase, ActionPhase::Skipped);
+    assert!(
+        status.post_actions[0].message.contains("--allow-reboot")
+            && status.message.contains("--allow-reboot"),
+        "{status:?}"
+    );
+    assert!(!boots.exists(), "nothing rebooted, not even in simulation");
+
+    // The same job with --allow-reboot reboots (in simulation).
+    let allowed = host.exec("needs-reboot", &[]);
+    assert_eq!(
+        allowed.status.code(),
+        Some(3),
+        "exit 3 while the host reboots"
+    );
+    assert_eq!(std::fs::read_to_string(&boots).unwrap(), "1");
 }
 
 #[test]

@@ -430,4 +430,23 @@ async fn reconciles(server: &impl Kubectl) {
         events.contains("Reconciled") && events.contains("the task is ready"),
         "{events}"
     );
+    // The same Event through the core API, which is what `kubectl describe` reads.
+    let core = server.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=check-disk-space,involvedObject.kind=Task",
+    ]);
+    assert!(core.contains("Reconciled"), "{core}");
+    let describe = server.kubectl_ok(&["describe", "task", "check-disk-space"]);
+    let (_, described) = describe
+        .split_once("\nEvents:")
+        .unwrap_or_else(|| panic!("{describe}"));
+    assert!(
+        described.contains("Reconciled")
+            && described.contains("the task is ready")
+            && described.contains("(x2 over")
+            && described.contains("fleetpatch-test"),
+        "{describe}"
+    );
 }

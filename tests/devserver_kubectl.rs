@@ -755,3 +755,94 @@ spec:
     let explain = server.kubectl_ok(&["explain", "deployment.spec.replicas"]);
     assert!(explain.contains("<integer>"), "{explain}");
 }
+
+/// The first line of `fleetpatch dev`'s log (its "listening" line) when its standard
+/// error is a terminal: run under `script`, which gives it a pseudo-terminal. `None`
+/// when `script` (util-linux) is missing.
+fn log_line_on_a_terminal(no_color: bool) -> Option<String> {
+    if !support::prerequisite::on_path("script") {
+        support::prerequisite::missing(
+            "script (util-linux) is needed to give fleetpatch dev a terminal",
+        );
+        return None;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let dev = format!(
+        "{} dev --listen 127.0.0.1:0 --kubeconfig {}",
+        env!("CARGO_BIN_EXE_fleetpatch"),
+        home.path().join("kubeconfig").display()
+    );
+    let mut command = std::process::Command::new("script");
+    command
+        .args(["-qfec", &dev, "/dev/null"])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if no_color {
+        command.env("NO_COLOR", "1");
+    }
+    let mut child = support::e2e::Process(command.spawn().unwrap());
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("fleetpatch dev logs that it listens");
+        if line.contains("dev server listening") {
+            break line;
+        }
+    };
+    drop(child);
+    Some(line)
+}
+
+#[test]
+fn its_log_is_coloured_only_on_a_terminal_and_never_with_no_color() {
+    let home = tempfile::tempdir().unwrap();
+    let log = home.path().join("dev.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fleetpatch"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--kubeconfig"])
+        .arg(home.path().join("kubeconfig"))
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains("listening on"), "{first}");
+    let mut written = String::new();
+    let logged = eventually(Duration::from_secs(10), || {
+        written = std::fs::read_to_string(&log).unwrap_or_default();
+        written.contains("dev server listening")
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(logged, "{written}");
+    assert!(
+        !written.contains('\u{1b}'),
+        "escape codes in a redirected log:\n{written:?}"
+    );
+
+    let Some(coloured) = log_line_on_a_terminal(false) else {
+        return;
+    };
+    assert!(
+        coloured.contains("\u{1b}["),
+        "a terminal gets colour: {coloured:?}"
+    );
+    let plain = log_line_on_a_terminal(true).unwrap();
+    assert!(
+        !plain.contains('\u{1b}'),
+        "NO_COLOR turns colour off: {plain:?}"
+    );
+}

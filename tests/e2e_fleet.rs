@@ -111,6 +111,96 @@ fn reqwest_get(url: &str) -> String {
     }
 }
 
+/// Reasons in the `Events:` table of `kubectl describe`, top to bottom.
+fn described_reasons(describe: &str) -> Vec<String> {
+    let Some((_, events)) = describe.split_once("\nEvents:") else {
+        return Vec::new();
+    };
+    events
+        .lines()
+        .skip_while(|line| !line.trim_start().starts_with("----"))
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn kubectl_describe_tells_a_jobs_story_in_order() {
+    let fleet = Fleet::start();
+    let log = fleet.home.path().join("controller.log");
+    let _controller = fleet.controller_logging(&log);
+    let reboots = ["--simulate-reboot", "--allow-reboot"];
+    let mut agent = fleet.agent_with("story-1", "story", &reboots);
+    fleet.wait_for_agents(1);
+    fleet.apply(
+        &(script("broken", "echo 'disk on fire' >&2; exit 4") + &script("check", "echo ok")),
+    );
+    fleet.apply("apiVersion: fleetpatch.io/v1alpha1\nkind: Workflow\nmetadata: {name: story-flow}\nspec:\n  os: Linux\n  preTasks: [{taskRef: {name: broken}}]\n  postTasks: [{taskRef: {name: check}}]\n  failurePolicy: {pre: Continue, runPostTasksAfterPatchFailure: true}\n");
+    fleet.apply(&support::fleet::plan_with_reboot(
+        "story",
+        "story",
+        "story-flow",
+        "Always",
+    ));
+    fleet.run_plan("story");
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(60)),
+        Some(3),
+        "the host did not (pretend to) reboot"
+    );
+    let _back = fleet.agent_with("story-1", "story", &reboots);
+    fleet.wait_for_run("story", &["Failed"]);
+    let expected = [
+        "Assigned",
+        "Started",
+        "ActionFailed",
+        "Rebooting",
+        "RebootCompleted",
+        "Failed",
+    ];
+    let mut describe = String::new();
+    let told = eventually(Duration::from_secs(30), || {
+        describe = fleet.get(&["describe", "patchjobs", "-l", "fleetpatch.io/agent=story-1"]);
+        described_reasons(&describe).len() >= expected.len()
+    });
+    assert!(told, "the job's Events did not all arrive:\n{describe}");
+    assert_eq!(described_reasons(&describe), expected, "{describe}");
+    let events = describe.split_once("\nEvents:").unwrap().1;
+    assert!(
+        events.contains("assigned to agent story-1")
+            && events.contains("pre action broken failed with exit code 4: disk on fire")
+            && events.contains("fleetpatch-controller"),
+        "{events}"
+    );
+
+    // The controller's JSON log: every line about the job names it, its run and agent.
+    let job = fleet.get(&["get", "pj", "-o", "jsonpath={.items[0].metadata.name}"]);
+    let run = fleet.get(&["get", "pj", "-o", "jsonpath={.items[0].spec.run}"]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let about_job: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|line| line["name"] == job.as_str())
+        .collect();
+    for reason in ["Assigned", "ActionFailed"] {
+        assert!(
+            about_job
+                .iter()
+                .any(|line| line["message"] == "job event" && line["reason"] == reason),
+            "the log line of the job's {reason} Event does not name the job:\n{text}"
+        );
+    }
+    for line in about_job {
+        assert_eq!(line["kind"], "PatchJob", "{line}");
+        assert_eq!(line["namespace"], "default", "{line}");
+        assert_eq!(line["run"], run.as_str(), "{line}");
+        assert_eq!(line["agent"], "story-1", "{line}");
+    }
+}
+
 #[test]
 fn a_failing_group_halts_at_max_failures() {
     let fleet = Fleet::start();

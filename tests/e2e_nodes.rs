@@ -239,6 +239,7 @@ impl Nodes {
             ])
             .arg(self.home.path().join(format!("agent-{node}")))
             .env("RUST_LOG", e2e_support::child_log_level())
+            .env("FLEETPATCH_FORBID_REAL_REBOOT", "1")
             .stdout(Stdio::null())
             .stderr(e2e_support::child_log())
             .spawn()

@@ -48,13 +48,15 @@ fn get(url: &str, headers: &[&str]) -> (u16, String) {
 
 /// The first PatchJob's uid once its first action runs.
 fn running_job(fleet: &Fleet) -> String {
+    // Until the plan's job exists the jsonpath has nothing to index: keep asking.
     let running = eventually(Duration::from_secs(60), || {
-        fleet.get(&[
+        let output = fleet.cluster.kubectl(&[
             "get",
             "pj",
             "-o",
             "jsonpath={.items[0].status.preActions[0].phase}",
-        ]) == "Running"
+        ]);
+        output.status.success() && output.stdout == b"Running"
     });
     assert!(running, "{}", fleet.get(&["get", "pj", "-o", "yaml"]));
     fleet.get(&["get", "pj", "-o", "jsonpath={.items[0].metadata.uid}"])
@@ -692,7 +694,7 @@ fn a_signed_copy_of_a_finished_job_never_runs_again() {
 fn pausing_an_agent_stops_its_running_job_and_no_reboot_follows() {
     let fleet = Fleet::start();
     let _controller = fleet.controller();
-    let mut agent = fleet.agent_with("web-1", "web", &["--simulate-reboot"]);
+    let mut agent = fleet.agent_with("web-1", "web", &["--simulate-reboot", "--allow-reboot"]);
     fleet.wait_for_agents(1);
     fleet.apply(&(script("nap", "sleep 120") + &workflow("nap-flow", &["nap"], &[])));
     fleet.apply(&support::fleet::plan_with_reboot(
@@ -731,7 +733,7 @@ fn pausing_an_agent_stops_its_running_job_and_no_reboot_follows() {
 fn an_external_host_asks_before_it_reboots_and_reboots_when_approved() {
     let fleet = Fleet::start();
     let _controller = fleet.controller();
-    let mut agent = fleet.agent_with("web-1", "web", &["--simulate-reboot"]);
+    let mut agent = fleet.agent_with("web-1", "web", &["--simulate-reboot", "--allow-reboot"]);
     fleet.wait_for_agents(1);
     fleet.apply(&(script("hello", "echo hi") + &workflow("flow", &["hello"], &[])));
     fleet.apply(&support::fleet::plan_with_reboot(
@@ -743,7 +745,7 @@ fn an_external_host_asks_before_it_reboots_and_reboots_when_approved() {
         Some(3),
         "the host did not reboot"
     );
-    let _back = fleet.agent_with("web-1", "web", &["--simulate-reboot"]);
+    let _back = fleet.agent_with("web-1", "web", &["--simulate-reboot", "--allow-reboot"]);
     fleet.wait_for_run("p", &["Succeeded"]);
     assert_eq!(
         fleet.get(&[
@@ -753,6 +755,50 @@ fn an_external_host_asks_before_it_reboots_and_reboots_when_approved() {
             "jsonpath={.items[0].status.reboot.state}"
         ]),
         "Completed"
+    );
+}
+
+#[test]
+fn an_external_host_started_without_allow_reboot_reports_the_reboot_not_performed() {
+    let fleet = Fleet::start();
+    let _controller = fleet.controller();
+    // Simulated so that a broken rule shows as a boot counter, not as a reboot.
+    let mut agent = fleet.agent_with("web-1", "web", &["--simulate-reboot"]);
+    fleet.wait_for_agents(1);
+    fleet.apply(&(script("hello", "echo hi") + &workflow("flow", &["hello"], &[])));
+    fleet.apply(&support::fleet::plan_with_reboot(
+        "p", "web", "flow", "Always",
+    ));
+    fleet.run_plan("p");
+    fleet.wait_for_run("p", &["Succeeded"]);
+    assert_eq!(
+        fleet.get(&[
+            "get",
+            "pj",
+            "-o",
+            "jsonpath={.items[0].status.reboot.state}"
+        ]),
+        "RequiredNotPerformed"
+    );
+    let message = fleet.get(&["get", "pj", "-o", "jsonpath={.items[0].status.message}"]);
+    assert!(
+        message.contains("a reboot is required but was not performed")
+            && message.contains("--allow-reboot"),
+        "the job says how to allow the reboot: {message}"
+    );
+    let mut describe = String::new();
+    let told = eventually(Duration::from_secs(20), || {
+        describe = fleet.get(&["describe", "pj"]);
+        describe.contains("RebootNotPerformed")
+    });
+    assert!(
+        told && describe.contains("but was not performed: this agent reboots its host only when started with --allow-reboot"),
+        "kubectl describe tells why the host was not rebooted:\n{describe}"
+    );
+    assert!(agent.running(), "the agent stopped as if the host rebooted");
+    assert!(
+        !fleet.state_dir("web-1").join("simulated-boot-id").exists(),
+        "the host rebooted (in simulation) without --allow-reboot"
     );
 }
 

@@ -1509,6 +1509,11 @@ fn install_script_writes_the_agent_files_with_private_modes() {
         unit.contains("Restart=always") && unit.contains("RestartSec="),
         "{unit}"
     );
+    assert!(
+        unit.lines()
+            .any(|l| l.starts_with("ExecStart=") && l.contains(" --allow-reboot")),
+        "an installed host's agent may reboot it: {unit}"
+    );
 
     // The flags the unit passes are flags `fleetpatch agent run` knows.
     let exec = unit

@@ -72,6 +72,8 @@ pub enum Event {
     RebootRequested,
     RebootStarted,
     RebootCompleted,
+    /// A reboot was due but this agent may not reboot its host.
+    RebootRefused,
     JobFinished,
 }
 
@@ -107,6 +109,11 @@ pub struct Executor<'a> {
     pub reboot_gate: Option<&'a dyn RebootGate>,
     /// Set when the job must stop (it was deleted, or the agent paused).
     pub cancel: Option<&'a Cancellation>,
+    /// Why this agent never reboots its host, saying how to allow it (it was started
+    /// without `--allow-reboot`): a reboot the job needs is then reported
+    /// `RequiredNotPerformed` with this reason, and the job goes on as under the reboot
+    /// policy Never.
+    pub reboot_refusal: Option<&'a str>,
 }
 
 /// A request to stop a job: the running action is killed and reported Interrupted,
@@ -871,6 +878,19 @@ impl Executor<'_> {
         record: &mut JobRecord,
         requester: String,
     ) -> Result<Option<RunOutcome>, ExecError> {
+        if let Some(refusal) = self.reboot_refusal {
+            record.status.phase = JobPhase::Running;
+            record.status.reboot = Some(RebootRecord {
+                state: RebootState::RequiredNotPerformed,
+                requested_by: Some(requester),
+                ..RebootRecord::default()
+            });
+            let message = format!("reboot not performed: {refusal}");
+            end_running_actions(&mut record.status, ActionPhase::Skipped, &message);
+            record.status.message = message;
+            self.save(record, Event::RebootRefused)?;
+            return Ok(None);
+        }
         if let Some(gate) = self.reboot_gate {
             if record.status.reboot.as_ref().map(|r| r.state) != Some(RebootState::Pending) {
                 record.status.reboot = Some(RebootRecord {
@@ -1028,9 +1048,12 @@ impl Executor<'_> {
                 reboot_failed.as_deref().unwrap_or_default()
             ),
             (None, false) => match status.reboot.as_ref().map(|r| r.state) {
-                Some(RebootState::RequiredNotPerformed) => {
-                    "succeeded; a reboot is required but was not performed".into()
-                }
+                Some(RebootState::RequiredNotPerformed) => match self.reboot_refusal {
+                    Some(refusal) => {
+                        format!("succeeded; a reboot is required but was not performed: {refusal}")
+                    }
+                    None => "succeeded; a reboot is required but was not performed".into(),
+                },
                 Some(RebootState::Completed) => "succeeded after a reboot".into(),
                 _ => "succeeded".into(),
             },

@@ -19,6 +19,9 @@ use super::reboot::{HostRebooter, Rebooter, SimulatedRebooter};
 /// Exit status when the host is rebooting in the middle of the job.
 pub const EXIT_REBOOTING: u8 = 3;
 
+/// Why `agent exec` did not reboot, and how to let it.
+const EXEC_REBOOT_REFUSAL: &str = "`agent exec` reboots this host only with --allow-reboot";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PatchChoice {
     /// Run only the workflow's actions.
@@ -74,8 +77,15 @@ pub struct ExecOptions {
     /// agent uses its own cgroup when systemd delegated it (`Delegate=yes`).
     #[arg(long, value_name = "DIR")]
     pub action_cgroup: Option<PathBuf>,
-    /// Replace real reboots with a simulated one that stops the agent (for tests and demos).
-    #[arg(long, hide = true)]
+    /// Let the job reboot this host when it needs to (a script exits 10 or 11, the
+    /// patches want it, or the workflow's Reboot task runs). Without it a required reboot
+    /// is reported `RequiredNotPerformed` and nothing reboots.
+    #[arg(long)]
+    pub allow_reboot: bool,
+    /// Never reboot the host for real: a reboot (with --allow-reboot) only bumps a boot
+    /// counter in the state directory and ends the command with exit status 3, as if the
+    /// host went down; running the command again finishes the job. For demos and tests.
+    #[arg(long)]
     pub simulate_reboot: bool,
     /// Length of one timeout minute in milliseconds (for tests).
     #[arg(long, hide = true, default_value_t = 60_000)]
@@ -198,6 +208,7 @@ pub async fn exec(options: ExecOptions) -> anyhow::Result<u8> {
         on_event: &on_event,
         reboot_gate: None,
         cancel: None,
+        reboot_refusal: (!options.allow_reboot).then_some(EXEC_REBOOT_REFUSAL),
     };
     let outcome = executor.run(&mut record).await?;
     match options.output {
@@ -290,6 +301,7 @@ fn print_event(record: &JobRecord, event: &Event) {
         }
         Event::RebootCompleted => "reboot  completed: the host is back".to_string(),
         Event::RebootRequested => "reboot  waiting for permission".to_string(),
+        Event::RebootRefused => format!("reboot  required: {}", status.message),
         Event::JobStarted | Event::JobFinished => return,
     };
     println!("{line}");

@@ -7,6 +7,19 @@ use std::path::PathBuf;
 pub enum RebootError {
     #[error("cannot start the reboot with {command}: {message}")]
     Command { command: String, message: String },
+    #[error(
+        "real reboots are forbidden here ({FORBID_REAL_REBOOT_ENV} is set, or this is a unit test)"
+    )]
+    Forbidden,
+}
+
+/// Set by the test harness (`.cargo/config.toml`, `scripts/test-all.sh`): no process
+/// it starts may reboot the machine, whatever its flags say.
+pub const FORBID_REAL_REBOOT_ENV: &str = "FLEETPATCH_FORBID_REAL_REBOOT";
+
+/// Whether this process must never start a real reboot.
+pub fn real_reboot_forbidden() -> bool {
+    cfg!(test) || std::env::var_os(FORBID_REAL_REBOOT_ENV).is_some_and(|v| !v.is_empty())
 }
 
 /// What the job needs from the host's reboot machinery.
@@ -29,6 +42,9 @@ impl Rebooter for HostRebooter {
     }
 
     fn reboot(&self) -> Result<(), RebootError> {
+        if real_reboot_forbidden() {
+            return Err(RebootError::Forbidden);
+        }
         let attempts: &[(&str, &[&str])] = if cfg!(windows) {
             &[(
                 "shutdown",
@@ -89,5 +105,15 @@ impl Rebooter for SimulatedRebooter {
             command: "simulated reboot".into(),
             message: err.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_tests_never_reboot_the_machine() {
+        assert!(matches!(HostRebooter.reboot(), Err(RebootError::Forbidden)));
     }
 }

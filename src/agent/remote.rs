@@ -67,8 +67,16 @@ pub struct RunOptions {
     /// agent uses its own cgroup when systemd delegated it (`Delegate=yes`).
     #[arg(long, value_name = "DIR")]
     pub action_cgroup: Option<PathBuf>,
-    /// Replace real reboots with a simulated one that stops the agent (for tests).
-    #[arg(long, hide = true)]
+    /// Let this external host's agent reboot the host when a job needs it (the shipped
+    /// systemd unit and the Windows service instructions pass it). Without it a required
+    /// reboot is reported `RequiredNotPerformed` and the host is left alone. Node agents
+    /// (--node) always may: the controller drains the node and approves each reboot.
+    #[arg(long)]
+    pub allow_reboot: bool,
+    /// Never reboot the host for real: a reboot only bumps a boot counter in the state
+    /// directory and the agent exits with status 3, as if the host went down; starting it
+    /// again finishes the job. For demos and tests on a workstation.
+    #[arg(long)]
     pub simulate_reboot: bool,
     /// Length of one timeout minute in milliseconds (for tests).
     #[arg(long, hide = true, default_value_t = 60_000)]
@@ -738,6 +746,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
     } else {
         &host_rebooter
     };
+    let reboot_refusal = (options.node.is_none() && !options.allow_reboot).then_some(
+        "this agent reboots its host only when started with --allow-reboot (as the shipped systemd unit does)",
+    );
     // Every agent asks before it reboots: node agents wait for the drain, and any
     // agent's reboot is called off when its job was cancelled.
     let gate = GatewayRebootGate {
@@ -878,6 +889,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
                 on_event: &on_event,
                 reboot_gate: Some(&gate),
                 cancel: Some(&cancel),
+                reboot_refusal,
             };
             let outcome = match executor.run(&mut record).await {
                 Ok(outcome) => outcome,

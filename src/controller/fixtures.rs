@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use tower_test::mock::{self, Handle};
 
 use crate::api::agent::AllowedPlans;
+use crate::events::{EventQueue, QueuedEvent};
 use crate::gateway::auth::{NodePolicy, TokenReviewer};
 use crate::gateway::jobs::JobSigner;
 use crate::gateway::limits::UnauthenticatedLimits;
@@ -116,6 +117,19 @@ pub struct Fixture {
     pub ctx: Arc<Context>,
     pub server: ApiServer,
     pub writers: TestWriters,
+    /// Events the gateway queued (no task records them here).
+    pub queued_events: tokio::sync::mpsc::Receiver<QueuedEvent>,
+}
+
+impl Fixture {
+    /// Reasons of the Events queued so far, in order.
+    pub fn queued_reasons(&mut self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        while let Ok(queued) = self.queued_events.try_recv() {
+            reasons.push(queued.event.reason);
+        }
+        reasons
+    }
 }
 
 impl Default for Fixture {
@@ -134,6 +148,7 @@ impl Fixture {
         let client = kube::Client::new(service, "default");
         let (caches, writers) = Caches::for_tests();
         let signer = JobSigner::new(KEY);
+        let (events, queued_events) = EventQueue::new(64);
         let gateway = Gateway::new(
             client.clone(),
             GatewayConfig {
@@ -153,6 +168,7 @@ impl Fixture {
             signer.clone(),
             caches.job_signals.clone(),
             Arc::default(),
+            events,
         );
         let ctx = Arc::new(Context {
             recorder: Recorder::new(
@@ -183,6 +199,7 @@ impl Fixture {
             ctx,
             server: ApiServer(handle),
             writers,
+            queued_events,
         }
     }
 }

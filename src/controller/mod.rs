@@ -317,6 +317,7 @@ fn start_gateway(
         signer,
         caches.job_signals.clone(),
         Arc::default(),
+        job_events(client, identity),
     );
     let flusher = gateway.clone();
     tokio::spawn(async move {
@@ -335,6 +336,20 @@ fn start_gateway(
         Duration::from_secs(options.heartbeat_timeout_seconds),
     ));
     gateway
+}
+
+/// The queue of the gateway's Events on jobs, and the one task that records them.
+fn job_events(client: &Client, identity: &str) -> crate::events::EventQueue {
+    let (queue, receiver) = crate::events::EventQueue::new(crate::events::QUEUE_CAPACITY);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "fleetpatch-controller".into(),
+            instance: Some(identity.to_string()),
+        },
+    );
+    tokio::spawn(crate::events::drain(receiver, recorder));
+    queue
 }
 
 async fn context(
@@ -411,12 +426,20 @@ async fn reconcilers(ctx: Arc<Context>) {
         Controller::for_shared_stream(fanouts.scripts.subscribe(), caches.scripts.clone())
             .with_config(workers.clone())
             .reconcile_all_on(every_object())
-            .run(definitions::reconcile_script, error_policy, ctx.clone())
+            .run(
+                traced(definitions::reconcile_script, no_run),
+                error_policy,
+                ctx.clone(),
+            )
             .for_each(|result| log_result("Script", result));
     let tasks = Controller::for_shared_stream(fanouts.tasks.subscribe(), caches.tasks.clone())
         .with_config(workers.clone())
         .reconcile_all_on(every_object())
-        .run(definitions::reconcile_task, error_policy, ctx.clone())
+        .run(
+            traced(definitions::reconcile_task, no_run),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| log_result("Task", result));
     let workflows =
         Controller::for_shared_stream(fanouts.workflows.subscribe(), caches.workflows.clone())
@@ -432,39 +455,104 @@ async fn reconcilers(ctx: Arc<Context>) {
                     .map(|r| ObjectRef::new(&r.name).within(r.namespace_or(&namespace)))
                     .collect::<Vec<_>>()
             })
-            .run(definitions::reconcile_workflow, error_policy, ctx.clone())
+            .run(
+                traced(definitions::reconcile_workflow, no_run),
+                error_policy,
+                ctx.clone(),
+            )
             .for_each(|result| log_result("Workflow", result));
     let plans = Controller::for_shared_stream(fanouts.plans.subscribe(), caches.plans.clone())
         .with_config(workers.clone())
         .reconcile_all_on(every_object())
         .owns_shared_stream(fanouts.jobs.subscribe())
-        .run(plan::reconcile_plan, error_policy, ctx.clone())
+        .run(
+            traced(plan::reconcile_plan, plan_run),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| log_result("RemediationPlan", result));
     let patch_jobs = Controller::for_shared_stream(fanouts.jobs.subscribe(), caches.jobs.clone())
         .with_config(workers.clone())
         .reconcile_all_on(every_object())
-        .run(jobs::reconcile_job, error_policy, ctx.clone())
+        .run(
+            traced(jobs::reconcile_job, job_run),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| log_result("PatchJob", result));
     let agents = Controller::for_shared_stream(fanouts.agents.subscribe(), caches.agents.clone())
         .with_config(workers.clone())
         .reconcile_all_on(every_object())
-        .run(agents::reconcile_agent, error_policy, ctx.clone())
+        .run(
+            traced(agents::reconcile_agent, no_run),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| log_result("Agent", result));
     // Nodes: cordon, drain and uncordon around node agents' reboots.
     let nodes = Controller::new(Api::<Node>::all(ctx.client.clone()), Default::default())
         .with_config(workers)
         .watches_shared_stream(fanouts.jobs.subscribe(), drain::node_of_job)
-        .run(drain::reconcile_node, error_policy, ctx.clone())
+        .run(
+            traced(drain::reconcile_node, no_run),
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| log_result("Node", result));
     tokio::join!(scripts, tasks, workflows, plans, patch_jobs, agents, nodes);
 }
 
-fn error_policy<K>(_object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+/// `reconcile` inside the span of its object, so every line it logs names the object
+/// (`crate::logs`); `run` says which run the object is about, if any.
+fn traced<K, F, Fut>(
+    reconcile: F,
+    run: fn(&K) -> Option<String>,
+) -> impl FnMut(Arc<K>, Arc<Context>) -> tracing::instrument::Instrumented<Fut>
+where
+    K: Resource<DynamicType = ()>,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut,
+{
+    use tracing::Instrument;
+    move |object, ctx| {
+        let span = crate::logs::object_span(
+            &K::kind(&()),
+            object.meta().namespace.as_deref(),
+            object.meta().name.as_deref().unwrap_or_default(),
+            run(&object).as_deref(),
+        );
+        reconcile(object, ctx).instrument(span)
+    }
+}
+
+fn no_run<K>(_: &K) -> Option<String> {
+    None
+}
+
+fn job_run(job: &crate::api::PatchJob) -> Option<String> {
+    Some(job.spec.run.clone())
+}
+
+fn plan_run(plan: &RemediationPlan) -> Option<String> {
+    plan.status
+        .as_ref()?
+        .current_run
+        .as_ref()
+        .map(|run| run.id.clone())
+}
+
+fn error_policy<K>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
 where
     K: Resource<DynamicType = ()>,
 {
     ctx.metrics.failure(&K::kind(&()), error.category());
-    tracing::warn!(kind = %K::kind(&()), error = %error, "reconcile failed");
+    let _span = crate::logs::object_span(
+        &K::kind(&()),
+        object.meta().namespace.as_deref(),
+        object.meta().name.as_deref().unwrap_or_default(),
+        None,
+    )
+    .entered();
+    tracing::warn!(error = %error, "reconcile failed");
     let jitter = Duration::from_millis(u64::from(rand::random::<u16>() % 1000));
     match error {
         Error::Kube(err) if api_errors::is_throttled(err) => {

@@ -172,6 +172,7 @@ async fn a_workflow_of_existing_tasks_becomes_ready_in_one_write() {
         ctx,
         mut server,
         mut writers,
+        ..
     } = Fixture::new();
     cache(&mut writers.scripts, script("hello"));
     cache(&mut writers.tasks, task("say", "hello"));
@@ -201,6 +202,7 @@ async fn a_requested_run_with_max_concurrent_one_creates_exactly_one_signed_job(
         ctx,
         mut server,
         mut writers,
+        ..
     } = Fixture::new();
     cache(&mut writers.scripts, script("hello"));
     cache(&mut writers.tasks, task("say", "hello"));
@@ -246,6 +248,7 @@ async fn a_host_whose_os_has_no_default_workflow_is_left_out_with_the_reason() {
         ctx,
         mut server,
         mut writers,
+        ..
     } = Fixture::new();
     cache(&mut writers.scripts, script("hello"));
     cache(&mut writers.tasks, task("say", "hello"));
@@ -310,6 +313,7 @@ async fn an_unchanged_plan_makes_no_request() {
         ctx,
         server,
         mut writers,
+        ..
     } = Fixture::new();
     cache(&mut writers.scripts, script("hello"));
     cache(&mut writers.tasks, task("say", "hello"));
@@ -406,6 +410,7 @@ async fn agents_no_gateway_can_judge_are_judged_by_the_leader_and_others_cost_no
         ctx,
         mut server,
         mut writers,
+        ..
     } = Fixture::new();
     // Never heard from: one write, Unknown.
     let reconcile = tokio::spawn(super::agents::reconcile_agent(
@@ -494,6 +499,7 @@ async fn node_claimed_for_a_waiting_job(decision_on_the_job: Option<&str>) {
         ctx,
         mut server,
         mut writers,
+        ..
     } = Fixture::new();
     let mut node_agent: Agent = typed(
         json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
@@ -591,6 +597,7 @@ async fn a_forged_job_never_gets_a_node_cordoned() {
         ctx,
         server,
         mut writers,
+        ..
     } = Fixture::new();
     let mut node_agent: Agent = typed(
         json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",

@@ -9,7 +9,7 @@
 //! verb shares, with the verbs in [`read`] (get, list, watch), [`write`](mod@write) (create,
 //! update), [`apply`] (patches, server-side apply) and [`deletion`] (delete, garbage
 //! collection, namespace clean-up), and the subresources [`eviction`] and [`tokens`]
-//! (TokenRequest, TokenReview); [`body`] request decoding; [`admission`] validation;
+//! (TokenRequest, TokenReview); [`events`] the two APIs of Events; [`body`] request decoding; [`admission`] validation;
 //! [`patch`] and [`managed`] patches and field ownership; [`disruption`]
 //! PodDisruptionBudget status; [`table`] printer columns; [`discovery`] discovery and
 //! OpenAPI; [`auth`] signed tokens; [`selector`] label and field selectors; [`errors`]
@@ -24,6 +24,7 @@ pub mod deletion;
 pub mod discovery;
 pub mod disruption;
 pub mod errors;
+pub mod events;
 pub mod eviction;
 pub mod handlers;
 pub mod managed;

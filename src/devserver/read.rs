@@ -15,6 +15,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::Server;
 use super::errors::ApiError;
+use super::events;
 use super::handlers::{Request, Target, is_true, json_response, present, wants_table};
 use super::registry::ResourceKind;
 use super::selector::{FieldSelector, LabelSelector};
@@ -81,10 +82,16 @@ pub(super) fn selected_event(
 
 impl Request<'_> {
     pub(super) fn get(&self, target: &Target) -> Result<Response, ApiError> {
+        let key = target.key();
         let object = self
             .server
             .store
-            .get(&target.key(), target.ns(), target.name())
+            .get(&key, target.ns(), target.name())
+            .or_else(|| {
+                let other = events::other_api(&key)?;
+                let theirs = self.server.store.get(other, target.ns(), target.name())?;
+                Some(Arc::new(events::convert(other, &theirs)))
+            })
             .ok_or_else(|| target.not_found())?;
         Ok(self.respond(target, StatusCode::OK, &object, &[]))
     }
@@ -123,10 +130,17 @@ impl Request<'_> {
 
     pub(super) fn list(&self, target: &Target) -> Result<Response, ApiError> {
         let (labels, fields) = self.selectors(target)?;
-        let (items, rv) = self
-            .server
-            .store
-            .list(&target.key(), target.namespace.as_deref());
+        let key = target.key();
+        let (mut items, rv) = self.server.store.list(&key, target.namespace.as_deref());
+        if let Some(other) = events::other_api(&key) {
+            let (theirs, _) = self.server.store.list(other, target.namespace.as_deref());
+            items.extend(
+                theirs
+                    .iter()
+                    .map(|event| Arc::new(events::convert(other, event))),
+            );
+            items.sort_by_key(|item| key_of(item));
+        }
         let start_after = self
             .query
             .get("continue")

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::api::patchjob::PatchJobStatus;
 
+use super::story::Told;
+
 /// Where a job's reports stand.
 #[derive(Clone, Debug)]
 struct Entry {
@@ -26,6 +28,10 @@ struct Entry {
     /// over, whatever a lagging cache still says. Nothing newer is taken, and the job
     /// is not handed out again.
     finished: bool,
+    /// What the job's Events have told so far (`None`: nothing written by this gateway).
+    told: Option<Told>,
+    /// The job's hand-out to its agent was told.
+    assignment_told: bool,
 }
 
 impl Entry {
@@ -38,6 +44,8 @@ impl Entry {
             version: None,
             overtaken: false,
             finished: false,
+            told: None,
+            assignment_told: false,
         }
     }
 }
@@ -158,6 +166,23 @@ impl ProgressBook {
             entry.pending = Some((sequence, status));
             entry.last_write = None;
         }
+    }
+
+    /// What the job's Events told, as of this gateway's last write of it.
+    pub fn told(&self, uid: &str) -> Option<Told> {
+        self.jobs.get(uid).and_then(|e| e.told.clone())
+    }
+
+    pub fn set_told(&mut self, uid: &str, told: Told) {
+        if let Some(entry) = self.jobs.get_mut(uid) {
+            entry.told = Some(told);
+        }
+    }
+
+    /// True the first time it is asked for a job: its hand-out is told once.
+    pub fn tell_assignment(&mut self, uid: &str) -> bool {
+        let entry = self.jobs.entry(uid.to_string()).or_insert_with(Entry::new);
+        !std::mem::replace(&mut entry.assignment_told, true)
     }
 
     pub fn forget(&mut self, uid: &str) {

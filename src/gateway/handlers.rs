@@ -76,8 +76,10 @@ async fn authenticate(
         .auth
         .authenticate(request.headers(), source, Purpose::Serve, &gateway.limiter)
         .await?;
+    // Every line about this request names the agent (see `crate::logs`).
+    let span = crate::logs::object_span("Agent", None, &identity.agent, None);
     request.extensions_mut().insert(identity);
-    Ok(next.run(request).await)
+    Ok(tracing::Instrument::instrument(next.run(request), span).await)
 }
 
 async fn register(

@@ -18,6 +18,7 @@ pub mod registration;
 #[cfg(test)]
 mod scenarios;
 pub mod serve;
+pub mod story;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use parking_lot::Mutex;
 
 use crate::api::agent::{Agent, AllowedPlans};
 use crate::api::patchjob::{PatchJob, PatchJobSpec};
+use crate::events::EventQueue;
 
 use auth::{Authenticator, NodePolicy, TokenReviewer};
 use coalesce::ProgressBook;
@@ -164,6 +166,8 @@ pub struct Gateway {
     pub heartbeats: Heartbeats,
     /// Status writes made, for metrics and the benchmark.
     pub status_writes: std::sync::atomic::AtomicU64,
+    /// Events on the jobs whose progress the gateway writes (see `story`).
+    pub(crate) events: EventQueue,
 }
 
 impl Gateway {
@@ -176,6 +180,7 @@ impl Gateway {
         signer: JobSigner,
         job_signals: Arc<JobSignals>,
         heartbeats: Heartbeats,
+        events: EventQueue,
     ) -> Arc<Self> {
         let auth = Authenticator::new(
             config.namespace.clone(),
@@ -197,6 +202,7 @@ impl Gateway {
             job_signals,
             heartbeats,
             status_writes: Default::default(),
+            events,
         })
     }
 

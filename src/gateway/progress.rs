@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::api::agent::Agent;
 use crate::api::patchjob::{PatchJob, PatchJobSpec, PatchJobStatus};
@@ -22,6 +23,7 @@ use super::auth::Identity;
 use super::coalesce::Accepted;
 use super::jobs::serving_problem;
 use super::protocol::{self, Assignment, ProgressAck, ProgressReport, encode_spec};
+use super::story::{self, Told};
 use super::{Gateway, Refusal};
 
 /// The job as the shared cache keeps it: no script bodies (their SHA-256 stays, which
@@ -68,6 +70,16 @@ fn past_deadline(job: &PatchJob, now: Timestamp) -> bool {
         .deadline
         .as_ref()
         .is_some_and(|deadline| deadline.0 <= now)
+}
+
+/// The span of work on `job` (see `crate::logs`).
+pub(super) fn job_span(job: &PatchJob) -> tracing::Span {
+    crate::logs::job_span(
+        job.metadata.namespace.as_deref().unwrap_or_default(),
+        job.metadata.name.as_deref().unwrap_or_default(),
+        &job.spec.run,
+        &job.spec.agent,
+    )
 }
 
 /// Whether a cached job's spec still has its script bodies.
@@ -135,11 +147,15 @@ impl Gateway {
                 .as_ref()
                 .and_then(|s| s.last_sequence)
                 .unwrap_or(0);
-            let acknowledged = {
+            let (acknowledged, newly_assigned) = {
                 let mut book = self.progress.lock();
                 book.seed(&uid, stored);
-                book.written(&uid)
+                let newly = stored == 0 && book.tell_assignment(&uid);
+                (book.written(&uid), newly)
             };
+            if newly_assigned {
+                self.tell(&job, vec![story::assigned(&identity.agent)]);
+            }
             out.push(Assignment {
                 uid,
                 namespace: job.namespace().unwrap_or_default(),
@@ -247,6 +263,7 @@ impl Gateway {
         report: ProgressReport,
     ) -> Result<ProgressAck, Refusal> {
         let job = self.reported_job(identity, uid, &report).await?;
+        let _span = job_span(&job).entered();
         self.check_serving(identity, &job)?;
         let stored = job.status.as_ref();
         let mut book = self.progress.lock();
@@ -299,6 +316,19 @@ impl Gateway {
             self.progress.lock().forget(&uid);
             return;
         };
+        let span = job_span(&job);
+        self.write_job_status(job, uid, sequence, status)
+            .instrument(span)
+            .await;
+    }
+
+    async fn write_job_status(
+        &self,
+        job: Arc<PatchJob>,
+        uid: String,
+        sequence: i64,
+        status: PatchJobStatus,
+    ) {
         let api: Api<PatchJob> =
             Api::namespaced(self.client.clone(), &job.namespace().unwrap_or_default());
         let name = job.name_any();
@@ -327,6 +357,12 @@ impl Gateway {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let mut book = self.progress.lock();
                     book.mark_written(&uid, sequence, written.resource_version());
+                    let before = book
+                        .told(&uid)
+                        .unwrap_or_else(|| Told::of(&job.status.clone().unwrap_or_default()));
+                    book.set_told(&uid, Told::of(&status));
+                    drop(book);
+                    self.tell(&job, story::told_by(&before, &status, &job.spec.agent));
                     if status.phase.is_finished() {
                         self.specs.lock().remove(&uid);
                     }
@@ -361,6 +397,29 @@ impl Gateway {
             }
         }
         self.progress.lock().retry(&uid, sequence, status);
+    }
+
+    /// Queues Events on `job` (never waits: see `crate::events`).
+    fn tell(&self, job: &PatchJob, events: Vec<story::StoryEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut regarding = job.object_ref(&());
+        regarding.resource_version = None;
+        let _span = job_span(job).entered();
+        for told in events {
+            tracing::info!(reason = told.reason, note = %told.note, "job event");
+            self.events.send(
+                regarding.clone(),
+                kube::runtime::events::Event {
+                    type_: told.type_,
+                    reason: told.reason.into(),
+                    note: Some(story::bounded_note(told.note)),
+                    action: told.action,
+                    secondary: None,
+                },
+            );
+        }
     }
 
     /// Drops the bookkeeping of jobs that no longer exist (deleted after their TTL or

@@ -329,6 +329,11 @@ async fn an_assignment_fetches_the_full_job_once_and_hands_out_its_scripts() {
     .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        fixture.queued_reasons(),
+        ["Assigned"],
+        "the hand-out is told once, however often the agent asks"
+    );
     fixture.server.done().await;
 }
 
@@ -359,6 +364,10 @@ async fn a_report_is_checked_and_written_over_the_version_it_was_checked_against
         ack["acknowledgedSequence"], 0,
         "nothing acknowledged before it is written"
     );
+    assert!(
+        fixture.queued_reasons().is_empty(),
+        "nothing is told before it is written"
+    );
     let gateway = fixture.ctx.gateway.clone();
     let flush = tokio::spawn(async move { gateway.flush().await });
     let written = fixture
@@ -373,6 +382,11 @@ async fn a_report_is_checked_and_written_over_the_version_it_was_checked_against
     assert!(
         written["status"]["completionTime"].is_string(),
         "the gateway stamps it"
+    );
+    assert_eq!(
+        fixture.queued_reasons(),
+        ["Started", "Succeeded"],
+        "the written transitions are told, in order, without a request of their own"
     );
     let (_, ack) = call(
         &fixture.ctx.gateway,

@@ -74,17 +74,31 @@ pub fn child_log_level() -> String {
 /// Starts `fleetpatch controller` with `args` and `kubeconfig` and waits for the line of
 /// its standard output that contains `wanted`; returns the process and the line.
 pub fn start_controller(kubeconfig: &Path, args: &[&str], wanted: &str) -> (Process, String) {
-    let mut process = Process(
-        Command::new(BIN)
-            .arg("controller")
-            .args(args)
-            .env("KUBECONFIG", kubeconfig)
+    start_controller_logging(kubeconfig, args, wanted, None)
+}
+
+/// Like [`start_controller`], with its log (at `info`) written to `log` when given.
+pub fn start_controller_logging(
+    kubeconfig: &Path,
+    args: &[&str],
+    wanted: &str,
+    log: Option<&Path>,
+) -> (Process, String) {
+    let mut command = Command::new(BIN);
+    command
+        .arg("controller")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .stdout(Stdio::piped());
+    match log {
+        Some(log) => command
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(log).unwrap()),
+        None => command
             .env("RUST_LOG", child_log_level())
-            .stdout(Stdio::piped())
-            .stderr(child_log())
-            .spawn()
-            .unwrap(),
-    );
+            .stderr(child_log()),
+    };
+    let mut process = Process(command.spawn().unwrap());
     let stdout = process.0.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

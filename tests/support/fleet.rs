@@ -51,7 +51,21 @@ impl Fleet {
     /// A controller replica named `identity`, with extra flags, serving the fleet's
     /// gateway address unless `extra` gives its own `--gateway-listen` (only one replica
     /// can listen there).
+    /// The controller, logging at `info` into `log`.
+    pub fn controller_logging(&self, log: &std::path::Path) -> Process {
+        self.start_controller("e2e-controller", &[], Some(log))
+    }
+
     pub fn controller_with(&self, identity: &str, extra: &[&str]) -> Process {
+        self.start_controller(identity, extra, None)
+    }
+
+    fn start_controller(
+        &self,
+        identity: &str,
+        extra: &[&str],
+        log: Option<&std::path::Path>,
+    ) -> Process {
         let gateway = format!("127.0.0.1:{}", self.gateway_port);
         let mut args = vec!["--namespace", "fleetpatch-system"];
         if !extra.contains(&"--gateway-listen") {
@@ -59,10 +73,11 @@ impl Fleet {
         }
         args.extend(["--metrics-listen", "127.0.0.1:0", "--identity", identity]);
         args.extend_from_slice(extra);
-        let (process, line) = e2e_support::start_controller(
+        let (process, line) = e2e_support::start_controller_logging(
             &self.controller_kubeconfig,
             &args,
             "metrics listening on",
+            log,
         );
         *self.metrics.lock().unwrap() = line.rsplit(' ').next().unwrap().to_string();
         process
@@ -122,6 +137,7 @@ impl Fleet {
             .arg(self.state_dir(name))
             .args(extra)
             .env("RUST_LOG", e2e_support::child_log_level())
+            .env("FLEETPATCH_FORBID_REAL_REBOOT", "1")
             .stdout(Stdio::null())
             .stderr(e2e_support::child_log())
             .spawn()
