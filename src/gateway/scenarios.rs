@@ -754,3 +754,47 @@ async fn unauthenticated_registrations_cannot_make_the_gateway_hold_their_bodies
         grown >> 20
     );
 }
+
+/// Attack (a node agent, or anything holding the node agent's token): registration is
+/// free for a node agent — its token review is cached for a minute, and no bucket is
+/// charged for an authenticated caller — and it writes the Agent whenever the labels it
+/// announces differ from the Agent's. Announcing `{flip: a}`, then `{flip: b}`, over and
+/// over turns every request into an Agent write (and, through the plans that select by
+/// labels, into reconciles and more writes). Announcements must cost writes only within
+/// a budget.
+#[tokio::test]
+async fn node_agent_announcements_cost_agent_writes_only_within_a_budget() {
+    let mut fixture = node_agent_fixture(json!({"namespaces": {"from": "All"}}));
+    let agent = json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
+        "metadata": {"name": "node-a", "resourceVersion": "8"},
+        "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a"}});
+    let mut writes = 0;
+    for i in 0..100 {
+        let gateway = fixture.ctx.gateway.clone();
+        let flip = if i % 2 == 0 { "a" } else { "b" };
+        let asked = tokio::spawn(async move {
+            call_with(
+                &gateway,
+                "POST",
+                "/agent/v1/register",
+                &NODE_HEADERS,
+                json!({"name": "node-a", "os": "Linux", "labels": {"flip": flip}}),
+            )
+            .await
+        });
+        let answered = tokio::select! {
+            answered = asked => answered.unwrap(),
+            _ = fixture.server.answer("PATCH", "/apis/fleetpatch.io/v1alpha1/agents/node-a", 200, agent.clone()) => {
+                writes += 1;
+                continue;
+            }
+        };
+        assert_eq!(answered.0, StatusCode::TOO_MANY_REQUESTS, "{}", answered.1);
+        break;
+    }
+    assert!(
+        writes <= 20,
+        "{writes} Agent writes for 100 announcements by one node agent"
+    );
+    fixture.server.done().await;
+}
