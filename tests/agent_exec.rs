@@ -1056,3 +1056,112 @@ fn with_a_cgroup_each_action_has_its_own_and_it_ends_with_cgroup_kill() {
         "the action's cgroup was left: {children:?}"
     );
 }
+
+/// Attack (a hostile script, then a killed agent): the restarted agent finds what a
+/// cut-off action left only through `running.json` in the job's work directory — the
+/// script's own working directory. A script that removes it and kills the agent leaves
+/// processes that carry the marker, sit in the action's process group (and cgroup),
+/// and none of it is looked for: they outlive the action, which is reported
+/// `Interrupted` as if all had ended.
+#[test]
+fn a_script_that_removes_the_running_record_and_kills_the_agent_leaves_nothing_running() {
+    let body = "( sleep 8; touch \"$DIR/escaped\" ) &\necho ready > \"$DIR/ready\"\nrm -f running.json\nkill -9 $PPID\nsleep 300";
+    let manifests =
+        run_script("hostile", body, "") + &workflow("crash", &["hostile"], &[], "{pre: Continue}");
+    let host = Host::new(&manifests);
+    let mut agent = host
+        .command("crash", &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = agent.wait().unwrap();
+    assert!(host.path("ready").exists(), "the script ran: {status:?}");
+    let scratch = host.dir.path().display().to_string();
+    let (_, status) = host.exec_json("crash", &[]);
+    assert_eq!(phases(&status.pre_actions), [ActionPhase::Interrupted]);
+    let left = leftovers(&scratch);
+    for line in &left {
+        if let Some(pid) = line.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    assert_eq!(
+        left,
+        Vec::<String>::new(),
+        "still running after the restarted agent reported the action Interrupted"
+    );
+}
+
+/// Attack (a hostile script, with a delegated cgroup): the README says a restarted
+/// agent ends what a cut-off action left through its cgroup even when it cleared its
+/// environment. The action runs as root and may write any `cgroup.procs`: a process
+/// that moves itself out of the action's cgroup, clears its environment and leaves the
+/// process group is found by nothing once the agent was killed.
+#[test]
+fn a_process_that_leaves_the_action_cgroup_does_not_outlive_an_agent_crash() {
+    let cgroup = match TestCgroup::new() {
+        Ok(cgroup) => cgroup,
+        Err(why)
+            if std::env::var("CI").as_deref() == Ok("true") && nix::unistd::geteuid().is_root() =>
+        {
+            panic!("CI runs as root with cgroup v2, so this test must run: {why}")
+        }
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let root = fleetpatch::agent::containment::cgroup2_mount().unwrap();
+    let body = format!(
+        "cat /proc/self/cgroup > \"$DIR/cgroup\"\nsetsid env -i DIR=\"$DIR\" sh -c 'echo $$ > {}/cgroup.procs; sleep 8; touch \"$DIR/escaped\"' &\necho ready > \"$DIR/ready\"\nsleep 300",
+        root.display()
+    );
+    let manifests =
+        run_script("boxed", &body, "") + &workflow("crash", &["boxed"], &[], "{pre: Continue}");
+    let host = Host::new(&manifests);
+    let base = cgroup.0.display().to_string();
+    let mut agent = host
+        .command("crash", &["--action-cgroup", &base])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !host.path("ready").exists() {
+        assert!(Instant::now() < deadline, "the action never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    agent.wait().unwrap();
+    let seen = std::fs::read_to_string(host.path("cgroup")).unwrap();
+    assert!(
+        seen.contains("/action-"),
+        "the action ran in its cgroup: {seen}"
+    );
+    let (_, status) = host.exec_json("crash", &["--action-cgroup", &base]);
+    assert_eq!(phases(&status.pre_actions), [ActionPhase::Interrupted]);
+    let scratch = host.dir.path().display().to_string();
+    let left = leftovers(&scratch);
+    for line in &left {
+        if let Some(pid) = line.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    assert_eq!(
+        left,
+        Vec::<String>::new(),
+        "a process outside the action's cgroup outlived the agent's crash and restart"
+    );
+}

@@ -1216,4 +1216,97 @@ mod tests {
         record.status.post_actions.push(ActionResult::default());
         assert_ne!(next_step(&record), Step::Action(Stage::Post, 0));
     }
+
+    /// Attack (a crash mid-patch): the agent is SIGKILLed — by a package's scriptlet, the
+    /// OOM killer or an operator — while the patcher runs. The journal says the patch
+    /// step is Running. An action cut off like that is reported Interrupted and never
+    /// run again; the patch step is not: the restarted agent runs the package manager a
+    /// second time (against a dpkg/rpm database the first run left half-done), and the
+    /// job never says it was interrupted.
+    #[tokio::test]
+    async fn patches_cut_off_by_a_crash_are_interrupted_not_run_again() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Counting(AtomicUsize);
+        impl Patcher for Counting {
+            fn name(&self) -> &'static str {
+                "apt"
+            }
+            fn apply<'a>(
+                &'a self,
+                _selection: &'a crate::api::plan::PatchSelection,
+                _timeout: Duration,
+            ) -> futures::future::BoxFuture<
+                'a,
+                Result<PatchResults, super::super::patcher::PatchError>,
+            > {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async {
+                    Ok(PatchResults {
+                        phase: ActionPhase::Succeeded,
+                        patcher: Some("apt".into()),
+                        ..Default::default()
+                    })
+                })
+            }
+        }
+        struct NoReboot;
+        impl Rebooter for NoReboot {
+            fn boot_id(&self) -> Option<String> {
+                Some("boot-1".into())
+            }
+            fn reboot(&self) -> Result<(), super::super::reboot::RebootError> {
+                panic!("no reboot in this test")
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let spec = PatchJobSpec {
+            agent: "a".into(),
+            plan: String::new(),
+            run: String::new(),
+            os: crate::api::OperatingSystem::Linux,
+            workflow: None,
+            pre_actions: vec![],
+            post_actions: vec![],
+            failure_policy: Default::default(),
+            patches: Default::default(),
+            reboot: RebootPolicy::Never,
+            deadline: None,
+            node: None,
+        };
+        assert!(!spec.patches.skip);
+        // What the journal holds after `PatchesStarted`, when the agent was killed.
+        let mut record = new_record("j", "team/j", spec);
+        record.status.phase = JobPhase::Running;
+        record.status.start_time = Some(Time(now()));
+        record.status.patches = Some(PatchResults {
+            phase: ActionPhase::Running,
+            ..PatchResults::default()
+        });
+        journal.save(&record).unwrap();
+        let mut record = journal.load("j").unwrap().unwrap();
+        let patcher = Counting(AtomicUsize::new(0));
+        let on_event = |_: &JobRecord, _: &Event| {};
+        let executor = Executor {
+            journal: &journal,
+            work_dir: dir.path().join("work"),
+            patcher: Some(&patcher),
+            rebooter: &NoReboot,
+            minute: Duration::from_millis(100),
+            max_download_bytes: 1 << 20,
+            on_event: &on_event,
+            reboot_gate: None,
+            cancel: None,
+        };
+        executor.run(&mut record).await.unwrap();
+        let patches = record.status.patches.clone().unwrap();
+        assert_eq!(
+            patcher.0.load(Ordering::SeqCst),
+            0,
+            "the package manager ran a second time after the crash; the job ends {:?} with patches {:?}",
+            record.status.phase,
+            patches.phase
+        );
+        assert_eq!(patches.phase, ActionPhase::Interrupted);
+    }
 }

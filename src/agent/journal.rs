@@ -488,4 +488,48 @@ mod tests {
         ));
         assert!(matches!(journal.load("bad"), Ok(None)), "moved aside once");
     }
+
+    /// Attack (timing; a hostile script can widen it by making the agent busy): the
+    /// agent's delivery task retires a finished job — removing its journal file — while
+    /// the work loop reads the whole journal (`unfinished()` at the top of every
+    /// iteration, `all()` after every job). A file listed by `read_dir` and gone before
+    /// it is read makes `all()` fail, and the work loop propagates that with `?`: `agent
+    /// run` exits with an error in the middle of its loop (and a node agent's pod
+    /// restarts). A file that vanished was retired, not damaged: it must simply be
+    /// skipped.
+    #[test]
+    fn reading_the_journal_while_a_job_is_retired_is_not_an_error() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let retiring = {
+            let journal = journal.clone();
+            let done = done.clone();
+            std::thread::spawn(move || {
+                for i in 0..400 {
+                    let mut job = record(&format!("uid-{i}"));
+                    job.spec.run = format!("r{i}");
+                    job.status.phase = JobPhase::Succeeded;
+                    journal.save(&job).unwrap();
+                    journal.retire(&job).unwrap();
+                }
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let mut failures = Vec::new();
+        while !done.load(Ordering::SeqCst) {
+            if let Err(err) = journal.all() {
+                failures.push(err.to_string());
+            }
+        }
+        retiring.join().unwrap();
+        assert!(
+            failures.is_empty(),
+            "{} reads of the journal failed while jobs were retired, e.g. {}",
+            failures.len(),
+            failures[0]
+        );
+    }
 }

@@ -988,6 +988,42 @@ mod tests {
         );
     }
 
+    /// Attack (a plan author, who may edit and recreate PatchJobs in their namespace):
+    /// a job finishes on its host, but its final report is not delivered — the author
+    /// broke the job's signature annotation just before (every report is then refused
+    /// 403 and kept for ever), or the gateway was unreachable and the agent is backing
+    /// off. A finished job leaves the journal for `jobs/done/` only once delivered, and
+    /// the agent polls for new work meanwhile. The author deletes the job (dropping the
+    /// finalizer) and recreates it with its original spec and signature: a new uid,
+    /// nothing acknowledged, and no retired digest yet — so the host runs the whole job a
+    /// second time.
+    #[test]
+    fn a_copy_of_a_finished_job_whose_report_is_still_undelivered_is_not_run_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let spec: crate::api::patchjob::PatchJobSpec = serde_json::from_value(
+            serde_json::json!({"agent": "web-1", "plan": "weekly", "run": "m1", "os": "Linux"}),
+        )
+        .unwrap();
+        let name = "team/weekly-m1-web-1";
+        let mut record = executor::new_record("uid-1", name.to_string(), spec.clone());
+        record.status.phase = crate::api::patchjob::JobPhase::Succeeded;
+        record.sequence = 4;
+        // Finished and journaled; its final report not yet acknowledged, so not retired.
+        journal.save(&record).unwrap();
+        assert!(
+            journal.unfinished().unwrap().is_empty(),
+            "the agent polls for work"
+        );
+        assert!(
+            matches!(
+                first_sight(&journal, "uid-2", 0, name, &spec),
+                FirstSight::Refuse { .. }
+            ),
+            "a signed copy under a new uid is run while the original still sits finished in the journal"
+        );
+    }
+
     #[test]
     fn os_release_gives_the_distribution_and_its_version() {
         let debian = "PRETTY_NAME=\"Debian GNU/Linux 13 (trixie)\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"13\"\nID=debian\n";

@@ -380,4 +380,33 @@ mod tests {
             .sha256 = "0".repeat(64);
         assert!(!signer.verify(&rehashed), "the hashes are signed");
     }
+
+    /// Attack (a bootstrap-token holder): node `node-a` leaves the cluster (scaled down,
+    /// or its Node object replaced) while signed jobs for it are still unfinished; its
+    /// node Agent goes with it. A host with any bootstrap token then registers under the
+    /// free name `node-a` — the gateway refuses only names of Nodes that exist — and is
+    /// served the node's jobs: their scripts (and parameters) reach an external host the
+    /// plan never selected, and its reports decide the node job's result. A job bound to
+    /// a node (`spec.node`) is for that node's node agent only.
+    #[test]
+    fn a_node_job_is_never_served_to_an_external_agent_of_the_same_name() {
+        let signer = JobSigner::new(b"controller key");
+        let (namespaces, _) = kube::runtime::reflector::store::<Namespace>();
+        let impostor = agent("node-a", AgentMode::External, AllowedPlans::all());
+        let node_job = signed(&signer, job("team-a", "node-a", Some("node-a")));
+        assert!(
+            matches!(
+                serving_problem(
+                    &node_job,
+                    &impostor,
+                    None,
+                    &signer,
+                    &namespaces,
+                    "fleetpatch-system"
+                ),
+                Err(NotServed::OtherNode(_))
+            ),
+            "a job for node node-a is served to an external host that took the name"
+        );
+    }
 }

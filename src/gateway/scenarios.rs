@@ -658,3 +658,157 @@ async fn reports_about_unknown_jobs_cost_reads_only_within_a_budget() {
     );
     fixture.server.done().await;
 }
+
+/// Attack: a node agent whose job carries `reboot-decision: Approved` — every job that
+/// was ever drained keeps it until the job is deleted, and a plan author can write it on
+/// any job of theirs — asks for its reboot decision in a tight loop with
+/// `waitSeconds=0`. Every ask costs a GET of its Node, with no budget: a host with a
+/// valid token turns its own request rate into the API server's load. It must be
+/// bounded like reports about unknown jobs are (429 past the agent's read budget).
+#[tokio::test]
+async fn reboot_decision_polls_cost_node_reads_only_within_a_budget() {
+    let mut fixture = node_agent_fixture(json!({"namespaces": {"from": "All"}}));
+    let mut job = full_job(&fixture);
+    job.metadata = stored("weekly-m1-node-a", Some("team"));
+    job.spec.agent = "node-a".into();
+    job.spec.node = Some("node-a".into());
+    let signature = fixture
+        .ctx
+        .signer
+        .sign("team", "weekly-m1-node-a", &job.spec);
+    job.metadata.annotations = Some(
+        [
+            (SIGNATURE_ANNOTATION.to_string(), signature),
+            (
+                crate::api::common::REBOOT_DECISION_ANNOTATION.to_string(),
+                "Approved".to_string(),
+            ),
+        ]
+        .into(),
+    );
+    cached_job(&mut fixture, &job);
+    let path = "/agent/v1/jobs/uid-weekly-m1-node-a/reboot?waitSeconds=0";
+    let mut reads = 0;
+    for _ in 0..200 {
+        let gateway = fixture.ctx.gateway.clone();
+        let asked = tokio::spawn(async move {
+            call_with(&gateway, "GET", path, &NODE_HEADERS, Value::Null).await
+        });
+        let answered = tokio::select! {
+            answered = asked => answered.unwrap(),
+            _ = fixture.server.answer("GET", "/api/v1/nodes/node-a", 200,
+                    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}})) => {
+                reads += 1;
+                continue;
+            }
+        };
+        assert_eq!(answered.0, StatusCode::TOO_MANY_REQUESTS, "{}", answered.1);
+        break;
+    }
+    assert!(
+        (1..=60).contains(&reads),
+        "{reads} Node reads for 200 asks by one agent: the reboot endpoint has no read budget"
+    );
+    fixture.server.done().await;
+}
+
+/// Attack (the network, no credential at all): `POST /agent/v1/register` reads its
+/// whole JSON body — up to the gateway-wide 512 KiB limit — before anything about the
+/// caller is checked (the rate limit, the registration slots and the token come after),
+/// and a body may take the whole 60 s request deadline to arrive. One source may hold
+/// 1024 connections: 1024 × 512 KiB is the controller's whole 512Mi memory limit in the
+/// chart, from a single IPv4 address. Here 250 connections each send 500 KiB of a
+/// registration and never the last byte; the gateway must not hold their bodies (a
+/// registration is a name, an OS and at most 32 labels: a few KiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_registrations_cannot_make_the_gateway_hold_their_bodies() {
+    use tokio::io::AsyncWriteExt;
+    fn rss_bytes() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        pages * 4096
+    }
+    let fixture = Fixture::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(super::serve::serve(
+        listener,
+        fixture.ctx.gateway.router(),
+        None,
+        super::serve::ServeLimits::default(),
+    ));
+    const CONNECTIONS: usize = 250;
+    const BODY: usize = 500 * 1024;
+    let before = rss_bytes();
+    let padding = vec![b' '; BODY];
+    let mut held = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let head = format!(
+            "POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            BODY + 1
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        // Whitespace is a valid start of a JSON document; the closing byte never comes.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            stream.write_all(&padding),
+        )
+        .await;
+        held.push(stream);
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let grown = rss_bytes().saturating_sub(before);
+    drop(held);
+    assert!(
+        grown < 64 << 20,
+        "{} connections without any credential grew the gateway by {} MiB",
+        CONNECTIONS,
+        grown >> 20
+    );
+}
+
+/// Attack (a node agent, or anything holding the node agent's token): registration is
+/// free for a node agent — its token review is cached for a minute, and no bucket is
+/// charged for an authenticated caller — and it writes the Agent whenever the labels it
+/// announces differ from the Agent's. Announcing `{flip: a}`, then `{flip: b}`, over and
+/// over turns every request into an Agent write (and, through the plans that select by
+/// labels, into reconciles and more writes). Announcements must cost writes only within
+/// a budget.
+#[tokio::test]
+async fn node_agent_announcements_cost_agent_writes_only_within_a_budget() {
+    let mut fixture = node_agent_fixture(json!({"namespaces": {"from": "All"}}));
+    let agent = json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
+        "metadata": {"name": "node-a", "resourceVersion": "8"},
+        "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a"}});
+    let mut writes = 0;
+    for i in 0..100 {
+        let gateway = fixture.ctx.gateway.clone();
+        let flip = if i % 2 == 0 { "a" } else { "b" };
+        let asked = tokio::spawn(async move {
+            call_with(
+                &gateway,
+                "POST",
+                "/agent/v1/register",
+                &NODE_HEADERS,
+                json!({"name": "node-a", "os": "Linux", "labels": {"flip": flip}}),
+            )
+            .await
+        });
+        let answered = tokio::select! {
+            answered = asked => answered.unwrap(),
+            _ = fixture.server.answer("PATCH", "/apis/fleetpatch.io/v1alpha1/agents/node-a", 200, agent.clone()) => {
+                writes += 1;
+                continue;
+            }
+        };
+        assert_eq!(answered.0, StatusCode::TOO_MANY_REQUESTS, "{}", answered.1);
+        break;
+    }
+    assert!(
+        writes <= 20,
+        "{writes} Agent writes for 100 announcements by one node agent"
+    );
+    fixture.server.done().await;
+}

@@ -269,4 +269,31 @@ mod tests {
         assert_eq!(slots.open(), 2);
         assert!(slots.admit(b).is_some(), "a freed slot is free again");
     }
+
+    /// Attack (the network, over IPv6): the per-source connection cap is keyed by the
+    /// exact address, while the rate limiter already knows that one host routinely holds
+    /// a whole /64. An attacker with one /64 opens `max_connections_per_source`
+    /// connections from each of as many addresses as it likes and holds every one of
+    /// the gateway's `max_connections` slots: new connections — every agent's long-poll,
+    /// heartbeat and report — are closed at once, and the fleet is locked out.
+    #[test]
+    fn an_ipv6_source_holds_at_most_its_share_whatever_address_of_its_64_it_uses() {
+        let slots = ConnectionSlots::new(&ServeLimits {
+            max_connections: 100,
+            max_connections_per_source: 2,
+            ..ServeLimits::default()
+        });
+        let mut held = Vec::new();
+        for i in 1..=50u16 {
+            let address: IpAddr = format!("2001:db8:1:2::{i:x}").parse().unwrap();
+            if let Some(slot) = slots.admit(address) {
+                held.push(slot);
+            }
+        }
+        assert!(
+            held.len() <= 2,
+            "one /64 holds {} connections, the cap per source is 2",
+            held.len()
+        );
+    }
 }
