@@ -1297,6 +1297,7 @@ mod tests {
             on_event: &on_event,
             reboot_gate: None,
             cancel: None,
+            reboot_refusal: None,
         };
         executor.run(&mut record).await.unwrap();
         let patches = record.status.patches.clone().unwrap();
