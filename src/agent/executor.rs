@@ -32,7 +32,12 @@ use super::script::{self, ScriptRun};
 
 /// Files in the job directory recording the running action (see
 /// [`containment::RunningRecord`]) and the boot it started in.
-const RUNNING_FILE: &str = "running.json";
+/// Where the record of the running action of the job whose working directory is
+/// `job_dir` is kept: next to that directory, not in it, so a script that empties its
+/// working directory does not erase what a restarted agent needs to end what it left.
+fn running_file(job_dir: &std::path::Path) -> PathBuf {
+    job_dir.with_extension("running.json")
+}
 const RUNNING_BOOT_FILE: &str = "running.boot";
 
 /// Environment variable holding the verified installer's path for install scripts.
@@ -461,7 +466,7 @@ impl Executor<'_> {
             let job_dir = self.job_dir(record);
             let recorded_boot = std::fs::read_to_string(job_dir.join(RUNNING_BOOT_FILE)).ok();
             if recorded_boot.is_some() && recorded_boot == self.rebooter.boot_id() {
-                process::end_recorded_action(&job_dir.join(RUNNING_FILE));
+                process::end_recorded_action(&running_file(&job_dir));
             }
             let result = &mut Self::actions(record, stage).1[index];
             result.phase = ActionPhase::Interrupted;
@@ -505,7 +510,7 @@ impl Executor<'_> {
                 finished = perform => finished,
                 () = cancel.cancelled() => {
                     // What the action started is stopped with it.
-                    process::end_recorded_action(&job_dir.join(RUNNING_FILE));
+                    process::end_recorded_action(&running_file(&job_dir));
                     Finished {
                         phase: ActionPhase::Interrupted,
                         exit_code: None,
@@ -573,7 +578,7 @@ impl Executor<'_> {
                         Err(err) => return Finished::failed(format!("detection script: {err}")),
                     };
                     let spec = ProcessSpec {
-                        running_file: Some(job_dir.join(RUNNING_FILE)),
+                        running_file: Some(running_file(job_dir)),
                         limits: action.limits.unwrap_or_default(),
                         ..spec
                     };
@@ -676,7 +681,7 @@ impl Executor<'_> {
         timeout_message: &str,
     ) -> Finished {
         let mut spec = spec.clone();
-        spec.running_file = spec.current_dir.as_ref().map(|dir| dir.join(RUNNING_FILE));
+        spec.running_file = spec.current_dir.as_deref().map(running_file);
         spec.limits = action.limits.unwrap_or_default();
         let outcome = match process::run(&spec).await {
             Err(err) => return Finished::failed(err.to_string()),
@@ -716,6 +721,18 @@ impl Executor<'_> {
     }
 
     async fn step_patches(&self, record: &mut JobRecord) -> Result<(), ExecError> {
+        // Journaled as running: the agent stopped while the package manager ran. It is
+        // not run again over what it may have left half done.
+        if let Some(cut_off) = record
+            .status
+            .patches
+            .as_mut()
+            .filter(|p| p.phase == ActionPhase::Running)
+        {
+            cut_off.phase = ActionPhase::Interrupted;
+            cut_off.message = "interrupted: the agent stopped while the package manager ran; it was not run again (its own recovery, such as `dpkg --configure -a`, may be needed)".into();
+            return self.save(record, Event::PatchesFinished);
+        }
         let blocked = record
             .status
             .pre_actions

@@ -212,7 +212,12 @@ impl Journal {
         entries.sort();
         let mut records = Vec::new();
         for (_, path) in entries {
-            let bytes = std::fs::read(&path).map_err(io_error(&path))?;
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                // Retired (or quarantined) since the directory was listed.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(JournalError::Io { path, source }),
+            };
             match serde_json::from_slice::<JobRecord>(&bytes) {
                 Ok(record) if record.is_consistent() => records.push(record),
                 Ok(_) => {
@@ -271,6 +276,16 @@ impl Journal {
         self.remove(&record.id)?;
         self.prune_retired(now);
         Ok(())
+    }
+
+    /// The uid of a job with this digest that is in the journal now (running, or
+    /// finished and not yet retired), if any.
+    pub fn holding(&self, digest: &str) -> Option<String> {
+        self.all()
+            .ok()?
+            .into_iter()
+            .find(|record| job_digest(&record.name, &record.spec) == digest)
+            .map(|record| record.id)
     }
 
     /// The uid of the job with this digest that already ran here, if any.

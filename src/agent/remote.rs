@@ -665,12 +665,16 @@ fn first_sight(
     name: &str,
     spec: &crate::api::patchjob::PatchJobSpec,
 ) -> FirstSight {
-    match journal.retired(&super::journal::job_digest(name, spec)) {
+    let digest = super::journal::job_digest(name, spec);
+    match journal
+        .retired(&digest)
+        .or_else(|| journal.holding(&digest))
+    {
         Some(ran) if ran == uid => FirstSight::Skip,
         Some(ran) => FirstSight::Refuse {
             reason: "AlreadyRun",
             message: format!(
-                "this host already ran a job with this very name and signed spec (uid {ran}); a copy is not run again"
+                "this host already took on a job with this very name and signed spec (uid {ran}); a copy is not run again"
             ),
         },
         None if acknowledged > 0 => FirstSight::Refuse {

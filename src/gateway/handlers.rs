@@ -18,7 +18,7 @@ use kube::api::Api;
 use serde::Deserialize;
 
 use crate::api::common::{REBOOT_DECISION_ANNOTATION, REBOOT_MESSAGE_ANNOTATION};
-use crate::api::patchjob::PatchJob;
+use crate::api::patchjob::{PatchJob, RebootState};
 use crate::controller::drain;
 
 use super::auth::{Identity, NODE_HEADER, Purpose};
@@ -30,6 +30,10 @@ use super::{Gateway, HeartbeatRecord, Refusal};
 
 /// Largest request body: a progress report with long messages and patch lists.
 const MAX_BODY: usize = 512 * 1024;
+/// Largest registration: a name, an OS, at most 32 labels and the platform, with room.
+const MAX_REGISTRATION_BODY: usize = 8 * 1024;
+/// Longest a registration body may take to arrive once its headers are in.
+const REGISTRATION_BODY_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest any request may take, long-polls included.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -82,11 +86,14 @@ async fn authenticate(
     Ok(tracing::Instrument::instrument(next.run(request), span).await)
 }
 
+/// A registration. Nothing of its body is read before the caller is authenticated (a
+/// node agent) or charged to its source's bucket and given one of the few body-reading
+/// slots (anyone else); the body is small and must arrive quickly.
 async fn register(
     State(gateway): State<Arc<Gateway>>,
     Extension(peer): Extension<axum::extract::ConnectInfo<SocketAddr>>,
     headers: HeaderMap,
-    Json(request): Json<RegisterRequest>,
+    body: axum::body::Body,
 ) -> Result<Json<RegisterResponse>, Refusal> {
     let source = peer.0.ip();
     if headers.contains_key(NODE_HEADER) {
@@ -94,9 +101,33 @@ async fn register(
             .auth
             .authenticate(&headers, source, Purpose::Register, &gateway.limiter)
             .await?;
+        let request = read_registration(body).await?;
         return Ok(Json(gateway.register_node(&identity, &request).await?));
     }
+    if !gateway.limiter.allow(source) {
+        return Err(Refusal::Throttled);
+    }
+    let request = {
+        let _reading = gateway.limiter.registration_read().ok_or(Refusal::Busy)?;
+        read_registration(body).await?
+    };
     Ok(Json(gateway.register_external(&request, source).await?))
+}
+
+async fn read_registration(body: axum::body::Body) -> Result<RegisterRequest, Refusal> {
+    let bytes = tokio::time::timeout(
+        REGISTRATION_BODY_DEADLINE,
+        axum::body::to_bytes(body, MAX_REGISTRATION_BODY),
+    )
+    .await
+    .map_err(|_| Refusal::Invalid("the registration took too long to arrive".into()))?
+    .map_err(|_| {
+        Refusal::Invalid(format!(
+            "a registration is at most {MAX_REGISTRATION_BODY} bytes"
+        ))
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|err| Refusal::Invalid(format!("not a registration: {err}")))
 }
 
 async fn heartbeat(
@@ -233,8 +264,21 @@ async fn reboot_decision(
                 Refusal::Gone(format!("no job with uid {}", protocol::bounded(&uid, 64)))
             })?;
         gateway.check_serving(&identity, &job)?;
+        // Only a pending reboot of an unfinished job is worth reading the Node for, and
+        // only within the caller's read budget.
+        let pending = job.status.as_ref().is_some_and(|s| {
+            !s.phase.is_finished()
+                && s.reboot
+                    .as_ref()
+                    .is_some_and(|r| r.state == RebootState::Pending)
+        });
         let node = match job.spec.node.as_deref() {
-            Some(node) if claims_approval(&job) => gateway.node(node).await?,
+            Some(node) if pending && claims_approval(&job) => {
+                if !gateway.agent_reads.allow(&identity.agent) {
+                    return Err(Refusal::Throttled);
+                }
+                gateway.node(node).await?
+            }
             _ => None,
         };
         let decision = reboot_verdict(&job, gateway.paused(&identity.agent), node.as_ref());

@@ -127,7 +127,11 @@ pub fn serving_problem(
             namespace,
         });
     }
-    if agent.spec.mode == AgentMode::Node && job.spec.node.as_deref() != node {
+    // A node's job goes to that node's agent only: never to an external host, even one
+    // that took the name of a node whose Agent was deleted.
+    if (agent.spec.mode == AgentMode::Node || job.spec.node.is_some())
+        && job.spec.node.as_deref() != node
+    {
         return Err(NotServed::OtherNode(name));
     }
     Ok(())

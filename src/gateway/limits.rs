@@ -33,7 +33,7 @@ impl Default for UnauthenticatedLimits {
 /// The bucket a source address is charged to: an IPv4 address (or an IPv4-mapped IPv6
 /// one) on its own, an IPv6 address by its /64 — one host is routinely given a whole /64,
 /// and would otherwise get a fresh bucket for every address it picks from it.
-fn bucket_of(source: IpAddr) -> IpAddr {
+pub fn bucket_of(source: IpAddr) -> IpAddr {
     match source {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -49,7 +49,11 @@ fn bucket_of(source: IpAddr) -> IpAddr {
 pub struct SourceLimiter {
     buckets: DefaultKeyedRateLimiter<IpAddr>,
     registrations: Semaphore,
+    registration_reads: Semaphore,
 }
+
+/// Registration bodies read at once (see [`SourceLimiter::registration_read`]).
+pub const MAX_REGISTRATION_READS: usize = 256;
 
 impl SourceLimiter {
     pub fn new(limits: &UnauthenticatedLimits) -> Self {
@@ -58,6 +62,7 @@ impl SourceLimiter {
         Self {
             buckets: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             registrations: Semaphore::new(limits.max_registrations.max(1)),
+            registration_reads: Semaphore::new(MAX_REGISTRATION_READS),
         }
     }
 
@@ -69,6 +74,13 @@ impl SourceLimiter {
     /// A registration slot, if one is free.
     pub fn registration(&self) -> Option<SemaphorePermit<'_>> {
         self.registrations.try_acquire().ok()
+    }
+
+    /// A slot for reading one unauthenticated registration body, if one is free: at most
+    /// [`MAX_REGISTRATION_READS`] bodies (each at most a few KiB) are held at once,
+    /// however many connections send them.
+    pub fn registration_read(&self) -> Option<SemaphorePermit<'_>> {
+        self.registration_reads.try_acquire().ok()
     }
 
     /// Forgets sources whose buckets are full again, so the map does not grow with every
@@ -84,24 +96,38 @@ impl SourceLimiter {
     }
 }
 
-/// What an authenticated agent may cost in API reads the caches cannot answer (a job
-/// another replica handed out, a job's script bodies): a token bucket per agent, so a
-/// host with a valid credential cannot turn reports about made-up jobs into a stream
-/// of GETs.
-pub struct AgentReads {
+/// What an authenticated agent may cost in API calls the caches cannot spare: a token
+/// bucket per agent, so a host with a valid credential cannot turn its requests into a
+/// stream of API calls — reports about made-up jobs into GETs, reboot polls into Node
+/// reads, announcements with ever-changing labels into Agent writes.
+pub struct AgentBudget {
     buckets: DefaultKeyedRateLimiter<String>,
 }
 
-impl AgentReads {
-    pub fn new(per_second: u32, burst: u32) -> Self {
-        let per_second = NonZeroU32::new(per_second.max(1)).expect("at least 1");
-        let burst = NonZeroU32::new(burst.max(1)).expect("at least 1");
+impl AgentBudget {
+    pub fn new(quota: Quota) -> Self {
         Self {
-            buckets: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+            buckets: RateLimiter::keyed(quota),
         }
     }
 
-    /// Takes one read from `agent`'s bucket; false when it is empty.
+    /// Reads: 50 at once, then 5 a second.
+    pub fn reads() -> Self {
+        Self::new(
+            Quota::per_second(NonZeroU32::new(5).expect("5"))
+                .allow_burst(NonZeroU32::new(50).expect("50")),
+        )
+    }
+
+    /// Writes of an agent's own Agent: 5 at once, then one a minute.
+    pub fn writes() -> Self {
+        Self::new(
+            Quota::per_minute(NonZeroU32::new(1).expect("1"))
+                .allow_burst(NonZeroU32::new(5).expect("5")),
+        )
+    }
+
+    /// Takes one call from `agent`'s bucket; false when it is empty.
     pub fn allow(&self, agent: &str) -> bool {
         self.buckets.check_key(&agent.to_string()).is_ok()
     }
@@ -109,12 +135,6 @@ impl AgentReads {
     pub fn prune(&self) {
         self.buckets.retain_recent();
         self.buckets.shrink_to_fit();
-    }
-}
-
-impl Default for AgentReads {
-    fn default() -> Self {
-        Self::new(5, 50)
     }
 }
 

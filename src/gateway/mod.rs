@@ -38,7 +38,7 @@ use crate::events::EventQueue;
 use auth::{Authenticator, NodePolicy, TokenReviewer};
 use coalesce::ProgressBook;
 use jobs::{JobSignals, JobSigner};
-use limits::{AgentReads, SourceLimiter, UnauthenticatedLimits};
+use limits::{AgentBudget, SourceLimiter, UnauthenticatedLimits};
 use protocol::{ErrorBody, Heartbeat};
 
 /// The last heartbeat of one agent.
@@ -160,7 +160,9 @@ pub struct Gateway {
     /// job whose fetched spec did not check out, so it is not fetched again and again.
     pub(crate) specs: Mutex<FetchedSpecs>,
     /// API reads each agent may cause beyond the caches.
-    pub(crate) agent_reads: AgentReads,
+    pub(crate) agent_reads: AgentBudget,
+    /// Writes of its own Agent each agent may cause.
+    pub(crate) agent_writes: AgentBudget,
     /// One wake-up per agent, so a job change answers only its own agent's long-poll.
     pub job_signals: Arc<JobSignals>,
     pub heartbeats: Heartbeats,
@@ -198,7 +200,8 @@ impl Gateway {
             auth,
             signer,
             specs: Mutex::new(HashMap::new()),
-            agent_reads: AgentReads::default(),
+            agent_reads: AgentBudget::reads(),
+            agent_writes: AgentBudget::writes(),
             job_signals,
             heartbeats,
             status_writes: Default::default(),
@@ -222,6 +225,7 @@ impl Gateway {
         self.job_signals.prune(&self.caches.jobs);
         self.limiter.prune();
         self.agent_reads.prune();
+        self.agent_writes.prune();
         let now = Instant::now();
         self.specs
             .lock()

@@ -74,10 +74,8 @@ impl Gateway {
         if let Some(why) = registration_problem(request) {
             return Err(Refusal::Invalid(why));
         }
+        // The source was charged before its body was read (see the handler).
         let _slot = self.limiter.registration().ok_or(Refusal::Busy)?;
-        if !self.limiter.allow(source) {
-            return Err(Refusal::Throttled);
-        }
         let name = request.name.as_str();
         let token = self.bootstrap_token(request.bootstrap_token.as_deref(), source)?;
         if self.caches.agents.get(&ObjectRef::new(name)).is_some() {
@@ -160,6 +158,9 @@ impl Gateway {
                 agent: node.to_string(),
                 credential: None,
             });
+        }
+        if !self.agent_writes.allow(node) {
+            return Err(Refusal::Throttled);
         }
         let spec = AgentSpec {
             mode: AgentMode::Node,

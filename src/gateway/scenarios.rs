@@ -468,6 +468,11 @@ async fn a_job_is_over_once_its_final_report_is_written_whatever_the_cache_says(
 /// A node agent's job carries an "Approved" its plan's author wrote by hand: the
 /// gateway asks the Node, which records no drain, so the agent waits; once the Node
 /// records the drain for this job, the reboot is approved.
+/// A running job whose host waits for permission to reboot.
+fn waiting_to_reboot() -> crate::api::patchjob::PatchJobStatus {
+    typed(json!({"phase": "Running", "reboot": {"state": "Pending"}}))
+}
+
 /// Node node-a's agent: its token reviews as the node agent bound to node-a, and its
 /// Agent is cached (admitting plans from the namespaces in `allowed`).
 fn node_agent_fixture(allowed: Value) -> Fixture {
@@ -555,6 +560,7 @@ async fn a_node_reboot_is_approved_only_when_the_node_records_the_drain() {
         ]
         .into(),
     );
+    job.status = Some(waiting_to_reboot());
     cached_job(&mut fixture, &job);
     let path = "/agent/v1/jobs/uid-weekly-m1-node-a/reboot?waitSeconds=0";
     let ask = |fixture: &Fixture| {
@@ -686,6 +692,7 @@ async fn reboot_decision_polls_cost_node_reads_only_within_a_budget() {
         ]
         .into(),
     );
+    job.status = Some(waiting_to_reboot());
     cached_job(&mut fixture, &job);
     let path = "/agent/v1/jobs/uid-weekly-m1-node-a/reboot?waitSeconds=0";
     let mut reads = 0;

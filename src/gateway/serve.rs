@@ -131,7 +131,9 @@ impl ConnectionSlots {
 
     /// A slot for a connection from `source`, or `None` when the gateway is full or the
     /// source holds its share.
+    /// Sources are counted as the rate limits count them: an IPv6 address by its /64.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Option<ConnectionSlot> {
+        let source = super::limits::bucket_of(source);
         let total = self.total.clone().try_acquire_owned().ok()?;
         let mut per_source = self.per_source.lock();
         let held = per_source.entry(source).or_insert(0);
