@@ -1,6 +1,8 @@
 //! `fleetpatch agent exec` with real processes, real timeouts and signals, a real HTTP
 //! server for downloads, a crash by `kill -9`, and a simulated reboot.
 
+mod support;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -1017,13 +1019,10 @@ impl Drop for TestCgroup {
 fn with_a_cgroup_each_action_has_its_own_and_it_ends_with_cgroup_kill() {
     let cgroup = match TestCgroup::new() {
         Ok(cgroup) => cgroup,
-        Err(why)
-            if std::env::var("CI").as_deref() == Ok("true") && nix::unistd::geteuid().is_root() =>
-        {
-            panic!("CI runs as root with cgroup v2, so this test must run: {why}")
-        }
         Err(why) => {
-            eprintln!("skipped: {why}");
+            support::prerequisite::missing(&format!(
+                "the cgroup test needs a cgroup v2 hierarchy it may make a child in (root): {why}"
+            ));
             return;
         }
     };

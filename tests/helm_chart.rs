@@ -16,31 +16,11 @@ use std::process::{Command, Output};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use support::prerequisite::tool;
 use support::{Cluster, Kubectl, repo};
 
 const NAMESPACE: &str = "fleetpatch-system";
 const RELEASE: &str = "fleetpatch";
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-fn tool(name: &str) -> Option<PathBuf> {
-    let path = repo().join("target/tools/bin").join(name);
-    if path.exists() {
-        return Some(path);
-    }
-    assert!(
-        !ci(),
-        "{} is missing and CI is set: run scripts/install-test-tools.sh first",
-        path.display()
-    );
-    eprintln!(
-        "\n!!!!! SKIPPING: {} is missing; run scripts/install-test-tools.sh to run the chart tests !!!!!\n",
-        path.display()
-    );
-    None
-}
 
 fn chart() -> PathBuf {
     repo().join("charts/fleetpatch")

@@ -4,6 +4,8 @@
 //! started through the agent's process runner must see that process's hostname and
 //! mounts, and the agent itself must not.
 
+mod support;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -36,8 +38,7 @@ async fn children_run_in_the_hosts_namespaces() {
         .stderr(Stdio::piped())
         .spawn();
     let Ok(child) = spawned else {
-        eprintln!("\n!!!!! SKIPPING: unshare is not installed !!!!!\n");
-        assert!(std::env::var_os("CI").is_none(), "CI must have unshare");
+        support::prerequisite::missing("unshare (util-linux) is not installed");
         return;
     };
     let mut host = Host(child);
@@ -53,9 +54,9 @@ async fn children_run_in_the_hosts_namespaces() {
                 .read_to_string(&mut err)
                 .unwrap();
             if !nix::unistd::geteuid().is_root() {
-                eprintln!(
-                    "\n!!!!! SKIPPING: making namespaces needs root ({status}: {err}) !!!!!\n"
-                );
+                support::prerequisite::missing(&format!(
+                    "making namespaces needs root ({status}: {err})"
+                ));
                 return;
             }
             panic!("unshare failed as root ({status}): {err}");
