@@ -480,7 +480,8 @@ fn forget_if_finished(journal: &Journal, uid: &str) {
 
 /// Sends what the outbox holds until the gateway has written it, retrying with backoff.
 /// A job the gateway takes no more reports for (409: it is finished there; 404/410: it
-/// is gone) is closed: the agent stops reporting it, stops running it, and forgets it.
+/// is gone; 403: it is no longer served to this agent — its signature broke, or the
+/// agent stopped accepting its namespace) is closed: the agent stops reporting it, stops running it, and forgets it.
 async fn deliver(client: GatewayClient, outbox: Arc<Outbox>, journal: Journal, running: Running) {
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -537,6 +538,7 @@ async fn deliver(client: GatewayClient, outbox: Arc<Outbox>, journal: Journal, r
                             reqwest::StatusCode::CONFLICT
                                 | reqwest::StatusCode::GONE
                                 | reqwest::StatusCode::NOT_FOUND
+                                | reqwest::StatusCode::FORBIDDEN
                         )
                     ) =>
                 {
@@ -945,14 +947,24 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_job_that_ran_here_is_never_run_again_under_any_uid() {
+    /// A journal in a temporary directory, and the spec of a job of web-1.
+    fn scratch() -> (
+        tempfile::TempDir,
+        Journal,
+        crate::api::patchjob::PatchJobSpec,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::open(dir.path()).unwrap();
-        let spec: crate::api::patchjob::PatchJobSpec = serde_json::from_value(
+        let spec = serde_json::from_value(
             serde_json::json!({"agent": "web-1", "plan": "weekly", "run": "m1", "os": "Linux"}),
         )
         .unwrap();
+        (dir, journal, spec)
+    }
+
+    #[test]
+    fn a_job_that_ran_here_is_never_run_again_under_any_uid() {
+        let (_dir, journal, spec) = scratch();
         let name = "team/weekly-m1-web-1";
         assert_eq!(
             first_sight(&journal, "uid-1", 0, name, &spec),
@@ -1003,12 +1015,7 @@ mod tests {
     /// second time.
     #[test]
     fn a_copy_of_a_finished_job_whose_report_is_still_undelivered_is_not_run_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(dir.path()).unwrap();
-        let spec: crate::api::patchjob::PatchJobSpec = serde_json::from_value(
-            serde_json::json!({"agent": "web-1", "plan": "weekly", "run": "m1", "os": "Linux"}),
-        )
-        .unwrap();
+        let (_dir, journal, spec) = scratch();
         let name = "team/weekly-m1-web-1";
         let mut record = executor::new_record("uid-1", name.to_string(), spec.clone());
         record.status.phase = crate::api::patchjob::JobPhase::Succeeded;

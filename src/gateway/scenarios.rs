@@ -468,9 +468,31 @@ async fn a_job_is_over_once_its_final_report_is_written_whatever_the_cache_says(
 /// A node agent's job carries an "Approved" its plan's author wrote by hand: the
 /// gateway asks the Node, which records no drain, so the agent waits; once the Node
 /// records the drain for this job, the reboot is approved.
-/// A running job whose host waits for permission to reboot.
-fn waiting_to_reboot() -> crate::api::patchjob::PatchJobStatus {
-    typed(json!({"phase": "Running", "reboot": {"state": "Pending"}}))
+/// Caches a signed job of node-a's agent that waits to reboot and whose annotations
+/// approve the reboot — as its plan's author may write them by hand.
+fn self_approved_node_job(fixture: &mut Fixture) {
+    let mut job = full_job(fixture);
+    job.metadata = stored("weekly-m1-node-a", Some("team"));
+    job.spec.agent = "node-a".into();
+    job.spec.node = Some("node-a".into());
+    let signature = fixture
+        .ctx
+        .signer
+        .sign("team", "weekly-m1-node-a", &job.spec);
+    job.metadata.annotations = Some(
+        [
+            (SIGNATURE_ANNOTATION.to_string(), signature),
+            (
+                crate::api::common::REBOOT_DECISION_ANNOTATION.to_string(),
+                "Approved".to_string(),
+            ),
+        ]
+        .into(),
+    );
+    job.status = Some(typed(
+        json!({"phase": "Running", "reboot": {"state": "Pending"}}),
+    ));
+    cached_job(fixture, &job);
 }
 
 /// Node node-a's agent: its token reviews as the node agent bound to node-a, and its
@@ -542,26 +564,7 @@ async fn a_node_agent_announcing_itself_again_writes_nothing() {
 #[tokio::test]
 async fn a_node_reboot_is_approved_only_when_the_node_records_the_drain() {
     let mut fixture = node_agent_fixture(json!({"namespaces": {"from": "All"}}));
-    let mut job = full_job(&fixture);
-    job.metadata = stored("weekly-m1-node-a", Some("team"));
-    job.spec.agent = "node-a".into();
-    job.spec.node = Some("node-a".into());
-    let signature = fixture
-        .ctx
-        .signer
-        .sign("team", "weekly-m1-node-a", &job.spec);
-    job.metadata.annotations = Some(
-        [
-            (SIGNATURE_ANNOTATION.to_string(), signature),
-            (
-                crate::api::common::REBOOT_DECISION_ANNOTATION.to_string(),
-                "Approved".to_string(),
-            ),
-        ]
-        .into(),
-    );
-    job.status = Some(waiting_to_reboot());
-    cached_job(&mut fixture, &job);
+    self_approved_node_job(&mut fixture);
     let path = "/agent/v1/jobs/uid-weekly-m1-node-a/reboot?waitSeconds=0";
     let ask = |fixture: &Fixture| {
         let gateway = fixture.ctx.gateway.clone();
@@ -674,26 +677,7 @@ async fn reports_about_unknown_jobs_cost_reads_only_within_a_budget() {
 #[tokio::test]
 async fn reboot_decision_polls_cost_node_reads_only_within_a_budget() {
     let mut fixture = node_agent_fixture(json!({"namespaces": {"from": "All"}}));
-    let mut job = full_job(&fixture);
-    job.metadata = stored("weekly-m1-node-a", Some("team"));
-    job.spec.agent = "node-a".into();
-    job.spec.node = Some("node-a".into());
-    let signature = fixture
-        .ctx
-        .signer
-        .sign("team", "weekly-m1-node-a", &job.spec);
-    job.metadata.annotations = Some(
-        [
-            (SIGNATURE_ANNOTATION.to_string(), signature),
-            (
-                crate::api::common::REBOOT_DECISION_ANNOTATION.to_string(),
-                "Approved".to_string(),
-            ),
-        ]
-        .into(),
-    );
-    job.status = Some(waiting_to_reboot());
-    cached_job(&mut fixture, &job);
+    self_approved_node_job(&mut fixture);
     let path = "/agent/v1/jobs/uid-weekly-m1-node-a/reboot?waitSeconds=0";
     let mut reads = 0;
     for _ in 0..200 {
