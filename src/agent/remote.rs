@@ -6,10 +6,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -18,8 +19,8 @@ use crate::api::agent::Platform;
 use crate::api::patchjob::PatchJobStatus;
 use crate::gateway::auth::NODE_HEADER;
 use crate::gateway::protocol::{
-    Assignments, Heartbeat, HeartbeatAnswer, JobName, ProgressAck, ProgressReport, RebootDecision,
-    RebootVerdict, RegisterRequest, RegisterResponse, decode_spec,
+    Assignment, Assignments, Heartbeat, HeartbeatAnswer, JobName, ProgressAck, ProgressReport,
+    RebootDecision, RebootVerdict, RegisterRequest, RegisterResponse, decode_spec,
 };
 
 use super::executor::{self, Cancellation, Event, Executor, RunOutcome};
@@ -372,30 +373,19 @@ struct Outbox {
 
 impl Outbox {
     fn put(&self, record: &JobRecord) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                record.id.clone(),
-                (record.sequence, record.status.clone(), record.name.clone()),
-            );
+        self.pending.lock().insert(
+            record.id.clone(),
+            (record.sequence, record.status.clone(), record.name.clone()),
+        );
         self.wake.notify_one();
     }
 
     fn acknowledged(&self, uid: &str) -> i64 {
-        self.acknowledged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(uid)
-            .copied()
-            .unwrap_or(0)
+        self.acknowledged.lock().get(uid).copied().unwrap_or(0)
     }
 
     fn closed(&self, uid: &str) -> bool {
-        self.closed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(uid)
+        self.closed.lock().contains(uid)
     }
 }
 
@@ -488,7 +478,6 @@ async fn deliver(client: GatewayClient, outbox: Arc<Outbox>, journal: Journal, r
         let batch: Vec<(String, i64, PatchJobStatus, String)> = outbox
             .pending
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|(k, (s, st, n))| (k.clone(), *s, st.clone(), n.clone()))
             .collect();
@@ -514,10 +503,9 @@ async fn deliver(client: GatewayClient, outbox: Arc<Outbox>, journal: Journal, r
                     outbox
                         .acknowledged
                         .lock()
-                        .unwrap_or_else(|p| p.into_inner())
                         .insert(uid.clone(), ack.acknowledged_sequence);
                     if ack.acknowledged_sequence >= sequence {
-                        let mut pending = outbox.pending.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut pending = outbox.pending.lock();
                         if pending
                             .get(&uid)
                             .is_some_and(|(s, _, _)| *s <= ack.acknowledged_sequence)
@@ -543,22 +531,14 @@ async fn deliver(client: GatewayClient, outbox: Arc<Outbox>, journal: Journal, r
                     ) =>
                 {
                     tracing::warn!(job = %name, error = %err, "the gateway takes no more reports for this job; forgetting it");
-                    let current = running.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let current = running.lock().clone();
                     if let Some(job) = current.filter(|job| job.uid == uid) {
                         job.cancel
                             .cancel("the gateway takes no more reports for this job (it ended there, or is gone)");
                     }
-                    outbox
-                        .pending
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&uid);
+                    outbox.pending.lock().remove(&uid);
                     forget_if_finished(&journal, &uid);
-                    outbox
-                        .closed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(uid);
+                    outbox.closed.lock().insert(uid);
                 }
                 Err(err) => {
                     tracing::warn!(job = %uid, error = %err, "cannot deliver progress; keeping it");
@@ -595,7 +575,7 @@ async fn send_heartbeats(
     running: Running,
 ) {
     loop {
-        let job = running.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let job = running.lock().clone();
         let beat = Heartbeat {
             version: env!("CARGO_PKG_VERSION").into(),
             hostname: Some(hostname()),
@@ -734,7 +714,6 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
         journal.clone(),
         running.clone(),
     ));
-
     let detected = patcher::detect();
     tokio::spawn(send_heartbeats(
         client.clone(),
@@ -742,204 +721,265 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
         platform(detected.as_deref().map(|p| p.name())),
         running.clone(),
     ));
-
-    let host_rebooter = HostRebooter;
     let simulated = SimulatedRebooter {
         counter_file: options.state_dir.join("simulated-boot-id"),
     };
-    let rebooter: &dyn Rebooter = if options.simulate_reboot {
-        &simulated
-    } else {
-        &host_rebooter
+    let worker = Worker {
+        gate: GatewayRebootGate {
+            client: client.clone(),
+        },
+        client,
+        journal,
+        outbox,
+        running,
+        patcher: detected,
+        rebooter: if options.simulate_reboot {
+            &simulated
+        } else {
+            &HostRebooter
+        },
+        reboot_refusal: (options.node.is_none() && !options.allow_reboot).then_some(
+            "this agent reboots its host only when started with --allow-reboot (as the shipped systemd unit does)",
+        ),
+        options: &options,
     };
-    let reboot_refusal = (options.node.is_none() && !options.allow_reboot).then_some(
-        "this agent reboots its host only when started with --allow-reboot (as the shipped systemd unit does)",
-    );
-    // Every agent asks before it reboots: node agents wait for the drain, and any
-    // agent's reboot is called off when its job was cancelled.
-    let gate = GatewayRebootGate {
-        client: client.clone(),
-    };
-    let mut backoff = Duration::from_millis(500);
-    let mut idle = Duration::from_secs(1);
-    loop {
-        // Unfinished jobs in the journal first: they were cut off by a crash or a reboot.
-        let mut work: Vec<JobRecord> = journal.unfinished()?;
-        if work.is_empty() {
-            let polled = async {
-                let request =
-                    client.request(reqwest::Method::GET, "/agent/v1/assignments?waitSeconds=25")?;
-                client.send::<Assignments>(request).await
-            }
-            .await;
-            let assignments = match polled {
-                Ok(assignments) => {
-                    backoff = Duration::from_millis(500);
-                    assignments
-                }
-                Err(err) => {
-                    if err.status() == Some(reqwest::StatusCode::UNAUTHORIZED) {
-                        tracing::error!(error = %err, "the gateway no longer accepts this agent's credential (revoked, or its Agent deleted)");
-                        backoff = backoff.max(Duration::from_secs(15));
-                    } else {
-                        tracing::warn!(error = %err, "cannot fetch assignments; retrying");
-                    }
-                    tokio::time::sleep(jitter(backoff)).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(60));
-                    continue;
-                }
-            };
-            for assignment in assignments.jobs {
-                let journaled = match journal.load(&assignment.uid) {
-                    Ok(journaled) => journaled,
-                    // What the host did for this job is unknown: it is not run (again)
-                    // but reported failed, so a person looks.
-                    Err(err @ super::journal::JournalError::Quarantined { .. }) => {
-                        tracing::error!(job = %assignment.name, error = %err, "the journal of a job is unreadable; reporting it failed, not running it");
-                        if let Ok(spec) = decode_spec(&assignment.spec) {
-                            let mut record = executor::new_record(
-                                &assignment.uid,
-                                format!("{}/{}", assignment.namespace, assignment.name),
-                                spec,
-                            );
-                            record.sequence = assignment.acknowledged_sequence;
-                            fail_in_memory(
-                                &mut record,
-                                "JournalFailed",
-                                &format!(
-                                    "the agent's journal of this job was unreadable and moved aside; not run again: {err}"
-                                ),
-                            );
-                            outbox.put(&record);
-                        }
-                        continue;
-                    }
-                    Err(err) => return Err(err.into()),
-                };
-                match journaled {
-                    // Finished here but not yet recorded there: report again, never re-run.
-                    Some(record) if record.is_finished() => outbox.put(&record),
-                    Some(record) => work.push(record),
-                    None if outbox.closed(&assignment.uid) => {}
-                    None => match decode_spec(&assignment.spec) {
-                        Ok(spec) => {
-                            let name = format!("{}/{}", assignment.namespace, assignment.name);
-                            match first_sight(
-                                &journal,
-                                &assignment.uid,
-                                assignment.acknowledged_sequence,
-                                &name,
-                                &spec,
-                            ) {
-                                FirstSight::Run => {}
-                                FirstSight::Skip => continue,
-                                FirstSight::Refuse { reason, message } => {
-                                    tracing::error!(job = %name, %message, "not running a job again");
-                                    let mut record =
-                                        executor::new_record(&assignment.uid, name, spec);
-                                    record.sequence = assignment.acknowledged_sequence;
-                                    fail_in_memory(&mut record, reason, &message);
-                                    outbox.put(&record);
-                                    continue;
-                                }
-                            }
-                            let mut record = executor::new_record(&assignment.uid, name, spec);
-                            record.sequence = assignment.acknowledged_sequence;
-                            match journal.save(&record) {
-                                Ok(()) => work.push(record),
-                                // Without a journal the job cannot be run at most once.
-                                Err(err) => {
-                                    tracing::error!(job = %record.name, error = %err, "cannot journal a new job (is the disk full?); not starting it");
-                                    tokio::time::sleep(Duration::from_secs(30)).await;
-                                }
-                            }
-                        }
-                        Err(err) => {
-                            tracing::error!(job = %assignment.name, error = %err, "refusing a job whose scripts do not verify")
-                        }
-                    },
-                }
-            }
+    worker.work().await
+}
+
+/// What the agent's work loop needs: the journal, the gateway, and how to run a job.
+struct Worker<'a> {
+    client: GatewayClient,
+    journal: Journal,
+    outbox: Arc<Outbox>,
+    running: Running,
+    patcher: Option<Box<dyn patcher::Patcher>>,
+    rebooter: &'a dyn Rebooter,
+    /// Every agent asks before it reboots: node agents wait for the drain, and any
+    /// agent's reboot is called off when its job was cancelled.
+    gate: GatewayRebootGate,
+    /// Why this agent does not reboot its host, if it does not.
+    reboot_refusal: Option<&'static str>,
+    options: &'a RunOptions,
+}
+
+impl Worker<'_> {
+    /// Runs jobs until the agent is stopped; returns only for a simulated reboot.
+    async fn work(&self) -> anyhow::Result<u8> {
+        let mut backoff = Duration::from_millis(500);
+        let mut idle = Duration::from_secs(1);
+        loop {
+            // Unfinished jobs in the journal first: they were cut off by a crash or a reboot.
+            let mut work: Vec<JobRecord> = self.journal.unfinished()?;
             if work.is_empty() {
-                // Handed only what must not run (a lagging gateway lists a job that just
-                // ended): ask again after a pause rather than at once.
-                tokio::time::sleep(jitter(idle)).await;
-                idle = (idle * 2).min(Duration::from_secs(30));
-                continue;
-            }
-            idle = Duration::from_secs(1);
-        }
-        for mut record in work {
-            let cancel = Arc::new(Cancellation::default());
-            if outbox.closed(&record.id) {
-                cancel.cancel("the gateway takes no more reports for this job");
-            }
-            *running.lock().unwrap_or_else(|p| p.into_inner()) = Some(RunningJob {
-                uid: record.id.clone(),
-                name: record.name.clone(),
-                cancel: cancel.clone(),
-            });
-            let events = outbox.clone();
-            let on_event = move |record: &JobRecord, _event: &Event| events.put(record);
-            let executor = Executor {
-                journal: &journal,
-                work_dir: options.state_dir.join("work"),
-                patcher: if record.spec.patches.skip {
-                    None
-                } else {
-                    detected.as_deref()
-                },
-                rebooter,
-                minute: Duration::from_millis(options.minute_ms),
-                max_download_bytes: super::download::DEFAULT_MAX_BYTES,
-                on_event: &on_event,
-                reboot_gate: Some(&gate),
-                cancel: Some(&cancel),
-                reboot_refusal,
-            };
-            let outcome = match executor.run(&mut record).await {
-                Ok(outcome) => outcome,
-                Err(err) => {
-                    // A full disk, say: the job cannot go on safely. Its failure is
-                    // reported from memory; once the journal can be written again the
-                    // journaled state is picked up (and any report of it is refused
-                    // as the job is final).
-                    tracing::error!(job = %record.name, error = %err, "cannot write the journal; the job is reported failed");
-                    fail_in_memory(
-                        &mut record,
-                        "JournalFailed",
-                        &format!("the agent cannot write its journal: {err}"),
-                    );
-                    outbox.put(&record);
-                    *running.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    tokio::time::sleep(Duration::from_secs(30)).await;
+                let Some(assignments) = self.poll(&mut backoff).await else {
+                    continue;
+                };
+                for assignment in assignments.jobs {
+                    work.extend(self.take(assignment).await?);
+                }
+                if work.is_empty() {
+                    // Handed only what must not run (a lagging gateway lists a job that
+                    // just ended): ask again after a pause rather than at once.
+                    tokio::time::sleep(jitter(idle)).await;
+                    idle = (idle * 2).min(Duration::from_secs(30));
                     continue;
                 }
-            };
-            outbox.put(&record);
-            if outcome == RunOutcome::Rebooting {
+                idle = Duration::from_secs(1);
+            }
+            for record in work {
+                if let Some(exit) = self.execute(record).await {
+                    return Ok(exit);
+                }
+            }
+            self.retire_delivered()?;
+        }
+    }
+
+    /// The caller's assignments, long-polled; `None` (after a pause) when the gateway
+    /// could not be asked.
+    async fn poll(&self, backoff: &mut Duration) -> Option<Assignments> {
+        let polled = async {
+            let request = self
+                .client
+                .request(reqwest::Method::GET, "/agent/v1/assignments?waitSeconds=25")?;
+            self.client.send::<Assignments>(request).await
+        }
+        .await;
+        match polled {
+            Ok(assignments) => {
+                *backoff = Duration::from_millis(500);
+                Some(assignments)
+            }
+            Err(err) => {
+                if err.status() == Some(reqwest::StatusCode::UNAUTHORIZED) {
+                    tracing::error!(error = %err, "the gateway no longer accepts this agent's credential (revoked, or its Agent deleted)");
+                    *backoff = (*backoff).max(Duration::from_secs(15));
+                } else {
+                    tracing::warn!(error = %err, "cannot fetch assignments; retrying");
+                }
+                tokio::time::sleep(jitter(*backoff)).await;
+                *backoff = (*backoff * 2).min(Duration::from_secs(60));
+                None
+            }
+        }
+    }
+
+    /// What an assignment adds to the work: its journaled record, or a new one — or
+    /// nothing, when it must not run (it is then reported, where there is something to
+    /// say).
+    async fn take(&self, assignment: Assignment) -> anyhow::Result<Option<JobRecord>> {
+        let name = format!("{}/{}", assignment.namespace, assignment.name);
+        let journaled = match self.journal.load(&assignment.uid) {
+            Ok(journaled) => journaled,
+            // What the host did for this job is unknown: it is not run (again) but
+            // reported failed, so a person looks.
+            Err(err @ super::journal::JournalError::Quarantined { .. }) => {
+                tracing::error!(job = %name, error = %err, "the journal of a job is unreadable; reporting it failed, not running it");
+                self.refuse(&assignment, name, "JournalFailed", &format!(
+                    "the agent's journal of this job was unreadable and moved aside; not run again: {err}"
+                ));
+                return Ok(None);
+            }
+            Err(err) => return Err(err.into()),
+        };
+        match journaled {
+            // Finished here but not yet recorded there: report again, never re-run.
+            Some(record) if record.is_finished() => {
+                self.outbox.put(&record);
+                return Ok(None);
+            }
+            Some(record) => return Ok(Some(record)),
+            None if self.outbox.closed(&assignment.uid) => return Ok(None),
+            None => {}
+        }
+        let spec = match decode_spec(&assignment.spec) {
+            Ok(spec) => spec,
+            Err(err) => {
+                tracing::error!(job = %name, error = %err, "refusing a job whose scripts do not verify");
+                return Ok(None);
+            }
+        };
+        match first_sight(
+            &self.journal,
+            &assignment.uid,
+            assignment.acknowledged_sequence,
+            &name,
+            &spec,
+        ) {
+            FirstSight::Run => {}
+            FirstSight::Skip => return Ok(None),
+            FirstSight::Refuse { reason, message } => {
+                tracing::error!(job = %name, %message, "not running a job again");
+                self.refuse(&assignment, name, reason, &message);
+                return Ok(None);
+            }
+        }
+        let mut record = executor::new_record(&assignment.uid, name, spec);
+        record.sequence = assignment.acknowledged_sequence;
+        match self.journal.save(&record) {
+            Ok(()) => Ok(Some(record)),
+            // Without a journal the job cannot be run at most once.
+            Err(err) => {
+                tracing::error!(job = %record.name, error = %err, "cannot journal a new job (is the disk full?); not starting it");
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Reports an assigned job failed without running it.
+    fn refuse(&self, assignment: &Assignment, name: String, reason: &str, message: &str) {
+        let Ok(spec) = decode_spec(&assignment.spec) else {
+            return;
+        };
+        let mut record = executor::new_record(&assignment.uid, name, spec);
+        record.sequence = assignment.acknowledged_sequence;
+        fail_in_memory(&mut record, reason, message);
+        self.outbox.put(&record);
+    }
+
+    /// Runs one job to its end, or until the host reboots: `Some(exit code)` when a
+    /// simulated reboot ends the agent.
+    async fn execute(&self, mut record: JobRecord) -> Option<u8> {
+        let cancel = Arc::new(Cancellation::default());
+        if self.outbox.closed(&record.id) {
+            cancel.cancel("the gateway takes no more reports for this job");
+        }
+        *self.running.lock() = Some(RunningJob {
+            uid: record.id.clone(),
+            name: record.name.clone(),
+            cancel: cancel.clone(),
+        });
+        let events = self.outbox.clone();
+        let on_event = move |record: &JobRecord, _event: &Event| events.put(record);
+        let executor = Executor {
+            journal: &self.journal,
+            work_dir: self.options.state_dir.join("work"),
+            patcher: if record.spec.patches.skip {
+                None
+            } else {
+                self.patcher.as_deref()
+            },
+            rebooter: self.rebooter,
+            minute: Duration::from_millis(self.options.minute_ms),
+            max_download_bytes: super::download::DEFAULT_MAX_BYTES,
+            on_event: &on_event,
+            reboot_gate: Some(&self.gate),
+            cancel: Some(&cancel),
+            reboot_refusal: self.reboot_refusal,
+        };
+        let outcome = executor.run(&mut record).await;
+        if !matches!(outcome, Ok(RunOutcome::Rebooting)) {
+            *self.running.lock() = None;
+        }
+        match outcome {
+            Ok(RunOutcome::Rebooting) => {
+                self.outbox.put(&record);
                 // Give the gateway a moment to hear that the host is rebooting.
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                while outbox.acknowledged(&record.id) < record.sequence
+                while self.outbox.acknowledged(&record.id) < record.sequence
                     && tokio::time::Instant::now() < deadline
                 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                if options.simulate_reboot {
-                    return Ok(super::local::EXIT_REBOOTING);
+                if self.options.simulate_reboot {
+                    return Some(super::local::EXIT_REBOOTING);
                 }
                 tracing::info!("waiting for the host to reboot");
                 std::future::pending::<()>().await;
+                None
             }
-            *running.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        }
-        // Retire finished jobs the gateway has written, or will take nothing more for.
-        for record in journal.all()? {
-            let delivered = outbox.acknowledged(&record.id) >= record.sequence;
-            if record.is_finished() && (delivered || outbox.closed(&record.id)) {
-                journal.retire(&record)?;
+            Ok(_) => {
+                self.outbox.put(&record);
+                None
+            }
+            Err(err) => {
+                // A full disk, say: the job cannot go on safely. Its failure is reported
+                // from memory; once the journal can be written again the journaled
+                // state is picked up (and any report of it is refused as the job is
+                // final).
+                tracing::error!(job = %record.name, error = %err, "cannot write the journal; the job is reported failed");
+                fail_in_memory(
+                    &mut record,
+                    "JournalFailed",
+                    &format!("the agent cannot write its journal: {err}"),
+                );
+                self.outbox.put(&record);
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                None
             }
         }
+    }
+
+    /// Retires finished jobs the gateway has written, or will take nothing more for.
+    fn retire_delivered(&self) -> anyhow::Result<()> {
+        for record in self.journal.all()? {
+            let delivered = self.outbox.acknowledged(&record.id) >= record.sequence;
+            if record.is_finished() && (delivered || self.outbox.closed(&record.id)) {
+                self.journal.retire(&record)?;
+            }
+        }
+        Ok(())
     }
 }
 
