@@ -157,6 +157,7 @@ fn windows_update(include: &[String], exclude: &[String]) -> String {
         include: include.to_vec(),
         exclude: exclude.to_vec(),
         skip: false,
+        fail_when: Default::default(),
     })
 }
 

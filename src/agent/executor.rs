@@ -1058,6 +1058,12 @@ impl Executor<'_> {
             status.observed_generation,
             now(),
         );
+        conditions::set_patches_partially_failed(
+            &mut status.conditions,
+            status.patches.as_ref(),
+            status.observed_generation,
+            now(),
+        );
         let _ = std::fs::remove_dir_all(self.job_dir(record));
         self.save(record, Event::JobFinished)
     }

@@ -42,6 +42,20 @@ pub enum PatchClassification {
     All,
 }
 
+/// When the patch step of a job counts as failed.
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum PatchFailWhen {
+    /// Only when patches were wanted and none installed (JetPatch): some installed and
+    /// some failed is a success that lists the failures, with the job's
+    /// `PatchesPartiallyFailed` condition.
+    #[default]
+    AllFailed,
+    /// As soon as one wanted patch failed.
+    AnyFailed,
+}
+
 fn default_classifications() -> Vec<PatchClassification> {
     vec![PatchClassification::Security, PatchClassification::Critical]
 }
@@ -69,6 +83,10 @@ pub struct PatchSelection {
     /// Run only the workflow's actions, install no patches.
     #[serde(default)]
     pub skip: bool,
+    /// When the patch step fails: `AllFailed` (default) only when none of the wanted
+    /// patches installed, `AnyFailed` as soon as one did not.
+    #[serde(default)]
+    pub fail_when: PatchFailWhen,
 }
 
 impl Default for PatchSelection {
@@ -78,6 +96,7 @@ impl Default for PatchSelection {
             include: vec![],
             exclude: vec![],
             skip: false,
+            fail_when: PatchFailWhen::default(),
         }
     }
 }

@@ -322,6 +322,14 @@ pub fn accept_report(
             None,
             now,
         );
+        // The place for a PatchesPartiallyFailed Event is where this status is
+        // written and the condition first appears (`Gateway::write_status`).
+        conditions::set_patches_partially_failed(
+            &mut status.conditions,
+            status.patches.as_ref(),
+            None,
+            now,
+        );
         status.completion_time = Some(Time(now));
     }
     status.last_sequence = Some(report.sequence);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use regex::Regex;
 
-use crate::api::patchjob::{ActionPhase, PatchResults};
+use crate::api::patchjob::PatchResults;
 use crate::api::plan::PatchSelection;
 
 use super::{
@@ -360,8 +360,14 @@ impl Patcher for Apt {
             .await?;
             let reboot_required = || self.reboot_marker.exists();
             if wanted.is_empty() {
-                let mut results = results(self.name(), &[], &Default::default(), reboot_required());
-                add_failures(&mut results, held_back);
+                let mut results = results(
+                    self.name(),
+                    &[],
+                    &Default::default(),
+                    reboot_required(),
+                    selection.fail_when,
+                );
+                add_failures(&mut results, held_back, selection.fail_when);
                 return Ok(with_kept_back(results, &kept_back));
             }
             let names: Vec<String> = wanted.iter().map(|u| u.name.clone()).collect();
@@ -389,11 +395,12 @@ impl Patcher for Apt {
                 &wanted,
                 &installed_versions(&wanted, &parse_installed(&installed.stdout)),
                 reboot_required(),
+                selection.fail_when,
             );
-            if results.phase == ActionPhase::Failed {
+            if !results.failed.is_empty() {
                 results.message = format!("{}\n{}", results.message, install.output_tail);
             }
-            add_failures(&mut results, held_back);
+            add_failures(&mut results, held_back, selection.fail_when);
             for note in notes {
                 results.message = format!("{}; {note}", results.message);
             }
@@ -570,7 +577,7 @@ Inst openssl [3.0.11-1~deb12u2] (3.0.13-1~deb12u1 Debian-Security:12/stable-secu
         );
         assert!(parse_kept_back(SIMULATION).is_empty());
         let results = with_kept_back(
-            results("apt", &[], &Default::default(), false),
+            results("apt", &[], &Default::default(), false, Default::default()),
             &parse_kept_back(output),
         );
         assert_eq!(

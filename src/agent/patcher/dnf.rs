@@ -331,7 +331,13 @@ impl Patcher for Dnf {
                 let (reboot, note) = Self::reboot(self.needs_restarting(timeout).await, &[]);
                 notes.extend(note);
                 return Ok(with_notes(
-                    results(program, &[], &Default::default(), reboot),
+                    results(
+                        program,
+                        &[],
+                        &Default::default(),
+                        reboot,
+                        selection.fail_when,
+                    ),
                     &notes,
                 ));
             }
@@ -343,7 +349,7 @@ impl Patcher for Dnf {
             query.extend(names.iter().map(String::as_str));
             let installed = run(&self.commands.spec("rpm", &query, &[], timeout), &[0, 1]).await?;
             let installed = parse_rpm_query(&installed.stdout);
-            let mut results = results(program, &wanted, &installed, false);
+            let mut results = results(program, &wanted, &installed, false, selection.fail_when);
             let upgraded: Vec<String> = results.installed.iter().map(|p| p.name.clone()).collect();
             let (reboot, note) = Self::reboot(self.needs_restarting(timeout).await, &upgraded);
             results.reboot_required = reboot;

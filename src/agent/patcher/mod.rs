@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use crate::api::patchjob::{ActionPhase, PatchOutcome, PatchResults};
-use crate::api::plan::{PatchClassification, PatchSelection};
+use crate::api::plan::{PatchClassification, PatchFailWhen, PatchSelection};
 
 use super::process::{self, ProcessEnd, ProcessOutcome, ProcessSpec};
 
@@ -252,13 +252,33 @@ where
     Ok((allowed, blocked))
 }
 
+/// The patch step's phase from what installed and what failed. JetPatch counts
+/// patching as failed only when no patch succeeded: with `AllFailed` the step fails only
+/// when patches were wanted and none installed; with `AnyFailed` one failure is enough.
+pub fn verdict(installed: usize, failed: usize, fail_when: PatchFailWhen) -> ActionPhase {
+    match (installed, failed, fail_when) {
+        (_, 0, _) => ActionPhase::Succeeded,
+        (0, _, _) | (_, _, PatchFailWhen::AnyFailed) => ActionPhase::Failed,
+        (_, _, PatchFailWhen::AllFailed) => ActionPhase::Succeeded,
+    }
+}
+
+/// Sets `results.phase` by [`verdict`] from its lists.
+pub(crate) fn settle(results: &mut PatchResults, fail_when: PatchFailWhen) {
+    results.phase = verdict(results.installed.len(), results.failed.len(), fail_when);
+}
+
 /// Adds failures found before anything ran (updates held back) to `results`.
-pub(crate) fn add_failures(results: &mut PatchResults, failures: Vec<PatchOutcome>) {
+pub(crate) fn add_failures(
+    results: &mut PatchResults,
+    failures: Vec<PatchOutcome>,
+    fail_when: PatchFailWhen,
+) {
     if failures.is_empty() {
         return;
     }
     results.failed.extend(failures);
-    results.phase = ActionPhase::Failed;
+    settle(results, fail_when);
     results.message = summary(results);
 }
 
@@ -293,6 +313,7 @@ pub(crate) fn results(
     wanted: &[Update],
     installed_after: &BTreeMap<String, String>,
     reboot_required: bool,
+    fail_when: PatchFailWhen,
 ) -> PatchResults {
     let mut results = PatchResults {
         phase: ActionPhase::Succeeded,
@@ -320,9 +341,7 @@ pub(crate) fn results(
             }),
         }
     }
-    if !results.failed.is_empty() {
-        results.phase = ActionPhase::Failed;
-    }
+    settle(&mut results, fail_when);
     results.message = summary(&results);
     results
 }
@@ -467,8 +486,12 @@ mod tests {
             ("a".to_string(), "2".to_string()),
             ("b".to_string(), "1".to_string()),
         ]);
-        let results = results("apt", &wanted, &after, true);
-        assert_eq!(results.phase, ActionPhase::Failed);
+        let results = results("apt", &wanted, &after, true, PatchFailWhen::AllFailed);
+        assert_eq!(
+            results.phase,
+            ActionPhase::Succeeded,
+            "one of two installed: patching did not fail (JetPatch)"
+        );
         assert_eq!(results.installed.len(), 1);
         assert_eq!(
             results.failed[0].message.as_deref(),
@@ -476,5 +499,42 @@ mod tests {
         );
         assert!(results.reboot_required);
         assert_eq!(results.message, "1 update(s) installed, 1 failed");
+        let strict = super::results("apt", &wanted, &after, true, PatchFailWhen::AnyFailed);
+        assert_eq!(strict.phase, ActionPhase::Failed);
+    }
+
+    #[test]
+    fn the_patch_step_fails_only_when_the_rule_says() {
+        use ActionPhase::{Failed, Succeeded};
+        use PatchFailWhen::{AllFailed, AnyFailed};
+        // (installed, failed) -> phase under AllFailed, under AnyFailed
+        for (installed, failed, all, any) in [
+            (0, 0, Succeeded, Succeeded),
+            (3, 0, Succeeded, Succeeded),
+            (2, 1, Succeeded, Failed),
+            (0, 1, Failed, Failed),
+            (0, 4, Failed, Failed),
+        ] {
+            assert_eq!(
+                verdict(installed, failed, AllFailed),
+                all,
+                "{installed}/{failed}"
+            );
+            assert_eq!(
+                verdict(installed, failed, AnyFailed),
+                any,
+                "{installed}/{failed}"
+            );
+        }
+        let mut held = PatchResults::default();
+        let outcome = |name: &str| PatchOutcome {
+            name: name.into(),
+            ..PatchOutcome::default()
+        };
+        held.installed.push(outcome("curl"));
+        add_failures(&mut held, vec![outcome("openssl")], AllFailed);
+        assert_eq!(held.phase, Succeeded);
+        add_failures(&mut held, vec![outcome("libssl3")], AnyFailed);
+        assert_eq!(held.phase, Failed);
     }
 }

@@ -310,8 +310,14 @@ impl Zypper {
         )
         .await?;
         if wanted.is_empty() {
-            let mut results = results(self.name(), &[], &Default::default(), false);
-            add_failures(&mut results, held_back);
+            let mut results = results(
+                self.name(),
+                &[],
+                &Default::default(),
+                false,
+                selection.fail_when,
+            );
+            add_failures(&mut results, held_back, selection.fail_when);
             return Ok(with_warnings(results, &warnings));
         }
         let mut args: Vec<&str> = vec!["-n", "update", "--auto-agree-with-licenses"];
@@ -326,11 +332,12 @@ impl Zypper {
             &wanted,
             &super::dnf::parse_rpm_query(&installed.stdout),
             transaction.reboot,
+            selection.fail_when,
         );
-        if results.phase == ActionPhase::Failed {
+        if !results.failed.is_empty() {
             results.message = format!("{}\n{}", results.message, transaction.last.output_tail);
         }
-        add_failures(&mut results, held_back);
+        add_failures(&mut results, held_back, selection.fail_when);
         Ok(with_warnings(results, &warnings))
     }
 }
@@ -370,9 +377,7 @@ impl Patcher for Zypper {
                     results.installed.extend(updates.installed);
                     results.failed.extend(updates.failed);
                     results.reboot_required |= updates.reboot_required;
-                    if !results.failed.is_empty() {
-                        results.phase = ActionPhase::Failed;
-                    }
+                    super::settle(&mut results, selection.fail_when);
                     results.message = format!("{}; included: {}", results.message, updates.message);
                 }
                 results
