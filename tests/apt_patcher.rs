@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fleetpatch::agent::executor::{self, Executor, RunOutcome};
-use fleetpatch::agent::journal::Journal;
+use fleetpatch::agent::journal::{JobRecord, Journal};
 use fleetpatch::agent::patcher::apt::{self, Apt};
 use fleetpatch::agent::patcher::{Commands, Patcher};
 use fleetpatch::agent::reboot::SimulatedRebooter;
@@ -436,6 +436,81 @@ async fn an_excluded_dependency_blocks_its_dependant() {
     machine_untouched();
 }
 
+/// Runs a job with the real apt patcher, its journal, work directory and a simulated
+/// rebooter under `state`, to its end.
+async fn run_job(apt: &Apt, spec: PatchJobSpec, state: &Path) -> JobRecord {
+    let journal = Journal::open(state).unwrap();
+    let rebooter = SimulatedRebooter {
+        counter_file: state.join("boot"),
+    };
+    let executor = Executor {
+        journal: &journal,
+        work_dir: state.join("work"),
+        patcher: Some(apt),
+        rebooter: &rebooter,
+        minute: Duration::from_secs(60),
+        max_download_bytes: 1 << 20,
+        on_event: &|_, _| {},
+        reboot_gate: None,
+        cancel: None,
+    };
+    let mut record = executor::new_record("job-1", "job-1", spec);
+    let outcome = executor.run(&mut record).await.unwrap();
+    assert_eq!(outcome, RunOutcome::Finished);
+    record
+}
+
+/// apt marks only security updates: Bugfix (and Critical alone) is refused with a job
+/// message that says so, never widened to every update.
+#[tokio::test]
+async fn bugfix_on_apt_is_refused_with_a_job_message_not_widened() {
+    if !prerequisites() {
+        return;
+    }
+    for classification in [PatchClassification::Bugfix, PatchClassification::Critical] {
+        let host = Sandbox::new();
+        host.install(DEMO, "1.0", "");
+        let apt = host.repository(&[(DEMO, "2.0", "")], None);
+        let state = tempfile::tempdir().unwrap();
+        let spec = PatchJobSpec {
+            agent: "sandbox".into(),
+            plan: String::new(),
+            run: String::new(),
+            os: OperatingSystem::Linux,
+            workflow: None,
+            pre_actions: vec![],
+            post_actions: vec![],
+            failure_policy: FailurePolicy::default(),
+            patches: PatchSelection {
+                classifications: vec![classification],
+                ..PatchSelection::default()
+            },
+            reboot: RebootPolicy::Never,
+            deadline: None,
+            node: None,
+        };
+        let record = run_job(&apt, spec, state.path()).await;
+        let status = &record.status;
+        assert_eq!(
+            host.installed_version(DEMO).as_deref(),
+            Some("1.0"),
+            "{status:?}"
+        );
+        let patches = status.patches.as_ref().unwrap();
+        assert_eq!(patches.phase, ActionPhase::Failed, "{patches:?}");
+        assert!(patches.installed.is_empty());
+        assert_eq!(status.phase, JobPhase::Failed);
+        let expected = format!("apt cannot select {classification:?} updates");
+        assert!(status.message.starts_with(&expected), "{}", status.message);
+        assert!(
+            patches.message.starts_with(&expected),
+            "{}",
+            patches.message
+        );
+    }
+    machine_untouched();
+}
+
 /// A host with APP 1.0 on LIB 1.0 and OTHER 1.0, and a repository where APP 2.0 needs
 /// LIB 2.0 and OTHER 2.0 needs nothing.
 fn app_needing_an_excluded_lib() -> (Sandbox, Apt) {
@@ -509,24 +584,7 @@ async fn patches_are_attempted_after_a_failing_pre_action_under_continue() {
         deadline: None,
         node: None,
     };
-    let journal = Journal::open(state.path()).unwrap();
-    let rebooter = SimulatedRebooter {
-        counter_file: state.path().join("boot"),
-    };
-    let executor = Executor {
-        journal: &journal,
-        work_dir: state.path().join("work"),
-        patcher: Some(&apt),
-        rebooter: &rebooter,
-        minute: Duration::from_secs(60),
-        max_download_bytes: 1 << 20,
-        on_event: &|_, _| {},
-        reboot_gate: None,
-        cancel: None,
-    };
-    let mut record = executor::new_record("job-1", "job-1", spec);
-    let outcome = executor.run(&mut record).await.unwrap();
-    assert_eq!(outcome, RunOutcome::Finished);
+    let record = run_job(&apt, spec, state.path()).await;
     let status = &record.status;
     assert_eq!(
         status.pre_actions[0].phase,

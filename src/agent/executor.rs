@@ -745,6 +745,16 @@ impl Executor<'_> {
                 message: "no supported package manager found on this host (apt, dnf, yum, zypper or Windows Update)".into(),
                 ..PatchResults::default()
             },
+            Some(patcher) if let Some(refusal) = record.spec.patches.refusal_on(patcher.name()) => {
+                // Refused rather than widened: the job says why.
+                record.status.message = refusal.clone();
+                PatchResults {
+                    phase: ActionPhase::Failed,
+                    patcher: Some(patcher.name().into()),
+                    message: refusal,
+                    ..PatchResults::default()
+                }
+            }
             Some(patcher) => {
                 // Patching has no per-task timeout; bound it generously by the job's longest action limit.
                 let timeout = self.minute * crate::api::ACTION_TIMEOUT_MAX_MINUTES;

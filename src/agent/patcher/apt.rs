@@ -227,7 +227,10 @@ pub fn parse_simulation(output: &str) -> Vec<Update> {
                 new_version: c[3].to_string(),
                 arch: c.get(5).map(|m| m.as_str().to_string()),
                 security,
-                critical: security,
+                // apt records no severity and no bug-fix mark: Critical and Bugfix are
+                // refused on apt (`classification_refusal`), never widened.
+                critical: false,
+                bugfix: false,
             }
         })
         .collect()
@@ -430,6 +433,23 @@ Inst openssl [3.0.11-1~deb12u2] (3.0.13-1~deb12u1 Debian-Security:12/stable-secu
 Inst fleetpatch-demo (2.0 local [all])
 Conf base-files (12.4+deb12u6 Debian:12.6/stable [amd64])
 ";
+
+    #[test]
+    fn bugfix_and_critical_never_widen_to_other_updates_on_apt() {
+        use crate::api::plan::PatchClassification;
+        for classification in [PatchClassification::Bugfix, PatchClassification::Critical] {
+            let selection = PatchSelection {
+                classifications: vec![classification],
+                ..PatchSelection::default()
+            };
+            let chosen = select(parse_simulation(SIMULATION), &selection);
+            assert!(chosen.is_empty(), "{classification:?}: {chosen:?}");
+            assert!(selection.refusal_on("apt").is_some(), "{classification:?}");
+        }
+        let security = select(parse_simulation(SIMULATION), &PatchSelection::default());
+        let names: Vec<&str> = security.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["libssl3", "openssl"]);
+    }
 
     #[test]
     fn simulation_lists_candidates_and_marks_security_suites() {

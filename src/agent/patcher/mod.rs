@@ -32,6 +32,8 @@ pub struct Update {
     /// Security (or critical) fix, as the package source classifies it.
     pub security: bool,
     pub critical: bool,
+    /// Bug fix, as the package source classifies it (dnf's bugfix advisories).
+    pub bugfix: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,23 +110,23 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// The updates `selection` asks for: by classification, plus `include`, minus `exclude`.
+/// A classification selects only the updates the package source marks so; only `All`
+/// selects everything.
 pub fn select(updates: Vec<Update>, selection: &PatchSelection) -> Vec<Update> {
-    let all = selection
-        .classifications
-        .iter()
-        .any(|c| matches!(c, PatchClassification::All | PatchClassification::Bugfix));
-    let security = selection
-        .classifications
-        .contains(&PatchClassification::Security);
-    let critical = selection
-        .classifications
-        .contains(&PatchClassification::Critical);
+    let wants = |c| selection.classifications.contains(&c);
+    let all = wants(PatchClassification::All);
+    let (security, critical, bugfix) = (
+        wants(PatchClassification::Security),
+        wants(PatchClassification::Critical),
+        wants(PatchClassification::Bugfix),
+    );
     updates
         .into_iter()
         .filter(|u| !is_excluded(&selection.exclude, &u.name))
         .filter(|u| {
             all || (security && u.security)
                 || (critical && u.critical)
+                || (bugfix && u.bugfix)
                 || selection
                     .include
                     .iter()
@@ -386,6 +388,7 @@ mod tests {
             arch: None,
             security,
             critical,
+            bugfix: false,
         }
     }
 
@@ -413,9 +416,30 @@ mod tests {
         selection.classifications = vec![PatchClassification::All];
         selection.exclude = vec![];
         assert_eq!(
-            names(&select(updates, &selection)),
+            names(&select(updates.clone(), &selection)),
             ["openssl", "curl", "vim"]
         );
+    }
+
+    #[test]
+    fn bugfix_selects_only_updates_marked_as_bug_fixes() {
+        let mut fix = update("tzdata", false, false);
+        fix.bugfix = true;
+        let updates = vec![
+            update("openssl", true, true),
+            fix,
+            update("vim", false, false),
+        ];
+        let selection = PatchSelection {
+            classifications: vec![PatchClassification::Bugfix],
+            ..PatchSelection::default()
+        };
+        assert_eq!(names(&select(updates.clone(), &selection)), ["tzdata"]);
+        let selection = PatchSelection {
+            classifications: vec![PatchClassification::Security, PatchClassification::Bugfix],
+            ..PatchSelection::default()
+        };
+        assert_eq!(names(&select(updates, &selection)), ["openssl", "tzdata"]);
     }
 
     #[test]
