@@ -413,6 +413,16 @@ mod tests {
     use PatchClassification::{All, Bugfix, Critical, Security};
 
     #[test]
+    fn fail_when_defaults_to_all_failed_and_reads_from_the_plan() {
+        let selection: PatchSelection = serde_json::from_str("{}").unwrap();
+        assert_eq!(selection.fail_when, PatchFailWhen::AllFailed);
+        let selection: PatchSelection =
+            serde_json::from_str(r#"{"failWhen": "AnyFailed"}"#).unwrap();
+        assert_eq!(selection.fail_when, PatchFailWhen::AnyFailed);
+        assert!(serde_json::from_str::<PatchSelection>(r#"{"failWhen": "Sometimes"}"#).is_err());
+    }
+
+    #[test]
     fn apt_refuses_what_it_cannot_tell_apart_and_others_honour_every_classification() {
         let refused = |patcher: &str, classes: &[PatchClassification]| {
             classification_refusal(patcher, classes).is_some()

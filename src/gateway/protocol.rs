@@ -428,6 +428,65 @@ mod tests {
     }
 
     #[test]
+    fn a_finished_job_whose_patches_partly_failed_gets_the_condition() {
+        use crate::api::patchjob::{ActionPhase, PatchOutcome, PatchResults};
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let outcome = |name: &str| PatchOutcome {
+            name: name.into(),
+            ..PatchOutcome::default()
+        };
+        let report = |phase: JobPhase, patches: ActionPhase| ProgressReport {
+            sequence: 1,
+            status: PatchJobStatus {
+                phase,
+                patches: Some(PatchResults {
+                    phase: patches,
+                    installed: vec![outcome("curl")],
+                    failed: vec![outcome("openssl")],
+                    ..PatchResults::default()
+                }),
+                ..PatchJobStatus::default()
+            },
+            job: None,
+        };
+        fn partial(status: &PatchJobStatus) -> Option<&str> {
+            conditions::status(&status.conditions, conditions::PATCHES_PARTIALLY_FAILED)
+        }
+        let spec = spec();
+        let running = accept_report(
+            &spec,
+            None,
+            None,
+            report(JobPhase::Running, ActionPhase::Succeeded),
+            now,
+        )
+        .unwrap();
+        assert_eq!(partial(&running), None, "only once the job has finished");
+        let done = accept_report(
+            &spec,
+            None,
+            None,
+            report(JobPhase::Succeeded, ActionPhase::Succeeded),
+            now,
+        )
+        .unwrap();
+        assert_eq!(partial(&done), Some(conditions::TRUE));
+        let failed = accept_report(
+            &spec,
+            None,
+            None,
+            report(JobPhase::Failed, ActionPhase::Failed),
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            partial(&failed),
+            None,
+            "a failed patch step is no partial success"
+        );
+    }
+
+    #[test]
     fn scripts_round_trip_base64_and_are_hash_checked() {
         let original = spec();
         let wire = encode_spec(&original);
