@@ -556,19 +556,10 @@ fn uninstall_compares_the_version_value_exactly_falling_back_to_display_version(
     // The one comparison that skips: an ordinal equality of the version strings.
     let mut statements = Vec::new();
     nodes_of(tree.root_node(), "if_statement", &mut statements);
+    // The innermost if around the message: the last, in the order of the script.
     let skip = statements
         .iter()
-        .find(|s| text(**s).contains("skipped: left installed"))
-        .and_then(|s| {
-            // The innermost such if.
-            statements
-                .iter()
-                .filter(|inner| {
-                    text(**inner).contains("skipped: left installed")
-                        && s.byte_range().contains(&inner.start_byte())
-                })
-                .last()
-        })
+        .rfind(|s| text(**s).contains("skipped: left installed"))
         .expect("an if skips when the version differs");
     let condition = text(skip.child_by_field_name("condition").unwrap());
     assert_eq!(
