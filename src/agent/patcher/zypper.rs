@@ -380,7 +380,7 @@ impl Patcher for Zypper {
                 // Security and critical fixes come as patches, which name no single package.
                 if !selection.exclude.is_empty() {
                     return Err(PatchError::Unsupported(
-                        "zypper installs security patches as a whole and cannot exclude packages from them; lock the packages on the host (zypper addlock) instead".into(),
+                        "zypper installs patches (Security, Critical, Bugfix) as a whole and cannot exclude packages from them; lock the packages on the host (zypper addlock) instead".into(),
                     ));
                 }
                 let mut results = self.apply_patches(selection, timeout).await?;
