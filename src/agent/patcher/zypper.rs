@@ -377,7 +377,7 @@ impl Patcher for Zypper {
             let mut results = if wants_all {
                 self.apply_updates(selection, timeout).await?
             } else {
-                // Security and critical fixes come as patches, which name no single package.
+                // Security, critical and bug fixes come as patches, which name no single package.
                 if !selection.exclude.is_empty() {
                     return Err(PatchError::Unsupported(
                         "zypper installs patches (Security, Critical, Bugfix) as a whole and cannot exclude packages from them; lock the packages on the host (zypper addlock) instead".into(),
