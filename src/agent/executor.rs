@@ -739,14 +739,17 @@ impl Executor<'_> {
             ..PatchResults::default()
         });
         self.save(record, Event::PatchesStarted)?;
-        let results = match self.patcher {
-            None => PatchResults {
+        // A classification the patcher cannot honour is refused, never widened.
+        let refusal = self
+            .patcher
+            .and_then(|patcher| record.spec.patches.refusal_on(patcher.name()));
+        let results = match (self.patcher, refusal) {
+            (None, _) => PatchResults {
                 phase: ActionPhase::Failed,
                 message: "no supported package manager found on this host (apt, dnf, yum, zypper or Windows Update)".into(),
                 ..PatchResults::default()
             },
-            Some(patcher) if let Some(refusal) = record.spec.patches.refusal_on(patcher.name()) => {
-                // Refused rather than widened: the job says why.
+            (Some(patcher), Some(refusal)) => {
                 record.status.message = refusal.clone();
                 PatchResults {
                     phase: ActionPhase::Failed,
@@ -755,7 +758,7 @@ impl Executor<'_> {
                     ..PatchResults::default()
                 }
             }
-            Some(patcher) => {
+            (Some(patcher), None) => {
                 // Patching has no per-task timeout; bound it generously by the job's longest action limit.
                 let timeout = self.minute * crate::api::ACTION_TIMEOUT_MAX_MINUTES;
                 match patcher.apply(&record.spec.patches, timeout).await {
