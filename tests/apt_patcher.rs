@@ -15,10 +15,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use fleetpatch::agent::executor::{self, Executor, RunOutcome};
+use fleetpatch::agent::journal::{JobRecord, Journal};
 use fleetpatch::agent::patcher::apt::{self, Apt};
 use fleetpatch::agent::patcher::{Commands, Patcher};
-use fleetpatch::api::patchjob::ActionPhase;
-use fleetpatch::api::plan::{PatchClassification, PatchSelection};
+use fleetpatch::agent::reboot::SimulatedRebooter;
+use fleetpatch::api::common::ObjectRef;
+use fleetpatch::api::conditions;
+use fleetpatch::api::patchjob::{
+    ActionPhase, JobPhase, PatchJobSpec, ResolvedAction, ResolvedScript,
+};
+use fleetpatch::api::plan::{PatchClassification, PatchFailWhen, PatchSelection, RebootPolicy};
+use fleetpatch::api::task::TaskType;
+use fleetpatch::api::workflow::{FailurePolicy, PreFailurePolicy};
+use fleetpatch::api::{OperatingSystem, ScriptLanguage};
 use support::prerequisite;
 
 // Names no other test uses, so the check that none reached the machine means this run.
@@ -375,12 +385,135 @@ async fn a_package_whose_new_version_needs_a_new_dependency_is_selected() {
 
 /// The plan promises that an excluded package is never changed: an update that needs a
 /// newer excluded package is held back, with a message that says why, and the other
-/// updates still go in.
+/// updates still go in. One installed and one held back is a patch step that succeeded
+/// with a failure (JetPatch), unless the plan says `failWhen: AnyFailed`.
 #[tokio::test]
 async fn an_excluded_dependency_blocks_its_dependant() {
     if !prerequisites() {
         return;
     }
+    for (fail_when, phase) in [
+        (PatchFailWhen::AllFailed, ActionPhase::Succeeded),
+        (PatchFailWhen::AnyFailed, ActionPhase::Failed),
+    ] {
+        let (host, apt) = app_needing_an_excluded_lib();
+        let selection = PatchSelection {
+            exclude: vec![LIB.into()],
+            fail_when,
+            ..all()
+        };
+        let results = apt.apply(&selection, TIMEOUT).await.unwrap();
+        assert_eq!(
+            host.installed_version(LIB).as_deref(),
+            Some("1.0"),
+            "{results:?}"
+        );
+        assert_eq!(
+            host.installed_version(APP).as_deref(),
+            Some("1.0"),
+            "{results:?}"
+        );
+        assert_eq!(
+            host.installed_version(OTHER).as_deref(),
+            Some("2.0"),
+            "{results:?}"
+        );
+        assert_eq!(results.phase, phase, "{fail_when:?}: {results:?}");
+        let installed: Vec<&str> = results.installed.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(installed, [OTHER], "{results:?}");
+        assert_eq!(results.failed.len(), 1, "{results:?}");
+        assert_eq!(results.failed[0].name, APP);
+        assert_eq!(
+            results.failed[0].message.as_deref(),
+            Some(
+                format!(
+                    "not installed: {APP} 2.0 would also change {LIB}, which the plan excludes"
+                )
+                .as_str()
+            )
+        );
+    }
+    machine_untouched();
+}
+
+/// Runs a job with the real apt patcher, its journal, work directory and a simulated
+/// rebooter under `state`, to its end.
+async fn run_job(apt: &Apt, spec: PatchJobSpec, state: &Path) -> JobRecord {
+    let journal = Journal::open(state).unwrap();
+    let rebooter = SimulatedRebooter {
+        counter_file: state.join("boot"),
+    };
+    let executor = Executor {
+        journal: &journal,
+        work_dir: state.join("work"),
+        patcher: Some(apt),
+        rebooter: &rebooter,
+        minute: Duration::from_secs(60),
+        max_download_bytes: 1 << 20,
+        on_event: &|_, _| {},
+        reboot_gate: None,
+        cancel: None,
+    };
+    let mut record = executor::new_record("job-1", "job-1", spec);
+    let outcome = executor.run(&mut record).await.unwrap();
+    assert_eq!(outcome, RunOutcome::Finished);
+    record
+}
+
+/// apt marks only security updates: Bugfix (and Critical alone) is refused with a job
+/// message that says so, never widened to every update.
+#[tokio::test]
+async fn bugfix_on_apt_is_refused_with_a_job_message_not_widened() {
+    if !prerequisites() {
+        return;
+    }
+    for classification in [PatchClassification::Bugfix, PatchClassification::Critical] {
+        let host = Sandbox::new();
+        host.install(DEMO, "1.0", "");
+        let apt = host.repository(&[(DEMO, "2.0", "")], None);
+        let state = tempfile::tempdir().unwrap();
+        let spec = PatchJobSpec {
+            agent: "sandbox".into(),
+            plan: String::new(),
+            run: String::new(),
+            os: OperatingSystem::Linux,
+            workflow: None,
+            pre_actions: vec![],
+            post_actions: vec![],
+            failure_policy: FailurePolicy::default(),
+            patches: PatchSelection {
+                classifications: vec![classification],
+                ..PatchSelection::default()
+            },
+            reboot: RebootPolicy::Never,
+            deadline: None,
+            node: None,
+        };
+        let record = run_job(&apt, spec, state.path()).await;
+        let status = &record.status;
+        assert_eq!(
+            host.installed_version(DEMO).as_deref(),
+            Some("1.0"),
+            "{status:?}"
+        );
+        let patches = status.patches.as_ref().unwrap();
+        assert_eq!(patches.phase, ActionPhase::Failed, "{patches:?}");
+        assert!(patches.installed.is_empty());
+        assert_eq!(status.phase, JobPhase::Failed);
+        let expected = format!("apt cannot select {classification:?} updates");
+        assert!(status.message.starts_with(&expected), "{}", status.message);
+        assert!(
+            patches.message.starts_with(&expected),
+            "{}",
+            patches.message
+        );
+    }
+    machine_untouched();
+}
+
+/// A host with APP 1.0 on LIB 1.0 and OTHER 1.0, and a repository where APP 2.0 needs
+/// LIB 2.0 and OTHER 2.0 needs nothing.
+fn app_needing_an_excluded_lib() -> (Sandbox, Apt) {
     let host = Sandbox::new();
     host.install(LIB, "1.0", "");
     host.install(APP, "1.0", &format!("Depends: {LIB} (>= 1.0)"));
@@ -390,39 +523,94 @@ async fn an_excluded_dependency_blocks_its_dependant() {
         &[(APP, "2.0", &lib_2), (LIB, "2.0", ""), (OTHER, "2.0", "")],
         None,
     );
+    (host, apt)
+}
 
-    let selection = PatchSelection {
-        exclude: vec![LIB.into()],
-        ..all()
+/// Qualys: every patch of a job is attempted whatever the pre actions did. A pre action
+/// fails under the failure policy `Continue`; the real patch step still runs and
+/// installs every update it can, and the one it cannot is listed: the patch step
+/// succeeded (JetPatch) and the job carries `PatchesPartiallyFailed`. The job itself
+/// failed, for its failed action.
+#[tokio::test]
+async fn patches_are_attempted_after_a_failing_pre_action_under_continue() {
+    if !prerequisites() {
+        return;
+    }
+    let (host, apt) = app_needing_an_excluded_lib();
+    let state = tempfile::tempdir().unwrap();
+    let failing = "echo pre-check failed; exit 3\n";
+    let pre = ResolvedAction {
+        name: "failing-pre-check".into(),
+        task: ObjectRef::default(),
+        action_type: TaskType::RunScript,
+        timeout_minutes: 1,
+        success_exit_codes: vec![0],
+        parameters: BTreeMap::new(),
+        bypass_execution_policy: false,
+        script: Some(ResolvedScript {
+            source: ObjectRef::default(),
+            language: ScriptLanguage::Sh,
+            content: failing.into(),
+            sha256: {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(failing.as_bytes()))
+            },
+            signature: None,
+        }),
+        detection_script: None,
+        download: None,
+        change_registry_key: None,
+        uninstall_software: None,
+        reboot: None,
+        limits: None,
     };
-    let results = apt.apply(&selection, TIMEOUT).await.unwrap();
+    let spec = PatchJobSpec {
+        agent: "sandbox".into(),
+        plan: String::new(),
+        run: String::new(),
+        os: OperatingSystem::Linux,
+        workflow: None,
+        pre_actions: vec![pre],
+        post_actions: vec![],
+        failure_policy: FailurePolicy {
+            pre: PreFailurePolicy::Continue,
+            ..FailurePolicy::default()
+        },
+        patches: PatchSelection {
+            exclude: vec![LIB.into()],
+            ..all()
+        },
+        reboot: RebootPolicy::Never,
+        deadline: None,
+        node: None,
+    };
+    let record = run_job(&apt, spec, state.path()).await;
+    let status = &record.status;
     assert_eq!(
-        host.installed_version(LIB).as_deref(),
-        Some("1.0"),
-        "{results:?}"
+        status.pre_actions[0].phase,
+        ActionPhase::Failed,
+        "{status:?}"
     );
-    assert_eq!(
-        host.installed_version(APP).as_deref(),
-        Some("1.0"),
-        "{results:?}"
-    );
-    assert_eq!(
-        host.installed_version(OTHER).as_deref(),
-        Some("2.0"),
-        "{results:?}"
-    );
-    assert_eq!(results.phase, ActionPhase::Failed, "{results:?}");
-    let installed: Vec<&str> = results.installed.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(installed, [OTHER], "{results:?}");
-    assert_eq!(results.failed.len(), 1, "{results:?}");
-    assert_eq!(results.failed[0].name, APP);
-    assert_eq!(
-        results.failed[0].message.as_deref(),
-        Some(
-            format!("not installed: {APP} 2.0 would also change {LIB}, which the plan excludes")
-                .as_str()
-        )
-    );
+    assert_eq!(status.pre_actions[0].exit_code, Some(3));
+    let patches = status.patches.as_ref().expect("the patch step ran");
+    assert_eq!(patches.patcher.as_deref(), Some("apt"), "{patches:?}");
+    assert_eq!(patches.phase, ActionPhase::Succeeded, "{patches:?}");
+    let installed: Vec<&str> = patches.installed.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(installed, [OTHER], "{patches:?}");
+    let failed: Vec<&str> = patches.failed.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(failed, [APP], "{patches:?}");
+    assert_eq!(host.installed_version(OTHER).as_deref(), Some("2.0"));
+    assert_eq!(host.installed_version(APP).as_deref(), Some("1.0"));
+    let partial = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::PATCHES_PARTIALLY_FAILED)
+        .expect("PatchesPartiallyFailed is set");
+    assert_eq!(partial.status, conditions::TRUE);
+    assert_eq!(partial.message, format!("1 of 2 patch(es) failed: {APP}"));
+    assert_eq!(status.phase, JobPhase::Failed, "the pre action failed");
+    assert_eq!(status.message, "action failing-pre-check failed");
+    assert!(!state.path().join("boot").exists(), "no reboot");
     machine_untouched();
 }
 

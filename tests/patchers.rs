@@ -126,7 +126,14 @@ case " $* " in
       echo "$n.x86_64    $(cat "$f")    baseos"
     done
     exit 100 ;;
-  *" updateinfo "*) cat "$S/updateinfo" 2>/dev/null; exit 0 ;;
+  *" updateinfo "*)
+    # Each advisory type only when asked for, as dnf lists them.
+    case " $* " in
+      *" --security "*) grep 'Sec\.' "$S/updateinfo" 2>/dev/null ;;
+      *" --bugfix "*) grep ' bugfix ' "$S/updateinfo" 2>/dev/null ;;
+      *) cat "$S/updateinfo" 2>/dev/null ;;
+    esac
+    exit 0 ;;
   *" needs-restarting "*)
     if [ "$LC_ALL" = C ]; then echo "No such command: needs-restarting. Please use /usr/bin/dnf --help" >&2
     else echo "Kein solcher Befehl: needs-restarting. Bitte /usr/bin/dnf --help verwenden" >&2; fi
@@ -300,6 +307,73 @@ async fn dnf_never_upgrades_an_excluded_dependency() {
         .find(|c| c.contains(" upgrade "))
         .unwrap();
     assert!(upgrade.contains("--exclude=openssl-libs"), "{upgrade}");
+}
+
+/// Bugfix is dnf's bugfix advisories: their packages only, never the security fixes
+/// or the updates no advisory names.
+#[tokio::test]
+async fn dnf_bugfix_installs_only_what_bugfix_advisories_name() {
+    let (host, dnf) = dnf_host();
+    for (name, old, new) in [
+        ("NetworkManager", "1:1.46.0-7.el9", "1:1.46.0-8.el9"),
+        ("kernel", "5.14.0-427.20.1.el9", "5.14.0-427.22.1.el9"),
+        ("vim-enhanced", "2:8.2.2637-20.el9", "2:8.2.2637-21.el9"),
+    ] {
+        host.installed(name, old);
+        host.available(name, new);
+    }
+    host.write(
+        "updateinfo",
+        "RLSA-2024:3339 Important/Sec. kernel-5.14.0-427.22.1.el9.x86_64
+         RLBA-2024:3400 bugfix         NetworkManager-1:1.46.0-8.el9.x86_64
+",
+    );
+    let bugfix = PatchSelection {
+        classifications: vec![PatchClassification::Bugfix],
+        ..PatchSelection::default()
+    };
+    let results = dnf.apply(&bugfix, TIMEOUT).await.unwrap();
+    assert_eq!(names(&results), ["NetworkManager"], "{results:?}");
+    assert_eq!(
+        host.version("kernel").as_deref(),
+        Some("5.14.0-427.20.1.el9")
+    );
+    assert_eq!(
+        host.version("vim-enhanced").as_deref(),
+        Some("2:8.2.2637-20.el9")
+    );
+}
+
+/// Bugfix is zypper's `recommended` patch category: `zypper patch --category
+/// recommended`, never an update of every package.
+#[tokio::test]
+async fn zypper_bugfix_patches_the_recommended_category_only() {
+    let (host, zypper) = zypper_host();
+    host.installed("vim", "9.1.0111-150500.20.9.1");
+    host.available("vim", "9.1.0330-150500.20.12.1");
+    let bugfix = PatchSelection {
+        classifications: vec![PatchClassification::Bugfix],
+        ..PatchSelection::default()
+    };
+    let results = zypper.apply(&bugfix, TIMEOUT).await.unwrap();
+    assert_eq!(results.phase, ActionPhase::Succeeded, "{results:?}");
+    assert_eq!(
+        host.version("vim").as_deref(),
+        Some("9.1.0111-150500.20.9.1")
+    );
+    let calls = host.calls();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("zypper") && c.contains(" update ")),
+        "{calls:?}"
+    );
+    let patches: Vec<&String> = calls.iter().filter(|c| c.contains(" patch ")).collect();
+    assert!(!patches.is_empty(), "{calls:?}");
+    for call in patches {
+        assert!(call.contains("--category recommended"), "{call}");
+        assert!(!call.contains("security"), "{call}");
+    }
 }
 
 /// Answers zypper's commands from the fake host's files. The first `patch` run updates

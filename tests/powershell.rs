@@ -157,6 +157,7 @@ fn windows_update(include: &[String], exclude: &[String]) -> String {
         include: include.to_vec(),
         exclude: exclude.to_vec(),
         skip: false,
+        fail_when: Default::default(),
     })
 }
 
@@ -479,4 +480,103 @@ fn uninstall_exits_not_applicable_exactly_where_nothing_was_there_to_remove() {
         .map(|(_, e)| e.as_str())
         .collect();
     assert_eq!(done, ["exit 0"], "{exits:#?}");
+}
+
+/// Every node of `kind` under `node`, in the order of the script.
+fn nodes_of<'a>(node: Node<'a>, kind: &str, out: &mut Vec<Node<'a>>) {
+    if node.kind() == kind {
+        out.push(node);
+    }
+    let mut cursor = node.walk();
+    for child in node.children(&mut cursor) {
+        nodes_of(child, kind, out);
+    }
+}
+
+/// The condition of the nearest `if` (or `elseif`) around `node`, and which it was.
+fn enclosing_condition<'a>(node: Node<'a>, script: &'a str) -> Option<(&'static str, &'a str)> {
+    let mut current = node.parent();
+    while let Some(n) = current {
+        if n.kind() == "if_statement" || n.kind() == "elseif_clause" {
+            let condition = n.child_by_field_name("condition")?;
+            // Inside the block it guards, not inside the condition itself.
+            if condition.byte_range().contains(&node.start_byte()) {
+                current = n.parent();
+                continue;
+            }
+            let kind = if n.kind() == "if_statement" {
+                "if"
+            } else {
+                "elseif"
+            };
+            return Some((kind, condition.utf8_text(script.as_bytes()).unwrap()));
+        }
+        current = n.parent();
+    }
+    None
+}
+
+/// Qualys compares the value named `Version` under the uninstall key; without one the
+/// agent falls back to `DisplayVersion`. Value names are read with `GetValue`, which
+/// is case-insensitive as the registry is; the version string must equal exactly
+/// (ordinal), never by PowerShell's case-insensitive `-eq`/`-ne`.
+#[test]
+fn uninstall_compares_the_version_value_exactly_falling_back_to_display_version() {
+    let script = uninstall(
+        r"Microsoft\Windows\CurrentVersion\Uninstall\{1E0D5689-40F1-4E46-ABBB-EAAC68B5CD89}",
+        "App",
+        "8.5",
+    );
+    let tree = parse(&script);
+    let text = |n: Node<'_>| n.utf8_text(script.as_bytes()).unwrap();
+    let mut calls = Vec::new();
+    nodes_of(tree.root_node(), "invokation_expression", &mut calls);
+    let get_value: Vec<(Node<'_>, String)> = calls
+        .iter()
+        .filter(|call| {
+            call.named_child(0).map(text) == Some("$item")
+                && call.named_child(1).map(text) == Some("GetValue")
+        })
+        .map(|call| {
+            let arguments = call.named_child(2).map(text).unwrap_or_default();
+            (*call, arguments.to_string())
+        })
+        .collect();
+    let names: Vec<&str> = get_value.iter().map(|(_, a)| a.as_str()).collect();
+    assert_eq!(
+        names,
+        ["('Version')", "('DisplayVersion')"],
+        "Version is read first\n{script}"
+    );
+    assert_eq!(
+        enclosing_condition(get_value[1].0, &script),
+        Some(("if", "$null -eq $installedVersion")),
+        "DisplayVersion is read only when there is no Version"
+    );
+    // The one comparison that skips: an ordinal equality of the version strings.
+    let mut statements = Vec::new();
+    nodes_of(tree.root_node(), "if_statement", &mut statements);
+    // The innermost if around the message: the last, in the order of the script.
+    let skip = statements
+        .iter()
+        .rfind(|s| text(**s).contains("skipped: left installed"))
+        .expect("an if skips when the version differs");
+    let condition = text(skip.child_by_field_name("condition").unwrap());
+    assert_eq!(
+        condition,
+        "-not [string]::Equals([string]$installedVersion, $displayVersion, [System.StringComparison]::Ordinal)"
+    );
+    // No case-insensitive comparison touches the wanted version or DisplayVersion:
+    // only the check that a version was given at all.
+    let mut comparisons = Vec::new();
+    nodes_of(tree.root_node(), "comparison_expression", &mut comparisons);
+    for comparison in comparisons {
+        let has_operator = (0..comparison.child_count())
+            .filter_map(|i| comparison.child(i))
+            .any(|c| c.kind() == "comparison_operator");
+        let text = text(comparison);
+        if has_operator && (text.contains("$displayVersion") || text.contains(".DisplayVersion")) {
+            assert_eq!(text, "$null -ne $displayVersion", "{script}");
+        }
+    }
 }

@@ -62,6 +62,7 @@ const CASES: &[Case] = &[
     case("registry-dword-too-large.yaml", 1, "spec.changeRegistryKey.valueData", Some("does not fit in a REG_DWORD")),
     case("registry-qword-too-large.yaml", 1, "spec.changeRegistryKey.valueData", Some("does not fit in a REG_QWORD")),
     case("registry-task-on-linux.yaml", 1, "spec.os", Some("Windows-only")),
+    case("uninstall-task-on-linux.yaml", 1, "spec.os", Some("Windows-only")),
     // Scripts.
     case(GENERATED_TOO_LONG, 1, "spec.content", Some("longer than 20480 characters")),
     case(GENERATED_TOO_MANY_BYTES, 1, "spec.content", Some("at most 20480 bytes of UTF-8")),

@@ -763,13 +763,26 @@ impl Executor<'_> {
             ..PatchResults::default()
         });
         self.save(record, Event::PatchesStarted)?;
-        let results = match self.patcher {
-            None => PatchResults {
+        // A classification the patcher cannot honour is refused, never widened.
+        let refusal = self
+            .patcher
+            .and_then(|patcher| record.spec.patches.refusal_on(patcher.name()));
+        let results = match (self.patcher, refusal) {
+            (None, _) => PatchResults {
                 phase: ActionPhase::Failed,
                 message: "no supported package manager found on this host (apt, dnf, yum, zypper or Windows Update)".into(),
                 ..PatchResults::default()
             },
-            Some(patcher) => {
+            (Some(patcher), Some(refusal)) => {
+                record.status.message = refusal.clone();
+                PatchResults {
+                    phase: ActionPhase::Failed,
+                    patcher: Some(patcher.name().into()),
+                    message: refusal,
+                    ..PatchResults::default()
+                }
+            }
+            (Some(patcher), None) => {
                 // Patching has no per-task timeout; bound it generously by the job's longest action limit.
                 let timeout = self.minute * crate::api::ACTION_TIMEOUT_MAX_MINUTES;
                 match patcher.apply(&record.spec.patches, timeout).await {
@@ -1095,6 +1108,12 @@ impl Executor<'_> {
             succeeded,
             reason,
             &message,
+            status.observed_generation,
+            now(),
+        );
+        conditions::set_patches_partially_failed(
+            &mut status.conditions,
+            status.patches.as_ref(),
             status.observed_generation,
             now(),
         );

@@ -315,9 +315,24 @@ if ($entry.DisplayName -ne $displayName) {{
   Write-Host "skipped: nothing to uninstall, DisplayName under $key is '$($entry.DisplayName)', not '$displayName'"
   exit {NOT_APPLICABLE_EXIT}
 }}
-if ($null -ne $displayVersion -and $entry.DisplayVersion -ne $displayVersion) {{
-  Write-Host "skipped: left installed, version $($entry.DisplayVersion) does not equal $displayVersion"
-  exit {NOT_APPLICABLE_EXIT}
+if ($null -ne $displayVersion) {{
+  # The value named Version, as Qualys compares it, else DisplayVersion. Registry value
+  # names are case-insensitive, and so is GetValue; the version string must be exact.
+  $item = Get-Item -LiteralPath $key
+  $versionValue = 'Version'
+  $installedVersion = $item.GetValue('Version')
+  if ($null -eq $installedVersion) {{
+    $versionValue = 'DisplayVersion'
+    $installedVersion = $item.GetValue('DisplayVersion')
+  }} elseif ($item.GetValueKind('Version') -eq [Microsoft.Win32.RegistryValueKind]::DWord) {{
+    # Windows Installer writes Version as a DWORD: major (8 bits), minor (8), build (16).
+    $packed = [int64]$installedVersion -band 0xFFFFFFFF
+    $installedVersion = '{{0}}.{{1}}.{{2}}' -f (($packed -shr 24) -band 0xFF), (($packed -shr 16) -band 0xFF), ($packed -band 0xFFFF)
+  }}
+  if (-not [string]::Equals([string]$installedVersion, $displayVersion, [System.StringComparison]::Ordinal)) {{
+    Write-Host "skipped: left installed, $versionValue under $key is '$installedVersion', not '$displayVersion'"
+    exit {NOT_APPLICABLE_EXIT}
+  }}
 }}
 # A Windows Installer product: its key is the product code and says WindowsInstaller=1,
 # or its UninstallString calls msiexec with the product code. Anything else (a Burn

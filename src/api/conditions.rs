@@ -4,6 +4,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+use super::patchjob::{ActionPhase, PatchResults};
+
 /// Condition status values.
 pub const TRUE: &str = "True";
 pub const FALSE: &str = "False";
@@ -86,6 +88,52 @@ pub fn set_outcome(
     a || b
 }
 
+/// Condition type of a job whose patch step succeeded although some of its patches
+/// failed (`patches.failWhen: AllFailed`, JetPatch): status True, the failed patches in
+/// the message.
+pub const PATCHES_PARTIALLY_FAILED: &str = "PatchesPartiallyFailed";
+
+/// Sets `PatchesPartiallyFailed` when `patches` succeeded with failures; leaves the
+/// conditions alone otherwise. Returns whether anything changed.
+pub fn set_patches_partially_failed(
+    conditions: &mut Vec<Condition>,
+    patches: Option<&PatchResults>,
+    observed_generation: Option<i64>,
+    now: Timestamp,
+) -> bool {
+    let Some(patches) = patches.filter(|p| p.phase == ActionPhase::Succeeded) else {
+        return false;
+    };
+    if patches.failed.is_empty() {
+        return false;
+    }
+    const NAMED: usize = 10;
+    let mut names: Vec<&str> = patches
+        .failed
+        .iter()
+        .take(NAMED)
+        .map(|p| p.name.as_str())
+        .collect();
+    if patches.failed.len() > NAMED {
+        names.push("...");
+    }
+    let message = format!(
+        "{} of {} patch(es) failed: {}",
+        patches.failed.len(),
+        patches.failed.len() + patches.installed.len(),
+        names.join(", ")
+    );
+    set(
+        conditions,
+        PATCHES_PARTIALLY_FAILED,
+        TRUE,
+        "SomePatchesFailed",
+        message,
+        observed_generation,
+        now,
+    )
+}
+
 /// The status of condition `type_`, if present.
 pub fn status<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a str> {
     conditions
@@ -97,6 +145,47 @@ pub fn status<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::patchjob::PatchOutcome;
+
+    #[test]
+    fn partially_failed_patches_are_a_condition_naming_them() {
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let outcome = |name: &str| PatchOutcome {
+            name: name.into(),
+            ..PatchOutcome::default()
+        };
+        let mut patches = PatchResults {
+            phase: ActionPhase::Succeeded,
+            installed: vec![outcome("curl")],
+            ..PatchResults::default()
+        };
+        let mut conditions = Vec::new();
+        assert!(!set_patches_partially_failed(
+            &mut conditions,
+            Some(&patches),
+            None,
+            now
+        ));
+        patches.failed.push(outcome("openssl"));
+        assert!(set_patches_partially_failed(
+            &mut conditions,
+            Some(&patches),
+            None,
+            now
+        ));
+        assert_eq!(status(&conditions, PATCHES_PARTIALLY_FAILED), Some(TRUE));
+        assert_eq!(conditions[0].message, "1 of 2 patch(es) failed: openssl");
+        // A failed step is the job's failure, not a partial one.
+        patches.phase = ActionPhase::Failed;
+        let mut conditions = Vec::new();
+        assert!(!set_patches_partially_failed(
+            &mut conditions,
+            Some(&patches),
+            None,
+            now
+        ));
+        assert!(conditions.is_empty());
+    }
 
     #[test]
     fn transition_time_moves_only_when_the_status_flips() {

@@ -42,6 +42,48 @@ pub enum PatchClassification {
     All,
 }
 
+/// When the patch step of a job counts as failed.
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum PatchFailWhen {
+    /// Only when patches were wanted and none installed (JetPatch): some installed and
+    /// some failed is a success that lists the failures, with the job's
+    /// `PatchesPartiallyFailed` condition.
+    #[default]
+    AllFailed,
+    /// As soon as one wanted patch failed.
+    AnyFailed,
+}
+
+/// Why `patcher` cannot honour `classifications` as its package manager defines them,
+/// if it cannot. A classification is never widened to mean more: apt marks security
+/// updates only (by their `-security` suite) and records no severity, so Bugfix is
+/// refused on apt, and Critical unless Security is selected with it (apt's Critical
+/// would be all its Security updates, which Security already selects). dnf and yum take
+/// the advisory types (security with severity Critical, bugfix), zypper the patch
+/// categories (security with severity critical, recommended), Windows Update the
+/// category IDs; each honours every classification.
+pub fn classification_refusal(
+    patcher: &str,
+    classifications: &[PatchClassification],
+) -> Option<String> {
+    if patcher != "apt" {
+        return None;
+    }
+    let has = |c| classifications.contains(&c);
+    let refused = if has(PatchClassification::Bugfix) {
+        PatchClassification::Bugfix
+    } else if has(PatchClassification::Critical) && !has(PatchClassification::Security) {
+        PatchClassification::Critical
+    } else {
+        return None;
+    };
+    Some(format!(
+        "apt cannot select {refused:?} updates: apt marks only security updates (those from a -security suite) and records neither severity nor bug fixes; select Security or All, or name the packages in include"
+    ))
+}
+
 fn default_classifications() -> Vec<PatchClassification> {
     vec![PatchClassification::Security, PatchClassification::Critical]
 }
@@ -69,6 +111,21 @@ pub struct PatchSelection {
     /// Run only the workflow's actions, install no patches.
     #[serde(default)]
     pub skip: bool,
+    /// When the patch step fails: `AllFailed` (default) only when none of the wanted
+    /// patches installed, `AnyFailed` as soon as one did not.
+    #[serde(default)]
+    pub fail_when: PatchFailWhen,
+}
+
+impl PatchSelection {
+    /// Why `patcher` cannot install what this selection asks for, if it cannot
+    /// ([`classification_refusal`]). A selection that installs nothing is never refused.
+    pub fn refusal_on(&self, patcher: &str) -> Option<String> {
+        if self.skip {
+            return None;
+        }
+        classification_refusal(patcher, &self.classifications)
+    }
 }
 
 impl Default for PatchSelection {
@@ -78,6 +135,7 @@ impl Default for PatchSelection {
             include: vec![],
             exclude: vec![],
             skip: false,
+            fail_when: PatchFailWhen::default(),
         }
     }
 }
@@ -347,4 +405,59 @@ pub struct RemediationPlanStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use PatchClassification::{All, Bugfix, Critical, Security};
+
+    #[test]
+    fn fail_when_defaults_to_all_failed_and_reads_from_the_plan() {
+        let selection: PatchSelection = serde_json::from_str("{}").unwrap();
+        assert_eq!(selection.fail_when, PatchFailWhen::AllFailed);
+        let selection: PatchSelection =
+            serde_json::from_str(r#"{"failWhen": "AnyFailed"}"#).unwrap();
+        assert_eq!(selection.fail_when, PatchFailWhen::AnyFailed);
+        assert!(serde_json::from_str::<PatchSelection>(r#"{"failWhen": "Sometimes"}"#).is_err());
+    }
+
+    #[test]
+    fn apt_refuses_what_it_cannot_tell_apart_and_others_honour_every_classification() {
+        let refused = |patcher: &str, classes: &[PatchClassification]| {
+            classification_refusal(patcher, classes).is_some()
+        };
+        for classes in [
+            &[Bugfix][..],
+            &[Critical],
+            &[Critical, Bugfix],
+            &[Security, Bugfix],
+        ] {
+            assert!(refused("apt", classes), "apt {classes:?}");
+        }
+        for classes in [&[Security][..], &[Security, Critical], &[All]] {
+            assert!(!refused("apt", classes), "apt {classes:?}");
+        }
+        for patcher in ["dnf", "yum", "zypper", "windows-update"] {
+            for classes in [
+                &[Bugfix][..],
+                &[Critical],
+                &[Security, Critical, Bugfix],
+                &[All],
+            ] {
+                assert!(!refused(patcher, classes), "{patcher} {classes:?}");
+            }
+        }
+        let message = classification_refusal("apt", &[Bugfix]).unwrap();
+        assert!(
+            message.starts_with("apt cannot select Bugfix updates"),
+            "{message}"
+        );
+        let skipped = PatchSelection {
+            classifications: vec![Bugfix],
+            skip: true,
+            ..PatchSelection::default()
+        };
+        assert_eq!(skipped.refusal_on("apt"), None, "nothing is installed");
+    }
 }

@@ -268,7 +268,10 @@ pub struct UninstallSoftware {
     /// Exact DisplayName value under the key.
     #[schemars(length(min = 1, max = 1024))]
     pub display_name: String,
-    /// DisplayVersion to match; without it any installed version is removed.
+    /// Version to match exactly, against the value named `Version` under the uninstall
+    /// key (as Qualys compares it; a Windows Installer DWORD reads as
+    /// `major.minor.build`), or `DisplayVersion` when there is no `Version`. Without it
+    /// any installed version is removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub display_version: Option<String>,

@@ -322,6 +322,14 @@ pub fn accept_report(
             None,
             now,
         );
+        // The place for a PatchesPartiallyFailed Event is where this status is
+        // written and the condition first appears (`Gateway::write_status`).
+        conditions::set_patches_partially_failed(
+            &mut status.conditions,
+            status.patches.as_ref(),
+            None,
+            now,
+        );
         status.completion_time = Some(Time(now));
     }
     status.last_sequence = Some(report.sequence);
@@ -417,6 +425,65 @@ mod tests {
             reboot: RebootPolicy::IfRequired,
         };
         resolve_named(&catalog, "x", "linux-default", target).unwrap()
+    }
+
+    #[test]
+    fn a_finished_job_whose_patches_partly_failed_gets_the_condition() {
+        use crate::api::patchjob::{ActionPhase, PatchOutcome, PatchResults};
+        let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let outcome = |name: &str| PatchOutcome {
+            name: name.into(),
+            ..PatchOutcome::default()
+        };
+        let report = |phase: JobPhase, patches: ActionPhase| ProgressReport {
+            sequence: 1,
+            status: PatchJobStatus {
+                phase,
+                patches: Some(PatchResults {
+                    phase: patches,
+                    installed: vec![outcome("curl")],
+                    failed: vec![outcome("openssl")],
+                    ..PatchResults::default()
+                }),
+                ..PatchJobStatus::default()
+            },
+            job: None,
+        };
+        fn partial(status: &PatchJobStatus) -> Option<&str> {
+            conditions::status(&status.conditions, conditions::PATCHES_PARTIALLY_FAILED)
+        }
+        let spec = spec();
+        let running = accept_report(
+            &spec,
+            None,
+            None,
+            report(JobPhase::Running, ActionPhase::Succeeded),
+            now,
+        )
+        .unwrap();
+        assert_eq!(partial(&running), None, "only once the job has finished");
+        let done = accept_report(
+            &spec,
+            None,
+            None,
+            report(JobPhase::Succeeded, ActionPhase::Succeeded),
+            now,
+        )
+        .unwrap();
+        assert_eq!(partial(&done), Some(conditions::TRUE));
+        let failed = accept_report(
+            &spec,
+            None,
+            None,
+            report(JobPhase::Failed, ActionPhase::Failed),
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            partial(&failed),
+            None,
+            "a failed patch step is no partial success"
+        );
     }
 
     #[test]

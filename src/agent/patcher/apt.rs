@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use regex::Regex;
 
-use crate::api::patchjob::{ActionPhase, PatchResults};
+use crate::api::patchjob::PatchResults;
 use crate::api::plan::PatchSelection;
 
 use super::{
@@ -227,7 +227,10 @@ pub fn parse_simulation(output: &str) -> Vec<Update> {
                 new_version: c[3].to_string(),
                 arch: c.get(5).map(|m| m.as_str().to_string()),
                 security,
-                critical: security,
+                // apt records no severity and no bug-fix mark: Critical and Bugfix are
+                // refused on apt (`classification_refusal`), never widened.
+                critical: false,
+                bugfix: false,
             }
         })
         .collect()
@@ -360,8 +363,14 @@ impl Patcher for Apt {
             .await?;
             let reboot_required = || self.reboot_marker.exists();
             if wanted.is_empty() {
-                let mut results = results(self.name(), &[], &Default::default(), reboot_required());
-                add_failures(&mut results, held_back);
+                let mut results = results(
+                    self.name(),
+                    &[],
+                    &Default::default(),
+                    reboot_required(),
+                    selection.fail_when,
+                );
+                add_failures(&mut results, held_back, selection.fail_when);
                 return Ok(with_kept_back(results, &kept_back));
             }
             let names: Vec<String> = wanted.iter().map(|u| u.name.clone()).collect();
@@ -389,11 +398,12 @@ impl Patcher for Apt {
                 &wanted,
                 &installed_versions(&wanted, &parse_installed(&installed.stdout)),
                 reboot_required(),
+                selection.fail_when,
             );
-            if results.phase == ActionPhase::Failed {
+            if !results.failed.is_empty() {
                 results.message = format!("{}\n{}", results.message, install.output_tail);
             }
-            add_failures(&mut results, held_back);
+            add_failures(&mut results, held_back, selection.fail_when);
             for note in notes {
                 results.message = format!("{}; {note}", results.message);
             }
@@ -423,6 +433,23 @@ Inst openssl [3.0.11-1~deb12u2] (3.0.13-1~deb12u1 Debian-Security:12/stable-secu
 Inst fleetpatch-demo (2.0 local [all])
 Conf base-files (12.4+deb12u6 Debian:12.6/stable [amd64])
 ";
+
+    #[test]
+    fn bugfix_and_critical_never_widen_to_other_updates_on_apt() {
+        use crate::api::plan::PatchClassification;
+        for classification in [PatchClassification::Bugfix, PatchClassification::Critical] {
+            let selection = PatchSelection {
+                classifications: vec![classification],
+                ..PatchSelection::default()
+            };
+            let chosen = select(parse_simulation(SIMULATION), &selection);
+            assert!(chosen.is_empty(), "{classification:?}: {chosen:?}");
+            assert!(selection.refusal_on("apt").is_some(), "{classification:?}");
+        }
+        let security = select(parse_simulation(SIMULATION), &PatchSelection::default());
+        let names: Vec<&str> = security.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["libssl3", "openssl"]);
+    }
 
     #[test]
     fn simulation_lists_candidates_and_marks_security_suites() {
@@ -570,7 +597,7 @@ Inst openssl [3.0.11-1~deb12u2] (3.0.13-1~deb12u1 Debian-Security:12/stable-secu
         );
         assert!(parse_kept_back(SIMULATION).is_empty());
         let results = with_kept_back(
-            results("apt", &[], &Default::default(), false),
+            results("apt", &[], &Default::default(), false, Default::default()),
             &parse_kept_back(output),
         );
         assert_eq!(

@@ -68,6 +68,14 @@ impl Dnf {
         }
     }
 
+    /// Arguments that list bug-fix advisories with their packages.
+    pub fn bugfix_advisories_args(&self) -> Vec<&'static str> {
+        match self.flavour {
+            Flavour::Dnf => vec!["-q", "updateinfo", "list", "--bugfix", "--available"],
+            Flavour::Yum => vec!["-q", "updateinfo", "list", "bugfix", "available"],
+        }
+    }
+
     /// Arguments that list every available advisory, of any type.
     pub fn all_advisories_args(&self) -> Vec<&'static str> {
         match self.flavour {
@@ -135,6 +143,7 @@ pub fn parse_check_update(output: &str) -> Vec<Update> {
             arch: chunk[0].rsplit_once('.').map(|(_, arch)| arch.to_string()),
             security: false,
             critical: false,
+            bugfix: false,
         })
         .collect()
 }
@@ -166,6 +175,17 @@ pub fn parse_updateinfo(output: &str) -> BTreeMap<String, bool> {
         *entry |= critical;
     }
     packages
+}
+
+/// Parses `updateinfo list --bugfix` into the packages bug-fix advisories update:
+/// lines of advisory id, the type `bugfix`, package.
+pub fn parse_bugfix_advisories(output: &str) -> std::collections::BTreeSet<String> {
+    output
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| fields.len() >= 3 && fields[1].eq_ignore_ascii_case("bugfix"))
+        .map(|fields| nevra_name(fields[fields.len() - 1]).to_string())
+        .collect()
 }
 
 /// Whether `updateinfo list` printed any advisory: lines of advisory id, type, package.
@@ -326,12 +346,34 @@ impl Patcher for Dnf {
                     }
                 }
             }
+            if selection
+                .classifications
+                .contains(&PatchClassification::Bugfix)
+            {
+                let info = run(
+                    &self
+                        .commands
+                        .spec(program, &self.bugfix_advisories_args(), &[], timeout),
+                    &[0],
+                )
+                .await?;
+                let fixes = parse_bugfix_advisories(&info.stdout);
+                for update in &mut candidates {
+                    update.bugfix = fixes.contains(&update.name);
+                }
+            }
             let wanted = select(candidates, selection);
             if wanted.is_empty() {
                 let (reboot, note) = Self::reboot(self.needs_restarting(timeout).await, &[]);
                 notes.extend(note);
                 return Ok(with_notes(
-                    results(program, &[], &Default::default(), reboot),
+                    results(
+                        program,
+                        &[],
+                        &Default::default(),
+                        reboot,
+                        selection.fail_when,
+                    ),
                     &notes,
                 ));
             }
@@ -343,7 +385,7 @@ impl Patcher for Dnf {
             query.extend(names.iter().map(String::as_str));
             let installed = run(&self.commands.spec("rpm", &query, &[], timeout), &[0, 1]).await?;
             let installed = parse_rpm_query(&installed.stdout);
-            let mut results = results(program, &wanted, &installed, false);
+            let mut results = results(program, &wanted, &installed, false, selection.fail_when);
             let upgraded: Vec<String> = results.installed.iter().map(|p| p.name.clone()).collect();
             let (reboot, note) = Self::reboot(self.needs_restarting(timeout).await, &upgraded);
             results.reboot_required = reboot;
@@ -400,6 +442,44 @@ RLBA-2024:3400 bugfix         NetworkManager-1:1.46.0-8.el9_4.x86_64
                 ("openssl-libs", "1:3.0.7-27.el9_4"),
                 ("python3-setuptools-wheel", "53.0.0-12.el9_4.1"),
             ]
+        );
+    }
+
+    #[test]
+    fn bugfix_advisories_select_only_their_packages() {
+        assert_eq!(
+            parse_bugfix_advisories(UPDATEINFO)
+                .into_iter()
+                .collect::<Vec<_>>(),
+            ["NetworkManager"],
+            "security advisories are not bug fixes"
+        );
+        let mut updates = parse_check_update(CHECK_UPDATE);
+        let fixes = parse_bugfix_advisories(UPDATEINFO);
+        for update in &mut updates {
+            update.bugfix = fixes.contains(&update.name);
+        }
+        let bugfix = PatchSelection {
+            classifications: vec![PatchClassification::Bugfix],
+            ..PatchSelection::default()
+        };
+        let chosen: Vec<String> = select(updates, &bugfix)
+            .into_iter()
+            .map(|u| u.name)
+            .collect();
+        assert_eq!(
+            chosen,
+            ["NetworkManager"],
+            "Bugfix never widens to every update"
+        );
+        let dnf = Dnf::new(Flavour::Dnf);
+        assert_eq!(
+            dnf.bugfix_advisories_args(),
+            ["-q", "updateinfo", "list", "--bugfix", "--available"]
+        );
+        assert_eq!(
+            Dnf::new(Flavour::Yum).bugfix_advisories_args(),
+            ["-q", "updateinfo", "list", "bugfix", "available"]
         );
     }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use crate::api::patchjob::{ActionPhase, PatchOutcome, PatchResults};
-use crate::api::plan::{PatchClassification, PatchSelection};
+use crate::api::plan::{PatchClassification, PatchFailWhen, PatchSelection};
 
 use super::process::{self, ProcessEnd, ProcessOutcome, ProcessSpec};
 
@@ -32,6 +32,8 @@ pub struct Update {
     /// Security (or critical) fix, as the package source classifies it.
     pub security: bool,
     pub critical: bool,
+    /// Bug fix, as the package source classifies it (dnf's bugfix advisories).
+    pub bugfix: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,23 +110,23 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// The updates `selection` asks for: by classification, plus `include`, minus `exclude`.
+/// A classification selects only the updates the package source marks so; only `All`
+/// selects everything.
 pub fn select(updates: Vec<Update>, selection: &PatchSelection) -> Vec<Update> {
-    let all = selection
-        .classifications
-        .iter()
-        .any(|c| matches!(c, PatchClassification::All | PatchClassification::Bugfix));
-    let security = selection
-        .classifications
-        .contains(&PatchClassification::Security);
-    let critical = selection
-        .classifications
-        .contains(&PatchClassification::Critical);
+    let wants = |c| selection.classifications.contains(&c);
+    let all = wants(PatchClassification::All);
+    let (security, critical, bugfix) = (
+        wants(PatchClassification::Security),
+        wants(PatchClassification::Critical),
+        wants(PatchClassification::Bugfix),
+    );
     updates
         .into_iter()
         .filter(|u| !is_excluded(&selection.exclude, &u.name))
         .filter(|u| {
             all || (security && u.security)
                 || (critical && u.critical)
+                || (bugfix && u.bugfix)
                 || selection
                     .include
                     .iter()
@@ -252,13 +254,33 @@ where
     Ok((allowed, blocked))
 }
 
+/// The patch step's phase from what installed and what failed. JetPatch counts
+/// patching as failed only when no patch succeeded: with `AllFailed` the step fails only
+/// when patches were wanted and none installed; with `AnyFailed` one failure is enough.
+pub fn verdict(installed: usize, failed: usize, fail_when: PatchFailWhen) -> ActionPhase {
+    match (installed, failed, fail_when) {
+        (_, 0, _) => ActionPhase::Succeeded,
+        (0, _, _) | (_, _, PatchFailWhen::AnyFailed) => ActionPhase::Failed,
+        (_, _, PatchFailWhen::AllFailed) => ActionPhase::Succeeded,
+    }
+}
+
+/// Sets `results.phase` by [`verdict`] from its lists.
+pub(crate) fn settle(results: &mut PatchResults, fail_when: PatchFailWhen) {
+    results.phase = verdict(results.installed.len(), results.failed.len(), fail_when);
+}
+
 /// Adds failures found before anything ran (updates held back) to `results`.
-pub(crate) fn add_failures(results: &mut PatchResults, failures: Vec<PatchOutcome>) {
+pub(crate) fn add_failures(
+    results: &mut PatchResults,
+    failures: Vec<PatchOutcome>,
+    fail_when: PatchFailWhen,
+) {
     if failures.is_empty() {
         return;
     }
     results.failed.extend(failures);
-    results.phase = ActionPhase::Failed;
+    settle(results, fail_when);
     results.message = summary(results);
 }
 
@@ -293,6 +315,7 @@ pub(crate) fn results(
     wanted: &[Update],
     installed_after: &BTreeMap<String, String>,
     reboot_required: bool,
+    fail_when: PatchFailWhen,
 ) -> PatchResults {
     let mut results = PatchResults {
         phase: ActionPhase::Succeeded,
@@ -320,9 +343,7 @@ pub(crate) fn results(
             }),
         }
     }
-    if !results.failed.is_empty() {
-        results.phase = ActionPhase::Failed;
-    }
+    settle(&mut results, fail_when);
     results.message = summary(&results);
     results
 }
@@ -367,6 +388,7 @@ mod tests {
             arch: None,
             security,
             critical,
+            bugfix: false,
         }
     }
 
@@ -394,9 +416,30 @@ mod tests {
         selection.classifications = vec![PatchClassification::All];
         selection.exclude = vec![];
         assert_eq!(
-            names(&select(updates, &selection)),
+            names(&select(updates.clone(), &selection)),
             ["openssl", "curl", "vim"]
         );
+    }
+
+    #[test]
+    fn bugfix_selects_only_updates_marked_as_bug_fixes() {
+        let mut fix = update("tzdata", false, false);
+        fix.bugfix = true;
+        let updates = vec![
+            update("openssl", true, true),
+            fix,
+            update("vim", false, false),
+        ];
+        let selection = PatchSelection {
+            classifications: vec![PatchClassification::Bugfix],
+            ..PatchSelection::default()
+        };
+        assert_eq!(names(&select(updates.clone(), &selection)), ["tzdata"]);
+        let selection = PatchSelection {
+            classifications: vec![PatchClassification::Security, PatchClassification::Bugfix],
+            ..PatchSelection::default()
+        };
+        assert_eq!(names(&select(updates, &selection)), ["openssl", "tzdata"]);
     }
 
     #[test]
@@ -467,8 +510,12 @@ mod tests {
             ("a".to_string(), "2".to_string()),
             ("b".to_string(), "1".to_string()),
         ]);
-        let results = results("apt", &wanted, &after, true);
-        assert_eq!(results.phase, ActionPhase::Failed);
+        let results = results("apt", &wanted, &after, true, PatchFailWhen::AllFailed);
+        assert_eq!(
+            results.phase,
+            ActionPhase::Succeeded,
+            "one of two installed: patching did not fail (JetPatch)"
+        );
         assert_eq!(results.installed.len(), 1);
         assert_eq!(
             results.failed[0].message.as_deref(),
@@ -476,5 +523,42 @@ mod tests {
         );
         assert!(results.reboot_required);
         assert_eq!(results.message, "1 update(s) installed, 1 failed");
+        let strict = super::results("apt", &wanted, &after, true, PatchFailWhen::AnyFailed);
+        assert_eq!(strict.phase, ActionPhase::Failed);
+    }
+
+    #[test]
+    fn the_patch_step_fails_only_when_the_rule_says() {
+        use ActionPhase::{Failed, Succeeded};
+        use PatchFailWhen::{AllFailed, AnyFailed};
+        // (installed, failed) -> phase under AllFailed, under AnyFailed
+        for (installed, failed, all, any) in [
+            (0, 0, Succeeded, Succeeded),
+            (3, 0, Succeeded, Succeeded),
+            (2, 1, Succeeded, Failed),
+            (0, 1, Failed, Failed),
+            (0, 4, Failed, Failed),
+        ] {
+            assert_eq!(
+                verdict(installed, failed, AllFailed),
+                all,
+                "{installed}/{failed}"
+            );
+            assert_eq!(
+                verdict(installed, failed, AnyFailed),
+                any,
+                "{installed}/{failed}"
+            );
+        }
+        let mut held = PatchResults::default();
+        let outcome = |name: &str| PatchOutcome {
+            name: name.into(),
+            ..PatchOutcome::default()
+        };
+        held.installed.push(outcome("curl"));
+        add_failures(&mut held, vec![outcome("openssl")], AllFailed);
+        assert_eq!(held.phase, Succeeded);
+        add_failures(&mut held, vec![outcome("libssl3")], AnyFailed);
+        assert_eq!(held.phase, Failed);
     }
 }

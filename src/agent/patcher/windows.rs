@@ -8,8 +8,8 @@ use futures::future::BoxFuture;
 use serde::Deserialize;
 
 use crate::agent::powershell::quote_list;
-use crate::api::patchjob::{ActionPhase, PatchOutcome, PatchResults};
-use crate::api::plan::{PatchClassification, PatchSelection};
+use crate::api::patchjob::{PatchOutcome, PatchResults};
+use crate::api::plan::{PatchClassification, PatchFailWhen, PatchSelection};
 
 use super::{PatchError, Patcher, run, summary};
 
@@ -175,7 +175,9 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<
 }
 
 /// Reads the script's result line.
-pub fn parse_output(output: &str) -> Result<PatchResults, String> {
+/// The step's phase follows `fail_when` ([`super::verdict`]); an error of the Windows
+/// Update API counts as a failure of the updates it kept from being tried.
+pub fn parse_output(output: &str, fail_when: PatchFailWhen) -> Result<PatchResults, String> {
     let line = output
         .lines()
         .rev()
@@ -208,12 +210,9 @@ pub fn parse_output(output: &str) -> Result<PatchResults, String> {
             }
         }),
     };
+    let failed = parsed.failed.len() + usize::from(api_error.is_some());
     let mut results = PatchResults {
-        phase: if parsed.failed.is_empty() && api_error.is_none() {
-            ActionPhase::Succeeded
-        } else {
-            ActionPhase::Failed
-        },
+        phase: super::verdict(parsed.installed.len(), failed, fail_when),
         patcher: Some("windows-update".into()),
         installed: parsed
             .installed
@@ -274,13 +273,15 @@ impl Patcher for WindowsUpdate {
             .await;
             let _ = std::fs::remove_dir_all(&work_dir);
             let outcome = outcome?;
-            parse_output(&outcome.stdout).map_err(|message| PatchError::Command {
-                command: "windows-update".into(),
-                message: if outcome.output_tail.is_empty() {
-                    message
-                } else {
-                    format!("{message}\n{}", outcome.output_tail)
-                },
+            parse_output(&outcome.stdout, selection.fail_when).map_err(|message| {
+                PatchError::Command {
+                    command: "windows-update".into(),
+                    message: if outcome.output_tail.is_empty() {
+                        message
+                    } else {
+                        format!("{message}\n{}", outcome.output_tail)
+                    },
+                }
             })
         })
     }
@@ -290,6 +291,7 @@ impl Patcher for WindowsUpdate {
 mod tests {
     use super::*;
     use crate::api::ScriptLanguage;
+    use crate::api::patchjob::ActionPhase;
     use crate::api::syntax;
 
     #[test]
@@ -304,6 +306,7 @@ mod tests {
                 include: vec!["KB5034441".into()],
                 exclude: vec!["KB890830".into(), "it's".into()],
                 skip: false,
+                fail_when: Default::default(),
             };
             let script = script(&selection);
             let diagnostics = syntax::check(ScriptLanguage::PowerShell, &script);
@@ -333,14 +336,21 @@ mod tests {
     #[test]
     fn api_errors_and_download_failures_are_reported() {
         let output = "FLEETPATCH-RESULT {\"installed\":[],\"failed\":[],\"rebootRequired\":false,\"error\":\"Exception from HRESULT: 0x8024402C\",\"hresult\":-2145107924}";
-        let err = parse_output(output).unwrap_err();
+        let err = parse_output(output, PatchFailWhen::AllFailed).unwrap_err();
         assert_eq!(
             err,
             "Windows Update failed: Exception from HRESULT: 0x8024402C (HRESULT 0x8024402C)"
         );
         let output = "FLEETPATCH-RESULT {\"installed\":{\"name\":\"A\",\"code\":2,\"hresult\":0,\"stage\":\"install\"},\"failed\":{\"name\":\"B\",\"code\":4,\"hresult\":-2145124329,\"stage\":\"download\"},\"rebootRequired\":false,\"error\":null,\"hresult\":null}";
-        let results = parse_output(output).unwrap();
+        let results = parse_output(output, PatchFailWhen::AnyFailed).unwrap();
         assert_eq!(results.phase, ActionPhase::Failed);
+        assert_eq!(
+            parse_output(output, PatchFailWhen::AllFailed)
+                .unwrap()
+                .phase,
+            ActionPhase::Succeeded,
+            "one of two installed: patching did not fail (JetPatch)"
+        );
         assert_eq!(results.installed[0].message, None);
         assert_eq!(
             results.failed[0].message.as_deref(),
@@ -351,14 +361,14 @@ mod tests {
     #[test]
     fn result_lines_with_one_or_many_entries() {
         let output = "Searching...\nFLEETPATCH-RESULT {\"installed\":{\"name\":\"2024-06 Cumulative Update (KB5039212)\",\"code\":2},\"failed\":[],\"rebootRequired\":true}\n";
-        let results = parse_output(output).unwrap();
+        let results = parse_output(output, PatchFailWhen::AllFailed).unwrap();
         assert_eq!(results.installed.len(), 1);
         assert!(results.reboot_required);
         assert_eq!(results.phase, ActionPhase::Succeeded);
         let output = "FLEETPATCH-RESULT {\"installed\":[],\"failed\":[{\"name\":\"A\",\"code\":4},{\"name\":\"B\",\"code\":5}],\"rebootRequired\":false}";
-        let results = parse_output(output).unwrap();
+        let results = parse_output(output, PatchFailWhen::AllFailed).unwrap();
         assert_eq!(results.failed.len(), 2);
         assert_eq!(results.phase, ActionPhase::Failed);
-        assert!(parse_output("nothing here").is_err());
+        assert!(parse_output("nothing here", PatchFailWhen::AllFailed).is_err());
     }
 }

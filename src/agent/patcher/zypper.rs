@@ -66,6 +66,7 @@ pub fn parse_list_updates(output: &str) -> Vec<Update> {
             arch: Some(row[5].clone()),
             security: false,
             critical: false,
+            bugfix: false,
         })
         .collect()
 }
@@ -79,6 +80,33 @@ pub fn parse_list_patches(output: &str) -> BTreeMap<String, bool> {
         .filter(|row| row.len() >= 6 && row[2] == "security" && row[5] == "needed")
         .map(|row| (row[1].clone(), row[3] == "critical"))
         .collect()
+}
+
+/// The `zypper patch` filters for `classifications`, as zypper's patch categories
+/// define them: Security is the category `security`; Critical is `security` with
+/// severity `critical` (nothing more when Security is asked for too); Bugfix is
+/// `recommended`, the category of bug fixes. `All` is not a patch filter: it updates
+/// every package.
+pub fn patch_filters(classifications: &[PatchClassification]) -> Vec<Vec<&'static str>> {
+    let wants = |c| classifications.contains(&c);
+    let mut filters = Vec::new();
+    if wants(PatchClassification::Security) {
+        filters.push(vec!["--category", "security"]);
+    } else if wants(PatchClassification::Critical) {
+        filters.push(vec!["--category", "security", "--severity", "critical"]);
+    }
+    if wants(PatchClassification::Bugfix) {
+        filters.push(vec!["--category", "recommended"]);
+    }
+    filters
+}
+
+/// Needed patches of `category` in `list-patches` output.
+fn count_needed(output: &str, category: &str) -> usize {
+    table_rows(output)
+        .into_iter()
+        .filter(|row| row.len() >= 6 && row[2] == category && row[5] == "needed")
+        .count()
 }
 
 /// Packages listed in the transaction summary blocks whose header contains `what`
@@ -226,64 +254,54 @@ fn with_warnings(mut results: PatchResults, warnings: &[String]) -> PatchResults
 }
 
 impl Zypper {
-    /// Security (and critical) patches: `zypper patch`, as often as it updates itself.
+    /// Patches of the categories the classifications name ([`patch_filters`]): `zypper
+    /// patch` per filter, as often as it updates itself.
     async fn apply_patches(
         &self,
         selection: &PatchSelection,
         timeout: Duration,
     ) -> Result<PatchResults, PatchError> {
         let mut warnings = Vec::new();
-        let listed = run(
-            &self.spec(
-                &["-n", "-q", "list-patches", "--category", "security"],
-                timeout,
-            ),
-            &[0, 100, 101, EXIT_REPOS_SKIPPED],
-        )
-        .await?;
-        warnings.extend(
-            warning(match listed.end {
-                ProcessEnd::Exited(code) => code,
-                _ => 0,
-            })
-            .map(String::from),
-        );
-        let patches = parse_list_patches(&listed.stdout);
-        let critical_only = !selection
-            .classifications
-            .contains(&PatchClassification::Security);
-        let mut args = vec![
-            "-n",
-            "patch",
-            "--auto-agree-with-licenses",
-            "--category",
-            "security",
-        ];
-        if critical_only {
-            args.extend(["--severity", "critical"]);
-        }
-        let transaction = self.transaction(&args, timeout).await?;
-        warnings.extend(transaction.warnings);
         let mut results = PatchResults {
             phase: ActionPhase::Succeeded,
             patcher: Some(self.name().into()),
-            reboot_required: transaction.reboot,
-            installed: transaction
-                .upgraded
-                .into_iter()
-                .map(|name| PatchOutcome {
+            ..Default::default()
+        };
+        let mut needed = Vec::new();
+        for filter in patch_filters(&selection.classifications) {
+            let mut list = vec!["-n", "-q", "list-patches"];
+            list.extend(filter.iter().copied());
+            let listed = run(
+                &self.spec(&list, timeout),
+                &[0, 100, 101, EXIT_REPOS_SKIPPED],
+            )
+            .await?;
+            warnings.extend(
+                warning(match listed.end {
+                    ProcessEnd::Exited(code) => code,
+                    _ => 0,
+                })
+                .map(String::from),
+            );
+            needed.push(format!(
+                "{} {} patch(es) were needed",
+                count_needed(&listed.stdout, filter[1]),
+                filter[1]
+            ));
+            let mut args = vec!["-n", "patch", "--auto-agree-with-licenses"];
+            args.extend(filter.iter().copied());
+            let transaction = self.transaction(&args, timeout).await?;
+            warnings.extend(transaction.warnings);
+            results.reboot_required |= transaction.reboot;
+            results
+                .installed
+                .extend(transaction.upgraded.into_iter().map(|name| PatchOutcome {
                     name,
                     version: None,
                     message: None,
-                })
-                .collect(),
-            ..Default::default()
-        };
-        results.message = format!(
-            "{}; {} security patch(es) were needed",
-            summary(&results),
-            patches.len()
-        );
+                }));
+        }
+        results.message = format!("{}; {}", summary(&results), needed.join(", "));
         Ok(with_warnings(results, &warnings))
     }
 
@@ -310,8 +328,14 @@ impl Zypper {
         )
         .await?;
         if wanted.is_empty() {
-            let mut results = results(self.name(), &[], &Default::default(), false);
-            add_failures(&mut results, held_back);
+            let mut results = results(
+                self.name(),
+                &[],
+                &Default::default(),
+                false,
+                selection.fail_when,
+            );
+            add_failures(&mut results, held_back, selection.fail_when);
             return Ok(with_warnings(results, &warnings));
         }
         let mut args: Vec<&str> = vec!["-n", "update", "--auto-agree-with-licenses"];
@@ -326,11 +350,12 @@ impl Zypper {
             &wanted,
             &super::dnf::parse_rpm_query(&installed.stdout),
             transaction.reboot,
+            selection.fail_when,
         );
-        if results.phase == ActionPhase::Failed {
+        if !results.failed.is_empty() {
             results.message = format!("{}\n{}", results.message, transaction.last.output_tail);
         }
-        add_failures(&mut results, held_back);
+        add_failures(&mut results, held_back, selection.fail_when);
         Ok(with_warnings(results, &warnings))
     }
 }
@@ -348,15 +373,14 @@ impl Patcher for Zypper {
         Box::pin(async move {
             let wants_all = selection
                 .classifications
-                .iter()
-                .any(|c| matches!(c, PatchClassification::All | PatchClassification::Bugfix));
+                .contains(&PatchClassification::All);
             let mut results = if wants_all {
                 self.apply_updates(selection, timeout).await?
             } else {
-                // Security and critical fixes come as patches, which name no single package.
+                // Security, critical and bug fixes come as patches, which name no single package.
                 if !selection.exclude.is_empty() {
                     return Err(PatchError::Unsupported(
-                        "zypper installs security patches as a whole and cannot exclude packages from them; lock the packages on the host (zypper addlock) instead".into(),
+                        "zypper installs patches (Security, Critical, Bugfix) as a whole and cannot exclude packages from them; lock the packages on the host (zypper addlock) instead".into(),
                     ));
                 }
                 let mut results = self.apply_patches(selection, timeout).await?;
@@ -370,9 +394,7 @@ impl Patcher for Zypper {
                     results.installed.extend(updates.installed);
                     results.failed.extend(updates.failed);
                     results.reboot_required |= updates.reboot_required;
-                    if !results.failed.is_empty() {
-                        results.phase = ActionPhase::Failed;
-                    }
+                    super::settle(&mut results, selection.fail_when);
                     results.message = format!("{}; included: {}", results.message, updates.message);
                 }
                 results
@@ -424,6 +446,34 @@ Continue? [y/n/v/...? shows all options] (y): y
         assert_eq!(updates.len(), 2);
         assert_eq!(updates[0].name, "libopenssl3");
         assert_eq!(updates[1].new_version, "9.1.0330-150500.20.12.1");
+    }
+
+    #[test]
+    fn classifications_map_to_patch_categories_and_never_to_every_update() {
+        use PatchClassification::{Bugfix, Critical, Security};
+        assert_eq!(
+            patch_filters(&[Bugfix]),
+            [vec!["--category", "recommended"]]
+        );
+        assert_eq!(
+            patch_filters(&[Critical]),
+            [vec!["--category", "security", "--severity", "critical"]]
+        );
+        assert_eq!(
+            patch_filters(&[Security, Critical]),
+            [vec!["--category", "security"]]
+        );
+        // Severity applies to every category of one command: Critical's filter stays
+        // apart from Bugfix's, so bug fixes of any severity are found.
+        assert_eq!(
+            patch_filters(&[Critical, Bugfix]),
+            [
+                vec!["--category", "security", "--severity", "critical"],
+                vec!["--category", "recommended"]
+            ]
+        );
+        assert!(patch_filters(&[PatchClassification::All]).is_empty());
+        assert_eq!(count_needed(LIST_PATCHES, "security"), 2);
     }
 
     #[test]
