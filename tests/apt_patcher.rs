@@ -453,6 +453,7 @@ async fn run_job(apt: &Apt, spec: PatchJobSpec, state: &Path) -> JobRecord {
         on_event: &|_, _| {},
         reboot_gate: None,
         cancel: None,
+        reboot_refusal: None,
     };
     let mut record = executor::new_record("job-1", "job-1", spec);
     let outcome = executor.run(&mut record).await.unwrap();
