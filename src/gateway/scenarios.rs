@@ -819,3 +819,72 @@ async fn node_agent_announcements_cost_agent_writes_only_within_a_budget() {
     );
     fixture.server.done().await;
 }
+
+/// Attack (the network, no credential at all): every request with an unknown node token
+/// (`x-fleetpatch-node` plus any bearer) costs one TokenReview — an API call — and the
+/// only bound is the token bucket of the caller's source (burst 100, 20/s). Nothing
+/// bounds the reviews across sources: one attacker with an IPv6 /48 (65 536 /64
+/// buckets, which is what one customer of many providers gets) or a botnet turns its
+/// request rate straight into TokenReviews against the API server, 100 at once from
+/// each /64. Here 5 000 requests from 5 000 /64s (one each, never over any source's
+/// burst) cost 5 000 TokenReviews; the gateway's reviews must have a global budget.
+#[tokio::test]
+async fn token_reviews_for_unknown_node_tokens_are_bounded_across_sources() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use k8s_openapi::api::authentication::v1::TokenReviewStatus;
+    use super::auth::{Authenticator, NodePolicy, Purpose, TokenReviewer};
+    use super::limits::{SourceLimiter, UnauthenticatedLimits};
+
+    struct Counting(Arc<AtomicUsize>);
+    impl TokenReviewer for Counting {
+        fn review<'a>(
+            &'a self,
+            _token: &'a str,
+            _audience: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<TokenReviewStatus, kube::Error>> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async {
+                Ok(TokenReviewStatus {
+                    authenticated: Some(false),
+                    ..Default::default()
+                })
+            })
+        }
+    }
+    let reviews = Arc::new(AtomicUsize::new(0));
+    let (credentials, _) = kube::runtime::reflector::store::<Secret>();
+    let (agents, _) = kube::runtime::reflector::store::<Agent>();
+    let auth = Authenticator::new(
+        NAMESPACE.into(),
+        credentials,
+        agents,
+        Box::new(Counting(reviews.clone())),
+        NodePolicy {
+            audience: "fleetpatch-gateway".into(),
+            username: format!("system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"),
+        },
+    );
+    let limiter = SourceLimiter::new(&UnauthenticatedLimits::default());
+    const SOURCES: u16 = 5000;
+    for i in 0..SOURCES {
+        let source = std::net::IpAddr::V6(std::net::Ipv6Addr::new(
+            0x2001, 0xdb8, 0x77, i, 0, 0, 0, 1,
+        ));
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            format!("Bearer made-up-{i}").parse().unwrap(),
+        );
+        headers.insert(super::auth::NODE_HEADER, "node-a".parse().unwrap());
+        let refused = auth
+            .authenticate(&headers, source, Purpose::Serve, &limiter)
+            .await;
+        assert!(refused.is_err());
+    }
+    let reviews = reviews.load(Ordering::Relaxed);
+    assert!(
+        reviews <= 1000,
+        "{reviews} TokenReviews for {SOURCES} unauthenticated requests: no budget across sources"
+    );
+}
