@@ -888,3 +888,78 @@ async fn token_reviews_for_unknown_node_tokens_are_bounded_across_sources() {
         "{reviews} TokenReviews for {SOURCES} unauthenticated requests: no budget across sources"
     );
 }
+
+/// Attack (the network, no credential at all): the registration body slots
+/// (`MAX_REGISTRATION_READS`, 256) are shared by everyone, and a stranger holds one for
+/// the whole body deadline (10 s) by sending a registration's headers and never its
+/// body. Each source is charged once per request against a burst of 100 (refilling
+/// at 20/s, i.e. 200 per 10 s), so three source addresses — here 127.0.0.2-4 — hold all
+/// 256 slots, and keep holding them by coming back every ten seconds. A real host's
+/// registration, complete and from a fresh address, is then turned away with 503 Busy
+/// before its token is even looked at: no new host can join the fleet for as long as
+/// the attack lasts. A source must be able to hold only a small share of the slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_sources_cannot_hold_every_registration_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fixture = Fixture::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(super::serve::serve(
+        listener,
+        fixture.ctx.gateway.router(),
+        None,
+        super::serve::ServeLimits::default(),
+    ));
+    let connect_from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
+            .unwrap();
+        socket.connect(address).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for source in 2..=4u8 {
+        for _ in 0..90 {
+            let mut stream = connect_from(source).await;
+            stream
+                .write_all(
+                    b"POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            held.push(stream);
+        }
+    }
+    // Let the gateway take the slots.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let body = serde_json::to_vec(
+        &json!({"name": "new-host", "os": "Linux", "bootstrapToken": "whatever"}),
+    )
+    .unwrap();
+    let mut legit = connect_from(9).await;
+    legit
+        .write_all(
+            format!(
+                "POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    legit.write_all(&body).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        legit.read_to_end(&mut answer),
+    )
+    .await;
+    drop(held);
+    let answer = String::from_utf8_lossy(&answer);
+    let status_line = answer.lines().next().unwrap_or_default().to_string();
+    assert!(
+        !status_line.contains(" 503 "),
+        "a complete registration from a fresh source is turned away while three slow sources hold the slots: {status_line}"
+    );
+}
