@@ -919,7 +919,7 @@ async fn a_few_sources_cannot_hold_every_registration_slot() {
         socket.connect(address).await.unwrap()
     };
     let mut held = Vec::new();
-    for source in 2..=4u8 {
+    for source in 2..=5u8 {
         for _ in 0..90 {
             let mut stream = connect_from(source).await;
             stream
@@ -961,5 +961,65 @@ async fn a_few_sources_cannot_hold_every_registration_slot() {
     assert!(
         !status_line.contains(" 503 "),
         "a complete registration from a fresh source is turned away while three slow sources hold the slots: {status_line}"
+    );
+}
+
+/// Attack (the network, no credential at all): the gateway's connection caps are a
+/// total (`--gateway-max-connections`, 16 384) and a share per source (1 024), so
+/// sixteen source addresses — sixteen IPv4 addresses or IPv6 /64s — fill every slot
+/// with connections that send nothing, each kept for the 30 s header deadline and
+/// opened again when it ends. Every agent in the fleet, node agents included, is then
+/// refused at accept: no heartbeats, no reports, no reboot decisions. Here the caps are
+/// scaled down (64 in all, 16 per source, the same ratio): four sources holding idle
+/// connections lock out a fifth. A connection that has not even sent its headers must
+/// not keep a working client out (shed the oldest idle ones when full, or cap sources
+/// at a share that many sources cannot add up to).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_a_few_sources_do_not_lock_every_agent_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fixture = Fixture::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(super::serve::serve(
+        listener,
+        fixture.ctx.gateway.router(),
+        None,
+        super::serve::ServeLimits {
+            max_connections: 64,
+            max_connections_per_source: 16,
+            ..Default::default()
+        },
+    ));
+    let connect_from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
+            .unwrap();
+        socket.connect(address).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for source in 2..=5u8 {
+        for _ in 0..16 {
+            held.push(connect_from(source).await);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut agent = connect_from(9).await;
+    let _ = agent
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        agent.read_to_end(&mut answer),
+    )
+    .await;
+    drop(held);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "four sources holding idle connections lock a fifth out of the gateway: got {:?}",
+        answer.lines().next().unwrap_or("nothing (the connection was dropped)")
     );
 }
