@@ -919,7 +919,7 @@ async fn a_few_sources_cannot_hold_every_registration_slot() {
         socket.connect(address).await.unwrap()
     };
     let mut held = Vec::new();
-    for source in 2..=5u8 {
+    for source in 2..=4u8 {
         for _ in 0..90 {
             let mut stream = connect_from(source).await;
             stream
