@@ -1023,3 +1023,34 @@ async fn idle_connections_from_a_few_sources_do_not_lock_every_agent_out() {
         answer.lines().next().unwrap_or("nothing (the connection was dropped)")
     );
 }
+
+/// Attack (a plan author, in their own namespace): a PatchJob written by hand is never
+/// served, but the controller's shared cache keeps every PatchJob of the cluster, and
+/// `strip_for_cache` clears only script bodies. The CRD bounds neither `spec.plan`,
+/// `spec.run`, action names, `parameters` nor a script's `signature`, so one job can
+/// carry about 1.4 MB (etcd's object limit) that the cache keeps in full. Some 350 such
+/// jobs — any namespace, any agent name, no signature — are the chart's whole 512Mi
+/// memory limit for the controller: it is OOM-killed, lists them again on start, and is
+/// killed again; the gateway (same process) goes with it, for the whole fleet. What the
+/// cache keeps of a job must be small whatever its author put in it (bound the CRD's
+/// fields, and keep of an unsigned job no more than the index needs).
+#[tokio::test]
+async fn the_cache_keeps_little_of_a_hand_written_job_however_large() {
+    let fixture = Fixture::new();
+    let mut job = full_job(&fixture);
+    job.metadata.annotations = None;
+    let huge = "x".repeat(400 * 1024); // three of these: 1.2 MB, under etcd's limit
+    job.spec.plan = huge.clone();
+    job.spec.pre_actions[0]
+        .parameters
+        .insert("PADDING".into(), huge.clone());
+    job.spec.pre_actions[0].script.as_mut().unwrap().signature = Some(huge);
+    let mut cached = job.clone();
+    strip_for_cache(&mut cached);
+    let kept = serde_json::to_vec(&cached).unwrap().len();
+    assert!(
+        kept < 64 * 1024,
+        "the controller's cache keeps {} KiB of one unsigned, hand-written PatchJob",
+        kept / 1024
+    );
+}
