@@ -91,3 +91,51 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod library_impostors {
+    use super::*;
+    use crate::api::OperatingSystem;
+    use crate::api::rules::DEFAULT_LIBRARY_NAMESPACE;
+    use kube::ResourceExt;
+
+    /// Attack (anyone who may create Scripts, Tasks and Workflows in the controller's
+    /// namespace — the very people the admission policy is there to stop): the policy
+    /// denies changes only to objects labelled `fleetpatch.io/builtin=true`, but the
+    /// catalog treats *every* object in the library namespace as the library. Creating a
+    /// new, unlabelled Workflow `aaa-linux` with `default: true` there is allowed, and
+    /// since the library's default is the alphabetically first default, it replaces the
+    /// built-in Linux default for every namespace without its own — every plan without
+    /// a workflowRef, in every team, then runs the impostor's tasks (and an unlabelled
+    /// Script or Task there is reachable by any cross-namespace reference too). The
+    /// library is what the controller installed: lookups into it must see only
+    /// built-in objects (or the policy must refuse any other object in that namespace).
+    #[test]
+    fn an_unlabelled_workflow_in_the_library_namespace_does_not_become_the_library_default() {
+        let library = Library::load(DEFAULT_LIBRARY_NAMESPACE);
+        let mut catalog = Catalog::new(DEFAULT_LIBRARY_NAMESPACE);
+        library.add_to(&mut catalog);
+        let builtin = catalog
+            .default_workflow("team-a", OperatingSystem::Linux)
+            .expect("the library has a Linux default")
+            .name_any();
+        let mut impostor = library
+            .workflows
+            .iter()
+            .find(|w| w.name_any() == builtin)
+            .unwrap()
+            .clone();
+        impostor.metadata.name = Some("aaa-linux".into());
+        impostor.metadata.labels = None;
+        catalog.add_workflow(impostor);
+        let chosen = catalog
+            .default_workflow("team-a", OperatingSystem::Linux)
+            .unwrap();
+        assert!(
+            chosen.labels().get(BUILTIN_LABEL).map(String::as_str) == Some("true"),
+            "team-a's plans now default to {}/{}, an object the admission policy never protected (the built-in default is {builtin})",
+            chosen.namespace().unwrap_or_default(),
+            chosen.name_any()
+        );
+    }
+}

@@ -449,3 +449,37 @@ mod tests {
         assert_ne!(ReviewCache::key("ab", "c"), ReviewCache::key("a", "bc"));
     }
 }
+
+#[cfg(test)]
+mod review_cache_eviction {
+    use super::*;
+
+    /// Attack (the network): refused node-token reviews are cached too, in the same
+    /// table as the node agents' accepted ones, and a full table is simply cleared.
+    /// Strangers sending made-up node tokens from enough sources (each refusal stays
+    /// 10 s; 65 536 of them is 330 IPv4 sources or a few /64s' worth of buckets) empty it
+    /// over and over, and every node agent then pays a TokenReview on its next request,
+    /// again and again. Refusals must never push out an accepted verdict.
+    #[test]
+    fn refused_reviews_do_not_evict_the_node_agents_accepted_ones() {
+        let mut cache = ReviewCache {
+            verdicts: HashMap::new(),
+            capacity: 64,
+        };
+        let now = Instant::now();
+        let node = ReviewCache::key("node-a's token", "node-a");
+        cache.put(node, Ok(()), now);
+        for i in 0..64 {
+            cache.put(
+                ReviewCache::key(&format!("made-up-{i}"), "node-a"),
+                Err(NodeDenied::NotAuthenticated(String::new())),
+                now,
+            );
+        }
+        assert_eq!(
+            cache.get(&node, now),
+            Some(Ok(())),
+            "64 refusals from strangers pushed node-a's accepted review out of the cache"
+        );
+    }
+}

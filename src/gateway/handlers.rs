@@ -321,3 +321,69 @@ impl Gateway {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod lapsed_approval {
+    use super::*;
+    use crate::api::OperatingSystem;
+    use crate::api::patchjob::PatchJobSpec;
+    use std::collections::BTreeMap;
+
+    /// Attack (timing; a node agent that asks late, e.g. after a network partition or a
+    /// slow restart): the drain reconciler calls an approved reboot off once it has not
+    /// happened within `APPROVED_REBOOT_TIMEOUT` (5 min) — it writes Denied and
+    /// uncordons the node, and pods come back onto it. It only notices on its next pass
+    /// (up to 10 s later), and the gateway does not look at the approval's age at all:
+    /// any ask in between — or for as long as the leader's drain loop is stalled — is
+    /// answered Approved, and the host reboots a node that is being (or has been) handed
+    /// back. The gateway must not approve on an approval the drain treats as lapsed.
+    #[test]
+    fn a_lapsed_drain_approval_is_not_an_approval() {
+        let mut job = PatchJob::new(
+            "weekly-m1-node-a",
+            PatchJobSpec {
+                agent: "node-a".into(),
+                plan: "weekly".into(),
+                run: "m1".into(),
+                os: OperatingSystem::Linux,
+                workflow: None,
+                pre_actions: vec![],
+                post_actions: vec![],
+                failure_policy: Default::default(),
+                patches: Default::default(),
+                reboot: Default::default(),
+                deadline: None,
+                node: Some("node-a".into()),
+            },
+        );
+        job.metadata.namespace = Some("team".into());
+        job.metadata.annotations = Some(BTreeMap::from([(
+            REBOOT_DECISION_ANNOTATION.to_string(),
+            "Approved".to_string(),
+        )]));
+        job.status = Some(serde_json::from_value(serde_json::json!(
+            {"phase": "Running", "reboot": {"state": "Pending"}}
+        )).unwrap());
+        let approved_at = k8s_openapi::jiff::Timestamp::now()
+            - k8s_openapi::jiff::SignedDuration::from_mins(30);
+        let mut node = Node::default();
+        node.metadata.name = Some("node-a".into());
+        node.metadata.annotations = Some(BTreeMap::from([
+            (
+                drain::DRAIN_FOR_ANNOTATION.to_string(),
+                "team/weekly-m1-node-a".to_string(),
+            ),
+            (
+                drain::DRAIN_APPROVED_ANNOTATION.to_string(),
+                approved_at.to_string(),
+            ),
+        ]));
+        let decision = reboot_verdict(&job, false, Some(&node));
+        assert_ne!(
+            decision.verdict,
+            RebootVerdict::Approved,
+            "a drain approved 30 minutes ago (lapsed after {}s) still approves the reboot",
+            drain::APPROVED_REBOOT_TIMEOUT.as_secs()
+        );
+    }
+}

@@ -803,3 +803,238 @@ async fn node_agent_announcements_cost_agent_writes_only_within_a_budget() {
     );
     fixture.server.done().await;
 }
+
+/// Attack (the network, no credential at all): every request with an unknown node token
+/// (`x-fleetpatch-node` plus any bearer) costs one TokenReview — an API call — and the
+/// only bound is the token bucket of the caller's source (burst 100, 20/s). Nothing
+/// bounds the reviews across sources: one attacker with an IPv6 /48 (65 536 /64
+/// buckets, which is what one customer of many providers gets) or a botnet turns its
+/// request rate straight into TokenReviews against the API server, 100 at once from
+/// each /64. Here 5 000 requests from 5 000 /64s (one each, never over any source's
+/// burst) cost 5 000 TokenReviews; the gateway's reviews must have a global budget.
+#[tokio::test]
+async fn token_reviews_for_unknown_node_tokens_are_bounded_across_sources() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use k8s_openapi::api::authentication::v1::TokenReviewStatus;
+    use super::auth::{Authenticator, NodePolicy, Purpose, TokenReviewer};
+    use super::limits::{SourceLimiter, UnauthenticatedLimits};
+
+    struct Counting(Arc<AtomicUsize>);
+    impl TokenReviewer for Counting {
+        fn review<'a>(
+            &'a self,
+            _token: &'a str,
+            _audience: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<TokenReviewStatus, kube::Error>> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async {
+                Ok(TokenReviewStatus {
+                    authenticated: Some(false),
+                    ..Default::default()
+                })
+            })
+        }
+    }
+    let reviews = Arc::new(AtomicUsize::new(0));
+    let (credentials, _) = kube::runtime::reflector::store::<Secret>();
+    let (agents, _) = kube::runtime::reflector::store::<Agent>();
+    let auth = Authenticator::new(
+        NAMESPACE.into(),
+        credentials,
+        agents,
+        Box::new(Counting(reviews.clone())),
+        NodePolicy {
+            audience: "fleetpatch-gateway".into(),
+            username: format!("system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"),
+        },
+    );
+    let limiter = SourceLimiter::new(&UnauthenticatedLimits::default());
+    const SOURCES: u16 = 5000;
+    for i in 0..SOURCES {
+        let source = std::net::IpAddr::V6(std::net::Ipv6Addr::new(
+            0x2001, 0xdb8, 0x77, i, 0, 0, 0, 1,
+        ));
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            format!("Bearer made-up-{i}").parse().unwrap(),
+        );
+        headers.insert(super::auth::NODE_HEADER, "node-a".parse().unwrap());
+        let refused = auth
+            .authenticate(&headers, source, Purpose::Serve, &limiter)
+            .await;
+        assert!(refused.is_err());
+    }
+    let reviews = reviews.load(Ordering::Relaxed);
+    assert!(
+        reviews <= 1000,
+        "{reviews} TokenReviews for {SOURCES} unauthenticated requests: no budget across sources"
+    );
+}
+
+/// Attack (the network, no credential at all): the registration body slots
+/// (`MAX_REGISTRATION_READS`, 256) are shared by everyone, and a stranger holds one for
+/// the whole body deadline (10 s) by sending a registration's headers and never its
+/// body. Each source is charged once per request against a burst of 100 (refilling
+/// at 20/s, i.e. 200 per 10 s), so three source addresses — here 127.0.0.2-4 — hold all
+/// 256 slots, and keep holding them by coming back every ten seconds. A real host's
+/// registration, complete and from a fresh address, is then turned away with 503 Busy
+/// before its token is even looked at: no new host can join the fleet for as long as
+/// the attack lasts. A source must be able to hold only a small share of the slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_few_sources_cannot_hold_every_registration_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fixture = Fixture::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(super::serve::serve(
+        listener,
+        fixture.ctx.gateway.router(),
+        None,
+        super::serve::ServeLimits::default(),
+    ));
+    let connect_from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
+            .unwrap();
+        socket.connect(address).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for source in 2..=4u8 {
+        for _ in 0..90 {
+            let mut stream = connect_from(source).await;
+            stream
+                .write_all(
+                    b"POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            held.push(stream);
+        }
+    }
+    // Let the gateway take the slots.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let body = serde_json::to_vec(
+        &json!({"name": "new-host", "os": "Linux", "bootstrapToken": "whatever"}),
+    )
+    .unwrap();
+    let mut legit = connect_from(9).await;
+    legit
+        .write_all(
+            format!(
+                "POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    legit.write_all(&body).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        legit.read_to_end(&mut answer),
+    )
+    .await;
+    drop(held);
+    let answer = String::from_utf8_lossy(&answer);
+    let status_line = answer.lines().next().unwrap_or_default().to_string();
+    assert!(
+        !status_line.contains(" 503 "),
+        "a complete registration from a fresh source is turned away while three slow sources hold the slots: {status_line}"
+    );
+}
+
+/// Attack (the network, no credential at all): the gateway's connection caps are a
+/// total (`--gateway-max-connections`, 16 384) and a share per source (1 024), so
+/// sixteen source addresses — sixteen IPv4 addresses or IPv6 /64s — fill every slot
+/// with connections that send nothing, each kept for the 30 s header deadline and
+/// opened again when it ends. Every agent in the fleet, node agents included, is then
+/// refused at accept: no heartbeats, no reports, no reboot decisions. Here the caps are
+/// scaled down (64 in all, 16 per source, the same ratio): four sources holding idle
+/// connections lock out a fifth. A connection that has not even sent its headers must
+/// not keep a working client out (shed the oldest idle ones when full, or cap sources
+/// at a share that many sources cannot add up to).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_a_few_sources_do_not_lock_every_agent_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fixture = Fixture::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(super::serve::serve(
+        listener,
+        fixture.ctx.gateway.router(),
+        None,
+        super::serve::ServeLimits {
+            max_connections: 64,
+            max_connections_per_source: 16,
+            ..Default::default()
+        },
+    ));
+    let connect_from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
+            .unwrap();
+        socket.connect(address).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for source in 2..=5u8 {
+        for _ in 0..16 {
+            held.push(connect_from(source).await);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut agent = connect_from(9).await;
+    let _ = agent
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        agent.read_to_end(&mut answer),
+    )
+    .await;
+    drop(held);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "four sources holding idle connections lock a fifth out of the gateway: got {:?}",
+        answer.lines().next().unwrap_or("nothing (the connection was dropped)")
+    );
+}
+
+/// Attack (a plan author, in their own namespace): a PatchJob written by hand is never
+/// served, but the controller's shared cache keeps every PatchJob of the cluster, and
+/// `strip_for_cache` clears only script bodies. The CRD bounds neither `spec.plan`,
+/// `spec.run`, action names, `parameters` nor a script's `signature`, so one job can
+/// carry about 1.4 MB (etcd's object limit) that the cache keeps in full. Some 350 such
+/// jobs — any namespace, any agent name, no signature — are the chart's whole 512Mi
+/// memory limit for the controller: it is OOM-killed, lists them again on start, and is
+/// killed again; the gateway (same process) goes with it, for the whole fleet. What the
+/// cache keeps of a job must be small whatever its author put in it (bound the CRD's
+/// fields, and keep of an unsigned job no more than the index needs).
+#[tokio::test]
+async fn the_cache_keeps_little_of_a_hand_written_job_however_large() {
+    let fixture = Fixture::new();
+    let mut job = full_job(&fixture);
+    job.metadata.annotations = None;
+    let huge = "x".repeat(400 * 1024); // three of these: 1.2 MB, under etcd's limit
+    job.spec.plan = huge.clone();
+    job.spec.pre_actions[0]
+        .parameters
+        .insert("PADDING".into(), huge.clone());
+    job.spec.pre_actions[0].script.as_mut().unwrap().signature = Some(huge);
+    let mut cached = job.clone();
+    strip_for_cache(&mut cached);
+    let kept = serde_json::to_vec(&cached).unwrap().len();
+    assert!(
+        kept < 64 * 1024,
+        "the controller's cache keeps {} KiB of one unsigned, hand-written PatchJob",
+        kept / 1024
+    );
+}
