@@ -94,6 +94,17 @@ pub enum RefError {
     ForeignNamespace { namespace: String, library: String },
 }
 
+/// Whether `object` is part of the built-in library (labelled so by the controller,
+/// which alone may write the label).
+fn is_builtin<K: kube::Resource>(object: &K) -> bool {
+    object
+        .meta()
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(super::common::BUILTIN_LABEL))
+        .is_some_and(|value| value == "true")
+}
+
 impl Catalog {
     pub fn new(library_namespace: impl Into<String>) -> Self {
         Self {
@@ -131,7 +142,9 @@ impl Catalog {
         }
     }
 
-    fn lookup<'a, T>(
+    /// The object `reference` names. Seen from another namespace, the library namespace
+    /// holds only the built-in library: what else is kept there is not the library.
+    fn lookup<'a, T: kube::Resource>(
         &self,
         objects: &'a BTreeMap<Key, T>,
         kind: &'static str,
@@ -140,11 +153,14 @@ impl Catalog {
     ) -> Result<&'a T, RefError> {
         let namespace = self.target_namespace(reference, referrer_namespace)?;
         let key = (namespace, reference.name.clone());
-        objects.get(&key).ok_or(RefError::NotFound {
-            kind,
-            namespace: key.0,
-            name: key.1,
-        })
+        objects
+            .get(&key)
+            .filter(|object| key.0 == referrer_namespace || is_builtin(*object))
+            .ok_or(RefError::NotFound {
+                kind,
+                namespace: key.0,
+                name: key.1,
+            })
     }
 
     pub fn script(
@@ -168,14 +184,15 @@ impl Catalog {
     /// The default workflow for `os` seen from `namespace`: the namespace's own default,
     /// else the built-in library's.
     pub fn default_workflow(&self, namespace: &str, os: OperatingSystem) -> Option<&Workflow> {
-        let defaults_in = |ns: &str| {
+        let default_in = |ns: &str, builtin_only: bool| {
             self.workflows
                 .iter()
-                .filter(move |((wns, _), wf)| wns == ns && wf.spec.default && wf.spec.os == os)
+                .filter(|((wns, _), wf)| wns == ns && wf.spec.default && wf.spec.os == os)
                 .map(|(_, wf)| wf)
+                .filter(|wf| !builtin_only || is_builtin(*wf))
                 .min_by_key(|wf| wf.name_any())
         };
-        defaults_in(namespace).or_else(|| defaults_in(&self.library_namespace))
+        default_in(namespace, false).or_else(|| default_in(&self.library_namespace, true))
     }
 
     /// Every problem in the catalog, sorted by object.

@@ -222,7 +222,7 @@ fn is_node_agents_job(ctx: &Context, job: &PatchJob, node: &str) -> bool {
 }
 
 /// Whether an approved reboot has not happened for longer than it may take.
-fn approval_lapsed(node: &Node, now: Timestamp) -> bool {
+pub fn approval_lapsed(node: &Node, now: Timestamp) -> bool {
     node.annotations()
         .get(DRAIN_APPROVED_ANNOTATION)
         .and_then(|t| t.parse::<Timestamp>().ok())

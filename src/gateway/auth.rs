@@ -164,14 +164,23 @@ impl ReviewCache {
             .map(|(verdict, _)| verdict.clone())
     }
 
+    /// Keeps a verdict. When full, expired verdicts go first, then refusals: strangers'
+    /// made-up tokens never push out a node agent's accepted review (a refusal finding
+    /// the table full of accepted ones is simply not kept).
     fn put(&mut self, key: [u8; 32], verdict: Result<(), NodeDenied>, now: Instant) {
         if self.verdicts.len() >= self.capacity {
             self.verdicts.retain(|_, (_, until)| now < *until);
-            if self.verdicts.len() >= self.capacity {
-                // Still full of live entries (a flood of distinct tokens): start over
-                // rather than grow; the cost is a few repeated reviews.
-                self.verdicts.clear();
+        }
+        if self.verdicts.len() >= self.capacity {
+            self.verdicts.retain(|_, (kept, _)| kept.is_ok());
+        }
+        if self.verdicts.len() >= self.capacity {
+            if verdict.is_err() {
+                return;
             }
+            // Full of accepted reviews (more node agents than the table holds): start
+            // over rather than grow; the cost is a few repeated reviews.
+            self.verdicts.clear();
         }
         let ttl = if verdict.is_ok() {
             ACCEPTED_FOR
@@ -329,9 +338,13 @@ impl Authenticator {
         if let Some(verdict) = self.reviews.lock().get(&key, Instant::now()) {
             return verdict.map_err(|why| why.to_string());
         }
-        // A review is an API call: charged to the source before it is made.
+        // A review is an API call: charged to the source, and to the budget all
+        // sources share, before it is made.
         if !limiter.allow(source) {
             return Err("too many token reviews from this source".into());
+        }
+        if !limiter.allow_review() {
+            return Err("too many token reviews; try again shortly".into());
         }
         let status = self
             .reviewer

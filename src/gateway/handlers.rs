@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::Api;
 use serde::Deserialize;
@@ -230,6 +231,13 @@ pub fn reboot_verdict(job: &PatchJob, paused: bool, node: Option<&Node>) -> Rebo
         };
     }
     let verdict = match drain::decision(job, node) {
+        // The drain calls an approval off once it lapsed, on its next pass: from the
+        // moment it lapses it approves nothing.
+        Some(drain::Verdict::Approved)
+            if node.is_some_and(|node| drain::approval_lapsed(node, Timestamp::now())) =>
+        {
+            RebootVerdict::Waiting
+        }
         Some(drain::Verdict::Approved) => RebootVerdict::Approved,
         Some(drain::Verdict::Denied) => RebootVerdict::Denied,
         None => RebootVerdict::Waiting,
@@ -361,11 +369,14 @@ mod lapsed_approval {
             REBOOT_DECISION_ANNOTATION.to_string(),
             "Approved".to_string(),
         )]));
-        job.status = Some(serde_json::from_value(serde_json::json!(
-            {"phase": "Running", "reboot": {"state": "Pending"}}
-        )).unwrap());
-        let approved_at = k8s_openapi::jiff::Timestamp::now()
-            - k8s_openapi::jiff::SignedDuration::from_mins(30);
+        job.status = Some(
+            serde_json::from_value(serde_json::json!(
+                {"phase": "Running", "reboot": {"state": "Pending"}}
+            ))
+            .unwrap(),
+        );
+        let approved_at =
+            k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_mins(30);
         let mut node = Node::default();
         node.metadata.name = Some("node-a".into());
         node.metadata.annotations = Some(BTreeMap::from([

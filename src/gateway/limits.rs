@@ -50,6 +50,10 @@ pub struct SourceLimiter {
     buckets: DefaultKeyedRateLimiter<IpAddr>,
     registrations: Semaphore,
     registration_reads: Semaphore,
+    /// TokenReviews the caches could not spare, from every source together: enough for
+    /// 5,000 node agents renewing their verdicts each minute, not for a flood from many
+    /// addresses.
+    reviews: governor::DefaultDirectRateLimiter,
 }
 
 /// Registration bodies read at once (see [`SourceLimiter::registration_read`]).
@@ -63,12 +67,21 @@ impl SourceLimiter {
             buckets: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             registrations: Semaphore::new(limits.max_registrations.max(1)),
             registration_reads: Semaphore::new(MAX_REGISTRATION_READS),
+            reviews: RateLimiter::direct(
+                Quota::per_second(NonZeroU32::new(100).expect("100"))
+                    .allow_burst(NonZeroU32::new(500).expect("500")),
+            ),
         }
     }
 
     /// Takes one request from `source`'s bucket; false when it is empty.
     pub fn allow(&self, source: IpAddr) -> bool {
         self.buckets.check_key(&bucket_of(source)).is_ok()
+    }
+
+    /// One TokenReview from the budget all sources share; false when it is spent.
+    pub fn allow_review(&self) -> bool {
+        self.reviews.check().is_ok()
     }
 
     /// A registration slot, if one is free.

@@ -594,7 +594,7 @@ async fn a_node_reboot_is_approved_only_when_the_node_records_the_drain() {
         .answer("GET", "/api/v1/nodes/node-a", 200,
             json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "annotations": {
                 "fleetpatch.io/drain-for": "team/weekly-m1-node-a",
-                "fleetpatch.io/drain-approved": "2026-12-02T10:00:00Z"}}}))
+                "fleetpatch.io/drain-approved": k8s_openapi::jiff::Timestamp::now().to_string()}}}))
         .await;
     let (_, decision) = asked.await.unwrap();
     assert_eq!(decision["verdict"], "Approved");
@@ -814,11 +814,11 @@ async fn node_agent_announcements_cost_agent_writes_only_within_a_budget() {
 /// burst) cost 5 000 TokenReviews; the gateway's reviews must have a global budget.
 #[tokio::test]
 async fn token_reviews_for_unknown_node_tokens_are_bounded_across_sources() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use k8s_openapi::api::authentication::v1::TokenReviewStatus;
     use super::auth::{Authenticator, NodePolicy, Purpose, TokenReviewer};
     use super::limits::{SourceLimiter, UnauthenticatedLimits};
+    use k8s_openapi::api::authentication::v1::TokenReviewStatus;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     struct Counting(Arc<AtomicUsize>);
     impl TokenReviewer for Counting {
@@ -852,9 +852,8 @@ async fn token_reviews_for_unknown_node_tokens_are_bounded_across_sources() {
     let limiter = SourceLimiter::new(&UnauthenticatedLimits::default());
     const SOURCES: u16 = 5000;
     for i in 0..SOURCES {
-        let source = std::net::IpAddr::V6(std::net::Ipv6Addr::new(
-            0x2001, 0xdb8, 0x77, i, 0, 0, 0, 1,
-        ));
+        let source =
+            std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x77, i, 0, 0, 0, 1));
         let mut headers = axum::http::HeaderMap::new();
         headers.insert(
             axum::http::header::AUTHORIZATION,
@@ -1004,7 +1003,10 @@ async fn idle_connections_from_a_few_sources_do_not_lock_every_agent_out() {
     assert!(
         answer.starts_with("HTTP/1.1 200"),
         "four sources holding idle connections lock a fifth out of the gateway: got {:?}",
-        answer.lines().next().unwrap_or("nothing (the connection was dropped)")
+        answer
+            .lines()
+            .next()
+            .unwrap_or("nothing (the connection was dropped)")
     );
 }
 
