@@ -127,9 +127,11 @@ pub struct PatchJobSpec {
     pub agent: String,
     /// RemediationPlan the job belongs to; empty for jobs run locally with `fleetpatch agent exec`.
     #[serde(default)]
+    #[schemars(length(max = 253))]
     pub plan: String,
     /// Run identifier within the plan.
     #[serde(default)]
+    #[schemars(length(max = 63))]
     pub run: String,
     pub os: OperatingSystem,
     /// Workflow the actions were resolved from.

@@ -22,7 +22,8 @@ use crate::gateway::credentials::{
     BOOTSTRAP_SECRET_TYPE, CREDENTIAL_HASH_KEY, CREDENTIAL_SECRET_TYPE,
 };
 use crate::gateway::jobs::JobSignals;
-use crate::gateway::progress::strip_for_cache;
+use crate::gateway::jobs::JobSigner;
+use crate::gateway::progress::project_job;
 
 /// Changes of one kind for whoever listens now; nobody listening costs nothing.
 pub struct Fanout<K> {
@@ -98,7 +99,11 @@ impl Caches {
 }
 
 /// Starts every watch and returns once every cache holds the current state.
-pub async fn start(client: &Client, namespace: &str) -> anyhow::Result<Arc<Caches>> {
+pub async fn start(
+    client: &Client,
+    namespace: &str,
+    signer: JobSigner,
+) -> anyhow::Result<Arc<Caches>> {
     let fanouts = Arc::new(Fanouts {
         scripts: Fanout::new(),
         tasks: Fanout::new(),
@@ -125,15 +130,20 @@ pub async fn start(client: &Client, namespace: &str) -> anyhow::Result<Arc<Cache
         let fanouts = fanouts.clone();
         move |o| fanouts.plans.send(o)
     });
-    let jobs = follow(Api::all(client.clone()), all.clone(), strip_for_cache, {
-        let fanouts = fanouts.clone();
-        let signals = job_signals.clone();
-        // The index and the agent's long-poll learn of a job after the cache has it.
-        move |job: PatchJob| {
-            signals.observe(&job);
-            fanouts.jobs.send(job);
-        }
-    });
+    let jobs = follow(
+        Api::all(client.clone()),
+        all.clone(),
+        move |job: &mut PatchJob| project_job(job, &signer),
+        {
+            let fanouts = fanouts.clone();
+            let signals = job_signals.clone();
+            // The index and the agent's long-poll learn of a job after the cache has it.
+            move |job: PatchJob| {
+                signals.observe(&job);
+                fanouts.jobs.send(job);
+            }
+        },
+    );
     let agents = follow(Api::all(client.clone()), all.clone(), drop_managed, {
         let fanouts = fanouts.clone();
         move |o| fanouts.agents.send(o)
@@ -188,7 +198,7 @@ pub async fn start(client: &Client, namespace: &str) -> anyhow::Result<Arc<Cache
 fn follow<K>(
     api: Api<K>,
     config: WatchConfig,
-    project: fn(&mut K),
+    project: impl FnMut(&mut K) + Send + 'static,
     changed: impl Fn(K) + Send + 'static,
 ) -> Store<K>
 where

@@ -163,8 +163,8 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
     );
     tokio::spawn(serve_health(health_listener, metrics.clone(), role.clone()));
 
-    let caches = caches::start(&client, &options.namespace).await?;
     let signer = signing_key(&client, &options.namespace).await?;
+    let caches = caches::start(&client, &options.namespace, signer.clone()).await?;
     let gateway = start_gateway(&client, &options, &caches, signer.clone(), &identity);
     let gateway_listener = std::net::TcpListener::bind(options.gateway_listen)?;
     gateway_listener.set_nonblocking(true)?;

@@ -81,6 +81,13 @@ async fn authenticate(
         .auth
         .authenticate(request.headers(), source, Purpose::Serve, &gateway.limiter)
         .await?;
+    // An agent's connection is never closed to make room for a stranger's.
+    if let Some(connection) = request
+        .extensions()
+        .get::<Arc<super::serve::ConnectionState>>()
+    {
+        connection.trust();
+    }
     // Every line about this request names the agent (see `crate::logs`).
     let span = crate::logs::object_span("Agent", None, &identity.agent, None);
     request.extensions_mut().insert(identity);
@@ -109,7 +116,10 @@ async fn register(
         return Err(Refusal::Throttled);
     }
     let request = {
-        let _reading = gateway.limiter.registration_read().ok_or(Refusal::Busy)?;
+        let _reading = gateway
+            .limiter
+            .registration_read(source)
+            .ok_or(Refusal::Busy)?;
         read_registration(body).await?
     };
     Ok(Json(gateway.register_external(&request, source).await?))

@@ -50,6 +50,7 @@ pub struct SourceLimiter {
     buckets: DefaultKeyedRateLimiter<IpAddr>,
     registrations: Semaphore,
     registration_reads: Semaphore,
+    registration_readers: parking_lot::Mutex<std::collections::HashMap<IpAddr, usize>>,
     /// TokenReviews the caches could not spare, from every source together: enough for
     /// 5,000 node agents renewing their verdicts each minute, not for a flood from many
     /// addresses.
@@ -58,6 +59,27 @@ pub struct SourceLimiter {
 
 /// Registration bodies read at once (see [`SourceLimiter::registration_read`]).
 pub const MAX_REGISTRATION_READS: usize = 256;
+/// Registration bodies one source may have read at once.
+pub const MAX_REGISTRATION_READS_PER_SOURCE: usize = 4;
+
+/// One registration body being read; dropping it frees the slot.
+pub struct RegistrationRead<'a> {
+    _permit: SemaphorePermit<'a>,
+    source: IpAddr,
+    limiter: &'a SourceLimiter,
+}
+
+impl Drop for RegistrationRead<'_> {
+    fn drop(&mut self) {
+        let mut held = self.limiter.registration_readers.lock();
+        if let Some(count) = held.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.source);
+            }
+        }
+    }
+}
 
 impl SourceLimiter {
     pub fn new(limits: &UnauthenticatedLimits) -> Self {
@@ -67,6 +89,7 @@ impl SourceLimiter {
             buckets: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             registrations: Semaphore::new(limits.max_registrations.max(1)),
             registration_reads: Semaphore::new(MAX_REGISTRATION_READS),
+            registration_readers: Default::default(),
             reviews: RateLimiter::direct(
                 Quota::per_second(NonZeroU32::new(100).expect("100"))
                     .allow_burst(NonZeroU32::new(500).expect("500")),
@@ -91,9 +114,22 @@ impl SourceLimiter {
 
     /// A slot for reading one unauthenticated registration body, if one is free: at most
     /// [`MAX_REGISTRATION_READS`] bodies (each at most a few KiB) are held at once,
-    /// however many connections send them.
-    pub fn registration_read(&self) -> Option<SemaphorePermit<'_>> {
-        self.registration_reads.try_acquire().ok()
+    /// however many connections send them, and at most
+    /// [`MAX_REGISTRATION_READS_PER_SOURCE`] of them by one source.
+    pub fn registration_read(&self, source: IpAddr) -> Option<RegistrationRead<'_>> {
+        let source = bucket_of(source);
+        let mut held = self.registration_readers.lock();
+        let count = held.entry(source).or_insert(0);
+        if *count >= MAX_REGISTRATION_READS_PER_SOURCE {
+            return None;
+        }
+        let permit = self.registration_reads.try_acquire().ok()?;
+        *count += 1;
+        Some(RegistrationRead {
+            _permit: permit,
+            source,
+            limiter: self,
+        })
     }
 
     /// Forgets sources whose buckets are full again, so the map does not grow with every

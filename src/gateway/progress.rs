@@ -63,6 +63,34 @@ pub fn strip_for_cache(job: &mut PatchJob) {
     }
 }
 
+/// What the shared cache keeps of a job: [`strip_for_cache`], and of a job without the
+/// controller's signature — served to nobody, and holding whatever its author wrote —
+/// only what the index and the reconcilers look at: its metadata but annotations, its
+/// agent, node, plan and run, and where it stands. So hand-written jobs, however large,
+/// cost the cache little.
+pub fn project_job(job: &mut PatchJob, signer: &super::jobs::JobSigner) {
+    let signed = signer.verify(job);
+    strip_for_cache(job);
+    if signed {
+        return;
+    }
+    job.metadata.annotations = None;
+    let spec = &mut job.spec;
+    spec.pre_actions = Vec::new();
+    spec.post_actions = Vec::new();
+    spec.workflow = None;
+    spec.patches = Default::default();
+    if let Some(status) = job.status.take() {
+        job.status = Some(PatchJobStatus {
+            phase: status.phase,
+            start_time: status.start_time,
+            completion_time: status.completion_time,
+            last_sequence: status.last_sequence,
+            ..Default::default()
+        });
+    }
+}
+
 /// Whether the job's deadline has passed: such a job is never handed out (anew), so a
 /// signed copy of an old job, recreated under its name, runs nowhere.
 fn past_deadline(job: &PatchJob, now: Timestamp) -> bool {

@@ -1025,18 +1025,31 @@ async fn the_cache_keeps_little_of_a_hand_written_job_however_large() {
     let fixture = Fixture::new();
     let mut job = full_job(&fixture);
     job.metadata.annotations = None;
-    let huge = "x".repeat(400 * 1024); // three of these: 1.2 MB, under etcd's limit
-    job.spec.plan = huge.clone();
+    let huge = "x".repeat(400 * 1024); // two of these: 800 KiB, under etcd's limit
+    // `spec.plan` and `spec.run` are bounded by the CRD (253 and 63 characters).
     job.spec.pre_actions[0]
         .parameters
         .insert("PADDING".into(), huge.clone());
     job.spec.pre_actions[0].script.as_mut().unwrap().signature = Some(huge);
     let mut cached = job.clone();
-    strip_for_cache(&mut cached);
+    super::progress::project_job(&mut cached, &fixture.ctx.signer);
     let kept = serde_json::to_vec(&cached).unwrap().len();
     assert!(
         kept < 64 * 1024,
         "the controller's cache keeps {} KiB of one unsigned, hand-written PatchJob",
         kept / 1024
+    );
+    let crd = serde_json::to_value(<PatchJob as kube::CustomResourceExt>::crd()).unwrap();
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    assert_eq!(spec["plan"]["maxLength"], 253);
+    assert_eq!(spec["run"]["maxLength"], 63);
+    // A job the controller signed keeps all but its script bodies.
+    let signed = full_job(&fixture);
+    let mut cached = signed.clone();
+    super::progress::project_job(&mut cached, &fixture.ctx.signer);
+    assert_eq!(cached.spec.pre_actions.len(), 1);
+    assert!(
+        fixture.ctx.signer.verify(&cached),
+        "what is kept still verifies"
     );
 }

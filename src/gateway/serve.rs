@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use axum_server::tls_rustls::RustlsConfig;
 use parking_lot::Mutex;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How much of the process one network peer, or all of them, may hold.
 #[derive(Clone, Debug)]
@@ -107,61 +106,131 @@ async fn reload_certificate(
 }
 
 /// Open connections, in all and per source; a [`ConnectionSlot`] is held for each.
+/// When the gateway is full, a new connection takes the place of the oldest one that
+/// has not yet carried an authenticated request: strangers holding idle sockets cannot
+/// lock the agents out, only make each other's sockets short-lived.
 pub struct ConnectionSlots {
-    total: Arc<Semaphore>,
-    per_source: Mutex<HashMap<IpAddr, usize>>,
+    state: Mutex<SlotsState>,
+    max: usize,
     max_per_source: usize,
+}
+
+#[derive(Default)]
+struct SlotsState {
+    per_source: HashMap<IpAddr, usize>,
+    open: usize,
+    /// Connections told to close to make room, not yet gone.
+    evicting: usize,
+    next_id: u64,
+    /// Connections that have not authenticated yet, oldest first.
+    untrusted: std::collections::BTreeMap<u64, Arc<ConnectionState>>,
+}
+
+/// What a connection's handlers can tell its slot, and how the slot closes it.
+#[derive(Default)]
+pub struct ConnectionState {
+    trusted: std::sync::atomic::AtomicBool,
+    evicted: std::sync::atomic::AtomicBool,
+    close: tokio::sync::Notify,
+}
+
+impl ConnectionState {
+    /// A request on this connection authenticated: it is never closed to make room.
+    pub fn trust(&self) {
+        self.trusted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn is_trusted(&self) -> bool {
+        self.trusted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Resolves when the connection must close to make room for a new one.
+    pub async fn closed(&self) {
+        self.close.notified().await;
+    }
 }
 
 /// One admitted connection; dropping it frees the slot.
 pub struct ConnectionSlot {
-    _total: OwnedSemaphorePermit,
+    id: u64,
     source: IpAddr,
+    pub state: Arc<ConnectionState>,
     slots: Arc<ConnectionSlots>,
 }
 
 impl ConnectionSlots {
     pub fn new(limits: &ServeLimits) -> Arc<Self> {
         Arc::new(Self {
-            total: Arc::new(Semaphore::new(limits.max_connections)),
-            per_source: Mutex::new(HashMap::new()),
+            state: Mutex::new(SlotsState::default()),
+            max: limits.max_connections,
             max_per_source: limits.max_connections_per_source,
         })
     }
 
-    /// A slot for a connection from `source`, or `None` when the gateway is full or the
-    /// source holds its share.
-    /// Sources are counted as the rate limits count them: an IPv6 address by its /64.
+    /// A slot for a connection from `source`, or `None` when the source holds its share
+    /// or the gateway is full of authenticated connections. Sources are counted as the
+    /// rate limits count them: an IPv6 address by its /64.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Option<ConnectionSlot> {
         let source = super::limits::bucket_of(source);
-        let total = self.total.clone().try_acquire_owned().ok()?;
-        let mut per_source = self.per_source.lock();
-        let held = per_source.entry(source).or_insert(0);
-        if self.max_per_source > 0 && *held >= self.max_per_source {
+        let mut state = self.state.lock();
+        let held = state.per_source.get(&source).copied().unwrap_or(0);
+        if self.max_per_source > 0 && held >= self.max_per_source {
             return None;
         }
-        *held += 1;
+        if state.open - state.evicting >= self.max {
+            // Make room: the oldest connection that never authenticated closes.
+            let oldest = loop {
+                let (&id, candidate) = state.untrusted.iter().next()?;
+                let candidate = candidate.clone();
+                state.untrusted.remove(&id);
+                if !candidate.is_trusted() {
+                    break candidate;
+                }
+            };
+            oldest
+                .evicted
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            oldest.close.notify_one();
+            state.evicting += 1;
+        }
+        *state.per_source.entry(source).or_insert(0) += 1;
+        state.open += 1;
+        let id = state.next_id;
+        state.next_id += 1;
+        let connection = Arc::new(ConnectionState::default());
+        state.untrusted.insert(id, connection.clone());
         Some(ConnectionSlot {
-            _total: total,
+            id,
             source,
+            state: connection,
             slots: self.clone(),
         })
     }
 
     /// Connections open now.
     pub fn open(&self) -> usize {
-        self.per_source.lock().values().sum()
+        self.state.lock().open
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let mut per_source = self.slots.per_source.lock();
-        if let Some(held) = per_source.get_mut(&self.source) {
+        let mut state = self.slots.state.lock();
+        if let Some(held) = state.per_source.get_mut(&self.source) {
             *held -= 1;
             if *held == 0 {
-                per_source.remove(&self.source);
+                state.per_source.remove(&self.source);
             }
+        }
+        state.open -= 1;
+        state.untrusted.remove(&self.id);
+        if self
+            .state
+            .evicted
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            state.evicting -= 1;
         }
     }
 }
@@ -198,7 +267,8 @@ pub async fn serve(
         let service = hyper_util::service::TowerToHyperService::new(
             router
                 .clone()
-                .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer)))
+                .layer(axum::Extension(slot.state.clone())),
         );
         // The current configuration: a reloaded certificate applies to new connections.
         let acceptor = tls
@@ -206,37 +276,61 @@ pub async fn serve(
             .map(|config| tokio_rustls::TlsAcceptor::from(config.get_inner()));
         let limits = limits.clone();
         tokio::spawn(async move {
+            let state = slot.state.clone();
             let _slot = slot;
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .max_headers(MAX_HEADERS);
-            let served = match acceptor {
-                Some(acceptor) => {
-                    match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(stream)) => {
-                            http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                                .await
-                        }
-                        Ok(Err(err)) => {
-                            tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
-                    }
+            tokio::select! {
+                () = serve_one(stream, service, acceptor, &limits, peer) => {}
+                () = state.closed() => {
+                    tracing::debug!(%peer, "closed to make room: the gateway is full and this connection never authenticated");
                 }
-                None => {
+            }
+        });
+    }
+}
+
+/// Serves one accepted connection to its end.
+async fn serve_one<S>(
+    stream: tokio::net::TcpStream,
+    service: S,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    limits: &ServeLimits,
+    peer: SocketAddr,
+) where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
+    let served = match acceptor {
+        Some(acceptor) => {
+            match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
                     http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                         .await
                 }
-            };
-            if let Err(err) = served {
-                tracing::debug!(%peer, error = %err, "gateway connection ended with an error");
+                Ok(Err(err)) => {
+                    tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
             }
-        });
+        }
+        None => {
+            http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+        }
+    };
+    if let Err(err) = served {
+        tracing::debug!(%peer, error = %err, "gateway connection ended with an error");
     }
 }
 
@@ -265,11 +359,44 @@ mod tests {
         let first = slots.admit(a).expect("a's first");
         let _second = slots.admit(a).expect("a's second");
         assert!(slots.admit(a).is_none(), "a holds its share");
-        let _third = slots.admit(b).expect("b's first");
-        assert!(slots.admit(b).is_none(), "the gateway is full");
+        let third = slots.admit(b).expect("b's first");
+        for slot in [&first, &_second, &third] {
+            slot.state.trust();
+        }
+        assert!(
+            slots.admit(b).is_none(),
+            "the gateway is full of authenticated connections"
+        );
         drop(first);
         assert_eq!(slots.open(), 2);
         assert!(slots.admit(b).is_some(), "a freed slot is free again");
+    }
+
+    /// Full, a new connection takes the place of the oldest one that never
+    /// authenticated, which is told to close; authenticated ones stay.
+    #[tokio::test]
+    async fn a_full_gateway_closes_the_oldest_stranger_to_make_room() {
+        let slots = ConnectionSlots::new(&ServeLimits {
+            max_connections: 2,
+            max_connections_per_source: 0,
+            ..ServeLimits::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let agent = slots.admit(a).unwrap();
+        agent.state.trust();
+        let stranger = slots.admit(a).unwrap();
+        let newcomer = slots.admit(a).expect("room is made");
+        tokio::time::timeout(Duration::from_secs(1), stranger.state.closed())
+            .await
+            .expect("the stranger is told to close");
+        drop(stranger);
+        newcomer.state.trust();
+        assert!(
+            slots.admit(a).is_none(),
+            "nothing but authenticated connections: full"
+        );
+        drop(agent);
+        assert!(slots.admit(a).is_some());
     }
 
     /// Attack (the network, over IPv6): the per-source connection cap is keyed by the
