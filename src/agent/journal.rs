@@ -270,9 +270,21 @@ impl Journal {
             uid: record.id.clone(),
             until: from.saturating_add(RETIRED_FOR.as_secs() as i64),
         };
+        // Written as durably as a journal entry: it is what keeps the job from running
+        // twice once the entry is gone.
         let path = dir.join(job_digest(&record.name, &record.spec));
-        std::fs::write(&path, serde_json::to_vec(&retired).expect("serializes"))
-            .map_err(io_error(&path))?;
+        let temporary = path.with_extension("tmp");
+        std::fs::write(
+            &temporary,
+            serde_json::to_vec(&retired).expect("serializes"),
+        )
+        .and_then(|()| std::fs::File::open(&temporary)?.sync_all())
+        .map_err(io_error(&temporary))?;
+        std::fs::rename(&temporary, &path).map_err(io_error(&path))?;
+        #[cfg(unix)]
+        std::fs::File::open(&dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io_error(&dir))?;
         self.remove(&record.id)?;
         self.prune_retired(now);
         Ok(())
@@ -303,6 +315,9 @@ impl Journal {
         };
         let mut kept: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
         for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+            if path.extension().is_some_and(|e| e == "tmp") {
+                continue; // being written by another retirement
+            }
             let expired = std::fs::read(&path)
                 .ok()
                 .and_then(|bytes| serde_json::from_slice::<Retired>(&bytes).ok())

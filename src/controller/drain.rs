@@ -542,8 +542,14 @@ pub async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action
                     release(&ctx, &node, "the approved reboot did not happen").await?;
                     Ok(Action::await_change())
                 }
-                // Approved: the agent reboots shortly. Denied: released already.
-                Some(_) => Ok(Action::requeue(Duration::from_secs(10))),
+                // Approved: the agent reboots shortly.
+                Some(Verdict::Approved) => Ok(Action::requeue(Duration::from_secs(10))),
+                // Denied while the node is still held (by the job's author, or a release
+                // that failed): the node is given back, not left cordoned.
+                Some(Verdict::Denied) => {
+                    release(&ctx, &node, "the reboot was called off").await?;
+                    Ok(Action::await_change())
+                }
             }
         }
         // Rebooting: wait for the host to come back and report.

@@ -591,6 +591,78 @@ async fn node_claimed_for_a_waiting_job(decision_on_the_job: Option<&str>) {
     server.done().await;
 }
 
+/// A job's author writes Denied on their job while its node is held for the drain: the
+/// node is given back at once, not left cordoned until the job ends.
+#[tokio::test]
+async fn a_denial_while_the_node_is_held_gives_the_node_back() {
+    let Fixture {
+        ctx,
+        mut server,
+        mut writers,
+        ..
+    } = Fixture::new();
+    let mut held = job(
+        "weekly-m1-node-a",
+        PatchJobStatus {
+            phase: JobPhase::Running,
+            reboot: Some(RebootRecord {
+                state: RebootState::Pending,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Timestamp::now() + SignedDuration::from_hours(1),
+    );
+    held.spec.node = Some("node-a".into());
+    held.metadata.annotations = Some(
+        [(
+            crate::api::common::REBOOT_DECISION_ANNOTATION.to_string(),
+            "Denied".to_string(),
+        )]
+        .into(),
+    );
+    cache(&mut writers.jobs, held);
+    let mut node = Node {
+        metadata: stored("node-a", None),
+        ..Default::default()
+    };
+    node.metadata.annotations = Some(
+        [
+            (
+                super::drain::DRAIN_FOR_ANNOTATION.to_string(),
+                "team/weekly-m1-node-a".to_string(),
+            ),
+            (
+                super::drain::CORDONED_ANNOTATION.to_string(),
+                "true".to_string(),
+            ),
+        ]
+        .into(),
+    );
+    let reconcile = tokio::spawn(super::drain::reconcile_node(Arc::new(node), ctx));
+    let released = server
+        .answer(
+            "PATCH",
+            "/api/v1/nodes/node-a",
+            200,
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}}),
+        )
+        .await;
+    assert!(
+        released["spec"]
+            .as_object()
+            .is_some_and(|spec| spec.contains_key("unschedulable")),
+        "uncordoned: {released}"
+    );
+    assert_eq!(
+        released["metadata"]["annotations"]["fleetpatch.io/drain-for"],
+        Value::Null
+    );
+    assert_eq!(server.event("default").await["reason"], "Uncordoned");
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
+
 #[tokio::test]
 async fn a_forged_job_never_gets_a_node_cordoned() {
     let Fixture {
