@@ -116,10 +116,29 @@ fn phases(results: &[fleetpatch::api::patchjob::ActionResult]) -> Vec<ActionPhas
     results.iter().map(|r| r.phase).collect()
 }
 
+/// The examples as they are, but for the run log, which goes to the test's own
+/// directory instead of `/tmp` (no test writes outside its temporary directories).
+fn examples_logging_to(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let copy = dir.join("examples");
+    let log = dir.join("fleetpatch-runs.log");
+    for file in walk(&source) {
+        let target = copy.join(file.strip_prefix(&source).unwrap());
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(
+            &target,
+            text.replace("/tmp/fleetpatch-runs.log", &log.display().to_string()),
+        )
+        .unwrap();
+    }
+    copy
+}
+
 #[test]
 fn linux_examples_run_on_this_host() {
     let state = tempfile::tempdir().unwrap();
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let examples = examples_logging_to(state.path());
     let output = Command::new(BIN)
         .args(["agent", "exec", "-f"])
         .arg(&examples)
@@ -142,6 +161,8 @@ fn linux_examples_run_on_this_host() {
     ] {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }
+    let log = std::fs::read_to_string(state.path().join("fleetpatch-runs.log")).unwrap();
+    assert!(log.contains(" patched on kernel "), "{log}");
 }
 
 #[test]
