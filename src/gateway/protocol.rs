@@ -322,8 +322,7 @@ pub fn accept_report(
             None,
             now,
         );
-        // The place for a PatchesPartiallyFailed Event is where this status is
-        // written and the condition first appears (`Gateway::write_status`).
+        // Its Event is told when the status is written (`story::told_by`).
         conditions::set_patches_partially_failed(
             &mut status.conditions,
             status.patches.as_ref(),

@@ -27,7 +27,17 @@ pub struct Told {
     /// Failed pre and post actions, as (stage, index).
     failed: Vec<(&'static str, usize)>,
     patches_failed: bool,
+    /// The patch step succeeded although some of its patches failed.
+    patches_partly_failed: bool,
     reboot: Option<RebootState>,
+}
+
+/// Whether the status says the patch step succeeded with some patches failed.
+fn partly_failed(status: &PatchJobStatus) -> bool {
+    crate::api::conditions::status(
+        &status.conditions,
+        crate::api::conditions::PATCHES_PARTIALLY_FAILED,
+    ) == Some(crate::api::conditions::TRUE)
 }
 
 fn failed(phase: ActionPhase) -> bool {
@@ -57,6 +67,7 @@ impl Told {
                 .patches
                 .as_ref()
                 .is_some_and(|p| matches!(p.phase, ActionPhase::Failed | ActionPhase::TimedOut)),
+            patches_partly_failed: partly_failed(status),
             reboot: status.reboot.as_ref().map(|r| r.state),
         }
     }
@@ -166,6 +177,19 @@ pub fn told_by(before: &Told, after: &PatchJobStatus, agent: &str) -> Vec<StoryE
             format!("patching failed: {}", first_line(&patches.message)),
         ));
     }
+    if partly_failed(after) && !before.patches_partly_failed {
+        let message = after
+            .conditions
+            .iter()
+            .find(|c| c.type_ == crate::api::conditions::PATCHES_PARTIALLY_FAILED)
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        events.push(warning(
+            "PatchesPartiallyFailed",
+            "Patch",
+            format!("patching succeeded, but {message}"),
+        ));
+    }
     let was = before.reboot;
     let reboot = after.reboot.as_ref();
     let requested_by = reboot
@@ -234,6 +258,44 @@ mod tests {
 
     fn reasons(events: &[StoryEvent]) -> Vec<&'static str> {
         events.iter().map(|e| e.reason).collect()
+    }
+
+    #[test]
+    fn patches_that_partly_failed_are_told_once() {
+        let mut status = PatchJobStatus {
+            phase: JobPhase::Running,
+            patches: Some(crate::api::patchjob::PatchResults {
+                phase: ActionPhase::Succeeded,
+                installed: vec![crate::api::patchjob::PatchOutcome {
+                    name: "curl".into(),
+                    ..Default::default()
+                }],
+                failed: vec![crate::api::patchjob::PatchOutcome {
+                    name: "app".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        crate::api::conditions::set_patches_partially_failed(
+            &mut status.conditions,
+            status.patches.as_ref(),
+            None,
+            k8s_openapi::jiff::Timestamp::now(),
+        );
+        let told = Told {
+            phase: JobPhase::Running,
+            ..Told::default()
+        };
+        let events = told_by(&told, &status, "web-1");
+        assert_eq!(reasons(&events), ["PatchesPartiallyFailed"]);
+        assert!(
+            events[0].note.contains("1 of 2 patch(es) failed: app"),
+            "{}",
+            events[0].note
+        );
+        assert!(told_by(&Told::of(&status), &status, "web-1").is_empty());
     }
 
     #[test]
