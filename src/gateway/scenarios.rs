@@ -1053,3 +1053,240 @@ async fn the_cache_keeps_little_of_a_hand_written_job_however_large() {
         "what is kept still verifies"
     );
 }
+
+/// Attack (the network, no credential at all): the global TokenReview budget
+/// (`SourceLimiter::allow_review`, 100 a second, 500 at once) is shared by strangers'
+/// made-up tokens and by the node agents' real ones alike. Each stranger source may
+/// cost 50 reviews at once and 10 a second (its bucket is charged twice per refusal),
+/// so ten IPv4 addresses or IPv6 /64s sending `Authorization: Bearer <random>` with
+/// `x-fleetpatch-node: <any name>` keep the budget empty for good. Every node agent
+/// whose cached verdict expires (60 s) is then refused ("too many token reviews") —
+/// within a minute the whole node fleet is locked out: no heartbeats, no reports, no
+/// reboot decisions. Strangers' reviews must not spend the node agents' share (check
+/// the claimed node has a node Agent and the source is that node's address before a
+/// review, or keep a reserve of reviews for sources that are known nodes).
+#[tokio::test]
+async fn strangers_cannot_spend_the_token_reviews_node_agents_need() {
+    use super::auth::{Authenticator, NodePolicy, Purpose};
+    use super::limits::{SourceLimiter, UnauthenticatedLimits};
+    use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
+    let accepted = TokenReviewStatus {
+        authenticated: Some(true),
+        audiences: Some(vec!["fleetpatch-gateway".into()]),
+        user: Some(UserInfo {
+            username: Some(format!(
+                "system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"
+            )),
+            extra: Some(
+                [(
+                    super::auth::NODE_NAME_EXTRA.to_string(),
+                    vec!["node-a".to_string()],
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        }),
+        error: None,
+    };
+    let (credentials, _) = kube::runtime::reflector::store::<Secret>();
+    let (agents, mut agents_writer) = kube::runtime::reflector::store::<Agent>();
+    let mut agent: Agent = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
+        "metadata": {"name": "node-a"}, "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a"}}),
+    );
+    agent.metadata = stored("node-a", None);
+    cache(&mut agents_writer, agent);
+    let auth = Authenticator::new(
+        NAMESPACE.into(),
+        credentials,
+        agents,
+        Box::new(crate::controller::fixtures::FakeReviewer(vec![(
+            "node-token".into(),
+            accepted,
+        )])),
+        NodePolicy {
+            audience: "fleetpatch-gateway".into(),
+            username: format!("system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"),
+        },
+    );
+    let limiter = SourceLimiter::new(&UnauthenticatedLimits::default());
+    let headers = |token: &str, node: &str| {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        headers.insert(super::auth::NODE_HEADER, node.parse().unwrap());
+        headers
+    };
+    // Twenty stranger sources, each well within its own bucket's burst.
+    for source in 0..20u8 {
+        let source = std::net::IpAddr::from([203, 0, 113, source]);
+        for i in 0..50 {
+            let _ = auth
+                .authenticate(
+                    &headers(&format!("made-up-{source}-{i}"), "whatever"),
+                    source,
+                    Purpose::Serve,
+                    &limiter,
+                )
+                .await;
+        }
+    }
+    // Node node-a's agent, from its own address, with its real token (its earlier
+    // verdict expired).
+    let node = std::net::IpAddr::from([10, 0, 0, 7]);
+    let verdict = auth
+        .authenticate(&headers("node-token", "node-a"), node, Purpose::Serve, &limiter)
+        .await;
+    assert!(
+        verdict.is_ok(),
+        "twenty stranger sources spent the TokenReview budget: node-a's own agent is refused ({verdict:?})"
+    );
+}
+
+/// Attack (a hostile agent, with its own credential): a connection that carried one
+/// authenticated request is never closed to make room (`ConnectionState::trust`), and
+/// nothing counts those per agent. One external host's credential, from sixteen
+/// sources (a /60 of IPv6: sixteen /64s) — or fewer where the per-source cap is
+/// higher — opens `max_connections` connections, sends one cheap authenticated
+/// request on each (a long-poll, which also keeps it busy past the idle deadline) and
+/// repeats: the gateway is full of "agent" connections, admits nobody else, and every
+/// other agent of the fleet is refused at accept. Here the caps are scaled down (8 in
+/// all, 4 per source): agent web-1 from two sources holds every slot and a fresh
+/// client is dropped unanswered. Trusted connections must be capped per agent (beyond
+/// a few, an agent's connections are evictable like strangers').
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_credential_cannot_hold_every_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(super::serve::serve(
+        listener,
+        fixture.ctx.gateway.router(),
+        None,
+        super::serve::ServeLimits {
+            max_connections: 8,
+            max_connections_per_source: 4,
+            ..Default::default()
+        },
+    ));
+    let connect_from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
+            .unwrap();
+        socket.connect(address).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for source in 2..=3u8 {
+        for _ in 0..4 {
+            let mut stream = connect_from(source).await;
+            stream
+                .write_all(
+                    format!("GET /agent/v1/assignments HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .unwrap();
+            // Read the (empty) answer: the request authenticated.
+            let mut buffer = [0u8; 1024];
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                stream.read(&mut buffer),
+            )
+            .await
+            .expect("answered")
+            .unwrap();
+            assert!(
+                String::from_utf8_lossy(&buffer[..read]).starts_with("HTTP/1.1 200"),
+                "the hostile agent's long-poll is served"
+            );
+            held.push(stream);
+        }
+    }
+    let mut other = connect_from(9).await;
+    let _ = other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        other.read_to_end(&mut answer),
+    )
+    .await;
+    drop(held);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "one agent's credential holds every connection of the gateway: a fresh client got {:?}",
+        answer
+            .lines()
+            .next()
+            .unwrap_or("nothing (the connection was dropped)")
+    );
+}
+
+/// Attack (a plan author, in their own namespace): `project_job` keeps of an unsigned
+/// PatchJob "its metadata but annotations" — labels, finalizers and ownerReferences
+/// included, none of which the API server bounds beyond the object's ~1.5 MB. A job
+/// written by hand with ~800 KiB of labels (10 000 of them) is kept whole in the
+/// controller's shared cache, as before the fix: some 350 such jobs are the
+/// controller's (and so the gateway's) whole memory limit. Keep of an unsigned job
+/// only the labels the index uses (or none), and neither finalizers nor owners.
+#[tokio::test]
+async fn the_cache_keeps_little_of_a_hand_written_job_whatever_its_labels() {
+    let fixture = Fixture::new();
+    let mut job = full_job(&fixture);
+    job.metadata.annotations = None;
+    let value = "v".repeat(63);
+    job.metadata.labels = Some(
+        (0..10_000)
+            .map(|i| (format!("padding.example.com/{i:0>20}"), value.clone()))
+            .collect(),
+    );
+    job.metadata.finalizers = Some(
+        (0..2_000)
+            .map(|i| format!("example.com/{i:0>60}"))
+            .collect(),
+    );
+    let mut cached = job.clone();
+    super::progress::project_job(&mut cached, &fixture.ctx.signer);
+    let kept = serde_json::to_vec(&cached).unwrap().len();
+    assert!(
+        kept < 64 * 1024,
+        "the controller's cache keeps {} KiB of one unsigned, hand-written PatchJob (its labels and finalizers)",
+        kept / 1024
+    );
+}
+
+/// Attack (a plan author, in their own namespace): the signature covers a job's
+/// namespace, name and spec, not its annotations, and `project_job` keeps a signed
+/// job's annotations whole. The author annotates each job the controller made for
+/// their plan — or recreates, under its old name, every signed job of theirs that was
+/// ever deleted (the signature still verifies) — with ~1 MB of annotations: each is
+/// kept whole in the shared cache, and a few hundred OOM the controller and gateway.
+/// Keep of a signed job only the annotations the controller reads (signature, reboot
+/// decision and message), bounded in size.
+#[tokio::test]
+async fn the_cache_keeps_little_of_a_signed_job_whatever_its_annotations() {
+    let fixture = Fixture::new();
+    let mut job = full_job(&fixture);
+    job.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert("padding.example.com/x".into(), "x".repeat(1024 * 1024));
+    assert!(fixture.ctx.signer.verify(&job), "still signed");
+    let mut cached = job.clone();
+    super::progress::project_job(&mut cached, &fixture.ctx.signer);
+    let kept = serde_json::to_vec(&cached).unwrap().len();
+    assert!(
+        kept < 64 * 1024,
+        "the controller's cache keeps {} KiB of one signed PatchJob its author annotated",
+        kept / 1024
+    );
+}
