@@ -1290,3 +1290,82 @@ async fn the_cache_keeps_little_of_a_signed_job_whatever_its_annotations() {
         kept / 1024
     );
 }
+
+/// Attack (the network, no credential at all): when the gateway is full, each new
+/// connection closes the *oldest* one that has not authenticated yet, whoever holds it.
+/// An agent's new connection (after a restart, a network blip, the 30 s idle close)
+/// is untrusted until its first request has been authenticated — through the TLS
+/// handshake, its headers' trip across the network and a TokenReview — and strangers
+/// who fill the gateway and keep opening connections push it to the front of the
+/// queue: `max_connections` new stranger connections during that time close it. At
+/// 16 384 that is ~55 000 SYNs a second against an agent 100 ms away (three round
+/// trips), which one host with a few addresses sends; the agents that need a new
+/// connection never get a request through. Here the caps are scaled down (8 in all):
+/// an external agent connects, eight strangers connect after it, and its request is
+/// never answered. Make room at the expense of the source that holds the most
+/// untrusted connections (the flooder's own), not of the oldest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_connecting_after_an_agent_do_not_close_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(super::serve::serve(
+        listener,
+        fixture.ctx.gateway.router(),
+        None,
+        super::serve::ServeLimits {
+            max_connections: 8,
+            max_connections_per_source: 4,
+            ..Default::default()
+        },
+    ));
+    let connect_from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
+            .unwrap();
+        socket.connect(address).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for source in 2..=3u8 {
+        for _ in 0..4 {
+            held.push(connect_from(source).await);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The agent's connection is accepted (a stranger's makes room for it)...
+    let mut agent = connect_from(9).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // ... and while its first request is on its way, strangers keep connecting.
+    for source in 4..=5u8 {
+        for _ in 0..4 {
+            held.push(connect_from(source).await);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let _ = agent
+        .write_all(
+            format!("GET /agent/v1/assignments HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        agent.read_to_end(&mut answer),
+    )
+    .await;
+    drop(held);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "eight stranger connections opened after an agent's close it before its first request: got {:?}",
+        answer
+            .lines()
+            .next()
+            .unwrap_or("nothing (the connection was closed)")
+    );
+}
