@@ -1369,3 +1369,109 @@ async fn strangers_connecting_after_an_agent_do_not_close_its_connection() {
             .unwrap_or("nothing (the connection was closed)")
     );
 }
+
+/// Attack (the network, no credential at all): a registration is untrusted for its
+/// whole course — it carries no agent credential — so a full gateway closes it to make
+/// room like any idle stranger's socket, mid-request. The window is wide and lands at
+/// the worst moment: once the bootstrap token is spent, the answer waits until this
+/// replica's watches show the new Agent and credential (hundreds of milliseconds).
+/// Strangers who keep the gateway full and keep connecting close it then: the host
+/// never receives its credential, its one-use bootstrap token is spent, and it can
+/// never register without an administrator minting a new token — for every new host,
+/// for as long as the flood lasts. Here (4 connections in all) four strangers connect
+/// while the registration waits for the caches. A connection with a request in
+/// progress must not be closed to make room (evict only idle or handshaking ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut fixture = Fixture::new();
+    let token = Secret {
+        metadata: stored("once", Some(NAMESPACE)),
+        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
+        data: Some([("token".to_string(), ByteString(b"only-once".to_vec()))].into()),
+        ..Default::default()
+    };
+    cache(&mut fixture.writers.tokens, token);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(super::serve::serve(
+        listener,
+        fixture.ctx.gateway.router(),
+        None,
+        super::serve::ServeLimits {
+            max_connections: 4,
+            max_connections_per_source: 0,
+            ..Default::default()
+        },
+    ));
+    let connect_from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
+            .unwrap();
+        socket.connect(address).await.unwrap()
+    };
+    let body = serde_json::to_vec(
+        &json!({"name": "web-1", "os": "Linux", "bootstrapToken": "only-once"}),
+    )
+    .unwrap();
+    let mut host = connect_from(9).await;
+    host.write_all(
+        format!(
+            "POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    host.write_all(&body).await.unwrap();
+    let server = &mut fixture.server;
+    server
+        .answer_query("GET", "/api/v1/nodes", "fieldSelector=metadata.name%3Dweb-1", 200,
+            json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
+        .await;
+    let agent = server
+        .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-1"}, "spec": {"mode": "External", "os": "Linux"}}))
+        .await;
+    let stored_credential = server
+        .answer("PATCH", &format!("/api/v1/namespaces/{NAMESPACE}/secrets/fleetpatch-agent-web-1"), 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fleetpatch-agent-web-1"}}))
+        .await;
+    server
+        .answer(
+            "PATCH",
+            &format!("/api/v1/namespaces/{NAMESPACE}/secrets/once"),
+            200,
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "once"}}),
+        )
+        .await;
+    // The token is spent; the answer waits for the caches. Strangers connect.
+    let mut strangers = Vec::new();
+    for _ in 0..4 {
+        strangers.push(connect_from(2).await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut watched: Agent = serde_json::from_value(agent).unwrap();
+    watched.metadata = stored("web-1", None);
+    cache(&mut fixture.writers.agents, watched);
+    let mut watched: Secret = serde_json::from_value(stored_credential).unwrap();
+    watched.metadata = stored("fleetpatch-agent-web-1", Some(NAMESPACE));
+    cache(&mut fixture.writers.credentials, watched);
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        host.read_to_end(&mut answer),
+    )
+    .await;
+    drop(strangers);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("credential"),
+        "the registration was cut after its bootstrap token was spent; the host got {:?}",
+        answer
+            .lines()
+            .next()
+            .unwrap_or("nothing (the connection was closed)")
+    );
+}
