@@ -1475,3 +1475,76 @@ async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
             .unwrap_or("nothing (the connection was closed)")
     );
 }
+
+/// Attack (the network, no credential at all): the fix for
+/// `a_few_sources_cannot_hold_every_registration_slot` caps a source at 4 of the 256
+/// registration body slots — and a source is one IPv4 address or one IPv6 /64. So 64
+/// sources still hold every slot for the 10 s body deadline, coming back as each ends:
+/// 64 IPv4 addresses (a tiny botnet), or a single IPv6 /58 — one customer's /56 or /48
+/// holds 4 or 1 024 times as many. No new host can register while they do. Here 65
+/// loopback addresses each send four registration heads without bodies; a complete
+/// registration from a 66th gets 503. Bound the slots a larger prefix (an IPv6 /48,
+/// say) can hold too, and give a slot back to a body that does not arrive at a
+/// reasonable rate instead of after 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_sources_cannot_hold_every_registration_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fixture = Fixture::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(super::serve::serve(
+        listener,
+        fixture.ctx.gateway.router(),
+        None,
+        super::serve::ServeLimits::default(),
+    ));
+    let connect_from = |source: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((source, 0))).unwrap();
+        socket.connect(address).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for source in 2..=66u8 {
+        for _ in 0..4 {
+            let mut stream = connect_from([127, 0, 1, source]).await;
+            stream
+                .write_all(
+                    b"POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            held.push(stream);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let body = serde_json::to_vec(
+        &json!({"name": "new-host", "os": "Linux", "bootstrapToken": "whatever"}),
+    )
+    .unwrap();
+    let mut legit = connect_from([127, 0, 2, 9]).await;
+    legit
+        .write_all(
+            format!(
+                "POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    legit.write_all(&body).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        legit.read_to_end(&mut answer),
+    )
+    .await;
+    drop(held);
+    let answer = String::from_utf8_lossy(&answer);
+    let status_line = answer.lines().next().unwrap_or_default().to_string();
+    assert!(
+        !status_line.contains(" 503 "),
+        "a complete registration from a fresh source is turned away while 65 slow sources hold the slots: {status_line}"
+    );
+}
