@@ -1548,3 +1548,59 @@ async fn sixty_four_sources_cannot_hold_every_registration_slot() {
         "a complete registration from a fresh source is turned away while 65 slow sources hold the slots: {status_line}"
     );
 }
+
+/// Attack (a plan author, in their own namespace): hand-written, unsigned PatchJobs
+/// naming *any* agent — one that does not even accept the author's namespace — are
+/// indexed under that agent, and every one of them wakes its long-poll. Each poll then
+/// checks every such job's signature and logs a warning ("job not served") for each:
+/// N jobs created one after another cost the victim's gateway N²/2 signature checks and
+/// as many warning lines (5 000 jobs: 12.5 million), and every one of the victim's
+/// polls afterwards logs N lines. Here 2 000 unsigned jobs naming web-1 make one
+/// assignments poll log 2 000 warnings. An unsigned job is served to nobody: keep it
+/// out of the agent's index (and its wake-ups), or refuse it silently.
+#[tokio::test]
+async fn unsigned_jobs_naming_an_agent_cost_its_polls_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tracing_subscriber::layer::SubscriberExt;
+    struct CountWarnings(Arc<AtomicUsize>);
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountWarnings {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            if *event.metadata().level() == tracing::Level::WARN {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    for i in 0..2000 {
+        let mut job = full_job(&fixture);
+        let name = format!("junk-{i}");
+        job.metadata = stored(&name, Some("elsewhere"));
+        super::progress::project_job(&mut job, &fixture.ctx.signer);
+        cache(&mut fixture.writers.jobs, job.clone());
+        fixture.ctx.caches.job_signals.observe(&job);
+    }
+    let warnings = Arc::new(AtomicUsize::new(0));
+    let subscriber = tracing_subscriber::registry().with(CountWarnings(warnings.clone()));
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let (status, body) = call(
+        &fixture.ctx.gateway,
+        "GET",
+        "/agent/v1/assignments",
+        Some(BEARER),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["jobs"], json!([]));
+    let warnings = warnings.load(Ordering::Relaxed);
+    assert!(
+        warnings < 10,
+        "one poll of web-1 logged {warnings} warnings about unsigned jobs a stranger named it in"
+    );
+}
