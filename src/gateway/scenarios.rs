@@ -1145,6 +1145,94 @@ async fn strangers_cannot_spend_the_token_reviews_node_agents_need() {
     );
 }
 
+/// Attack (the network, no credential at all), and a wrong answer: when the shared
+/// TokenReview budget is spent (see `strangers_cannot_spend_the_token_reviews_node_agents_need`),
+/// `check_node` fails like a bad token and the node agent is answered 401 Unauthorized
+/// (429 only once its own source's bucket runs dry) — an answer the agent treats as
+/// final (`GatewayError::is_final`: every 4xx but 408/429). A node agent waiting for a
+/// reboot decision then gives the reboot up ("the gateway refused the reboot") and its
+/// job fails; nothing was wrong with its token. A spent budget must be answered as
+/// what it is: 429/503, retried.
+#[tokio::test]
+async fn a_spent_review_budget_is_not_an_authentication_failure() {
+    use super::auth::{Authenticator, NodePolicy, Purpose};
+    use super::limits::{SourceLimiter, UnauthenticatedLimits};
+    use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
+    let accepted = TokenReviewStatus {
+        authenticated: Some(true),
+        audiences: Some(vec!["fleetpatch-gateway".into()]),
+        user: Some(UserInfo {
+            username: Some(format!(
+                "system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"
+            )),
+            extra: Some(
+                [(
+                    super::auth::NODE_NAME_EXTRA.to_string(),
+                    vec!["node-a".to_string()],
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        }),
+        error: None,
+    };
+    let (credentials, _) = kube::runtime::reflector::store::<Secret>();
+    let (agents, mut agents_writer) = kube::runtime::reflector::store::<Agent>();
+    let mut agent: Agent = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
+        "metadata": {"name": "node-a"}, "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a"}}),
+    );
+    agent.metadata = stored("node-a", None);
+    cache(&mut agents_writer, agent);
+    let auth = Authenticator::new(
+        NAMESPACE.into(),
+        credentials,
+        agents,
+        Box::new(crate::controller::fixtures::FakeReviewer(vec![(
+            "node-token".into(),
+            accepted,
+        )])),
+        NodePolicy {
+            audience: "fleetpatch-gateway".into(),
+            username: format!("system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"),
+        },
+    );
+    let limiter = SourceLimiter::new(&UnauthenticatedLimits::default());
+    let headers = |token: &str, node: &str| {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        headers.insert(super::auth::NODE_HEADER, node.parse().unwrap());
+        headers
+    };
+    // Twenty stranger sources, each well within its own bucket's burst.
+    for source in 0..20u8 {
+        let source = std::net::IpAddr::from([203, 0, 113, source]);
+        for i in 0..50 {
+            let _ = auth
+                .authenticate(
+                    &headers(&format!("made-up-{source}-{i}"), "whatever"),
+                    source,
+                    Purpose::Serve,
+                    &limiter,
+                )
+                .await;
+        }
+    }
+    // Node node-a's agent, from its own address, with its real token (its earlier
+    // verdict expired).
+    let node = std::net::IpAddr::from([10, 0, 0, 7]);
+    let verdict = auth
+        .authenticate(&headers("node-token", "node-a"), node, Purpose::Serve, &limiter)
+        .await;
+    assert!(
+        !matches!(verdict, Err(super::Refusal::Unauthorized)),
+        "the gateway had no TokenReview to spare and told node-a's agent its token is refused (401)"
+    );
+}
+
 /// Attack (a hostile agent, with its own credential): a connection that carried one
 /// authenticated request is never closed to make room (`ConnectionState::trust`), and
 /// nothing counts those per agent. One external host's credential, from sixteen
