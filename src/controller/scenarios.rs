@@ -704,3 +704,92 @@ async fn a_forged_job_never_gets_a_node_cordoned() {
     }
     server.done().await;
 }
+
+/// Attack (a plan author, in their own namespace): the drain approved node-a's reboot
+/// (the Node records it) and wrote "Approved" on the job; the agent's long-poll hears
+/// it at once and the host goes down — its `InProgress` report reaches the API only a
+/// moment later, or not at all (it waits at most 5 s for the acknowledgement after
+/// asking for the reboot). The author, watching their job, writes Denied over the
+/// approval in that moment: the reconciler, seeing a Pending job with a denial, gives
+/// the node back — uncordons it and drops its drain annotations — while it reboots.
+/// From then on nothing counts node-a as rebooting: `maxConcurrentNodes`,
+/// `--max-node-reboots` and the one-control-plane-node-at-a-time rule let the next
+/// node be claimed and rebooted at once; an author with jobs on every control-plane
+/// node takes them down together (etcd quorum), and pods scheduled back onto node-a
+/// are killed by its reboot undrained. (Removing the job's signature does the same: an
+/// unsigned job is cached without its reboot record, so the node is released as
+/// "no longer needs the reboot".) A denial must not release a node whose approval is
+/// recorded: hold it until the job reports the reboot or the approval lapses.
+#[tokio::test]
+async fn a_denial_written_after_the_approval_does_not_release_a_rebooting_node() {
+    let Fixture {
+        ctx,
+        server,
+        mut writers,
+        ..
+    } = Fixture::new();
+    let mut node_agent: Agent = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
+        "metadata": {"name": "node-a"}, "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a"}}),
+    );
+    node_agent.metadata = stored("node-a", None);
+    cache(&mut writers.agents, node_agent);
+    cache(&mut writers.plans, plan(5));
+    let mut held = job(
+        "weekly-m1-node-a",
+        PatchJobStatus {
+            phase: JobPhase::Running,
+            reboot: Some(RebootRecord {
+                state: RebootState::Pending,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Timestamp::now() + SignedDuration::from_hours(1),
+    );
+    held.spec.agent = "node-a".into();
+    held.spec.node = Some("node-a".into());
+    let signature = ctx.signer.sign("team", "weekly-m1-node-a", &held.spec);
+    held.metadata.annotations = Some(
+        [
+            (
+                crate::gateway::jobs::SIGNATURE_ANNOTATION.to_string(),
+                signature,
+            ),
+            // The author's, over the drain's "Approved".
+            (
+                crate::api::common::REBOOT_DECISION_ANNOTATION.to_string(),
+                "Denied".to_string(),
+            ),
+        ]
+        .into(),
+    );
+    cache(&mut writers.jobs, held);
+    let mut node = Node {
+        metadata: stored("node-a", None),
+        ..Default::default()
+    };
+    node.metadata.annotations = Some(
+        [
+            (
+                super::drain::DRAIN_FOR_ANNOTATION.to_string(),
+                "team/weekly-m1-node-a".to_string(),
+            ),
+            (
+                super::drain::CORDONED_ANNOTATION.to_string(),
+                "true".to_string(),
+            ),
+            (
+                super::drain::DRAIN_APPROVED_ANNOTATION.to_string(),
+                (Timestamp::now() - SignedDuration::from_secs(2)).to_string(),
+            ),
+        ]
+        .into(),
+    );
+    // Nothing to do but wait for the reboot's report (or the approval to lapse): no
+    // request, above all no uncordon.
+    quietly(super::drain::reconcile_node(Arc::new(node), ctx))
+        .await
+        .unwrap();
+    server.done().await;
+}

@@ -1053,3 +1053,642 @@ async fn the_cache_keeps_little_of_a_hand_written_job_however_large() {
         "what is kept still verifies"
     );
 }
+
+/// Attack (the network, no credential at all): the global TokenReview budget
+/// (`SourceLimiter::allow_review`, 100 a second, 500 at once) is shared by strangers'
+/// made-up tokens and by the node agents' real ones alike. Each stranger source may
+/// cost 50 reviews at once and 10 a second (its bucket is charged twice per refusal),
+/// so ten IPv4 addresses or IPv6 /64s sending `Authorization: Bearer <random>` with
+/// `x-fleetpatch-node: <any name>` keep the budget empty for good. Every node agent
+/// whose cached verdict expires (60 s) is then refused ("too many token reviews") —
+/// within a minute the whole node fleet is locked out: no heartbeats, no reports, no
+/// reboot decisions. Strangers' reviews must not spend the node agents' share (check
+/// the claimed node has a node Agent and the source is that node's address before a
+/// review, or keep a reserve of reviews for sources that are known nodes).
+#[tokio::test]
+async fn strangers_cannot_spend_the_token_reviews_node_agents_need() {
+    use super::auth::{Authenticator, NodePolicy, Purpose};
+    use super::limits::{SourceLimiter, UnauthenticatedLimits};
+    use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
+    let accepted = TokenReviewStatus {
+        authenticated: Some(true),
+        audiences: Some(vec!["fleetpatch-gateway".into()]),
+        user: Some(UserInfo {
+            username: Some(format!(
+                "system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"
+            )),
+            extra: Some(
+                [(
+                    super::auth::NODE_NAME_EXTRA.to_string(),
+                    vec!["node-a".to_string()],
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        }),
+        error: None,
+    };
+    let (credentials, _) = kube::runtime::reflector::store::<Secret>();
+    let (agents, mut agents_writer) = kube::runtime::reflector::store::<Agent>();
+    let mut agent: Agent = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
+        "metadata": {"name": "node-a"}, "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a"}}),
+    );
+    agent.metadata = stored("node-a", None);
+    cache(&mut agents_writer, agent);
+    let auth = Authenticator::new(
+        NAMESPACE.into(),
+        credentials,
+        agents,
+        Box::new(crate::controller::fixtures::FakeReviewer(vec![(
+            "node-token".into(),
+            accepted,
+        )])),
+        NodePolicy {
+            audience: "fleetpatch-gateway".into(),
+            username: format!("system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"),
+        },
+    );
+    let limiter = SourceLimiter::new(&UnauthenticatedLimits::default());
+    let headers = |token: &str, node: &str| {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        headers.insert(super::auth::NODE_HEADER, node.parse().unwrap());
+        headers
+    };
+    // Twenty stranger sources, each well within its own bucket's burst.
+    for source in 0..20u8 {
+        let source = std::net::IpAddr::from([203, 0, 113, source]);
+        for i in 0..50 {
+            let _ = auth
+                .authenticate(
+                    &headers(&format!("made-up-{source}-{i}"), "whatever"),
+                    source,
+                    Purpose::Serve,
+                    &limiter,
+                )
+                .await;
+        }
+    }
+    // Node node-a's agent, from its own address, with its real token (its earlier
+    // verdict expired).
+    let node = std::net::IpAddr::from([10, 0, 0, 7]);
+    let verdict = auth
+        .authenticate(&headers("node-token", "node-a"), node, Purpose::Serve, &limiter)
+        .await;
+    assert!(
+        verdict.is_ok(),
+        "twenty stranger sources spent the TokenReview budget: node-a's own agent is refused ({verdict:?})"
+    );
+}
+
+/// Attack (the network, no credential at all), and a wrong answer: when the shared
+/// TokenReview budget is spent (see `strangers_cannot_spend_the_token_reviews_node_agents_need`),
+/// `check_node` fails like a bad token and the node agent is answered 401 Unauthorized
+/// (429 only once its own source's bucket runs dry) — an answer the agent treats as
+/// final (`GatewayError::is_final`: every 4xx but 408/429). A node agent waiting for a
+/// reboot decision then gives the reboot up ("the gateway refused the reboot") and its
+/// job fails; nothing was wrong with its token. A spent budget must be answered as
+/// what it is: 429/503, retried.
+#[tokio::test]
+async fn a_spent_review_budget_is_not_an_authentication_failure() {
+    use super::auth::{Authenticator, NodePolicy, Purpose};
+    use super::limits::{SourceLimiter, UnauthenticatedLimits};
+    use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
+    let accepted = TokenReviewStatus {
+        authenticated: Some(true),
+        audiences: Some(vec!["fleetpatch-gateway".into()]),
+        user: Some(UserInfo {
+            username: Some(format!(
+                "system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"
+            )),
+            extra: Some(
+                [(
+                    super::auth::NODE_NAME_EXTRA.to_string(),
+                    vec!["node-a".to_string()],
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        }),
+        error: None,
+    };
+    let (credentials, _) = kube::runtime::reflector::store::<Secret>();
+    let (agents, mut agents_writer) = kube::runtime::reflector::store::<Agent>();
+    let mut agent: Agent = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
+        "metadata": {"name": "node-a"}, "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a"}}),
+    );
+    agent.metadata = stored("node-a", None);
+    cache(&mut agents_writer, agent);
+    let auth = Authenticator::new(
+        NAMESPACE.into(),
+        credentials,
+        agents,
+        Box::new(crate::controller::fixtures::FakeReviewer(vec![(
+            "node-token".into(),
+            accepted,
+        )])),
+        NodePolicy {
+            audience: "fleetpatch-gateway".into(),
+            username: format!("system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"),
+        },
+    );
+    let limiter = SourceLimiter::new(&UnauthenticatedLimits::default());
+    let headers = |token: &str, node: &str| {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        headers.insert(super::auth::NODE_HEADER, node.parse().unwrap());
+        headers
+    };
+    // Twenty stranger sources, each well within its own bucket's burst.
+    for source in 0..20u8 {
+        let source = std::net::IpAddr::from([203, 0, 113, source]);
+        for i in 0..50 {
+            let _ = auth
+                .authenticate(
+                    &headers(&format!("made-up-{source}-{i}"), "whatever"),
+                    source,
+                    Purpose::Serve,
+                    &limiter,
+                )
+                .await;
+        }
+    }
+    // Node node-a's agent, from its own address, with its real token (its earlier
+    // verdict expired).
+    let node = std::net::IpAddr::from([10, 0, 0, 7]);
+    let verdict = auth
+        .authenticate(&headers("node-token", "node-a"), node, Purpose::Serve, &limiter)
+        .await;
+    assert!(
+        !matches!(verdict, Err(super::Refusal::Unauthorized)),
+        "the gateway had no TokenReview to spare and told node-a's agent its token is refused (401)"
+    );
+}
+
+/// Attack (a hostile agent, with its own credential): a connection that carried one
+/// authenticated request is never closed to make room (`ConnectionState::trust`), and
+/// nothing counts those per agent. One external host's credential, from sixteen
+/// sources (a /60 of IPv6: sixteen /64s) — or fewer where the per-source cap is
+/// higher — opens `max_connections` connections, sends one cheap authenticated
+/// request on each (a long-poll, which also keeps it busy past the idle deadline) and
+/// repeats: the gateway is full of "agent" connections, admits nobody else, and every
+/// other agent of the fleet is refused at accept. Here the caps are scaled down (8 in
+/// all, 4 per source): agent web-1 from two sources holds every slot and a fresh
+/// client is dropped unanswered. Trusted connections must be capped per agent (beyond
+/// a few, an agent's connections are evictable like strangers').
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_credential_cannot_hold_every_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(super::serve::serve(
+        listener,
+        fixture.ctx.gateway.router(),
+        None,
+        super::serve::ServeLimits {
+            max_connections: 8,
+            max_connections_per_source: 4,
+            ..Default::default()
+        },
+    ));
+    let connect_from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
+            .unwrap();
+        socket.connect(address).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for source in 2..=3u8 {
+        for _ in 0..4 {
+            let mut stream = connect_from(source).await;
+            stream
+                .write_all(
+                    format!("GET /agent/v1/assignments HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .unwrap();
+            // Read the (empty) answer: the request authenticated.
+            let mut buffer = [0u8; 1024];
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                stream.read(&mut buffer),
+            )
+            .await
+            .expect("answered")
+            .unwrap();
+            assert!(
+                String::from_utf8_lossy(&buffer[..read]).starts_with("HTTP/1.1 200"),
+                "the hostile agent's long-poll is served"
+            );
+            held.push(stream);
+        }
+    }
+    let mut other = connect_from(9).await;
+    let _ = other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        other.read_to_end(&mut answer),
+    )
+    .await;
+    drop(held);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "one agent's credential holds every connection of the gateway: a fresh client got {:?}",
+        answer
+            .lines()
+            .next()
+            .unwrap_or("nothing (the connection was dropped)")
+    );
+}
+
+/// Attack (a plan author, in their own namespace): `project_job` keeps of an unsigned
+/// PatchJob "its metadata but annotations" — labels, finalizers and ownerReferences
+/// included, none of which the API server bounds beyond the object's ~1.5 MB. A job
+/// written by hand with ~800 KiB of labels (10 000 of them) is kept whole in the
+/// controller's shared cache, as before the fix: some 350 such jobs are the
+/// controller's (and so the gateway's) whole memory limit. Keep of an unsigned job
+/// only the labels the index uses (or none), and neither finalizers nor owners.
+#[tokio::test]
+async fn the_cache_keeps_little_of_a_hand_written_job_whatever_its_labels() {
+    let fixture = Fixture::new();
+    let mut job = full_job(&fixture);
+    job.metadata.annotations = None;
+    let value = "v".repeat(63);
+    job.metadata.labels = Some(
+        (0..10_000)
+            .map(|i| (format!("padding.example.com/{i:0>20}"), value.clone()))
+            .collect(),
+    );
+    job.metadata.finalizers = Some(
+        (0..2_000)
+            .map(|i| format!("example.com/{i:0>60}"))
+            .collect(),
+    );
+    let mut cached = job.clone();
+    super::progress::project_job(&mut cached, &fixture.ctx.signer);
+    let kept = serde_json::to_vec(&cached).unwrap().len();
+    assert!(
+        kept < 64 * 1024,
+        "the controller's cache keeps {} KiB of one unsigned, hand-written PatchJob (its labels and finalizers)",
+        kept / 1024
+    );
+}
+
+/// Attack (a plan author, in their own namespace): the signature covers a job's
+/// namespace, name and spec, not its annotations, and `project_job` keeps a signed
+/// job's annotations whole. The author annotates each job the controller made for
+/// their plan — or recreates, under its old name, every signed job of theirs that was
+/// ever deleted (the signature still verifies) — with ~1 MB of annotations: each is
+/// kept whole in the shared cache, and a few hundred OOM the controller and gateway.
+/// Keep of a signed job only the annotations the controller reads (signature, reboot
+/// decision and message), bounded in size.
+#[tokio::test]
+async fn the_cache_keeps_little_of_a_signed_job_whatever_its_annotations() {
+    let fixture = Fixture::new();
+    let mut job = full_job(&fixture);
+    job.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert("padding.example.com/x".into(), "x".repeat(1024 * 1024));
+    assert!(fixture.ctx.signer.verify(&job), "still signed");
+    let mut cached = job.clone();
+    super::progress::project_job(&mut cached, &fixture.ctx.signer);
+    let kept = serde_json::to_vec(&cached).unwrap().len();
+    assert!(
+        kept < 64 * 1024,
+        "the controller's cache keeps {} KiB of one signed PatchJob its author annotated",
+        kept / 1024
+    );
+}
+
+/// Attack (the network, no credential at all): when the gateway is full, each new
+/// connection closes the *oldest* one that has not authenticated yet, whoever holds it.
+/// An agent's new connection (after a restart, a network blip, the 30 s idle close)
+/// is untrusted until its first request has been authenticated — through the TLS
+/// handshake, its headers' trip across the network and a TokenReview — and strangers
+/// who fill the gateway and keep opening connections push it to the front of the
+/// queue: `max_connections` new stranger connections during that time close it. At
+/// 16 384 that is ~55 000 SYNs a second against an agent 100 ms away (three round
+/// trips), which one host with a few addresses sends; the agents that need a new
+/// connection never get a request through. Here the caps are scaled down (8 in all):
+/// an external agent connects, eight strangers connect after it, and its request is
+/// never answered. Make room at the expense of the source that holds the most
+/// untrusted connections (the flooder's own), not of the oldest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_connecting_after_an_agent_do_not_close_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(super::serve::serve(
+        listener,
+        fixture.ctx.gateway.router(),
+        None,
+        super::serve::ServeLimits {
+            max_connections: 8,
+            max_connections_per_source: 4,
+            ..Default::default()
+        },
+    ));
+    let connect_from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
+            .unwrap();
+        socket.connect(address).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for source in 2..=3u8 {
+        for _ in 0..4 {
+            held.push(connect_from(source).await);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The agent's connection is accepted (a stranger's makes room for it)...
+    let mut agent = connect_from(9).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // ... and while its first request is on its way, strangers keep connecting.
+    for source in 4..=5u8 {
+        for _ in 0..4 {
+            held.push(connect_from(source).await);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let _ = agent
+        .write_all(
+            format!("GET /agent/v1/assignments HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        agent.read_to_end(&mut answer),
+    )
+    .await;
+    drop(held);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "eight stranger connections opened after an agent's close it before its first request: got {:?}",
+        answer
+            .lines()
+            .next()
+            .unwrap_or("nothing (the connection was closed)")
+    );
+}
+
+/// Attack (the network, no credential at all): a registration is untrusted for its
+/// whole course — it carries no agent credential — so a full gateway closes it to make
+/// room like any idle stranger's socket, mid-request. The window is wide and lands at
+/// the worst moment: once the bootstrap token is spent, the answer waits until this
+/// replica's watches show the new Agent and credential (hundreds of milliseconds).
+/// Strangers who keep the gateway full and keep connecting close it then: the host
+/// never receives its credential, its one-use bootstrap token is spent, and it can
+/// never register without an administrator minting a new token — for every new host,
+/// for as long as the flood lasts. Here (4 connections in all) four strangers connect
+/// while the registration waits for the caches. A connection with a request in
+/// progress must not be closed to make room (evict only idle or handshaking ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut fixture = Fixture::new();
+    let token = Secret {
+        metadata: stored("once", Some(NAMESPACE)),
+        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
+        data: Some([("token".to_string(), ByteString(b"only-once".to_vec()))].into()),
+        ..Default::default()
+    };
+    cache(&mut fixture.writers.tokens, token);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(super::serve::serve(
+        listener,
+        fixture.ctx.gateway.router(),
+        None,
+        super::serve::ServeLimits {
+            max_connections: 4,
+            max_connections_per_source: 0,
+            ..Default::default()
+        },
+    ));
+    let connect_from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
+            .unwrap();
+        socket.connect(address).await.unwrap()
+    };
+    let body = serde_json::to_vec(
+        &json!({"name": "web-1", "os": "Linux", "bootstrapToken": "only-once"}),
+    )
+    .unwrap();
+    let mut host = connect_from(9).await;
+    host.write_all(
+        format!(
+            "POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    host.write_all(&body).await.unwrap();
+    let server = &mut fixture.server;
+    server
+        .answer_query("GET", "/api/v1/nodes", "fieldSelector=metadata.name%3Dweb-1", 200,
+            json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
+        .await;
+    let agent = server
+        .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-1"}, "spec": {"mode": "External", "os": "Linux"}}))
+        .await;
+    let stored_credential = server
+        .answer("PATCH", &format!("/api/v1/namespaces/{NAMESPACE}/secrets/fleetpatch-agent-web-1"), 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fleetpatch-agent-web-1"}}))
+        .await;
+    server
+        .answer(
+            "PATCH",
+            &format!("/api/v1/namespaces/{NAMESPACE}/secrets/once"),
+            200,
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "once"}}),
+        )
+        .await;
+    // The token is spent; the answer waits for the caches. Strangers connect.
+    let mut strangers = Vec::new();
+    for _ in 0..4 {
+        strangers.push(connect_from(2).await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut watched: Agent = serde_json::from_value(agent).unwrap();
+    watched.metadata = stored("web-1", None);
+    cache(&mut fixture.writers.agents, watched);
+    let mut watched: Secret = serde_json::from_value(stored_credential).unwrap();
+    watched.metadata = stored("fleetpatch-agent-web-1", Some(NAMESPACE));
+    cache(&mut fixture.writers.credentials, watched);
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        host.read_to_end(&mut answer),
+    )
+    .await;
+    drop(strangers);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("credential"),
+        "the registration was cut after its bootstrap token was spent; the host got {:?}",
+        answer
+            .lines()
+            .next()
+            .unwrap_or("nothing (the connection was closed)")
+    );
+}
+
+/// Attack (the network, no credential at all): the fix for
+/// `a_few_sources_cannot_hold_every_registration_slot` caps a source at 4 of the 256
+/// registration body slots — and a source is one IPv4 address or one IPv6 /64. So 64
+/// sources still hold every slot for the 10 s body deadline, coming back as each ends:
+/// 64 IPv4 addresses (a tiny botnet), or a single IPv6 /58 — one customer's /56 or /48
+/// holds 4 or 1 024 times as many. No new host can register while they do. Here 65
+/// loopback addresses each send four registration heads without bodies; a complete
+/// registration from a 66th gets 503. Bound the slots a larger prefix (an IPv6 /48,
+/// say) can hold too, and give a slot back to a body that does not arrive at a
+/// reasonable rate instead of after 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_sources_cannot_hold_every_registration_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fixture = Fixture::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(super::serve::serve(
+        listener,
+        fixture.ctx.gateway.router(),
+        None,
+        super::serve::ServeLimits::default(),
+    ));
+    let connect_from = |source: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((source, 0))).unwrap();
+        socket.connect(address).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for source in 2..=66u8 {
+        for _ in 0..4 {
+            let mut stream = connect_from([127, 0, 1, source]).await;
+            stream
+                .write_all(
+                    b"POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            held.push(stream);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let body = serde_json::to_vec(
+        &json!({"name": "new-host", "os": "Linux", "bootstrapToken": "whatever"}),
+    )
+    .unwrap();
+    let mut legit = connect_from([127, 0, 2, 9]).await;
+    legit
+        .write_all(
+            format!(
+                "POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    legit.write_all(&body).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        legit.read_to_end(&mut answer),
+    )
+    .await;
+    drop(held);
+    let answer = String::from_utf8_lossy(&answer);
+    let status_line = answer.lines().next().unwrap_or_default().to_string();
+    assert!(
+        !status_line.contains(" 503 "),
+        "a complete registration from a fresh source is turned away while 65 slow sources hold the slots: {status_line}"
+    );
+}
+
+/// Attack (a plan author, in their own namespace): hand-written, unsigned PatchJobs
+/// naming *any* agent — one that does not even accept the author's namespace — are
+/// indexed under that agent, and every one of them wakes its long-poll. Each poll then
+/// checks every such job's signature and logs a warning ("job not served") for each:
+/// N jobs created one after another cost the victim's gateway N²/2 signature checks and
+/// as many warning lines (5 000 jobs: 12.5 million), and every one of the victim's
+/// polls afterwards logs N lines. Here 2 000 unsigned jobs naming web-1 make one
+/// assignments poll log 2 000 warnings. An unsigned job is served to nobody: keep it
+/// out of the agent's index (and its wake-ups), or refuse it silently.
+#[tokio::test]
+async fn unsigned_jobs_naming_an_agent_cost_its_polls_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tracing_subscriber::layer::SubscriberExt;
+    struct CountWarnings(Arc<AtomicUsize>);
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountWarnings {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            if *event.metadata().level() == tracing::Level::WARN {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    for i in 0..2000 {
+        let mut job = full_job(&fixture);
+        let name = format!("junk-{i}");
+        job.metadata = stored(&name, Some("elsewhere"));
+        super::progress::project_job(&mut job, &fixture.ctx.signer);
+        cache(&mut fixture.writers.jobs, job.clone());
+        fixture.ctx.caches.job_signals.observe(&job);
+    }
+    let warnings = Arc::new(AtomicUsize::new(0));
+    let subscriber = tracing_subscriber::registry().with(CountWarnings(warnings.clone()));
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let (status, body) = call(
+        &fixture.ctx.gateway,
+        "GET",
+        "/agent/v1/assignments",
+        Some(BEARER),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["jobs"], json!([]));
+    let warnings = warnings.load(Ordering::Relaxed);
+    assert!(
+        warnings < 10,
+        "one poll of web-1 logged {warnings} warnings about unsigned jobs a stranger named it in"
+    );
+}
