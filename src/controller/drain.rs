@@ -544,8 +544,17 @@ pub async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action
                 }
                 // Approved: the agent reboots shortly.
                 Some(Verdict::Approved) => Ok(Action::requeue(Duration::from_secs(10))),
-                // Denied while the node is still held (by the job's author, or a release
-                // that failed): the node is given back, not left cordoned.
+                // Denied after the Node recorded its approval: the host may be going
+                // down already, so the node stays held (and counted against the limits)
+                // until the job reports the reboot or the approval lapses.
+                Some(Verdict::Denied)
+                    if node.annotations().contains_key(DRAIN_APPROVED_ANNOTATION)
+                        && !approval_lapsed(&node, Timestamp::now()) =>
+                {
+                    Ok(Action::requeue(Duration::from_secs(10)))
+                }
+                // Denied while the node is still being drained (by the job's author, or a
+                // release that failed): the node is given back, not left cordoned.
                 Some(Verdict::Denied) => {
                     release(&ctx, &node, "the reboot was called off").await?;
                     Ok(Action::await_change())

@@ -167,9 +167,16 @@ pub async fn reconcile_job(job: Arc<PatchJob>, ctx: Arc<Context>) -> Result<Acti
     Ok(Action::requeue(Duration::from_secs(60)))
 }
 
-/// Removes the controller's finalizer, leaving any other.
-async fn release_finalizer(api: &Api<PatchJob>, job: &PatchJob) -> Result<(), Error> {
-    if !job.finalizers().iter().any(|f| f == RUN_FINALIZER) {
+/// Removes the controller's finalizer, leaving any other. The cache keeps only ours
+/// (see `project_job`), so the others are read from the API server.
+async fn release_finalizer(api: &Api<PatchJob>, cached: &PatchJob) -> Result<(), Error> {
+    if !cached.finalizers().iter().any(|f| f == RUN_FINALIZER) {
+        return Ok(());
+    }
+    let Some(job) = api.get_opt(&cached.name_any()).await? else {
+        return Ok(());
+    };
+    if job.uid() != cached.uid() || !job.finalizers().iter().any(|f| f == RUN_FINALIZER) {
         return Ok(());
     }
     let rest: Vec<&String> = job

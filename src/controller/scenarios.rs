@@ -396,10 +396,21 @@ async fn a_finished_job_of_an_ended_run_is_deleted_after_its_ttl_then_let_go() {
     let mut deleting = done;
     deleting.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
     let reconcile = tokio::spawn(super::jobs::reconcile_job(Arc::new(deleting.clone()), ctx));
+    // The cache keeps only our finalizer: the others are read before ours is removed.
+    let mut stored = deleting.clone();
+    stored
+        .metadata
+        .finalizers
+        .as_mut()
+        .unwrap()
+        .push("example.com/keep".into());
+    server
+        .answer("GET", path, 200, serde_json::to_value(&stored).unwrap())
+        .await;
     let patch = server
         .answer("PATCH", path, 200, serde_json::to_value(&deleting).unwrap())
         .await;
-    assert_eq!(patch["metadata"]["finalizers"], json!([]));
+    assert_eq!(patch["metadata"]["finalizers"], json!(["example.com/keep"]));
     reconcile.await.unwrap().unwrap();
     server.done().await;
 }

@@ -191,6 +191,15 @@ impl ReviewCache {
     }
 }
 
+/// Why a node token was not accepted.
+enum NodeCheck {
+    /// The review said no (or said so recently).
+    Denied(String),
+    /// No review could be made now (the budgets are spent, or the API failed): the
+    /// token may be fine; the caller retries.
+    Busy,
+}
+
 /// What the authenticator checks node agents against.
 #[derive(Clone, Debug)]
 pub struct NodePolicy {
@@ -273,14 +282,20 @@ impl Authenticator {
                 let token = authorization
                     .strip_prefix("Bearer ")
                     .ok_or_else(|| refused(&"not a bearer token"))?;
-                self.check_node(token.trim(), node, source, limiter)
-                    .await
-                    .map_err(|why| refused(&why))?;
+                // Serving needs the node's Agent: checked first, so tokens claiming made-up
+                // nodes cost no TokenReview.
                 if purpose == Purpose::Serve && !self.has_agent(node, AgentMode::Node) {
                     return Err(refused(&format!(
                         "node {node} has no Agent; it must register"
                     )));
                 }
+                self.check_node(token.trim(), node, source, limiter)
+                    .await
+                    .map_err(|refusal| match refusal {
+                        NodeCheck::Denied(why) => refused(&why),
+                        // Not the token's fault: try again shortly.
+                        NodeCheck::Busy => Refusal::Throttled,
+                    })?;
                 Ok(Identity {
                     agent: node.to_string(),
                     node: Some(node.to_string()),
@@ -333,18 +348,15 @@ impl Authenticator {
         node: &str,
         source: IpAddr,
         limiter: &SourceLimiter,
-    ) -> Result<(), String> {
+    ) -> Result<(), NodeCheck> {
         let key = ReviewCache::key(token, node);
         if let Some(verdict) = self.reviews.lock().get(&key, Instant::now()) {
-            return verdict.map_err(|why| why.to_string());
+            return verdict.map_err(|why| NodeCheck::Denied(why.to_string()));
         }
         // A review is an API call: charged to the source, and to the budget all
         // sources share, before it is made.
-        if !limiter.allow(source) {
-            return Err("too many token reviews from this source".into());
-        }
-        if !limiter.allow_review() {
-            return Err("too many token reviews; try again shortly".into());
+        if !limiter.allow(source) || !limiter.allow_review() {
+            return Err(NodeCheck::Busy);
         }
         let status = self
             .reviewer
@@ -352,14 +364,14 @@ impl Authenticator {
             .await
             .map_err(|err| {
                 tracing::warn!(error = %err, "TokenReview failed");
-                "the token could not be reviewed".to_string()
+                NodeCheck::Busy
             })?;
         let verdict =
             check_node_review(&status, node, &self.policy.audience, &self.policy.username);
         self.reviews
             .lock()
             .put(key, verdict.clone(), Instant::now());
-        verdict.map_err(|why| why.to_string())
+        verdict.map_err(|why| NodeCheck::Denied(why.to_string()))
     }
 }
 

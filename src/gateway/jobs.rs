@@ -169,8 +169,21 @@ impl JobSignals {
 
     /// Indexes a job the cache has just seen (created, changed or deleted) and wakes
     /// its agent. Deleted jobs leave the index when a lookup no longer finds them.
+    /// A job without a signature (the cache keeps none of an unsigned job, see
+    /// `project_job`) is served to nobody: it is left out of the index, and wakes no
+    /// long-poll, whichever agent it names.
     pub fn observe(&self, job: &PatchJob) {
         let reference = ObjectRef::from_obj(job);
+        if !job.annotations().contains_key(SIGNATURE_ANNOTATION) {
+            let mut index = self.index.lock();
+            if let Some(references) = index.by_agent.get_mut(&job.spec.agent) {
+                references.remove(&reference);
+            }
+            if let Some(uid) = job.uid() {
+                index.by_uid.remove(&uid);
+            }
+            return;
+        }
         {
             let mut index = self.index.lock();
             if let Some(uid) = job.uid() {

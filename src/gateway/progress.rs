@@ -69,8 +69,37 @@ pub fn strip_for_cache(job: &mut PatchJob) {
 /// agent, node, plan and run, and where it stands. So hand-written jobs, however large,
 /// cost the cache little.
 pub fn project_job(job: &mut PatchJob, signer: &super::jobs::JobSigner) {
+    use crate::api::common::{
+        AGENT_LABEL, PLAN_LABEL, REBOOT_DECISION_ANNOTATION, REBOOT_MESSAGE_ANNOTATION,
+        RUN_FINALIZER, RUN_LABEL,
+    };
     let signed = signer.verify(job);
     strip_for_cache(job);
+    // Of the metadata anyone may add to, only what fleetpatch reads, bounded: the
+    // signature covers the spec, not the labels, annotations or finalizers.
+    let meta = &mut job.metadata;
+    meta.owner_references = None;
+    if let Some(labels) = &mut meta.labels {
+        labels.retain(|key, _| [PLAN_LABEL, RUN_LABEL, AGENT_LABEL].contains(&key.as_str()));
+    }
+    if let Some(finalizers) = &mut meta.finalizers {
+        finalizers.retain(|f| f == RUN_FINALIZER);
+    }
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|key, _| {
+            [
+                super::jobs::SIGNATURE_ANNOTATION,
+                REBOOT_DECISION_ANNOTATION,
+                REBOOT_MESSAGE_ANNOTATION,
+            ]
+            .contains(&key.as_str())
+        });
+        for value in annotations.values_mut() {
+            if value.len() > 8 * 1024 {
+                *value = protocol::bounded(value, 8 * 1024);
+            }
+        }
+    }
     if signed {
         return;
     }

@@ -1137,7 +1137,12 @@ async fn strangers_cannot_spend_the_token_reviews_node_agents_need() {
     // verdict expired).
     let node = std::net::IpAddr::from([10, 0, 0, 7]);
     let verdict = auth
-        .authenticate(&headers("node-token", "node-a"), node, Purpose::Serve, &limiter)
+        .authenticate(
+            &headers("node-token", "node-a"),
+            node,
+            Purpose::Serve,
+            &limiter,
+        )
         .await;
     assert!(
         verdict.is_ok(),
@@ -1225,7 +1230,12 @@ async fn a_spent_review_budget_is_not_an_authentication_failure() {
     // verdict expired).
     let node = std::net::IpAddr::from([10, 0, 0, 7]);
     let verdict = auth
-        .authenticate(&headers("node-token", "node-a"), node, Purpose::Serve, &limiter)
+        .authenticate(
+            &headers("node-token", "node-a"),
+            node,
+            Purpose::Serve,
+            &limiter,
+        )
         .await;
     assert!(
         !matches!(verdict, Err(super::Refusal::Unauthorized)),
@@ -1282,13 +1292,11 @@ async fn one_agent_credential_cannot_hold_every_connection() {
                 .unwrap();
             // Read the (empty) answer: the request authenticated.
             let mut buffer = [0u8; 1024];
-            let read = tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                stream.read(&mut buffer),
-            )
-            .await
-            .expect("answered")
-            .unwrap();
+            let read =
+                tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buffer))
+                    .await
+                    .expect("answered")
+                    .unwrap();
             assert!(
                 String::from_utf8_lossy(&buffer[..read]).starts_with("HTTP/1.1 200"),
                 "the hostile agent's long-poll is served"
@@ -1500,10 +1508,9 @@ async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
             .unwrap();
         socket.connect(address).await.unwrap()
     };
-    let body = serde_json::to_vec(
-        &json!({"name": "web-1", "os": "Linux", "bootstrapToken": "only-once"}),
-    )
-    .unwrap();
+    let body =
+        serde_json::to_vec(&json!({"name": "web-1", "os": "Linux", "bootstrapToken": "only-once"}))
+            .unwrap();
     let mut host = connect_from(9).await;
     host.write_all(
         format!(
