@@ -86,7 +86,7 @@ async fn authenticate(
         .extensions()
         .get::<Arc<super::serve::ConnectionState>>()
     {
-        connection.trust();
+        connection.trust(&identity.agent);
     }
     // Every line about this request names the agent (see `crate::logs`).
     let span = crate::logs::object_span("Agent", None, &identity.agent, None);
@@ -116,11 +116,14 @@ async fn register(
         return Err(Refusal::Throttled);
     }
     let request = {
-        let _reading = gateway
+        let reading = gateway
             .limiter
             .registration_read(source)
             .ok_or(Refusal::Busy)?;
-        read_registration(body).await?
+        tokio::select! {
+            request = read_registration(body) => request?,
+            () = reading.cut() => return Err(Refusal::Busy),
+        }
     };
     Ok(Json(gateway.register_external(&request, source).await?))
 }

@@ -5,6 +5,7 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -49,7 +50,7 @@ pub fn bucket_of(source: IpAddr) -> IpAddr {
 pub struct SourceLimiter {
     buckets: DefaultKeyedRateLimiter<IpAddr>,
     registrations: Semaphore,
-    registration_reads: Semaphore,
+    registration_reads: parking_lot::Mutex<Readers>,
     registration_readers: parking_lot::Mutex<std::collections::HashMap<IpAddr, usize>>,
     /// TokenReviews the caches could not spare, from every source together: enough for
     /// 5,000 node agents renewing their verdicts each minute, not for a flood from many
@@ -62,15 +63,35 @@ pub const MAX_REGISTRATION_READS: usize = 256;
 /// Registration bodies one source may have read at once.
 pub const MAX_REGISTRATION_READS_PER_SOURCE: usize = 4;
 
+/// The registration bodies being read, oldest first.
+#[derive(Default)]
+struct Readers {
+    next: u64,
+    readers: std::collections::BTreeMap<u64, Arc<tokio::sync::Notify>>,
+}
+
 /// One registration body being read; dropping it frees the slot.
 pub struct RegistrationRead<'a> {
-    _permit: SemaphorePermit<'a>,
+    id: u64,
+    cut: Arc<tokio::sync::Notify>,
     source: IpAddr,
     limiter: &'a SourceLimiter,
 }
 
+impl RegistrationRead<'_> {
+    /// Resolves when this reader was cut off to make room for another.
+    pub async fn cut(&self) {
+        self.cut.notified().await;
+    }
+}
+
 impl Drop for RegistrationRead<'_> {
     fn drop(&mut self) {
+        self.limiter
+            .registration_reads
+            .lock()
+            .readers
+            .remove(&self.id);
         let mut held = self.limiter.registration_readers.lock();
         if let Some(count) = held.get_mut(&self.source) {
             *count -= 1;
@@ -88,7 +109,7 @@ impl SourceLimiter {
         Self {
             buckets: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             registrations: Semaphore::new(limits.max_registrations.max(1)),
-            registration_reads: Semaphore::new(MAX_REGISTRATION_READS),
+            registration_reads: Default::default(),
             registration_readers: Default::default(),
             reviews: RateLimiter::direct(
                 Quota::per_second(NonZeroU32::new(100).expect("100"))
@@ -112,10 +133,12 @@ impl SourceLimiter {
         self.registrations.try_acquire().ok()
     }
 
-    /// A slot for reading one unauthenticated registration body, if one is free: at most
+    /// A slot for reading one unauthenticated registration body: at most
     /// [`MAX_REGISTRATION_READS`] bodies (each at most a few KiB) are held at once,
     /// however many connections send them, and at most
-    /// [`MAX_REGISTRATION_READS_PER_SOURCE`] of them by one source.
+    /// [`MAX_REGISTRATION_READS_PER_SOURCE`] by one source. When all are taken, the
+    /// oldest reader is cut off to make room: a real host's body arrives within
+    /// milliseconds, so only readers that dawdle lose their slot.
     pub fn registration_read(&self, source: IpAddr) -> Option<RegistrationRead<'_>> {
         let source = bucket_of(source);
         let mut held = self.registration_readers.lock();
@@ -123,10 +146,21 @@ impl SourceLimiter {
         if *count >= MAX_REGISTRATION_READS_PER_SOURCE {
             return None;
         }
-        let permit = self.registration_reads.try_acquire().ok()?;
         *count += 1;
+        drop(held);
+        let mut reads = self.registration_reads.lock();
+        if reads.readers.len() >= MAX_REGISTRATION_READS
+            && let Some((_, oldest)) = reads.readers.pop_first()
+        {
+            oldest.notify_one();
+        }
+        let id = reads.next;
+        reads.next += 1;
+        let cut = Arc::new(tokio::sync::Notify::new());
+        reads.readers.insert(id, cut.clone());
         Some(RegistrationRead {
-            _permit: permit,
+            id,
+            cut,
             source,
             limiter: self,
         })

@@ -106,13 +106,17 @@ async fn reload_certificate(
 }
 
 /// Open connections, in all and per source; a [`ConnectionSlot`] is held for each.
-/// When the gateway is full, a new connection takes the place of the oldest one that
-/// has not yet carried an authenticated request: strangers holding idle sockets cannot
-/// lock the agents out, only make each other's sockets short-lived.
+/// When the gateway is full, a new connection takes the place of one that may be
+/// closed: one that never authenticated and is not in the middle of a request, or one
+/// beyond an agent's share of authenticated connections — the oldest of the source
+/// that holds the most of them, so a flooder makes room at its own expense. Strangers
+/// holding sockets cannot lock the agents out, nor can one agent's credential.
 pub struct ConnectionSlots {
     state: Mutex<SlotsState>,
     max: usize,
     max_per_source: usize,
+    /// Authenticated connections an agent may hold before more of them may be closed.
+    max_per_agent: usize,
 }
 
 #[derive(Default)]
@@ -122,32 +126,73 @@ struct SlotsState {
     /// Connections told to close to make room, not yet gone.
     evicting: usize,
     next_id: u64,
-    /// Connections that have not authenticated yet, oldest first.
-    untrusted: std::collections::BTreeMap<u64, Arc<ConnectionState>>,
+    /// Every open connection, oldest first.
+    connections: std::collections::BTreeMap<u64, (IpAddr, Arc<ConnectionState>)>,
+    /// Authenticated connections per agent.
+    per_agent: HashMap<String, usize>,
 }
 
 /// What a connection's handlers can tell its slot, and how the slot closes it.
 #[derive(Default)]
 pub struct ConnectionState {
-    trusted: std::sync::atomic::AtomicBool,
+    /// The agent it authenticated as, if it did, and whether it is beyond that agent's
+    /// share (then it may be closed to make room, like a stranger's).
+    agent: Mutex<Option<(String, bool)>>,
     evicted: std::sync::atomic::AtomicBool,
+    /// Requests being served on it: a connection in the middle of a request (a
+    /// registration waiting for the caches, say) is not closed to make room unless it
+    /// is beyond its agent's share.
+    in_flight: std::sync::atomic::AtomicUsize,
     close: tokio::sync::Notify,
+    slots: std::sync::Weak<ConnectionSlots>,
 }
 
 impl ConnectionState {
-    /// A request on this connection authenticated: it is never closed to make room.
-    pub fn trust(&self) {
-        self.trusted
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+    /// A request on this connection authenticated as `agent`: within the agent's share
+    /// of connections it is never closed to make room.
+    pub fn trust(&self, agent: &str) {
+        let Some(slots) = self.slots.upgrade() else {
+            return;
+        };
+        let mut me = self.agent.lock();
+        if me.is_some() {
+            return;
+        }
+        let mut state = slots.state.lock();
+        let held = state.per_agent.entry(agent.to_string()).or_insert(0);
+        *held += 1;
+        *me = Some((agent.to_string(), *held > slots.max_per_agent));
     }
 
-    fn is_trusted(&self) -> bool {
-        self.trusted.load(std::sync::atomic::Ordering::Relaxed)
+    /// Whether it may be closed to make room.
+    fn may_close(&self) -> bool {
+        match &*self.agent.lock() {
+            None => self.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0,
+            Some((_, beyond_share)) => *beyond_share,
+        }
+    }
+
+    /// Marks a request in progress until the guard is dropped.
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Busy(self.clone())
     }
 
     /// Resolves when the connection must close to make room for a new one.
     pub async fn closed(&self) {
         self.close.notified().await;
+    }
+}
+
+/// A request in progress on a connection (see [`ConnectionState::busy`]).
+pub struct Busy(Arc<ConnectionState>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -165,12 +210,13 @@ impl ConnectionSlots {
             state: Mutex::new(SlotsState::default()),
             max: limits.max_connections,
             max_per_source: limits.max_connections_per_source,
+            max_per_agent: (limits.max_connections / 64).clamp(1, 16),
         })
     }
 
     /// A slot for a connection from `source`, or `None` when the source holds its share
-    /// or the gateway is full of authenticated connections. Sources are counted as the
-    /// rate limits count them: an IPv6 address by its /64.
+    /// or nothing may be closed to make room. Sources are counted as the rate limits
+    /// count them: an IPv6 address by its /64.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Option<ConnectionSlot> {
         let source = super::limits::bucket_of(source);
         let mut state = self.state.lock();
@@ -179,33 +225,45 @@ impl ConnectionSlots {
             return None;
         }
         if state.open - state.evicting >= self.max {
-            // Make room: the oldest connection that never authenticated closes.
-            let oldest = loop {
-                let (&id, candidate) = state.untrusted.iter().next()?;
-                let candidate = candidate.clone();
-                state.untrusted.remove(&id);
-                if !candidate.is_trusted() {
-                    break candidate;
-                }
-            };
-            oldest
+            let victim = Self::victim(&state)?;
+            let (_, closing) = state.connections.remove(&victim).expect("just found");
+            closing
                 .evicted
                 .store(true, std::sync::atomic::Ordering::Relaxed);
-            oldest.close.notify_one();
+            closing.close.notify_one();
             state.evicting += 1;
         }
         *state.per_source.entry(source).or_insert(0) += 1;
         state.open += 1;
         let id = state.next_id;
         state.next_id += 1;
-        let connection = Arc::new(ConnectionState::default());
-        state.untrusted.insert(id, connection.clone());
+        let connection = Arc::new(ConnectionState {
+            slots: Arc::downgrade(self),
+            ..ConnectionState::default()
+        });
+        state.connections.insert(id, (source, connection.clone()));
         Some(ConnectionSlot {
             id,
             source,
             state: connection,
             slots: self.clone(),
         })
+    }
+
+    /// The connection to close to make room: of those that may be closed, the oldest
+    /// of the source that has the most of them.
+    fn victim(state: &SlotsState) -> Option<u64> {
+        let mut closable: HashMap<IpAddr, (usize, u64)> = HashMap::new();
+        for (&id, (source, connection)) in &state.connections {
+            if connection.may_close() {
+                let entry = closable.entry(*source).or_insert((0, id));
+                entry.0 += 1;
+            }
+        }
+        closable
+            .into_values()
+            .max_by_key(|&(count, oldest)| (count, std::cmp::Reverse(oldest)))
+            .map(|(_, oldest)| oldest)
     }
 
     /// Connections open now.
@@ -216,6 +274,7 @@ impl ConnectionSlots {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
+        let agent = self.state.agent.lock().take();
         let mut state = self.slots.state.lock();
         if let Some(held) = state.per_source.get_mut(&self.source) {
             *held -= 1;
@@ -223,8 +282,16 @@ impl Drop for ConnectionSlot {
                 state.per_source.remove(&self.source);
             }
         }
+        if let Some((agent, _)) = agent
+            && let Some(held) = state.per_agent.get_mut(&agent)
+        {
+            *held -= 1;
+            if *held == 0 {
+                state.per_agent.remove(&agent);
+            }
+        }
         state.open -= 1;
-        state.untrusted.remove(&self.id);
+        state.connections.remove(&self.id);
         if self
             .state
             .evicted
@@ -264,9 +331,20 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        let busy = slot.state.clone();
         let service = hyper_util::service::TowerToHyperService::new(
             router
                 .clone()
+                .layer(axum::middleware::from_fn(
+                    move |request: axum::extract::Request, next: axum::middleware::Next| {
+                        let busy = busy.busy();
+                        async move {
+                            let response = next.run(request).await;
+                            drop(busy);
+                            response
+                        }
+                    },
+                ))
                 .layer(axum::Extension(axum::extract::ConnectInfo(peer)))
                 .layer(axum::Extension(slot.state.clone())),
         );
@@ -360,8 +438,8 @@ mod tests {
         let _second = slots.admit(a).expect("a's second");
         assert!(slots.admit(a).is_none(), "a holds its share");
         let third = slots.admit(b).expect("b's first");
-        for slot in [&first, &_second, &third] {
-            slot.state.trust();
+        for (i, slot) in [&first, &_second, &third].into_iter().enumerate() {
+            slot.state.trust(&format!("agent-{i}"));
         }
         assert!(
             slots.admit(b).is_none(),
@@ -383,14 +461,14 @@ mod tests {
         });
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let agent = slots.admit(a).unwrap();
-        agent.state.trust();
+        agent.state.trust("agent-1");
         let stranger = slots.admit(a).unwrap();
         let newcomer = slots.admit(a).expect("room is made");
         tokio::time::timeout(Duration::from_secs(1), stranger.state.closed())
             .await
             .expect("the stranger is told to close");
         drop(stranger);
-        newcomer.state.trust();
+        newcomer.state.trust("agent-2");
         assert!(
             slots.admit(a).is_none(),
             "nothing but authenticated connections: full"
