@@ -154,11 +154,12 @@ impl ConnectionState {
         let Some(slots) = self.slots.upgrade() else {
             return;
         };
+        // The slots' lock before the connection's, as `admit` takes them.
+        let mut state = slots.state.lock();
         let mut me = self.agent.lock();
         if me.is_some() {
             return;
         }
-        let mut state = slots.state.lock();
         let held = state.per_agent.entry(agent.to_string()).or_insert(0);
         *held += 1;
         *me = Some((agent.to_string(), *held > slots.max_per_agent));
