@@ -1173,9 +1173,11 @@ async fn watch_events(side: &Side) -> Transcript {
     let start = side.post(&cms, &labelled("w0", "gold")).await;
     let rv = start.rv();
 
+    // Bookmarks are best-effort on the real server; a longer watch gives a loaded
+    // machine's apiserver time to send one.
     let all = side.watch(
-        &format!("{cms}?watch=true&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=6"),
-        Duration::from_secs(20),
+        &format!("{cms}?watch=true&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=12"),
+        Duration::from_secs(25),
         |events| saw_added(events, "sentinel") && events.iter().any(|e| e["type"] == "BOOKMARK"),
     );
     let gold = side.watch(
