@@ -1176,7 +1176,9 @@ async fn watch_events(side: &Side) -> Transcript {
     // Bookmarks are best-effort on the real server; a longer watch gives a loaded
     // machine's apiserver time to send one.
     let all = side.watch(
-        &format!("{cms}?watch=true&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=12"),
+        &format!(
+            "{cms}?watch=true&resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=12"
+        ),
         Duration::from_secs(25),
         |events| saw_added(events, "sentinel") && events.iter().any(|e| e["type"] == "BOOKMARK"),
     );
