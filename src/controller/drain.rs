@@ -253,7 +253,19 @@ fn waiting_job(ctx: &Context, node: &str) -> Option<Arc<PatchJob>> {
     waiting.into_iter().next()
 }
 
+/// Longest reboot message written on a job (and kept of it in the cache).
+pub const MAX_REBOOT_MESSAGE: usize = 8 * 1024;
+
+/// Whether the job already says `message` (as bounded when written).
+pub fn says(job: &PatchJob, message: &str) -> bool {
+    job.annotations()
+        .get(REBOOT_MESSAGE_ANNOTATION)
+        .map(String::as_str)
+        == Some(crate::gateway::protocol::bounded(message, MAX_REBOOT_MESSAGE).as_str())
+}
+
 async fn annotate_job(ctx: &Context, job: &PatchJob, verdict: Option<&str>, message: &str) {
+    let message = &crate::gateway::protocol::bounded(message, MAX_REBOOT_MESSAGE);
     let api: Api<PatchJob> =
         Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     let mut annotations = serde_json::Map::new();
@@ -320,7 +332,7 @@ async fn claim(ctx: &Context, node: &Node, job: &PatchJob) -> Result<Action, Err
         ctx.settings.max_node_reboots,
     ) {
         let message = format!("waiting: {wait}");
-        if job.annotations().get(REBOOT_MESSAGE_ANNOTATION) != Some(&message) {
+        if !says(job, &message) {
             annotate_job(ctx, job, None, &message).await;
         }
         return Ok(Action::requeue(Duration::from_secs(5)));
@@ -509,7 +521,7 @@ async fn drain(ctx: &Context, node: &Node, job: &PatchJob) -> Result<Action, Err
             left.len(),
             blocked.join("; ")
         );
-        if job.annotations().get(REBOOT_MESSAGE_ANNOTATION) != Some(&message) {
+        if !says(job, &message) {
             annotate_job(ctx, job, None, &message).await;
         }
     }

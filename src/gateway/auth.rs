@@ -147,6 +147,10 @@ struct ReviewCache {
 /// deleted pod's token stops working soon.
 const ACCEPTED_FOR: Duration = Duration::from_secs(60);
 const REFUSED_FOR: Duration = Duration::from_secs(10);
+/// How long past its time an accepted verdict still serves while no review can be made
+/// (the budget all sources share is spent): strangers' made-up tokens must not lock a
+/// node agent out, and a deleted pod's token stops working within this much more.
+const ACCEPTED_WHILE_BUSY: Duration = Duration::from_secs(300);
 
 impl ReviewCache {
     fn key(token: &str, node: &str) -> [u8; 32] {
@@ -155,6 +159,13 @@ impl ReviewCache {
         hasher.update([0]);
         hasher.update(node.as_bytes());
         hasher.finalize().into()
+    }
+
+    /// Whether an accepted verdict for `key` expired at most [`ACCEPTED_WHILE_BUSY`] ago.
+    fn recently_accepted(&self, key: &[u8; 32], now: Instant) -> bool {
+        self.verdicts
+            .get(key)
+            .is_some_and(|(verdict, until)| verdict.is_ok() && now < *until + ACCEPTED_WHILE_BUSY)
     }
 
     fn get(&self, key: &[u8; 32], now: Instant) -> Option<Result<(), NodeDenied>> {
@@ -169,7 +180,9 @@ impl ReviewCache {
     /// the table full of accepted ones is simply not kept).
     fn put(&mut self, key: [u8; 32], verdict: Result<(), NodeDenied>, now: Instant) {
         if self.verdicts.len() >= self.capacity {
-            self.verdicts.retain(|_, (_, until)| now < *until);
+            self.verdicts.retain(|_, (kept, until)| {
+                now < *until || (kept.is_ok() && now < *until + ACCEPTED_WHILE_BUSY)
+            });
         }
         if self.verdicts.len() >= self.capacity {
             self.verdicts.retain(|_, (kept, _)| kept.is_ok());
@@ -356,6 +369,10 @@ impl Authenticator {
         // A review is an API call: charged to the source, and to the budget all
         // sources share, before it is made.
         if !limiter.allow(source) || !limiter.allow_review() {
+            // No review now: a token this node's agent used a moment ago still serves.
+            if self.reviews.lock().recently_accepted(&key, Instant::now()) {
+                return Ok(());
+            }
             return Err(NodeCheck::Busy);
         }
         let status = self
@@ -478,6 +495,74 @@ mod tests {
 #[cfg(test)]
 mod review_cache_eviction {
     use super::*;
+
+    /// Strangers naming a real node with made-up tokens can spend the TokenReview
+    /// budget all sources share; a node agent whose accepted verdict just expired is
+    /// then served on that verdict (for a while) rather than locked out.
+    #[tokio::test]
+    async fn a_spent_budget_does_not_lock_out_a_token_accepted_a_moment_ago() {
+        let (credentials, _) = kube::runtime::reflector::store::<Secret>();
+        let (agents, mut writer) = kube::runtime::reflector::store::<Agent>();
+        let mut agent: Agent = serde_json::from_value(serde_json::json!({
+            "apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
+            "metadata": {"name": "node-a", "uid": "u"},
+            "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a"}}))
+        .unwrap();
+        agent.metadata.resource_version = Some("1".into());
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(agent));
+        struct Never;
+        impl TokenReviewer for Never {
+            fn review<'a>(
+                &'a self,
+                _token: &'a str,
+                _audience: &'a str,
+            ) -> futures::future::BoxFuture<'a, Result<TokenReviewStatus, kube::Error>>
+            {
+                panic!("no review may be made: the budget is spent")
+            }
+        }
+        let auth = Authenticator::new(
+            "fleetpatch-system".into(),
+            credentials,
+            agents,
+            Box::new(Never),
+            NodePolicy {
+                audience: "gw".into(),
+                username: "agent".into(),
+            },
+        );
+        // node-a's token was accepted 70 s ago: its verdict ran out 10 s ago.
+        let key = ReviewCache::key("node-token", "node-a");
+        auth.reviews
+            .lock()
+            .put(key, Ok(()), Instant::now() - Duration::from_secs(70));
+        let limiter = SourceLimiter::new(&super::super::limits::UnauthenticatedLimits::default());
+        while limiter.allow_review() {}
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            "Bearer node-token".parse().unwrap(),
+        );
+        headers.insert(NODE_HEADER, "node-a".parse().unwrap());
+        let source: IpAddr = "10.0.0.7".parse().unwrap();
+        let served = auth
+            .authenticate(&headers, source, Purpose::Serve, &limiter)
+            .await;
+        assert!(served.is_ok(), "{:?}", served.err());
+        // A token never accepted still waits for the budget: 429, not 401.
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            "Bearer made-up".parse().unwrap(),
+        );
+        let refused = auth
+            .authenticate(&headers, source, Purpose::Serve, &limiter)
+            .await;
+        assert!(
+            matches!(refused, Err(Refusal::Throttled)),
+            "{:?}",
+            refused.err()
+        );
+    }
 
     /// Attack (the network): refused node-token reviews are cached too, in the same
     /// table as the node agents' accepted ones, and a full table is simply cleared.

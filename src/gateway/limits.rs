@@ -59,15 +59,17 @@ pub struct SourceLimiter {
 }
 
 /// Registration bodies read at once (see [`SourceLimiter::registration_read`]).
-pub const MAX_REGISTRATION_READS: usize = 256;
+pub const MAX_REGISTRATION_READS: usize = 2048;
 /// Registration bodies one source may have read at once.
 pub const MAX_REGISTRATION_READS_PER_SOURCE: usize = 4;
+/// How long a registration reader keeps its slot before a newer one may cut it off.
+const MIN_REGISTRATION_READ: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The registration bodies being read, oldest first.
 #[derive(Default)]
 struct Readers {
     next: u64,
-    readers: std::collections::BTreeMap<u64, Arc<tokio::sync::Notify>>,
+    readers: std::collections::BTreeMap<u64, (std::time::Instant, Arc<tokio::sync::Notify>)>,
 }
 
 /// One registration body being read; dropping it frees the slot.
@@ -92,11 +94,18 @@ impl Drop for RegistrationRead<'_> {
             .lock()
             .readers
             .remove(&self.id);
-        let mut held = self.limiter.registration_readers.lock();
-        if let Some(count) = held.get_mut(&self.source) {
+        self.limiter.release_reader(self.source);
+    }
+}
+
+impl SourceLimiter {
+    /// Gives back one of a source's registration readers.
+    fn release_reader(&self, source: IpAddr) {
+        let mut held = self.registration_readers.lock();
+        if let Some(count) = held.get_mut(&source) {
             *count -= 1;
             if *count == 0 {
-                held.remove(&self.source);
+                held.remove(&source);
             }
         }
     }
@@ -149,15 +158,29 @@ impl SourceLimiter {
         *count += 1;
         drop(held);
         let mut reads = self.registration_reads.lock();
-        if reads.readers.len() >= MAX_REGISTRATION_READS
-            && let Some((_, oldest)) = reads.readers.pop_first()
-        {
-            oldest.notify_one();
+        if reads.readers.len() >= MAX_REGISTRATION_READS {
+            // Only a reader that has had its time may be cut off: a real host's body
+            // arrives within it, so new strangers cannot cut a host off.
+            let now = std::time::Instant::now();
+            let oldest = reads
+                .readers
+                .first_key_value()
+                .filter(|(_, (started, _))| now.duration_since(*started) >= MIN_REGISTRATION_READ)
+                .map(|(id, _)| *id);
+            let Some(oldest) = oldest else {
+                drop(reads);
+                self.release_reader(source);
+                return None;
+            };
+            let (_, cut) = reads.readers.remove(&oldest).expect("just found");
+            cut.notify_one();
         }
         let id = reads.next;
         reads.next += 1;
         let cut = Arc::new(tokio::sync::Notify::new());
-        reads.readers.insert(id, cut.clone());
+        reads
+            .readers
+            .insert(id, (std::time::Instant::now(), cut.clone()));
         Some(RegistrationRead {
             id,
             cut,
@@ -264,5 +287,33 @@ mod tests {
         );
         drop(slot);
         assert!(limiter.registration().is_some());
+    }
+
+    /// Attack (the network, one IPv6 /48 — 65,536 sources as the limits count them):
+    /// when all 256 registration readers are taken, the oldest is cut off. A stranger
+    /// does not need to hold the slots, only to open 256 new readers while a host's
+    /// body is in flight: at 20 registrations/s per /64, 256 of them come from 13 /64s
+    /// in a second, from 256 /64s in a twentieth of one — faster than a host's body
+    /// crosses a slow or lossy link (the deadline allows 10 s). Each host's reader is
+    /// cut, and its registration answered 503, as long as the strangers keep at it.
+    /// A reader should be cut only for one that has held its slot longer (a minimum age
+    /// before it may be cut, or cut the reader with the fewest bytes per second).
+    #[tokio::test]
+    async fn new_strangers_cannot_cut_off_a_hosts_registration_body() {
+        let limiter = SourceLimiter::new(&UnauthenticatedLimits::default());
+        let host: IpAddr = "10.0.0.7".parse().unwrap();
+        let reading = limiter.registration_read(host).expect("a slot");
+        let mut strangers = Vec::new();
+        for i in 0..MAX_REGISTRATION_READS as u16 {
+            let source: IpAddr = format!("2001:db8:1:{i:x}::1").parse().unwrap();
+            strangers.push(limiter.registration_read(source));
+        }
+        let cut = tokio::time::timeout(std::time::Duration::from_millis(50), reading.cut())
+            .await
+            .is_ok();
+        assert!(
+            !cut,
+            "256 strangers' brand-new readers cut off the host's registration body mid-read"
+        );
     }
 }

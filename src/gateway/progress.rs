@@ -94,9 +94,10 @@ pub fn project_job(job: &mut PatchJob, signer: &super::jobs::JobSigner) {
             ]
             .contains(&key.as_str())
         });
+        let max = crate::controller::drain::MAX_REBOOT_MESSAGE;
         for value in annotations.values_mut() {
-            if value.len() > 8 * 1024 {
-                *value = protocol::bounded(value, 8 * 1024);
+            if value.len() > max {
+                *value = protocol::bounded(value, max);
             }
         }
     }

@@ -1699,3 +1699,45 @@ async fn unsigned_jobs_naming_an_agent_cost_its_polls_nothing() {
         "one poll of web-1 logged {warnings} warnings about unsigned jobs a stranger named it in"
     );
 }
+
+/// Attack (a workload owner, with pods on a node being drained), a drift between two
+/// changes: `project_job` bounds a cached job's annotations to 8 KiB, but the drain
+/// writes its live "draining node …: evictions refused: …" message unbounded (one
+/// PDB refusal per blocked pod) and re-writes it "only when it changes" by comparing
+/// with the cached value (`drain.rs`, `job.annotations().get(REBOOT_MESSAGE_ANNOTATION)
+/// != Some(&message)`). Past 8 KiB the cached copy never equals what was written, so
+/// every drain pass (each 2 s, per node) PATCHes the job again. Bound the message where
+/// it is written, with the same bound.
+#[tokio::test]
+async fn a_long_drain_message_is_cached_as_written() {
+    let fixture = Fixture::new();
+    let mut job = full_job(&fixture);
+    let blocked: Vec<String> = (0..120)
+        .map(|i| {
+            format!(
+                "team-a/web-{i:0>5} (Cannot evict pod as it would violate the pod's disruption budget.)"
+            )
+        })
+        .collect();
+    let message = format!(
+        "draining node node-a: {} pod(s) left; evictions refused: {}",
+        blocked.len(),
+        blocked.join("; ")
+    );
+    assert!(message.len() > 8 * 1024);
+    // The drain writes the message bounded, and compares bounded values: what the cache
+    // keeps of what it wrote is what it would write again, so it does not re-PATCH.
+    job.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            crate::api::common::REBOOT_MESSAGE_ANNOTATION.into(),
+            super::protocol::bounded(&message, crate::controller::drain::MAX_REBOOT_MESSAGE),
+        );
+    let mut cached = job.clone();
+    super::progress::project_job(&mut cached, &fixture.ctx.signer);
+    assert!(
+        crate::controller::drain::says(&cached, &message),
+        "the drain's message, as cached, differs from what the drain would write: it re-PATCHes the job on every pass"
+    );
+}
