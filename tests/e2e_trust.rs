@@ -381,7 +381,8 @@ fn plans_reach_only_hosts_that_accept_their_namespace_and_forged_jobs_are_never_
         &[&fleet.bearer("web-1")],
         r#"{"sequence": 1, "status": {"phase": "Running"}}"#,
     );
-    assert_eq!(status, 403, "{answer}");
+    // Unsigned, it is nobody's job: not even indexed, so it is not found.
+    assert_eq!(status, 404, "{answer}");
     // A real job of team-a after it runs and finishes; by then the forged one would have
     // run too, had it been served.
     in_namespace("team-a", plan("legit", &[("web", "web", "flow", 0)], 5, 0));
