@@ -283,16 +283,29 @@ impl Drop for ConnectionSlot {
                 state.per_source.remove(&self.source);
             }
         }
-        if let Some((agent, _)) = agent
+        state.open -= 1;
+        state.connections.remove(&self.id);
+        if let Some((agent, beyond_share)) = agent
             && let Some(held) = state.per_agent.get_mut(&agent)
         {
             *held -= 1;
             if *held == 0 {
                 state.per_agent.remove(&agent);
+            } else if !beyond_share {
+                // A place within the agent's share came free: its oldest connection
+                // beyond the share takes it (slots, then connection: the lock order).
+                for (_, other) in state.connections.values() {
+                    let mut other = other.agent.lock();
+                    if let Some((name, beyond)) = other.as_mut()
+                        && *name == agent
+                        && *beyond
+                    {
+                        *beyond = false;
+                        break;
+                    }
+                }
             }
         }
-        state.open -= 1;
-        state.connections.remove(&self.id);
         if self
             .state
             .evicted
@@ -449,6 +462,32 @@ mod tests {
         drop(first);
         assert_eq!(slots.open(), 2);
         assert!(slots.admit(b).is_some(), "a freed slot is free again");
+    }
+
+    /// When an agent's connection within its share closes, one beyond the share takes
+    /// its place: the agent's last connection is never left closable.
+    #[test]
+    fn an_agents_remaining_connection_moves_into_its_share() {
+        let slots = ConnectionSlots::new(&ServeLimits {
+            max_connections: 2,
+            max_connections_per_source: 0,
+            ..ServeLimits::default()
+        });
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let first = slots.admit(a).unwrap();
+        first.state.trust("web-1");
+        let second = slots.admit(a).unwrap();
+        second.state.trust("web-1");
+        assert!(second.state.may_close(), "beyond web-1's share of 1");
+        drop(first);
+        assert!(!second.state.may_close(), "now within it");
+        let stranger = slots.admit(a).expect("room for one more");
+        assert!(
+            slots.admit(a).is_some(),
+            "the stranger is closed to make room"
+        );
+        drop(stranger);
+        assert!(!second.state.may_close());
     }
 
     /// Full, a new connection takes the place of the oldest one that never
