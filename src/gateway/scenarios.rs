@@ -498,25 +498,7 @@ fn self_approved_node_job(fixture: &mut Fixture) {
 /// Node node-a's agent: its token reviews as the node agent bound to node-a, and its
 /// Agent is cached (admitting plans from the namespaces in `allowed`).
 fn node_agent_fixture(allowed: Value) -> Fixture {
-    use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
-    let review = TokenReviewStatus {
-        authenticated: Some(true),
-        audiences: Some(vec!["fleetpatch-gateway".into()]),
-        user: Some(UserInfo {
-            username: Some(format!(
-                "system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"
-            )),
-            extra: Some(
-                [(
-                    super::auth::NODE_NAME_EXTRA.to_string(),
-                    vec!["node-a".to_string()],
-                )]
-                .into(),
-            ),
-            ..Default::default()
-        }),
-        error: None,
-    };
+    let review = node_a_review();
     let mut fixture = Fixture::with_reviewer(crate::controller::fixtures::FakeReviewer(vec![(
         "node-token".into(),
         review,
@@ -1054,23 +1036,10 @@ async fn the_cache_keeps_little_of_a_hand_written_job_however_large() {
     );
 }
 
-/// Attack (the network, no credential at all): the global TokenReview budget
-/// (`SourceLimiter::allow_review`, 100 a second, 500 at once) is shared by strangers'
-/// made-up tokens and by the node agents' real ones alike. Each stranger source may
-/// cost 50 reviews at once and 10 a second (its bucket is charged twice per refusal),
-/// so ten IPv4 addresses or IPv6 /64s sending `Authorization: Bearer <random>` with
-/// `x-fleetpatch-node: <any name>` keep the budget empty for good. Every node agent
-/// whose cached verdict expires (60 s) is then refused ("too many token reviews") —
-/// within a minute the whole node fleet is locked out: no heartbeats, no reports, no
-/// reboot decisions. Strangers' reviews must not spend the node agents' share (check
-/// the claimed node has a node Agent and the source is that node's address before a
-/// review, or keep a reserve of reviews for sources that are known nodes).
-#[tokio::test]
-async fn strangers_cannot_spend_the_token_reviews_node_agents_need() {
-    use super::auth::{Authenticator, NodePolicy, Purpose};
-    use super::limits::{SourceLimiter, UnauthenticatedLimits};
+/// The review that accepts node-a's agent's token.
+fn node_a_review() -> k8s_openapi::api::authentication::v1::TokenReviewStatus {
     use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
-    let accepted = TokenReviewStatus {
+    TokenReviewStatus {
         authenticated: Some(true),
         audiences: Some(vec!["fleetpatch-gateway".into()]),
         user: Some(UserInfo {
@@ -1087,7 +1056,14 @@ async fn strangers_cannot_spend_the_token_reviews_node_agents_need() {
             ..Default::default()
         }),
         error: None,
-    };
+    }
+}
+
+/// An authenticator that knows node-a's Agent and accepts its agent's `node-token`,
+/// with the default limits.
+fn node_a_authenticator() -> (super::auth::Authenticator, super::limits::SourceLimiter) {
+    use super::auth::{Authenticator, NodePolicy};
+    use super::limits::{SourceLimiter, UnauthenticatedLimits};
     let (credentials, _) = kube::runtime::reflector::store::<Secret>();
     let (agents, mut agents_writer) = kube::runtime::reflector::store::<Agent>();
     let mut agent: Agent = typed(
@@ -1102,43 +1078,70 @@ async fn strangers_cannot_spend_the_token_reviews_node_agents_need() {
         agents,
         Box::new(crate::controller::fixtures::FakeReviewer(vec![(
             "node-token".into(),
-            accepted,
+            node_a_review(),
         )])),
         NodePolicy {
             audience: "fleetpatch-gateway".into(),
             username: format!("system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"),
         },
     );
-    let limiter = SourceLimiter::new(&UnauthenticatedLimits::default());
-    let headers = |token: &str, node: &str| {
-        let mut headers = axum::http::HeaderMap::new();
-        headers.insert(
-            axum::http::header::AUTHORIZATION,
-            format!("Bearer {token}").parse().unwrap(),
-        );
-        headers.insert(super::auth::NODE_HEADER, node.parse().unwrap());
-        headers
-    };
-    // Twenty stranger sources, each well within its own bucket's burst.
+    (auth, SourceLimiter::new(&UnauthenticatedLimits::default()))
+}
+
+/// A node agent's request headers: its bearer token and the node it claims.
+fn node_headers(token: &str, node: &str) -> axum::http::HeaderMap {
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert(
+        axum::http::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    headers.insert(super::auth::NODE_HEADER, node.parse().unwrap());
+    headers
+}
+
+/// Twenty stranger sources, each well within its own bucket's burst, sending made-up
+/// tokens for a node that does not exist.
+async fn flood_with_made_up_node_tokens(
+    auth: &super::auth::Authenticator,
+    limiter: &super::limits::SourceLimiter,
+) {
     for source in 0..20u8 {
         let source = std::net::IpAddr::from([203, 0, 113, source]);
         for i in 0..50 {
             let _ = auth
                 .authenticate(
-                    &headers(&format!("made-up-{source}-{i}"), "whatever"),
+                    &node_headers(&format!("made-up-{source}-{i}"), "whatever"),
                     source,
-                    Purpose::Serve,
-                    &limiter,
+                    super::auth::Purpose::Serve,
+                    limiter,
                 )
                 .await;
         }
     }
+}
+
+/// Attack (the network, no credential at all): the global TokenReview budget
+/// (`SourceLimiter::allow_review`, 100 a second, 500 at once) is shared by strangers'
+/// made-up tokens and by the node agents' real ones alike. Each stranger source may
+/// cost 50 reviews at once and 10 a second (its bucket is charged twice per refusal),
+/// so ten IPv4 addresses or IPv6 /64s sending `Authorization: Bearer <random>` with
+/// `x-fleetpatch-node: <any name>` keep the budget empty for good. Every node agent
+/// whose cached verdict expires (60 s) is then refused ("too many token reviews") —
+/// within a minute the whole node fleet is locked out: no heartbeats, no reports, no
+/// reboot decisions. Strangers' reviews must not spend the node agents' share (check
+/// the claimed node has a node Agent and the source is that node's address before a
+/// review, or keep a reserve of reviews for sources that are known nodes).
+#[tokio::test]
+async fn strangers_cannot_spend_the_token_reviews_node_agents_need() {
+    use super::auth::Purpose;
+    let (auth, limiter) = node_a_authenticator();
+    flood_with_made_up_node_tokens(&auth, &limiter).await;
     // Node node-a's agent, from its own address, with its real token (its earlier
     // verdict expired).
     let node = std::net::IpAddr::from([10, 0, 0, 7]);
     let verdict = auth
         .authenticate(
-            &headers("node-token", "node-a"),
+            &node_headers("node-token", "node-a"),
             node,
             Purpose::Serve,
             &limiter,
@@ -1160,78 +1163,15 @@ async fn strangers_cannot_spend_the_token_reviews_node_agents_need() {
 /// what it is: 429/503, retried.
 #[tokio::test]
 async fn a_spent_review_budget_is_not_an_authentication_failure() {
-    use super::auth::{Authenticator, NodePolicy, Purpose};
-    use super::limits::{SourceLimiter, UnauthenticatedLimits};
-    use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
-    let accepted = TokenReviewStatus {
-        authenticated: Some(true),
-        audiences: Some(vec!["fleetpatch-gateway".into()]),
-        user: Some(UserInfo {
-            username: Some(format!(
-                "system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"
-            )),
-            extra: Some(
-                [(
-                    super::auth::NODE_NAME_EXTRA.to_string(),
-                    vec!["node-a".to_string()],
-                )]
-                .into(),
-            ),
-            ..Default::default()
-        }),
-        error: None,
-    };
-    let (credentials, _) = kube::runtime::reflector::store::<Secret>();
-    let (agents, mut agents_writer) = kube::runtime::reflector::store::<Agent>();
-    let mut agent: Agent = typed(
-        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
-        "metadata": {"name": "node-a"}, "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a"}}),
-    );
-    agent.metadata = stored("node-a", None);
-    cache(&mut agents_writer, agent);
-    let auth = Authenticator::new(
-        NAMESPACE.into(),
-        credentials,
-        agents,
-        Box::new(crate::controller::fixtures::FakeReviewer(vec![(
-            "node-token".into(),
-            accepted,
-        )])),
-        NodePolicy {
-            audience: "fleetpatch-gateway".into(),
-            username: format!("system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"),
-        },
-    );
-    let limiter = SourceLimiter::new(&UnauthenticatedLimits::default());
-    let headers = |token: &str, node: &str| {
-        let mut headers = axum::http::HeaderMap::new();
-        headers.insert(
-            axum::http::header::AUTHORIZATION,
-            format!("Bearer {token}").parse().unwrap(),
-        );
-        headers.insert(super::auth::NODE_HEADER, node.parse().unwrap());
-        headers
-    };
-    // Twenty stranger sources, each well within its own bucket's burst.
-    for source in 0..20u8 {
-        let source = std::net::IpAddr::from([203, 0, 113, source]);
-        for i in 0..50 {
-            let _ = auth
-                .authenticate(
-                    &headers(&format!("made-up-{source}-{i}"), "whatever"),
-                    source,
-                    Purpose::Serve,
-                    &limiter,
-                )
-                .await;
-        }
-    }
+    use super::auth::Purpose;
+    let (auth, limiter) = node_a_authenticator();
+    flood_with_made_up_node_tokens(&auth, &limiter).await;
     // Node node-a's agent, from its own address, with its real token (its earlier
     // verdict expired).
     let node = std::net::IpAddr::from([10, 0, 0, 7]);
     let verdict = auth
         .authenticate(
-            &headers("node-token", "node-a"),
+            &node_headers("node-token", "node-a"),
             node,
             Purpose::Serve,
             &limiter,
