@@ -4,7 +4,6 @@
 //! (reboot needed, as `needs-rebooting` also says), 103 (zypper updated itself: run it
 //! again for the rest), 106 and 107 (done, with a warning).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -68,17 +67,6 @@ pub fn parse_list_updates(output: &str) -> Vec<Update> {
             critical: false,
             bugfix: false,
         })
-        .collect()
-}
-
-/// Parses `zypper -q list-patches --category security --with-packages`-less output,
-/// `Repository | Name | Category | Severity | Interactive | Status | Summary`, into
-/// needed patch names with their criticality.
-pub fn parse_list_patches(output: &str) -> BTreeMap<String, bool> {
-    table_rows(output)
-        .into_iter()
-        .filter(|row| row.len() >= 6 && row[2] == "security" && row[5] == "needed")
-        .map(|row| (row[1].clone(), row[3] == "critical"))
         .collect()
 }
 
@@ -474,14 +462,6 @@ Continue? [y/n/v/...? shows all options] (y): y
         );
         assert!(patch_filters(&[PatchClassification::All]).is_empty());
         assert_eq!(count_needed(LIST_PATCHES, "security"), 2);
-    }
-
-    #[test]
-    fn needed_security_patches_and_their_severity() {
-        let patches = parse_list_patches(LIST_PATCHES);
-        assert_eq!(patches.len(), 2, "applied patches are not needed");
-        assert!(patches["openSUSE-SLE-15.5-2024-1700"]);
-        assert!(!patches["openSUSE-SLE-15.5-2024-1651"]);
     }
 
     #[test]
