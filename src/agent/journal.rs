@@ -78,10 +78,19 @@ pub const MAX_RETIRED: usize = 4096;
 /// job without one).
 const RETIRED_FOR: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
-/// What identifies a job's work on a host: its namespace/name and its whole spec. A
+/// What identifies a job's work on a host. A plan's job is its host's one job of one
+/// run: its namespace/name, plan and run, whatever else its spec says — a job the
+/// controller creates again in the same run (once its author deleted the first and
+/// stripped the finalizer that kept it counted) has a new deadline, but is the same
+/// run's work. A job of no plan (`agent exec`) is its namespace/name and whole spec. A
 /// signed copy recreated under the job's name has a new uid but this same digest.
 pub fn job_digest(name: &str, spec: &PatchJobSpec) -> String {
-    let body = serde_json::to_vec(&(name, spec)).expect("a spec serializes");
+    let body = if spec.plan.is_empty() || spec.run.is_empty() {
+        serde_json::to_vec(&(name, spec))
+    } else {
+        serde_json::to_vec(&("run", name, &spec.plan, &spec.run))
+    }
+    .expect("a spec serializes");
     hex::encode(Sha256::digest(&body))
 }
 

@@ -1075,6 +1075,37 @@ mod tests {
         );
     }
 
+    /// Attack (a plan author): the run finalizer keeps a deleted job counted until its
+    /// run ends, so the controller creates no second job for the host in that run. An
+    /// author who deletes a finished job and strips its finalizer gets one anyway —
+    /// the same name, signed, with a new deadline and so a new spec digest — and the
+    /// host patched (and rebooted) a second time in one run. A run's job is its host's
+    /// once, whatever its deadline says.
+    #[test]
+    fn a_second_job_of_the_same_run_is_not_run_whatever_its_deadline() {
+        let (_dir, journal, spec) = scratch();
+        let name = "team/weekly-m1-web-1";
+        let mut record = executor::new_record("uid-1", name.to_string(), spec.clone());
+        record.status.phase = crate::api::patchjob::JobPhase::Succeeded;
+        record.sequence = 4;
+        journal.save(&record).unwrap();
+        journal.retire(&record).unwrap();
+        let mut again = spec.clone();
+        again.deadline = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        assert!(
+            matches!(
+                first_sight(&journal, "uid-2", 0, name, &again),
+                FirstSight::Refuse {
+                    reason: "AlreadyRun",
+                    ..
+                }
+            ),
+            "the run's job created again with a new deadline is run a second time"
+        );
+    }
+
     #[test]
     fn os_release_gives_the_distribution_and_its_version() {
         let debian = "PRETTY_NAME=\"Debian GNU/Linux 13 (trixie)\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"13\"\nID=debian\n";
