@@ -144,6 +144,15 @@ impl Fixture {
     }
 
     pub fn with_reviewer(reviewer: FakeReviewer) -> Self {
+        Self::build(reviewer, Duration::from_millis(200))
+    }
+
+    /// A fixture whose gateway holds long-polls up to `max_wait`.
+    pub fn with_max_wait(max_wait: Duration) -> Self {
+        Self::build(FakeReviewer(vec![]), max_wait)
+    }
+
+    fn build(reviewer: FakeReviewer, max_wait: Duration) -> Self {
         let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
         let client = kube::Client::new(service, "default");
         let (caches, writers) = Caches::for_tests();
@@ -158,7 +167,7 @@ impl Fixture {
                     username: format!("system:serviceaccount:{NAMESPACE}:fleetpatch-node-agent"),
                 },
                 node_agent_plans: AllowedPlans::all(),
-                max_wait: Duration::from_millis(200),
+                max_wait,
                 write_interval: Duration::from_secs(1),
                 write_concurrency: 4,
                 unauthenticated: UnauthenticatedLimits::default(),

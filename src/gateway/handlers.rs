@@ -84,7 +84,7 @@ async fn authenticate(
     // An agent's connection is never closed to make room for a stranger's.
     if let Some(connection) = request
         .extensions()
-        .get::<Arc<super::serve::ConnectionState>>()
+        .get::<Arc<super::slots::ConnectionState>>()
     {
         connection.trust(&identity.agent);
     }
@@ -183,9 +183,12 @@ struct WaitQuery {
     wait_seconds: u64,
 }
 
+/// A long-poll: answers when the agent has work, when the wait is over, or when its
+/// connection must close (to make room, say: the agent polls again on another).
 async fn assignments(
     State(gateway): State<Arc<Gateway>>,
     Extension(identity): Extension<Identity>,
+    connection: Option<Extension<Arc<super::slots::ConnectionState>>>,
     Query(query): Query<WaitQuery>,
 ) -> Result<Json<Assignments>, Refusal> {
     let deadline = Instant::now()
@@ -199,7 +202,19 @@ async fn assignments(
         if !jobs.is_empty() || remaining.is_zero() {
             return Ok(Json(Assignments { jobs }));
         }
-        let _ = tokio::time::timeout(remaining, changed).await;
+        tokio::select! {
+            _ = tokio::time::timeout(remaining, changed) => {}
+            () = closing(&connection) => return Ok(Json(Assignments { jobs: Vec::new() })),
+        }
+    }
+}
+
+/// Resolves when the request's connection must close (never, for a request served
+/// without one): a long-poll then answers at once.
+async fn closing(connection: &Option<Extension<Arc<super::slots::ConnectionState>>>) {
+    match connection {
+        Some(Extension(connection)) => connection.closing().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -270,6 +285,7 @@ fn claims_approval(job: &PatchJob) -> bool {
 async fn reboot_decision(
     State(gateway): State<Arc<Gateway>>,
     Extension(identity): Extension<Identity>,
+    connection: Option<Extension<Arc<super::slots::ConnectionState>>>,
     Path(uid): Path<String>,
     Query(query): Query<WaitQuery>,
 ) -> Result<Json<RebootDecision>, Refusal> {
@@ -310,7 +326,10 @@ async fn reboot_decision(
         if decision.verdict != RebootVerdict::Waiting || remaining.is_zero() {
             return Ok(Json(decision));
         }
-        let _ = tokio::time::timeout(remaining, changed).await;
+        tokio::select! {
+            _ = tokio::time::timeout(remaining, changed) => {}
+            () = closing(&connection) => return Ok(Json(decision)),
+        }
     }
 }
 

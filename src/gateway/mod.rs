@@ -18,6 +18,7 @@ pub mod registration;
 #[cfg(test)]
 mod scenarios;
 pub mod serve;
+pub mod slots;
 pub mod story;
 
 use std::collections::HashMap;

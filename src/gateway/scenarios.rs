@@ -1681,3 +1681,163 @@ async fn a_long_drain_message_is_cached_as_written() {
         "the drain's message, as cached, differs from what the drain would write: it re-PATCHes the job on every pass"
     );
 }
+
+/// Serves the fixture's gateway on loopback with `limits`; connects from 127.0.0.`last`.
+fn serve_fixture(
+    fixture: &Fixture,
+    limits: super::serve::ServeLimits,
+) -> impl Fn(u8) -> std::pin::Pin<Box<dyn std::future::Future<Output = tokio::net::TcpStream>>> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(super::serve::serve(
+        listener,
+        fixture.ctx.gateway.router(),
+        None,
+        limits,
+    ));
+    move |last: u8| {
+        Box::pin(async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket
+                .bind(SocketAddr::from(([127, 0, 0, last], 0)))
+                .unwrap();
+            socket.connect(address).await.unwrap()
+        })
+    }
+}
+
+/// Reads what arrives on `stream` within `wait`, until it closes or has `until` in it.
+async fn read_for(
+    stream: &mut tokio::net::TcpStream,
+    wait: std::time::Duration,
+    until: &str,
+) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buffer = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&answer).into(), true),
+            Ok(Ok(read)) => {
+                answer.extend_from_slice(&buffer[..read]);
+                if String::from_utf8_lossy(&answer).contains(until) {
+                    return (String::from_utf8_lossy(&answer).into(), false);
+                }
+            }
+            Err(_) => return (String::from_utf8_lossy(&answer).into(), false),
+        }
+    }
+}
+
+/// Attack (a hostile agent, or just a busy one): a connection beyond its agent's share
+/// is closed to make room — and it was closed mid-request, dropped with whatever it
+/// was doing. An agent's long-poll on it simply vanished: no answer, a reset, a retry
+/// with backoff, and the stranger who caused it could do it again at every connect.
+/// A connection told to close must answer the request in progress (a long-poll at
+/// once, with no work) and only then close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_to_make_room_answers_its_request_first() {
+    use tokio::io::AsyncWriteExt;
+    let mut fixture = Fixture::with_max_wait(std::time::Duration::from_secs(30));
+    known_host(&mut fixture);
+    // Two connections in all: an agent's share is one.
+    let connect = serve_fixture(
+        &fixture,
+        super::serve::ServeLimits {
+            max_connections: 2,
+            max_connections_per_source: 0,
+            ..Default::default()
+        },
+    );
+    let poll = format!(
+        "GET /agent/v1/assignments?waitSeconds=30 HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\n\r\n"
+    );
+    let mut within = connect(2).await;
+    within.write_all(poll.as_bytes()).await.unwrap();
+    // The first to authenticate is within web-1's share.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut beyond = connect(3).await;
+    beyond.write_all(poll.as_bytes()).await.unwrap();
+    // Both long-polls are waiting (they authenticated) before the stranger comes.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let _stranger = connect(9).await;
+    let (answer, _) = read_for(&mut beyond, std::time::Duration::from_secs(5), "\r\n\r\n").await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "the long-poll on the connection closed to make room got {:?}",
+        answer
+            .lines()
+            .next()
+            .unwrap_or("nothing (the connection was dropped mid-request)")
+    );
+}
+
+/// Attack (the network, no credential): a connection that never authenticates holds a
+/// slot for as long as it sends a request before the header deadline — a health check
+/// every 25 s keeps it forever, and a few thousand of them sit in the slots the fleet's
+/// agents need, closed only when the gateway is full. A connection must authenticate
+/// within a deadline or be closed; an agent's connection is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_authenticates_is_closed_at_its_deadline() {
+    use tokio::io::AsyncWriteExt;
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    let connect = serve_fixture(
+        &fixture,
+        super::serve::ServeLimits {
+            authentication_timeout: std::time::Duration::from_millis(800),
+            ..Default::default()
+        },
+    );
+    let mut stranger = connect(2).await;
+    let mut agent = connect(3).await;
+    agent
+        .write_all(
+            format!("GET /agent/v1/assignments HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let (answer, _) = read_for(&mut agent, std::time::Duration::from_secs(5), "\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "the poll: {answer:?}");
+    let mut closed = false;
+    let mut answered = 0;
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(5) {
+        if stranger
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            .await
+            .is_err()
+        {
+            closed = true;
+            break;
+        }
+        let (answer, ended) =
+            read_for(&mut stranger, std::time::Duration::from_millis(300), "ok").await;
+        answered += usize::from(answer.contains("200 OK"));
+        if ended {
+            closed = true;
+            break;
+        }
+    }
+    assert!(
+        closed,
+        "a connection sending health checks for 5 s was never closed ({answered} answered)"
+    );
+    assert!(
+        answered >= 1,
+        "the stranger's health checks were answered first"
+    );
+    agent
+        .write_all(
+            format!("GET /agent/v1/assignments HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let (answer, _) = read_for(&mut agent, std::time::Duration::from_secs(5), "\r\n\r\n").await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "the agent's connection, past the same deadline, still serves: {answer:?}"
+    );
+}

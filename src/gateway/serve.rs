@@ -2,16 +2,17 @@
 //! certificate reloaded when its files change) or plain HTTP, HTTP/1.1 only, with the
 //! limits that keep a client without credentials from exhausting the process — a
 //! deadline for the TLS handshake and for each request's headers (which also bounds how
-//! long an idle keep-alive connection stays), small header buffers, and caps on open
-//! connections, in all and per source address.
+//! long an idle keep-alive connection stays), small header buffers, caps on open
+//! connections, in all and per source address (see `slots`), and a deadline for a
+//! connection to authenticate.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum_server::tls_rustls::RustlsConfig;
-use parking_lot::Mutex;
+
+use super::slots::{ConnectionSlots, ConnectionState};
 
 /// How much of the process one network peer, or all of them, may hold.
 #[derive(Clone, Debug)]
@@ -26,6 +27,12 @@ pub struct ServeLimits {
     pub max_connections: usize,
     /// Open connections at most from one source address (0: no per-source limit).
     pub max_connections_per_source: usize,
+    /// How long a new connection is given to authenticate before a full gateway closes
+    /// it ahead of younger ones (see `slots`).
+    pub authentication_grace: Duration,
+    /// Longest a connection may stay open without authenticating: registrations and
+    /// health checks are done by then, and an agent's first request authenticates.
+    pub authentication_timeout: Duration,
 }
 
 impl Default for ServeLimits {
@@ -35,9 +42,15 @@ impl Default for ServeLimits {
             header_timeout: Duration::from_secs(30),
             max_connections: 16_384,
             max_connections_per_source: 1_024,
+            authentication_grace: Duration::from_secs(2),
+            authentication_timeout: Duration::from_secs(30),
         }
     }
 }
+
+/// How long a connection told to close may take to finish the request in progress
+/// (long-polls answer at once, see `ConnectionState::closing`).
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// Largest request head (request line and headers) the gateway reads. Agents send a
 /// few hundred bytes; hyper's default would buffer up to ~400 KiB per connection.
@@ -105,217 +118,6 @@ async fn reload_certificate(
     }
 }
 
-/// Open connections, in all and per source; a [`ConnectionSlot`] is held for each.
-/// When the gateway is full, a new connection takes the place of one that may be
-/// closed: one that never authenticated and is not in the middle of a request, or one
-/// beyond an agent's share of authenticated connections — the oldest of the source
-/// that holds the most of them, so a flooder makes room at its own expense. Strangers
-/// holding sockets cannot lock the agents out, nor can one agent's credential.
-pub struct ConnectionSlots {
-    state: Mutex<SlotsState>,
-    max: usize,
-    max_per_source: usize,
-    /// Authenticated connections an agent may hold before more of them may be closed.
-    max_per_agent: usize,
-}
-
-#[derive(Default)]
-struct SlotsState {
-    per_source: HashMap<IpAddr, usize>,
-    open: usize,
-    /// Connections told to close to make room, not yet gone.
-    evicting: usize,
-    next_id: u64,
-    /// Every open connection, oldest first.
-    connections: std::collections::BTreeMap<u64, (IpAddr, Arc<ConnectionState>)>,
-    /// Authenticated connections per agent.
-    per_agent: HashMap<String, usize>,
-}
-
-/// What a connection's handlers can tell its slot, and how the slot closes it.
-#[derive(Default)]
-pub struct ConnectionState {
-    /// The agent it authenticated as, if it did, and whether it is beyond that agent's
-    /// share (then it may be closed to make room, like a stranger's).
-    agent: Mutex<Option<(String, bool)>>,
-    evicted: std::sync::atomic::AtomicBool,
-    /// Requests being served on it: a connection in the middle of a request (a
-    /// registration waiting for the caches, say) is not closed to make room unless it
-    /// is beyond its agent's share.
-    in_flight: std::sync::atomic::AtomicUsize,
-    close: tokio::sync::Notify,
-    slots: std::sync::Weak<ConnectionSlots>,
-}
-
-impl ConnectionState {
-    /// A request on this connection authenticated as `agent`: within the agent's share
-    /// of connections it is never closed to make room.
-    pub fn trust(&self, agent: &str) {
-        let Some(slots) = self.slots.upgrade() else {
-            return;
-        };
-        // The slots' lock before the connection's, as `admit` takes them.
-        let mut state = slots.state.lock();
-        let mut me = self.agent.lock();
-        if me.is_some() {
-            return;
-        }
-        let held = state.per_agent.entry(agent.to_string()).or_insert(0);
-        *held += 1;
-        *me = Some((agent.to_string(), *held > slots.max_per_agent));
-    }
-
-    /// Whether it may be closed to make room.
-    fn may_close(&self) -> bool {
-        match &*self.agent.lock() {
-            None => self.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0,
-            Some((_, beyond_share)) => *beyond_share,
-        }
-    }
-
-    /// Marks a request in progress until the guard is dropped.
-    pub fn busy(self: &Arc<Self>) -> Busy {
-        self.in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Busy(self.clone())
-    }
-
-    /// Resolves when the connection must close to make room for a new one.
-    pub async fn closed(&self) {
-        self.close.notified().await;
-    }
-}
-
-/// A request in progress on a connection (see [`ConnectionState::busy`]).
-pub struct Busy(Arc<ConnectionState>);
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0
-            .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// One admitted connection; dropping it frees the slot.
-pub struct ConnectionSlot {
-    id: u64,
-    source: IpAddr,
-    pub state: Arc<ConnectionState>,
-    slots: Arc<ConnectionSlots>,
-}
-
-impl ConnectionSlots {
-    pub fn new(limits: &ServeLimits) -> Arc<Self> {
-        Arc::new(Self {
-            state: Mutex::new(SlotsState::default()),
-            max: limits.max_connections,
-            max_per_source: limits.max_connections_per_source,
-            max_per_agent: (limits.max_connections / 64).clamp(1, 16),
-        })
-    }
-
-    /// A slot for a connection from `source`, or `None` when the source holds its share
-    /// or nothing may be closed to make room. Sources are counted as the rate limits
-    /// count them: an IPv6 address by its /64.
-    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Option<ConnectionSlot> {
-        let source = super::limits::bucket_of(source);
-        let mut state = self.state.lock();
-        let held = state.per_source.get(&source).copied().unwrap_or(0);
-        if self.max_per_source > 0 && held >= self.max_per_source {
-            return None;
-        }
-        if state.open - state.evicting >= self.max {
-            let victim = Self::victim(&state)?;
-            let (_, closing) = state.connections.remove(&victim).expect("just found");
-            closing
-                .evicted
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            closing.close.notify_one();
-            state.evicting += 1;
-        }
-        *state.per_source.entry(source).or_insert(0) += 1;
-        state.open += 1;
-        let id = state.next_id;
-        state.next_id += 1;
-        let connection = Arc::new(ConnectionState {
-            slots: Arc::downgrade(self),
-            ..ConnectionState::default()
-        });
-        state.connections.insert(id, (source, connection.clone()));
-        Some(ConnectionSlot {
-            id,
-            source,
-            state: connection,
-            slots: self.clone(),
-        })
-    }
-
-    /// The connection to close to make room: of those that may be closed, the oldest
-    /// of the source that has the most of them.
-    fn victim(state: &SlotsState) -> Option<u64> {
-        let mut closable: HashMap<IpAddr, (usize, u64)> = HashMap::new();
-        for (&id, (source, connection)) in &state.connections {
-            if connection.may_close() {
-                let entry = closable.entry(*source).or_insert((0, id));
-                entry.0 += 1;
-            }
-        }
-        closable
-            .into_values()
-            .max_by_key(|&(count, oldest)| (count, std::cmp::Reverse(oldest)))
-            .map(|(_, oldest)| oldest)
-    }
-
-    /// Connections open now.
-    pub fn open(&self) -> usize {
-        self.state.lock().open
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        let agent = self.state.agent.lock().take();
-        let mut state = self.slots.state.lock();
-        if let Some(held) = state.per_source.get_mut(&self.source) {
-            *held -= 1;
-            if *held == 0 {
-                state.per_source.remove(&self.source);
-            }
-        }
-        state.open -= 1;
-        state.connections.remove(&self.id);
-        if let Some((agent, beyond_share)) = agent
-            && let Some(held) = state.per_agent.get_mut(&agent)
-        {
-            *held -= 1;
-            if *held == 0 {
-                state.per_agent.remove(&agent);
-            } else if !beyond_share {
-                // A place within the agent's share came free: its oldest connection
-                // beyond the share takes it (slots, then connection: the lock order).
-                for (_, other) in state.connections.values() {
-                    let mut other = other.agent.lock();
-                    if let Some((name, beyond)) = other.as_mut()
-                        && *name == agent
-                        && *beyond
-                    {
-                        *beyond = false;
-                        break;
-                    }
-                }
-            }
-        }
-        if self
-            .state
-            .evicted
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            state.evicting -= 1;
-        }
-    }
-}
-
 /// Serves `router` on `listener` until the listener fails: HTTPS when `tls` is set,
 /// else plain HTTP; HTTP/1.1 only. Agents speak nothing else, and a connection that can
 /// only be HTTP/1.1 costs far less memory than one that may still turn out to be HTTP/2
@@ -368,25 +170,33 @@ pub async fn serve(
             .map(|config| tokio_rustls::TlsAcceptor::from(config.get_inner()));
         let limits = limits.clone();
         tokio::spawn(async move {
-            let state = slot.state.clone();
-            let _slot = slot;
-            tokio::select! {
-                () = serve_one(stream, service, acceptor, &limits, peer) => {}
-                () = state.closed() => {
-                    tracing::debug!(%peer, "closed to make room: the gateway is full and this connection never authenticated");
+            let connection = slot.state.clone();
+            let stranger_deadline = async {
+                tokio::time::sleep(limits.authentication_timeout).await;
+                if !connection.trusted() {
+                    tracing::debug!(%peer, "closing a connection that did not authenticate in time");
+                    connection.close();
                 }
+                std::future::pending::<()>().await;
+            };
+            tokio::select! {
+                () = serve_one(stream, service, acceptor, &limits, peer, &connection) => {}
+                () = stranger_deadline => {}
             }
+            drop(slot);
         });
     }
 }
 
-/// Serves one accepted connection to its end.
+/// Serves one accepted connection to its end, or until it is told to close: then the
+/// request in progress is finished (within [`CLOSE_GRACE`]) and the connection closed.
 async fn serve_one<S>(
     stream: tokio::net::TcpStream,
     service: S,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     limits: &ServeLimits,
     peer: SocketAddr,
+    connection: &ConnectionState,
 ) where
     S: hyper::service::Service<
             hyper::Request<hyper::body::Incoming>,
@@ -402,26 +212,51 @@ async fn serve_one<S>(
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS);
-    let served = match acceptor {
-        Some(acceptor) => {
-            match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => {
-                    http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await
-                }
-                Ok(Err(err)) => {
-                    tracing::debug!(%peer, error = %err, "TLS handshake failed");
+    let Some(acceptor) = acceptor else {
+        let served = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        return drive(served, connection, peer).await;
+    };
+    let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream));
+    let stream = tokio::select! {
+        accepted = handshake => match accepted {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        },
+        () = connection.closing() => return,
+    };
+    let served = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    drive(served, connection, peer).await;
+}
+
+/// Runs an HTTP/1 connection until it ends, shutting it down gracefully when told to.
+async fn drive<I, S>(
+    served: hyper::server::conn::http1::Connection<I, S>,
+    connection: &ConnectionState,
+    peer: SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = axum::body::Body>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::pin!(served);
+    let ended = tokio::select! {
+        ended = served.as_mut() => ended,
+        () = connection.closing() => {
+            served.as_mut().graceful_shutdown();
+            match tokio::time::timeout(CLOSE_GRACE, served.as_mut()).await {
+                Ok(ended) => ended,
+                Err(_) => {
+                    tracing::debug!(%peer, "closed: its request did not finish in time");
                     return;
                 }
-                Err(_) => return,
             }
         }
-        None => {
-            http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await
-        }
     };
-    if let Err(err) = served {
+    if let Err(err) = ended {
         tracing::debug!(%peer, error = %err, "gateway connection ended with an error");
     }
 }
@@ -433,114 +268,4 @@ pub fn peer(extensions: &axum::http::Extensions) -> SocketAddr {
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
         .map(|info| info.0)
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_cap_connections_in_all_and_per_source() {
-        let slots = ConnectionSlots::new(&ServeLimits {
-            max_connections: 3,
-            max_connections_per_source: 2,
-            ..ServeLimits::default()
-        });
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let first = slots.admit(a).expect("a's first");
-        let _second = slots.admit(a).expect("a's second");
-        assert!(slots.admit(a).is_none(), "a holds its share");
-        let third = slots.admit(b).expect("b's first");
-        for (i, slot) in [&first, &_second, &third].into_iter().enumerate() {
-            slot.state.trust(&format!("agent-{i}"));
-        }
-        assert!(
-            slots.admit(b).is_none(),
-            "the gateway is full of authenticated connections"
-        );
-        drop(first);
-        assert_eq!(slots.open(), 2);
-        assert!(slots.admit(b).is_some(), "a freed slot is free again");
-    }
-
-    /// When an agent's connection within its share closes, one beyond the share takes
-    /// its place: the agent's last connection is never left closable.
-    #[test]
-    fn an_agents_remaining_connection_moves_into_its_share() {
-        let slots = ConnectionSlots::new(&ServeLimits {
-            max_connections: 2,
-            max_connections_per_source: 0,
-            ..ServeLimits::default()
-        });
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let first = slots.admit(a).unwrap();
-        first.state.trust("web-1");
-        let second = slots.admit(a).unwrap();
-        second.state.trust("web-1");
-        assert!(second.state.may_close(), "beyond web-1's share of 1");
-        drop(first);
-        assert!(!second.state.may_close(), "now within it");
-        let stranger = slots.admit(a).expect("room for one more");
-        assert!(
-            slots.admit(a).is_some(),
-            "the stranger is closed to make room"
-        );
-        drop(stranger);
-        assert!(!second.state.may_close());
-    }
-
-    /// Full, a new connection takes the place of the oldest one that never
-    /// authenticated, which is told to close; authenticated ones stay.
-    #[tokio::test]
-    async fn a_full_gateway_closes_the_oldest_stranger_to_make_room() {
-        let slots = ConnectionSlots::new(&ServeLimits {
-            max_connections: 2,
-            max_connections_per_source: 0,
-            ..ServeLimits::default()
-        });
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let agent = slots.admit(a).unwrap();
-        agent.state.trust("agent-1");
-        let stranger = slots.admit(a).unwrap();
-        let newcomer = slots.admit(a).expect("room is made");
-        tokio::time::timeout(Duration::from_secs(1), stranger.state.closed())
-            .await
-            .expect("the stranger is told to close");
-        drop(stranger);
-        newcomer.state.trust("agent-2");
-        assert!(
-            slots.admit(a).is_none(),
-            "nothing but authenticated connections: full"
-        );
-        drop(agent);
-        assert!(slots.admit(a).is_some());
-    }
-
-    /// Attack (the network, over IPv6): the per-source connection cap is keyed by the
-    /// exact address, while the rate limiter already knows that one host routinely holds
-    /// a whole /64. An attacker with one /64 opens `max_connections_per_source`
-    /// connections from each of as many addresses as it likes and holds every one of
-    /// the gateway's `max_connections` slots: new connections — every agent's long-poll,
-    /// heartbeat and report — are closed at once, and the fleet is locked out.
-    #[test]
-    fn an_ipv6_source_holds_at_most_its_share_whatever_address_of_its_64_it_uses() {
-        let slots = ConnectionSlots::new(&ServeLimits {
-            max_connections: 100,
-            max_connections_per_source: 2,
-            ..ServeLimits::default()
-        });
-        let mut held = Vec::new();
-        for i in 1..=50u16 {
-            let address: IpAddr = format!("2001:db8:1:2::{i:x}").parse().unwrap();
-            if let Some(slot) = slots.admit(address) {
-                held.push(slot);
-            }
-        }
-        assert!(
-            held.len() <= 2,
-            "one /64 holds {} connections, the cap per source is 2",
-            held.len()
-        );
-    }
 }
