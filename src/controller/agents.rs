@@ -96,8 +96,7 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
             &ready.reason,
             "Heartbeat",
             ready.message.clone(),
-        )
-        .await;
+        );
     }
     // Ready agents are looked at again for a replica that went away.
     Ok(Action::requeue(Duration::from_secs(30)))

@@ -1,11 +1,11 @@
-//! What every reconciler shares: the client, the caches, the event recorder, settings,
+//! What every reconciler shares: the client, the caches, the Event queue, settings,
 //! and the errors a reconcile can end with.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::json;
@@ -40,7 +40,6 @@ pub struct Settings {
 pub struct Context {
     pub client: Client,
     pub caches: Arc<Caches>,
-    pub recorder: Recorder,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     pub gateway: Arc<Gateway>,
@@ -132,8 +131,9 @@ impl Context {
         Ok(())
     }
 
-    /// Records an Event on `object`; failures to record are logged, never fatal.
-    pub async fn event<K: Resource<DynamicType = ()>>(
+    /// Queues an Event on `object` without waiting (see `crate::events`: one task
+    /// records them, within a budget per object; its note is cut to the API's 1 KiB).
+    pub fn event<K: Resource<DynamicType = ()>>(
         &self,
         object: &K,
         type_: EventType,
@@ -144,12 +144,10 @@ impl Context {
         let event = Event {
             type_,
             reason: reason.into(),
-            note: Some(note),
+            note: Some(crate::gateway::story::bounded_note(note)),
             action: action.into(),
             secondary: None,
         };
-        if let Err(err) = self.recorder.publish(&event, &object.object_ref(&())).await {
-            tracing::warn!(error = %err, reason, "cannot record event");
-        }
+        self.gateway.events.send(object.object_ref(&()), event);
     }
 }

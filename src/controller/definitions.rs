@@ -87,8 +87,7 @@ pub async fn reconcile_script(script: Arc<Script>, ctx: Arc<Context>) -> Result<
             "SyntaxError",
             "Check",
             describe(&problems),
-        )
-        .await;
+        );
     }
     ctx.apply_status(
         script.as_ref(),
@@ -123,8 +122,7 @@ pub async fn reconcile_task(task: Arc<Task>, ctx: Arc<Context>) -> Result<Action
                 "NotReady",
                 "Check",
                 describe(&problems),
-            )
-            .await;
+            );
         }
         let status = TaskStatus {
             observed_generation: generation,
@@ -209,8 +207,7 @@ pub async fn reconcile_workflow(
                 reason,
                 "Check",
                 describe(&problems),
-            )
-            .await;
+            );
         }
         ctx.apply_status(
             workflow.as_ref(),

@@ -371,8 +371,7 @@ async fn claim(ctx: &Context, node: &Node, job: &PatchJob) -> Result<Action, Err
             namespace,
             job.name_any()
         ),
-    )
-    .await;
+    );
     annotate_job(
         ctx,
         job,
@@ -412,8 +411,7 @@ async fn release(ctx: &Context, node: &Node, why: &str) -> Result<(), Error> {
     } else {
         format!("left cordoned as it was before fleetpatch drained it: {why}")
     };
-    ctx.event(node, EventType::Normal, "Uncordoned", "Drain", note)
-        .await;
+    ctx.event(node, EventType::Normal, "Uncordoned", "Drain", note);
     Ok(())
 }
 
@@ -486,8 +484,7 @@ async fn drain(ctx: &Context, node: &Node, job: &PatchJob) -> Result<Action, Err
             "Drained",
             "Drain",
             format!("drained; job {} may reboot the node", job.name_any()),
-        )
-        .await;
+        );
         return Ok(Action::requeue(Duration::from_secs(10)));
     }
     let started = node
@@ -508,8 +505,7 @@ async fn drain(ctx: &Context, node: &Node, job: &PatchJob) -> Result<Action, Err
             message.push_str(&format!("; evictions refused: {}", blocked.join("; ")));
         }
         annotate_job(ctx, job, Some("Denied"), &message).await;
-        ctx.event(node, EventType::Warning, "DrainTimedOut", "Drain", message)
-            .await;
+        ctx.event(node, EventType::Warning, "DrainTimedOut", "Drain", message);
         release(ctx, node, "the drain timed out, the reboot was called off").await?;
         return Ok(Action::await_change());
     }

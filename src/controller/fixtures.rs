@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use kube::client::Body;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use tower_test::mock::{self, Handle};
@@ -67,14 +66,6 @@ impl ApiServer {
         body
     }
 
-    /// Answers an Event the recorder publishes; returns the Event.
-    pub async fn event(&mut self, namespace: &str) -> Value {
-        let path = format!("/apis/events.k8s.io/v1/namespaces/{namespace}/events");
-        let event = self.answer("POST", &path, 201, json!({})).await;
-        assert!(event["reason"].is_string(), "{event}");
-        event
-    }
-
     /// Asserts that nothing more is asked.
     pub async fn done(mut self) {
         if let Ok(Some((request, _))) =
@@ -119,6 +110,20 @@ pub struct Fixture {
     pub writers: TestWriters,
     /// Events the gateway queued (no task records them here).
     pub queued_events: tokio::sync::mpsc::Receiver<QueuedEvent>,
+}
+
+/// The next Event queued (within 5 s), as the API would see its reason, type and note.
+pub async fn next_event(queued: &mut tokio::sync::mpsc::Receiver<QueuedEvent>) -> Value {
+    let queued = tokio::time::timeout(Duration::from_secs(5), queued.recv())
+        .await
+        .expect("an Event is queued")
+        .expect("the queue is open");
+    json!({
+        "reason": queued.event.reason,
+        "type": format!("{:?}", queued.event.type_),
+        "note": queued.event.note,
+        "regarding": {"kind": queued.regarding.kind, "name": queued.regarding.name, "namespace": queued.regarding.namespace},
+    })
 }
 
 impl Fixture {
@@ -180,13 +185,6 @@ impl Fixture {
             events,
         );
         let ctx = Arc::new(Context {
-            recorder: Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: "fleetpatch-controller".into(),
-                    instance: Some("test".into()),
-                },
-            ),
             eviction_client: client.clone(),
             client,
             caches,

@@ -162,8 +162,7 @@ pub async fn reconcile_job(job: Arc<PatchJob>, ctx: Arc<Context>) -> Result<Acti
         "DeadlineExceeded",
         "Expire",
         status.message,
-    )
-    .await;
+    );
     Ok(Action::requeue(Duration::from_secs(60)))
 }
 

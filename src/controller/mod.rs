@@ -188,16 +188,7 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
     ));
     role.store(STANDBY, Ordering::Relaxed);
 
-    let ctx = context(
-        client.clone(),
-        &options,
-        caches,
-        gateway,
-        signer,
-        metrics,
-        &identity,
-    )
-    .await?;
+    let ctx = context(client.clone(), &options, caches, gateway, signer, metrics).await?;
     let lease = leader::LeaseSettings::new(LEADER_LEASE, &options.namespace, &identity);
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -338,7 +329,8 @@ fn start_gateway(
     gateway
 }
 
-/// The queue of the gateway's Events on jobs, and the one task that records them.
+/// The queue of every Event the process records (the gateway's on jobs, the
+/// reconcilers'), and the one task that records them.
 fn job_events(client: &Client, identity: &str) -> crate::events::EventQueue {
     let (queue, receiver) = crate::events::EventQueue::new(crate::events::QUEUE_CAPACITY);
     let recorder = Recorder::new(
@@ -359,7 +351,6 @@ async fn context(
     gateway: Arc<Gateway>,
     signer: JobSigner,
     metrics: Arc<Metrics>,
-    identity: &str,
 ) -> anyhow::Result<Arc<Context>> {
     let eviction_client = {
         let mut config = kube::Config::infer()
@@ -369,13 +360,6 @@ async fn context(
         Client::try_from(config)?
     };
     Ok(Arc::new(Context {
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "fleetpatch-controller".into(),
-                instance: Some(identity.to_string()),
-            },
-        ),
         client,
         caches,
         settings: Settings {

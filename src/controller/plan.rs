@@ -288,8 +288,7 @@ pub async fn reconcile_plan(
             "RunStarted",
             "Run",
             format!("run {id} started"),
-        )
-        .await;
+        );
     }
 
     let mut requeue = match &status.next_schedule_time {
@@ -323,7 +322,7 @@ pub async fn reconcile_plan(
                     plan.namespace().unwrap_or_default()
                 ));
             }
-            ctx.event(plan.as_ref(), type_, reason, "Run", note).await;
+            ctx.event(plan.as_ref(), type_, reason, "Run", note);
         }
         status.current_run = Some(run);
     }
@@ -521,8 +520,7 @@ async fn create_job(
                     err.category(),
                     "CreateJob",
                     format!("{job_name}: {}", status.message),
-                )
-                .await;
+                );
                 return Ok(Some(RunFailure {
                     agent,
                     job: job_name,

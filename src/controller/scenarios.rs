@@ -16,7 +16,7 @@ use crate::api::plan::RemediationPlan;
 use crate::api::resolve::content_sha256;
 use crate::api::{Script, ScriptStatus, Task, Workflow};
 
-use super::fixtures::{Fixture, NAMESPACE, cache, stored};
+use super::fixtures::{Fixture, NAMESPACE, cache, next_event, stored};
 
 /// Runs a reconcile that must make no request: an unanswered request would keep it
 /// waiting, so it must end on its own within a moment.
@@ -145,13 +145,16 @@ async fn a_script_whose_status_is_current_makes_no_request_and_a_new_one_one_sta
 #[tokio::test]
 async fn a_task_whose_script_is_missing_says_so_once_in_an_event_and_its_status() {
     let Fixture {
-        ctx, mut server, ..
+        ctx,
+        mut server,
+        mut queued_events,
+        ..
     } = Fixture::new();
     let reconcile = tokio::spawn(super::definitions::reconcile_task(
         Arc::new(task("say", "missing")),
         ctx,
     ));
-    let event = server.event("team").await;
+    let event = next_event(&mut queued_events).await;
     assert_eq!(event["reason"], "NotReady");
     let written = server
         .answer(
@@ -202,6 +205,7 @@ async fn a_requested_run_with_max_concurrent_one_creates_exactly_one_signed_job(
         ctx,
         mut server,
         mut writers,
+        mut queued_events,
         ..
     } = Fixture::new();
     cache(&mut writers.scripts, script("hello"));
@@ -222,7 +226,7 @@ async fn a_requested_run_with_max_concurrent_one_creates_exactly_one_signed_job(
     let status_path = "/apis/fleetpatch.io/v1alpha1/namespaces/team/remediationplans/weekly/status";
     let started = server.answer("PATCH", status_path, 200, json!({})).await;
     assert_eq!(started["status"]["currentRun"]["id"], "m20261201120000");
-    assert_eq!(server.event("team").await["reason"], "RunStarted");
+    assert_eq!(next_event(&mut queued_events).await["reason"], "RunStarted");
     let created = server
         .answer("POST", "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "PatchJob", "metadata": {"name": "x"}, "spec": {"agent": "web-1", "os": "Linux"}}))
         .await;
@@ -248,6 +252,7 @@ async fn a_host_whose_os_has_no_default_workflow_is_left_out_with_the_reason() {
         ctx,
         mut server,
         mut writers,
+        mut queued_events,
         ..
     } = Fixture::new();
     cache(&mut writers.scripts, script("hello"));
@@ -272,7 +277,7 @@ async fn a_host_whose_os_has_no_default_workflow_is_left_out_with_the_reason() {
     let reconcile = tokio::spawn(super::plan::reconcile_plan(Arc::new(plan), ctx.clone()));
     let status_path = "/apis/fleetpatch.io/v1alpha1/namespaces/team/remediationplans/weekly/status";
     server.answer("PATCH", status_path, 200, json!({})).await;
-    assert_eq!(server.event("team").await["reason"], "RunStarted");
+    assert_eq!(next_event(&mut queued_events).await["reason"], "RunStarted");
     let created = server
         .answer("POST", "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs", 201,
             json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "PatchJob", "metadata": {"name": "weekly-m20261201120000-win-1", "namespace": "team", "uid": "u1"}, "spec": {"agent": "win-1", "os": "Windows"}}))
@@ -287,7 +292,7 @@ async fn a_host_whose_os_has_no_default_workflow_is_left_out_with_the_reason() {
         message.contains("no default workflow for Windows"),
         "{message}"
     );
-    let event = server.event("team").await;
+    let event = next_event(&mut queued_events).await;
     assert!(
         event["note"]
             .as_str()
@@ -342,7 +347,10 @@ async fn an_unchanged_plan_makes_no_request() {
 #[tokio::test]
 async fn a_job_past_its_deadline_gets_one_status_write_over_what_was_read_and_one_event() {
     let Fixture {
-        ctx, mut server, ..
+        ctx,
+        mut server,
+        mut queued_events,
+        ..
     } = Fixture::new();
     let past = Timestamp::now() - SignedDuration::from_mins(5);
     let running = PatchJobStatus {
@@ -363,7 +371,10 @@ async fn a_job_past_its_deadline_gets_one_status_write_over_what_was_read_and_on
         written["metadata"]["resourceVersion"], "7",
         "written over what was read"
     );
-    assert_eq!(server.event("team").await["reason"], "DeadlineExceeded");
+    assert_eq!(
+        next_event(&mut queued_events).await["reason"],
+        "DeadlineExceeded"
+    );
     reconcile.await.unwrap().unwrap();
     server.done().await;
 }
@@ -510,6 +521,7 @@ async fn node_claimed_for_a_waiting_job(decision_on_the_job: Option<&str>) {
         ctx,
         mut server,
         mut writers,
+        mut queued_events,
         ..
     } = Fixture::new();
     let mut node_agent: Agent = typed(
@@ -575,7 +587,7 @@ async fn node_claimed_for_a_waiting_job(decision_on_the_job: Option<&str>) {
         cordon["metadata"]["annotations"]["fleetpatch.io/drain-for"],
         "team/weekly-m1-node-a"
     );
-    assert_eq!(server.event("default").await["reason"], "Cordoned");
+    assert_eq!(next_event(&mut queued_events).await["reason"], "Cordoned");
     let told = server
         .answer(
             "PATCH",
@@ -610,6 +622,7 @@ async fn a_denial_while_the_node_is_held_gives_the_node_back() {
         ctx,
         mut server,
         mut writers,
+        mut queued_events,
         ..
     } = Fixture::new();
     let mut held = job(
@@ -669,7 +682,7 @@ async fn a_denial_while_the_node_is_held_gives_the_node_back() {
         released["metadata"]["annotations"]["fleetpatch.io/drain-for"],
         Value::Null
     );
-    assert_eq!(server.event("default").await["reason"], "Uncordoned");
+    assert_eq!(next_event(&mut queued_events).await["reason"], "Uncordoned");
     reconcile.await.unwrap().unwrap();
     server.done().await;
 }
@@ -802,5 +815,36 @@ async fn a_denial_written_after_the_approval_does_not_release_a_rebooting_node()
     quietly(super::drain::reconcile_node(Arc::new(node), ctx))
         .await
         .unwrap();
+    server.done().await;
+}
+
+/// Attack (anyone whose text reaches an Event: a drain's eviction errors, a plan's
+/// names): the reconcilers recorded their Events themselves, one API request each on
+/// the reconcile's path, outside the per-object budget the gateway's Events have, and
+/// with the note as long as it came — events.k8s.io refuses a note over 1 KiB, so
+/// such an Event was lost. Every Event goes through the one queue: no request on the
+/// reconcile's path, the note cut to what the API takes.
+#[tokio::test]
+async fn a_reconcilers_event_is_queued_with_a_note_the_api_takes() {
+    let Fixture {
+        ctx,
+        server,
+        mut queued_events,
+        ..
+    } = Fixture::new();
+    let node = Node {
+        metadata: stored("node-a", None),
+        ..Default::default()
+    };
+    ctx.event(
+        &node,
+        kube::runtime::events::EventType::Warning,
+        "DrainTimedOut",
+        "Drain",
+        "cannot evict ".repeat(400),
+    );
+    let event = next_event(&mut queued_events).await;
+    assert_eq!(event["reason"], "DrainTimedOut");
+    assert!(event["note"].as_str().unwrap().len() <= 1024, "{event}");
     server.done().await;
 }
