@@ -64,6 +64,17 @@ pub fn registration_problem(request: &RegisterRequest) -> Option<String> {
     None
 }
 
+/// Whether `secret` is `agent`'s credential: of the credential type, labelled for it.
+fn is_credential_of(secret: &Secret, agent: &str) -> bool {
+    secret.type_.as_deref() == Some(CREDENTIAL_SECRET_TYPE)
+        && secret
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(AGENT_LABEL))
+            .is_some_and(|labelled| labelled == agent)
+}
+
 impl Gateway {
     /// An external host's registration: a bootstrap token for an Agent and a credential.
     pub(super) async fn register_external(
@@ -324,7 +335,16 @@ impl Gateway {
             )
             .await
             .map(|_| ())
-            .map_err(|err| Refusal::internal("storing a credential", err))
+            .map_err(|err| match api_errors::status_code(&err) {
+                // A Secret of another type holds the name (a release named
+                // `fleetpatch-agent` has `fleetpatch-agent-gateway-tls`, say): its type
+                // cannot change, and it is not ours to replace.
+                Some(422) => Refusal::Conflict(format!(
+                    "{agent} cannot be registered: Secret {} is not an agent credential; choose another name",
+                    credential_secret_name(agent)
+                )),
+                _ => Refusal::internal("storing a credential", err),
+            })
     }
 
     /// Marks a single-use token used by `agent`, if nobody else did since it was read.
@@ -351,18 +371,36 @@ impl Gateway {
         }
     }
 
-    /// Removes an Agent and its credential (a registration undone, or a squatter).
+    /// Removes an Agent and its credential (a registration undone, or a squatter). The
+    /// credential Secret is deleted only if it is one (its type and agent label), and
+    /// only the very object read: a Secret of the same name that is not a credential
+    /// is never ours to delete.
     async fn forget_agent(&self, agent: &str) {
         let agents: Api<Agent> = Api::all(self.client.clone());
+        let name = credential_secret_name(agent);
+        let secret = async {
+            let Some(secret) = self.secrets().get_opt(&name).await? else {
+                return Ok(());
+            };
+            if !is_credential_of(&secret, agent) {
+                tracing::warn!(%agent, secret = %name, "not removing a Secret that is not this agent's credential");
+                return Ok(());
+            }
+            let params = DeleteParams {
+                preconditions: Some(kube::api::Preconditions {
+                    uid: secret.metadata.uid.clone(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::background()
+            };
+            self.secrets().delete(&name, &params).await.map(|_| ())
+        };
         for result in [
             agents
                 .delete(agent, &DeleteParams::background())
                 .await
                 .map(|_| ()),
-            self.secrets()
-                .delete(&credential_secret_name(agent), &DeleteParams::background())
-                .await
-                .map(|_| ()),
+            secret.await,
         ] {
             match result {
                 Ok(()) | Err(kube::Error::Api(_)) => {}

@@ -1841,3 +1841,66 @@ async fn a_connection_that_never_authenticates_is_closed_at_its_deadline() {
         "the agent's connection, past the same deadline, still serves: {answer:?}"
     );
 }
+
+/// Attack (a host with a bootstrap token): a registration stores the host's credential
+/// as Secret `fleetpatch-agent-<name>` in the controller's namespace, and undoing a
+/// failed registration deleted that Secret by name, whatever it was. Under a release
+/// named `fleetpatch-agent`, the name `gateway-tls` is free for an Agent, and Secret
+/// `fleetpatch-agent-gateway-tls` is the gateway's certificate: storing the credential
+/// fails (a Secret's type cannot change), and the undo deleted the certificate — the
+/// gateway for the whole fleet, with a token and one request. A Secret that is not a
+/// credential is refused and left alone.
+#[tokio::test]
+async fn a_registration_never_deletes_a_secret_that_is_not_a_credential() {
+    let mut fixture = Fixture::new();
+    let token = Secret {
+        metadata: stored("join", Some(NAMESPACE)),
+        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
+        data: Some(
+            [
+                ("token".to_string(), ByteString(b"t".to_vec())),
+                ("usage".to_string(), ByteString(b"multi".to_vec())),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    cache(&mut fixture.writers.tokens, token);
+    let request = json!({"name": "gateway-tls", "os": "Linux", "bootstrapToken": "t"});
+    let gateway = fixture.ctx.gateway.clone();
+    let answer =
+        tokio::spawn(
+            async move { call(&gateway, "POST", "/agent/v1/register", None, request).await },
+        );
+    let server = &mut fixture.server;
+    server
+        .answer_query("GET", "/api/v1/nodes", "fieldSelector=metadata.name%3Dgateway-tls", 200,
+            json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
+        .await;
+    server
+        .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "gateway-tls"}, "spec": {"mode": "External", "os": "Linux"}}))
+        .await;
+    let secret_path =
+        format!("/api/v1/namespaces/{NAMESPACE}/secrets/fleetpatch-agent-gateway-tls");
+    server
+        .answer("PATCH", &secret_path, 422, json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "Invalid", "code": 422, "message": "Secret \"fleetpatch-agent-gateway-tls\" is invalid: type: Invalid value: \"fleetpatch.io/agent-credential\": field is immutable"}))
+        .await;
+    server
+        .answer("DELETE", "/apis/fleetpatch.io/v1alpha1/agents/gateway-tls", 200, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "gateway-tls"}, "spec": {"mode": "External", "os": "Linux"}}))
+        .await;
+    server
+        .answer("GET", &secret_path, 200, json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": "fleetpatch-agent-gateway-tls", "namespace": NAMESPACE, "uid": "tls-uid"}}))
+        .await;
+    let (status, body) = answer.await.unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not an agent credential"),
+        "{body}"
+    );
+    // No DELETE of the certificate follows.
+    fixture.server.done().await;
+}
