@@ -18,6 +18,10 @@ pub const CREDENTIAL_SECRET_TYPE: &str = "fleetpatch.io/agent-credential";
 /// Annotation on a single-use bootstrap token once it was used: the agent it admitted.
 /// The Secret stays (Helm would otherwise bring a deleted one back on upgrade).
 pub const USED_BY_ANNOTATION: &str = "fleetpatch.io/used-by";
+/// How many hosts registered with a multi-use bootstrap token (the gateway counts).
+pub const REGISTRATIONS_ANNOTATION: &str = "fleetpatch.io/registrations";
+/// Hosts a multi-use token registers at most unless its `max-registrations` says.
+pub const DEFAULT_MAX_REGISTRATIONS: u64 = 1000;
 /// Label on credential Secrets naming their Agent.
 pub const AGENT_LABEL: &str = "fleetpatch.io/agent";
 /// Key of a credential Secret holding the credential's SHA-256 (hex).
@@ -61,6 +65,11 @@ pub struct BootstrapToken {
     pub single_use: bool,
     /// A single-use token's agent, once used.
     pub used_by: Option<String>,
+    /// Hosts registered with a multi-use token so far, and how many it may register
+    /// (`max-registrations`, default [`DEFAULT_MAX_REGISTRATIONS`]): a leaked token
+    /// without an expiration is not an open door for ever.
+    pub registrations: u64,
+    pub max_registrations: u64,
     /// Which plans may target the hosts that register with it (`plan-namespaces`:
     /// empty for the controller's namespace, `*` for all, else namespace names).
     pub allowed_plans: AllowedPlans,
@@ -81,6 +90,8 @@ pub enum BootstrapError {
     Expired(String),
     #[error("bootstrap token {0} was already used")]
     Used(String),
+    #[error("bootstrap token {0} has registered its {1} hosts (max-registrations)")]
+    Exhausted(String, u64),
     #[error("bootstrap token is not valid")]
     Unknown,
 }
@@ -101,8 +112,9 @@ fn data(secret: &Secret, key: &str) -> Option<String> {
 }
 
 impl BootstrapToken {
-    /// Reads a bootstrap-token Secret: `token`, optional `expiration` (RFC 3339) and
-    /// `usage` (`single`, the default, or `multi`).
+    /// Reads a bootstrap-token Secret: `token`, optional `expiration` (RFC 3339),
+    /// `usage` (`single`, the default, or `multi`) and, for `multi`,
+    /// `max-registrations`.
     pub fn from_secret(secret: &Secret) -> Result<Self, BootstrapError> {
         let name = secret.metadata.name.clone().unwrap_or_default();
         let token = data(secret, "token")
@@ -117,17 +129,35 @@ impl BootstrapToken {
                 })?;
         let labels = parse_labels(&data(secret, "labels").unwrap_or_default())
             .map_err(|why| BootstrapError::Invalid(name.clone(), format!("labels: {why}")))?;
+        let max_registrations = match data(secret, "max-registrations") {
+            None => DEFAULT_MAX_REGISTRATIONS,
+            Some(text) => text.trim().parse::<u64>().map_err(|_| {
+                BootstrapError::Invalid(
+                    name.clone(),
+                    format!("max-registrations: {text:?} is not a whole number"),
+                )
+            })?,
+        };
+        let annotation = |key: &str| {
+            secret
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(key))
+                .cloned()
+        };
+        // A count that does not parse (edited by hand) counts as exhausted, not as none.
+        let registrations = annotation(REGISTRATIONS_ANNOTATION)
+            .map(|count| count.trim().parse::<u64>().unwrap_or(u64::MAX))
+            .unwrap_or(0);
         Ok(Self {
             secret_name: name,
             token_hash: hash(&token),
             expires,
             single_use,
-            used_by: secret
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(USED_BY_ANNOTATION))
-                .cloned(),
+            used_by: annotation(USED_BY_ANNOTATION),
+            registrations,
+            max_registrations,
             allowed_plans,
             labels,
             resource_version: secret.metadata.resource_version.clone(),
@@ -144,6 +174,12 @@ impl BootstrapToken {
         }
         if self.single_use && self.used_by.is_some() {
             return Err(BootstrapError::Used(self.secret_name.clone()));
+        }
+        if !self.single_use && self.registrations >= self.max_registrations {
+            return Err(BootstrapError::Exhausted(
+                self.secret_name.clone(),
+                self.max_registrations,
+            ));
         }
         Ok(())
     }
@@ -246,6 +282,53 @@ mod tests {
             BootstrapToken::from_secret(&secret(&[("token", "x"), ("usage", "multi")])).unwrap();
         assert!(!multi.single_use);
         assert!(BootstrapToken::from_secret(&secret(&[])).is_err());
+    }
+
+    #[test]
+    fn a_multi_use_token_registers_at_most_its_max_registrations() {
+        let now: Timestamp = "2026-11-22T12:00:00Z".parse().unwrap();
+        let mut counted = secret(&[
+            ("token", "x"),
+            ("usage", "multi"),
+            ("max-registrations", "2"),
+        ]);
+        let annotate = |secret: &mut Secret, count: &str| {
+            secret.metadata.annotations =
+                Some([(REGISTRATIONS_ANNOTATION.to_string(), count.to_string())].into());
+        };
+        annotate(&mut counted, "1");
+        assert_eq!(
+            BootstrapToken::from_secret(&counted)
+                .unwrap()
+                .check("x", now),
+            Ok(())
+        );
+        annotate(&mut counted, "2");
+        assert_eq!(
+            BootstrapToken::from_secret(&counted)
+                .unwrap()
+                .check("x", now),
+            Err(BootstrapError::Exhausted("join".into(), 2))
+        );
+        annotate(&mut counted, "lots");
+        assert!(
+            BootstrapToken::from_secret(&counted)
+                .unwrap()
+                .check("x", now)
+                .is_err(),
+            "a count edited into nonsense is no count at all"
+        );
+        let unbounded =
+            BootstrapToken::from_secret(&secret(&[("token", "x"), ("usage", "multi")])).unwrap();
+        assert_eq!(unbounded.max_registrations, DEFAULT_MAX_REGISTRATIONS);
+        assert!(
+            BootstrapToken::from_secret(&secret(&[
+                ("token", "x"),
+                ("usage", "multi"),
+                ("max-registrations", "-1")
+            ]))
+            .is_err()
+        );
     }
 
     #[test]

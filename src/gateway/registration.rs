@@ -21,7 +21,7 @@ use crate::api_errors;
 use super::auth::{Identity, credential_secret_name};
 use super::credentials::{
     self, AGENT_LABEL, BootstrapError, BootstrapToken, CREDENTIAL_HASH_KEY, CREDENTIAL_SECRET_TYPE,
-    USED_BY_ANNOTATION,
+    REGISTRATIONS_ANNOTATION, USED_BY_ANNOTATION,
 };
 use super::protocol::{RegisterRequest, RegisterResponse};
 use super::{Gateway, Refusal};
@@ -33,6 +33,8 @@ const MAX_TOKEN: usize = 4096;
 const MAX_LABELS: usize = 32;
 /// How long a registration waits for this replica's caches to show what it wrote.
 const SETTLE_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
+/// Tries at counting a registration against a multi-use token while others race it.
+const COUNT_ATTEMPTS: usize = 8;
 /// Label prefixes Kubernetes reserves (the gateway sets `kubernetes.io/os` itself).
 const RESERVED_PREFIXES: [&str; 2] = ["kubernetes.io/", "k8s.io/"];
 
@@ -108,9 +110,12 @@ impl Gateway {
             self.forget_agent(name).await;
             return Err(refusal);
         }
-        if token.single_use
-            && let Err(refusal) = self.spend(&token, name).await
-        {
+        let spent = if token.single_use {
+            self.spend(&token, name).await
+        } else {
+            self.count_registration(&token, name).await
+        };
+        if let Err(refusal) = spent {
             self.forget_agent(name).await;
             return Err(refusal);
         }
@@ -369,6 +374,55 @@ impl Gateway {
             }
             Err(err) => Err(Refusal::internal("marking a bootstrap token used", err)),
         }
+    }
+
+    /// Counts a registration against a multi-use token, over the version read (read
+    /// again when another registration counted first), refused once the token has
+    /// registered its `max-registrations` hosts.
+    async fn count_registration(&self, token: &BootstrapToken, agent: &str) -> Result<(), Refusal> {
+        let mut token = token.clone();
+        for _ in 0..COUNT_ATTEMPTS {
+            if token.registrations >= token.max_registrations {
+                tracing::warn!(token = %token.secret_name, max = token.max_registrations, %agent, "a bootstrap token has registered all the hosts it may");
+                return Err(Refusal::Unauthorized);
+            }
+            let patch = json!({"metadata": {
+                "resourceVersion": token.resource_version,
+                "annotations": {REGISTRATIONS_ANNOTATION: (token.registrations + 1).to_string()},
+            }});
+            let counted = self
+                .secrets()
+                .patch(
+                    &token.secret_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await;
+            match counted {
+                Ok(_) => return Ok(()),
+                Err(err) if api_errors::is_conflict(&err) => {
+                    let fresh = self
+                        .secrets()
+                        .get_opt(&token.secret_name)
+                        .await
+                        .map_err(|err| Refusal::internal("reading a bootstrap token", err))?
+                        .ok_or(Refusal::Unauthorized)?;
+                    token = BootstrapToken::from_secret(&fresh).map_err(|err| {
+                        tracing::info!(error = %err, "a bootstrap token changed under a registration");
+                        Refusal::Unauthorized
+                    })?;
+                }
+                Err(err) if api_errors::is_not_found(&err) => return Err(Refusal::Unauthorized),
+                Err(err) => {
+                    return Err(Refusal::internal(
+                        "counting a bootstrap token's registration",
+                        err,
+                    ));
+                }
+            }
+        }
+        // Registrations with this token keep racing: the host retries later.
+        Err(Refusal::Busy)
     }
 
     /// Removes an Agent and its credential (a registration undone, or a squatter). The

@@ -1904,3 +1904,94 @@ async fn a_registration_never_deletes_a_secret_that_is_not_a_credential() {
     // No DELETE of the certificate follows.
     fixture.server.done().await;
 }
+
+/// Attack (whoever holds a leaked multi-use bootstrap token): such a token registered
+/// any number of hosts for as long as it existed, each an Agent and a Secret in the
+/// cluster, each a host that plans may target. A multi-use token registers at most its
+/// `max-registrations` hosts (default 1000), counted on the token over the version
+/// read; an exhausted token costs no API request.
+#[tokio::test]
+async fn a_multi_use_token_registers_at_most_its_max_registrations_hosts() {
+    let mut fixture = Fixture::new();
+    let mut token = Secret {
+        metadata: stored("join", Some(NAMESPACE)),
+        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
+        data: Some(
+            [
+                ("token".to_string(), ByteString(b"t".to_vec())),
+                ("usage".to_string(), ByteString(b"multi".to_vec())),
+                ("max-registrations".to_string(), ByteString(b"2".to_vec())),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    token.metadata.annotations = Some(
+        [(
+            credentials::REGISTRATIONS_ANNOTATION.to_string(),
+            "1".to_string(),
+        )]
+        .into(),
+    );
+    cache(&mut fixture.writers.tokens, token.clone());
+    let request = json!({"name": "web-2", "os": "Linux", "bootstrapToken": "t"});
+    let gateway = fixture.ctx.gateway.clone();
+    let answer =
+        tokio::spawn(
+            async move { call(&gateway, "POST", "/agent/v1/register", None, request).await },
+        );
+    let server = &mut fixture.server;
+    server
+        .answer_query("GET", "/api/v1/nodes", "fieldSelector=metadata.name%3Dweb-2", 200,
+            json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
+        .await;
+    let agent = server
+        .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-2"}, "spec": {"mode": "External", "os": "Linux"}}))
+        .await;
+    let stored_credential = server
+        .answer("PATCH", &format!("/api/v1/namespaces/{NAMESPACE}/secrets/fleetpatch-agent-web-2"), 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fleetpatch-agent-web-2"}}))
+        .await;
+    let counted = server
+        .answer(
+            "PATCH",
+            &format!("/api/v1/namespaces/{NAMESPACE}/secrets/join"),
+            200,
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "join"}}),
+        )
+        .await;
+    assert_eq!(
+        counted["metadata"]["resourceVersion"], "7",
+        "counted over the version read"
+    );
+    assert_eq!(
+        counted["metadata"]["annotations"][credentials::REGISTRATIONS_ANNOTATION],
+        "2"
+    );
+    let mut watched: Agent = serde_json::from_value(agent).unwrap();
+    watched.metadata = stored("web-2", None);
+    cache(&mut fixture.writers.agents, watched);
+    let mut watched: Secret = serde_json::from_value(stored_credential).unwrap();
+    watched.metadata = stored("fleetpatch-agent-web-2", Some(NAMESPACE));
+    cache(&mut fixture.writers.credentials, watched);
+    let (status, body) = answer.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The watch shows the count: the token is exhausted.
+    token.metadata.annotations = Some(
+        [(
+            credentials::REGISTRATIONS_ANNOTATION.to_string(),
+            "2".to_string(),
+        )]
+        .into(),
+    );
+    cache(&mut fixture.writers.tokens, token);
+    let (status, _) = call(
+        &fixture.ctx.gateway,
+        "POST",
+        "/agent/v1/register",
+        None,
+        json!({"name": "web-3", "os": "Linux", "bootstrapToken": "t"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    fixture.server.done().await;
+}
