@@ -37,6 +37,9 @@ pub enum ResolveError {
     Invalid { field: String, message: String },
     #[error("the workflow breaks {} rule(s): {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Rules(Vec<Problem>),
+    /// The host's package manager cannot install what the plan selects.
+    #[error("spec.patches.classifications: {0}")]
+    Unsupported(String),
 }
 
 impl ResolveError {
@@ -46,6 +49,7 @@ impl ResolveError {
             Self::WorkflowNotFound(_) => "WorkflowNotFound",
             Self::Reference { .. } => "ReferenceNotFound",
             Self::Rules(_) | Self::Invalid { .. } => "InvalidWorkflow",
+            Self::Unsupported(_) => "ClassificationNotSupported",
         }
     }
 }

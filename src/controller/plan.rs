@@ -17,12 +17,15 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
+use crate::api::agent::Agent;
 use crate::api::common::{
     AGENT_LABEL, PLAN_LABEL, RUN_FINALIZER, RUN_LABEL, RUN_REQUESTED_ANNOTATION,
 };
 use crate::api::conditions;
 use crate::api::patchjob::{JobPhase, PatchJob, PatchJobSpec, PatchJobStatus};
-use crate::api::plan::{PlanRun, RemediationPlan, RemediationPlanStatus, RunFailure, RunPhase};
+use crate::api::plan::{
+    PatchSelection, PlanRun, RemediationPlan, RemediationPlanStatus, RunFailure, RunPhase,
+};
 use crate::api::resolve::{self, JobTarget};
 use crate::api::schedule::ParsedSchedule;
 use crate::gateway::jobs::SIGNATURE_ANNOTATION;
@@ -360,6 +363,22 @@ fn fleet_for(ctx: &Context, plan: &RemediationPlan) -> Vec<FleetAgent> {
         .collect()
 }
 
+/// Why the host cannot install what the plan selects, when its agent has told which
+/// package manager it patches with: the job is then failed before anything runs on the
+/// host, instead of at its patch step after the pre actions ran.
+pub fn patcher_refusal(agent: &Agent, patches: &PatchSelection) -> Option<resolve::ResolveError> {
+    let patcher = agent
+        .status
+        .as_ref()?
+        .platform
+        .as_ref()?
+        .patcher
+        .as_deref()?;
+    patches
+        .refusal_on(patcher)
+        .map(resolve::ResolveError::Unsupported)
+}
+
 /// Creates the jobs the rollout allows and recounts the run.
 async fn advance_run(
     plan: &RemediationPlan,
@@ -442,6 +461,10 @@ async fn advance_run(
                 ))),
             },
         };
+        let resolved = resolved.and_then(|job| match patcher_refusal(&agent, &plan.spec.patches) {
+            Some(refusal) => Err(refusal),
+            None => Ok(job),
+        });
         let job = build_job(
             plan,
             target,

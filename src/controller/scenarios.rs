@@ -848,3 +848,55 @@ async fn a_reconcilers_event_is_queued_with_a_note_the_api_takes() {
     assert!(event["note"].as_str().unwrap().len() <= 1024, "{event}");
     server.done().await;
 }
+
+/// A plan selecting Bugfix updates, and a host whose agent patches with apt (which
+/// marks no bug fixes): the job is created failed with the reason, before anything
+/// runs on the host — not at its patch step, after its pre actions ran.
+#[tokio::test]
+async fn a_classification_the_hosts_patcher_cannot_honour_fails_its_job_before_anything_runs() {
+    let Fixture {
+        ctx,
+        mut server,
+        mut writers,
+        mut queued_events,
+        ..
+    } = Fixture::new();
+    cache(&mut writers.scripts, script("hello"));
+    cache(&mut writers.tasks, task("say", "hello"));
+    cache(&mut writers.workflows, workflow("flow", &["say"]));
+    let status: AgentStatus = typed(json!({"platform": {"name": "debian", "patcher": "apt"}}));
+    cache(&mut writers.agents, agent("web-1", Some(status)));
+    let mut plan = plan(1);
+    plan.spec.patches = typed(json!({"classifications": ["Bugfix"]}));
+    plan.metadata.annotations = Some(
+        [(
+            crate::api::common::RUN_REQUESTED_ANNOTATION.to_string(),
+            "2026-12-01T12:00:00Z".to_string(),
+        )]
+        .into(),
+    );
+    let reconcile = tokio::spawn(super::plan::reconcile_plan(Arc::new(plan), ctx.clone()));
+    let status_path = "/apis/fleetpatch.io/v1alpha1/namespaces/team/remediationplans/weekly/status";
+    server.answer("PATCH", status_path, 200, json!({})).await;
+    assert_eq!(next_event(&mut queued_events).await["reason"], "RunStarted");
+    let created = server
+        .answer("POST", "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs", 201,
+            json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "PatchJob", "metadata": {"name": "weekly-m20261201120000-web-1", "namespace": "team", "uid": "u1"}, "spec": {"agent": "web-1", "os": "Linux"}}))
+        .await;
+    assert_eq!(created["spec"]["preActions"], json!([]), "nothing to run");
+    let failed = server
+        .answer("PATCH", "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs/weekly-m20261201120000-web-1/status", 200, json!({}))
+        .await;
+    assert_eq!(failed["status"]["phase"], "Failed");
+    let message = failed["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.patches.classifications")
+            && message.contains("apt cannot select Bugfix"),
+        "{message}"
+    );
+    let event = next_event(&mut queued_events).await;
+    assert_eq!(event["reason"], "ClassificationNotSupported", "{event}");
+    server.answer("PATCH", status_path, 200, json!({})).await;
+    reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
