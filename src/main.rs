@@ -44,6 +44,10 @@ enum Command {
         /// Do not print notes about documents of other API groups.
         #[arg(long, short)]
         quiet: bool,
+        /// Check plans as for hosts that patch with this package manager (repeatable):
+        /// a plan selecting classifications it cannot install is refused.
+        #[arg(long = "patcher", value_parser = ["apt", "dnf", "yum", "zypper", "windows-update"])]
+        patchers: Vec<String>,
     },
     /// Run an embedded Kubernetes-compatible API server for development and tests.
     ///
@@ -249,6 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             library_namespace,
             namespace,
             quiet,
+            patchers,
         } => {
             let documents = match manifests::load(&paths) {
                 Ok(documents) => documents,
@@ -260,6 +265,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let options = manifests::CheckOptions {
                 library_namespace,
                 default_namespace: namespace,
+                patchers,
             };
             let report = manifests::check(&documents, &manifests::Schemas::new(), &options);
             if !quiet {

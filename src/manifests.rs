@@ -319,6 +319,8 @@ pub struct CheckOptions {
     pub library_namespace: String,
     /// Namespace for objects that name none.
     pub default_namespace: String,
+    /// Package managers the plans' hosts patch with (see `Catalog::patchers`).
+    pub patchers: Vec<String>,
 }
 
 impl Default for CheckOptions {
@@ -326,6 +328,7 @@ impl Default for CheckOptions {
         Self {
             library_namespace: api::rules::DEFAULT_LIBRARY_NAMESPACE.to_string(),
             default_namespace: "default".to_string(),
+            patchers: Vec::new(),
         }
     }
 }
@@ -337,6 +340,7 @@ type Origin = (PathBuf, usize);
 pub fn check(documents: &[Document], schemas: &Schemas, options: &CheckOptions) -> Report {
     let mut report = Report::default();
     let mut catalog = Catalog::new(options.library_namespace.clone());
+    catalog.patchers = options.patchers.clone();
     Library::load(&options.library_namespace).add_to(&mut catalog);
     let mut origins: BTreeMap<(String, String, String), Origin> = BTreeMap::new();
     let mut clean = 0usize;

@@ -530,3 +530,48 @@ fn a_missing_path_exits_2() {
         "stderr does not name the path: {stderr}"
     );
 }
+
+/// A plan selecting Bugfix updates passes on its own (which patcher its hosts have is
+/// known only on them), and is refused — naming the field — when `validate` is told
+/// the hosts patch with apt, which marks no bug fixes; dnf honours it.
+#[test]
+fn a_classification_the_named_patcher_cannot_install_is_refused() {
+    const PLAN: &str = r#"apiVersion: fleetpatch.io/v1alpha1
+kind: RemediationPlan
+metadata: {name: bugfixes, namespace: team}
+spec:
+  targets:
+  - {name: web, os: Linux, selector: {matchLabels: {fleetpatch.io/group: web}}}
+  patches: {classifications: [Bugfix]}
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plan.yaml");
+    std::fs::write(&path, PLAN).unwrap();
+    let run = |patchers: &[&str]| {
+        let mut command = Command::new(BIN);
+        command.arg("validate").arg("-f").arg(&path);
+        for patcher in patchers {
+            command.args(["--patcher", patcher]);
+        }
+        let output = command.output().unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    };
+    assert_eq!(run(&[]), (Some(0), String::new()));
+    assert_eq!(run(&["dnf", "zypper"]), (Some(0), String::new()));
+    let (code, stdout) = run(&["dnf", "apt"]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains(
+            "RemediationPlan/bugfixes: spec.patches.classifications: apt cannot select Bugfix"
+        ),
+        "{stdout}"
+    );
+    assert_eq!(
+        run(&["windows-update"]),
+        (Some(0), String::new()),
+        "no Windows target: Windows Update is not asked"
+    );
+}

@@ -53,6 +53,9 @@ pub struct Catalog {
     pub tasks: BTreeMap<Key, Task>,
     pub workflows: BTreeMap<Key, Workflow>,
     pub plans: BTreeMap<Key, RemediationPlan>,
+    /// Package managers the plans' hosts patch with (`validate --patcher`): a plan
+    /// selecting what one of them cannot install is refused. Empty: hosts unknown.
+    pub patchers: Vec<String>,
     /// Objects that exist but failed their own checks, as (kind, namespace, name):
     /// references to them say so instead of "does not exist".
     pub invalid: std::collections::BTreeSet<(String, String, String)>,
@@ -454,8 +457,39 @@ impl Catalog {
                 message,
             });
         }
+        for patcher in &self.patchers {
+            let os = patcher_os(patcher);
+            if !plan.spec.targets.iter().any(|target| Some(target.os) == os) {
+                continue;
+            }
+            if let Some(message) = plan.spec.patches.refusal_on(patcher) {
+                problems.push(Problem {
+                    kind: "RemediationPlan",
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    field: "spec.patches.classifications".into(),
+                    message,
+                });
+            }
+        }
         problems
     }
+}
+
+/// Package managers an agent patches with, by name, and the OS they run on.
+pub const PATCHERS: [(&str, OperatingSystem); 5] = [
+    ("apt", OperatingSystem::Linux),
+    ("dnf", OperatingSystem::Linux),
+    ("yum", OperatingSystem::Linux),
+    ("zypper", OperatingSystem::Linux),
+    ("windows-update", OperatingSystem::Windows),
+];
+
+fn patcher_os(patcher: &str) -> Option<OperatingSystem> {
+    PATCHERS
+        .iter()
+        .find(|(name, _)| *name == patcher)
+        .map(|(_, os)| *os)
 }
 
 /// Whether scripts in `language` can run on `os`.
