@@ -751,3 +751,36 @@ fn hold_lock(path: &Path) -> std::fs::File {
     fcntl(&file, FcntlArg::F_SETLK(&lock)).expect("the lock is free");
     file
 }
+
+/// needrestart (installed by default on Ubuntu 22.04 and later) hooks into apt's
+/// `DPkg::Post-Invoke` and, in its default mode, restarts every service using an
+/// upgraded library — the agent's own unit included, in the middle of the patch run it
+/// is reporting. The agent's apt runs carry `NEEDRESTART_SUSPEND` (the hook then does
+/// nothing) and `NEEDRESTART_MODE=l` (list only, for a needrestart run another way), as
+/// a hook emulating needrestart's records: restarts are left to the reboot policy.
+#[tokio::test]
+async fn apt_runs_keep_needrestart_from_restarting_services() {
+    if !prerequisites() {
+        return;
+    }
+    let host = Sandbox::new();
+    host.install(DEMO, "1.0", "");
+    let apt = host.repository(&[(DEMO, "2.0", "")], None);
+    let seen = host.path().join("needrestart-saw");
+    std::fs::write(
+        host.path().join("apt.conf.d/99needrestart"),
+        format!(
+            "DPkg::Post-Invoke {{ \"echo suspend=$NEEDRESTART_SUSPEND mode=$NEEDRESTART_MODE >> {}\"; }};\n",
+            seen.display()
+        ),
+    )
+    .unwrap();
+    let results = apt.apply(&all(), TIMEOUT).await.unwrap();
+    assert_eq!(results.phase, ActionPhase::Succeeded, "{results:?}");
+    let saw = std::fs::read_to_string(&seen).expect("the post-invoke hook ran");
+    assert!(
+        saw.lines().all(|line| line == "suspend=1 mode=l"),
+        "needrestart's hook would restart services: {saw:?}"
+    );
+    machine_untouched();
+}

@@ -53,6 +53,11 @@ pub fn reboot_marker(root: Option<&Path>) -> PathBuf {
 const NONINTERACTIVE: &[(&str, &str)] = &[
     ("DEBIAN_FRONTEND", "noninteractive"),
     ("APT_LISTCHANGES_FRONTEND", "none"),
+    // needrestart's apt hook would restart services using upgraded libraries, the
+    // agent's own included, mid-run: suspended, and list-only if run anyway. Restarts
+    // are the reboot policy's business.
+    ("NEEDRESTART_SUSPEND", "1"),
+    ("NEEDRESTART_MODE", "l"),
 ];
 
 impl Apt {
