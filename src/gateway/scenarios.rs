@@ -1995,3 +1995,247 @@ async fn a_multi_use_token_registers_at_most_its_max_registrations_hosts() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     fixture.server.done().await;
 }
+
+/// Attack (the network, no credential, a few sources): a full gateway makes room by
+/// telling a stranger's connection to close — a graceful shutdown, which hyper carries
+/// out at once only on a connection between requests. A connection that has not yet
+/// finished a request (one that never sent a byte, or a slowloris half-way through its
+/// headers) is not "between requests": it stays open until `CLOSE_GRACE` (10 s) runs
+/// out, holding its socket and buffers, while its slot no longer counts against the
+/// cap (`open - evicting`). Every new connection from a flood thus evicts another and
+/// adds one: the gateway holds `max_connections` plus ten seconds' worth of accepts
+/// (bounded only by sources × `max_connections_per_source`), and the connection cap
+/// — the bound on the process's sockets and memory — no longer bounds anything. A
+/// connection closed to make room that has no request in progress must be gone at
+/// once, so at most `max_connections` are ever open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_closed_to_make_room_do_not_stay_open_beyond_the_cap() {
+    use tokio::io::AsyncWriteExt;
+    let fixture = Fixture::new();
+    let connect = serve_fixture(
+        &fixture,
+        super::serve::ServeLimits {
+            max_connections: 4,
+            max_connections_per_source: 0,
+            ..Default::default()
+        },
+    );
+    let mut held = Vec::new();
+    for i in 0..24u8 {
+        let mut stream = connect(2 + i % 6).await;
+        // Half-way through its headers, as a slowloris is.
+        let _ = stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n")
+            .await;
+        held.push(stream);
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let mut still_open = 0;
+    for stream in &mut held {
+        let (_, ended) = read_for(stream, std::time::Duration::from_millis(50), "\r\n\r\n").await;
+        still_open += usize::from(!ended);
+    }
+    assert!(
+        still_open <= 4,
+        "{still_open} connections are open 1.5 s after the flood, with a cap of 4: those closed to make room linger"
+    );
+}
+
+/// Attack (a host whose credential was revoked, or a bootstrap-token holder): a
+/// connection that authenticated once is its agent's for good — `trust` is never
+/// withdrawn. Within the agent's share it is never closed to make room and never
+/// meets the authentication deadline, whatever happens to the credential after: the
+/// admin deletes the Agent and its Secret (revocation, issue 11 item 6), every request
+/// on the connection is now refused 401, yet it keeps its slot for as long as it sends
+/// anything — a `/healthz` every 25 s — before the header deadline. A token holder who
+/// registered its 1000 hosts holds 16 such slots each (the default cap, 16 384, in
+/// all), and revoking them all frees none: only restarting the controller does. A
+/// connection whose agent is no longer authenticated must lose the protection that
+/// came with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_agent_does_not_keep_its_connections_protected() {
+    use tokio::io::AsyncWriteExt;
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    // One connection in all: the agent's share is one.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(super::serve::serve(
+        listener,
+        fixture.ctx.gateway.router(),
+        None,
+        super::serve::ServeLimits {
+            max_connections: 1,
+            max_connections_per_source: 0,
+            authentication_grace: std::time::Duration::from_millis(200),
+            authentication_timeout: std::time::Duration::from_millis(800),
+            ..Default::default()
+        },
+    ));
+    let connect = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
+            .unwrap();
+        socket.connect(address).await.unwrap()
+    };
+    let mut revoked = connect(2).await;
+    revoked
+        .write_all(
+            format!("GET /agent/v1/assignments HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let (answer, _) = read_for(&mut revoked, std::time::Duration::from_secs(5), "\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "the poll: {answer:?}");
+    // The admin revokes web-1: its Agent and its credential are deleted.
+    let agent = fixture
+        .ctx
+        .caches
+        .agents
+        .get(&kube::runtime::reflector::ObjectRef::new("web-1"))
+        .unwrap();
+    fixture
+        .writers
+        .agents
+        .apply_watcher_event(&kube::runtime::watcher::Event::Delete((*agent).clone()));
+    let secret = fixture
+        .ctx
+        .caches
+        .credentials
+        .get(&kube::runtime::reflector::ObjectRef::new("fleetpatch-agent-web-1").within(NAMESPACE))
+        .unwrap();
+    fixture
+        .writers
+        .credentials
+        .apply_watcher_event(&kube::runtime::watcher::Event::Delete((*secret).clone()));
+    let (status, _) = call(
+        &fixture.ctx.gateway,
+        "GET",
+        "/agent/v1/assignments",
+        Some(BEARER),
+        json!(null),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "web-1 is revoked");
+    // The revoked host keeps its connection busy enough not to be idle.
+    let keep = tokio::spawn(async move {
+        loop {
+            if revoked
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let (_, ended) =
+                read_for(&mut revoked, std::time::Duration::from_millis(300), "ok").await;
+            if ended {
+                return;
+            }
+        }
+    });
+    let started = tokio::time::Instant::now();
+    let mut got_in = false;
+    while started.elapsed() < std::time::Duration::from_secs(4) {
+        let mut fresh = connect(3).await;
+        if fresh
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            .await
+            .is_ok()
+        {
+            let (answer, _) =
+                read_for(&mut fresh, std::time::Duration::from_millis(300), "ok").await;
+            if answer.starts_with("HTTP/1.1 200") {
+                got_in = true;
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    keep.abort();
+    assert!(
+        got_in,
+        "for 4 s, well past the authentication deadline, the revoked agent's connection kept the gateway's only slot"
+    );
+}
+
+/// Attack (a host that was shut out): the README's way to shut a host out is to delete
+/// its credential Secret and its Agent — and the install script leaves the bootstrap
+/// token on the host (`/etc/fleetpatch/bootstrap-token`). Once its Agent is gone its
+/// name is free again, and a multi-use token that has registrations left (counted, not
+/// named: `fleetpatch.io/registrations` says how many, not who) admits it at once:
+/// the revoked host registers again under its very name, gets a new credential, the
+/// token's labels and `allowedPlans`, and with them the plans' jobs — their scripts,
+/// and the reports that say whether the fleet is patched. Revocation lasts one
+/// request. A host shut out must stay out: the token that admitted a name must not
+/// admit it again once it was revoked (or revoking must say, and do, what it takes).
+#[tokio::test]
+async fn a_revoked_host_cannot_register_again_with_the_token_that_admitted_it() {
+    let mut fixture = Fixture::new();
+    let mut token = Secret {
+        metadata: stored("join", Some(NAMESPACE)),
+        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
+        data: Some(
+            [
+                ("token".to_string(), ByteString(b"t".to_vec())),
+                ("usage".to_string(), ByteString(b"multi".to_vec())),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    // web-1 registered with it; the admin then deleted web-1's Agent and credential
+    // (neither is in the caches).
+    token.metadata.annotations = Some(
+        [(
+            credentials::REGISTRATIONS_ANNOTATION.to_string(),
+            "1".to_string(),
+        )]
+        .into(),
+    );
+    cache(&mut fixture.writers.tokens, token);
+    let request = json!({"name": "web-1", "os": "Linux", "bootstrapToken": "t"});
+    let gateway = fixture.ctx.gateway.clone();
+    let answer =
+        tokio::spawn(
+            async move { call(&gateway, "POST", "/agent/v1/register", None, request).await },
+        );
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    if !answer.is_finished() {
+        // The gateway goes on to register it: the API says yes to each step.
+        let server = &mut fixture.server;
+        server
+            .answer_query("GET", "/api/v1/nodes", "fieldSelector=metadata.name%3Dweb-1", 200,
+                json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
+            .await;
+        let agent = server
+            .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-1"}, "spec": {"mode": "External", "os": "Linux"}}))
+            .await;
+        let stored_credential = server
+            .answer("PATCH", &format!("/api/v1/namespaces/{NAMESPACE}/secrets/fleetpatch-agent-web-1"), 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fleetpatch-agent-web-1"}}))
+            .await;
+        server
+            .answer(
+                "PATCH",
+                &format!("/api/v1/namespaces/{NAMESPACE}/secrets/join"),
+                200,
+                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "join"}}),
+            )
+            .await;
+        let mut watched: Agent = serde_json::from_value(agent).unwrap();
+        watched.metadata = stored("web-1", None);
+        cache(&mut fixture.writers.agents, watched);
+        let mut watched: Secret = serde_json::from_value(stored_credential).unwrap();
+        watched.metadata = stored("fleetpatch-agent-web-1", Some(NAMESPACE));
+        cache(&mut fixture.writers.credentials, watched);
+    }
+    let (status, body) = answer.await.unwrap();
+    assert_ne!(
+        status,
+        StatusCode::OK,
+        "the host shut out by deleting its Agent and credential registered again under its name with the token that admitted it: {body}"
+    );
+}

@@ -565,4 +565,55 @@ mod tests {
             "{OPEN} connections made room among {OPEN} in {took:?}"
         );
     }
+
+    /// Attack (a bootstrap-token holder): a multi-use token registers up to 1000 hosts
+    /// (`max-registrations`' default), and each registered agent's first 16
+    /// authenticated connections (`max_connections / 64`, at most 16) are never closed
+    /// to make room. 1000 agents × 16 = 16 000 of the default 16 384 slots, held with
+    /// one request per connection every 25 s; the fleet's own hosts hold the rest. From
+    /// then on a real host whose connection drops (a restart, a network blip) cannot
+    /// get back in: the gateway is full and nothing may be closed — and revoking the
+    /// token's agents does not free their slots either. While the gateway is full, an
+    /// agent holding more than one connection must give one up before another agent is
+    /// refused its first.
+    #[test]
+    fn a_tokens_worth_of_agents_cannot_lock_every_other_agent_out() {
+        let slots = ConnectionSlots::new(&ServeLimits {
+            max_connections_per_source: 0,
+            ..ServeLimits::default()
+        });
+        let max = ServeLimits::default().max_connections;
+        let mut held = Vec::with_capacity(max);
+        for agent in 0..1000u32 {
+            for _ in 0..16 {
+                let slot = slots
+                    .admit(IpAddr::from([
+                        10,
+                        9,
+                        (agent / 256) as u8,
+                        (agent % 256) as u8,
+                    ]))
+                    .expect("room");
+                slot.state.trust(&format!("squatter-{agent}"));
+                held.push(slot);
+            }
+        }
+        for host in 0..(max - held.len()) {
+            let slot = slots
+                .admit(IpAddr::from([
+                    10,
+                    1,
+                    (host / 256) as u8,
+                    (host % 256) as u8,
+                ]))
+                .expect("room for the fleet");
+            slot.state.trust(&format!("web-{host}"));
+            held.push(slot);
+        }
+        let returning = slots.admit(IpAddr::from([192, 0, 2, 7]));
+        assert!(
+            returning.is_some(),
+            "a host of the fleet cannot connect: 1000 agents of one token hold 16 000 slots none of which may be closed"
+        );
+    }
 }
