@@ -77,15 +77,29 @@ async fn authenticate(
     next: Next,
 ) -> Result<Response, Refusal> {
     let source = source(&request).ip();
-    let identity = gateway
-        .auth
-        .authenticate(request.headers(), source, Purpose::Serve, &gateway.limiter)
-        .await?;
-    // An agent's connection is never closed to make room for a stranger's.
-    if let Some(connection) = request
+    let connection = request
         .extensions()
         .get::<Arc<super::slots::ConnectionState>>()
+        .cloned();
+    let identity = match gateway
+        .auth
+        .authenticate(request.headers(), source, Purpose::Serve, &gateway.limiter)
+        .await
     {
+        Ok(identity) => identity,
+        Err(refusal) => {
+            // A refused credential (revoked, say) does not keep its connection: it
+            // closes once the refusal is written.
+            if matches!(refusal, Refusal::Unauthorized)
+                && let Some(connection) = &connection
+            {
+                connection.close();
+            }
+            return Err(refusal);
+        }
+    };
+    // An agent's connection is never closed to make room for a stranger's.
+    if let Some(connection) = &connection {
         connection.trust(&identity.agent);
     }
     // Every line about this request names the agent (see `crate::logs`).

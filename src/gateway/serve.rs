@@ -171,20 +171,31 @@ pub async fn serve(
         let limits = limits.clone();
         tokio::spawn(async move {
             let connection = slot.state.clone();
-            let stranger_deadline = async {
-                tokio::time::sleep(limits.authentication_timeout).await;
-                if !connection.trusted() {
-                    tracing::debug!(%peer, "closing a connection that did not authenticate in time");
-                    connection.close();
-                }
-                std::future::pending::<()>().await;
-            };
             tokio::select! {
                 () = serve_one(stream, service, acceptor, &limits, peer, &connection) => {}
-                () = stranger_deadline => {}
+                () = keep_authenticated(&connection, limits.authentication_timeout, peer) => {}
             }
             drop(slot);
         });
+    }
+}
+
+/// Closes the connection (gracefully) when it has not authenticated within `timeout`
+/// of opening, or later within any `2 × timeout`: a connection is protected as its
+/// agent's only while the agent keeps proving it is one (a revoked agent's credential
+/// stops authenticating, and its connections go). Agents authenticate every request,
+/// and a long-poll lasts less than `timeout`. Never returns.
+async fn keep_authenticated(connection: &ConnectionState, timeout: Duration, peer: SocketAddr) {
+    tokio::time::sleep(timeout).await;
+    let mut window = timeout;
+    loop {
+        if !connection.authenticated_within(window) {
+            tracing::debug!(%peer, "closing a connection that has not authenticated in {window:?}");
+            connection.close();
+            return std::future::pending().await;
+        }
+        window = timeout * 2;
+        tokio::time::sleep(timeout).await;
     }
 }
 
@@ -246,6 +257,9 @@ async fn drive<I, S>(
     let ended = tokio::select! {
         ended = served.as_mut() => ended,
         () = connection.closing() => {
+            if connection.abrupt() {
+                return;
+            }
             served.as_mut().graceful_shutdown();
             match tokio::time::timeout(CLOSE_GRACE, served.as_mut()).await {
                 Ok(ended) => ended,

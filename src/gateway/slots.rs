@@ -26,6 +26,9 @@ use parking_lot::Mutex;
 
 use super::serve::ServeLimits;
 
+/// Authenticated connections of one agent that are never closed to make room, at most.
+const MAX_PROTECTED_PER_AGENT: usize = 4;
+
 /// Open connections, in all and per source, and which of them may be closed.
 pub struct ConnectionSlots {
     state: Mutex<SlotsState>,
@@ -54,6 +57,8 @@ struct Entry {
     source: IpAddr,
     opened: Instant,
     role: Role,
+    /// When a request on it last authenticated.
+    authenticated: Option<Instant>,
     /// Requests being served on it.
     in_flight: usize,
     connection: Arc<ConnectionState>,
@@ -156,7 +161,9 @@ impl SlotsState {
         let Some(entry) = self.connections.get_mut(&id) else {
             return;
         };
-        if let Role::Beyond(agent) = std::mem::replace(&mut entry.role, Role::Evicted)
+        let role = std::mem::replace(&mut entry.role, Role::Evicted);
+        let was_stranger = role == Role::Stranger;
+        if let Role::Beyond(agent) = role
             && let Some(held) = self.per_agent.get_mut(&agent)
         {
             held.beyond.remove(&id);
@@ -164,7 +171,14 @@ impl SlotsState {
                 self.per_agent.remove(&agent);
             }
         }
-        entry.connection.close();
+        // A stranger's has no request in progress: gone at once (a graceful close would
+        // wait for a request it may never finish). One beyond its agent's share may be
+        // in the middle of one, which is answered first.
+        if was_stranger {
+            entry.connection.close_now();
+        } else {
+            entry.connection.close();
+        }
         self.evicting += 1;
         self.closable.remove(id);
     }
@@ -175,6 +189,8 @@ pub struct ConnectionState {
     id: u64,
     slots: std::sync::Weak<ConnectionSlots>,
     closing: AtomicBool,
+    /// Closing without finishing the request in progress.
+    abrupt: AtomicBool,
     close: tokio::sync::Notify,
 }
 
@@ -190,6 +206,7 @@ impl ConnectionState {
         let Some(entry) = state.connections.get_mut(&self.id) else {
             return;
         };
+        entry.authenticated = Some(Instant::now());
         if entry.role != Role::Stranger {
             return;
         }
@@ -230,6 +247,17 @@ impl ConnectionState {
         self.close.notify_waiters();
     }
 
+    /// Tells the connection to close at once, whatever it is doing.
+    pub fn close_now(&self) {
+        self.abrupt.store(true, Ordering::Release);
+        self.close();
+    }
+
+    /// Whether it was told to close at once.
+    pub fn abrupt(&self) -> bool {
+        self.abrupt.load(Ordering::Acquire)
+    }
+
     /// Resolves when the connection must close (at once if it already must). Any number
     /// of waiters: the connection's server and long-polling handlers.
     pub async fn closing(&self) {
@@ -242,8 +270,8 @@ impl ConnectionState {
         notified.await;
     }
 
-    /// Whether it has authenticated (as an agent, within its share or not).
-    pub fn trusted(&self) -> bool {
+    /// Whether a request on it authenticated within the last `window`.
+    pub fn authenticated_within(&self, window: Duration) -> bool {
         let Some(slots) = self.slots.upgrade() else {
             return false;
         };
@@ -251,7 +279,8 @@ impl ConnectionState {
         state
             .connections
             .get(&self.id)
-            .is_some_and(|entry| matches!(entry.role, Role::Agent(_) | Role::Beyond(_)))
+            .and_then(|entry| entry.authenticated)
+            .is_some_and(|at| at.elapsed() <= window)
     }
 }
 
@@ -276,7 +305,9 @@ impl ConnectionSlots {
             state: Mutex::new(SlotsState::default()),
             max: limits.max_connections,
             max_per_source: limits.max_connections_per_source,
-            max_per_agent: (limits.max_connections / 64).clamp(1, 16),
+            // An agent needs a few at once (a long-poll, a heartbeat, a report); a few
+            // are protected, so a token's worth of agents cannot pin the gateway.
+            max_per_agent: (limits.max_connections / 64).clamp(1, MAX_PROTECTED_PER_AGENT),
             grace: limits.authentication_grace,
         })
     }
@@ -304,6 +335,7 @@ impl ConnectionSlots {
             id,
             slots: Arc::downgrade(self),
             closing: AtomicBool::new(false),
+            abrupt: AtomicBool::new(false),
             close: tokio::sync::Notify::new(),
         });
         state.connections.insert(
@@ -312,6 +344,7 @@ impl ConnectionSlots {
                 source,
                 opened: now,
                 role: Role::Stranger,
+                authenticated: None,
                 in_flight: 0,
                 connection: connection.clone(),
             },
