@@ -125,13 +125,13 @@ pub struct Executor<'a> {
 /// nothing further runs, and no reboot follows.
 #[derive(Default)]
 pub struct Cancellation {
-    reason: std::sync::Mutex<Option<String>>,
+    reason: parking_lot::Mutex<Option<String>>,
     notify: tokio::sync::Notify,
 }
 
 impl Cancellation {
     pub fn cancel(&self, reason: impl Into<String>) {
-        let mut current = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.reason.lock();
         if current.is_none() {
             *current = Some(reason.into());
         }
@@ -140,10 +140,7 @@ impl Cancellation {
     }
 
     pub fn reason(&self) -> Option<String> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.reason.lock().clone()
     }
 
     /// Resolves once the job is cancelled.
