@@ -1108,15 +1108,9 @@ impl Executor<'_> {
         if status.message.is_empty() || succeeded || reboot_failed.is_some() {
             status.message = message.clone();
         }
-        let reason = if succeeded {
-            "JobSucceeded"
-        } else {
-            "JobFailed"
-        };
-        conditions::set_outcome(
+        conditions::set_job_finished(
             &mut status.conditions,
             succeeded,
-            reason,
             &message,
             status.observed_generation,
             now(),

@@ -51,6 +51,30 @@ pub fn set(
     }
 }
 
+/// A job's end as its agent saw it: `Complete` and `Failed` with the reason
+/// `JobSucceeded` or `JobFailed`.
+pub fn set_job_finished(
+    conditions: &mut Vec<Condition>,
+    succeeded: bool,
+    message: &str,
+    observed_generation: Option<i64>,
+    now: Timestamp,
+) -> bool {
+    let reason = if succeeded {
+        "JobSucceeded"
+    } else {
+        "JobFailed"
+    };
+    set_outcome(
+        conditions,
+        succeeded,
+        reason,
+        message,
+        observed_generation,
+        now,
+    )
+}
+
 /// The `Complete`/`Failed` pair of a finished job, so `kubectl wait --for=condition=...`
 /// works either way: Complete True and Failed False when it succeeded, the reverse when
 /// it did not. Returns whether anything changed.
