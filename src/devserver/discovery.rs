@@ -480,51 +480,7 @@ pub fn openapi_document(kinds: &[Arc<ResourceKind>], group: &str, version: &str)
             }
         };
         let schema_ref = format!("#/components/schemas/{name}");
-        if kind.is_virtual() {
-            // Only POST is served, but kubectl looks for the fieldValidation parameter on
-            // a PATCH operation of the kind to leave validation to the server (a real
-            // server would send it to OpenAPI v2 instead, which this one does not serve).
-            paths.insert(
-                format!("{prefix}/{}", kind.plural),
-                json!({
-                    "post": operation(kind, "post", &schema_ref, &["dryRun", "fieldManager", "fieldValidation"]),
-                    "patch": operation(kind, "patch", &schema_ref, &["dryRun", "fieldManager", "fieldValidation"]),
-                }),
-            );
-            continue;
-        }
-        let collection = if kind.namespaced {
-            format!("{prefix}/namespaces/{{namespace}}/{}", kind.plural)
-        } else {
-            format!("{prefix}/{}", kind.plural)
-        };
-        let write = ["dryRun", "fieldManager", "fieldValidation"];
-        let mut item = json!({
-            "get": operation(kind, "get", &schema_ref, &[]),
-            "put": operation(kind, "put", &schema_ref, &write),
-            "patch": operation(kind, "patch", &schema_ref, &["dryRun", "fieldManager", "fieldValidation", "force"]),
-            "delete": operation(kind, "delete", &schema_ref, &["dryRun", "propagationPolicy"]),
-        });
-        item["parameters"] =
-            json!([{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}]);
-        paths.insert(
-            collection.clone(),
-            json!({
-                "get": operation(kind, "list", &schema_ref, &["labelSelector", "fieldSelector", "limit", "continue", "watch", "resourceVersion"]),
-                "post": operation(kind, "post", &schema_ref, &write),
-            }),
-        );
-        if kind.status_subresource {
-            paths.insert(
-                format!("{collection}/{{name}}/status"),
-                json!({
-                    "get": operation(kind, "get", &schema_ref, &[]),
-                    "put": operation(kind, "put", &schema_ref, &write),
-                    "patch": operation(kind, "patch", &schema_ref, &["dryRun", "fieldManager", "fieldValidation", "force"]),
-                }),
-            );
-        }
-        paths.insert(format!("{collection}/{{name}}"), item);
+        paths.extend(kind_paths(kind, &prefix, &schema_ref));
     }
     // Built-in kinds: the schemas k8s-openapi carries, with every type they use.
     for (name, definition) in generator.take_definitions(true) {
@@ -547,6 +503,56 @@ pub fn openapi_document(kinds: &[Arc<ResourceKind>], group: &str, version: &str)
         "paths": paths,
         "components": {"schemas": schemas},
     }))
+}
+
+/// The paths one kind is served at under `prefix`, with their operations.
+fn kind_paths(kind: &ResourceKind, prefix: &str, schema_ref: &str) -> Vec<(String, Value)> {
+    if kind.is_virtual() {
+        // Only POST is served, but kubectl looks for the fieldValidation parameter on
+        // a PATCH operation of the kind to leave validation to the server (a real
+        // server would send it to OpenAPI v2 instead, which this one does not serve).
+        return vec![(
+            format!("{prefix}/{}", kind.plural),
+            json!({
+                "post": operation(kind, "post", schema_ref, &["dryRun", "fieldManager", "fieldValidation"]),
+                "patch": operation(kind, "patch", schema_ref, &["dryRun", "fieldManager", "fieldValidation"]),
+            }),
+        )];
+    }
+    let collection = if kind.namespaced {
+        format!("{prefix}/namespaces/{{namespace}}/{}", kind.plural)
+    } else {
+        format!("{prefix}/{}", kind.plural)
+    };
+    let write = ["dryRun", "fieldManager", "fieldValidation"];
+    let patch = ["dryRun", "fieldManager", "fieldValidation", "force"];
+    let mut item = json!({
+        "get": operation(kind, "get", schema_ref, &[]),
+        "put": operation(kind, "put", schema_ref, &write),
+        "patch": operation(kind, "patch", schema_ref, &patch),
+        "delete": operation(kind, "delete", schema_ref, &["dryRun", "propagationPolicy"]),
+    });
+    item["parameters"] =
+        json!([{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    let mut paths = vec![(
+        collection.clone(),
+        json!({
+            "get": operation(kind, "list", schema_ref, &["labelSelector", "fieldSelector", "limit", "continue", "watch", "resourceVersion"]),
+            "post": operation(kind, "post", schema_ref, &write),
+        }),
+    )];
+    if kind.status_subresource {
+        paths.push((
+            format!("{collection}/{{name}}/status"),
+            json!({
+                "get": operation(kind, "get", schema_ref, &[]),
+                "put": operation(kind, "put", schema_ref, &write),
+                "patch": operation(kind, "patch", schema_ref, &patch),
+            }),
+        ));
+    }
+    paths.push((format!("{collection}/{{name}}"), item));
+    paths
 }
 
 /// `/openapi/v3`: every group-version with a URL that changes when its document does.
