@@ -1274,20 +1274,7 @@ mod tests {
 
     #[test]
     fn a_record_with_more_results_than_actions_never_points_past_its_spec() {
-        let spec = PatchJobSpec {
-            agent: "a".into(),
-            plan: String::new(),
-            run: String::new(),
-            os: crate::api::OperatingSystem::Linux,
-            workflow: None,
-            pre_actions: vec![],
-            post_actions: vec![],
-            failure_policy: Default::default(),
-            patches: Default::default(),
-            reboot: Default::default(),
-            deadline: None,
-            node: None,
-        };
+        let spec = PatchJobSpec::bare("a", "", "");
         let mut record = new_record("j", "n", spec);
         record.status.patches = Some(PatchResults {
             phase: ActionPhase::Succeeded,
@@ -1341,18 +1328,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::open(dir.path()).unwrap();
         let spec = PatchJobSpec {
-            agent: "a".into(),
-            plan: String::new(),
-            run: String::new(),
-            os: crate::api::OperatingSystem::Linux,
-            workflow: None,
-            pre_actions: vec![],
-            post_actions: vec![],
-            failure_policy: Default::default(),
-            patches: Default::default(),
             reboot: RebootPolicy::Never,
-            deadline: None,
-            node: None,
+            ..PatchJobSpec::bare("a", "", "")
         };
         assert!(!spec.patches.skip);
         // What the journal holds after `PatchesStarted`, when the agent was killed.

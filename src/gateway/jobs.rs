@@ -257,18 +257,8 @@ mod tests {
         let mut job = PatchJob::new(
             "weekly-m1-web-1",
             PatchJobSpec {
-                agent: agent.into(),
-                plan: "weekly".into(),
-                run: "m1".into(),
-                os: OperatingSystem::Linux,
-                workflow: None,
-                pre_actions: vec![],
-                post_actions: vec![],
-                failure_policy: Default::default(),
-                patches: Default::default(),
-                reboot: Default::default(),
-                deadline: None,
                 node: node.map(String::from),
+                ..PatchJobSpec::bare(agent, "weekly", "m1")
             },
         );
         job.metadata.namespace = Some(namespace.into());
