@@ -100,6 +100,27 @@ pub fn resource_version(object: &Value) -> u64 {
         .unwrap_or(0)
 }
 
+impl Inner {
+    /// The stored object a write replaces or removes: it must exist and, with
+    /// `expected_rv`, still be at that version.
+    fn current(
+        &self,
+        key: &str,
+        id: &(String, String),
+        expected_rv: Option<u64>,
+    ) -> Result<&Arc<Value>, StoreError> {
+        let current = self
+            .objects
+            .get(key)
+            .and_then(|o| o.get(id))
+            .ok_or(StoreError::NotFound)?;
+        match expected_rv {
+            Some(expected) if resource_version(current) != expected => Err(StoreError::Conflict),
+            _ => Ok(current),
+        }
+    }
+}
+
 fn object_key(object: &Value) -> (String, String) {
     let meta = &object["metadata"];
     (
@@ -226,16 +247,7 @@ impl Store {
     ) -> Result<Arc<Value>, StoreError> {
         let mut inner = self.lock();
         let id = object_key(&object);
-        let current = inner
-            .objects
-            .get(key)
-            .and_then(|o| o.get(&id))
-            .ok_or(StoreError::NotFound)?;
-        if let Some(expected) = expected_rv
-            && resource_version(current) != expected
-        {
-            return Err(StoreError::Conflict);
-        }
+        let current = inner.current(key, &id, expected_rv)?;
         let previous = current.clone();
         let rv = inner.rv + 1;
         object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
@@ -261,16 +273,7 @@ impl Store {
     ) -> Result<Arc<Value>, StoreError> {
         let mut inner = self.lock();
         let id = (namespace.to_string(), name.to_string());
-        let current = inner
-            .objects
-            .get(key)
-            .and_then(|o| o.get(&id))
-            .ok_or(StoreError::NotFound)?;
-        if let Some(expected) = expected_rv
-            && resource_version(current) != expected
-        {
-            return Err(StoreError::Conflict);
-        }
+        let current = inner.current(key, &id, expected_rv)?;
         let mut object = (**current).clone();
         let rv = inner.rv + 1;
         object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
