@@ -5,8 +5,10 @@
 //! `fieldValidation` parameter, which is how kubectl learns it may leave field
 //! validation to the server.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 
 use schemars::JsonSchema;
 use schemars::generate::{SchemaGenerator, SchemaSettings};
@@ -240,19 +242,12 @@ fn kind_schema(kind: &ResourceKind) -> Value {
 /// (free-form JSON, raw extensions, and references nested too deep to inline)
 /// preserve unknown fields, so only fields the schema positively lacks are caught.
 pub fn builtin_field_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
-    use parking_lot::Mutex;
-    use std::collections::HashMap;
-    use std::sync::OnceLock;
-    static CACHE: OnceLock<Mutex<HashMap<String, Option<Arc<Value>>>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Mutex::default);
-    let key = format!("{group}/{plural}");
-    if let Some(found) = cache.lock().get(&key) {
-        return found.clone();
-    }
-    let mut generator = SchemaSettings::openapi3()
-        .with(|s| s.meta_schema = None)
-        .into_generator();
-    let computed = builtin_definition(&mut generator, group, plural).and_then(|name| {
+    static CACHE: SchemaCache = OnceLock::new();
+    cached(&CACHE, group, plural, || {
+        let mut generator = SchemaSettings::openapi3()
+            .with(|s| s.meta_schema = None)
+            .into_generator();
+        let name = builtin_definition(&mut generator, group, plural)?;
         let definitions = generator.take_definitions(true);
         let root = definitions.get(&name)?;
         Some(Arc::new(inline_refs(
@@ -260,9 +255,7 @@ pub fn builtin_field_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
             &definitions,
             &mut vec![name.clone()],
         )))
-    });
-    cache.lock().insert(key, computed.clone());
-    computed
+    })
 }
 
 /// [`builtin_field_schema`] with the list and map semantics the API server's own
@@ -270,20 +263,31 @@ pub fn builtin_field_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
 /// out): lists of containers, volumes, env, ports and conditions are maps by their key
 /// fields, label selectors are atomic. Server-side apply and managedFields use it.
 pub fn builtin_ownership_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
-    use parking_lot::Mutex;
-    use std::collections::HashMap;
-    use std::sync::OnceLock;
-    static CACHE: OnceLock<Mutex<HashMap<String, Option<Arc<Value>>>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Mutex::default);
+    static CACHE: SchemaCache = OnceLock::new();
+    cached(&CACHE, group, plural, || {
+        builtin_field_schema(group, plural).map(|schema| {
+            let mut schema = (*schema).clone();
+            declare_list_semantics(&mut schema);
+            Arc::new(schema)
+        })
+    })
+}
+
+/// Schemas of built-in kinds by `group/plural`, each computed at most once.
+type SchemaCache = OnceLock<Mutex<HashMap<String, Option<Arc<Value>>>>>;
+
+fn cached(
+    cache: &'static SchemaCache,
+    group: &str,
+    plural: &str,
+    compute: impl FnOnce() -> Option<Arc<Value>>,
+) -> Option<Arc<Value>> {
+    let cache = cache.get_or_init(Mutex::default);
     let key = format!("{group}/{plural}");
     if let Some(found) = cache.lock().get(&key) {
         return found.clone();
     }
-    let computed = builtin_field_schema(group, plural).map(|schema| {
-        let mut schema = (*schema).clone();
-        declare_list_semantics(&mut schema);
-        Arc::new(schema)
-    });
+    let computed = compute();
     cache.lock().insert(key, computed.clone());
     computed
 }
@@ -583,12 +587,7 @@ mod tests {
 
     #[test]
     fn discovery_lists_our_kinds_with_short_names_and_categories() {
-        let registry = Registry::new();
-        let crds: Vec<Value> = crate::api::crds()
-            .into_iter()
-            .map(|c| serde_json::to_value(c).unwrap())
-            .collect();
-        registry.set_crds(crds.iter());
+        let registry = Registry::with_our_crds();
         let kinds = registry.all();
         let groups = group_list(&kinds);
         assert!(

@@ -392,20 +392,23 @@ fn builtin_kinds() -> Vec<Arc<ResourceKind>> {
     kinds
 }
 
+/// The strings of a JSON list; none when it is not a list.
+pub(crate) fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The kinds one CRD serves, one per served version.
 pub fn kinds_of_crd(crd: &Value) -> Vec<Arc<ResourceKind>> {
     let spec = &crd["spec"];
     let names = &spec["names"];
-    let strings = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let Some(versions) = spec["versions"].as_array() else {
         return Vec::new();
     };
@@ -508,6 +511,25 @@ impl Registry {
     }
 }
 
+/// fleetpatch's CRDs as JSON, as the API server is given them.
+#[cfg(test)]
+pub(crate) fn our_crds() -> Vec<Value> {
+    crate::api::crds()
+        .into_iter()
+        .map(|c| serde_json::to_value(c).unwrap())
+        .collect()
+}
+
+#[cfg(test)]
+impl Registry {
+    /// The built-in kinds and fleetpatch's.
+    pub(crate) fn with_our_crds() -> Self {
+        let registry = Registry::new();
+        registry.set_crds(our_crds().iter());
+        registry
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,11 +543,7 @@ mod tests {
                 .find("fleetpatch.io", "v1alpha1", "patchjobs")
                 .is_none()
         );
-        let crds: Vec<Value> = crate::api::crds()
-            .into_iter()
-            .map(|c| serde_json::to_value(c).unwrap())
-            .collect();
-        registry.set_crds(crds.iter());
+        registry.set_crds(our_crds().iter());
         let pj = registry
             .find("fleetpatch.io", "v1alpha1", "patchjobs")
             .unwrap();
