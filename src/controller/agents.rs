@@ -105,22 +105,11 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::OperatingSystem;
-    use crate::api::agent::{AgentMode, AgentSpec};
     use k8s_openapi::api::coordination::v1::LeaseSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 
     fn agent(ready: Option<&str>, gateway: Option<&str>) -> Agent {
-        let mut agent = Agent::new(
-            "web-1",
-            AgentSpec {
-                mode: AgentMode::External,
-                os: OperatingSystem::Linux,
-                node_name: None,
-                paused: false,
-                allowed_plans: Default::default(),
-            },
-        );
+        let mut agent = Agent::external_linux("web-1");
         let mut status = AgentStatus {
             gateway: gateway.map(String::from),
             ..Default::default()

@@ -229,21 +229,10 @@ impl Gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::OperatingSystem;
-    use crate::api::agent::{AgentMode, AgentSpec};
     use crate::gateway::protocol::Heartbeat;
 
     fn agent(status: Option<AgentStatus>) -> Agent {
-        let mut agent = Agent::new(
-            "web-1",
-            AgentSpec {
-                mode: AgentMode::External,
-                os: OperatingSystem::Linux,
-                node_name: None,
-                paused: false,
-                allowed_plans: Default::default(),
-            },
-        );
+        let mut agent = Agent::external_linux("web-1");
         agent.status = status;
         agent
     }
