@@ -178,36 +178,24 @@ mod tests {
             name: name.into(),
             ..PatchOutcome::default()
         };
+        let partly = |conditions: &mut Vec<Condition>, patches: &PatchResults| {
+            set_patches_partially_failed(conditions, Some(patches), None, now)
+        };
         let mut patches = PatchResults {
             phase: ActionPhase::Succeeded,
             installed: vec![outcome("curl")],
             ..PatchResults::default()
         };
         let mut conditions = Vec::new();
-        assert!(!set_patches_partially_failed(
-            &mut conditions,
-            Some(&patches),
-            None,
-            now
-        ));
+        assert!(!partly(&mut conditions, &patches));
         patches.failed.push(outcome("openssl"));
-        assert!(set_patches_partially_failed(
-            &mut conditions,
-            Some(&patches),
-            None,
-            now
-        ));
+        assert!(partly(&mut conditions, &patches));
         assert_eq!(status(&conditions, PATCHES_PARTIALLY_FAILED), Some(TRUE));
         assert_eq!(conditions[0].message, "1 of 2 patch(es) failed: openssl");
         // A failed step is the job's failure, not a partial one.
         patches.phase = ActionPhase::Failed;
         let mut conditions = Vec::new();
-        assert!(!set_patches_partially_failed(
-            &mut conditions,
-            Some(&patches),
-            None,
-            now
-        ));
+        assert!(!partly(&mut conditions, &patches));
         assert!(conditions.is_empty());
     }
 

@@ -352,19 +352,7 @@ mod tests {
 
     #[test]
     fn the_signature_does_not_depend_on_script_bodies_but_on_their_hashes() {
-        use crate::api::library::Library;
-        use crate::api::resolve::{JobTarget, resolve_named};
-        use crate::api::rules::{Catalog, DEFAULT_LIBRARY_NAMESPACE};
-        let mut catalog = Catalog::new(DEFAULT_LIBRARY_NAMESPACE);
-        Library::load(DEFAULT_LIBRARY_NAMESPACE).add_to(&mut catalog);
-        let target = JobTarget {
-            agent: "a".into(),
-            plan: "p".into(),
-            run: "r".into(),
-            patches: Default::default(),
-            reboot: Default::default(),
-        };
-        let spec = resolve_named(&catalog, "x", "linux-default", target).unwrap();
+        let spec = crate::api::resolve::linux_default_spec();
         let signer = JobSigner::new(b"k");
         let mut job = PatchJob::new("j", spec);
         job.metadata.namespace = Some("x".into());

@@ -441,23 +441,7 @@ pub fn decode_spec(wire: &PatchJobSpec) -> Result<PatchJobSpec, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::library::Library;
-    use crate::api::plan::{PatchSelection, RebootPolicy};
-    use crate::api::resolve::{JobTarget, resolve_named};
-    use crate::api::rules::{Catalog, DEFAULT_LIBRARY_NAMESPACE};
-
-    fn spec() -> PatchJobSpec {
-        let mut catalog = Catalog::new(DEFAULT_LIBRARY_NAMESPACE);
-        Library::load(DEFAULT_LIBRARY_NAMESPACE).add_to(&mut catalog);
-        let target = JobTarget {
-            agent: "a".into(),
-            plan: "p".into(),
-            run: "r".into(),
-            patches: PatchSelection::default(),
-            reboot: RebootPolicy::IfRequired,
-        };
-        resolve_named(&catalog, "x", "linux-default", target).unwrap()
-    }
+    use crate::api::resolve::linux_default_spec as spec;
 
     #[test]
     fn a_finished_job_whose_patches_partly_failed_gets_the_condition() {
