@@ -13,7 +13,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 
 use crate::api::common::{BUILTIN_LABEL, ObjectRef};
-use crate::api::rules::DEFAULT_LIBRARY_NAMESPACE;
+use crate::api::rules::{DEFAULT_LIBRARY_NAMESPACE, Missing};
 use crate::api::{Script, Task, Workflow};
 
 /// Annotation on a copy: what it was copied from (`Kind namespace/name`).
@@ -98,12 +98,8 @@ impl From<&DuplicateOptions> for Request {
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DuplicateError {
-    #[error("{kind} {namespace}/{name} does not exist")]
-    NotFound {
-        kind: &'static str,
-        namespace: String,
-        name: String,
-    },
+    #[error(transparent)]
+    NotFound(Missing),
     #[error(
         "{kind} {namespace}/{name} is used by the original, but a copy in namespace {target} may refer only to its own namespace and to {library}: add --deep to copy it as well"
     )]
@@ -156,11 +152,11 @@ impl Copy {
 }
 
 fn not_found(kind: &'static str, namespace: &str, name: &str) -> DuplicateError {
-    DuplicateError::NotFound {
+    DuplicateError::NotFound(Missing {
         kind,
         namespace: namespace.into(),
         name: name.into(),
-    }
+    })
 }
 
 fn check_name(name: &str) -> Result<(), DuplicateError> {
