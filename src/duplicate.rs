@@ -12,7 +12,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 
-use crate::api::common::{BUILTIN_LABEL, ObjectRef};
+use crate::api::common::{BUILTIN_LABEL, NamespacedKind, ObjectRef};
 use crate::api::rules::{DEFAULT_LIBRARY_NAMESPACE, Missing};
 use crate::api::{Script, Task, Workflow};
 
@@ -345,10 +345,7 @@ impl Copier<'_> {
 async fn gather(client: &Client, request: &Request) -> anyhow::Result<Sources> {
     async fn get<K>(client: &Client, namespace: &str, name: &str) -> anyhow::Result<Option<K>>
     where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+        K: NamespacedKind,
     {
         Api::<K>::namespaced(client.clone(), namespace)
             .get_opt(name)
@@ -419,11 +416,7 @@ async fn create(client: &Client, copy: &Copy) -> anyhow::Result<()> {
         plan_only: bool,
     ) -> anyhow::Result<Vec<String>>
     where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + Serialize
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+        K: NamespacedKind,
     {
         let mut done = Vec::new();
         for object in objects {
