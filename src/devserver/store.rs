@@ -225,42 +225,34 @@ impl Store {
         found
     }
 
-    pub fn create(&self, key: &str, mut object: Value) -> Result<Arc<Value>, StoreError> {
+    pub fn create(&self, key: &str, object: Value) -> Result<Arc<Value>, StoreError> {
         let mut inner = self.lock();
         let id = object_key(&object);
         if inner.objects.get(key).is_some_and(|o| o.contains_key(&id)) {
             return Err(StoreError::AlreadyExists);
         }
-        let rv = inner.rv + 1;
-        object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-        let object = Arc::new(object);
-        self.commit(&mut inner, key, id, EventType::Added, object.clone(), None)?;
-        Ok(object)
+        self.commit(&mut inner, key, id, EventType::Added, object, None)
     }
 
     /// Replaces an existing object; with `expected_rv`, only if it is still at that version.
     pub fn replace(
         &self,
         key: &str,
-        mut object: Value,
+        object: Value,
         expected_rv: Option<u64>,
     ) -> Result<Arc<Value>, StoreError> {
         let mut inner = self.lock();
         let id = object_key(&object);
         let current = inner.current(key, &id, expected_rv)?;
         let previous = current.clone();
-        let rv = inner.rv + 1;
-        object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-        let object = Arc::new(object);
         self.commit(
             &mut inner,
             key,
             id,
             EventType::Modified,
-            object.clone(),
+            object,
             Some(previous),
-        )?;
-        Ok(object)
+        )
     }
 
     /// Removes an object; the DELETED event carries it with a new resourceVersion.
@@ -274,19 +266,8 @@ impl Store {
         let mut inner = self.lock();
         let id = (namespace.to_string(), name.to_string());
         let current = inner.current(key, &id, expected_rv)?;
-        let mut object = (**current).clone();
-        let rv = inner.rv + 1;
-        object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-        let object = Arc::new(object);
-        self.commit(
-            &mut inner,
-            key,
-            id,
-            EventType::Deleted,
-            object.clone(),
-            None,
-        )?;
-        Ok(object)
+        let object = (**current).clone();
+        self.commit(&mut inner, key, id, EventType::Deleted, object, None)
     }
 
     fn commit(
@@ -295,10 +276,12 @@ impl Store {
         key: &str,
         id: (String, String),
         kind: EventType,
-        object: Arc<Value>,
+        mut object: Value,
         previous: Option<Arc<Value>>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Arc<Value>, StoreError> {
         let rv = inner.rv + 1;
+        object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+        let object = Arc::new(object);
         if let Some(journal) = inner.journal.as_mut() {
             let stored = (kind != EventType::Deleted).then_some(&*object);
             journal.append(rv, key, &id.0, &id.1, stored)?;
@@ -349,7 +332,7 @@ impl Store {
             key: key.to_string(),
             namespace: id.0,
             kind,
-            object,
+            object: object.clone(),
             previous,
         });
         inner.log.push_back(change.clone());
@@ -360,7 +343,7 @@ impl Store {
         }
         // No receivers is fine: nobody is watching.
         let _ = self.changes.send(change);
-        Ok(())
+        Ok(object)
     }
 
     /// Starts a watch on one resource. `since` = None means "from now, starting with
