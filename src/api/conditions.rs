@@ -214,25 +214,12 @@ mod tests {
             Some(1),
             t0
         ));
-        assert!(set(
-            &mut conditions,
-            "Ready",
-            FALSE,
-            "Missing",
-            "b",
-            Some(1),
-            t1
-        ));
+        let missing = |conditions: &mut Vec<Condition>| {
+            set(conditions, "Ready", FALSE, "Missing", "b", Some(1), t1)
+        };
+        assert!(missing(&mut conditions));
         assert_eq!(conditions[0].last_transition_time.0, t0);
-        assert!(!set(
-            &mut conditions,
-            "Ready",
-            FALSE,
-            "Missing",
-            "b",
-            Some(1),
-            t1
-        ));
+        assert!(!missing(&mut conditions));
         assert!(set(
             &mut conditions,
             "Ready",

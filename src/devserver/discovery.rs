@@ -92,14 +92,21 @@ pub fn group(kinds: &[Arc<ResourceKind>], name: &str) -> Option<Value> {
         .map(|(g, v)| api_group(&g, &v))
 }
 
-pub fn resource_list(kinds: &[Arc<ResourceKind>], group: &str, version: &str) -> Option<Value> {
+/// The kinds of one group-version; `None` when it serves none.
+fn served_in<'a>(
+    kinds: &'a [Arc<ResourceKind>],
+    group: &str,
+    version: &str,
+) -> Option<Vec<&'a Arc<ResourceKind>>> {
     let served: Vec<&Arc<ResourceKind>> = kinds
         .iter()
         .filter(|k| k.group == group && k.version == version)
         .collect();
-    if served.is_empty() {
-        return None;
-    }
+    (!served.is_empty()).then_some(served)
+}
+
+pub fn resource_list(kinds: &[Arc<ResourceKind>], group: &str, version: &str) -> Option<Value> {
+    let served = served_in(kinds, group, version)?;
     let mut resources = Vec::new();
     for kind in served {
         let mut resource = json!({
@@ -453,13 +460,7 @@ fn operation(kind: &ResourceKind, action: &str, schema_ref: &str, params: &[&str
 
 /// The OpenAPI v3 document of one group-version.
 pub fn openapi_document(kinds: &[Arc<ResourceKind>], group: &str, version: &str) -> Option<Value> {
-    let served: Vec<&Arc<ResourceKind>> = kinds
-        .iter()
-        .filter(|k| k.group == group && k.version == version)
-        .collect();
-    if served.is_empty() {
-        return None;
-    }
+    let served = served_in(kinds, group, version)?;
     let mut schemas = BTreeMap::new();
     let mut paths = BTreeMap::new();
     let mut generator = SchemaSettings::openapi3()

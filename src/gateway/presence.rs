@@ -226,6 +226,21 @@ impl Gateway {
     }
 }
 
+/// A replica's presence Lease of 20 seconds, last renewed at `renewed`, for tests.
+#[cfg(test)]
+pub(crate) fn lease_renewed_at(renewed: &str) -> Lease {
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    Lease {
+        metadata: Default::default(),
+        spec: Some(LeaseSpec {
+            renew_time: Some(MicroTime(renewed.parse().unwrap())),
+            lease_duration_seconds: Some(20),
+            ..Default::default()
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,14 +304,7 @@ mod tests {
     #[test]
     fn a_replica_is_gone_once_its_lease_ran_out_by_the_grace() {
         let now: Timestamp = "2026-12-01T12:00:00Z".parse().unwrap();
-        let lease = |renewed: &str| Lease {
-            metadata: Default::default(),
-            spec: Some(LeaseSpec {
-                renew_time: Some(MicroTime(renewed.parse().unwrap())),
-                lease_duration_seconds: Some(20),
-                ..Default::default()
-            }),
-        };
+        let lease = crate::gateway::presence::lease_renewed_at;
         let grace = Duration::from_secs(45);
         assert!(replica_gone(None, now, grace));
         assert!(!replica_gone(
