@@ -99,6 +99,9 @@ struct Builtin {
     status: bool,
 }
 
+/// The RBAC group, four of whose kinds the dev server serves.
+const RBAC: &str = "rbac.authorization.k8s.io";
+
 const fn builtin(
     group: &'static str,
     version: &'static str,
@@ -228,35 +231,11 @@ const BUILTINS: &[Builtin] = &[
         &["pdb"],
         true,
     ),
+    builtin(RBAC, "v1", "Role", "roles", true, &[], false),
+    builtin(RBAC, "v1", "ClusterRole", "clusterroles", false, &[], false),
+    builtin(RBAC, "v1", "RoleBinding", "rolebindings", true, &[], false),
     builtin(
-        "rbac.authorization.k8s.io",
-        "v1",
-        "Role",
-        "roles",
-        true,
-        &[],
-        false,
-    ),
-    builtin(
-        "rbac.authorization.k8s.io",
-        "v1",
-        "ClusterRole",
-        "clusterroles",
-        false,
-        &[],
-        false,
-    ),
-    builtin(
-        "rbac.authorization.k8s.io",
-        "v1",
-        "RoleBinding",
-        "rolebindings",
-        true,
-        &[],
-        false,
-    ),
-    builtin(
-        "rbac.authorization.k8s.io",
+        RBAC,
         "v1",
         "ClusterRoleBinding",
         "clusterrolebindings",
