@@ -16,7 +16,7 @@ use crate::api::plan::RemediationPlan;
 use crate::api::resolve::content_sha256;
 use crate::api::{Script, ScriptStatus, Task, Workflow};
 
-use super::fixtures::{Fixture, NAMESPACE, cache, next_event, stored};
+use super::fixtures::{ApiServer, Fixture, NAMESPACE, cache, next_event, stored};
 
 /// Runs a reconcile that must make no request: an unanswered request would keep it
 /// waiting, so it must end on its own within a moment.
@@ -141,6 +141,18 @@ fn drained_for_weekly_m1(name: &str) -> Node {
         .into(),
     );
     node
+}
+
+/// Answers the next request, a merge patch of Node `name`, and returns the patch.
+async fn patched_node(server: &mut ApiServer, name: &str) -> Value {
+    server
+        .answer(
+            "PATCH",
+            &format!("/api/v1/nodes/{name}"),
+            200,
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}),
+        )
+        .await
 }
 
 /// The Agent of the cluster node `name`.
@@ -568,8 +580,7 @@ async fn node_claimed_for_a_waiting_job(decision_on_the_job: Option<&str>) {
         mut queued_events,
         ..
     } = Fixture::new();
-    let node_agent = node_agent("node-a");
-    cache(&mut writers.agents, node_agent);
+    cache(&mut writers.agents, node_agent("node-a"));
     let mut plan = plan(5);
     plan.status = None;
     cache(&mut writers.plans, plan);
@@ -603,14 +614,7 @@ async fn node_claimed_for_a_waiting_job(decision_on_the_job: Option<&str>) {
             json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": []}),
         )
         .await;
-    let cordon = server
-        .answer(
-            "PATCH",
-            "/api/v1/nodes/node-a",
-            200,
-            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}}),
-        )
-        .await;
+    let cordon = patched_node(&mut server, "node-a").await;
     assert_eq!(cordon["spec"]["unschedulable"], true);
     assert_eq!(
         cordon["metadata"]["annotations"]["fleetpatch.io/drain-for"],
@@ -666,14 +670,7 @@ async fn a_denial_while_the_node_is_held_gives_the_node_back() {
     cache(&mut writers.jobs, held);
     let node = drained_for_weekly_m1("node-a");
     let reconcile = tokio::spawn(super::drain::reconcile_node(Arc::new(node), ctx));
-    let released = server
-        .answer(
-            "PATCH",
-            "/api/v1/nodes/node-a",
-            200,
-            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}}),
-        )
-        .await;
+    let released = patched_node(&mut server, "node-a").await;
     assert!(
         released["spec"]
             .as_object()
@@ -697,8 +694,7 @@ async fn a_forged_job_never_gets_a_node_cordoned() {
         mut writers,
         ..
     } = Fixture::new();
-    let node_agent = node_agent("node-a");
-    cache(&mut writers.agents, node_agent);
+    cache(&mut writers.agents, node_agent("node-a"));
     // Unsigned, and for node-b although its agent is node-a's.
     let mut forged = waiting_for_reboot("forged");
     forged.spec.agent = "node-a".into();
@@ -739,8 +735,7 @@ async fn a_denial_written_after_the_approval_does_not_release_a_rebooting_node()
         mut writers,
         ..
     } = Fixture::new();
-    let node_agent = node_agent("node-a");
-    cache(&mut writers.agents, node_agent);
+    cache(&mut writers.agents, node_agent("node-a"));
     cache(&mut writers.plans, plan(5));
     let mut held = waiting_for_reboot("weekly-m1-node-a");
     held.spec.agent = "node-a".into();
