@@ -865,24 +865,9 @@ async fn token_reviews_for_unknown_node_tokens_are_bounded_across_sources() {
 /// the attack lasts. A source must be able to hold only a small share of the slots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_few_sources_cannot_hold_every_registration_slot() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let fixture = Fixture::new();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(super::serve::serve(
-        listener,
-        fixture.ctx.gateway.router(),
-        None,
-        super::serve::ServeLimits::default(),
-    ));
-    let connect_from = |last: u8| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket
-            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
-            .unwrap();
-        socket.connect(address).await.unwrap()
-    };
+    let connect_from = serve_fixture(&fixture, super::serve::ServeLimits::default());
     let mut held = Vec::new();
     for source in 2..=4u8 {
         for _ in 0..90 {
@@ -904,24 +889,12 @@ async fn a_few_sources_cannot_hold_every_registration_slot() {
     .unwrap();
     let mut legit = connect_from(9).await;
     legit
-        .write_all(
-            format!(
-                "POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            )
-            .as_bytes(),
-        )
+        .write_all(register_head(body.len()).as_bytes())
         .await
         .unwrap();
     legit.write_all(&body).await.unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        legit.read_to_end(&mut answer),
-    )
-    .await;
+    let answer = read_to_close(&mut legit).await;
     drop(held);
-    let answer = String::from_utf8_lossy(&answer);
     let status_line = answer.lines().next().unwrap_or_default().to_string();
     assert!(
         !status_line.contains(" 503 "),
@@ -941,28 +914,16 @@ async fn a_few_sources_cannot_hold_every_registration_slot() {
 /// at a share that many sources cannot add up to).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_from_a_few_sources_do_not_lock_every_agent_out() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let fixture = Fixture::new();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(super::serve::serve(
-        listener,
-        fixture.ctx.gateway.router(),
-        None,
+    let connect_from = serve_fixture(
+        &fixture,
         super::serve::ServeLimits {
             max_connections: 64,
             max_connections_per_source: 16,
             ..Default::default()
         },
-    ));
-    let connect_from = |last: u8| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket
-            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
-            .unwrap();
-        socket.connect(address).await.unwrap()
-    };
+    );
     let mut held = Vec::new();
     for source in 2..=5u8 {
         for _ in 0..16 {
@@ -974,14 +935,8 @@ async fn idle_connections_from_a_few_sources_do_not_lock_every_agent_out() {
     let _ = agent
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
         .await;
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        agent.read_to_end(&mut answer),
-    )
-    .await;
+    let answer = read_to_close(&mut agent).await;
     drop(held);
-    let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 200"),
         "four sources holding idle connections lock a fifth out of the gateway: got {:?}",
@@ -1199,26 +1154,14 @@ async fn one_agent_credential_cannot_hold_every_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut fixture = Fixture::new();
     known_host(&mut fixture);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(super::serve::serve(
-        listener,
-        fixture.ctx.gateway.router(),
-        None,
+    let connect_from = serve_fixture(
+        &fixture,
         super::serve::ServeLimits {
             max_connections: 8,
             max_connections_per_source: 4,
             ..Default::default()
         },
-    ));
-    let connect_from = |last: u8| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket
-            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
-            .unwrap();
-        socket.connect(address).await.unwrap()
-    };
+    );
     let mut held = Vec::new();
     for source in 2..=3u8 {
         for _ in 0..4 {
@@ -1248,14 +1191,8 @@ async fn one_agent_credential_cannot_hold_every_connection() {
     let _ = other
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
         .await;
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        other.read_to_end(&mut answer),
-    )
-    .await;
+    let answer = read_to_close(&mut other).await;
     drop(held);
-    let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 200"),
         "one agent's credential holds every connection of the gateway: a fresh client got {:?}",
@@ -1342,29 +1279,17 @@ async fn the_cache_keeps_little_of_a_signed_job_whatever_its_annotations() {
 /// untrusted connections (the flooder's own), not of the oldest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_connecting_after_an_agent_do_not_close_its_connection() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut fixture = Fixture::new();
     known_host(&mut fixture);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(super::serve::serve(
-        listener,
-        fixture.ctx.gateway.router(),
-        None,
+    let connect_from = serve_fixture(
+        &fixture,
         super::serve::ServeLimits {
             max_connections: 8,
             max_connections_per_source: 4,
             ..Default::default()
         },
-    ));
-    let connect_from = |last: u8| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket
-            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
-            .unwrap();
-        socket.connect(address).await.unwrap()
-    };
+    );
     let mut held = Vec::new();
     for source in 2..=3u8 {
         for _ in 0..4 {
@@ -1388,14 +1313,8 @@ async fn strangers_connecting_after_an_agent_do_not_close_its_connection() {
                 .as_bytes(),
         )
         .await;
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        agent.read_to_end(&mut answer),
-    )
-    .await;
+    let answer = read_to_close(&mut agent).await;
     drop(held);
-    let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 200"),
         "eight stranger connections opened after an agent's close it before its first request: got {:?}",
@@ -1419,7 +1338,7 @@ async fn strangers_connecting_after_an_agent_do_not_close_its_connection() {
 /// progress must not be closed to make room (evict only idle or handshaking ones).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut fixture = Fixture::new();
     let token = Secret {
         metadata: stored("once", Some(NAMESPACE)),
@@ -1428,26 +1347,14 @@ async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
         ..Default::default()
     };
     cache(&mut fixture.writers.tokens, token);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(super::serve::serve(
-        listener,
-        fixture.ctx.gateway.router(),
-        None,
+    let connect_from = serve_fixture(
+        &fixture,
         super::serve::ServeLimits {
             max_connections: 4,
             max_connections_per_source: 0,
             ..Default::default()
         },
-    ));
-    let connect_from = |last: u8| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket
-            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
-            .unwrap();
-        socket.connect(address).await.unwrap()
-    };
+    );
     let body =
         serde_json::to_vec(&json!({"name": "web-1", "os": "Linux", "bootstrapToken": "only-once"}))
             .unwrap();
@@ -1493,14 +1400,8 @@ async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
     let mut watched: Secret = serde_json::from_value(stored_credential).unwrap();
     watched.metadata = stored("fleetpatch-agent-web-1", Some(NAMESPACE));
     cache(&mut fixture.writers.credentials, watched);
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        host.read_to_end(&mut answer),
-    )
-    .await;
+    let answer = read_to_close(&mut host).await;
     drop(strangers);
-    let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 200") && answer.contains("credential"),
         "the registration was cut after its bootstrap token was spent; the host got {:?}",
@@ -1523,7 +1424,7 @@ async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
 /// reasonable rate instead of after 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_sources_cannot_hold_every_registration_slot() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let fixture = Fixture::new();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -1559,24 +1460,12 @@ async fn sixty_four_sources_cannot_hold_every_registration_slot() {
     .unwrap();
     let mut legit = connect_from([127, 0, 2, 9]).await;
     legit
-        .write_all(
-            format!(
-                "POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            )
-            .as_bytes(),
-        )
+        .write_all(register_head(body.len()).as_bytes())
         .await
         .unwrap();
     legit.write_all(&body).await.unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        legit.read_to_end(&mut answer),
-    )
-    .await;
+    let answer = read_to_close(&mut legit).await;
     drop(held);
-    let answer = String::from_utf8_lossy(&answer);
     let status_line = answer.lines().next().unwrap_or_default().to_string();
     assert!(
         !status_line.contains(" 503 "),
@@ -1682,11 +1571,31 @@ async fn a_long_drain_message_is_cached_as_written() {
     );
 }
 
+/// What arrives on `stream` until it closes, or within 5 s.
+async fn read_to_close(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// The head of a complete registration request whose body is `length` bytes.
+fn register_head(length: usize) -> String {
+    format!(
+        "POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    )
+}
+
 /// Serves the fixture's gateway on loopback with `limits`; connects from 127.0.0.`last`.
 fn serve_fixture(
     fixture: &Fixture,
     limits: super::serve::ServeLimits,
-) -> impl Fn(u8) -> std::pin::Pin<Box<dyn std::future::Future<Output = tokio::net::TcpStream>>> {
+) -> impl Fn(u8) -> std::pin::Pin<Box<dyn std::future::Future<Output = tokio::net::TcpStream>>> + use<>
+{
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let address = listener.local_addr().unwrap();
