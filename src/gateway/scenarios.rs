@@ -13,7 +13,7 @@ use tower::ServiceExt;
 
 use crate::api::agent::Agent;
 use crate::api::patchjob::PatchJob;
-use crate::controller::fixtures::{Fixture, NAMESPACE, cache, stored};
+use crate::controller::fixtures::{ApiServer, Fixture, NAMESPACE, cache, stored};
 
 use super::credentials;
 use super::jobs::SIGNATURE_ANNOTATION;
@@ -129,13 +129,7 @@ async fn call_with(
 #[tokio::test]
 async fn registration_creates_the_agent_and_its_credential_and_only_then_spends_the_token() {
     let mut fixture = Fixture::new();
-    let token = Secret {
-        metadata: stored("once", Some(NAMESPACE)),
-        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
-        data: Some([("token".to_string(), ByteString(b"only-once".to_vec()))].into()),
-        ..Default::default()
-    };
-    cache(&mut fixture.writers.tokens, token);
+    cache_one_time_token(&mut fixture);
     let request = json!({"name": "web-1", "os": "Linux", "bootstrapToken": "only-once"});
     let gateway = fixture.ctx.gateway.clone();
     let gateway =
@@ -143,25 +137,8 @@ async fn registration_creates_the_agent_and_its_credential_and_only_then_spends_
             async move { call(&gateway, "POST", "/agent/v1/register", None, request).await },
         );
     let server = &mut fixture.server;
-    server
-        .answer_query("GET", "/api/v1/nodes", "fieldSelector=metadata.name%3Dweb-1", 200,
-            json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
-        .await;
-    let agent = server
-        .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-1"}, "spec": {"mode": "External", "os": "Linux"}}))
-        .await;
+    let (agent, stored_credential, spent) = answer_registration(server).await;
     assert_eq!(agent["spec"]["mode"], "External");
-    let stored_credential = server
-        .answer("PATCH", &format!("/api/v1/namespaces/{NAMESPACE}/secrets/fleetpatch-agent-web-1"), 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fleetpatch-agent-web-1"}}))
-        .await;
-    let spent = server
-        .answer(
-            "PATCH",
-            &format!("/api/v1/namespaces/{NAMESPACE}/secrets/once"),
-            200,
-            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "once"}}),
-        )
-        .await;
     assert_eq!(
         spent["metadata"]["resourceVersion"], "7",
         "spent over the version read"
@@ -1340,13 +1317,7 @@ async fn strangers_connecting_after_an_agent_do_not_close_its_connection() {
 async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
     use tokio::io::AsyncWriteExt;
     let mut fixture = Fixture::new();
-    let token = Secret {
-        metadata: stored("once", Some(NAMESPACE)),
-        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
-        data: Some([("token".to_string(), ByteString(b"only-once".to_vec()))].into()),
-        ..Default::default()
-    };
-    cache(&mut fixture.writers.tokens, token);
+    cache_one_time_token(&mut fixture);
     let connect_from = serve_fixture(
         &fixture,
         super::serve::ServeLimits {
@@ -1359,35 +1330,12 @@ async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
         serde_json::to_vec(&json!({"name": "web-1", "os": "Linux", "bootstrapToken": "only-once"}))
             .unwrap();
     let mut host = connect_from(9).await;
-    host.write_all(
-        format!(
-            "POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    host.write_all(register_head(body.len()).as_bytes())
+        .await
+        .unwrap();
     host.write_all(&body).await.unwrap();
     let server = &mut fixture.server;
-    server
-        .answer_query("GET", "/api/v1/nodes", "fieldSelector=metadata.name%3Dweb-1", 200,
-            json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
-        .await;
-    let agent = server
-        .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-1"}, "spec": {"mode": "External", "os": "Linux"}}))
-        .await;
-    let stored_credential = server
-        .answer("PATCH", &format!("/api/v1/namespaces/{NAMESPACE}/secrets/fleetpatch-agent-web-1"), 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fleetpatch-agent-web-1"}}))
-        .await;
-    server
-        .answer(
-            "PATCH",
-            &format!("/api/v1/namespaces/{NAMESPACE}/secrets/once"),
-            200,
-            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "once"}}),
-        )
-        .await;
+    let (agent, stored_credential, _spent) = answer_registration(server).await;
     // The token is spent; the answer waits for the caches. Strangers connect.
     let mut strangers = Vec::new();
     for _ in 0..4 {
@@ -1569,6 +1517,42 @@ async fn a_long_drain_message_is_cached_as_written() {
         crate::controller::drain::says(&cached, &message),
         "the drain's message, as cached, differs from what the drain would write: it re-PATCHes the job on every pass"
     );
+}
+
+/// Bootstrap token `once` (value `only-once`), good for one registration.
+fn cache_one_time_token(fixture: &mut Fixture) {
+    let token = Secret {
+        metadata: stored("once", Some(NAMESPACE)),
+        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
+        data: Some([("token".to_string(), ByteString(b"only-once".to_vec()))].into()),
+        ..Default::default()
+    };
+    cache(&mut fixture.writers.tokens, token);
+}
+
+/// Answers the requests of web-1's registration with token `once`, in their order:
+/// the Node lookup, then the Agent's creation, its credential Secret and the spent
+/// token; returns the three writes.
+async fn answer_registration(server: &mut ApiServer) -> (Value, Value, Value) {
+    server
+        .answer_query("GET", "/api/v1/nodes", "fieldSelector=metadata.name%3Dweb-1", 200,
+            json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
+        .await;
+    let agent = server
+        .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-1"}, "spec": {"mode": "External", "os": "Linux"}}))
+        .await;
+    let stored_credential = server
+        .answer("PATCH", &format!("/api/v1/namespaces/{NAMESPACE}/secrets/fleetpatch-agent-web-1"), 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fleetpatch-agent-web-1"}}))
+        .await;
+    let spent = server
+        .answer(
+            "PATCH",
+            &format!("/api/v1/namespaces/{NAMESPACE}/secrets/once"),
+            200,
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "once"}}),
+        )
+        .await;
+    (agent, stored_credential, spent)
 }
 
 /// What arrives on `stream` until it closes, or within 5 s.
