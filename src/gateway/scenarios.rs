@@ -296,14 +296,7 @@ async fn an_assignment_fetches_the_full_job_once_and_hands_out_its_scripts() {
         base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "echo hi")
     );
     // Asked again: from what it fetched, no second read.
-    let (status, body) = call(
-        &fixture.ctx.gateway,
-        "GET",
-        "/agent/v1/assignments",
-        Some(BEARER),
-        Value::Null,
-    )
-    .await;
+    let (status, body) = get_as_host(&fixture, "/agent/v1/assignments").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["jobs"].as_array().unwrap().len(), 1);
     assert_eq!(
@@ -415,14 +408,7 @@ async fn a_job_is_over_once_its_final_report_is_written_whatever_the_cache_says(
         .await;
     flush.await.unwrap();
     // The cache still has the job unfinished.
-    let (status, body) = call(
-        &fixture.ctx.gateway,
-        "GET",
-        "/agent/v1/assignments?waitSeconds=0",
-        Some(BEARER),
-        Value::Null,
-    )
-    .await;
+    let (status, body) = get_as_host(&fixture, "/agent/v1/assignments?waitSeconds=0").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         body["jobs"],
@@ -576,14 +562,7 @@ async fn a_job_past_its_deadline_is_not_handed_out() {
         .sign("team", "weekly-m1-web-1", &job.spec);
     job.metadata.annotations = Some([(SIGNATURE_ANNOTATION.to_string(), signature)].into());
     cached_job(&mut fixture, &job);
-    let (status, body) = call(
-        &fixture.ctx.gateway,
-        "GET",
-        "/agent/v1/assignments?waitSeconds=0",
-        Some(BEARER),
-        Value::Null,
-    )
-    .await;
+    let (status, body) = get_as_host(&fixture, "/agent/v1/assignments?waitSeconds=0").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["jobs"], json!([]));
     fixture.server.done().await;
@@ -679,15 +658,7 @@ async fn unauthenticated_registrations_cannot_make_the_gateway_hold_their_bodies
         pages * 4096
     }
     let fixture = Fixture::new();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(super::serve::serve(
-        listener,
-        fixture.ctx.gateway.router(),
-        None,
-        super::serve::ServeLimits::default(),
-    ));
+    let address = serve_on_loopback(&fixture, super::serve::ServeLimits::default());
     const CONNECTIONS: usize = 250;
     const BODY: usize = 500 * 1024;
     let before = rss_bytes();
@@ -1374,15 +1345,7 @@ async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
 async fn sixty_four_sources_cannot_hold_every_registration_slot() {
     use tokio::io::AsyncWriteExt;
     let fixture = Fixture::new();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(super::serve::serve(
-        listener,
-        fixture.ctx.gateway.router(),
-        None,
-        super::serve::ServeLimits::default(),
-    ));
+    let address = serve_on_loopback(&fixture, super::serve::ServeLimits::default());
     let connect_from = |source: [u8; 4]| async move {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind(SocketAddr::from((source, 0))).unwrap();
@@ -1460,14 +1423,7 @@ async fn unsigned_jobs_naming_an_agent_cost_its_polls_nothing() {
     let warnings = Arc::new(AtomicUsize::new(0));
     let subscriber = tracing_subscriber::registry().with(CountWarnings(warnings.clone()));
     let _guard = tracing::subscriber::set_default(subscriber);
-    let (status, body) = call(
-        &fixture.ctx.gateway,
-        "GET",
-        "/agent/v1/assignments",
-        Some(BEARER),
-        Value::Null,
-    )
-    .await;
+    let (status, body) = get_as_host(&fixture, "/agent/v1/assignments").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["jobs"], json!([]));
     let warnings = warnings.load(Ordering::Relaxed);
@@ -1574,12 +1530,8 @@ fn register_head(length: usize) -> String {
     )
 }
 
-/// Serves the fixture's gateway on loopback with `limits`; connects from 127.0.0.`last`.
-fn serve_fixture(
-    fixture: &Fixture,
-    limits: super::serve::ServeLimits,
-) -> impl Fn(u8) -> std::pin::Pin<Box<dyn std::future::Future<Output = tokio::net::TcpStream>>> + use<>
-{
+/// Serves the fixture's gateway on a loopback port with `limits`; returns its address.
+fn serve_on_loopback(fixture: &Fixture, limits: super::serve::ServeLimits) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let address = listener.local_addr().unwrap();
@@ -1589,6 +1541,21 @@ fn serve_fixture(
         None,
         limits,
     ));
+    address
+}
+
+/// A GET by web-1, with its credential.
+async fn get_as_host(fixture: &Fixture, path: &str) -> (StatusCode, Value) {
+    call(&fixture.ctx.gateway, "GET", path, Some(BEARER), Value::Null).await
+}
+
+/// Serves the fixture's gateway on loopback with `limits`; connects from 127.0.0.`last`.
+fn serve_fixture(
+    fixture: &Fixture,
+    limits: super::serve::ServeLimits,
+) -> impl Fn(u8) -> std::pin::Pin<Box<dyn std::future::Future<Output = tokio::net::TcpStream>>> + use<>
+{
+    let address = serve_on_loopback(fixture, limits);
     move |last: u8| {
         Box::pin(async move {
             let socket = tokio::net::TcpSocket::new_v4().unwrap();
