@@ -813,37 +813,18 @@ async fn token_reviews_for_unknown_node_tokens_are_bounded_across_sources() {
 /// the attack lasts. A source must be able to hold only a small share of the slots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_few_sources_cannot_hold_every_registration_slot() {
-    use tokio::io::AsyncWriteExt;
     let fixture = Fixture::new();
     let connect_from = serve_fixture(&fixture, super::serve::ServeLimits::default());
     let mut held = Vec::new();
     for source in 2..=4u8 {
         for _ in 0..90 {
-            let mut stream = connect_from(source).await;
-            stream
-                .write_all(
-                    b"POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n",
-                )
-                .await
-                .unwrap();
-            held.push(stream);
+            held.push(without_body(connect_from(source).await).await);
         }
     }
     // Let the gateway take the slots.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let body = serde_json::to_vec(
-        &json!({"name": "new-host", "os": "Linux", "bootstrapToken": "whatever"}),
-    )
-    .unwrap();
-    let mut legit = connect_from(9).await;
-    legit
-        .write_all(register_head(body.len()).as_bytes())
-        .await
-        .unwrap();
-    legit.write_all(&body).await.unwrap();
-    let answer = read_to_close(&mut legit).await;
+    let status_line = register_new_host(connect_from(9).await).await;
     drop(held);
-    let status_line = answer.lines().next().unwrap_or_default().to_string();
     assert!(
         !status_line.contains(" 503 "),
         "a complete registration from a fresh source is turned away while three slow sources hold the slots: {status_line}"
@@ -1343,7 +1324,6 @@ async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
 /// reasonable rate instead of after 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_sources_cannot_hold_every_registration_slot() {
-    use tokio::io::AsyncWriteExt;
     let fixture = Fixture::new();
     let address = serve_on_loopback(&fixture, super::serve::ServeLimits::default());
     let connect_from = |source: [u8; 4]| async move {
@@ -1354,30 +1334,12 @@ async fn sixty_four_sources_cannot_hold_every_registration_slot() {
     let mut held = Vec::new();
     for source in 2..=66u8 {
         for _ in 0..4 {
-            let mut stream = connect_from([127, 0, 1, source]).await;
-            stream
-                .write_all(
-                    b"POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n",
-                )
-                .await
-                .unwrap();
-            held.push(stream);
+            held.push(without_body(connect_from([127, 0, 1, source]).await).await);
         }
     }
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let body = serde_json::to_vec(
-        &json!({"name": "new-host", "os": "Linux", "bootstrapToken": "whatever"}),
-    )
-    .unwrap();
-    let mut legit = connect_from([127, 0, 2, 9]).await;
-    legit
-        .write_all(register_head(body.len()).as_bytes())
-        .await
-        .unwrap();
-    legit.write_all(&body).await.unwrap();
-    let answer = read_to_close(&mut legit).await;
+    let status_line = register_new_host(connect_from([127, 0, 2, 9]).await).await;
     drop(held);
-    let status_line = answer.lines().next().unwrap_or_default().to_string();
     assert!(
         !status_line.contains(" 503 "),
         "a complete registration from a fresh source is turned away while 65 slow sources hold the slots: {status_line}"
@@ -1521,6 +1483,34 @@ async fn read_to_close(stream: &mut tokio::net::TcpStream) -> String {
     )
     .await;
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Sends a registration's head on `stream` and never its 200-byte body.
+async fn without_body(mut stream: tokio::net::TcpStream) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    stream
+        .write_all(
+            b"POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    stream
+}
+
+/// A complete registration of `new-host` on `stream`; returns the answer's status line.
+async fn register_new_host(mut stream: tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncWriteExt;
+    let body = serde_json::to_vec(
+        &json!({"name": "new-host", "os": "Linux", "bootstrapToken": "whatever"}),
+    )
+    .unwrap();
+    stream
+        .write_all(register_head(body.len()).as_bytes())
+        .await
+        .unwrap();
+    stream.write_all(&body).await.unwrap();
+    let answer = read_to_close(&mut stream).await;
+    answer.lines().next().unwrap_or_default().to_string()
 }
 
 /// The head of a complete registration request whose body is `length` bytes.
