@@ -600,7 +600,7 @@ async fn reports_about_unknown_jobs_cost_reads_only_within_a_budget() {
         break;
     }
     assert!(
-        (1..=60).contains(&reads),
+        within_read_budget(reads),
         "{reads} reads before the budget ran out"
     );
     fixture.server.done().await;
@@ -635,7 +635,7 @@ async fn reboot_decision_polls_cost_node_reads_only_within_a_budget() {
         break;
     }
     assert!(
-        (1..=60).contains(&reads),
+        within_read_budget(reads),
         "{reads} Node reads for 200 asks by one agent: the reboot endpoint has no read budget"
     );
     fixture.server.done().await;
@@ -845,14 +845,7 @@ async fn a_few_sources_cannot_hold_every_registration_slot() {
 async fn idle_connections_from_a_few_sources_do_not_lock_every_agent_out() {
     use tokio::io::AsyncWriteExt;
     let fixture = Fixture::new();
-    let connect_from = serve_fixture(
-        &fixture,
-        super::serve::ServeLimits {
-            max_connections: 64,
-            max_connections_per_source: 16,
-            ..Default::default()
-        },
-    );
+    let connect_from = serve_fixture(&fixture, capped(64, 16));
     let mut held = Vec::new();
     for source in 2..=5u8 {
         for _ in 0..16 {
@@ -972,6 +965,20 @@ fn node_a_authenticator() -> (super::auth::Authenticator, super::limits::SourceL
     (auth, SourceLimiter::new(&UnauthenticatedLimits::default()))
 }
 
+/// node-a's agent authenticating from its own address with its real token.
+async fn node_a_asks(
+    auth: &super::auth::Authenticator,
+    limiter: &super::limits::SourceLimiter,
+) -> Result<super::auth::Identity, super::Refusal> {
+    auth.authenticate(
+        &node_headers("node-token", "node-a"),
+        std::net::IpAddr::from([10, 0, 0, 7]),
+        super::auth::Purpose::Serve,
+        limiter,
+    )
+    .await
+}
+
 /// A node agent's request headers: its bearer token and the node it claims.
 fn node_headers(token: &str, node: &str) -> axum::http::HeaderMap {
     let mut headers = axum::http::HeaderMap::new();
@@ -1017,20 +1024,11 @@ async fn flood_with_made_up_node_tokens(
 /// review, or keep a reserve of reviews for sources that are known nodes).
 #[tokio::test]
 async fn strangers_cannot_spend_the_token_reviews_node_agents_need() {
-    use super::auth::Purpose;
     let (auth, limiter) = node_a_authenticator();
     flood_with_made_up_node_tokens(&auth, &limiter).await;
     // Node node-a's agent, from its own address, with its real token (its earlier
     // verdict expired).
-    let node = std::net::IpAddr::from([10, 0, 0, 7]);
-    let verdict = auth
-        .authenticate(
-            &node_headers("node-token", "node-a"),
-            node,
-            Purpose::Serve,
-            &limiter,
-        )
-        .await;
+    let verdict = node_a_asks(&auth, &limiter).await;
     assert!(
         verdict.is_ok(),
         "twenty stranger sources spent the TokenReview budget: node-a's own agent is refused ({verdict:?})"
@@ -1047,20 +1045,11 @@ async fn strangers_cannot_spend_the_token_reviews_node_agents_need() {
 /// what it is: 429/503, retried.
 #[tokio::test]
 async fn a_spent_review_budget_is_not_an_authentication_failure() {
-    use super::auth::Purpose;
     let (auth, limiter) = node_a_authenticator();
     flood_with_made_up_node_tokens(&auth, &limiter).await;
     // Node node-a's agent, from its own address, with its real token (its earlier
     // verdict expired).
-    let node = std::net::IpAddr::from([10, 0, 0, 7]);
-    let verdict = auth
-        .authenticate(
-            &node_headers("node-token", "node-a"),
-            node,
-            Purpose::Serve,
-            &limiter,
-        )
-        .await;
+    let verdict = node_a_asks(&auth, &limiter).await;
     assert!(
         !matches!(verdict, Err(super::Refusal::Unauthorized)),
         "the gateway had no TokenReview to spare and told node-a's agent its token is refused (401)"
@@ -1083,14 +1072,7 @@ async fn one_agent_credential_cannot_hold_every_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut fixture = Fixture::new();
     known_host(&mut fixture);
-    let connect_from = serve_fixture(
-        &fixture,
-        super::serve::ServeLimits {
-            max_connections: 8,
-            max_connections_per_source: 4,
-            ..Default::default()
-        },
-    );
+    let connect_from = serve_fixture(&fixture, capped(8, 4));
     let mut held = Vec::new();
     for source in 2..=3u8 {
         for _ in 0..4 {
@@ -1211,14 +1193,7 @@ async fn strangers_connecting_after_an_agent_do_not_close_its_connection() {
     use tokio::io::AsyncWriteExt;
     let mut fixture = Fixture::new();
     known_host(&mut fixture);
-    let connect_from = serve_fixture(
-        &fixture,
-        super::serve::ServeLimits {
-            max_connections: 8,
-            max_connections_per_source: 4,
-            ..Default::default()
-        },
-    );
+    let connect_from = serve_fixture(&fixture, capped(8, 4));
     let mut held = Vec::new();
     for source in 2..=3u8 {
         for _ in 0..4 {
@@ -1270,14 +1245,7 @@ async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
     use tokio::io::AsyncWriteExt;
     let mut fixture = Fixture::new();
     cache_one_time_token(&mut fixture);
-    let connect_from = serve_fixture(
-        &fixture,
-        super::serve::ServeLimits {
-            max_connections: 4,
-            max_connections_per_source: 0,
-            ..Default::default()
-        },
-    );
+    let connect_from = serve_fixture(&fixture, capped(4, 0));
     let body =
         serde_json::to_vec(&json!({"name": "web-1", "os": "Linux", "bootstrapToken": "only-once"}))
             .unwrap();
@@ -1520,6 +1488,21 @@ fn register_head(length: usize) -> String {
     )
 }
 
+/// Connection caps scaled down for a test: `total` in all, `per_source` each.
+fn capped(total: usize, per_source: usize) -> super::serve::ServeLimits {
+    super::serve::ServeLimits {
+        max_connections: total,
+        max_connections_per_source: per_source,
+        ..Default::default()
+    }
+}
+
+/// Whether the API reads a flood cost stayed within an agent's read budget (and the
+/// budget allowed some).
+fn within_read_budget(reads: usize) -> bool {
+    (1..=60).contains(&reads)
+}
+
 /// Serves the fixture's gateway on a loopback port with `limits`; returns its address.
 fn serve_on_loopback(fixture: &Fixture, limits: super::serve::ServeLimits) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1593,14 +1576,7 @@ async fn a_connection_closed_to_make_room_answers_its_request_first() {
     let mut fixture = Fixture::with_max_wait(std::time::Duration::from_secs(30));
     known_host(&mut fixture);
     // Two connections in all: an agent's share is one.
-    let connect = serve_fixture(
-        &fixture,
-        super::serve::ServeLimits {
-            max_connections: 2,
-            max_connections_per_source: 0,
-            ..Default::default()
-        },
-    );
+    let connect = serve_fixture(&fixture, capped(2, 0));
     let poll = format!(
         "GET /agent/v1/assignments?waitSeconds=30 HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\n\r\n"
     );
