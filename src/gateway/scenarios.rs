@@ -599,10 +599,7 @@ async fn reports_about_unknown_jobs_cost_reads_only_within_a_budget() {
         assert_eq!(answered.0, StatusCode::TOO_MANY_REQUESTS, "{}", answered.1);
         break;
     }
-    assert!(
-        within_read_budget(reads),
-        "{reads} reads before the budget ran out"
-    );
+    assert_within_read_budget(reads, "reads before the budget ran out");
     fixture.server.done().await;
 }
 
@@ -634,9 +631,9 @@ async fn reboot_decision_polls_cost_node_reads_only_within_a_budget() {
         assert_eq!(answered.0, StatusCode::TOO_MANY_REQUESTS, "{}", answered.1);
         break;
     }
-    assert!(
-        within_read_budget(reads),
-        "{reads} Node reads for 200 asks by one agent: the reboot endpoint has no read budget"
+    assert_within_read_budget(
+        reads,
+        "Node reads for 200 asks by one agent: the reboot endpoint has no read budget",
     );
     fixture.server.done().await;
 }
@@ -1070,9 +1067,7 @@ async fn a_spent_review_budget_is_not_an_authentication_failure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_agent_credential_cannot_hold_every_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut fixture = Fixture::new();
-    known_host(&mut fixture);
-    let connect_from = serve_fixture(&fixture, capped(8, 4));
+    let (_fixture, connect_from) = known_host_served(capped(8, 4));
     let mut held = Vec::new();
     for source in 2..=3u8 {
         for _ in 0..4 {
@@ -1191,9 +1186,7 @@ async fn the_cache_keeps_little_of_a_signed_job_whatever_its_annotations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_connecting_after_an_agent_do_not_close_its_connection() {
     use tokio::io::AsyncWriteExt;
-    let mut fixture = Fixture::new();
-    known_host(&mut fixture);
-    let connect_from = serve_fixture(&fixture, capped(8, 4));
+    let (_fixture, connect_from) = known_host_served(capped(8, 4));
     let mut held = Vec::new();
     for source in 2..=3u8 {
         for _ in 0..4 {
@@ -1497,10 +1490,38 @@ fn capped(total: usize, per_source: usize) -> super::serve::ServeLimits {
     }
 }
 
-/// Whether the API reads a flood cost stayed within an agent's read budget (and the
-/// budget allowed some).
-fn within_read_budget(reads: usize) -> bool {
-    (1..=60).contains(&reads)
+/// The API reads a flood cost stayed within an agent's read budget (and the budget
+/// allowed some); else fails saying `what` they were.
+fn assert_within_read_budget(reads: usize, what: &str) {
+    assert!((1..=60).contains(&reads), "{reads} {what}");
+}
+
+/// A fixture that knows web-1, served on loopback with `limits`, and how to connect
+/// to it from 127.0.0.`last`.
+fn known_host_served(
+    limits: super::serve::ServeLimits,
+) -> (
+    Fixture,
+    impl Fn(u8) -> std::pin::Pin<Box<dyn std::future::Future<Output = tokio::net::TcpStream>>>,
+) {
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    let connect_from = serve_fixture(&fixture, limits);
+    (fixture, connect_from)
+}
+
+/// web-1's assignments poll on an open connection; returns the answer's head.
+async fn poll_over(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncWriteExt;
+    stream
+        .write_all(
+            format!("GET /agent/v1/assignments HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    read_for(stream, std::time::Duration::from_secs(5), "\r\n\r\n")
+        .await
+        .0
 }
 
 /// Serves the fixture's gateway on a loopback port with `limits`; returns its address.
@@ -1619,13 +1640,7 @@ async fn a_connection_that_never_authenticates_is_closed_at_its_deadline() {
     );
     let mut stranger = connect(2).await;
     let mut agent = connect(3).await;
-    agent
-        .write_all(
-            format!("GET /agent/v1/assignments HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let (answer, _) = read_for(&mut agent, std::time::Duration::from_secs(5), "\r\n\r\n").await;
+    let answer = poll_over(&mut agent).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "the poll: {answer:?}");
     let mut closed = false;
     let mut answered = 0;
@@ -1655,13 +1670,7 @@ async fn a_connection_that_never_authenticates_is_closed_at_its_deadline() {
         answered >= 1,
         "the stranger's health checks were answered first"
     );
-    agent
-        .write_all(
-            format!("GET /agent/v1/assignments HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let (answer, _) = read_for(&mut agent, std::time::Duration::from_secs(5), "\r\n\r\n").await;
+    let answer = poll_over(&mut agent).await;
     assert!(
         answer.starts_with("HTTP/1.1 200"),
         "the agent's connection, past the same deadline, still serves: {answer:?}"
