@@ -277,13 +277,7 @@ async fn a_workflow_of_existing_tasks_becomes_ready_in_one_write() {
 
 #[tokio::test]
 async fn a_requested_run_with_max_concurrent_one_creates_exactly_one_signed_job() {
-    let Fixture {
-        ctx,
-        mut server,
-        mut writers,
-        mut queued_events,
-        ..
-    } = Fixture::new();
+    let (ctx, mut server, mut writers, mut queued_events) = Fixture::new().into_parts();
     cache(&mut writers.scripts, script("hello"));
     cache(&mut writers.tasks, task("say", "hello"));
     cache(&mut writers.workflows, workflow("flow", &["say"]));
@@ -318,13 +312,7 @@ async fn a_requested_run_with_max_concurrent_one_creates_exactly_one_signed_job(
 /// failed, runs nothing, and says why, in its status, the run's failures and an Event.
 #[tokio::test]
 async fn a_host_whose_os_has_no_default_workflow_is_left_out_with_the_reason() {
-    let Fixture {
-        ctx,
-        mut server,
-        mut writers,
-        mut queued_events,
-        ..
-    } = Fixture::new();
+    let (ctx, mut server, mut writers, mut queued_events) = Fixture::new().into_parts();
     cache(&mut writers.scripts, script("hello"));
     cache(&mut writers.tasks, task("say", "hello"));
     let mut linux_default = workflow("flow", &["say"]);
@@ -573,13 +561,7 @@ async fn a_job_that_approves_its_own_reboot_is_drained_like_any_other() {
 }
 
 async fn node_claimed_for_a_waiting_job(decision_on_the_job: Option<&str>) {
-    let Fixture {
-        ctx,
-        mut server,
-        mut writers,
-        mut queued_events,
-        ..
-    } = Fixture::new();
+    let (ctx, mut server, mut writers, mut queued_events) = Fixture::new().into_parts();
     cache(&mut writers.agents, node_agent("node-a"));
     let mut plan = plan(5);
     plan.status = None;
@@ -651,13 +633,7 @@ async fn node_claimed_for_a_waiting_job(decision_on_the_job: Option<&str>) {
 /// node is given back at once, not left cordoned until the job ends.
 #[tokio::test]
 async fn a_denial_while_the_node_is_held_gives_the_node_back() {
-    let Fixture {
-        ctx,
-        mut server,
-        mut writers,
-        mut queued_events,
-        ..
-    } = Fixture::new();
+    let (ctx, mut server, mut writers, mut queued_events) = Fixture::new().into_parts();
     let mut held = waiting_for_reboot("weekly-m1-node-a");
     held.spec.node = Some("node-a".into());
     held.metadata.annotations = Some(
@@ -688,12 +664,7 @@ async fn a_denial_while_the_node_is_held_gives_the_node_back() {
 
 #[tokio::test]
 async fn a_forged_job_never_gets_a_node_cordoned() {
-    let Fixture {
-        ctx,
-        server,
-        mut writers,
-        ..
-    } = Fixture::new();
+    let (ctx, server, mut writers, _) = Fixture::new().into_parts();
     cache(&mut writers.agents, node_agent("node-a"));
     // Unsigned, and for node-b although its agent is node-a's.
     let mut forged = waiting_for_reboot("forged");
@@ -729,12 +700,7 @@ async fn a_forged_job_never_gets_a_node_cordoned() {
 /// recorded: hold it until the job reports the reboot or the approval lapses.
 #[tokio::test]
 async fn a_denial_written_after_the_approval_does_not_release_a_rebooting_node() {
-    let Fixture {
-        ctx,
-        server,
-        mut writers,
-        ..
-    } = Fixture::new();
+    let (ctx, server, mut writers, _) = Fixture::new().into_parts();
     cache(&mut writers.agents, node_agent("node-a"));
     cache(&mut writers.plans, plan(5));
     let mut held = waiting_for_reboot("weekly-m1-node-a");
