@@ -68,9 +68,8 @@ pub struct AgentSpec {
 
 #[cfg(test)]
 impl Agent {
-    /// An external Linux host's Agent, not paused, open to the controller namespace's
-    /// plans only (the default):
-    /// the Agent tests start from.
+    /// The Agent tests start from: an external Linux host, not paused, open to the
+    /// controller namespace's plans only (the default).
     pub(crate) fn external_linux(name: &str) -> Self {
         Agent::new(
             name,
