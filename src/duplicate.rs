@@ -12,8 +12,8 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 
-use crate::api::common::{BUILTIN_LABEL, ObjectRef};
-use crate::api::rules::DEFAULT_LIBRARY_NAMESPACE;
+use crate::api::common::{BUILTIN_LABEL, NamespacedKind, ObjectRef};
+use crate::api::rules::{DEFAULT_LIBRARY_NAMESPACE, Missing};
 use crate::api::{Script, Task, Workflow};
 
 /// Annotation on a copy: what it was copied from (`Kind namespace/name`).
@@ -98,12 +98,8 @@ impl From<&DuplicateOptions> for Request {
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DuplicateError {
-    #[error("{kind} {namespace}/{name} does not exist")]
-    NotFound {
-        kind: &'static str,
-        namespace: String,
-        name: String,
-    },
+    #[error(transparent)]
+    NotFound(Missing),
     #[error(
         "{kind} {namespace}/{name} is used by the original, but a copy in namespace {target} may refer only to its own namespace and to {library}: add --deep to copy it as well"
     )]
@@ -156,11 +152,11 @@ impl Copy {
 }
 
 fn not_found(kind: &'static str, namespace: &str, name: &str) -> DuplicateError {
-    DuplicateError::NotFound {
+    DuplicateError::NotFound(Missing {
         kind,
         namespace: namespace.into(),
         name: name.into(),
-    }
+    })
 }
 
 fn check_name(name: &str) -> Result<(), DuplicateError> {
@@ -349,10 +345,7 @@ impl Copier<'_> {
 async fn gather(client: &Client, request: &Request) -> anyhow::Result<Sources> {
     async fn get<K>(client: &Client, namespace: &str, name: &str) -> anyhow::Result<Option<K>>
     where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+        K: NamespacedKind,
     {
         Api::<K>::namespaced(client.clone(), namespace)
             .get_opt(name)
@@ -423,11 +416,7 @@ async fn create(client: &Client, copy: &Copy) -> anyhow::Result<()> {
         plan_only: bool,
     ) -> anyhow::Result<Vec<String>>
     where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + Serialize
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+        K: NamespacedKind,
     {
         let mut done = Vec::new();
         for object in objects {

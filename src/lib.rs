@@ -13,5 +13,6 @@ pub mod field_manager;
 pub mod gateway;
 pub mod logs;
 pub mod manifests;
+pub mod shutdown;
 pub mod structural;
 pub mod tls;

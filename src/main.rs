@@ -178,8 +178,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Controller(options) => {
             fleetpatch::logs::init_json();
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(async {
+            runtime()?.block_on(async {
                 let client = kube::Client::try_default()
                     .await
                     .context("connecting to the Kubernetes API")?;
@@ -190,23 +189,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run {
             command: RunCommand::Plan { name, namespace },
         } => {
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            let value = runtime.block_on(request_run(&name, &namespace))?;
+            let value = runtime()?.block_on(request_run(&name, &namespace))?;
             println!("requested a run of remediationplan {namespace}/{name} ({value})");
             Ok(ExitCode::SUCCESS)
         }
         Command::Duplicate(options) => {
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(fleetpatch::duplicate::run(&options))?;
+            runtime()?.block_on(fleetpatch::duplicate::run(&options))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent {
             command: AgentCommand::Run(options),
         } => {
             fleetpatch::logs::init_json();
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             Ok(ExitCode::from(
-                runtime.block_on(fleetpatch::agent::remote::run(options))?,
+                runtime()?.block_on(fleetpatch::agent::remote::run(options))?,
             ))
         }
         Command::Dev {
@@ -226,8 +222,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 data_dir,
                 bookmark_interval: std::time::Duration::from_secs(bookmark_interval_seconds.max(1)),
             };
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            runtime.block_on(fleetpatch::devserver::run(config, shutdown_signal()))?;
+            runtime()?.block_on(fleetpatch::devserver::run(
+                config,
+                fleetpatch::shutdown::requested(),
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent {
@@ -254,59 +252,46 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             namespace,
             quiet,
             patchers,
-        } => {
-            let documents = match manifests::load(&paths) {
-                Ok(documents) => documents,
-                Err(err) => {
-                    eprintln!("error: cannot read {err}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
-            let options = manifests::CheckOptions {
+        } => Ok(validate(
+            &paths,
+            manifests::CheckOptions {
                 library_namespace,
                 default_namespace: namespace,
                 patchers,
-            };
-            let report = manifests::check(&documents, &manifests::Schemas::new(), &options);
-            if !quiet {
-                for note in &report.notes {
-                    eprintln!("note: {note}");
-                }
-            }
-            for problem in &report.problems {
-                println!("{problem}");
-            }
-            if report.problems.is_empty() {
-                eprintln!("{} fleetpatch objects checked, no problems", report.checked);
-                Ok(ExitCode::SUCCESS)
-            } else {
-                eprintln!("{} problem(s) found", report.problems.len());
-                Ok(ExitCode::from(1))
-            }
-        }
+            },
+            quiet,
+        )),
     }
 }
 
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = interrupt.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = term.recv() => {}
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("starting the async runtime")
+}
+
+/// `fleetpatch validate`: exit status 0 when every object passes, 1 with problems,
+/// 2 when a path cannot be read.
+fn validate(paths: &[PathBuf], options: manifests::CheckOptions, quiet: bool) -> ExitCode {
+    let documents = match manifests::load(paths) {
+        Ok(documents) => documents,
+        Err(err) => {
+            eprintln!("error: cannot read {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = manifests::check(&documents, &manifests::Schemas::new(), &options);
+    if !quiet {
+        for note in &report.notes {
+            eprintln!("note: {note}");
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
+    for problem in &report.problems {
+        println!("{problem}");
+    }
+    if report.problems.is_empty() {
+        eprintln!("{} fleetpatch objects checked, no problems", report.checked);
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{} problem(s) found", report.problems.len());
+        ExitCode::from(1)
     }
 }

@@ -335,6 +335,8 @@ impl Default for CheckOptions {
 
 type Origin = (PathBuf, usize);
 
+type ObjectKey = (String, String, String);
+
 /// Checks documents one by one against the schemas, then all together against the
 /// rules that span objects.
 pub fn check(documents: &[Document], schemas: &Schemas, options: &CheckOptions) -> Report {
@@ -342,134 +344,194 @@ pub fn check(documents: &[Document], schemas: &Schemas, options: &CheckOptions) 
     let mut catalog = Catalog::new(options.library_namespace.clone());
     catalog.patchers = options.patchers.clone();
     Library::load(&options.library_namespace).add_to(&mut catalog);
-    let mut origins: BTreeMap<(String, String, String), Origin> = BTreeMap::new();
+    let mut origins: BTreeMap<ObjectKey, Origin> = BTreeMap::new();
     let mut clean = 0usize;
-
     for document in documents {
-        let mut problem = |object: &str, field: &str, message: String| {
-            report.problems.push(Problem {
-                file: document.file.clone(),
-                document: document.index,
-                object: object.to_string(),
-                field: field.to_string(),
-                message,
-            })
-        };
-        let value = match &document.content {
-            Ok(value) => value,
-            Err(message) => {
-                problem("-", "yaml", format!("not valid YAML: {message}"));
-                continue;
+        match admit(document, schemas, options, &mut catalog, &origins) {
+            Admission::Added(key) => {
+                origins.insert(key, (document.file.clone(), document.index));
+                clean += 1;
             }
-        };
-        if !value.is_object() {
-            problem(
-                "-",
-                "(document)",
-                "must be a mapping with apiVersion, kind and metadata".into(),
-            );
-            continue;
-        }
-        let kind = value["kind"].as_str();
-        let name = value["metadata"]["name"].as_str().unwrap_or("-");
-        let label = format!("{}/{}", kind.unwrap_or("-"), name);
-        let Some(api_version) = value["apiVersion"].as_str() else {
-            problem(
-                &label,
-                "apiVersion",
-                "Required value: every object needs an apiVersion".into(),
-            );
-            continue;
-        };
-        let Some(kind) = kind else {
-            problem(
-                &label,
-                "kind",
-                "Required value: every object needs a kind".into(),
-            );
-            continue;
-        };
-        let group = api_version
-            .rsplit_once('/')
-            .map(|(group, _)| group)
-            .unwrap_or("");
-        if group != API_GROUP {
-            report.notes.push(format!(
-                "{}:{} {label}: ignored: {api_version} is not a fleetpatch.io API",
-                document.file.display(),
-                document.index
-            ));
-            continue;
-        }
-        if api_version != GROUP_VERSION {
-            problem(
-                &label,
-                "apiVersion",
-                format!(
-                    "Unsupported value: {api_version:?}: this release serves only {GROUP_VERSION}"
-                ),
-            );
-            continue;
-        }
-        let problems = match schemas.check_object(kind, value, None) {
-            Ok(problems) => problems,
-            Err(message) => {
-                problem(&label, "kind", message);
-                continue;
+            Admission::Ignored(note) => report.notes.push(note),
+            Admission::Refused { object, problems } => {
+                report
+                    .problems
+                    .extend(problems.into_iter().map(|(field, message)| Problem {
+                        file: document.file.clone(),
+                        document: document.index,
+                        object: object.clone(),
+                        field,
+                        message,
+                    }))
             }
-        };
-        let namespace = value["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or(&options.default_namespace)
-            .to_string();
-        if !problems.is_empty() {
-            for (field, message) in problems {
-                problem(&label, &field, message);
-            }
-            catalog
-                .invalid
-                .insert((kind.to_string(), namespace, name.to_string()));
-            continue;
         }
-        let key = (kind.to_string(), namespace.clone(), name.to_string());
-        if let Some((file, index)) = origins.get(&key) {
-            problem(
-                &label,
-                "metadata.name",
-                format!(
-                    "duplicate: {kind} {namespace}/{name} is also defined at {}:{index}",
-                    file.display()
-                ),
-            );
-            continue;
-        }
-        let mut value = value.clone();
-        if schemas.kinds[kind].namespaced {
-            value["metadata"]["namespace"] = Value::String(namespace);
-        }
-        let added = match kind {
-            "Script" => serde_json::from_value::<Script>(value).map(|o| catalog.add_script(o)),
-            "Task" => serde_json::from_value::<Task>(value).map(|o| catalog.add_task(o)),
-            "Workflow" => {
-                serde_json::from_value::<Workflow>(value).map(|o| catalog.add_workflow(o))
-            }
-            "RemediationPlan" => {
-                serde_json::from_value::<RemediationPlan>(value).map(|o| catalog.add_plan(o))
-            }
-            _ => Ok(()),
-        };
-        if let Err(err) = added {
-            problem(
-                &label,
-                "(object)",
-                format!("does not match the API types: {err}"),
-            );
-            continue;
-        }
-        origins.insert(key, (document.file.clone(), document.index));
-        clean += 1;
     }
+    let failing = spanning_problems(&catalog, &origins, &mut report.problems);
+    report.checked = clean - failing;
+    report.catalog = catalog;
+    report
+}
 
+/// What became of one document.
+enum Admission {
+    /// Valid, in the catalog under this key.
+    Added(ObjectKey),
+    /// Not a fleetpatch.io object: a note says so.
+    Ignored(String),
+    /// Problems as (field, message), on the object labelled `Kind/name` (or `-`).
+    Refused {
+        object: String,
+        problems: Vec<(String, String)>,
+    },
+}
+
+impl Admission {
+    fn refused(object: &str, field: &str, message: impl Into<String>) -> Self {
+        Admission::Refused {
+            object: object.to_string(),
+            problems: vec![(field.to_string(), message.into())],
+        }
+    }
+}
+
+/// A document's apiVersion and kind, once it is known to be a fleetpatch.io object
+/// of the version this release serves.
+struct Identity<'a> {
+    kind: &'a str,
+    name: &'a str,
+    label: String,
+}
+
+fn identify(document: &Document) -> Result<(&Value, Identity<'_>), Admission> {
+    let value = match &document.content {
+        Ok(value) => value,
+        Err(message) => {
+            return Err(Admission::refused(
+                "-",
+                "yaml",
+                format!("not valid YAML: {message}"),
+            ));
+        }
+    };
+    if !value.is_object() {
+        return Err(Admission::refused(
+            "-",
+            "(document)",
+            "must be a mapping with apiVersion, kind and metadata",
+        ));
+    }
+    let kind = value["kind"].as_str();
+    let name = value["metadata"]["name"].as_str().unwrap_or("-");
+    let label = format!("{}/{}", kind.unwrap_or("-"), name);
+    let Some(api_version) = value["apiVersion"].as_str() else {
+        return Err(Admission::refused(
+            &label,
+            "apiVersion",
+            "Required value: every object needs an apiVersion",
+        ));
+    };
+    let Some(kind) = kind else {
+        return Err(Admission::refused(
+            &label,
+            "kind",
+            "Required value: every object needs a kind",
+        ));
+    };
+    let group = api_version
+        .rsplit_once('/')
+        .map(|(group, _)| group)
+        .unwrap_or("");
+    if group != API_GROUP {
+        return Err(Admission::Ignored(format!(
+            "{}:{} {label}: ignored: {api_version} is not a fleetpatch.io API",
+            document.file.display(),
+            document.index
+        )));
+    }
+    if api_version != GROUP_VERSION {
+        return Err(Admission::refused(
+            &label,
+            "apiVersion",
+            format!("Unsupported value: {api_version:?}: this release serves only {GROUP_VERSION}"),
+        ));
+    }
+    Ok((value, Identity { kind, name, label }))
+}
+
+/// Checks one document against its kind's schema and, when it passes and names an
+/// object not defined before, adds it to the catalog. An object that fails its schema
+/// is recorded as invalid, so the rules that span objects do not blame its referrers
+/// for a missing target.
+fn admit(
+    document: &Document,
+    schemas: &Schemas,
+    options: &CheckOptions,
+    catalog: &mut Catalog,
+    origins: &BTreeMap<ObjectKey, Origin>,
+) -> Admission {
+    let (value, Identity { kind, name, label }) = match identify(document) {
+        Ok(identified) => identified,
+        Err(admission) => return admission,
+    };
+    let problems = match schemas.check_object(kind, value, None) {
+        Ok(problems) => problems,
+        Err(message) => return Admission::refused(&label, "kind", message),
+    };
+    let namespace = value["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or(&options.default_namespace)
+        .to_string();
+    let key = (kind.to_string(), namespace.clone(), name.to_string());
+    if !problems.is_empty() {
+        catalog.invalid.insert(key);
+        return Admission::Refused {
+            object: label,
+            problems,
+        };
+    }
+    if let Some((file, index)) = origins.get(&key) {
+        return Admission::refused(
+            &label,
+            "metadata.name",
+            format!(
+                "duplicate: {kind} {namespace}/{name} is also defined at {}:{index}",
+                file.display()
+            ),
+        );
+    }
+    let mut value = value.clone();
+    if schemas.kinds[kind].namespaced {
+        value["metadata"]["namespace"] = Value::String(namespace);
+    }
+    match add_to_catalog(catalog, kind, value) {
+        Ok(()) => Admission::Added(key),
+        Err(err) => Admission::refused(
+            &label,
+            "(object)",
+            format!("does not match the API types: {err}"),
+        ),
+    }
+}
+
+fn add_to_catalog(catalog: &mut Catalog, kind: &str, value: Value) -> serde_json::Result<()> {
+    match kind {
+        "Script" => serde_json::from_value::<Script>(value).map(|o| catalog.add_script(o)),
+        "Task" => serde_json::from_value::<Task>(value).map(|o| catalog.add_task(o)),
+        "Workflow" => serde_json::from_value::<Workflow>(value).map(|o| catalog.add_workflow(o)),
+        "RemediationPlan" => {
+            serde_json::from_value::<RemediationPlan>(value).map(|o| catalog.add_plan(o))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The problems of the rules that span objects, on the documents that define them;
+/// returns how many objects have one.
+fn spanning_problems(
+    catalog: &Catalog,
+    origins: &BTreeMap<ObjectKey, Origin>,
+    problems: &mut Vec<Problem>,
+) -> usize {
     let mut failing = std::collections::BTreeSet::new();
     for RuleProblem {
         kind,
@@ -483,7 +545,7 @@ pub fn check(documents: &[Document], schemas: &Schemas, options: &CheckOptions) 
         let Some((file, index)) = origins.get(&key) else {
             continue; // a problem of the built-in library itself is caught by its own test
         };
-        report.problems.push(Problem {
+        problems.push(Problem {
             file: file.clone(),
             document: *index,
             object: format!("{kind}/{name}"),
@@ -492,7 +554,5 @@ pub fn check(documents: &[Document], schemas: &Schemas, options: &CheckOptions) 
         });
         failing.insert(key);
     }
-    report.checked = clean - failing.len();
-    report.catalog = catalog;
-    report
+    failing.len()
 }

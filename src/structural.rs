@@ -170,211 +170,227 @@ fn walk(
         kind,
         value: render(value),
     };
-
     if value.is_null() {
-        if schema.get("nullable").and_then(Value::as_bool) != Some(true) {
-            // A null for a non-nullable field: the API server drops nulls for fields
-            // with defaults and otherwise reports a type error.
-            if schema.contains_key("default") {
-                return;
-            }
-            if let Some(expected) = schema.get("type").and_then(Value::as_str) {
-                errors.push(error(FieldErrorKind::Type {
-                    expected: expected.to_string(),
-                    found: "null",
-                }));
-            }
-        }
+        errors.extend(null_mismatch(schema).map(error));
         return;
     }
-
-    let int_or_string = schema
-        .get("x-kubernetes-int-or-string")
-        .and_then(Value::as_bool)
-        == Some(true);
-    let preserve_unknown = schema
-        .get("x-kubernetes-preserve-unknown-fields")
-        .and_then(Value::as_bool)
-        == Some(true);
-    if int_or_string {
-        if !matches!(type_name(value), "integer" | "string") {
-            errors.push(error(FieldErrorKind::Type {
-                expected: "integer or string".into(),
-                found: type_name(value),
-            }));
-            return;
-        }
-    } else if let Some(expected) = schema.get("type").and_then(Value::as_str) {
-        let found = type_name(value);
-        let ok = match expected {
-            "number" => matches!(found, "integer" | "number"),
-            other => other == found,
-        };
-        if !ok {
-            errors.push(error(FieldErrorKind::Type {
-                expected: expected.to_string(),
-                found,
-            }));
-            return;
-        }
+    if let Some(mismatch) = type_mismatch(schema, value) {
+        errors.push(error(mismatch));
+        return;
     }
-
-    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
-        && !allowed.contains(value)
-    {
-        let allowed = allowed
-            .iter()
-            .map(|a| {
-                a.as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| a.to_string())
-            })
-            .collect();
-        errors.push(error(FieldErrorKind::NotSupported { allowed }));
-    }
-
+    errors.extend(enum_mismatch(schema, value).map(error));
+    let invalid = match value {
+        Value::String(text) => string_bounds(schema, text),
+        Value::Number(number) => number_bounds(schema, number.as_f64().unwrap_or_default()),
+        Value::Array(items) => array_bounds(schema, items.len()),
+        Value::Object(fields) => {
+            errors.extend(missing_required(schema, fields, path));
+            object_bounds(schema, fields.len())
+        }
+        _ => Vec::new(),
+    };
+    errors.extend(invalid.into_iter().map(FieldErrorKind::Invalid).map(error));
     match value {
-        Value::String(text) => {
-            let chars = text.chars().count() as u64;
-            if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
-                && chars > max
-            {
-                errors.push(error(FieldErrorKind::Invalid(format!(
-                    "may not be longer than {max} characters"
-                ))));
-            }
-            if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
-                && chars < min
-            {
-                let detail = if min == 1 {
-                    "must not be empty".to_string()
-                } else {
-                    format!("must be at least {min} characters long")
-                };
-                errors.push(error(FieldErrorKind::Invalid(detail)));
-            }
-            if let Some(pattern) = schema.get("pattern").and_then(Value::as_str)
-                && let Some(regex) = compiled(pattern)
-                && !regex.is_match(text)
-            {
-                errors.push(error(FieldErrorKind::Invalid(format!(
-                    "must match the pattern '{pattern}'"
-                ))));
-            }
-            if schema.get("format").and_then(Value::as_str) == Some("date-time")
-                && !is_rfc3339(text)
-            {
-                errors.push(error(FieldErrorKind::Invalid(
-                    "must be an RFC 3339 date-time".into(),
-                )));
-            }
-        }
-        Value::Number(number) => {
-            let n = number.as_f64().unwrap_or_default();
-            if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
-                && n > max
-            {
-                errors.push(error(FieldErrorKind::Invalid(format!(
-                    "must be less than or equal to {max}"
-                ))));
-            }
-            if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
-                && n < min
-            {
-                errors.push(error(FieldErrorKind::Invalid(format!(
-                    "must be greater than or equal to {min}"
-                ))));
-            }
-            if schema.get("format").and_then(Value::as_str) == Some("int32")
-                && (n > i32::MAX as f64 || n < i32::MIN as f64)
-            {
-                errors.push(error(FieldErrorKind::Invalid(
-                    "must fit in a 32-bit integer".into(),
-                )));
-            }
-        }
         Value::Array(items) => {
-            if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
-                && items.len() as u64 > max
-            {
-                errors.push(error(FieldErrorKind::Invalid(format!(
-                    "must have at most {max} items"
-                ))));
-            }
-            if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
-                && (items.len() as u64) < min
-            {
-                errors.push(error(FieldErrorKind::Invalid(format!(
-                    "must have at least {min} item(s)"
-                ))));
-            }
             if let Some(item_schema) = schema.get("items") {
                 for (index, item) in items.iter().enumerate() {
-                    walk(
-                        item_schema,
-                        item,
-                        &format!("{path}[{index}]"),
-                        false,
-                        options,
-                        errors,
-                    );
+                    let item_path = format!("{path}[{index}]");
+                    walk(item_schema, item, &item_path, false, options, errors);
                 }
             }
             check_list_type(schema, items, path, errors);
         }
-        Value::Object(fields) => {
-            let properties = schema.get("properties").and_then(Value::as_object);
-            let additional = schema.get("additionalProperties");
-            if let Some(required) = schema.get("required").and_then(Value::as_array) {
-                for name in required.iter().filter_map(Value::as_str) {
-                    if !fields.contains_key(name) {
-                        errors.push(FieldError {
-                            path: join(path, name),
-                            kind: FieldErrorKind::Required,
-                            value: String::new(),
-                        });
-                    }
-                }
+        Value::Object(fields) => walk_fields(schema, fields, path, root, options, errors),
+        _ => {}
+    }
+}
+
+fn flag(schema: &serde_json::Map<String, Value>, name: &str) -> bool {
+    schema.get(name).and_then(Value::as_bool) == Some(true)
+}
+
+/// A null for a non-nullable field: the API server drops nulls for fields with
+/// defaults and otherwise reports a type error.
+fn null_mismatch(schema: &serde_json::Map<String, Value>) -> Option<FieldErrorKind> {
+    if flag(schema, "nullable") || schema.contains_key("default") {
+        return None;
+    }
+    let expected = schema.get("type").and_then(Value::as_str)?;
+    Some(FieldErrorKind::Type {
+        expected: expected.to_string(),
+        found: "null",
+    })
+}
+
+fn type_mismatch(schema: &serde_json::Map<String, Value>, value: &Value) -> Option<FieldErrorKind> {
+    let found = type_name(value);
+    if flag(schema, "x-kubernetes-int-or-string") {
+        return (!matches!(found, "integer" | "string")).then(|| FieldErrorKind::Type {
+            expected: "integer or string".into(),
+            found,
+        });
+    }
+    let expected = schema.get("type").and_then(Value::as_str)?;
+    let ok = match expected {
+        "number" => matches!(found, "integer" | "number"),
+        other => other == found,
+    };
+    (!ok).then(|| FieldErrorKind::Type {
+        expected: expected.to_string(),
+        found,
+    })
+}
+
+fn enum_mismatch(schema: &serde_json::Map<String, Value>, value: &Value) -> Option<FieldErrorKind> {
+    let allowed = schema.get("enum").and_then(Value::as_array)?;
+    if allowed.contains(value) {
+        return None;
+    }
+    let allowed = allowed
+        .iter()
+        .map(|a| {
+            a.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| a.to_string())
+        })
+        .collect();
+    Some(FieldErrorKind::NotSupported { allowed })
+}
+
+/// What is wrong with a string against its schema's length, pattern and format.
+fn string_bounds(schema: &serde_json::Map<String, Value>, text: &str) -> Vec<String> {
+    let mut invalid = Vec::new();
+    let chars = text.chars().count() as u64;
+    if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
+        && chars > max
+    {
+        invalid.push(format!("may not be longer than {max} characters"));
+    }
+    if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
+        && chars < min
+    {
+        invalid.push(if min == 1 {
+            "must not be empty".to_string()
+        } else {
+            format!("must be at least {min} characters long")
+        });
+    }
+    if let Some(pattern) = schema.get("pattern").and_then(Value::as_str)
+        && let Some(regex) = compiled(pattern)
+        && !regex.is_match(text)
+    {
+        invalid.push(format!("must match the pattern '{pattern}'"));
+    }
+    if schema.get("format").and_then(Value::as_str) == Some("date-time") && !is_rfc3339(text) {
+        invalid.push("must be an RFC 3339 date-time".into());
+    }
+    invalid
+}
+
+/// What is wrong with a number against its schema's bounds and format.
+fn number_bounds(schema: &serde_json::Map<String, Value>, n: f64) -> Vec<String> {
+    let mut invalid = Vec::new();
+    if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
+        && n > max
+    {
+        invalid.push(format!("must be less than or equal to {max}"));
+    }
+    if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
+        && n < min
+    {
+        invalid.push(format!("must be greater than or equal to {min}"));
+    }
+    if schema.get("format").and_then(Value::as_str) == Some("int32")
+        && (n > i32::MAX as f64 || n < i32::MIN as f64)
+    {
+        invalid.push("must fit in a 32-bit integer".into());
+    }
+    invalid
+}
+
+fn array_bounds(schema: &serde_json::Map<String, Value>, len: usize) -> Vec<String> {
+    let mut invalid = Vec::new();
+    if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
+        && len as u64 > max
+    {
+        invalid.push(format!("must have at most {max} items"));
+    }
+    if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
+        && (len as u64) < min
+    {
+        invalid.push(format!("must have at least {min} item(s)"));
+    }
+    invalid
+}
+
+fn object_bounds(schema: &serde_json::Map<String, Value>, len: usize) -> Vec<String> {
+    match schema.get("maxProperties").and_then(Value::as_u64) {
+        Some(max) if len as u64 > max => vec![format!("must have at most {max} entries")],
+        _ => Vec::new(),
+    }
+}
+
+fn missing_required<'a>(
+    schema: &'a serde_json::Map<String, Value>,
+    fields: &'a serde_json::Map<String, Value>,
+    path: &'a str,
+) -> impl Iterator<Item = FieldError> + 'a {
+    schema
+        .get("required")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .filter(|name| !fields.contains_key(*name))
+        .map(|name| FieldError {
+            path: join(path, name),
+            kind: FieldErrorKind::Required,
+            value: String::new(),
+        })
+}
+
+/// Each field against its property's schema, or `additionalProperties`; a field
+/// neither declares is unknown unless the schema preserves unknown fields.
+fn walk_fields(
+    schema: &serde_json::Map<String, Value>,
+    fields: &serde_json::Map<String, Value>,
+    path: &str,
+    root: bool,
+    options: Options,
+    errors: &mut Vec<FieldError>,
+) {
+    let properties = schema.get("properties").and_then(Value::as_object);
+    let additional = schema.get("additionalProperties");
+    let preserve_unknown = flag(schema, "x-kubernetes-preserve-unknown-fields");
+    for (name, field_value) in fields {
+        if root && matches!(name.as_str(), "apiVersion" | "kind" | "metadata") {
+            continue;
+        }
+        let field_path = join(path, name);
+        match (properties.and_then(|p| p.get(name)), additional) {
+            (Some(field_schema), _) => walk(
+                field_schema,
+                field_value,
+                &field_path,
+                false,
+                options,
+                errors,
+            ),
+            (None, Some(additional)) if additional.is_object() => {
+                walk(additional, field_value, &field_path, false, options, errors)
             }
-            if let Some(max) = schema.get("maxProperties").and_then(Value::as_u64)
-                && fields.len() as u64 > max
-            {
-                errors.push(error(FieldErrorKind::Invalid(format!(
-                    "must have at most {max} entries"
-                ))));
-            }
-            for (name, field_value) in fields {
-                if root && matches!(name.as_str(), "apiVersion" | "kind" | "metadata") {
-                    continue;
-                }
-                let field_path = join(path, name);
-                match (properties.and_then(|p| p.get(name)), additional) {
-                    (Some(field_schema), _) => walk(
-                        field_schema,
-                        field_value,
-                        &field_path,
-                        false,
-                        options,
-                        errors,
-                    ),
-                    (None, Some(additional)) if additional.is_object() => {
-                        walk(additional, field_value, &field_path, false, options, errors)
-                    }
-                    (None, Some(Value::Bool(true))) => {}
-                    (None, _) if preserve_unknown => {}
-                    (None, _) => {
-                        if options.reject_unknown_fields {
-                            errors.push(FieldError {
-                                path: field_path,
-                                kind: FieldErrorKind::Unknown,
-                                value: String::new(),
-                            });
-                        }
-                    }
+            (None, Some(Value::Bool(true))) => {}
+            (None, _) if preserve_unknown => {}
+            (None, _) => {
+                if options.reject_unknown_fields {
+                    errors.push(FieldError {
+                        path: field_path,
+                        kind: FieldErrorKind::Unknown,
+                        value: String::new(),
+                    });
                 }
             }
         }
-        _ => {}
     }
 }
 

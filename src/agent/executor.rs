@@ -14,7 +14,7 @@ use k8s_openapi::jiff::Timestamp;
 use crate::api::conditions;
 use crate::api::patchjob::{
     ActionPhase, ActionResult, JobPhase, PatchJobSpec, PatchJobStatus, PatchResults, RebootRecord,
-    RebootState, ResolvedAction,
+    RebootState, ResolvedAction, ResolvedScript,
 };
 use crate::api::plan::RebootPolicy;
 use crate::api::task::TaskType;
@@ -125,13 +125,13 @@ pub struct Executor<'a> {
 /// nothing further runs, and no reboot follows.
 #[derive(Default)]
 pub struct Cancellation {
-    reason: std::sync::Mutex<Option<String>>,
+    reason: parking_lot::Mutex<Option<String>>,
     notify: tokio::sync::Notify,
 }
 
 impl Cancellation {
     pub fn cancel(&self, reason: impl Into<String>) {
-        let mut current = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.reason.lock();
         if current.is_none() {
             *current = Some(reason.into());
         }
@@ -140,10 +140,7 @@ impl Cancellation {
     }
 
     pub fn reason(&self) -> Option<String> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.reason.lock().clone()
     }
 
     /// Resolves once the job is cancelled.
@@ -536,141 +533,154 @@ impl Executor<'_> {
         action: &ResolvedAction,
         job_dir: &std::path::Path,
         stem: &str,
-        mut env: BTreeMap<String, String>,
+        env: BTreeMap<String, String>,
     ) -> Finished {
-        let deadline = Instant::now() + self.minute * action.timeout_minutes;
-        let remaining = || deadline.saturating_duration_since(Instant::now());
-        let timeout_message = format!(
-            "timed out after {} minute(s); the action was killed",
-            action.timeout_minutes
-        );
+        let run = ActionRun {
+            action,
+            job_dir,
+            stem,
+            deadline: Instant::now() + self.minute * action.timeout_minutes,
+            timeout_message: format!(
+                "timed out after {} minute(s); the action was killed",
+                action.timeout_minutes
+            ),
+        };
         match action.action_type {
             TaskType::RunScript => {
                 let Some(script) = &action.script else {
                     return Finished::failed("the action has no script");
                 };
-                let run = ScriptRun {
-                    script,
-                    stem: stem.into(),
-                    env,
-                    bypass_execution_policy: action.bypass_execution_policy,
-                    timeout: remaining(),
-                };
-                match script::prepare(&run, job_dir) {
-                    Ok(spec) => self.run_classified(&spec, action, &timeout_message).await,
-                    Err(err) => Finished::failed(err.to_string()),
-                }
+                self.run_script(&run, script, env).await
             }
-            TaskType::InstallSoftware => {
-                let (Some(installer), Some(download)) = (&action.script, &action.download) else {
-                    return Finished::failed("the action has no install script or download");
-                };
-                if let Some(detection) = &action.detection_script {
-                    let run = ScriptRun {
-                        script: detection,
-                        stem: format!("{stem}-detect"),
-                        env: env.clone(),
-                        bypass_execution_policy: action.bypass_execution_policy,
-                        timeout: remaining(),
-                    };
-                    let spec = match script::prepare(&run, job_dir) {
-                        Ok(spec) => spec,
-                        Err(err) => return Finished::failed(format!("detection script: {err}")),
-                    };
-                    let spec = ProcessSpec {
-                        running_file: Some(running_file(job_dir)),
-                        limits: action.limits.unwrap_or_default(),
-                        ..spec
-                    };
-                    match process::run(&spec).await {
-                        Err(err) => return Finished::failed(format!("detection script: {err}")),
-                        Ok(outcome) => match outcome.end {
-                            ProcessEnd::TimedOut => {
-                                return Finished::timed_out(
-                                    format!("detection script {timeout_message}"),
-                                    outcome.output_tail,
-                                );
-                            }
-                            ProcessEnd::Exited(code) if detection_says_install(code) => {}
-                            ProcessEnd::Exited(code) => {
-                                return Finished {
-                                    phase: ActionPhase::Skipped,
-                                    exit_code: Some(code),
-                                    reboot_requested: false,
-                                    message: join(
-                                        &format!("not needed: the detection script exited {code}"),
-                                        &outcome.output_tail,
-                                    ),
-                                };
-                            }
-                            ProcessEnd::Signalled(signal) => {
-                                return Finished::failed(join(
-                                    &format!("detection script killed by signal {signal}"),
-                                    &outcome.output_tail,
-                                ));
-                            }
-                        },
-                    }
-                }
-                let downloads = job_dir.join("downloads");
-                let fetched = match tokio::time::timeout(
-                    remaining(),
-                    download::fetch(download, &downloads, self.max_download_bytes),
-                )
-                .await
-                {
-                    Err(_) => {
-                        return Finished::timed_out(
-                            format!("download {timeout_message}"),
-                            String::new(),
-                        );
-                    }
-                    Ok(Err(err)) => return Finished::failed(err.to_string()),
-                    Ok(Ok(fetched)) => fetched,
-                };
-                env.insert(DOWNLOAD_PATH_VAR.into(), fetched.path.display().to_string());
-                env.insert(
-                    "FLEETPATCH_DOWNLOAD_DIR".into(),
-                    downloads.display().to_string(),
-                );
-                let run = ScriptRun {
-                    script: installer,
-                    stem: stem.into(),
-                    env,
-                    bypass_execution_policy: action.bypass_execution_policy,
-                    timeout: remaining(),
-                };
-                match script::prepare(&run, job_dir) {
-                    Ok(spec) => self.run_classified(&spec, action, &timeout_message).await,
-                    Err(err) => Finished::failed(err.to_string()),
-                }
-            }
+            TaskType::InstallSoftware => self.install_software(&run, env).await,
             TaskType::ChangeRegistryKey | TaskType::UninstallSoftware => {
-                if !cfg!(windows) {
-                    return Finished::failed(format!(
-                        "{} requires Windows; this host runs {}",
-                        action.action_type,
-                        host_os()
-                    ));
-                }
-                let code = match (&action.change_registry_key, &action.uninstall_software) {
-                    (Some(change), _) => match powershell::change_registry_key(change) {
-                        Ok(code) => code,
-                        Err(message) => return Finished::failed(message),
-                    },
-                    (None, Some(uninstall)) => powershell::uninstall_software(uninstall),
-                    (None, None) => {
-                        return Finished::failed(
-                            "the action has no registry or uninstall settings",
-                        );
-                    }
-                };
-                match script::powershell_inline(&code, stem, job_dir, remaining()) {
-                    Ok(spec) => self.run_classified(&spec, action, &timeout_message).await,
-                    Err(err) => Finished::failed(err.to_string()),
-                }
+                self.run_windows_setting(&run).await
             }
             TaskType::Reboot => unreachable!("reboot actions are handled by reboot_action"),
+        }
+    }
+
+    /// Runs the action's main script with `env` and classifies its exit.
+    async fn run_script(
+        &self,
+        run: &ActionRun<'_>,
+        script: &ResolvedScript,
+        env: BTreeMap<String, String>,
+    ) -> Finished {
+        let script_run = ScriptRun {
+            script,
+            stem: run.stem.into(),
+            env,
+            bypass_execution_policy: run.action.bypass_execution_policy,
+            timeout: run.remaining(),
+        };
+        match script::prepare(&script_run, run.job_dir) {
+            Ok(spec) => {
+                self.run_classified(&spec, run.action, &run.timeout_message)
+                    .await
+            }
+            Err(err) => Finished::failed(err.to_string()),
+        }
+    }
+
+    /// Detection (when the action has a detection script), download, then the
+    /// installer with the download's path in its environment.
+    async fn install_software(
+        &self,
+        run: &ActionRun<'_>,
+        mut env: BTreeMap<String, String>,
+    ) -> Finished {
+        let action = run.action;
+        let (Some(installer), Some(download)) = (&action.script, &action.download) else {
+            return Finished::failed("the action has no install script or download");
+        };
+        if let Some(detection) = &action.detection_script
+            && let Some(not_installing) = self.detect(run, detection, &env).await
+        {
+            return not_installing;
+        }
+        let downloads = run.job_dir.join("downloads");
+        let fetched = match tokio::time::timeout(
+            run.remaining(),
+            download::fetch(download, &downloads, self.max_download_bytes),
+        )
+        .await
+        {
+            Err(_) => {
+                return Finished::timed_out(
+                    format!("download {}", run.timeout_message),
+                    String::new(),
+                );
+            }
+            Ok(Err(err)) => return Finished::failed(err.to_string()),
+            Ok(Ok(fetched)) => fetched,
+        };
+        env.insert(DOWNLOAD_PATH_VAR.into(), fetched.path.display().to_string());
+        env.insert(
+            "FLEETPATCH_DOWNLOAD_DIR".into(),
+            downloads.display().to_string(),
+        );
+        self.run_script(run, installer, env).await
+    }
+
+    /// Runs the detection script; `None` when it says to install, else the action's
+    /// result without installing.
+    async fn detect(
+        &self,
+        run: &ActionRun<'_>,
+        detection: &ResolvedScript,
+        env: &BTreeMap<String, String>,
+    ) -> Option<Finished> {
+        let script_run = ScriptRun {
+            script: detection,
+            stem: format!("{}-detect", run.stem),
+            env: env.clone(),
+            bypass_execution_policy: run.action.bypass_execution_policy,
+            timeout: run.remaining(),
+        };
+        let spec = match script::prepare(&script_run, run.job_dir) {
+            Ok(spec) => spec,
+            Err(err) => return Some(Finished::failed(format!("detection script: {err}"))),
+        };
+        let spec = ProcessSpec {
+            running_file: Some(running_file(run.job_dir)),
+            limits: run.action.limits.unwrap_or_default(),
+            ..spec
+        };
+        match process::run(&spec).await {
+            Err(err) => Some(Finished::failed(format!("detection script: {err}"))),
+            Ok(outcome) => {
+                detection_verdict(outcome.end, outcome.output_tail, &run.timeout_message)
+            }
+        }
+    }
+
+    /// ChangeRegistryKey and UninstallSoftware: generated PowerShell, Windows only.
+    async fn run_windows_setting(&self, run: &ActionRun<'_>) -> Finished {
+        let action = run.action;
+        if !cfg!(windows) {
+            return Finished::failed(format!(
+                "{} requires Windows; this host runs {}",
+                action.action_type,
+                host_os()
+            ));
+        }
+        let code = match (&action.change_registry_key, &action.uninstall_software) {
+            (Some(change), _) => match powershell::change_registry_key(change) {
+                Ok(code) => code,
+                Err(message) => return Finished::failed(message),
+            },
+            (None, Some(uninstall)) => powershell::uninstall_software(uninstall),
+            (None, None) => {
+                return Finished::failed("the action has no registry or uninstall settings");
+            }
+        };
+        match script::powershell_inline(&code, run.stem, run.job_dir, run.remaining()) {
+            Ok(spec) => {
+                self.run_classified(&spec, action, &run.timeout_message)
+                    .await
+            }
+            Err(err) => Finished::failed(err.to_string()),
         }
     }
 
@@ -1098,15 +1108,9 @@ impl Executor<'_> {
         if status.message.is_empty() || succeeded || reboot_failed.is_some() {
             status.message = message.clone();
         }
-        let reason = if succeeded {
-            "JobSucceeded"
-        } else {
-            "JobFailed"
-        };
-        conditions::set_outcome(
+        conditions::set_job_finished(
             &mut status.conditions,
             succeeded,
-            reason,
             &message,
             status.observed_generation,
             now(),
@@ -1175,6 +1179,46 @@ impl Finished {
     }
 }
 
+/// One action on its way to a result: where it runs and by when.
+struct ActionRun<'a> {
+    action: &'a ResolvedAction,
+    job_dir: &'a std::path::Path,
+    stem: &'a str,
+    deadline: Instant,
+    timeout_message: String,
+}
+
+impl ActionRun<'_> {
+    fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+}
+
+/// What a detection script's end means: `None` to go on and install, else the
+/// action's result.
+fn detection_verdict(end: ProcessEnd, output: String, timeout_message: &str) -> Option<Finished> {
+    match end {
+        ProcessEnd::TimedOut => Some(Finished::timed_out(
+            format!("detection script {timeout_message}"),
+            output,
+        )),
+        ProcessEnd::Exited(code) if detection_says_install(code) => None,
+        ProcessEnd::Exited(code) => Some(Finished {
+            phase: ActionPhase::Skipped,
+            exit_code: Some(code),
+            reboot_requested: false,
+            message: join(
+                &format!("not needed: the detection script exited {code}"),
+                &output,
+            ),
+        }),
+        ProcessEnd::Signalled(signal) => Some(Finished::failed(join(
+            &format!("detection script killed by signal {signal}"),
+            &output,
+        ))),
+    }
+}
+
 fn join(headline: &str, output: &str) -> String {
     if output.is_empty() {
         headline.to_string()
@@ -1230,20 +1274,7 @@ mod tests {
 
     #[test]
     fn a_record_with_more_results_than_actions_never_points_past_its_spec() {
-        let spec = PatchJobSpec {
-            agent: "a".into(),
-            plan: String::new(),
-            run: String::new(),
-            os: crate::api::OperatingSystem::Linux,
-            workflow: None,
-            pre_actions: vec![],
-            post_actions: vec![],
-            failure_policy: Default::default(),
-            patches: Default::default(),
-            reboot: Default::default(),
-            deadline: None,
-            node: None,
-        };
+        let spec = PatchJobSpec::bare("a", "", "");
         let mut record = new_record("j", "n", spec);
         record.status.patches = Some(PatchResults {
             phase: ActionPhase::Succeeded,
@@ -1297,18 +1328,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::open(dir.path()).unwrap();
         let spec = PatchJobSpec {
-            agent: "a".into(),
-            plan: String::new(),
-            run: String::new(),
-            os: crate::api::OperatingSystem::Linux,
-            workflow: None,
-            pre_actions: vec![],
-            post_actions: vec![],
-            failure_policy: Default::default(),
-            patches: Default::default(),
             reboot: RebootPolicy::Never,
-            deadline: None,
-            node: None,
+            ..PatchJobSpec::bare("a", "", "")
         };
         assert!(!spec.patches.skip);
         // What the journal holds after `PatchesStarted`, when the agent was killed.

@@ -360,27 +360,13 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::OperatingSystem;
     use crate::api::patchjob::JobPhase;
 
     fn record(id: &str) -> JobRecord {
         JobRecord {
             id: id.into(),
             name: "team/job".into(),
-            spec: PatchJobSpec {
-                agent: "host".into(),
-                plan: String::new(),
-                run: String::new(),
-                os: OperatingSystem::Linux,
-                workflow: None,
-                pre_actions: vec![],
-                post_actions: vec![],
-                failure_policy: Default::default(),
-                patches: Default::default(),
-                reboot: Default::default(),
-                deadline: None,
-                node: None,
-            },
+            spec: PatchJobSpec::bare("host", "", ""),
             status: PatchJobStatus::default(),
             boot_id_at_reboot: None,
             sequence: 1,

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::api::patchjob::{ActionPhase, JobPhase, PatchJobStatus};
+use crate::api::patchjob::{ActionPhase, JobPhase, PatchJobSpec, PatchJobStatus};
 use crate::api::plan::{PatchClassification, PatchSelection, RebootPolicy};
 use crate::api::resolve::{self, JobTarget};
 use crate::manifests;
@@ -131,40 +131,10 @@ pub async fn exec(options: ExecOptions) -> anyhow::Result<u8> {
             record
         }
         _ => {
-            let documents = manifests::load(&options.paths)?;
-            let check_options = manifests::CheckOptions {
-                library_namespace: options.library_namespace.clone(),
-                default_namespace: options.namespace.clone(),
-                // The run refuses what this host's patcher cannot install.
-                patchers: Vec::new(),
-            };
-            let report = manifests::check(&documents, &manifests::Schemas::new(), &check_options);
-            if !report.problems.is_empty() {
-                for problem in &report.problems {
-                    eprintln!("{problem}");
-                }
-                anyhow::bail!(
-                    "the manifests have {} problem(s); nothing was run",
-                    report.problems.len()
-                );
-            }
-            let target = JobTarget {
-                agent: hostname(),
-                plan: String::new(),
-                run: String::new(),
-                patches: selection(options.patches),
-                reboot: reboot_policy(options.reboot),
-            };
-            let spec = resolve::resolve_named(
-                &report.catalog,
-                &options.namespace,
-                &options.workflow,
-                target,
-            )?;
             let record = executor::new_record(
                 id.clone(),
                 format!("{}/{}", options.namespace, options.workflow),
-                spec,
+                resolve_local_job(&options)?,
             );
             journal.save(&record)?;
             record
@@ -222,6 +192,42 @@ pub async fn exec(options: ExecOptions) -> anyhow::Result<u8> {
         (_, JobPhase::Succeeded) => 0,
         _ => 1,
     })
+}
+
+/// The job the manifests describe for this host: checked as `fleetpatch validate`
+/// checks them (nothing runs when they have a problem), then resolved from the named
+/// workflow.
+fn resolve_local_job(options: &ExecOptions) -> anyhow::Result<PatchJobSpec> {
+    let documents = manifests::load(&options.paths)?;
+    let check_options = manifests::CheckOptions {
+        library_namespace: options.library_namespace.clone(),
+        default_namespace: options.namespace.clone(),
+        // The run refuses what this host's patcher cannot install.
+        patchers: Vec::new(),
+    };
+    let report = manifests::check(&documents, &manifests::Schemas::new(), &check_options);
+    if !report.problems.is_empty() {
+        for problem in &report.problems {
+            eprintln!("{problem}");
+        }
+        anyhow::bail!(
+            "the manifests have {} problem(s); nothing was run",
+            report.problems.len()
+        );
+    }
+    let target = JobTarget {
+        agent: hostname(),
+        plan: String::new(),
+        run: String::new(),
+        patches: selection(options.patches),
+        reboot: reboot_policy(options.reboot),
+    };
+    Ok(resolve::resolve_named(
+        &report.catalog,
+        &options.namespace,
+        &options.workflow,
+        target,
+    )?)
 }
 
 /// This host's name.

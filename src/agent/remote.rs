@@ -1044,6 +1044,14 @@ mod tests {
         );
     }
 
+    /// Job `uid-1` under `name`, Succeeded after its fourth report.
+    fn finished_record(name: &str, spec: &crate::api::PatchJobSpec) -> JobRecord {
+        let mut record = executor::new_record("uid-1", name.to_string(), spec.clone());
+        record.status.phase = crate::api::patchjob::JobPhase::Succeeded;
+        record.sequence = 4;
+        record
+    }
+
     /// Attack (a plan author, who may edit and recreate PatchJobs in their namespace):
     /// a job finishes on its host, but its final report is not delivered — the author
     /// broke the job's signature annotation just before (every report is then refused
@@ -1057,9 +1065,7 @@ mod tests {
     fn a_copy_of_a_finished_job_whose_report_is_still_undelivered_is_not_run_again() {
         let (_dir, journal, spec) = scratch();
         let name = "team/weekly-m1-web-1";
-        let mut record = executor::new_record("uid-1", name.to_string(), spec.clone());
-        record.status.phase = crate::api::patchjob::JobPhase::Succeeded;
-        record.sequence = 4;
+        let record = finished_record(name, &spec);
         // Finished and journaled; its final report not yet acknowledged, so not retired.
         journal.save(&record).unwrap();
         assert!(
@@ -1085,9 +1091,7 @@ mod tests {
     fn a_second_job_of_the_same_run_is_not_run_whatever_its_deadline() {
         let (_dir, journal, spec) = scratch();
         let name = "team/weekly-m1-web-1";
-        let mut record = executor::new_record("uid-1", name.to_string(), spec.clone());
-        record.status.phase = crate::api::patchjob::JobPhase::Succeeded;
-        record.sequence = 4;
+        let record = finished_record(name, &spec);
         journal.save(&record).unwrap();
         journal.retire(&record).unwrap();
         let mut again = spec.clone();

@@ -66,6 +66,24 @@ pub struct AgentSpec {
     pub allowed_plans: AllowedPlans,
 }
 
+#[cfg(test)]
+impl Agent {
+    /// The Agent tests start from: an external Linux host, not paused, open to the
+    /// controller namespace's plans only (the default).
+    pub(crate) fn external_linux(name: &str) -> Self {
+        Agent::new(
+            name,
+            AgentSpec {
+                mode: AgentMode::External,
+                os: OperatingSystem::Linux,
+                node_name: None,
+                paused: false,
+                allowed_plans: Default::default(),
+            },
+        )
+    }
+}
+
 /// Who may target a host, in the spirit of Gateway API's `allowedRoutes`.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -5,6 +5,26 @@ use kube::core::cel::Rule;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
+/// A namespaced kind with a static type, as typed `kube::Api` calls read and write
+/// it: ours, and the built-in ones the controller copies or applies.
+pub trait NamespacedKind:
+    kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + Serialize
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> NamespacedKind for K where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
 /// API group of every fleetpatch kind.
 pub const API_GROUP: &str = "fleetpatch.io";
 /// The one served and stored version.

@@ -51,6 +51,30 @@ pub fn set(
     }
 }
 
+/// A job's end as its agent saw it: `Complete` and `Failed` with the reason
+/// `JobSucceeded` or `JobFailed`.
+pub fn set_job_finished(
+    conditions: &mut Vec<Condition>,
+    succeeded: bool,
+    message: &str,
+    observed_generation: Option<i64>,
+    now: Timestamp,
+) -> bool {
+    let reason = if succeeded {
+        "JobSucceeded"
+    } else {
+        "JobFailed"
+    };
+    set_outcome(
+        conditions,
+        succeeded,
+        reason,
+        message,
+        observed_generation,
+        now,
+    )
+}
+
 /// The `Complete`/`Failed` pair of a finished job, so `kubectl wait --for=condition=...`
 /// works either way: Complete True and Failed False when it succeeded, the reverse when
 /// it did not. Returns whether anything changed.
@@ -154,36 +178,24 @@ mod tests {
             name: name.into(),
             ..PatchOutcome::default()
         };
+        let partly = |conditions: &mut Vec<Condition>, patches: &PatchResults| {
+            set_patches_partially_failed(conditions, Some(patches), None, now)
+        };
         let mut patches = PatchResults {
             phase: ActionPhase::Succeeded,
             installed: vec![outcome("curl")],
             ..PatchResults::default()
         };
         let mut conditions = Vec::new();
-        assert!(!set_patches_partially_failed(
-            &mut conditions,
-            Some(&patches),
-            None,
-            now
-        ));
+        assert!(!partly(&mut conditions, &patches));
         patches.failed.push(outcome("openssl"));
-        assert!(set_patches_partially_failed(
-            &mut conditions,
-            Some(&patches),
-            None,
-            now
-        ));
+        assert!(partly(&mut conditions, &patches));
         assert_eq!(status(&conditions, PATCHES_PARTIALLY_FAILED), Some(TRUE));
         assert_eq!(conditions[0].message, "1 of 2 patch(es) failed: openssl");
         // A failed step is the job's failure, not a partial one.
         patches.phase = ActionPhase::Failed;
         let mut conditions = Vec::new();
-        assert!(!set_patches_partially_failed(
-            &mut conditions,
-            Some(&patches),
-            None,
-            now
-        ));
+        assert!(!partly(&mut conditions, &patches));
         assert!(conditions.is_empty());
     }
 
@@ -202,25 +214,12 @@ mod tests {
             Some(1),
             t0
         ));
-        assert!(set(
-            &mut conditions,
-            "Ready",
-            FALSE,
-            "Missing",
-            "b",
-            Some(1),
-            t1
-        ));
+        let missing = |conditions: &mut Vec<Condition>| {
+            set(conditions, "Ready", FALSE, "Missing", "b", Some(1), t1)
+        };
+        assert!(missing(&mut conditions));
         assert_eq!(conditions[0].last_transition_time.0, t0);
-        assert!(!set(
-            &mut conditions,
-            "Ready",
-            FALSE,
-            "Missing",
-            "b",
-            Some(1),
-            t1
-        ));
+        assert!(!missing(&mut conditions));
         assert!(set(
             &mut conditions,
             "Ready",

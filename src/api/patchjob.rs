@@ -159,6 +159,28 @@ pub struct PatchJobSpec {
     pub node: Option<String>,
 }
 
+#[cfg(test)]
+impl PatchJobSpec {
+    /// A Linux job for `agent` of `plan`'s `run` with no actions and every policy at
+    /// its default: the spec tests start from.
+    pub(crate) fn bare(agent: &str, plan: &str, run: &str) -> Self {
+        Self {
+            agent: agent.into(),
+            plan: plan.into(),
+            run: run.into(),
+            os: OperatingSystem::Linux,
+            workflow: None,
+            pre_actions: vec![],
+            post_actions: vec![],
+            failure_policy: Default::default(),
+            patches: Default::default(),
+            reboot: Default::default(),
+            deadline: None,
+            node: None,
+        }
+    }
+}
+
 /// Where a job stands.
 #[derive(
     Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,

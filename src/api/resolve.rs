@@ -269,6 +269,24 @@ fn default_file_name(source: &super::task::DownloadSource) -> String {
         .to_string()
 }
 
+/// The built-in `linux-default` workflow resolved in namespace `x` for agent `a` of
+/// plan `p`'s run `r`: a real job spec, scripts and all, for tests.
+#[cfg(test)]
+pub(crate) fn linux_default_spec() -> PatchJobSpec {
+    use super::library::Library;
+    use super::rules::DEFAULT_LIBRARY_NAMESPACE;
+    let mut catalog = Catalog::new(DEFAULT_LIBRARY_NAMESPACE);
+    Library::load(DEFAULT_LIBRARY_NAMESPACE).add_to(&mut catalog);
+    let target = JobTarget {
+        agent: "a".into(),
+        plan: "p".into(),
+        run: "r".into(),
+        patches: Default::default(),
+        reboot: Default::default(),
+    };
+    resolve_named(&catalog, "x", "linux-default", target).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -82,15 +82,20 @@ impl std::fmt::Display for Problem {
     }
 }
 
+/// An object a reference names that is not there.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {namespace}/{name} does not exist")]
+pub struct Missing {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+}
+
 /// Why a reference does not resolve.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RefError {
-    #[error("{kind} {namespace}/{name} does not exist")]
-    NotFound {
-        kind: &'static str,
-        namespace: String,
-        name: String,
-    },
+    #[error(transparent)]
+    NotFound(Missing),
     #[error(
         "may not name namespace {namespace}: references stay in their own namespace or point into the built-in library namespace {library}"
     )]
@@ -159,11 +164,11 @@ impl Catalog {
         objects
             .get(&key)
             .filter(|object| key.0 == referrer_namespace || is_builtin(*object))
-            .ok_or(RefError::NotFound {
+            .ok_or(RefError::NotFound(Missing {
                 kind,
                 namespace: key.0,
                 name: key.1,
-            })
+            }))
     }
 
     pub fn script(

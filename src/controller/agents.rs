@@ -105,22 +105,9 @@ pub async fn reconcile_agent(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Act
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::OperatingSystem;
-    use crate::api::agent::{AgentMode, AgentSpec};
-    use k8s_openapi::api::coordination::v1::LeaseSpec;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 
     fn agent(ready: Option<&str>, gateway: Option<&str>) -> Agent {
-        let mut agent = Agent::new(
-            "web-1",
-            AgentSpec {
-                mode: AgentMode::External,
-                os: OperatingSystem::Linux,
-                node_name: None,
-                paused: false,
-                allowed_plans: Default::default(),
-            },
-        );
+        let mut agent = Agent::external_linux("web-1");
         let mut status = AgentStatus {
             gateway: gateway.map(String::from),
             ..Default::default()
@@ -144,14 +131,7 @@ mod tests {
     fn the_leader_judges_only_agents_no_gateway_can_judge() {
         let now: Timestamp = "2026-12-01T12:00:00Z".parse().unwrap();
         let timeout = Duration::from_secs(45);
-        let lease = |renewed: &str| Lease {
-            metadata: Default::default(),
-            spec: Some(LeaseSpec {
-                renew_time: Some(MicroTime(renewed.parse().unwrap())),
-                lease_duration_seconds: Some(20),
-                ..Default::default()
-            }),
-        };
+        let lease = crate::gateway::presence::lease_renewed_at;
         let never = agent_readiness(&agent(None, None), None, timeout, now).unwrap();
         assert_eq!(
             conditions::status(&never.conditions, "Ready"),

@@ -85,6 +85,19 @@ pub struct Fanouts {
     pub agents: Fanout<Agent>,
 }
 
+impl Fanouts {
+    fn new() -> Self {
+        Self {
+            scripts: Fanout::new(),
+            tasks: Fanout::new(),
+            workflows: Fanout::new(),
+            plans: Fanout::new(),
+            jobs: Fanout::new(),
+            agents: Fanout::new(),
+        }
+    }
+}
+
 impl Caches {
     /// The gateway's view of them.
     pub fn for_gateway(&self) -> GatewayCaches {
@@ -104,14 +117,7 @@ pub async fn start(
     namespace: &str,
     signer: JobSigner,
 ) -> anyhow::Result<Arc<Caches>> {
-    let fanouts = Arc::new(Fanouts {
-        scripts: Fanout::new(),
-        tasks: Fanout::new(),
-        workflows: Fanout::new(),
-        plans: Fanout::new(),
-        jobs: Fanout::new(),
-        agents: Fanout::new(),
-    });
+    let fanouts = Arc::new(Fanouts::new());
     let job_signals: Arc<JobSignals> = Arc::default();
     let all = WatchConfig::default();
     let scripts = follow(Api::all(client.clone()), all.clone(), drop_managed, {
@@ -299,14 +305,7 @@ impl Caches {
             credentials,
             tokens,
             leases,
-            fanouts: Arc::new(Fanouts {
-                scripts: Fanout::new(),
-                tasks: Fanout::new(),
-                workflows: Fanout::new(),
-                plans: Fanout::new(),
-                jobs: Fanout::new(),
-                agents: Fanout::new(),
-            }),
+            fanouts: Arc::new(Fanouts::new()),
             job_signals: Arc::default(),
         });
         let writers = TestWriters {

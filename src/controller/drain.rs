@@ -427,39 +427,12 @@ async fn drain(ctx: &Context, node: &Node, job: &PatchJob) -> Result<Action, Err
         .clone()
         .and_then(|s| Selector::try_from(s).ok());
     let pods: Api<Pod> = Api::all(ctx.client.clone());
-    let on_node = pods
-        .list(&ListParams::default().fields(&format!("spec.nodeName={name}")))
-        .await?;
-    let mut left = Vec::new();
-    let mut blocked = Vec::new();
-    for pod in &on_node.items {
-        let namespace = pod.namespace().unwrap_or_default();
-        let pod_key = key(&namespace, &pod.name_any());
-        match pod_fate(pod, ignore.as_ref()) {
-            PodFate::Stay => {}
-            PodFate::Wait => left.push(pod_key),
-            PodFate::Evict => {
-                let api: Api<Pod> = Api::namespaced(ctx.eviction_client.clone(), &namespace);
-                match api.evict(&pod.name_any(), &EvictParams::default()).await {
-                    Ok(_) => {
-                        tracing::info!(node = %name, pod = %pod_key, "evicted");
-                        left.push(pod_key);
-                    }
-                    Err(err) if api_errors::is_not_found(&err) => {}
-                    Err(kube::Error::Api(status)) if status.code == 429 => {
-                        blocked.push(format!("{pod_key} ({})", status.message));
-                        left.push(pod_key);
-                    }
-                    Err(err) => return Err(err.into()),
-                }
-            }
-        }
-    }
+    let pass = evict_pass(ctx, &pods, &name, ignore.as_ref()).await?;
     // Evicted pods may take a while to terminate; a pod counts as gone once it is.
-    let still_there = if left.is_empty() {
+    let still_there = if pass.left.is_empty() {
         0
     } else {
-        pods.list(&ListParams::default().fields(&format!("spec.nodeName={name}")))
+        pods.list(&pods_on(&name))
             .await?
             .items
             .iter()
@@ -467,24 +440,7 @@ async fn drain(ctx: &Context, node: &Node, job: &PatchJob) -> Result<Action, Err
             .count()
     };
     if still_there == 0 {
-        let patch = json!({"metadata": {"annotations": {DRAIN_APPROVED_ANNOTATION: Timestamp::now().to_string()}}});
-        nodes(ctx)
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-        annotate_job(
-            ctx,
-            job,
-            Some("Approved"),
-            &format!("node {name} is cordoned and drained"),
-        )
-        .await;
-        ctx.event(
-            node,
-            EventType::Normal,
-            "Drained",
-            "Drain",
-            format!("drained; job {} may reboot the node", job.name_any()),
-        );
+        approve_reboot(ctx, node, job).await?;
         return Ok(Action::requeue(Duration::from_secs(10)));
     }
     let started = node
@@ -493,35 +449,120 @@ async fn drain(ctx: &Context, node: &Node, job: &PatchJob) -> Result<Action, Err
         .and_then(|t| t.parse::<Timestamp>().ok())
         .unwrap_or_else(Timestamp::now);
     let elapsed = Timestamp::now().duration_since(started);
-    tracing::debug!(node = %name, left = left.len(), blocked = blocked.len(), elapsed = elapsed.as_secs(), "drain pass");
+    tracing::debug!(node = %name, left = pass.left.len(), blocked = pass.blocked.len(), elapsed = elapsed.as_secs(), "drain pass");
     if elapsed.as_secs() >= i64::from(settings.timeout_seconds) {
-        let mut message = format!(
-            "drain of node {name} timed out after {}s with {} pod(s) left: {}",
-            settings.timeout_seconds,
-            left.len(),
-            left.join(", ")
-        );
-        if !blocked.is_empty() {
-            message.push_str(&format!("; evictions refused: {}", blocked.join("; ")));
-        }
+        let message = pass.timed_out_message(&name, settings.timeout_seconds);
         annotate_job(ctx, job, Some("Denied"), &message).await;
         ctx.event(node, EventType::Warning, "DrainTimedOut", "Drain", message);
         release(ctx, node, "the drain timed out, the reboot was called off").await?;
         return Ok(Action::await_change());
     }
-    if !blocked.is_empty() {
-        // Live progress for whoever follows the job: why the drain is held, written only
-        // when it changes.
-        let message = format!(
-            "draining node {name}: {} pod(s) left; evictions refused: {}",
-            left.len(),
-            blocked.join("; ")
-        );
-        if !says(job, &message) {
-            annotate_job(ctx, job, None, &message).await;
-        }
+    // Live progress for whoever follows the job: why the drain is held, written only
+    // when it changes.
+    if let Some(message) = pass.held_message(&name)
+        && !says(job, &message)
+    {
+        annotate_job(ctx, job, None, &message).await;
     }
     Ok(Action::requeue(Duration::from_secs(2)))
+}
+
+fn pods_on(node: &str) -> ListParams {
+    ListParams::default().fields(&format!("spec.nodeName={node}"))
+}
+
+/// What one drain pass left: the pods still to go, and the evictions refused (a
+/// disruption budget's 429) with the API's reason.
+struct DrainPass {
+    left: Vec<String>,
+    blocked: Vec<String>,
+}
+
+impl DrainPass {
+    fn timed_out_message(&self, node: &str, timeout_seconds: u32) -> String {
+        let mut message = format!(
+            "drain of node {node} timed out after {timeout_seconds}s with {} pod(s) left: {}",
+            self.left.len(),
+            self.left.join(", ")
+        );
+        if !self.blocked.is_empty() {
+            message.push_str(&format!("; evictions refused: {}", self.blocked.join("; ")));
+        }
+        message
+    }
+
+    /// Why the drain is held, when evictions were refused.
+    fn held_message(&self, node: &str) -> Option<String> {
+        (!self.blocked.is_empty()).then(|| {
+            format!(
+                "draining node {node}: {} pod(s) left; evictions refused: {}",
+                self.left.len(),
+                self.blocked.join("; ")
+            )
+        })
+    }
+}
+
+/// Evicts every pod on the node that must go and is not gone.
+async fn evict_pass(
+    ctx: &Context,
+    pods: &Api<Pod>,
+    node: &str,
+    ignore: Option<&Selector>,
+) -> Result<DrainPass, Error> {
+    let on_node = pods.list(&pods_on(node)).await?;
+    let mut pass = DrainPass {
+        left: Vec::new(),
+        blocked: Vec::new(),
+    };
+    for pod in &on_node.items {
+        let namespace = pod.namespace().unwrap_or_default();
+        let pod_key = key(&namespace, &pod.name_any());
+        match pod_fate(pod, ignore) {
+            PodFate::Stay => {}
+            PodFate::Wait => pass.left.push(pod_key),
+            PodFate::Evict => {
+                let api: Api<Pod> = Api::namespaced(ctx.eviction_client.clone(), &namespace);
+                match api.evict(&pod.name_any(), &EvictParams::default()).await {
+                    Ok(_) => {
+                        tracing::info!(node = %node, pod = %pod_key, "evicted");
+                        pass.left.push(pod_key);
+                    }
+                    Err(err) if api_errors::is_not_found(&err) => {}
+                    Err(kube::Error::Api(status)) if status.code == 429 => {
+                        pass.blocked.push(format!("{pod_key} ({})", status.message));
+                        pass.left.push(pod_key);
+                    }
+                    Err(err) => return Err(err.into()),
+                }
+            }
+        }
+    }
+    Ok(pass)
+}
+
+/// The node is drained: it records the approval, and the job hears it.
+async fn approve_reboot(ctx: &Context, node: &Node, job: &PatchJob) -> Result<(), Error> {
+    let name = node.name_any();
+    let patch = json!({"metadata": {"annotations": {DRAIN_APPROVED_ANNOTATION: Timestamp::now().to_string()}}});
+    nodes(ctx)
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    annotate_job(
+        ctx,
+        job,
+        Some("Approved"),
+        &format!("node {name} is cordoned and drained"),
+    )
+    .await;
+    ctx.event(
+        node,
+        EventType::Normal,
+        "Drained",
+        "Drain",
+        format!("drained; job {} may reboot the node", job.name_any()),
+    );
+    Ok(())
 }
 
 /// Reconciles one Node: claims it for a job that wants to reboot it, drains it, and

@@ -112,6 +112,20 @@ pub struct Fixture {
     pub queued_events: tokio::sync::mpsc::Receiver<QueuedEvent>,
 }
 
+impl Fixture {
+    /// Its parts, in one line: context, API server, cache writers and the Event queue.
+    pub fn into_parts(
+        self,
+    ) -> (
+        Arc<Context>,
+        ApiServer,
+        TestWriters,
+        tokio::sync::mpsc::Receiver<QueuedEvent>,
+    ) {
+        (self.ctx, self.server, self.writers, self.queued_events)
+    }
+}
+
 /// The next Event queued (within 5 s), as the API would see its reason, type and note.
 pub async fn next_event(queued: &mut tokio::sync::mpsc::Receiver<QueuedEvent>) -> Value {
     let queued = tokio::time::timeout(Duration::from_secs(5), queued.recv())

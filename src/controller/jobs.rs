@@ -202,25 +202,14 @@ async fn release_finalizer(api: &Api<PatchJob>, cached: &PatchJob) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::OperatingSystem;
     use crate::api::patchjob::{ActionResult, PatchJobSpec};
 
     fn job(phase: JobPhase, deadline: Option<&str>, completed: Option<&str>) -> PatchJob {
         let mut job = PatchJob::new(
             "j",
             PatchJobSpec {
-                agent: "web-1".into(),
-                plan: "p".into(),
-                run: "r".into(),
-                os: OperatingSystem::Linux,
-                workflow: None,
-                pre_actions: vec![],
-                post_actions: vec![],
-                failure_policy: Default::default(),
-                patches: Default::default(),
-                reboot: Default::default(),
                 deadline: deadline.map(|d| Time(d.parse().unwrap())),
-                node: None,
+                ..PatchJobSpec::bare("web-1", "p", "r")
             },
         );
         job.status = Some(PatchJobStatus {

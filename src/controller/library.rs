@@ -4,20 +4,16 @@
 use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
-use kube::{Client, Resource, ResourceExt};
-use serde::Serialize;
+use kube::{Client, ResourceExt};
 
+use crate::api::common::NamespacedKind;
 use crate::api::library::Library;
 
 use crate::field_manager;
 
 async fn apply_all<K>(client: &Client, namespace: &str, objects: &[K]) -> Result<(), kube::Error>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
+    K: NamespacedKind,
 {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
     for object in objects {

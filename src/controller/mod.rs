@@ -190,7 +190,7 @@ pub async fn run(client: Client, options: ControllerOptions) -> anyhow::Result<(
 
     let ctx = context(client.clone(), &options, caches, gateway, signer, metrics).await?;
     let lease = leader::LeaseSettings::new(LEADER_LEASE, &options.namespace, &identity);
-    let shutdown = shutdown_signal();
+    let shutdown = crate::shutdown::requested();
     tokio::pin!(shutdown);
     loop {
         tracing::info!(%identity, namespace = %options.namespace, "standing by for leadership");
@@ -598,27 +598,5 @@ async fn serve_health(
 async fn log_result<T, E: std::fmt::Display>(kind: &'static str, result: Result<T, E>) {
     if let Err(err) = result {
         tracing::debug!(kind, error = %err, "controller stream error");
-    }
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            let _ = interrupt.await;
-            return;
-        };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
     }
 }

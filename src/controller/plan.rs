@@ -17,6 +17,7 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
+use crate::api::OperatingSystem;
 use crate::api::agent::Agent;
 use crate::api::common::{
     AGENT_LABEL, PLAN_LABEL, RUN_FINALIZER, RUN_LABEL, RUN_REQUESTED_ANNOTATION,
@@ -27,11 +28,12 @@ use crate::api::plan::{
     PatchSelection, PlanRun, RemediationPlan, RemediationPlanStatus, RunFailure, RunPhase,
 };
 use crate::api::resolve::{self, JobTarget};
+use crate::api::rules::Catalog;
 use crate::api::schedule::ParsedSchedule;
 use crate::gateway::jobs::SIGNATURE_ANNOTATION;
 
 use super::context::{Context, Error};
-use super::rollout::{FleetAgent, RunJob, plan_rollout};
+use super::rollout::{Assignment, FleetAgent, RunJob, plan_rollout};
 use crate::api_errors;
 
 /// Most failures kept in a run's status.
@@ -363,22 +365,6 @@ fn fleet_for(ctx: &Context, plan: &RemediationPlan) -> Vec<FleetAgent> {
         .collect()
 }
 
-/// Why the host cannot install what the plan selects, when its agent has told which
-/// package manager it patches with: the job is then failed before anything runs on the
-/// host, instead of at its patch step after the pre actions ran.
-pub fn patcher_refusal(agent: &Agent, patches: &PatchSelection) -> Option<resolve::ResolveError> {
-    let patcher = agent
-        .status
-        .as_ref()?
-        .platform
-        .as_ref()?
-        .patcher
-        .as_deref()?;
-    patches
-        .refusal_on(patcher)
-        .map(resolve::ResolveError::Unsupported)
-}
-
 /// Creates the jobs the rollout allows and recounts the run.
 async fn advance_run(
     plan: &RemediationPlan,
@@ -386,20 +372,7 @@ async fn advance_run(
     mut run: PlanRun,
 ) -> Result<PlanRun, Error> {
     let namespace = plan.namespace().unwrap_or_default();
-    let name = plan.name_any();
-    // Deleted jobs of the run count too (they keep a finalizer until the run ends), so a
-    // host whose job was deleted never gets a second one in the same run.
-    let jobs: Vec<Arc<PatchJob>> = ctx
-        .caches
-        .jobs
-        .state()
-        .into_iter()
-        .filter(|job| job.namespace().as_deref() == Some(namespace.as_str()))
-        .filter(|job| {
-            job.labels().get(PLAN_LABEL) == Some(&name)
-                && job.labels().get(RUN_LABEL) == Some(&run.id)
-        })
-        .collect();
+    let jobs = jobs_of_run(ctx, &namespace, &plan.name_any(), &run.id);
     let run_jobs: Vec<RunJob> = jobs
         .iter()
         .map(|job| RunJob {
@@ -419,63 +392,13 @@ async fn advance_run(
     let in_flight =
         run_jobs.iter().filter(|j| !j.phase.is_finished()).count() + decision.create.len();
 
-    let catalog = ctx.catalog();
+    let deadline = job_deadline(
+        plan.spec.job_deadline_minutes,
+        ctx.settings.default_job_deadline,
+        Timestamp::now(),
+    );
+    let pending = build_jobs(plan, ctx, &run.id, &decision.create, deadline);
     let api: Api<PatchJob> = Api::namespaced(ctx.client.clone(), &namespace);
-    let deadline_after = plan
-        .spec
-        .job_deadline_minutes
-        .map(|m| Duration::from_secs(u64::from(m) * 60))
-        .unwrap_or(ctx.settings.default_job_deadline);
-    let deadline = Timestamp::now()
-        .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(
-            deadline_after.as_secs() as i64,
-        ))
-        .unwrap_or(Timestamp::MAX);
-    let mut pending = Vec::new();
-    for assignment in &decision.create {
-        let target = &plan.spec.targets[assignment.target];
-        let Some(agent) = ctx
-            .caches
-            .agents
-            .get(&kube::runtime::reflector::ObjectRef::new(&assignment.agent))
-        else {
-            continue;
-        };
-        let job_target = JobTarget {
-            agent: assignment.agent.clone(),
-            plan: name.clone(),
-            run: run.id.clone(),
-            patches: plan.spec.patches.clone(),
-            reboot: plan.spec.reboot.policy,
-        };
-        let resolved = match &target.workflow_ref {
-            Some(reference) => catalog
-                .workflow(reference, &namespace)
-                .map_err(|err| resolve::ResolveError::WorkflowNotFound(err.to_string()))
-                .and_then(|workflow| resolve::resolve_job(&catalog, workflow, job_target)),
-            None => match catalog.default_workflow(&namespace, agent.spec.os) {
-                Some(workflow) => resolve::resolve_job(&catalog, workflow, job_target),
-                None => Err(resolve::ResolveError::WorkflowNotFound(format!(
-                    "no default workflow for {}",
-                    agent.spec.os
-                ))),
-            },
-        };
-        let resolved = resolved.and_then(|job| match patcher_refusal(&agent, &plan.spec.patches) {
-            Some(refusal) => Err(refusal),
-            None => Ok(job),
-        });
-        let job = build_job(
-            plan,
-            target,
-            &agent,
-            &run.id,
-            &resolved,
-            deadline,
-            &ctx.signer,
-        );
-        pending.push((job, resolved.err(), assignment.agent.clone()));
-    }
     // Creations run a few at a time: a large fleet's first wave is thousands of jobs.
     let created: Vec<Result<Option<RunFailure>, Error>> = futures::stream::iter(pending)
         .map(|(job, failed, agent)| create_job(ctx, &api, plan, job, failed, agent))
@@ -486,8 +409,126 @@ async fn advance_run(
     for result in created {
         failures.extend(result?);
     }
+    run.failures = listed_failures(failures, &jobs);
+    run.counts = decision.counts;
+    run.phase = decision.phase;
+    if in_flight == 0 && run.phase != RunPhase::Running {
+        run.completion_time = Some(Time(Timestamp::now()));
+    }
+    Ok(run)
+}
 
-    for job in &jobs {
+/// The plan's jobs of one run. Deleted jobs of the run count too (they keep a
+/// finalizer until the run ends), so a host whose job was deleted never gets a second
+/// one in the same run.
+fn jobs_of_run(ctx: &Context, namespace: &str, plan: &str, run: &str) -> Vec<Arc<PatchJob>> {
+    ctx.caches
+        .jobs
+        .state()
+        .into_iter()
+        .filter(|job| job.namespace().as_deref() == Some(namespace))
+        .filter(|job| {
+            job.labels().get(PLAN_LABEL).map(String::as_str) == Some(plan)
+                && job.labels().get(RUN_LABEL).map(String::as_str) == Some(run)
+        })
+        .collect()
+}
+
+/// When a job created `now` must be done: the plan's `jobDeadlineMinutes`, else the
+/// controller's default.
+fn job_deadline(minutes: Option<u32>, default: Duration, now: Timestamp) -> Timestamp {
+    let after = minutes
+        .map(|m| Duration::from_secs(u64::from(m) * 60))
+        .unwrap_or(default);
+    now.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(
+        after.as_secs() as i64,
+    ))
+    .unwrap_or(Timestamp::MAX)
+}
+
+/// The jobs to create for the rollout's assignments, each with the error that keeps
+/// its workflow from resolving (the job is then created Failed) and its agent's name.
+/// An assignment whose agent has left the cache gets none.
+fn build_jobs(
+    plan: &RemediationPlan,
+    ctx: &Context,
+    run: &str,
+    assignments: &[Assignment],
+    deadline: Timestamp,
+) -> Vec<(PatchJob, Option<resolve::ResolveError>, String)> {
+    let namespace = plan.namespace().unwrap_or_default();
+    let catalog = ctx.catalog();
+    let mut pending = Vec::new();
+    for assignment in assignments {
+        let target = &plan.spec.targets[assignment.target];
+        let Some(agent) = ctx
+            .caches
+            .agents
+            .get(&kube::runtime::reflector::ObjectRef::new(&assignment.agent))
+        else {
+            continue;
+        };
+        let job_target = JobTarget {
+            agent: assignment.agent.clone(),
+            plan: plan.name_any(),
+            run: run.to_string(),
+            patches: plan.spec.patches.clone(),
+            reboot: plan.spec.reboot.policy,
+        };
+        let resolved = resolve_target(&catalog, target, agent.spec.os, &namespace, job_target)
+            .and_then(|job| match patcher_refusal(&agent, &plan.spec.patches) {
+                Some(refusal) => Err(refusal),
+                None => Ok(job),
+            });
+        let job = build_job(plan, target, &agent, run, &resolved, deadline, &ctx.signer);
+        pending.push((job, resolved.err(), assignment.agent.clone()));
+    }
+    pending
+}
+
+/// The job spec for one host of a target: its workflow, or the namespace's default
+/// workflow for the host's OS.
+/// Why the host cannot install what the plan selects, when its agent has told which
+/// package manager it patches with: the job is then failed before anything runs on the
+/// host, instead of at its patch step after the pre actions ran.
+pub fn patcher_refusal(agent: &Agent, patches: &PatchSelection) -> Option<resolve::ResolveError> {
+    let patcher = agent
+        .status
+        .as_ref()?
+        .platform
+        .as_ref()?
+        .patcher
+        .as_deref()?;
+    patches
+        .refusal_on(patcher)
+        .map(resolve::ResolveError::Unsupported)
+}
+
+fn resolve_target(
+    catalog: &Catalog,
+    target: &crate::api::plan::PlanTarget,
+    os: OperatingSystem,
+    namespace: &str,
+    job_target: JobTarget,
+) -> Result<PatchJobSpec, resolve::ResolveError> {
+    match &target.workflow_ref {
+        Some(reference) => catalog
+            .workflow(reference, namespace)
+            .map_err(|err| resolve::ResolveError::WorkflowNotFound(err.to_string()))
+            .and_then(|workflow| resolve::resolve_job(catalog, workflow, job_target)),
+        None => match catalog.default_workflow(namespace, os) {
+            Some(workflow) => resolve::resolve_job(catalog, workflow, job_target),
+            None => Err(resolve::ResolveError::WorkflowNotFound(format!(
+                "no default workflow for {os}"
+            ))),
+        },
+    }
+}
+
+/// The failures a run's status lists: those of this pass's creations and the run's
+/// failed or lost jobs, one per job, in job order, at most [`MAX_FAILURES_LISTED`].
+fn listed_failures(mut failures: Vec<RunFailure>, jobs: &[Arc<PatchJob>]) -> Vec<RunFailure> {
+    for job in jobs {
         let Some(status) = &job.status else { continue };
         if matches!(status.phase, JobPhase::Failed | JobPhase::Unknown)
             && failures.len() < MAX_FAILURES_LISTED
@@ -507,13 +548,7 @@ async fn advance_run(
     failures.sort_by(|a, b| a.job.cmp(&b.job));
     failures.dedup_by(|a, b| a.job == b.job);
     failures.truncate(MAX_FAILURES_LISTED);
-    run.counts = decision.counts;
-    run.failures = failures;
-    run.phase = decision.phase;
-    if in_flight == 0 && run.phase != RunPhase::Running {
-        run.completion_time = Some(Time(Timestamp::now()));
-    }
-    Ok(run)
+    failures
 }
 
 /// Creates one job; a job whose workflow could not be resolved is marked Failed at once.

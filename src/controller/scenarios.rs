@@ -16,7 +16,7 @@ use crate::api::plan::RemediationPlan;
 use crate::api::resolve::content_sha256;
 use crate::api::{Script, ScriptStatus, Task, Workflow};
 
-use super::fixtures::{Fixture, NAMESPACE, cache, next_event, stored};
+use super::fixtures::{ApiServer, Fixture, NAMESPACE, cache, next_event, stored};
 
 /// Runs a reconcile that must make no request: an unanswered request would keep it
 /// waiting, so it must end on its own within a moment.
@@ -97,6 +97,90 @@ fn job(name: &str, status: PatchJobStatus, deadline: Timestamp) -> PatchJob {
     job
 }
 
+/// The Ready condition of a definition whose spec checked out.
+fn set_valid(conditions: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>) {
+    conditions::set(
+        conditions,
+        "Ready",
+        conditions::TRUE,
+        "Valid",
+        "",
+        Some(1),
+        Timestamp::now(),
+    );
+}
+
+/// Asks for a run of `plan` now, as `fleetpatch run plan` does.
+fn request_run(plan: &mut RemediationPlan) {
+    plan.metadata.annotations = Some(
+        [(
+            crate::api::common::RUN_REQUESTED_ANNOTATION.to_string(),
+            "2026-12-01T12:00:00Z".to_string(),
+        )]
+        .into(),
+    );
+}
+
+/// Node `name`, cordoned by the drain for job team/weekly-m1-node-a.
+fn drained_for_weekly_m1(name: &str) -> Node {
+    let mut node = Node {
+        metadata: stored(name, None),
+        ..Default::default()
+    };
+    node.metadata.annotations = Some(
+        [
+            (
+                super::drain::DRAIN_FOR_ANNOTATION.to_string(),
+                "team/weekly-m1-node-a".to_string(),
+            ),
+            (
+                super::drain::CORDONED_ANNOTATION.to_string(),
+                "true".to_string(),
+            ),
+        ]
+        .into(),
+    );
+    node
+}
+
+/// Answers the next request, a merge patch of Node `name`, and returns the patch.
+async fn patched_node(server: &mut ApiServer, name: &str) -> Value {
+    server
+        .answer(
+            "PATCH",
+            &format!("/api/v1/nodes/{name}"),
+            200,
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}),
+        )
+        .await
+}
+
+/// The Agent of the cluster node `name`.
+fn node_agent(name: &str) -> Agent {
+    let mut agent: Agent = typed(
+        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
+        "metadata": {"name": name}, "spec": {"mode": "Node", "os": "Linux", "nodeName": name}}),
+    );
+    agent.metadata = stored(name, None);
+    agent
+}
+
+/// A running job, due in an hour, whose agent asks to reboot.
+fn waiting_for_reboot(name: &str) -> PatchJob {
+    job(
+        name,
+        PatchJobStatus {
+            phase: JobPhase::Running,
+            reboot: Some(RebootRecord {
+                state: RebootState::Pending,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Timestamp::now() + SignedDuration::from_hours(1),
+    )
+}
+
 #[tokio::test]
 async fn a_script_whose_status_is_current_makes_no_request_and_a_new_one_one_status_write() {
     let Fixture {
@@ -109,15 +193,7 @@ async fn a_script_whose_status_is_current_makes_no_request_and_a_new_one_one_sta
         diagnostics: vec![],
         conditions: vec![],
     };
-    conditions::set(
-        &mut status.conditions,
-        "Ready",
-        conditions::TRUE,
-        "Valid",
-        "",
-        Some(1),
-        Timestamp::now(),
-    );
+    set_valid(&mut status.conditions);
     current.status = Some(status);
     quietly(super::definitions::reconcile_script(
         Arc::new(current),
@@ -201,13 +277,7 @@ async fn a_workflow_of_existing_tasks_becomes_ready_in_one_write() {
 
 #[tokio::test]
 async fn a_requested_run_with_max_concurrent_one_creates_exactly_one_signed_job() {
-    let Fixture {
-        ctx,
-        mut server,
-        mut writers,
-        mut queued_events,
-        ..
-    } = Fixture::new();
+    let (ctx, mut server, mut writers, mut queued_events) = Fixture::new().into_parts();
     cache(&mut writers.scripts, script("hello"));
     cache(&mut writers.tasks, task("say", "hello"));
     cache(&mut writers.workflows, workflow("flow", &["say"]));
@@ -215,13 +285,7 @@ async fn a_requested_run_with_max_concurrent_one_creates_exactly_one_signed_job(
         cache(&mut writers.agents, agent(name, None));
     }
     let mut plan = plan(1);
-    plan.metadata.annotations = Some(
-        [(
-            crate::api::common::RUN_REQUESTED_ANNOTATION.to_string(),
-            "2026-12-01T12:00:00Z".to_string(),
-        )]
-        .into(),
-    );
+    request_run(&mut plan);
     let reconcile = tokio::spawn(super::plan::reconcile_plan(Arc::new(plan), ctx.clone()));
     let status_path = "/apis/fleetpatch.io/v1alpha1/namespaces/team/remediationplans/weekly/status";
     let started = server.answer("PATCH", status_path, 200, json!({})).await;
@@ -248,13 +312,7 @@ async fn a_requested_run_with_max_concurrent_one_creates_exactly_one_signed_job(
 /// failed, runs nothing, and says why, in its status, the run's failures and an Event.
 #[tokio::test]
 async fn a_host_whose_os_has_no_default_workflow_is_left_out_with_the_reason() {
-    let Fixture {
-        ctx,
-        mut server,
-        mut writers,
-        mut queued_events,
-        ..
-    } = Fixture::new();
+    let (ctx, mut server, mut writers, mut queued_events) = Fixture::new().into_parts();
     cache(&mut writers.scripts, script("hello"));
     cache(&mut writers.tasks, task("say", "hello"));
     let mut linux_default = workflow("flow", &["say"]);
@@ -267,13 +325,7 @@ async fn a_host_whose_os_has_no_default_workflow_is_left_out_with_the_reason() {
     let target = &mut plan.spec.targets[0];
     target.os = crate::api::OperatingSystem::Windows;
     target.workflow_ref = None;
-    plan.metadata.annotations = Some(
-        [(
-            crate::api::common::RUN_REQUESTED_ANNOTATION.to_string(),
-            "2026-12-01T12:00:00Z".to_string(),
-        )]
-        .into(),
-    );
+    request_run(&mut plan);
     let reconcile = tokio::spawn(super::plan::reconcile_plan(Arc::new(plan), ctx.clone()));
     let status_path = "/apis/fleetpatch.io/v1alpha1/namespaces/team/remediationplans/weekly/status";
     server.answer("PATCH", status_path, 200, json!({})).await;
@@ -328,15 +380,7 @@ async fn an_unchanged_plan_makes_no_request() {
         observed_generation: Some(1),
         ..Default::default()
     };
-    conditions::set(
-        &mut status.conditions,
-        "Ready",
-        conditions::TRUE,
-        "Valid",
-        "",
-        Some(1),
-        Timestamp::now(),
-    );
+    set_valid(&mut status.conditions);
     plan.status = Some(status);
     quietly(super::plan::reconcile_plan(Arc::new(plan), ctx))
         .await
@@ -517,34 +561,12 @@ async fn a_job_that_approves_its_own_reboot_is_drained_like_any_other() {
 }
 
 async fn node_claimed_for_a_waiting_job(decision_on_the_job: Option<&str>) {
-    let Fixture {
-        ctx,
-        mut server,
-        mut writers,
-        mut queued_events,
-        ..
-    } = Fixture::new();
-    let mut node_agent: Agent = typed(
-        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
-        "metadata": {"name": "node-a"}, "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a"}}),
-    );
-    node_agent.metadata = stored("node-a", None);
-    cache(&mut writers.agents, node_agent);
+    let (ctx, mut server, mut writers, mut queued_events) = Fixture::new().into_parts();
+    cache(&mut writers.agents, node_agent("node-a"));
     let mut plan = plan(5);
     plan.status = None;
     cache(&mut writers.plans, plan);
-    let mut waiting = job(
-        "weekly-m1-node-a",
-        PatchJobStatus {
-            phase: JobPhase::Running,
-            reboot: Some(RebootRecord {
-                state: RebootState::Pending,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-        Timestamp::now() + SignedDuration::from_hours(1),
-    );
+    let mut waiting = waiting_for_reboot("weekly-m1-node-a");
     waiting.spec.agent = "node-a".into();
     waiting.spec.node = Some("node-a".into());
     let signature = ctx.signer.sign("team", "weekly-m1-node-a", &waiting.spec);
@@ -574,14 +596,7 @@ async fn node_claimed_for_a_waiting_job(decision_on_the_job: Option<&str>) {
             json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": []}),
         )
         .await;
-    let cordon = server
-        .answer(
-            "PATCH",
-            "/api/v1/nodes/node-a",
-            200,
-            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}}),
-        )
-        .await;
+    let cordon = patched_node(&mut server, "node-a").await;
     assert_eq!(cordon["spec"]["unschedulable"], true);
     assert_eq!(
         cordon["metadata"]["annotations"]["fleetpatch.io/drain-for"],
@@ -618,25 +633,8 @@ async fn node_claimed_for_a_waiting_job(decision_on_the_job: Option<&str>) {
 /// node is given back at once, not left cordoned until the job ends.
 #[tokio::test]
 async fn a_denial_while_the_node_is_held_gives_the_node_back() {
-    let Fixture {
-        ctx,
-        mut server,
-        mut writers,
-        mut queued_events,
-        ..
-    } = Fixture::new();
-    let mut held = job(
-        "weekly-m1-node-a",
-        PatchJobStatus {
-            phase: JobPhase::Running,
-            reboot: Some(RebootRecord {
-                state: RebootState::Pending,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-        Timestamp::now() + SignedDuration::from_hours(1),
-    );
+    let (ctx, mut server, mut writers, mut queued_events) = Fixture::new().into_parts();
+    let mut held = waiting_for_reboot("weekly-m1-node-a");
     held.spec.node = Some("node-a".into());
     held.metadata.annotations = Some(
         [(
@@ -646,32 +644,9 @@ async fn a_denial_while_the_node_is_held_gives_the_node_back() {
         .into(),
     );
     cache(&mut writers.jobs, held);
-    let mut node = Node {
-        metadata: stored("node-a", None),
-        ..Default::default()
-    };
-    node.metadata.annotations = Some(
-        [
-            (
-                super::drain::DRAIN_FOR_ANNOTATION.to_string(),
-                "team/weekly-m1-node-a".to_string(),
-            ),
-            (
-                super::drain::CORDONED_ANNOTATION.to_string(),
-                "true".to_string(),
-            ),
-        ]
-        .into(),
-    );
+    let node = drained_for_weekly_m1("node-a");
     let reconcile = tokio::spawn(super::drain::reconcile_node(Arc::new(node), ctx));
-    let released = server
-        .answer(
-            "PATCH",
-            "/api/v1/nodes/node-a",
-            200,
-            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}}),
-        )
-        .await;
+    let released = patched_node(&mut server, "node-a").await;
     assert!(
         released["spec"]
             .as_object()
@@ -689,31 +664,10 @@ async fn a_denial_while_the_node_is_held_gives_the_node_back() {
 
 #[tokio::test]
 async fn a_forged_job_never_gets_a_node_cordoned() {
-    let Fixture {
-        ctx,
-        server,
-        mut writers,
-        ..
-    } = Fixture::new();
-    let mut node_agent: Agent = typed(
-        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
-        "metadata": {"name": "node-a"}, "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a"}}),
-    );
-    node_agent.metadata = stored("node-a", None);
-    cache(&mut writers.agents, node_agent);
+    let (ctx, server, mut writers, _) = Fixture::new().into_parts();
+    cache(&mut writers.agents, node_agent("node-a"));
     // Unsigned, and for node-b although its agent is node-a's.
-    let mut forged = job(
-        "forged",
-        PatchJobStatus {
-            phase: JobPhase::Running,
-            reboot: Some(RebootRecord {
-                state: RebootState::Pending,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-        Timestamp::now() + SignedDuration::from_hours(1),
-    );
+    let mut forged = waiting_for_reboot("forged");
     forged.spec.agent = "node-a".into();
     forged.spec.node = Some("node-b".into());
     cache(&mut writers.jobs, forged);
@@ -746,31 +700,10 @@ async fn a_forged_job_never_gets_a_node_cordoned() {
 /// recorded: hold it until the job reports the reboot or the approval lapses.
 #[tokio::test]
 async fn a_denial_written_after_the_approval_does_not_release_a_rebooting_node() {
-    let Fixture {
-        ctx,
-        server,
-        mut writers,
-        ..
-    } = Fixture::new();
-    let mut node_agent: Agent = typed(
-        json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent",
-        "metadata": {"name": "node-a"}, "spec": {"mode": "Node", "os": "Linux", "nodeName": "node-a"}}),
-    );
-    node_agent.metadata = stored("node-a", None);
-    cache(&mut writers.agents, node_agent);
+    let (ctx, server, mut writers, _) = Fixture::new().into_parts();
+    cache(&mut writers.agents, node_agent("node-a"));
     cache(&mut writers.plans, plan(5));
-    let mut held = job(
-        "weekly-m1-node-a",
-        PatchJobStatus {
-            phase: JobPhase::Running,
-            reboot: Some(RebootRecord {
-                state: RebootState::Pending,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-        Timestamp::now() + SignedDuration::from_hours(1),
-    );
+    let mut held = waiting_for_reboot("weekly-m1-node-a");
     held.spec.agent = "node-a".into();
     held.spec.node = Some("node-a".into());
     let signature = ctx.signer.sign("team", "weekly-m1-node-a", &held.spec);
@@ -789,26 +722,10 @@ async fn a_denial_written_after_the_approval_does_not_release_a_rebooting_node()
         .into(),
     );
     cache(&mut writers.jobs, held);
-    let mut node = Node {
-        metadata: stored("node-a", None),
-        ..Default::default()
-    };
-    node.metadata.annotations = Some(
-        [
-            (
-                super::drain::DRAIN_FOR_ANNOTATION.to_string(),
-                "team/weekly-m1-node-a".to_string(),
-            ),
-            (
-                super::drain::CORDONED_ANNOTATION.to_string(),
-                "true".to_string(),
-            ),
-            (
-                super::drain::DRAIN_APPROVED_ANNOTATION.to_string(),
-                (Timestamp::now() - SignedDuration::from_secs(2)).to_string(),
-            ),
-        ]
-        .into(),
+    let mut node = drained_for_weekly_m1("node-a");
+    node.metadata.annotations.get_or_insert_default().insert(
+        super::drain::DRAIN_APPROVED_ANNOTATION.to_string(),
+        (Timestamp::now() - SignedDuration::from_secs(2)).to_string(),
     );
     // Nothing to do but wait for the reboot's report (or the approval to lapse): no
     // request, above all no uncordon.

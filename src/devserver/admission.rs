@@ -306,6 +306,28 @@ fn config_key_causes(object: &Value) -> Vec<Cause> {
         .collect()
 }
 
+/// Under `fieldValidation=Strict`: every field the schema lacks, sorted, in one
+/// strict decoding error.
+fn refuse_unknown_fields(
+    kind: &ResourceKind,
+    schema: &Value,
+    object: &Value,
+) -> Result<(), ApiError> {
+    let options = structural::Options {
+        reject_unknown_fields: true,
+    };
+    let mut unknown: Vec<String> = structural::validate(schema, object, options)
+        .into_iter()
+        .filter(|e| e.kind == FieldErrorKind::Unknown)
+        .map(|e| format!("unknown field \"{}\"", e.path))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    unknown.sort();
+    Err(strict_decoding_error(kind, &unknown))
+}
+
 /// Built-in kinds are stored as sent, except for fields their Kubernetes schema does
 /// not have: refused under Strict, dropped (with a warning under Warn) otherwise.
 fn admit_builtin(
@@ -317,22 +339,7 @@ fn admit_builtin(
         return Ok(Vec::new());
     };
     if validation == FieldValidation::Strict {
-        let unknown: Vec<String> = structural::validate(
-            &schema,
-            object,
-            structural::Options {
-                reject_unknown_fields: true,
-            },
-        )
-        .into_iter()
-        .filter(|e| e.kind == FieldErrorKind::Unknown)
-        .map(|e| format!("unknown field \"{}\"", e.path))
-        .collect();
-        if !unknown.is_empty() {
-            let mut unknown = unknown;
-            unknown.sort();
-            return Err(strict_decoding_error(kind, &unknown));
-        }
+        refuse_unknown_fields(kind, &schema, object)?;
     }
     let mut pruned = structural::prune(&schema, object);
     pruned.sort();
@@ -415,22 +422,7 @@ pub fn admit(
 
     let mut warnings = Vec::new();
     if validation == FieldValidation::Strict {
-        let unknown: Vec<String> = structural::validate(
-            &schema.json,
-            object,
-            structural::Options {
-                reject_unknown_fields: true,
-            },
-        )
-        .into_iter()
-        .filter(|e| e.kind == FieldErrorKind::Unknown)
-        .map(|e| format!("unknown field \"{}\"", e.path))
-        .collect();
-        if !unknown.is_empty() {
-            let mut unknown = unknown;
-            unknown.sort();
-            return Err(strict_decoding_error(kind, &unknown));
-        }
+        refuse_unknown_fields(kind, &schema.json, object)?;
     }
     let mut pruned = structural::prune(&schema.json, object);
     pruned.sort();
@@ -489,12 +481,7 @@ mod tests {
     use serde_json::json;
 
     fn kind(plural: &str) -> std::sync::Arc<ResourceKind> {
-        let registry = Registry::new();
-        let crds: Vec<Value> = crate::api::crds()
-            .into_iter()
-            .map(|c| serde_json::to_value(c).unwrap())
-            .collect();
-        registry.set_crds(crds.iter());
+        let registry = Registry::with_our_crds();
         registry.find("fleetpatch.io", "v1alpha1", plural).unwrap()
     }
 

@@ -8,14 +8,13 @@ use axum::http::{StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::admission;
 use super::body::parse_body;
 use super::errors::{ApiError, Cause};
 use super::handlers::{Request, Target, is_true, now};
 use super::managed::{self, Writer};
 use super::patch::{self, PatchType};
 use super::store;
-use super::write::{decode_defaults, spec_like, with_ownership_schema};
+use super::write::with_ownership_schema;
 
 /// The object without resourceVersion and managedFields timestamps.
 pub(super) fn without_times(object: &Value) -> Value {
@@ -239,14 +238,7 @@ impl Request<'_> {
                 }
             }
         }
-        if spec_like(&new, kind.status_subresource) != spec_like(old, kind.status_subresource)
-            && let Some(generation) = old["metadata"]["generation"].as_i64()
-        {
-            new["metadata"]["generation"] = json!(generation + 1);
-        }
-        let warnings = admission::admit(kind, &mut new, Some(old), self.field_validation(), sub)?;
-        decode_defaults(kind, &mut new);
-        self.prepare_builtin(kind, &mut new, Some(old))?;
+        let warnings = self.admit_change(kind, sub, old, &mut new)?;
         if without_times(&new) == without_times(old) {
             // Same values, same owners: a no-op apply writes nothing.
             return Ok((StatusCode::OK, Arc::new(old.clone()), warnings));

@@ -5,8 +5,10 @@
 //! `fieldValidation` parameter, which is how kubectl learns it may leave field
 //! validation to the server.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 
 use schemars::JsonSchema;
 use schemars::generate::{SchemaGenerator, SchemaSettings};
@@ -90,14 +92,21 @@ pub fn group(kinds: &[Arc<ResourceKind>], name: &str) -> Option<Value> {
         .map(|(g, v)| api_group(&g, &v))
 }
 
-pub fn resource_list(kinds: &[Arc<ResourceKind>], group: &str, version: &str) -> Option<Value> {
+/// The kinds of one group-version; `None` when it serves none.
+fn served_in<'a>(
+    kinds: &'a [Arc<ResourceKind>],
+    group: &str,
+    version: &str,
+) -> Option<Vec<&'a Arc<ResourceKind>>> {
     let served: Vec<&Arc<ResourceKind>> = kinds
         .iter()
         .filter(|k| k.group == group && k.version == version)
         .collect();
-    if served.is_empty() {
-        return None;
-    }
+    (!served.is_empty()).then_some(served)
+}
+
+pub fn resource_list(kinds: &[Arc<ResourceKind>], group: &str, version: &str) -> Option<Value> {
+    let served = served_in(kinds, group, version)?;
     let mut resources = Vec::new();
     for kind in served {
         let mut resource = json!({
@@ -240,19 +249,12 @@ fn kind_schema(kind: &ResourceKind) -> Value {
 /// (free-form JSON, raw extensions, and references nested too deep to inline)
 /// preserve unknown fields, so only fields the schema positively lacks are caught.
 pub fn builtin_field_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
-    use parking_lot::Mutex;
-    use std::collections::HashMap;
-    use std::sync::OnceLock;
-    static CACHE: OnceLock<Mutex<HashMap<String, Option<Arc<Value>>>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Mutex::default);
-    let key = format!("{group}/{plural}");
-    if let Some(found) = cache.lock().get(&key) {
-        return found.clone();
-    }
-    let mut generator = SchemaSettings::openapi3()
-        .with(|s| s.meta_schema = None)
-        .into_generator();
-    let computed = builtin_definition(&mut generator, group, plural).and_then(|name| {
+    static CACHE: SchemaCache = OnceLock::new();
+    cached(&CACHE, group, plural, || {
+        let mut generator = SchemaSettings::openapi3()
+            .with(|s| s.meta_schema = None)
+            .into_generator();
+        let name = builtin_definition(&mut generator, group, plural)?;
         let definitions = generator.take_definitions(true);
         let root = definitions.get(&name)?;
         Some(Arc::new(inline_refs(
@@ -260,9 +262,7 @@ pub fn builtin_field_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
             &definitions,
             &mut vec![name.clone()],
         )))
-    });
-    cache.lock().insert(key, computed.clone());
-    computed
+    })
 }
 
 /// [`builtin_field_schema`] with the list and map semantics the API server's own
@@ -270,20 +270,31 @@ pub fn builtin_field_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
 /// out): lists of containers, volumes, env, ports and conditions are maps by their key
 /// fields, label selectors are atomic. Server-side apply and managedFields use it.
 pub fn builtin_ownership_schema(group: &str, plural: &str) -> Option<Arc<Value>> {
-    use parking_lot::Mutex;
-    use std::collections::HashMap;
-    use std::sync::OnceLock;
-    static CACHE: OnceLock<Mutex<HashMap<String, Option<Arc<Value>>>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Mutex::default);
+    static CACHE: SchemaCache = OnceLock::new();
+    cached(&CACHE, group, plural, || {
+        builtin_field_schema(group, plural).map(|schema| {
+            let mut schema = (*schema).clone();
+            declare_list_semantics(&mut schema);
+            Arc::new(schema)
+        })
+    })
+}
+
+/// Schemas of built-in kinds by `group/plural`, each computed at most once.
+type SchemaCache = OnceLock<Mutex<HashMap<String, Option<Arc<Value>>>>>;
+
+fn cached(
+    cache: &'static SchemaCache,
+    group: &str,
+    plural: &str,
+    compute: impl FnOnce() -> Option<Arc<Value>>,
+) -> Option<Arc<Value>> {
+    let cache = cache.get_or_init(Mutex::default);
     let key = format!("{group}/{plural}");
     if let Some(found) = cache.lock().get(&key) {
         return found.clone();
     }
-    let computed = builtin_field_schema(group, plural).map(|schema| {
-        let mut schema = (*schema).clone();
-        declare_list_semantics(&mut schema);
-        Arc::new(schema)
-    });
+    let computed = compute();
     cache.lock().insert(key, computed.clone());
     computed
 }
@@ -449,13 +460,7 @@ fn operation(kind: &ResourceKind, action: &str, schema_ref: &str, params: &[&str
 
 /// The OpenAPI v3 document of one group-version.
 pub fn openapi_document(kinds: &[Arc<ResourceKind>], group: &str, version: &str) -> Option<Value> {
-    let served: Vec<&Arc<ResourceKind>> = kinds
-        .iter()
-        .filter(|k| k.group == group && k.version == version)
-        .collect();
-    if served.is_empty() {
-        return None;
-    }
+    let served = served_in(kinds, group, version)?;
     let mut schemas = BTreeMap::new();
     let mut paths = BTreeMap::new();
     let mut generator = SchemaSettings::openapi3()
@@ -480,51 +485,7 @@ pub fn openapi_document(kinds: &[Arc<ResourceKind>], group: &str, version: &str)
             }
         };
         let schema_ref = format!("#/components/schemas/{name}");
-        if kind.is_virtual() {
-            // Only POST is served, but kubectl looks for the fieldValidation parameter on
-            // a PATCH operation of the kind to leave validation to the server (a real
-            // server would send it to OpenAPI v2 instead, which this one does not serve).
-            paths.insert(
-                format!("{prefix}/{}", kind.plural),
-                json!({
-                    "post": operation(kind, "post", &schema_ref, &["dryRun", "fieldManager", "fieldValidation"]),
-                    "patch": operation(kind, "patch", &schema_ref, &["dryRun", "fieldManager", "fieldValidation"]),
-                }),
-            );
-            continue;
-        }
-        let collection = if kind.namespaced {
-            format!("{prefix}/namespaces/{{namespace}}/{}", kind.plural)
-        } else {
-            format!("{prefix}/{}", kind.plural)
-        };
-        let write = ["dryRun", "fieldManager", "fieldValidation"];
-        let mut item = json!({
-            "get": operation(kind, "get", &schema_ref, &[]),
-            "put": operation(kind, "put", &schema_ref, &write),
-            "patch": operation(kind, "patch", &schema_ref, &["dryRun", "fieldManager", "fieldValidation", "force"]),
-            "delete": operation(kind, "delete", &schema_ref, &["dryRun", "propagationPolicy"]),
-        });
-        item["parameters"] =
-            json!([{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}]);
-        paths.insert(
-            collection.clone(),
-            json!({
-                "get": operation(kind, "list", &schema_ref, &["labelSelector", "fieldSelector", "limit", "continue", "watch", "resourceVersion"]),
-                "post": operation(kind, "post", &schema_ref, &write),
-            }),
-        );
-        if kind.status_subresource {
-            paths.insert(
-                format!("{collection}/{{name}}/status"),
-                json!({
-                    "get": operation(kind, "get", &schema_ref, &[]),
-                    "put": operation(kind, "put", &schema_ref, &write),
-                    "patch": operation(kind, "patch", &schema_ref, &["dryRun", "fieldManager", "fieldValidation", "force"]),
-                }),
-            );
-        }
-        paths.insert(format!("{collection}/{{name}}"), item);
+        paths.extend(kind_paths(kind, &prefix, &schema_ref));
     }
     // Built-in kinds: the schemas k8s-openapi carries, with every type they use.
     for (name, definition) in generator.take_definitions(true) {
@@ -547,6 +508,56 @@ pub fn openapi_document(kinds: &[Arc<ResourceKind>], group: &str, version: &str)
         "paths": paths,
         "components": {"schemas": schemas},
     }))
+}
+
+/// The paths one kind is served at under `prefix`, with their operations.
+fn kind_paths(kind: &ResourceKind, prefix: &str, schema_ref: &str) -> Vec<(String, Value)> {
+    if kind.is_virtual() {
+        // Only POST is served, but kubectl looks for the fieldValidation parameter on
+        // a PATCH operation of the kind to leave validation to the server (a real
+        // server would send it to OpenAPI v2 instead, which this one does not serve).
+        return vec![(
+            format!("{prefix}/{}", kind.plural),
+            json!({
+                "post": operation(kind, "post", schema_ref, &["dryRun", "fieldManager", "fieldValidation"]),
+                "patch": operation(kind, "patch", schema_ref, &["dryRun", "fieldManager", "fieldValidation"]),
+            }),
+        )];
+    }
+    let collection = if kind.namespaced {
+        format!("{prefix}/namespaces/{{namespace}}/{}", kind.plural)
+    } else {
+        format!("{prefix}/{}", kind.plural)
+    };
+    let write = ["dryRun", "fieldManager", "fieldValidation"];
+    let patch = ["dryRun", "fieldManager", "fieldValidation", "force"];
+    let mut item = json!({
+        "get": operation(kind, "get", schema_ref, &[]),
+        "put": operation(kind, "put", schema_ref, &write),
+        "patch": operation(kind, "patch", schema_ref, &patch),
+        "delete": operation(kind, "delete", schema_ref, &["dryRun", "propagationPolicy"]),
+    });
+    item["parameters"] =
+        json!([{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    let mut paths = vec![(
+        collection.clone(),
+        json!({
+            "get": operation(kind, "list", schema_ref, &["labelSelector", "fieldSelector", "limit", "continue", "watch", "resourceVersion"]),
+            "post": operation(kind, "post", schema_ref, &write),
+        }),
+    )];
+    if kind.status_subresource {
+        paths.push((
+            format!("{collection}/{{name}}/status"),
+            json!({
+                "get": operation(kind, "get", schema_ref, &[]),
+                "put": operation(kind, "put", schema_ref, &write),
+                "patch": operation(kind, "patch", schema_ref, &patch),
+            }),
+        ));
+    }
+    paths.push((format!("{collection}/{{name}}"), item));
+    paths
 }
 
 /// `/openapi/v3`: every group-version with a URL that changes when its document does.
@@ -577,12 +588,7 @@ mod tests {
 
     #[test]
     fn discovery_lists_our_kinds_with_short_names_and_categories() {
-        let registry = Registry::new();
-        let crds: Vec<Value> = crate::api::crds()
-            .into_iter()
-            .map(|c| serde_json::to_value(c).unwrap())
-            .collect();
-        registry.set_crds(crds.iter());
+        let registry = Registry::with_our_crds();
         let kinds = registry.all();
         let groups = group_list(&kinds);
         assert!(

@@ -403,17 +403,24 @@ fn remove_at(value: &mut Value, path: &FieldPath) {
     }
 }
 
+impl Elem {
+    /// The key of this element in `FieldsV1`: `f:`, `k:` or `v:` and its text.
+    fn fields_v1_key(&self) -> String {
+        match self {
+            Elem::Field(f) => format!("f:{f}"),
+            Elem::Key(k) => format!("k:{k}"),
+            Elem::Item(v) => format!("v:{v}"),
+        }
+    }
+}
+
 /// Encodes a field set as `FieldsV1` JSON.
 pub fn to_fields_v1(set: &BTreeSet<FieldPath>) -> Value {
     let mut root = Map::new();
     for path in set {
         let mut node = &mut root;
         for elem in path {
-            let key = match elem {
-                Elem::Field(f) => format!("f:{f}"),
-                Elem::Key(k) => format!("k:{k}"),
-                Elem::Item(v) => format!("v:{v}"),
-            };
+            let key = elem.fields_v1_key();
             node = node
                 .entry(key)
                 .or_insert_with(|| Value::Object(Map::new()))
@@ -425,11 +432,7 @@ pub fn to_fields_v1(set: &BTreeSet<FieldPath>) -> Value {
     for path in set {
         let mut node = &mut root;
         for elem in path {
-            let key = match elem {
-                Elem::Field(f) => format!("f:{f}"),
-                Elem::Key(k) => format!("k:{k}"),
-                Elem::Item(v) => format!("v:{v}"),
-            };
+            let key = elem.fields_v1_key();
             node = node
                 .get_mut(&key)
                 .and_then(Value::as_object_mut)

@@ -152,11 +152,40 @@ fn object_meta(data: &[u8]) -> Result<Value, ProtobufError> {
     Ok(meta)
 }
 
+/// The kinds a protobuf body may carry here: those kubectl and client-go send as
+/// protobuf to the endpoints the dev server serves.
+const DECODED_KINDS: &[&str] = &[
+    "Namespace",
+    "ConfigMap",
+    "Secret",
+    "ServiceAccount",
+    "TokenRequest",
+    "Eviction",
+    "DeleteOptions",
+];
+
 /// Decodes a protobuf request body into the JSON object it stands for.
 pub fn decode(body: &[u8]) -> Result<Value, ProtobufError> {
     let envelope = body
         .strip_prefix(b"k8s\x00")
         .ok_or(ProtobufError::NoEnvelope)?;
+    let (api_version, kind, raw) = unknown_envelope(envelope)?;
+    let mut object = json!({"apiVersion": api_version, "kind": kind, "metadata": {}});
+    for (number, f) in fields(raw)? {
+        match (kind.as_str(), number) {
+            ("DeleteOptions", _) => delete_options_field(&mut object, number, &f)?,
+            (_, 1) => object["metadata"] = object_meta(message(&f))?,
+            _ => kind_field(&mut object, &kind, number, &f)?,
+        }
+    }
+    if !DECODED_KINDS.contains(&kind.as_str()) {
+        return Err(ProtobufError::UnsupportedKind(kind));
+    }
+    Ok(object)
+}
+
+/// The `runtime.Unknown` envelope: apiVersion, kind and the raw object bytes.
+fn unknown_envelope(envelope: &[u8]) -> Result<(String, String, &[u8]), ProtobufError> {
     let (mut api_version, mut kind, mut raw) = (String::new(), String::new(), &[][..]);
     for (number, f) in fields(envelope)? {
         match number {
@@ -173,101 +202,87 @@ pub fn decode(body: &[u8]) -> Result<Value, ProtobufError> {
             _ => {}
         }
     }
-    let mut object = json!({"apiVersion": api_version, "kind": kind, "metadata": {}});
-    for (number, f) in fields(raw)? {
-        if kind == "DeleteOptions" {
-            match number {
-                2 => {
-                    for (n, p) in fields(message(&f))? {
-                        match n {
-                            1 => object["preconditions"]["uid"] = json!(string(&p)),
-                            2 => object["preconditions"]["resourceVersion"] = json!(string(&p)),
-                            _ => {}
-                        }
-                    }
+    Ok((api_version, kind, raw))
+}
+
+fn delete_options_field(object: &mut Value, number: u64, f: &Field) -> Result<(), ProtobufError> {
+    match number {
+        2 => {
+            for (n, p) in fields(message(f))? {
+                match n {
+                    1 => object["preconditions"]["uid"] = json!(string(&p)),
+                    2 => object["preconditions"]["resourceVersion"] = json!(string(&p)),
+                    _ => {}
                 }
-                4 => object["propagationPolicy"] = json!(string(&f)),
-                _ => {}
             }
-            continue;
         }
-        if number == 1 {
-            object["metadata"] = object_meta(message(&f))?;
-            continue;
+        4 => object["propagationPolicy"] = json!(string(f)),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// One top-level field (after metadata) of an object of `kind`.
+fn kind_field(object: &mut Value, kind: &str, number: u64, f: &Field) -> Result<(), ProtobufError> {
+    match (kind, number) {
+        ("Namespace", 2) => {
+            object["spec"] = json!({});
+            for (n, s) in fields(message(f))? {
+                if n == 1 {
+                    push(&mut object["spec"]["finalizers"], json!(string(&s)));
+                }
+            }
         }
-        match (kind.as_str(), number) {
-            ("Namespace", 2) => {
-                object["spec"] = json!({});
-                for (n, s) in fields(message(&f))? {
-                    if n == 1 {
-                        push(&mut object["spec"]["finalizers"], json!(string(&s)));
-                    }
+        ("ConfigMap", 2) => insert_entry(&mut object["data"], f, false)?,
+        ("ConfigMap", 3) => insert_entry(&mut object["binaryData"], f, true)?,
+        ("ConfigMap", 4) | ("Secret", 5) => object["immutable"] = json!(varint_of(f) != 0),
+        ("Secret", 2) => insert_entry(&mut object["data"], f, true)?,
+        ("Secret", 3) => object["type"] = json!(string(f)),
+        ("Secret", 4) => insert_entry(&mut object["stringData"], f, false)?,
+        ("ServiceAccount", 3) => {
+            let mut reference = json!({});
+            for (n, r) in fields(message(f))? {
+                if n == 1 {
+                    reference["name"] = json!(string(&r));
                 }
             }
-            ("ConfigMap", 2) => insert_entry(&mut object["data"], &f, false)?,
-            ("ConfigMap", 3) => insert_entry(&mut object["binaryData"], &f, true)?,
-            ("ConfigMap", 4) | ("Secret", 5) => object["immutable"] = json!(varint_of(&f) != 0),
-            ("Secret", 2) => insert_entry(&mut object["data"], &f, true)?,
-            ("Secret", 3) => object["type"] = json!(string(&f)),
-            ("Secret", 4) => insert_entry(&mut object["stringData"], &f, false)?,
-            ("ServiceAccount", 3) => {
-                let mut reference = json!({});
-                for (n, r) in fields(message(&f))? {
-                    if n == 1 {
-                        reference["name"] = json!(string(&r));
-                    }
+            push(&mut object["imagePullSecrets"], reference);
+        }
+        ("ServiceAccount", 4) => object["automountServiceAccountToken"] = json!(varint_of(f) != 0),
+        ("TokenRequest", 2) => object["spec"] = token_request_spec(message(f))?,
+        (other, _) if !DECODED_KINDS.contains(&other) => {
+            return Err(ProtobufError::UnsupportedKind(other.to_string()));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn token_request_spec(data: &[u8]) -> Result<Value, ProtobufError> {
+    let mut spec = json!({});
+    for (n, s) in fields(data)? {
+        match n {
+            1 => push(&mut spec["audiences"], json!(string(&s))),
+            // BoundObjectReference: kind, apiVersion, name, uid.
+            3 => {
+                let mut bound = json!({});
+                for (m, r) in fields(message(&s))? {
+                    let key = match m {
+                        1 => "kind",
+                        2 => "apiVersion",
+                        3 => "name",
+                        4 => "uid",
+                        _ => continue,
+                    };
+                    bound[key] = json!(string(&r));
                 }
-                push(&mut object["imagePullSecrets"], reference);
+                spec["boundObjectRef"] = bound;
             }
-            ("ServiceAccount", 4) => {
-                object["automountServiceAccountToken"] = json!(varint_of(&f) != 0)
-            }
-            ("TokenRequest", 2) => {
-                object["spec"] = json!({});
-                for (n, s) in fields(message(&f))? {
-                    match n {
-                        1 => push(&mut object["spec"]["audiences"], json!(string(&s))),
-                        // BoundObjectReference: kind, apiVersion, name, uid.
-                        3 => {
-                            let mut bound = json!({});
-                            for (m, r) in fields(message(&s))? {
-                                let key = match m {
-                                    1 => "kind",
-                                    2 => "apiVersion",
-                                    3 => "name",
-                                    4 => "uid",
-                                    _ => continue,
-                                };
-                                bound[key] = json!(string(&r));
-                            }
-                            object["spec"]["boundObjectRef"] = bound;
-                        }
-                        4 => object["spec"]["expirationSeconds"] = json!(varint_of(&s)),
-                        _ => {}
-                    }
-                }
-            }
-            (
-                "Namespace" | "ConfigMap" | "Secret" | "ServiceAccount" | "TokenRequest"
-                | "Eviction",
-                _,
-            ) => {}
-            (other, _) => return Err(ProtobufError::UnsupportedKind(other.to_string())),
+            4 => spec["expirationSeconds"] = json!(varint_of(&s)),
+            _ => {}
         }
     }
-    if !matches!(
-        kind.as_str(),
-        "Namespace"
-            | "ConfigMap"
-            | "Secret"
-            | "ServiceAccount"
-            | "TokenRequest"
-            | "Eviction"
-            | "DeleteOptions"
-    ) {
-        return Err(ProtobufError::UnsupportedKind(kind));
-    }
-    Ok(object)
+    Ok(spec)
 }
 
 #[cfg(test)]

@@ -99,6 +99,9 @@ struct Builtin {
     status: bool,
 }
 
+/// The RBAC group, four of whose kinds the dev server serves.
+const RBAC: &str = "rbac.authorization.k8s.io";
+
 const fn builtin(
     group: &'static str,
     version: &'static str,
@@ -228,35 +231,11 @@ const BUILTINS: &[Builtin] = &[
         &["pdb"],
         true,
     ),
+    builtin(RBAC, "v1", "Role", "roles", true, &[], false),
+    builtin(RBAC, "v1", "ClusterRole", "clusterroles", false, &[], false),
+    builtin(RBAC, "v1", "RoleBinding", "rolebindings", true, &[], false),
     builtin(
-        "rbac.authorization.k8s.io",
-        "v1",
-        "Role",
-        "roles",
-        true,
-        &[],
-        false,
-    ),
-    builtin(
-        "rbac.authorization.k8s.io",
-        "v1",
-        "ClusterRole",
-        "clusterroles",
-        false,
-        &[],
-        false,
-    ),
-    builtin(
-        "rbac.authorization.k8s.io",
-        "v1",
-        "RoleBinding",
-        "rolebindings",
-        true,
-        &[],
-        false,
-    ),
-    builtin(
-        "rbac.authorization.k8s.io",
+        RBAC,
         "v1",
         "ClusterRoleBinding",
         "clusterrolebindings",
@@ -392,20 +371,23 @@ fn builtin_kinds() -> Vec<Arc<ResourceKind>> {
     kinds
 }
 
+/// The strings of a JSON list; none when it is not a list.
+pub(crate) fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The kinds one CRD serves, one per served version.
 pub fn kinds_of_crd(crd: &Value) -> Vec<Arc<ResourceKind>> {
     let spec = &crd["spec"];
     let names = &spec["names"];
-    let strings = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let Some(versions) = spec["versions"].as_array() else {
         return Vec::new();
     };
@@ -508,6 +490,25 @@ impl Registry {
     }
 }
 
+/// fleetpatch's CRDs as JSON, as the API server is given them.
+#[cfg(test)]
+pub(crate) fn our_crds() -> Vec<Value> {
+    crate::api::crds()
+        .into_iter()
+        .map(|c| serde_json::to_value(c).unwrap())
+        .collect()
+}
+
+#[cfg(test)]
+impl Registry {
+    /// The built-in kinds and fleetpatch's.
+    pub(crate) fn with_our_crds() -> Self {
+        let registry = Registry::new();
+        registry.set_crds(our_crds().iter());
+        registry
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,11 +522,7 @@ mod tests {
                 .find("fleetpatch.io", "v1alpha1", "patchjobs")
                 .is_none()
         );
-        let crds: Vec<Value> = crate::api::crds()
-            .into_iter()
-            .map(|c| serde_json::to_value(c).unwrap())
-            .collect();
-        registry.set_crds(crds.iter());
+        registry.set_crds(our_crds().iter());
         let pj = registry
             .find("fleetpatch.io", "v1alpha1", "patchjobs")
             .unwrap();

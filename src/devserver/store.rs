@@ -100,6 +100,27 @@ pub fn resource_version(object: &Value) -> u64 {
         .unwrap_or(0)
 }
 
+impl Inner {
+    /// The stored object a write replaces or removes: it must exist and, with
+    /// `expected_rv`, still be at that version.
+    fn current(
+        &self,
+        key: &str,
+        id: &(String, String),
+        expected_rv: Option<u64>,
+    ) -> Result<&Arc<Value>, StoreError> {
+        let current = self
+            .objects
+            .get(key)
+            .and_then(|o| o.get(id))
+            .ok_or(StoreError::NotFound)?;
+        match expected_rv {
+            Some(expected) if resource_version(current) != expected => Err(StoreError::Conflict),
+            _ => Ok(current),
+        }
+    }
+}
+
 fn object_key(object: &Value) -> (String, String) {
     let meta = &object["metadata"];
     (
@@ -204,51 +225,34 @@ impl Store {
         found
     }
 
-    pub fn create(&self, key: &str, mut object: Value) -> Result<Arc<Value>, StoreError> {
+    pub fn create(&self, key: &str, object: Value) -> Result<Arc<Value>, StoreError> {
         let mut inner = self.lock();
         let id = object_key(&object);
         if inner.objects.get(key).is_some_and(|o| o.contains_key(&id)) {
             return Err(StoreError::AlreadyExists);
         }
-        let rv = inner.rv + 1;
-        object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-        let object = Arc::new(object);
-        self.commit(&mut inner, key, id, EventType::Added, object.clone(), None)?;
-        Ok(object)
+        self.commit(&mut inner, key, id, EventType::Added, object, None)
     }
 
     /// Replaces an existing object; with `expected_rv`, only if it is still at that version.
     pub fn replace(
         &self,
         key: &str,
-        mut object: Value,
+        object: Value,
         expected_rv: Option<u64>,
     ) -> Result<Arc<Value>, StoreError> {
         let mut inner = self.lock();
         let id = object_key(&object);
-        let current = inner
-            .objects
-            .get(key)
-            .and_then(|o| o.get(&id))
-            .ok_or(StoreError::NotFound)?;
-        if let Some(expected) = expected_rv
-            && resource_version(current) != expected
-        {
-            return Err(StoreError::Conflict);
-        }
+        let current = inner.current(key, &id, expected_rv)?;
         let previous = current.clone();
-        let rv = inner.rv + 1;
-        object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-        let object = Arc::new(object);
         self.commit(
             &mut inner,
             key,
             id,
             EventType::Modified,
-            object.clone(),
+            object,
             Some(previous),
-        )?;
-        Ok(object)
+        )
     }
 
     /// Removes an object; the DELETED event carries it with a new resourceVersion.
@@ -261,29 +265,9 @@ impl Store {
     ) -> Result<Arc<Value>, StoreError> {
         let mut inner = self.lock();
         let id = (namespace.to_string(), name.to_string());
-        let current = inner
-            .objects
-            .get(key)
-            .and_then(|o| o.get(&id))
-            .ok_or(StoreError::NotFound)?;
-        if let Some(expected) = expected_rv
-            && resource_version(current) != expected
-        {
-            return Err(StoreError::Conflict);
-        }
-        let mut object = (**current).clone();
-        let rv = inner.rv + 1;
-        object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-        let object = Arc::new(object);
-        self.commit(
-            &mut inner,
-            key,
-            id,
-            EventType::Deleted,
-            object.clone(),
-            None,
-        )?;
-        Ok(object)
+        let current = inner.current(key, &id, expected_rv)?;
+        let object = (**current).clone();
+        self.commit(&mut inner, key, id, EventType::Deleted, object, None)
     }
 
     fn commit(
@@ -292,10 +276,12 @@ impl Store {
         key: &str,
         id: (String, String),
         kind: EventType,
-        object: Arc<Value>,
+        mut object: Value,
         previous: Option<Arc<Value>>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Arc<Value>, StoreError> {
         let rv = inner.rv + 1;
+        object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+        let object = Arc::new(object);
         if let Some(journal) = inner.journal.as_mut() {
             let stored = (kind != EventType::Deleted).then_some(&*object);
             journal.append(rv, key, &id.0, &id.1, stored)?;
@@ -346,7 +332,7 @@ impl Store {
             key: key.to_string(),
             namespace: id.0,
             kind,
-            object,
+            object: object.clone(),
             previous,
         });
         inner.log.push_back(change.clone());
@@ -357,7 +343,7 @@ impl Store {
         }
         // No receivers is fine: nobody is watching.
         let _ = self.changes.send(change);
-        Ok(())
+        Ok(object)
     }
 
     /// Starts a watch on one resource. `since` = None means "from now, starting with

@@ -179,10 +179,7 @@ mod tests {
     use super::*;
 
     fn kind() -> ResourceKind {
-        let crds: Vec<Value> = crate::api::crds()
-            .into_iter()
-            .map(|c| serde_json::to_value(c).unwrap())
-            .collect();
+        let crds = super::super::registry::our_crds();
         let crd = crds
             .iter()
             .find(|c| c["spec"]["names"]["kind"] == "PatchJob")

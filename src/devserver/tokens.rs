@@ -17,6 +17,7 @@ use super::auth::{API_AUDIENCE, Claims};
 use super::errors::{ApiError, Cause};
 use super::handlers::{Request, Target, json_response, now};
 use super::managed::{self, Entry};
+use super::registry::strings;
 
 /// The shortest validity a TokenRequest may ask for.
 const MIN_EXPIRATION_SECONDS: i64 = 600;
@@ -24,18 +25,6 @@ const MIN_EXPIRATION_SECONDS: i64 = 600;
 const DELETION_GRACE_SECONDS: i64 = 60;
 
 const EXTRA: &str = "authentication.kubernetes.io";
-
-fn strings(value: &Value) -> Vec<String> {
-    value
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// A list as Go's `%q` prints it: `["a" "b"]`.
 fn go_quoted(list: &[String]) -> String {

@@ -572,6 +572,28 @@ impl Request<'_> {
         Ok(self.respond(target, code, &object, &warnings))
     }
 
+    /// What every change of a stored object goes through once its new state is known:
+    /// a new generation when more than metadata and status changed, admission, the
+    /// defaults decoding applies, and the built-in kinds' own preparation. Returns the
+    /// admission's warnings.
+    pub(super) fn admit_change(
+        &self,
+        kind: &ResourceKind,
+        sub: &str,
+        old: &Value,
+        new: &mut Value,
+    ) -> Result<Vec<String>, ApiError> {
+        if spec_like(new, kind.status_subresource) != spec_like(old, kind.status_subresource)
+            && let Some(generation) = old["metadata"]["generation"].as_i64()
+        {
+            new["metadata"]["generation"] = json!(generation + 1);
+        }
+        let warnings = admission::admit(kind, new, Some(old), self.field_validation(), sub)?;
+        decode_defaults(kind, new);
+        self.prepare_builtin(kind, new, Some(old))?;
+        Ok(warnings)
+    }
+
     /// Turns a requested new state into the stored one (status subresource rules,
     /// immutable metadata, generation, admission, ownership) and stores it.
     pub(super) fn write(
@@ -585,14 +607,7 @@ impl Request<'_> {
         let sub = target.subresource.as_deref().unwrap_or_default();
         let mut new = requested_state(kind, sub, old, requested);
         keep_server_metadata(old, &mut new)?;
-        if spec_like(&new, kind.status_subresource) != spec_like(old, kind.status_subresource)
-            && let Some(generation) = old["metadata"]["generation"].as_i64()
-        {
-            new["metadata"]["generation"] = json!(generation + 1);
-        }
-        let warnings = admission::admit(kind, &mut new, Some(old), self.field_validation(), sub)?;
-        decode_defaults(kind, &mut new);
-        self.prepare_builtin(kind, &mut new, Some(old))?;
+        let warnings = self.admit_change(kind, sub, old, &mut new)?;
         if without_volatile(&new) == without_volatile(old) {
             // Nothing changed: no write, no event, same resourceVersion.
             return Ok((StatusCode::OK, Arc::new(old.clone()), warnings));

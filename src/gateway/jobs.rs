@@ -257,18 +257,8 @@ mod tests {
         let mut job = PatchJob::new(
             "weekly-m1-web-1",
             PatchJobSpec {
-                agent: agent.into(),
-                plan: "weekly".into(),
-                run: "m1".into(),
-                os: OperatingSystem::Linux,
-                workflow: None,
-                pre_actions: vec![],
-                post_actions: vec![],
-                failure_policy: Default::default(),
-                patches: Default::default(),
-                reboot: Default::default(),
-                deadline: None,
                 node: node.map(String::from),
+                ..PatchJobSpec::bare(agent, "weekly", "m1")
             },
         );
         job.metadata.namespace = Some(namespace.into());
@@ -362,19 +352,7 @@ mod tests {
 
     #[test]
     fn the_signature_does_not_depend_on_script_bodies_but_on_their_hashes() {
-        use crate::api::library::Library;
-        use crate::api::resolve::{JobTarget, resolve_named};
-        use crate::api::rules::{Catalog, DEFAULT_LIBRARY_NAMESPACE};
-        let mut catalog = Catalog::new(DEFAULT_LIBRARY_NAMESPACE);
-        Library::load(DEFAULT_LIBRARY_NAMESPACE).add_to(&mut catalog);
-        let target = JobTarget {
-            agent: "a".into(),
-            plan: "p".into(),
-            run: "r".into(),
-            patches: Default::default(),
-            reboot: Default::default(),
-        };
-        let spec = resolve_named(&catalog, "x", "linux-default", target).unwrap();
+        let spec = crate::api::resolve::linux_default_spec();
         let signer = JobSigner::new(b"k");
         let mut job = PatchJob::new("j", spec);
         job.metadata.namespace = Some("x".into());

@@ -226,24 +226,28 @@ impl Gateway {
     }
 }
 
+/// A replica's presence Lease of 20 seconds, last renewed at `renewed`, for tests.
+#[cfg(test)]
+pub(crate) fn lease_renewed_at(renewed: &str) -> Lease {
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    Lease {
+        metadata: Default::default(),
+        spec: Some(LeaseSpec {
+            renew_time: Some(MicroTime(renewed.parse().unwrap())),
+            lease_duration_seconds: Some(20),
+            ..Default::default()
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::OperatingSystem;
-    use crate::api::agent::{AgentMode, AgentSpec};
     use crate::gateway::protocol::Heartbeat;
 
     fn agent(status: Option<AgentStatus>) -> Agent {
-        let mut agent = Agent::new(
-            "web-1",
-            AgentSpec {
-                mode: AgentMode::External,
-                os: OperatingSystem::Linux,
-                node_name: None,
-                paused: false,
-                allowed_plans: Default::default(),
-            },
-        );
+        let mut agent = Agent::external_linux("web-1");
         agent.status = status;
         agent
     }
@@ -300,14 +304,7 @@ mod tests {
     #[test]
     fn a_replica_is_gone_once_its_lease_ran_out_by_the_grace() {
         let now: Timestamp = "2026-12-01T12:00:00Z".parse().unwrap();
-        let lease = |renewed: &str| Lease {
-            metadata: Default::default(),
-            spec: Some(LeaseSpec {
-                renew_time: Some(MicroTime(renewed.parse().unwrap())),
-                lease_duration_seconds: Some(20),
-                ..Default::default()
-            }),
-        };
+        let lease = crate::gateway::presence::lease_renewed_at;
         let grace = Duration::from_secs(45);
         assert!(replica_gone(None, now, grace));
         assert!(!replica_gone(

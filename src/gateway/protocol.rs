@@ -13,7 +13,8 @@ use crate::api::OperatingSystem;
 use crate::api::agent::{Platform, UpdateInventory};
 use crate::api::conditions;
 use crate::api::patchjob::{
-    ActionResult, JobPhase, PatchJobSpec, PatchJobStatus, PatchOutcome, ResolvedScript,
+    ActionResult, JobPhase, PatchJobSpec, PatchJobStatus, PatchOutcome, PatchResults, RebootRecord,
+    ResolvedScript,
 };
 use crate::api::resolve::content_sha256;
 
@@ -231,10 +232,41 @@ pub fn accept_report(
     report: ProgressReport,
     now: Timestamp,
 ) -> Result<PatchJobStatus, ReportProblem> {
+    check_fits(spec, &report)?;
+    let mut status = report.status;
+    let plausible = plausible_times(created, now);
+    for action in status
+        .pre_actions
+        .iter_mut()
+        .chain(status.post_actions.iter_mut())
+    {
+        accept_action(action, &plausible);
+    }
+    if let Some(patches) = &mut status.patches {
+        accept_patches(patches);
+    }
+    if let Some(reboot) = &mut status.reboot {
+        accept_reboot(reboot, &plausible);
+    }
+    status.message = bounded(&status.message, MAX_MESSAGE);
+    status.start_time = stored
+        .and_then(|s| s.start_time.clone())
+        .or_else(|| plausible(status.start_time.take()))
+        .or(Some(Time(now)));
+    status.progress = Some(progress(spec, &status));
+    set_gateway_outcome(&mut status, stored, now);
+    status.last_sequence = Some(report.sequence);
+    status.observed_generation = None;
+    Ok(status)
+}
+
+/// A report fits its job: a sequence in range, a phase an agent may report, and
+/// results for no action the spec lacks, in the spec's order.
+fn check_fits(spec: &PatchJobSpec, report: &ProgressReport) -> Result<(), ReportProblem> {
     if !(1..=MAX_SEQUENCE).contains(&report.sequence) {
         return Err(ReportProblem::Sequence);
     }
-    let mut status = report.status;
+    let status = &report.status;
     if status.phase == JobPhase::Unknown {
         return Err(ReportProblem::Phase(status.phase));
     }
@@ -251,12 +283,21 @@ pub fn accept_report(
             });
         }
     }
+    Ok(())
+}
+
+/// A reported time kept when plausible (not more than an hour before the job was
+/// created, not ahead of our clock beyond the skew), else `now`.
+fn plausible_times(
+    created: Option<Timestamp>,
+    now: Timestamp,
+) -> impl Fn(Option<Time>) -> Option<Time> {
     let earliest = created.map_or(Timestamp::MIN, |c| {
         c.saturating_sub(SignedDuration::from_hours(1))
             .unwrap_or(Timestamp::MIN)
     });
     let latest = now.saturating_add(CLOCK_SKEW).unwrap_or(Timestamp::MAX);
-    let plausible = |time: Option<Time>| -> Option<Time> {
+    move |time: Option<Time>| -> Option<Time> {
         time.map(|t| {
             if t.0 >= earliest && t.0 <= latest {
                 t
@@ -264,76 +305,68 @@ pub fn accept_report(
                 Time(now)
             }
         })
-    };
-    for action in status
-        .pre_actions
-        .iter_mut()
-        .chain(status.post_actions.iter_mut())
-    {
-        accept_action(action, &plausible);
     }
-    if let Some(patches) = &mut status.patches {
-        patches.patcher = patches.patcher.as_deref().map(|p| bounded(p, 64));
-        patches.message = bounded(&patches.message, MAX_MESSAGE);
-        for list in [&mut patches.installed, &mut patches.failed] {
-            list.truncate(MAX_PATCHES);
-            list.iter_mut().for_each(accept_patch);
-        }
+}
+
+fn accept_patches(patches: &mut PatchResults) {
+    patches.patcher = patches.patcher.as_deref().map(|p| bounded(p, 64));
+    patches.message = bounded(&patches.message, MAX_MESSAGE);
+    for list in [&mut patches.installed, &mut patches.failed] {
+        list.truncate(MAX_PATCHES);
+        list.iter_mut().for_each(accept_patch);
     }
-    if let Some(reboot) = &mut status.reboot {
-        reboot.requested_by = reboot
-            .requested_by
-            .as_deref()
-            .map(|r| bounded(r, MAX_SHORT));
-        reboot.message = reboot.message.as_deref().map(|m| bounded(m, MAX_MESSAGE));
-        reboot.started_at = plausible(reboot.started_at.take());
-        reboot.completed_at = plausible(reboot.completed_at.take());
-    }
-    status.message = bounded(&status.message, MAX_MESSAGE);
-    status.start_time = stored
-        .and_then(|s| s.start_time.clone())
-        .or_else(|| plausible(status.start_time.take()))
-        .or(Some(Time(now)));
+}
+
+fn accept_reboot(reboot: &mut RebootRecord, plausible: &impl Fn(Option<Time>) -> Option<Time>) {
+    reboot.requested_by = reboot
+        .requested_by
+        .as_deref()
+        .map(|r| bounded(r, MAX_SHORT));
+    reboot.message = reboot.message.as_deref().map(|m| bounded(m, MAX_MESSAGE));
+    reboot.started_at = plausible(reboot.started_at.take());
+    reboot.completed_at = plausible(reboot.completed_at.take());
+}
+
+/// `done/total` over the spec's actions.
+fn progress(spec: &PatchJobSpec, status: &PatchJobStatus) -> String {
     let done = status
         .pre_actions
         .iter()
         .chain(&status.post_actions)
         .filter(|a| a.phase.is_finished())
         .count();
-    status.progress = Some(format!(
+    format!(
         "{done}/{}",
         spec.pre_actions.len() + spec.post_actions.len()
-    ));
-    // Conditions and the completion time are the gateway's, from the phase.
+    )
+}
+
+/// Conditions and the completion time are the gateway's, from the phase.
+fn set_gateway_outcome(
+    status: &mut PatchJobStatus,
+    stored: Option<&PatchJobStatus>,
+    now: Timestamp,
+) {
     status.conditions = stored.map(|s| s.conditions.clone()).unwrap_or_default();
     status.completion_time = None;
-    if status.phase.is_finished() {
-        let succeeded = status.phase == JobPhase::Succeeded;
-        let reason = if succeeded {
-            "JobSucceeded"
-        } else {
-            "JobFailed"
-        };
-        conditions::set_outcome(
-            &mut status.conditions,
-            succeeded,
-            reason,
-            &status.message,
-            None,
-            now,
-        );
-        // Its Event is told when the status is written (`story::told_by`).
-        conditions::set_patches_partially_failed(
-            &mut status.conditions,
-            status.patches.as_ref(),
-            None,
-            now,
-        );
-        status.completion_time = Some(Time(now));
+    if !status.phase.is_finished() {
+        return;
     }
-    status.last_sequence = Some(report.sequence);
-    status.observed_generation = None;
-    Ok(status)
+    conditions::set_job_finished(
+        &mut status.conditions,
+        status.phase == JobPhase::Succeeded,
+        &status.message,
+        None,
+        now,
+    );
+    // Its Event is told when the status is written (`story::told_by`).
+    conditions::set_patches_partially_failed(
+        &mut status.conditions,
+        status.patches.as_ref(),
+        None,
+        now,
+    );
+    status.completion_time = Some(Time(now));
 }
 
 fn accept_action(action: &mut ActionResult, plausible: &impl Fn(Option<Time>) -> Option<Time>) {
@@ -408,23 +441,7 @@ pub fn decode_spec(wire: &PatchJobSpec) -> Result<PatchJobSpec, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::library::Library;
-    use crate::api::plan::{PatchSelection, RebootPolicy};
-    use crate::api::resolve::{JobTarget, resolve_named};
-    use crate::api::rules::{Catalog, DEFAULT_LIBRARY_NAMESPACE};
-
-    fn spec() -> PatchJobSpec {
-        let mut catalog = Catalog::new(DEFAULT_LIBRARY_NAMESPACE);
-        Library::load(DEFAULT_LIBRARY_NAMESPACE).add_to(&mut catalog);
-        let target = JobTarget {
-            agent: "a".into(),
-            plan: "p".into(),
-            run: "r".into(),
-            patches: PatchSelection::default(),
-            reboot: RebootPolicy::IfRequired,
-        };
-        resolve_named(&catalog, "x", "linux-default", target).unwrap()
-    }
+    use crate::api::resolve::linux_default_spec as spec;
 
     #[test]
     fn a_finished_job_whose_patches_partly_failed_gets_the_condition() {

@@ -13,7 +13,7 @@ use tower::ServiceExt;
 
 use crate::api::agent::Agent;
 use crate::api::patchjob::PatchJob;
-use crate::controller::fixtures::{Fixture, NAMESPACE, cache, stored};
+use crate::controller::fixtures::{ApiServer, Fixture, NAMESPACE, cache, stored};
 
 use super::credentials;
 use super::jobs::SIGNATURE_ANNOTATION;
@@ -129,13 +129,7 @@ async fn call_with(
 #[tokio::test]
 async fn registration_creates_the_agent_and_its_credential_and_only_then_spends_the_token() {
     let mut fixture = Fixture::new();
-    let token = Secret {
-        metadata: stored("once", Some(NAMESPACE)),
-        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
-        data: Some([("token".to_string(), ByteString(b"only-once".to_vec()))].into()),
-        ..Default::default()
-    };
-    cache(&mut fixture.writers.tokens, token);
+    cache_one_time_token(&mut fixture);
     let request = json!({"name": "web-1", "os": "Linux", "bootstrapToken": "only-once"});
     let gateway = fixture.ctx.gateway.clone();
     let gateway =
@@ -143,25 +137,8 @@ async fn registration_creates_the_agent_and_its_credential_and_only_then_spends_
             async move { call(&gateway, "POST", "/agent/v1/register", None, request).await },
         );
     let server = &mut fixture.server;
-    server
-        .answer_query("GET", "/api/v1/nodes", "fieldSelector=metadata.name%3Dweb-1", 200,
-            json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
-        .await;
-    let agent = server
-        .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-1"}, "spec": {"mode": "External", "os": "Linux"}}))
-        .await;
+    let (agent, stored_credential, spent) = answer_registration(server).await;
     assert_eq!(agent["spec"]["mode"], "External");
-    let stored_credential = server
-        .answer("PATCH", &format!("/api/v1/namespaces/{NAMESPACE}/secrets/fleetpatch-agent-web-1"), 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fleetpatch-agent-web-1"}}))
-        .await;
-    let spent = server
-        .answer(
-            "PATCH",
-            &format!("/api/v1/namespaces/{NAMESPACE}/secrets/once"),
-            200,
-            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "once"}}),
-        )
-        .await;
     assert_eq!(
         spent["metadata"]["resourceVersion"], "7",
         "spent over the version read"
@@ -319,14 +296,7 @@ async fn an_assignment_fetches_the_full_job_once_and_hands_out_its_scripts() {
         base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "echo hi")
     );
     // Asked again: from what it fetched, no second read.
-    let (status, body) = call(
-        &fixture.ctx.gateway,
-        "GET",
-        "/agent/v1/assignments",
-        Some(BEARER),
-        Value::Null,
-    )
-    .await;
+    let (status, body) = get_as_host(&fixture, "/agent/v1/assignments").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["jobs"].as_array().unwrap().len(), 1);
     assert_eq!(
@@ -438,14 +408,7 @@ async fn a_job_is_over_once_its_final_report_is_written_whatever_the_cache_says(
         .await;
     flush.await.unwrap();
     // The cache still has the job unfinished.
-    let (status, body) = call(
-        &fixture.ctx.gateway,
-        "GET",
-        "/agent/v1/assignments?waitSeconds=0",
-        Some(BEARER),
-        Value::Null,
-    )
-    .await;
+    let (status, body) = get_as_host(&fixture, "/agent/v1/assignments?waitSeconds=0").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         body["jobs"],
@@ -599,14 +562,7 @@ async fn a_job_past_its_deadline_is_not_handed_out() {
         .sign("team", "weekly-m1-web-1", &job.spec);
     job.metadata.annotations = Some([(SIGNATURE_ANNOTATION.to_string(), signature)].into());
     cached_job(&mut fixture, &job);
-    let (status, body) = call(
-        &fixture.ctx.gateway,
-        "GET",
-        "/agent/v1/assignments?waitSeconds=0",
-        Some(BEARER),
-        Value::Null,
-    )
-    .await;
+    let (status, body) = get_as_host(&fixture, "/agent/v1/assignments?waitSeconds=0").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["jobs"], json!([]));
     fixture.server.done().await;
@@ -643,10 +599,7 @@ async fn reports_about_unknown_jobs_cost_reads_only_within_a_budget() {
         assert_eq!(answered.0, StatusCode::TOO_MANY_REQUESTS, "{}", answered.1);
         break;
     }
-    assert!(
-        (1..=60).contains(&reads),
-        "{reads} reads before the budget ran out"
-    );
+    assert_within_read_budget(reads, "reads before the budget ran out");
     fixture.server.done().await;
 }
 
@@ -678,9 +631,9 @@ async fn reboot_decision_polls_cost_node_reads_only_within_a_budget() {
         assert_eq!(answered.0, StatusCode::TOO_MANY_REQUESTS, "{}", answered.1);
         break;
     }
-    assert!(
-        (1..=60).contains(&reads),
-        "{reads} Node reads for 200 asks by one agent: the reboot endpoint has no read budget"
+    assert_within_read_budget(
+        reads,
+        "Node reads for 200 asks by one agent: the reboot endpoint has no read budget",
     );
     fixture.server.done().await;
 }
@@ -702,15 +655,7 @@ async fn unauthenticated_registrations_cannot_make_the_gateway_hold_their_bodies
         pages * 4096
     }
     let fixture = Fixture::new();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(super::serve::serve(
-        listener,
-        fixture.ctx.gateway.router(),
-        None,
-        super::serve::ServeLimits::default(),
-    ));
+    let address = serve_on_loopback(&fixture, super::serve::ServeLimits::default());
     const CONNECTIONS: usize = 250;
     const BODY: usize = 500 * 1024;
     let before = rss_bytes();
@@ -865,64 +810,18 @@ async fn token_reviews_for_unknown_node_tokens_are_bounded_across_sources() {
 /// the attack lasts. A source must be able to hold only a small share of the slots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_few_sources_cannot_hold_every_registration_slot() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fixture = Fixture::new();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(super::serve::serve(
-        listener,
-        fixture.ctx.gateway.router(),
-        None,
-        super::serve::ServeLimits::default(),
-    ));
-    let connect_from = |last: u8| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket
-            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
-            .unwrap();
-        socket.connect(address).await.unwrap()
-    };
+    let connect_from = serve_fixture(&fixture, super::serve::ServeLimits::default());
     let mut held = Vec::new();
     for source in 2..=4u8 {
         for _ in 0..90 {
-            let mut stream = connect_from(source).await;
-            stream
-                .write_all(
-                    b"POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n",
-                )
-                .await
-                .unwrap();
-            held.push(stream);
+            held.push(without_body(connect_from(source).await).await);
         }
     }
     // Let the gateway take the slots.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let body = serde_json::to_vec(
-        &json!({"name": "new-host", "os": "Linux", "bootstrapToken": "whatever"}),
-    )
-    .unwrap();
-    let mut legit = connect_from(9).await;
-    legit
-        .write_all(
-            format!(
-                "POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-    legit.write_all(&body).await.unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        legit.read_to_end(&mut answer),
-    )
-    .await;
+    let status_line = register_new_host(connect_from(9).await).await;
     drop(held);
-    let answer = String::from_utf8_lossy(&answer);
-    let status_line = answer.lines().next().unwrap_or_default().to_string();
     assert!(
         !status_line.contains(" 503 "),
         "a complete registration from a fresh source is turned away while three slow sources hold the slots: {status_line}"
@@ -941,28 +840,9 @@ async fn a_few_sources_cannot_hold_every_registration_slot() {
 /// at a share that many sources cannot add up to).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_from_a_few_sources_do_not_lock_every_agent_out() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let fixture = Fixture::new();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(super::serve::serve(
-        listener,
-        fixture.ctx.gateway.router(),
-        None,
-        super::serve::ServeLimits {
-            max_connections: 64,
-            max_connections_per_source: 16,
-            ..Default::default()
-        },
-    ));
-    let connect_from = |last: u8| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket
-            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
-            .unwrap();
-        socket.connect(address).await.unwrap()
-    };
+    let connect_from = serve_fixture(&fixture, capped(64, 16));
     let mut held = Vec::new();
     for source in 2..=5u8 {
         for _ in 0..16 {
@@ -974,14 +854,8 @@ async fn idle_connections_from_a_few_sources_do_not_lock_every_agent_out() {
     let _ = agent
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
         .await;
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        agent.read_to_end(&mut answer),
-    )
-    .await;
+    let answer = read_to_close(&mut agent).await;
     drop(held);
-    let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 200"),
         "four sources holding idle connections lock a fifth out of the gateway: got {:?}",
@@ -1088,6 +962,20 @@ fn node_a_authenticator() -> (super::auth::Authenticator, super::limits::SourceL
     (auth, SourceLimiter::new(&UnauthenticatedLimits::default()))
 }
 
+/// node-a's agent authenticating from its own address with its real token.
+async fn node_a_asks(
+    auth: &super::auth::Authenticator,
+    limiter: &super::limits::SourceLimiter,
+) -> Result<super::auth::Identity, super::Refusal> {
+    auth.authenticate(
+        &node_headers("node-token", "node-a"),
+        std::net::IpAddr::from([10, 0, 0, 7]),
+        super::auth::Purpose::Serve,
+        limiter,
+    )
+    .await
+}
+
 /// A node agent's request headers: its bearer token and the node it claims.
 fn node_headers(token: &str, node: &str) -> axum::http::HeaderMap {
     let mut headers = axum::http::HeaderMap::new();
@@ -1133,20 +1021,11 @@ async fn flood_with_made_up_node_tokens(
 /// review, or keep a reserve of reviews for sources that are known nodes).
 #[tokio::test]
 async fn strangers_cannot_spend_the_token_reviews_node_agents_need() {
-    use super::auth::Purpose;
     let (auth, limiter) = node_a_authenticator();
     flood_with_made_up_node_tokens(&auth, &limiter).await;
     // Node node-a's agent, from its own address, with its real token (its earlier
     // verdict expired).
-    let node = std::net::IpAddr::from([10, 0, 0, 7]);
-    let verdict = auth
-        .authenticate(
-            &node_headers("node-token", "node-a"),
-            node,
-            Purpose::Serve,
-            &limiter,
-        )
-        .await;
+    let verdict = node_a_asks(&auth, &limiter).await;
     assert!(
         verdict.is_ok(),
         "twenty stranger sources spent the TokenReview budget: node-a's own agent is refused ({verdict:?})"
@@ -1163,20 +1042,11 @@ async fn strangers_cannot_spend_the_token_reviews_node_agents_need() {
 /// what it is: 429/503, retried.
 #[tokio::test]
 async fn a_spent_review_budget_is_not_an_authentication_failure() {
-    use super::auth::Purpose;
     let (auth, limiter) = node_a_authenticator();
     flood_with_made_up_node_tokens(&auth, &limiter).await;
     // Node node-a's agent, from its own address, with its real token (its earlier
     // verdict expired).
-    let node = std::net::IpAddr::from([10, 0, 0, 7]);
-    let verdict = auth
-        .authenticate(
-            &node_headers("node-token", "node-a"),
-            node,
-            Purpose::Serve,
-            &limiter,
-        )
-        .await;
+    let verdict = node_a_asks(&auth, &limiter).await;
     assert!(
         !matches!(verdict, Err(super::Refusal::Unauthorized)),
         "the gateway had no TokenReview to spare and told node-a's agent its token is refused (401)"
@@ -1197,28 +1067,7 @@ async fn a_spent_review_budget_is_not_an_authentication_failure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_agent_credential_cannot_hold_every_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut fixture = Fixture::new();
-    known_host(&mut fixture);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(super::serve::serve(
-        listener,
-        fixture.ctx.gateway.router(),
-        None,
-        super::serve::ServeLimits {
-            max_connections: 8,
-            max_connections_per_source: 4,
-            ..Default::default()
-        },
-    ));
-    let connect_from = |last: u8| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket
-            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
-            .unwrap();
-        socket.connect(address).await.unwrap()
-    };
+    let (_fixture, connect_from) = known_host_served(capped(8, 4));
     let mut held = Vec::new();
     for source in 2..=3u8 {
         for _ in 0..4 {
@@ -1248,14 +1097,8 @@ async fn one_agent_credential_cannot_hold_every_connection() {
     let _ = other
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
         .await;
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        other.read_to_end(&mut answer),
-    )
-    .await;
+    let answer = read_to_close(&mut other).await;
     drop(held);
-    let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 200"),
         "one agent's credential holds every connection of the gateway: a fresh client got {:?}",
@@ -1342,29 +1185,8 @@ async fn the_cache_keeps_little_of_a_signed_job_whatever_its_annotations() {
 /// untrusted connections (the flooder's own), not of the oldest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_connecting_after_an_agent_do_not_close_its_connection() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut fixture = Fixture::new();
-    known_host(&mut fixture);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(super::serve::serve(
-        listener,
-        fixture.ctx.gateway.router(),
-        None,
-        super::serve::ServeLimits {
-            max_connections: 8,
-            max_connections_per_source: 4,
-            ..Default::default()
-        },
-    ));
-    let connect_from = |last: u8| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket
-            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
-            .unwrap();
-        socket.connect(address).await.unwrap()
-    };
+    use tokio::io::AsyncWriteExt;
+    let (_fixture, connect_from) = known_host_served(capped(8, 4));
     let mut held = Vec::new();
     for source in 2..=3u8 {
         for _ in 0..4 {
@@ -1388,14 +1210,8 @@ async fn strangers_connecting_after_an_agent_do_not_close_its_connection() {
                 .as_bytes(),
         )
         .await;
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        agent.read_to_end(&mut answer),
-    )
-    .await;
+    let answer = read_to_close(&mut agent).await;
     drop(held);
-    let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 200"),
         "eight stranger connections opened after an agent's close it before its first request: got {:?}",
@@ -1419,68 +1235,20 @@ async fn strangers_connecting_after_an_agent_do_not_close_its_connection() {
 /// progress must not be closed to make room (evict only idle or handshaking ones).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut fixture = Fixture::new();
-    let token = Secret {
-        metadata: stored("once", Some(NAMESPACE)),
-        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
-        data: Some([("token".to_string(), ByteString(b"only-once".to_vec()))].into()),
-        ..Default::default()
-    };
-    cache(&mut fixture.writers.tokens, token);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(super::serve::serve(
-        listener,
-        fixture.ctx.gateway.router(),
-        None,
-        super::serve::ServeLimits {
-            max_connections: 4,
-            max_connections_per_source: 0,
-            ..Default::default()
-        },
-    ));
-    let connect_from = |last: u8| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket
-            .bind(SocketAddr::from(([127, 0, 0, last], 0)))
-            .unwrap();
-        socket.connect(address).await.unwrap()
-    };
+    cache_one_time_token(&mut fixture);
+    let connect_from = serve_fixture(&fixture, capped(4, 0));
     let body =
         serde_json::to_vec(&json!({"name": "web-1", "os": "Linux", "bootstrapToken": "only-once"}))
             .unwrap();
     let mut host = connect_from(9).await;
-    host.write_all(
-        format!(
-            "POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    host.write_all(register_head(body.len()).as_bytes())
+        .await
+        .unwrap();
     host.write_all(&body).await.unwrap();
     let server = &mut fixture.server;
-    server
-        .answer_query("GET", "/api/v1/nodes", "fieldSelector=metadata.name%3Dweb-1", 200,
-            json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
-        .await;
-    let agent = server
-        .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-1"}, "spec": {"mode": "External", "os": "Linux"}}))
-        .await;
-    let stored_credential = server
-        .answer("PATCH", &format!("/api/v1/namespaces/{NAMESPACE}/secrets/fleetpatch-agent-web-1"), 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fleetpatch-agent-web-1"}}))
-        .await;
-    server
-        .answer(
-            "PATCH",
-            &format!("/api/v1/namespaces/{NAMESPACE}/secrets/once"),
-            200,
-            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "once"}}),
-        )
-        .await;
+    let (agent, stored_credential, _spent) = answer_registration(server).await;
     // The token is spent; the answer waits for the caches. Strangers connect.
     let mut strangers = Vec::new();
     for _ in 0..4 {
@@ -1493,14 +1261,8 @@ async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
     let mut watched: Secret = serde_json::from_value(stored_credential).unwrap();
     watched.metadata = stored("fleetpatch-agent-web-1", Some(NAMESPACE));
     cache(&mut fixture.writers.credentials, watched);
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        host.read_to_end(&mut answer),
-    )
-    .await;
+    let answer = read_to_close(&mut host).await;
     drop(strangers);
-    let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 200") && answer.contains("credential"),
         "the registration was cut after its bootstrap token was spent; the host got {:?}",
@@ -1523,17 +1285,8 @@ async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
 /// reasonable rate instead of after 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_sources_cannot_hold_every_registration_slot() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fixture = Fixture::new();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(super::serve::serve(
-        listener,
-        fixture.ctx.gateway.router(),
-        None,
-        super::serve::ServeLimits::default(),
-    ));
+    let address = serve_on_loopback(&fixture, super::serve::ServeLimits::default());
     let connect_from = |source: [u8; 4]| async move {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind(SocketAddr::from((source, 0))).unwrap();
@@ -1542,42 +1295,12 @@ async fn sixty_four_sources_cannot_hold_every_registration_slot() {
     let mut held = Vec::new();
     for source in 2..=66u8 {
         for _ in 0..4 {
-            let mut stream = connect_from([127, 0, 1, source]).await;
-            stream
-                .write_all(
-                    b"POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n",
-                )
-                .await
-                .unwrap();
-            held.push(stream);
+            held.push(without_body(connect_from([127, 0, 1, source]).await).await);
         }
     }
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let body = serde_json::to_vec(
-        &json!({"name": "new-host", "os": "Linux", "bootstrapToken": "whatever"}),
-    )
-    .unwrap();
-    let mut legit = connect_from([127, 0, 2, 9]).await;
-    legit
-        .write_all(
-            format!(
-                "POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-    legit.write_all(&body).await.unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        legit.read_to_end(&mut answer),
-    )
-    .await;
+    let status_line = register_new_host(connect_from([127, 0, 2, 9]).await).await;
     drop(held);
-    let answer = String::from_utf8_lossy(&answer);
-    let status_line = answer.lines().next().unwrap_or_default().to_string();
     assert!(
         !status_line.contains(" 503 "),
         "a complete registration from a fresh source is turned away while 65 slow sources hold the slots: {status_line}"
@@ -1623,14 +1346,7 @@ async fn unsigned_jobs_naming_an_agent_cost_its_polls_nothing() {
     let warnings = Arc::new(AtomicUsize::new(0));
     let subscriber = tracing_subscriber::registry().with(CountWarnings(warnings.clone()));
     let _guard = tracing::subscriber::set_default(subscriber);
-    let (status, body) = call(
-        &fixture.ctx.gateway,
-        "GET",
-        "/agent/v1/assignments",
-        Some(BEARER),
-        Value::Null,
-    )
-    .await;
+    let (status, body) = get_as_host(&fixture, "/agent/v1/assignments").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["jobs"], json!([]));
     let warnings = warnings.load(Ordering::Relaxed);
@@ -1682,11 +1398,134 @@ async fn a_long_drain_message_is_cached_as_written() {
     );
 }
 
-/// Serves the fixture's gateway on loopback with `limits`; connects from 127.0.0.`last`.
-fn serve_fixture(
-    fixture: &Fixture,
+/// Bootstrap token `once` (value `only-once`), good for one registration.
+fn cache_one_time_token(fixture: &mut Fixture) {
+    let token = Secret {
+        metadata: stored("once", Some(NAMESPACE)),
+        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
+        data: Some([("token".to_string(), ByteString(b"only-once".to_vec()))].into()),
+        ..Default::default()
+    };
+    cache(&mut fixture.writers.tokens, token);
+}
+
+/// Answers the requests of web-1's registration with token `once`, in their order:
+/// the Node lookup, then the Agent's creation, its credential Secret and the spent
+/// token; returns the three writes.
+async fn answer_registration(server: &mut ApiServer) -> (Value, Value, Value) {
+    server
+        .answer_query("GET", "/api/v1/nodes", "fieldSelector=metadata.name%3Dweb-1", 200,
+            json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
+        .await;
+    let agent = server
+        .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-1"}, "spec": {"mode": "External", "os": "Linux"}}))
+        .await;
+    let stored_credential = server
+        .answer("PATCH", &format!("/api/v1/namespaces/{NAMESPACE}/secrets/fleetpatch-agent-web-1"), 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fleetpatch-agent-web-1"}}))
+        .await;
+    let spent = server
+        .answer(
+            "PATCH",
+            &format!("/api/v1/namespaces/{NAMESPACE}/secrets/once"),
+            200,
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "once"}}),
+        )
+        .await;
+    (agent, stored_credential, spent)
+}
+
+/// What arrives on `stream` until it closes, or within 5 s.
+async fn read_to_close(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Sends a registration's head on `stream` and never its 200-byte body.
+async fn without_body(mut stream: tokio::net::TcpStream) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    stream
+        .write_all(
+            b"POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    stream
+}
+
+/// A complete registration of `new-host` on `stream`; returns the answer's status line.
+async fn register_new_host(mut stream: tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncWriteExt;
+    let body = serde_json::to_vec(
+        &json!({"name": "new-host", "os": "Linux", "bootstrapToken": "whatever"}),
+    )
+    .unwrap();
+    stream
+        .write_all(register_head(body.len()).as_bytes())
+        .await
+        .unwrap();
+    stream.write_all(&body).await.unwrap();
+    let answer = read_to_close(&mut stream).await;
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+/// The head of a complete registration request whose body is `length` bytes.
+fn register_head(length: usize) -> String {
+    format!(
+        "POST /agent/v1/register HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    )
+}
+
+/// Connection caps scaled down for a test: `total` in all, `per_source` each.
+fn capped(total: usize, per_source: usize) -> super::serve::ServeLimits {
+    super::serve::ServeLimits {
+        max_connections: total,
+        max_connections_per_source: per_source,
+        ..Default::default()
+    }
+}
+
+/// The API reads a flood cost stayed within an agent's read budget (and the budget
+/// allowed some); else fails saying `what` they were.
+fn assert_within_read_budget(reads: usize, what: &str) {
+    assert!((1..=60).contains(&reads), "{reads} {what}");
+}
+
+/// A fixture that knows web-1, served on loopback with `limits`, and how to connect
+/// to it from 127.0.0.`last`.
+fn known_host_served(
     limits: super::serve::ServeLimits,
-) -> impl Fn(u8) -> std::pin::Pin<Box<dyn std::future::Future<Output = tokio::net::TcpStream>>> {
+) -> (
+    Fixture,
+    impl Fn(u8) -> std::pin::Pin<Box<dyn std::future::Future<Output = tokio::net::TcpStream>>>,
+) {
+    let mut fixture = Fixture::new();
+    known_host(&mut fixture);
+    let connect_from = serve_fixture(&fixture, limits);
+    (fixture, connect_from)
+}
+
+/// web-1's assignments poll on an open connection; returns the answer's head.
+async fn poll_over(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncWriteExt;
+    stream
+        .write_all(
+            format!("GET /agent/v1/assignments HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    read_for(stream, std::time::Duration::from_secs(5), "[]}")
+        .await
+        .0
+}
+
+/// Serves the fixture's gateway on a loopback port with `limits`; returns its address.
+fn serve_on_loopback(fixture: &Fixture, limits: super::serve::ServeLimits) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let address = listener.local_addr().unwrap();
@@ -1696,6 +1535,21 @@ fn serve_fixture(
         None,
         limits,
     ));
+    address
+}
+
+/// A GET by web-1, with its credential.
+async fn get_as_host(fixture: &Fixture, path: &str) -> (StatusCode, Value) {
+    call(&fixture.ctx.gateway, "GET", path, Some(BEARER), Value::Null).await
+}
+
+/// Serves the fixture's gateway on loopback with `limits`; connects from 127.0.0.`last`.
+fn serve_fixture(
+    fixture: &Fixture,
+    limits: super::serve::ServeLimits,
+) -> impl Fn(u8) -> std::pin::Pin<Box<dyn std::future::Future<Output = tokio::net::TcpStream>>> + use<>
+{
+    let address = serve_on_loopback(fixture, limits);
     move |last: u8| {
         Box::pin(async move {
             let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -1743,14 +1597,7 @@ async fn a_connection_closed_to_make_room_answers_its_request_first() {
     let mut fixture = Fixture::with_max_wait(std::time::Duration::from_secs(30));
     known_host(&mut fixture);
     // Two connections in all: an agent's share is one.
-    let connect = serve_fixture(
-        &fixture,
-        super::serve::ServeLimits {
-            max_connections: 2,
-            max_connections_per_source: 0,
-            ..Default::default()
-        },
-    );
+    let connect = serve_fixture(&fixture, capped(2, 0));
     let poll = format!(
         "GET /agent/v1/assignments?waitSeconds=30 HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\n\r\n"
     );
@@ -1793,13 +1640,7 @@ async fn a_connection_that_never_authenticates_is_closed_at_its_deadline() {
     );
     let mut stranger = connect(2).await;
     let mut agent = connect(3).await;
-    agent
-        .write_all(
-            format!("GET /agent/v1/assignments HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let (answer, _) = read_for(&mut agent, std::time::Duration::from_secs(5), "[]}").await;
+    let answer = poll_over(&mut agent).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "the poll: {answer:?}");
     let mut closed = false;
     let mut answered = 0;
@@ -1841,13 +1682,7 @@ async fn a_connection_that_never_authenticates_is_closed_at_its_deadline() {
         answered >= 1,
         "the stranger's health checks were answered first"
     );
-    agent
-        .write_all(
-            format!("GET /agent/v1/assignments HTTP/1.1\r\nHost: gateway\r\nAuthorization: {BEARER}\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let (answer, _) = read_for(&mut agent, std::time::Duration::from_secs(5), "[]}").await;
+    let answer = poll_over(&mut agent).await;
     assert!(
         answer.starts_with("HTTP/1.1 200"),
         "the agent's connection, authenticating all along, still serves past the deadline: {answer:?}"

@@ -142,6 +142,24 @@ pub fn told_by(before: &Told, after: &PatchJobStatus, agent: &str) -> Vec<StoryE
             format!("agent {agent} started the job"),
         ));
     }
+    events.extend(action_failures(before, after));
+    events.extend(patching_told_by(before, after));
+    events.extend(reboot_told_by(before.reboot, after));
+    if !before.phase.is_finished() {
+        match after.phase {
+            JobPhase::Succeeded => {
+                events.push(normal("Succeeded", "Finish", after.message.clone()));
+            }
+            JobPhase::Failed => events.push(warning("Failed", "Finish", after.message.clone())),
+            _ => {}
+        }
+    }
+    events
+}
+
+/// An `ActionFailed` Event for each pre and post action that failed since `before`.
+fn action_failures(before: &Told, after: &PatchJobStatus) -> Vec<StoryEvent> {
+    let mut events = Vec::new();
     for (stage, results) in [("pre", &after.pre_actions), ("post", &after.post_actions)] {
         for (index, result) in results.iter().enumerate() {
             if !failed(result.phase) || before.failed.contains(&(stage, index)) {
@@ -167,6 +185,12 @@ pub fn told_by(before: &Told, after: &PatchJobStatus, agent: &str) -> Vec<StoryE
             events.push(warning("ActionFailed", &action, note));
         }
     }
+    events
+}
+
+/// The patch step failing, or succeeding with some patches failed, since `before`.
+fn patching_told_by(before: &Told, after: &PatchJobStatus) -> Vec<StoryEvent> {
+    let mut events = Vec::new();
     if let Some(patches) = &after.patches
         && matches!(patches.phase, ActionPhase::Failed | ActionPhase::TimedOut)
         && !before.patches_failed
@@ -190,32 +214,38 @@ pub fn told_by(before: &Told, after: &PatchJobStatus, agent: &str) -> Vec<StoryE
             format!("patching succeeded, but {message}"),
         ));
     }
-    let was = before.reboot;
+    events
+}
+
+/// The reboot's steps since it was `was`: going down, back up (with the going down
+/// when that was never seen), or required but not performed.
+fn reboot_told_by(was: Option<RebootState>, after: &PatchJobStatus) -> Vec<StoryEvent> {
     let reboot = after.reboot.as_ref();
     let requested_by = reboot
         .and_then(|r| r.requested_by.clone())
         .unwrap_or_else(|| "the job".into());
+    let rebooting = || {
+        normal(
+            "Rebooting",
+            "Reboot",
+            format!("rebooting the host (requested by {requested_by})"),
+        )
+    };
     match reboot.map(|r| r.state) {
         Some(RebootState::InProgress) if was != Some(RebootState::InProgress) => {
-            events.push(normal(
-                "Rebooting",
-                "Reboot",
-                format!("rebooting the host (requested by {requested_by})"),
-            ));
+            vec![rebooting()]
         }
         Some(RebootState::Completed) if was != Some(RebootState::Completed) => {
-            if was != Some(RebootState::InProgress) {
-                events.push(normal(
-                    "Rebooting",
-                    "Reboot",
-                    format!("rebooting the host (requested by {requested_by})"),
-                ));
-            }
-            events.push(normal(
+            let back = normal(
                 "RebootCompleted",
                 "Reboot",
                 "the host is back from its reboot".into(),
-            ));
+            );
+            if was != Some(RebootState::InProgress) {
+                vec![rebooting(), back]
+            } else {
+                vec![back]
+            }
         }
         Some(RebootState::RequiredNotPerformed)
             if was != Some(RebootState::RequiredNotPerformed) =>
@@ -225,20 +255,10 @@ pub fn told_by(before: &Told, after: &PatchJobStatus, agent: &str) -> Vec<StoryE
             if let Some(why) = why_not_rebooted(after) {
                 note = format!("{note}: {why}");
             }
-            events.push(warning("RebootNotPerformed", "Reboot", note));
+            vec![warning("RebootNotPerformed", "Reboot", note)]
         }
-        _ => {}
+        _ => Vec::new(),
     }
-    if !before.phase.is_finished() {
-        match after.phase {
-            JobPhase::Succeeded => {
-                events.push(normal("Succeeded", "Finish", after.message.clone()));
-            }
-            JobPhase::Failed => events.push(warning("Failed", "Finish", after.message.clone())),
-            _ => {}
-        }
-    }
-    events
 }
 
 #[cfg(test)]

@@ -10,15 +10,14 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use regex::Regex;
 
 use crate::api::patchjob::PatchResults;
 use crate::api::plan::PatchSelection;
 
 use super::{
-    Commands, PatchError, Patcher, Update, add_failures, hold_back_for_exclusions, is_excluded,
-    results, run, select,
+    Applying, Commands, PatchError, Patcher, Update, add_failures, hold_back_for_exclusions,
+    is_excluded, results, run, select,
 };
 
 /// The apt patcher. `options` are extra `-o Key=Value` settings, e.g. to point apt at
@@ -337,11 +336,7 @@ impl Patcher for Apt {
         "apt"
     }
 
-    fn apply<'a>(
-        &'a self,
-        selection: &'a PatchSelection,
-        timeout: Duration,
-    ) -> BoxFuture<'a, Result<PatchResults, PatchError>> {
+    fn apply<'a>(&'a self, selection: &'a PatchSelection, timeout: Duration) -> Applying<'a> {
         Box::pin(async move {
             self.update_lists(timeout).await?;
             let simulation = run(

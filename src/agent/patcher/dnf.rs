@@ -7,13 +7,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-
 use crate::agent::process::ProcessEnd;
 use crate::api::patchjob::PatchResults;
 use crate::api::plan::{PatchClassification, PatchSelection};
 
-use super::{Commands, PatchError, Patcher, Update, results, run, select, summary};
+use super::{Applying, Commands, PatchError, Patcher, Update, results, run, select, summary};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flavour {
@@ -279,6 +277,124 @@ impl Dnf {
     }
 }
 
+impl Dnf {
+    /// The updates available, marked Security/Critical and Bugfix from the advisories
+    /// when the selection asks for those classes.
+    async fn candidates(
+        &self,
+        selection: &PatchSelection,
+        timeout: Duration,
+        notes: &mut Vec<String>,
+    ) -> Result<Vec<Update>, PatchError> {
+        let program = self.program();
+        let mut list_args = vec!["-q".to_string()];
+        list_args.extend(exclusions(&selection.exclude));
+        list_args.push("check-update".into());
+        let list_args: Vec<&str> = list_args.iter().map(String::as_str).collect();
+        let listed = run(
+            &self.commands.spec(program, &list_args, &[], timeout),
+            &[0, 100],
+        )
+        .await?;
+        let mut candidates = parse_check_update(&listed.stdout);
+        let wants_classes = selection.classifications.iter().any(|c| {
+            matches!(
+                c,
+                PatchClassification::Security | PatchClassification::Critical
+            )
+        });
+        if wants_classes {
+            self.mark_security(&mut candidates, timeout, notes).await?;
+        }
+        if selection
+            .classifications
+            .contains(&PatchClassification::Bugfix)
+        {
+            let info = self.query(&self.bugfix_advisories_args(), timeout).await?;
+            let fixes = parse_bugfix_advisories(&info);
+            for update in &mut candidates {
+                update.bugfix = fixes.contains(&update.name);
+            }
+        }
+        Ok(candidates)
+    }
+
+    /// Marks the updates that security advisories name, with a warning when the
+    /// repositories publish no advisories at all.
+    async fn mark_security(
+        &self,
+        candidates: &mut [Update],
+        timeout: Duration,
+        notes: &mut Vec<String>,
+    ) -> Result<(), PatchError> {
+        let advisories = parse_updateinfo(&self.query(&self.updateinfo_args(), timeout).await?);
+        if advisories.is_empty() && !candidates.is_empty() {
+            let all = self.query(&self.all_advisories_args(), timeout).await?;
+            if !lists_advisories(&all) {
+                notes.push(format!(
+                    "warning: the repositories publish no advisories (updateinfo), so Security and Critical select none of the {} available update(s); name them in include or select All",
+                    candidates.len()
+                ));
+            }
+        }
+        for update in candidates {
+            if let Some(critical) = advisories.get(&update.name) {
+                update.security = true;
+                update.critical = *critical;
+            }
+        }
+        Ok(())
+    }
+
+    /// The standard output of a query that must exit 0.
+    async fn query(&self, args: &[&str], timeout: Duration) -> Result<String, PatchError> {
+        let spec = self.commands.spec(self.program(), args, &[], timeout);
+        Ok(run(&spec, &[0]).await?.stdout)
+    }
+
+    /// Upgrades the wanted updates and reads back what got installed.
+    async fn upgrade(
+        &self,
+        wanted: &[Update],
+        selection: &PatchSelection,
+        timeout: Duration,
+        notes: &mut Vec<String>,
+    ) -> Result<PatchResults, PatchError> {
+        let program = self.program();
+        let names: Vec<String> = wanted.iter().map(|u| u.name.clone()).collect();
+        let upgrade = self.upgrade_args(&names, &selection.exclude);
+        let upgrade: Vec<&str> = upgrade.iter().map(String::as_str).collect();
+        run(&self.commands.spec(program, &upgrade, &[], timeout), &[0]).await?;
+        let mut query = vec!["-q", "--qf", RPM_QUERY_FORMAT];
+        query.extend(names.iter().map(String::as_str));
+        let installed = run(&self.commands.spec("rpm", &query, &[], timeout), &[0, 1]).await?;
+        let installed = parse_rpm_query(&installed.stdout);
+        let mut results = results(program, wanted, &installed, false, selection.fail_when);
+        let upgraded: Vec<String> = results.installed.iter().map(|p| p.name.clone()).collect();
+        let (reboot, note) = Self::reboot(self.needs_restarting(timeout).await, &upgraded);
+        results.reboot_required = reboot;
+        notes.extend(note);
+        blame_exclusions(&mut results, &selection.exclude);
+        results.message = summary(&results);
+        Ok(results)
+    }
+}
+
+/// A package that was not upgraded while the plan excludes some may have needed one
+/// of them: its message says so.
+fn blame_exclusions(results: &mut PatchResults, exclude: &[String]) {
+    if exclude.is_empty() {
+        return;
+    }
+    for failed in &mut results.failed {
+        failed.message = Some(format!(
+            "{}: its new version may need a package the plan excludes ({}), which is never installed",
+            failed.message.as_deref().unwrap_or("not upgraded"),
+            exclude.join(", ")
+        ));
+    }
+}
+
 fn with_notes(mut results: PatchResults, notes: &[String]) -> PatchResults {
     for note in notes {
         results.message = format!("{}; {note}", results.message);
@@ -291,115 +407,25 @@ impl Patcher for Dnf {
         self.program()
     }
 
-    fn apply<'a>(
-        &'a self,
-        selection: &'a PatchSelection,
-        timeout: Duration,
-    ) -> BoxFuture<'a, Result<PatchResults, PatchError>> {
+    fn apply<'a>(&'a self, selection: &'a PatchSelection, timeout: Duration) -> Applying<'a> {
         Box::pin(async move {
-            let program = self.program();
             let mut notes = Vec::new();
-            let mut list_args = vec!["-q".to_string()];
-            list_args.extend(exclusions(&selection.exclude));
-            list_args.push("check-update".into());
-            let list_args: Vec<&str> = list_args.iter().map(String::as_str).collect();
-            let listed = run(
-                &self.commands.spec(program, &list_args, &[], timeout),
-                &[0, 100],
-            )
-            .await?;
-            let mut candidates = parse_check_update(&listed.stdout);
-            let wants_classes = selection.classifications.iter().any(|c| {
-                matches!(
-                    c,
-                    PatchClassification::Security | PatchClassification::Critical
-                )
-            });
-            if wants_classes {
-                let info = run(
-                    &self
-                        .commands
-                        .spec(program, &self.updateinfo_args(), &[], timeout),
-                    &[0],
-                )
-                .await?;
-                let advisories = parse_updateinfo(&info.stdout);
-                if advisories.is_empty() && !candidates.is_empty() {
-                    let all = run(
-                        &self
-                            .commands
-                            .spec(program, &self.all_advisories_args(), &[], timeout),
-                        &[0],
-                    )
-                    .await?;
-                    if !lists_advisories(&all.stdout) {
-                        notes.push(format!(
-                            "warning: the repositories publish no advisories (updateinfo), so Security and Critical select none of the {} available update(s); name them in include or select All",
-                            candidates.len()
-                        ));
-                    }
-                }
-                for update in &mut candidates {
-                    if let Some(critical) = advisories.get(&update.name) {
-                        update.security = true;
-                        update.critical = *critical;
-                    }
-                }
-            }
-            if selection
-                .classifications
-                .contains(&PatchClassification::Bugfix)
-            {
-                let info = run(
-                    &self
-                        .commands
-                        .spec(program, &self.bugfix_advisories_args(), &[], timeout),
-                    &[0],
-                )
-                .await?;
-                let fixes = parse_bugfix_advisories(&info.stdout);
-                for update in &mut candidates {
-                    update.bugfix = fixes.contains(&update.name);
-                }
-            }
+            let candidates = self.candidates(selection, timeout, &mut notes).await?;
             let wanted = select(candidates, selection);
-            if wanted.is_empty() {
+            let results = if wanted.is_empty() {
                 let (reboot, note) = Self::reboot(self.needs_restarting(timeout).await, &[]);
                 notes.extend(note);
-                return Ok(with_notes(
-                    results(
-                        program,
-                        &[],
-                        &Default::default(),
-                        reboot,
-                        selection.fail_when,
-                    ),
-                    &notes,
-                ));
-            }
-            let names: Vec<String> = wanted.iter().map(|u| u.name.clone()).collect();
-            let upgrade = self.upgrade_args(&names, &selection.exclude);
-            let upgrade: Vec<&str> = upgrade.iter().map(String::as_str).collect();
-            run(&self.commands.spec(program, &upgrade, &[], timeout), &[0]).await?;
-            let mut query = vec!["-q", "--qf", RPM_QUERY_FORMAT];
-            query.extend(names.iter().map(String::as_str));
-            let installed = run(&self.commands.spec("rpm", &query, &[], timeout), &[0, 1]).await?;
-            let installed = parse_rpm_query(&installed.stdout);
-            let mut results = results(program, &wanted, &installed, false, selection.fail_when);
-            let upgraded: Vec<String> = results.installed.iter().map(|p| p.name.clone()).collect();
-            let (reboot, note) = Self::reboot(self.needs_restarting(timeout).await, &upgraded);
-            results.reboot_required = reboot;
-            notes.extend(note);
-            if !selection.exclude.is_empty() {
-                for failed in &mut results.failed {
-                    failed.message = Some(format!(
-                        "{}: its new version may need a package the plan excludes ({}), which is never installed",
-                        failed.message.as_deref().unwrap_or("not upgraded"),
-                        selection.exclude.join(", ")
-                    ));
-                }
-            }
-            results.message = summary(&results);
+                results(
+                    self.program(),
+                    &[],
+                    &Default::default(),
+                    reboot,
+                    selection.fail_when,
+                )
+            } else {
+                self.upgrade(&wanted, selection, timeout, &mut notes)
+                    .await?
+            };
             Ok(with_notes(results, &notes))
         })
     }

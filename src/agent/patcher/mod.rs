@@ -49,12 +49,11 @@ pub trait Patcher: Send + Sync {
     /// `apt`, `dnf`, `yum`, `zypper` or `windows-update`.
     fn name(&self) -> &'static str;
     /// Installs the updates `selection` asks for, within `timeout`.
-    fn apply<'a>(
-        &'a self,
-        selection: &'a PatchSelection,
-        timeout: Duration,
-    ) -> BoxFuture<'a, Result<PatchResults, PatchError>>;
+    fn apply<'a>(&'a self, selection: &'a PatchSelection, timeout: Duration) -> Applying<'a>;
 }
+
+/// What [`Patcher::apply`] returns: the patch run, boxed so patchers stay objects.
+pub type Applying<'a> = BoxFuture<'a, Result<PatchResults, PatchError>>;
 
 /// The patcher for this host: Windows Update on Windows, else the first of apt-get,
 /// dnf, yum and zypper found on `PATH`.

@@ -4,14 +4,13 @@
 
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use serde::Deserialize;
 
 use crate::agent::powershell::quote_list;
 use crate::api::patchjob::{PatchOutcome, PatchResults};
 use crate::api::plan::{PatchClassification, PatchFailWhen, PatchSelection};
 
-use super::{PatchError, Patcher, run, summary};
+use super::{Applying, PatchError, Patcher, run, summary};
 
 /// Marks the result line among everything else the script prints.
 pub const RESULT_PREFIX: &str = "FLEETPATCH-RESULT ";
@@ -239,11 +238,7 @@ impl Patcher for WindowsUpdate {
         "windows-update"
     }
 
-    fn apply<'a>(
-        &'a self,
-        selection: &'a PatchSelection,
-        timeout: Duration,
-    ) -> BoxFuture<'a, Result<PatchResults, PatchError>> {
+    fn apply<'a>(&'a self, selection: &'a PatchSelection, timeout: Duration) -> Applying<'a> {
         Box::pin(async move {
             if !cfg!(windows) {
                 return Err(PatchError::Unsupported(

@@ -6,15 +6,13 @@
 
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-
 use crate::agent::process::{ProcessEnd, ProcessOutcome};
 use crate::api::patchjob::{ActionPhase, PatchOutcome, PatchResults};
 use crate::api::plan::{PatchClassification, PatchSelection};
 
 use super::{
-    Commands, PatchError, Patcher, Update, add_failures, hold_back_for_exclusions, results, run,
-    select, summary,
+    Applying, Commands, PatchError, Patcher, Update, add_failures, hold_back_for_exclusions,
+    results, run, select, summary,
 };
 
 /// zypper's "reboot needed" exit code.
@@ -353,11 +351,7 @@ impl Patcher for Zypper {
         "zypper"
     }
 
-    fn apply<'a>(
-        &'a self,
-        selection: &'a PatchSelection,
-        timeout: Duration,
-    ) -> BoxFuture<'a, Result<PatchResults, PatchError>> {
+    fn apply<'a>(&'a self, selection: &'a PatchSelection, timeout: Duration) -> Applying<'a> {
         Box::pin(async move {
             let wants_all = selection
                 .classifications
