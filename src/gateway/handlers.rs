@@ -379,7 +379,6 @@ impl Gateway {
 #[cfg(test)]
 mod lapsed_approval {
     use super::*;
-    use crate::api::OperatingSystem;
     use crate::api::patchjob::PatchJobSpec;
     use std::collections::BTreeMap;
 
@@ -396,18 +395,8 @@ mod lapsed_approval {
         let mut job = PatchJob::new(
             "weekly-m1-node-a",
             PatchJobSpec {
-                agent: "node-a".into(),
-                plan: "weekly".into(),
-                run: "m1".into(),
-                os: OperatingSystem::Linux,
-                workflow: None,
-                pre_actions: vec![],
-                post_actions: vec![],
-                failure_policy: Default::default(),
-                patches: Default::default(),
-                reboot: Default::default(),
-                deadline: None,
                 node: Some("node-a".into()),
+                ..PatchJobSpec::bare("node-a", "weekly", "m1")
             },
         );
         job.metadata.namespace = Some("team".into());
