@@ -7,6 +7,8 @@
 //! target/tools/bin). Without them these tests skip loudly on a developer machine and fail
 //! when `CI` is set.
 
+#![cfg(feature = "full")]
+
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
