@@ -754,6 +754,14 @@ fn default_render_is_least_privilege_and_wired_together() {
     assert_eq!(agent_pod["tolerations"], json!([{"operator": "Exists"}]));
     assert_eq!(daemonset["spec"]["updateStrategy"]["type"], "RollingUpdate");
     let agent = container(daemonset, "agent");
+    // The agent build, not the controller's image (Dockerfile, target `agent`).
+    assert_eq!(
+        agent["image"],
+        format!(
+            "ghcr.io/fleetpatch/fleetpatch-agent:{}",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
     assert_eq!(agent["securityContext"]["privileged"], true);
     let host_paths: Vec<(&str, &str)> = agent_pod["volumes"]
         .as_array()
