@@ -33,6 +33,26 @@ cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 
+echo "== the agent build: lints, the agent's subcommands and nothing else, its size"
+# The binary external hosts and the node DaemonSet run (README, "The agent build").
+cargo clippy --locked --no-default-features --features agent --all-targets -- -D warnings
+cargo build --locked --profile agent --no-default-features --features agent --bin fleetpatch
+agent_bin="${CARGO_TARGET_DIR:-$PWD/target}/agent/fleetpatch"
+"$agent_bin" agent run --help >/dev/null
+"$agent_bin" agent exec --help >/dev/null
+for command in controller dev crds validate run duplicate; do
+  if "$agent_bin" "$command" --help >/dev/null 2>&1; then
+    echo "the agent build has the \`$command\` subcommand: it should be the agent alone" >&2
+    exit 1
+  fi
+done
+agent_size="$(stat -c %s "$agent_bin")"
+echo "agent binary: $agent_size bytes"
+if [ "$agent_size" -gt 12000000 ]; then
+  echo "the agent binary is over 12 MB (issue 17's target)" >&2
+  exit 1
+fi
+
 echo "== generated CRDs are current"
 cargo run --locked --quiet -- crds --out-dir target/crds-check
 diff -r crds target/crds-check
