@@ -36,6 +36,8 @@ cargo clippy --locked --all-targets -- -D warnings
 echo "== the agent build: lints, the agent's subcommands and nothing else, its size"
 # The binary external hosts and the node DaemonSet run (README, "The agent build").
 cargo clippy --locked --no-default-features --features agent --all-targets -- -D warnings
+# The agent's own tests on the agent build (its binary runs `agent exec`); about a minute.
+cargo test --locked --no-default-features --features agent --lib --test agent_exec --test patchers --test powershell
 cargo build --locked --profile agent --no-default-features --features agent --bin fleetpatch
 agent_bin="${CARGO_TARGET_DIR:-$PWD/target}/agent/fleetpatch"
 "$agent_bin" agent run --help >/dev/null
