@@ -5,6 +5,10 @@
 #       --token-file ./token [--ca-file ./ca.crt] [--binary ./fleetpatch] \
 #       [--name web-1] [--label fleetpatch.io/group=web ...]
 #
+# Give it the agent build of fleetpatch, the agent alone and a fraction of the full
+# binary's size (`cargo build --profile agent --no-default-features --features agent`,
+# or /fleetpatch of the fleetpatch-agent image); the full build runs the agent too.
+#
 # Writes /usr/local/bin/fleetpatch, /etc/fleetpatch/agent.env (0600), the bootstrap
 # token /etc/fleetpatch/bootstrap-token (0600), /etc/fleetpatch/ca.crt, the state
 # directory /var/lib/fleetpatch (0700) and /etc/systemd/system/fleetpatch-agent.service,
@@ -75,6 +79,11 @@ if [ -z "$binary" ] && [ -x ./fleetpatch ]; then binary=./fleetpatch; fi
 [ -n "$binary" ] || die "--binary is required (the fleetpatch executable for this host)"
 [ -f "$binary" ] || die "binary $binary not found"
 [ -f "$unit_template" ] || die "unit $unit_template not found"
+# The full build has the controller too: it works, but every host carries (and keeps in
+# memory) code it never runs.
+if [ -x "$binary" ] && "$binary" controller --help >/dev/null 2>&1; then
+    echo "install-agent: note: $binary is the full fleetpatch build; the agent build is smaller (see --help)" >&2
+fi
 [ -z "$ca_file" ] || [ -f "$ca_file" ] || die "CA file $ca_file not found"
 
 bin_path="$prefix/usr/local/bin/fleetpatch"

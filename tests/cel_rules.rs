@@ -3,6 +3,8 @@
 //! by the real kube-apiserver (which also compiles every rule against its cost budget
 //! when the CRDs are applied): both must agree, field path and message.
 
+#![cfg(feature = "full")]
+
 mod support;
 
 use fleetpatch::api::{Agent, PatchJob, RemediationPlan, Script, Task, Workflow};

@@ -10,6 +10,8 @@
 //! difference fails the test, and so does an accepted one that no longer shows up, so the
 //! list (and the README's list of known gaps) stays true.
 
+#![cfg(feature = "full")]
+
 mod support;
 
 use std::collections::{BTreeMap, HashMap};

@@ -2,6 +2,8 @@
 //! takes them (structural schemas, CEL rules within their cost budget), and the
 //! examples a user starts from pass `fleetpatch validate` and `kubectl apply`.
 
+#![cfg(feature = "full")]
+
 mod support;
 
 use std::path::Path;

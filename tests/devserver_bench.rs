@@ -4,6 +4,8 @@
 //! follow, then a full list. Prints create rate, fan-out completion, list latency
 //! and the server's RSS. Targets: >= 2,000 creates/s, full list <= 1 s, RSS <= 300 MiB.
 
+#![cfg(feature = "full")]
+
 mod support;
 
 use std::sync::Arc;

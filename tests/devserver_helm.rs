@@ -3,6 +3,8 @@
 //! tools/bin).
 //! Without them the tests skip loudly on a developer machine, and fail under CI.
 
+#![cfg(feature = "full")]
+
 mod support;
 
 use support::{DevServer, Kubectl, repo};

@@ -2,6 +2,8 @@
 //! reflector keeps an accurate cache across a restart of a persistent server. The
 //! selector watch and the controller scenarios run against the real API server too.
 
+#![cfg(feature = "full")]
+
 mod support;
 
 use std::sync::{Arc, Mutex};

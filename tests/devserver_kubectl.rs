@@ -1,6 +1,8 @@
 //! End-to-end: the real `fleetpatch dev` driven by the installed kubectl, the way a
 //! person uses a cluster.
 
+#![cfg(feature = "full")]
+
 mod support;
 
 use std::io::{BufRead, BufReader};

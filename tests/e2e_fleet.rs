@@ -2,6 +2,8 @@
 //! `fleetpatch controller` with the chart's RBAC, and `fleetpatch agent run` processes
 //! on this host, driven and inspected with kubectl like a person would.
 
+#![cfg(feature = "full")]
+
 mod support;
 
 use std::process::Command;

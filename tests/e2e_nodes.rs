@@ -6,6 +6,8 @@
 //! and Pods are objects only, so the tests set their status, and workload pods have a
 //! termination grace period of 0 because no kubelet would finish a graceful deletion.
 
+#![cfg(feature = "full")]
+
 mod support;
 
 use std::path::PathBuf;

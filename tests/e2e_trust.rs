@@ -4,6 +4,8 @@
 //! (slow headers, floods of bad credentials), and the controls a person has (revoking
 //! a host, deleting a job, pausing an agent, stopping the leader).
 
+#![cfg(feature = "full")]
+
 mod support;
 
 use std::io::{Read, Write};

@@ -7,6 +7,8 @@
 //! target/tools/bin). Without them these tests skip loudly on a developer machine and fail
 //! when `CI` is set.
 
+#![cfg(feature = "full")]
+
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -752,6 +754,14 @@ fn default_render_is_least_privilege_and_wired_together() {
     assert_eq!(agent_pod["tolerations"], json!([{"operator": "Exists"}]));
     assert_eq!(daemonset["spec"]["updateStrategy"]["type"], "RollingUpdate");
     let agent = container(daemonset, "agent");
+    // The agent build, not the controller's image (Dockerfile, target `agent`).
+    assert_eq!(
+        agent["image"],
+        format!(
+            "ghcr.io/fleetpatch/fleetpatch-agent:{}",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
     assert_eq!(agent["securityContext"]["privileged"], true);
     let host_paths: Vec<(&str, &str)> = agent_pod["volumes"]
         .as_array()

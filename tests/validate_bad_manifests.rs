@@ -11,6 +11,8 @@
 //! across objects, checks no schema expresses) it accepts, so each row says which it is
 //! and a rule that moves into the CRDs shows up here.
 
+#![cfg(feature = "full")]
+
 mod support;
 
 use std::path::{Path, PathBuf};

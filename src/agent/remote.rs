@@ -17,10 +17,9 @@ use tokio::sync::Notify;
 use crate::api::OperatingSystem;
 use crate::api::agent::Platform;
 use crate::api::patchjob::PatchJobStatus;
-use crate::gateway::auth::NODE_HEADER;
 use crate::gateway::protocol::{
-    Assignment, Assignments, Heartbeat, HeartbeatAnswer, JobName, ProgressAck, ProgressReport,
-    RebootDecision, RebootVerdict, RegisterRequest, RegisterResponse, decode_spec,
+    Assignment, Assignments, Heartbeat, HeartbeatAnswer, JobName, NODE_HEADER, ProgressAck,
+    ProgressReport, RebootDecision, RebootVerdict, RegisterRequest, RegisterResponse, decode_spec,
 };
 
 use super::executor::{self, Cancellation, Event, Executor, RunOutcome};

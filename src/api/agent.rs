@@ -66,7 +66,7 @@ pub struct AgentSpec {
     pub allowed_plans: AllowedPlans,
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "full"))]
 impl Agent {
     /// The Agent tests start from: an external Linux host, not paused, open to the
     /// controller namespace's plans only (the default).

@@ -25,8 +25,7 @@ use super::Refusal;
 use super::credentials;
 use super::limits::SourceLimiter;
 
-/// Header by which a node agent names its node.
-pub const NODE_HEADER: &str = "x-fleetpatch-node";
+pub use super::protocol::NODE_HEADER;
 /// TokenReview extra key carrying the node a pod-bound token belongs to.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 /// Longest bearer value looked at; anything longer is refused unread.

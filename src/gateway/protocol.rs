@@ -21,6 +21,9 @@ use crate::api::resolve::content_sha256;
 /// Path prefix of every agent endpoint.
 pub const PREFIX: &str = "/agent/v1";
 
+/// Header by which a node agent names its node.
+pub const NODE_HEADER: &str = "x-fleetpatch-node";
+
 /// `POST /agent/v1/register`: an external host exchanges a bootstrap token for its own
 /// credential; a node agent (authenticated by its ServiceAccount token) just announces itself.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -11,6 +11,7 @@ pub mod e2e;
 pub mod fleet;
 pub mod kubectl;
 pub mod prerequisite;
+#[cfg(feature = "full")]
 pub mod raw;
 
 use std::path::PathBuf;
