@@ -79,7 +79,7 @@ unset KUBECONFIG   # tests use their own kubeconfigs, never the shell's
 
 echo "== cargo test (end-to-end suites on the real control plane)"
 # Benchmarks print figures and are run on their own (see README), not as tests.
-cargo test --locked --lib --bins --tests
+cargo test --locked --no-fail-fast --lib --bins --tests
 
 echo "== the whole loop once more on fleetpatch dev (the README's one-machine setup)"
 FLEETPATCH_TEST_SUBSTRATE=dev cargo test --locked --test e2e_fleet
