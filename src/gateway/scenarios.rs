@@ -1393,6 +1393,31 @@ fn cache_registration(fixture: &mut Fixture, host: &str, agent: Value, credentia
     cache(&mut fixture.writers.credentials, watched);
 }
 
+/// What this replica's watches show once the admin revoked `known_host`'s web-1: its
+/// Agent and its credential Secret deleted.
+fn revoke_known_host(fixture: &mut Fixture) {
+    let agent = fixture
+        .ctx
+        .caches
+        .agents
+        .get(&kube::runtime::reflector::ObjectRef::new("web-1"))
+        .unwrap();
+    fixture
+        .writers
+        .agents
+        .apply_watcher_event(&kube::runtime::watcher::Event::Delete((*agent).clone()));
+    let secret = fixture
+        .ctx
+        .caches
+        .credentials
+        .get(&kube::runtime::reflector::ObjectRef::new("fleetpatch-agent-web-1").within(NAMESPACE))
+        .unwrap();
+    fixture
+        .writers
+        .credentials
+        .apply_watcher_event(&kube::runtime::watcher::Event::Delete((*secret).clone()));
+}
+
 /// Multi-use bootstrap token `name` (value `t`), with `extra` data such as its
 /// `max-registrations`.
 fn multi_use_token(name: &str, extra: &[(&str, &str)]) -> Secret {
@@ -1904,26 +1929,7 @@ async fn a_revoked_agent_does_not_keep_its_connections_protected() {
     let (answer, _) = read_for(&mut revoked, std::time::Duration::from_secs(5), "\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "the poll: {answer:?}");
     // The admin revokes web-1: its Agent and its credential are deleted.
-    let agent = fixture
-        .ctx
-        .caches
-        .agents
-        .get(&kube::runtime::reflector::ObjectRef::new("web-1"))
-        .unwrap();
-    fixture
-        .writers
-        .agents
-        .apply_watcher_event(&kube::runtime::watcher::Event::Delete((*agent).clone()));
-    let secret = fixture
-        .ctx
-        .caches
-        .credentials
-        .get(&kube::runtime::reflector::ObjectRef::new("fleetpatch-agent-web-1").within(NAMESPACE))
-        .unwrap();
-    fixture
-        .writers
-        .credentials
-        .apply_watcher_event(&kube::runtime::watcher::Event::Delete((*secret).clone()));
+    revoke_known_host(&mut fixture);
     let (status, _) = call(
         &fixture.ctx.gateway,
         "GET",
