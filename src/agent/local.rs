@@ -72,24 +72,13 @@ pub struct ExecOptions {
     /// `text` prints each action as it starts and ends; `json` prints the final PatchJob status.
     #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
     pub output: OutputFormat,
-    /// A cgroup v2 directory the agent may manage: each action gets its own cgroup
-    /// under it (ended with `cgroup.kill`, carrying the Task's limits). Without it the
-    /// agent uses its own cgroup when systemd delegated it (`Delegate=yes`).
-    #[arg(long, value_name = "DIR")]
-    pub action_cgroup: Option<PathBuf>,
     /// Let the job reboot this host when it needs to (a script exits 10 or 11, the
     /// patches want it, or the workflow's Reboot task runs). Without it a required reboot
     /// is reported `RequiredNotPerformed` and nothing reboots.
     #[arg(long)]
     pub allow_reboot: bool,
-    /// Never reboot the host for real: a reboot (with --allow-reboot) only bumps a boot
-    /// counter in the state directory and ends the command with exit status 3, as if the
-    /// host went down; running the command again finishes the job. For demos and tests.
-    #[arg(long)]
-    pub simulate_reboot: bool,
-    /// Length of one timeout minute in milliseconds (for tests).
-    #[arg(long, hide = true, default_value_t = 60_000)]
-    pub minute_ms: u64,
+    #[command(flatten)]
+    pub host: super::HostOptions,
 }
 
 fn selection(choice: PatchChoice) -> PatchSelection {
@@ -116,7 +105,7 @@ fn reboot_policy(choice: RebootChoice) -> RebootPolicy {
 
 /// Runs `agent exec`; returns the process exit status.
 pub async fn exec(options: ExecOptions) -> anyhow::Result<u8> {
-    super::containment::start_agent(options.action_cgroup.as_deref())
+    super::containment::start_agent(options.host.action_cgroup.as_deref())
         .map_err(|why| anyhow::anyhow!("--action-cgroup: {why}"))?;
     let journal = Journal::open(&options.state_dir)?;
     // Windows: SYSTEM and Administrators only (scripts there run as SYSTEM).
@@ -145,7 +134,7 @@ pub async fn exec(options: ExecOptions) -> anyhow::Result<u8> {
     let simulated = SimulatedRebooter {
         counter_file: options.state_dir.join("simulated-boot-id"),
     };
-    let rebooter: &dyn Rebooter = if options.simulate_reboot {
+    let rebooter: &dyn Rebooter = if options.host.simulate_reboot {
         &simulated
     } else {
         &host_rebooter
@@ -175,7 +164,7 @@ pub async fn exec(options: ExecOptions) -> anyhow::Result<u8> {
         work_dir: options.state_dir.join("work"),
         patcher: detected.as_deref(),
         rebooter,
-        minute: Duration::from_millis(options.minute_ms),
+        minute: Duration::from_millis(options.host.minute_ms),
         max_download_bytes: super::download::DEFAULT_MAX_BYTES,
         on_event: &on_event,
         reboot_gate: None,

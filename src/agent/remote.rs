@@ -62,25 +62,14 @@ pub struct RunOptions {
     /// namespace and mounts the state directory at the same path as the host.
     #[arg(long)]
     pub host_namespaces: bool,
-    /// A cgroup v2 directory the agent may manage: each action gets its own cgroup
-    /// under it (ended with `cgroup.kill`, carrying the Task's limits). Without it the
-    /// agent uses its own cgroup when systemd delegated it (`Delegate=yes`).
-    #[arg(long, value_name = "DIR")]
-    pub action_cgroup: Option<PathBuf>,
     /// Let this external host's agent reboot the host when a job needs it (the shipped
     /// systemd unit and the Windows service instructions pass it). Without it a required
     /// reboot is reported `RequiredNotPerformed` and the host is left alone. Node agents
     /// (--node) always may: the controller drains the node and approves each reboot.
     #[arg(long)]
     pub allow_reboot: bool,
-    /// Never reboot the host for real: a reboot only bumps a boot counter in the state
-    /// directory and the agent exits with status 3, as if the host went down; starting it
-    /// again finishes the job. For demos and tests on a workstation.
-    #[arg(long)]
-    pub simulate_reboot: bool,
-    /// Length of one timeout minute in milliseconds (for tests).
-    #[arg(long, hide = true, default_value_t = 60_000)]
-    pub minute_ms: u64,
+    #[command(flatten)]
+    pub host: super::HostOptions,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -691,7 +680,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
         super::process::use_host_namespaces(PathBuf::from("/proc/1/ns"))
             .context("--host-namespaces")?;
     }
-    super::containment::start_agent(options.action_cgroup.as_deref())
+    super::containment::start_agent(options.host.action_cgroup.as_deref())
         .map_err(anyhow::Error::msg)
         .context("--action-cgroup")?;
     let journal = Journal::open(&options.state_dir)?;
@@ -732,7 +721,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<u8> {
         outbox,
         running,
         patcher: detected,
-        rebooter: if options.simulate_reboot {
+        rebooter: if options.host.simulate_reboot {
             &simulated
         } else {
             &HostRebooter
@@ -920,7 +909,7 @@ impl Worker<'_> {
                 self.patcher.as_deref()
             },
             rebooter: self.rebooter,
-            minute: Duration::from_millis(self.options.minute_ms),
+            minute: Duration::from_millis(self.options.host.minute_ms),
             max_download_bytes: super::download::DEFAULT_MAX_BYTES,
             on_event: &on_event,
             reboot_gate: Some(&self.gate),
@@ -941,7 +930,7 @@ impl Worker<'_> {
                 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                if self.options.simulate_reboot {
+                if self.options.host.simulate_reboot {
                     return Some(super::local::EXIT_REBOOTING);
                 }
                 tracing::info!("waiting for the host to reboot");

@@ -2,7 +2,7 @@
 //! external host whose agent registered itself.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::{CustomResource, KubeSchema};
+use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::OperatingSystem;
@@ -16,54 +16,50 @@ pub enum AgentMode {
     External,
 }
 
-/// One host in the fleet.
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[kube(
-    group = "fleetpatch.io",
-    version = "v1alpha1",
-    kind = "Agent",
-    status = "AgentStatus",
-    shortname = "fpagent",
-    category = "fleetpatch",
-    cel,
-    doc = "One host in the fleet: a cluster node or an external host.",
-    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
-    printcolumn(name = "OS", type_ = "string", json_path = ".spec.os"),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(name = "Paused", type_ = "boolean", json_path = ".spec.paused"),
-    printcolumn(name = "Version", type_ = "string", json_path = ".status.version"),
-    printcolumn(name = "Job", type_ = "string", json_path = ".status.currentJob"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
-)]
-#[x_kube(
-    validation = Rule::new("self.mode != 'Node' || has(self.nodeName)")
-        .message("nodeName is required when mode is Node").field_path(".nodeName"),
-    validation = Rule::new("self.mode == oldSelf.mode").message("mode is immutable").field_path(".mode"),
-)]
-#[serde(rename_all = "camelCase")]
-pub struct AgentSpec {
-    pub mode: AgentMode,
-    pub os: OperatingSystem,
-    /// The cluster node this agent runs on (mode Node).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
-    pub node_name: Option<String>,
-    /// A paused agent receives no new jobs, and the job it runs is cancelled.
-    #[serde(default)]
-    pub paused: bool,
-    /// The namespaces whose RemediationPlans may target this host. Set by the bootstrap
-    /// token the host registered with, or by the controller for node agents; changed by
-    /// cluster admins only (plan authors have no access to Agents).
-    #[serde(default)]
-    pub allowed_plans: AllowedPlans,
+fleetpatch_kind! {
+    /// One host in the fleet.
+    #[kube(
+        kind = "Agent",
+        status = "AgentStatus",
+        shortname = "fpagent",
+        doc = "One host in the fleet: a cluster node or an external host.",
+        printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+        printcolumn(name = "OS", type_ = "string", json_path = ".spec.os"),
+        printcolumn(
+            name = "Ready",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+        ),
+        printcolumn(name = "Paused", type_ = "boolean", json_path = ".spec.paused"),
+        printcolumn(name = "Version", type_ = "string", json_path = ".status.version"),
+        printcolumn(name = "Job", type_ = "string", json_path = ".status.currentJob"),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )]
+    #[x_kube(
+        validation = Rule::new("self.mode != 'Node' || has(self.nodeName)")
+            .message("nodeName is required when mode is Node").field_path(".nodeName"),
+        validation = Rule::new("self.mode == oldSelf.mode").message("mode is immutable").field_path(".mode"),
+    )]
+    pub struct AgentSpec {
+        pub mode: AgentMode,
+        pub os: OperatingSystem,
+        /// The cluster node this agent runs on (mode Node).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(length(min = 1, max = 253))]
+        pub node_name: Option<String>,
+        /// A paused agent receives no new jobs, and the job it runs is cancelled.
+        #[serde(default)]
+        pub paused: bool,
+        /// The namespaces whose RemediationPlans may target this host. Set by the bootstrap
+        /// token the host registered with, or by the controller for node agents; changed by
+        /// cluster admins only (plan authors have no access to Agents).
+        #[serde(default)]
+        pub allowed_plans: AllowedPlans,
+    }
 }
 
 #[cfg(all(test, feature = "full"))]

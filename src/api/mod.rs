@@ -8,6 +8,28 @@
 // mistakes for duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
 
+/// Declares the spec of a fleetpatch kind with what every kind shares: the derives,
+/// the API group and version, the `fleetpatch` category, CEL rules and camelCase
+/// fields. Each declaration then says only what is its own: kind, scope, status,
+/// short name, columns and rules.
+macro_rules! fleetpatch_kind {
+    ($(#[$attr:meta])* pub struct $spec:ident $body:tt) => {
+        #[derive(
+            kube::CustomResource,
+            kube::KubeSchema,
+            serde::Serialize,
+            serde::Deserialize,
+            Clone,
+            Debug,
+            PartialEq,
+        )]
+        #[kube(group = "fleetpatch.io", version = "v1alpha1", category = "fleetpatch", cel)]
+        #[serde(rename_all = "camelCase")]
+        $(#[$attr])*
+        pub struct $spec $body
+    };
+}
+
 pub mod agent;
 pub mod common;
 pub mod conditions;

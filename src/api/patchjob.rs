@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::{CustomResource, KubeSchema};
+use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{ObjectRef, OperatingSystem};
@@ -85,78 +85,74 @@ pub struct ResolvedDownload {
     pub file_name: String,
 }
 
-/// One host, one run: the frozen snapshot the agent executes.
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[kube(
-    group = "fleetpatch.io",
-    version = "v1alpha1",
-    kind = "PatchJob",
-    namespaced,
-    status = "PatchJobStatus",
-    shortname = "pj",
-    category = "fleetpatch",
-    cel,
-    doc = "One host, one run: a frozen snapshot of the resolved workflow and its progress.",
-    printcolumn(name = "Plan", type_ = "string", json_path = ".spec.plan"),
-    printcolumn(name = "Agent", type_ = "string", json_path = ".spec.agent"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(
-        name = "Actions",
-        type_ = "string",
-        json_path = ".status.progress",
-        description = "actions done/total"
-    ),
-    printcolumn(
-        name = "Reboot",
-        type_ = "string",
-        json_path = ".status.reboot.state",
-        priority = 1
-    ),
-    printcolumn(name = "Run", type_ = "string", json_path = ".spec.run", priority = 1),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
-)]
-#[x_kube(validation = Rule::new("self == oldSelf").message("PatchJob spec is immutable; delete the job and run the plan again"))]
-#[serde(rename_all = "camelCase")]
-pub struct PatchJobSpec {
-    /// Name of the Agent (host) that runs this job.
-    #[schemars(length(min = 1, max = 253))]
-    pub agent: String,
-    /// RemediationPlan the job belongs to; empty for jobs run locally with `fleetpatch agent exec`.
-    #[serde(default)]
-    #[schemars(length(max = 253))]
-    pub plan: String,
-    /// Run identifier within the plan.
-    #[serde(default)]
-    #[schemars(length(max = 63))]
-    pub run: String,
-    pub os: OperatingSystem,
-    /// Workflow the actions were resolved from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workflow: Option<ObjectRef>,
-    #[serde(default)]
-    #[schemars(length(max = 5))]
-    pub pre_actions: Vec<ResolvedAction>,
-    #[serde(default)]
-    #[schemars(length(max = 5))]
-    pub post_actions: Vec<ResolvedAction>,
-    #[serde(default)]
-    pub failure_policy: FailurePolicy,
-    #[serde(default)]
-    pub patches: PatchSelection,
-    #[serde(default)]
-    pub reboot: RebootPolicy,
-    /// The job ends as Unknown if it has not finished by then.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deadline: Option<Time>,
-    /// The cluster node the job runs on (node agents only). Before such a host reboots,
-    /// the controller cordons and drains the node, and uncordons it afterwards.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
-    pub node: Option<String>,
+fleetpatch_kind! {
+    /// One host, one run: the frozen snapshot the agent executes.
+    #[kube(
+        kind = "PatchJob",
+        namespaced,
+        status = "PatchJobStatus",
+        shortname = "pj",
+        doc = "One host, one run: a frozen snapshot of the resolved workflow and its progress.",
+        printcolumn(name = "Plan", type_ = "string", json_path = ".spec.plan"),
+        printcolumn(name = "Agent", type_ = "string", json_path = ".spec.agent"),
+        printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+        printcolumn(
+            name = "Actions",
+            type_ = "string",
+            json_path = ".status.progress",
+            description = "actions done/total"
+        ),
+        printcolumn(
+            name = "Reboot",
+            type_ = "string",
+            json_path = ".status.reboot.state",
+            priority = 1
+        ),
+        printcolumn(name = "Run", type_ = "string", json_path = ".spec.run", priority = 1),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("PatchJob spec is immutable; delete the job and run the plan again"))]
+    pub struct PatchJobSpec {
+        /// Name of the Agent (host) that runs this job.
+        #[schemars(length(min = 1, max = 253))]
+        pub agent: String,
+        /// RemediationPlan the job belongs to; empty for jobs run locally with `fleetpatch agent exec`.
+        #[serde(default)]
+        #[schemars(length(max = 253))]
+        pub plan: String,
+        /// Run identifier within the plan.
+        #[serde(default)]
+        #[schemars(length(max = 63))]
+        pub run: String,
+        pub os: OperatingSystem,
+        /// Workflow the actions were resolved from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub workflow: Option<ObjectRef>,
+        #[serde(default)]
+        #[schemars(length(max = 5))]
+        pub pre_actions: Vec<ResolvedAction>,
+        #[serde(default)]
+        #[schemars(length(max = 5))]
+        pub post_actions: Vec<ResolvedAction>,
+        #[serde(default)]
+        pub failure_policy: FailurePolicy,
+        #[serde(default)]
+        pub patches: PatchSelection,
+        #[serde(default)]
+        pub reboot: RebootPolicy,
+        /// The job ends as Unknown if it has not finished by then.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub deadline: Option<Time>,
+        /// The cluster node the job runs on (node agents only). Before such a host reboots,
+        /// the controller cordons and drains the node, and uncordons it afterwards.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(length(min = 1, max = 253))]
+        pub node: Option<String>,
+    }
 }
 
 #[cfg(test)]

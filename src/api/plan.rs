@@ -5,7 +5,7 @@ use k8s_openapi::apimachinery::pkg::{
     apis::meta::v1::{Condition, LabelSelector, Time},
     util::intstr::IntOrString,
 };
-use kube::{CustomResource, KubeSchema};
+use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{OperatingSystem, WorkflowRef};
@@ -267,69 +267,88 @@ impl Default for DrainSettings {
     }
 }
 
-/// Which hosts, which patches, which workflow, when and how fast.
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[kube(
-    group = "fleetpatch.io",
-    version = "v1alpha1",
-    kind = "RemediationPlan",
-    namespaced,
-    status = "RemediationPlanStatus",
-    shortname = "rplan",
-    category = "fleetpatch",
-    cel,
-    doc = "Which hosts get which patches and workflow, when, and how fast the rollout goes.",
-    printcolumn(name = "Schedule", type_ = "string", json_path = ".spec.schedule.cron"),
-    printcolumn(name = "Suspend", type_ = "boolean", json_path = ".spec.suspend"),
-    printcolumn(name = "Run", type_ = "string", json_path = ".status.currentRun.id"),
-    printcolumn(
-        name = "Phase",
-        type_ = "string",
-        json_path = ".status.currentRun.phase"
-    ),
-    printcolumn(
-        name = "Succeeded",
-        type_ = "integer",
-        json_path = ".status.currentRun.counts.succeeded"
-    ),
-    printcolumn(
-        name = "Failed",
-        type_ = "integer",
-        json_path = ".status.currentRun.counts.failed"
-    ),
-    printcolumn(
-        name = "Hosts",
-        type_ = "integer",
-        json_path = ".status.currentRun.counts.total"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
-)]
+fleetpatch_kind! {
+    /// Which hosts, which patches, which workflow, when and how fast.
+    #[kube(
+        kind = "RemediationPlan",
+        namespaced,
+        status = "RemediationPlanStatus",
+        shortname = "rplan",
+        doc = "Which hosts get which patches and workflow, when, and how fast the rollout goes.",
+        printcolumn(name = "Schedule", type_ = "string", json_path = ".spec.schedule.cron"),
+        printcolumn(name = "Suspend", type_ = "boolean", json_path = ".spec.suspend"),
+        printcolumn(name = "Run", type_ = "string", json_path = ".status.currentRun.id"),
+        printcolumn(
+            name = "Phase",
+            type_ = "string",
+            json_path = ".status.currentRun.phase"
+        ),
+        printcolumn(
+            name = "Succeeded",
+            type_ = "integer",
+            json_path = ".status.currentRun.counts.succeeded"
+        ),
+        printcolumn(
+            name = "Failed",
+            type_ = "integer",
+            json_path = ".status.currentRun.counts.failed"
+        ),
+        printcolumn(
+            name = "Hosts",
+            type_ = "integer",
+            json_path = ".status.currentRun.counts.total"
+        ),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )]
+    pub struct RemediationPlanSpec {
+        /// Host groups, each with its selector, OS, workflow and priority.
+        #[schemars(length(min = 1, max = 50))]
+        #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+        pub targets: Vec<PlanTarget>,
+        #[serde(default)]
+        pub patches: PatchSelection,
+        /// Without a schedule the plan runs only on demand (`fleetpatch run plan NAME`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub schedule: Option<Schedule>,
+        #[serde(default)]
+        pub rollout: Rollout,
+        #[serde(default)]
+        pub reboot: RebootSettings,
+        /// Jobs that have not started by this many minutes after the run began end as Unknown.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[x_kube(validation = Rule::new("self >= 1 && self <= 10080").message("jobDeadlineMinutes must be between 1 and 10080"))]
+        pub job_deadline_minutes: Option<u32>,
+        /// Stop starting new runs and new jobs; running jobs finish.
+        #[serde(default)]
+        pub suspend: bool,
+    }
+}
+
+/// Observed state of a RemediationPlan.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct RemediationPlanSpec {
-    /// Host groups, each with its selector, OS, workflow and priority.
-    #[schemars(length(min = 1, max = 50))]
-    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
-    pub targets: Vec<PlanTarget>,
-    #[serde(default)]
-    pub patches: PatchSelection,
-    /// Without a schedule the plan runs only on demand (`fleetpatch run plan NAME`).
+pub struct RemediationPlanStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schedule: Option<Schedule>,
-    #[serde(default)]
-    pub rollout: Rollout,
-    #[serde(default)]
-    pub reboot: RebootSettings,
-    /// Jobs that have not started by this many minutes after the run began end as Unknown.
+    pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 10080").message("jobDeadlineMinutes must be between 1 and 10080"))]
-    pub job_deadline_minutes: Option<u32>,
-    /// Stop starting new runs and new jobs; running jobs finish.
-    #[serde(default)]
-    pub suspend: bool,
+    pub current_run: Option<PlanRun>,
+    /// Finished runs, newest first (at most 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_runs: Vec<PlanRun>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<Time>,
+    /// Value of the `fleetpatch.io/run-requested` annotation last acted upon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_request: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
 }
 
 /// Job counts of one run, by phase.
@@ -382,29 +401,6 @@ pub struct PlanRun {
     /// The first failures of the run (at most 20).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<RunFailure>,
-}
-
-/// Observed state of a RemediationPlan.
-#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct RemediationPlanStatus {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub current_run: Option<PlanRun>,
-    /// Finished runs, newest first (at most 10).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub recent_runs: Vec<PlanRun>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_schedule_time: Option<Time>,
-    /// Value of the `fleetpatch.io/run-requested` annotation last acted upon.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_run_request: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_schedule_time: Option<Time>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
-    pub conditions: Vec<Condition>,
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `Script`: code in PowerShell, Bash or sh that Tasks run on hosts.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::{CustomResource, KubeSchema};
+use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::parameter_name_schema;
@@ -55,83 +55,69 @@ pub struct ScriptParameter {
     pub description: Option<String>,
 }
 
-/// Code that Tasks run on hosts.
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[kube(
-    group = "fleetpatch.io",
-    version = "v1alpha1",
-    kind = "Script",
-    namespaced,
-    status = "ScriptStatus",
-    shortname = "fpscript",
-    category = "fleetpatch",
-    cel,
-    doc = "Code in PowerShell, Bash or sh that Tasks run on hosts.",
-    printcolumn(name = "Language", type_ = "string", json_path = ".spec.language"),
-    printcolumn(name = "Category", type_ = "string", json_path = ".spec.category"),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(
-        name = "SHA256",
-        type_ = "string",
-        json_path = ".status.sha256",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
-)]
-#[x_kube(
-    validation = Rule::new("!has(self.signature) || self.language == 'PowerShell'")
-        .message("signature is only supported for PowerShell scripts")
-        .field_path(".signature")
-)]
-#[serde(rename_all = "camelCase")]
-pub struct ScriptSpec {
-    /// Interpreter: PowerShell (Windows), Bash or Sh (Linux).
-    pub language: ScriptLanguage,
-    /// The script body, at most 20480 characters and 20480 bytes of UTF-8. Longer scripts
-    /// are rejected, never truncated.
-    // Characters by maxLength (the API server counts code points there); bytes by
-    // `size(bytes(self))`, which counts bytes both on the API server and in kube-cel
-    // (whose `size()` of a string would count bytes where the server counts characters).
-    #[schemars(length(max = 20480))]
-    #[x_kube(
-        validation = Rule::new("self.trim() != ''").message("script content must not be empty"),
-        validation = Rule::new("size(bytes(self)) <= 20480").message("script content must be at most 20480 bytes of UTF-8 (non-ASCII characters take 2 to 4 bytes each)")
+fleetpatch_kind! {
+    /// Code that Tasks run on hosts.
+    #[kube(
+        kind = "Script",
+        namespaced,
+        status = "ScriptStatus",
+        shortname = "fpscript",
+        doc = "Code in PowerShell, Bash or sh that Tasks run on hosts.",
+        printcolumn(name = "Language", type_ = "string", json_path = ".spec.language"),
+        printcolumn(name = "Category", type_ = "string", json_path = ".spec.category"),
+        printcolumn(
+            name = "Ready",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+        ),
+        printcolumn(
+            name = "SHA256",
+            type_ = "string",
+            json_path = ".status.sha256",
+            priority = 1
+        ),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
     )]
-    pub content: String,
-    /// Authenticode signature block for PowerShell hosts whose execution policy requires signed scripts.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 16384))]
-    pub signature: Option<String>,
-    /// `Internal` scripts cannot be used in a Workflow.
-    #[serde(default)]
-    pub category: ScriptCategory,
-    /// What the script does, for people browsing the library.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1024))]
-    pub description: Option<String>,
-    /// Parameters the script reads from environment variables.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
-    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
-    pub parameters: Vec<ScriptParameter>,
-}
-
-/// A syntax problem found in the script, with its position.
-#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq)]
-pub struct SyntaxDiagnostic {
-    /// 1-based line.
-    pub line: u32,
-    /// 1-based column.
-    pub column: u32,
-    pub message: String,
+    #[x_kube(
+        validation = Rule::new("!has(self.signature) || self.language == 'PowerShell'")
+            .message("signature is only supported for PowerShell scripts")
+            .field_path(".signature")
+    )]
+    pub struct ScriptSpec {
+        /// Interpreter: PowerShell (Windows), Bash or Sh (Linux).
+        pub language: ScriptLanguage,
+        /// The script body, at most 20480 characters and 20480 bytes of UTF-8. Longer scripts
+        /// are rejected, never truncated.
+        // Characters by maxLength (the API server counts code points there); bytes by
+        // `size(bytes(self))`, which counts bytes both on the API server and in kube-cel
+        // (whose `size()` of a string would count bytes where the server counts characters).
+        #[schemars(length(max = 20480))]
+        #[x_kube(
+            validation = Rule::new("self.trim() != ''").message("script content must not be empty"),
+            validation = Rule::new("size(bytes(self)) <= 20480").message("script content must be at most 20480 bytes of UTF-8 (non-ASCII characters take 2 to 4 bytes each)")
+        )]
+        pub content: String,
+        /// Authenticode signature block for PowerShell hosts whose execution policy requires signed scripts.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(length(max = 16384))]
+        pub signature: Option<String>,
+        /// `Internal` scripts cannot be used in a Workflow.
+        #[serde(default)]
+        pub category: ScriptCategory,
+        /// What the script does, for people browsing the library.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(length(max = 1024))]
+        pub description: Option<String>,
+        /// Parameters the script reads from environment variables.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[schemars(length(max = 32))]
+        #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+        pub parameters: Vec<ScriptParameter>,
+    }
 }
 
 /// Observed state of a Script.
@@ -149,6 +135,16 @@ pub struct ScriptStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// A syntax problem found in the script, with its position.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq)]
+pub struct SyntaxDiagnostic {
+    /// 1-based line.
+    pub line: u32,
+    /// 1-based column.
+    pub column: u32,
+    pub message: String,
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::{CustomResource, KubeSchema};
+use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{OperatingSystem, ScriptRef, registry_key_path_schema};
@@ -84,6 +84,19 @@ fn default_success_exit_codes() -> Vec<i32> {
     vec![0]
 }
 
+/// The rule on script parameters' names: each an environment variable name.
+fn parameter_names_are_variables() -> kube::core::cel::Rule {
+    kube::core::cel::Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))").message(
+        "parameter names must be environment variable names: letters, digits and _, not starting with a digit",
+    )
+}
+
+/// The rule on script parameters' names: none the agent sets for every script.
+fn parameter_names_are_not_reserved() -> kube::core::cel::Rule {
+    kube::core::cel::Rule::new("self.all(k, !k.matches('^(?i)(PATH|HOME|LANG|LC_ALL|TEMP|TMP|SystemRoot|windir|SystemDrive|ProgramData|ProgramFiles|ProgramW6432|CommonProgramFiles|CommonProgramW6432|ALLUSERSPROFILE|PUBLIC|APPDATA|LOCALAPPDATA|USERPROFILE|USERNAME|USERDOMAIN|COMPUTERNAME|ComSpec|PATHEXT|PSModulePath|OS|NUMBER_OF_PROCESSORS|PROCESSOR_ARCHITECTURE|PROCESSOR_IDENTIFIER|PROCESSOR_LEVEL|PROCESSOR_REVISION|DriverData|FLEETPATCH_.*)$'))")
+        .message("parameter names must not be PATH, HOME, LANG, LC_ALL, TEMP, TMP, a Windows system variable (SystemRoot, ProgramFiles, ComSpec, ...; any case) or start with FLEETPATCH_: the agent sets those for every script")
+}
+
 /// Runs a Script with parameters.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -92,12 +105,7 @@ pub struct RunScript {
     /// Values for the script's parameters, passed as environment variables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
-    #[x_kube(
-        validation = Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))")
-            .message("parameter names must be environment variable names: letters, digits and _, not starting with a digit"),
-        validation = Rule::new("self.all(k, !k.matches('^(?i)(PATH|HOME|LANG|LC_ALL|TEMP|TMP|SystemRoot|windir|SystemDrive|ProgramData|ProgramFiles|ProgramW6432|CommonProgramFiles|CommonProgramW6432|ALLUSERSPROFILE|PUBLIC|APPDATA|LOCALAPPDATA|USERPROFILE|USERNAME|USERDOMAIN|COMPUTERNAME|ComSpec|PATHEXT|PSModulePath|OS|NUMBER_OF_PROCESSORS|PROCESSOR_ARCHITECTURE|PROCESSOR_IDENTIFIER|PROCESSOR_LEVEL|PROCESSOR_REVISION|DriverData|FLEETPATCH_.*)$'))")
-            .message("parameter names must not be PATH, HOME, LANG, LC_ALL, TEMP, TMP, a Windows system variable (SystemRoot, ProgramFiles, ComSpec, ...; any case) or start with FLEETPATCH_: the agent sets those for every script"),
-    )]
+    #[x_kube(validation = parameter_names_are_variables(), validation = parameter_names_are_not_reserved())]
     pub parameters: BTreeMap<String, String>,
     /// Run PowerShell with `-ExecutionPolicy Bypass`.
     #[serde(default)]
@@ -162,19 +170,14 @@ pub struct InstallSoftware {
     pub detection_script_ref: Option<ScriptRef>,
     /// Script that performs the installation; `FLEETPATCH_DOWNLOAD_PATH` holds the installer's path.
     pub install_script_ref: ScriptRef,
-    /// Values for the scripts' parameters, passed as environment variables.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 32))]
-    #[x_kube(
-        validation = Rule::new("self.all(k, k.matches('^[A-Za-z_][A-Za-z0-9_]*$'))")
-            .message("parameter names must be environment variable names: letters, digits and _, not starting with a digit"),
-        validation = Rule::new("self.all(k, !k.matches('^(?i)(PATH|HOME|LANG|LC_ALL|TEMP|TMP|SystemRoot|windir|SystemDrive|ProgramData|ProgramFiles|ProgramW6432|CommonProgramFiles|CommonProgramW6432|ALLUSERSPROFILE|PUBLIC|APPDATA|LOCALAPPDATA|USERPROFILE|USERNAME|USERDOMAIN|COMPUTERNAME|ComSpec|PATHEXT|PSModulePath|OS|NUMBER_OF_PROCESSORS|PROCESSOR_ARCHITECTURE|PROCESSOR_IDENTIFIER|PROCESSOR_LEVEL|PROCESSOR_REVISION|DriverData|FLEETPATCH_.*)$'))")
-            .message("parameter names must not be PATH, HOME, LANG, LC_ALL, TEMP, TMP, a Windows system variable (SystemRoot, ProgramFiles, ComSpec, ...; any case) or start with FLEETPATCH_: the agent sets those for every script"),
-    )]
-    pub parameters: BTreeMap<String, String>,
     /// Run PowerShell with `-ExecutionPolicy Bypass`.
     #[serde(default)]
     pub bypass_execution_policy: bool,
+    /// Values for the scripts' parameters, passed as environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    #[x_kube(validation = parameter_names_are_variables(), validation = parameter_names_are_not_reserved())]
+    pub parameters: BTreeMap<String, String>,
 }
 
 /// Windows registry value kinds.
@@ -289,82 +292,78 @@ pub struct Reboot {
     pub only_if_required: bool,
 }
 
-/// One pre- or post-patching action.
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[kube(
-    group = "fleetpatch.io",
-    version = "v1alpha1",
-    kind = "Task",
-    namespaced,
-    status = "TaskStatus",
-    shortname = "fptask",
-    category = "fleetpatch",
-    cel,
-    doc = "One pre- or post-patching action and the Scripts it needs.",
-    printcolumn(name = "OS", type_ = "string", json_path = ".spec.os"),
-    printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
-    printcolumn(
-        name = "Timeout",
-        type_ = "integer",
-        json_path = ".spec.timeoutMinutes",
-        description = "minutes"
-    ),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
-)]
-#[x_kube(
-    validation = Rule::new("has(self.runScript) == (self.type == 'RunScript')")
-        .message("runScript must be set when type is RunScript, and only then").field_path(".runScript"),
-    validation = Rule::new("has(self.installSoftware) == (self.type == 'InstallSoftware')")
-        .message("installSoftware must be set when type is InstallSoftware, and only then").field_path(".installSoftware"),
-    validation = Rule::new("has(self.changeRegistryKey) == (self.type == 'ChangeRegistryKey')")
-        .message("changeRegistryKey must be set when type is ChangeRegistryKey, and only then").field_path(".changeRegistryKey"),
-    validation = Rule::new("has(self.uninstallSoftware) == (self.type == 'UninstallSoftware')")
-        .message("uninstallSoftware must be set when type is UninstallSoftware, and only then").field_path(".uninstallSoftware"),
-    validation = Rule::new("!has(self.reboot) || self.type == 'Reboot'")
-        .message("reboot may only be set when type is Reboot").field_path(".reboot"),
-    validation = Rule::new("self.os == 'Windows' || !(self.type in ['ChangeRegistryKey', 'UninstallSoftware'])")
-        .message("ChangeRegistryKey and UninstallSoftware tasks are Windows-only").field_path(".os"),
-)]
-#[serde(rename_all = "camelCase")]
-pub struct TaskSpec {
-    pub os: OperatingSystem,
-    #[serde(rename = "type")]
-    pub task_type: TaskType,
-    /// What the task is for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1024))]
-    pub description: Option<String>,
-    /// Minutes the action may run (1–180); then it is killed and the next action runs.
-    #[serde(default = "default_timeout_minutes")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 180").message("timeoutMinutes must be between 1 and 180"))]
-    pub timeout_minutes: u32,
-    /// Exit codes that count as success, besides 10 (success, reboot needed).
-    #[serde(default = "default_success_exit_codes")]
-    #[schemars(length(min = 1, max = 32))]
-    #[x_kube(merge_strategy = ListMerge::Set)]
-    pub success_exit_codes: Vec<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub run_script: Option<RunScript>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub install_software: Option<InstallSoftware>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub change_registry_key: Option<ChangeRegistryKey>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uninstall_software: Option<UninstallSoftware>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reboot: Option<Reboot>,
-    /// Resources the action and everything it starts may use together.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub limits: Option<ActionLimits>,
+fleetpatch_kind! {
+    /// One pre- or post-patching action.
+    #[kube(
+        kind = "Task",
+        namespaced,
+        status = "TaskStatus",
+        shortname = "fptask",
+        doc = "One pre- or post-patching action and the Scripts it needs.",
+        printcolumn(name = "OS", type_ = "string", json_path = ".spec.os"),
+        printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
+        printcolumn(
+            name = "Timeout",
+            type_ = "integer",
+            json_path = ".spec.timeoutMinutes",
+            description = "minutes"
+        ),
+        printcolumn(
+            name = "Ready",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+        ),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )]
+    #[x_kube(
+        validation = Rule::new("has(self.runScript) == (self.type == 'RunScript')")
+            .message("runScript must be set when type is RunScript, and only then").field_path(".runScript"),
+        validation = Rule::new("has(self.installSoftware) == (self.type == 'InstallSoftware')")
+            .message("installSoftware must be set when type is InstallSoftware, and only then").field_path(".installSoftware"),
+        validation = Rule::new("has(self.changeRegistryKey) == (self.type == 'ChangeRegistryKey')")
+            .message("changeRegistryKey must be set when type is ChangeRegistryKey, and only then").field_path(".changeRegistryKey"),
+        validation = Rule::new("has(self.uninstallSoftware) == (self.type == 'UninstallSoftware')")
+            .message("uninstallSoftware must be set when type is UninstallSoftware, and only then").field_path(".uninstallSoftware"),
+        validation = Rule::new("!has(self.reboot) || self.type == 'Reboot'")
+            .message("reboot may only be set when type is Reboot").field_path(".reboot"),
+        validation = Rule::new("self.os == 'Windows' || !(self.type in ['ChangeRegistryKey', 'UninstallSoftware'])")
+            .message("ChangeRegistryKey and UninstallSoftware tasks are Windows-only").field_path(".os"),
+    )]
+    pub struct TaskSpec {
+        pub os: OperatingSystem,
+        #[serde(rename = "type")]
+        pub task_type: TaskType,
+        /// What the task is for.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(length(max = 1024))]
+        pub description: Option<String>,
+        /// Minutes the action may run (1–180); then it is killed and the next action runs.
+        #[serde(default = "default_timeout_minutes")]
+        #[x_kube(validation = Rule::new("self >= 1 && self <= 180").message("timeoutMinutes must be between 1 and 180"))]
+        pub timeout_minutes: u32,
+        /// Exit codes that count as success, besides 10 (success, reboot needed).
+        #[serde(default = "default_success_exit_codes")]
+        #[schemars(length(min = 1, max = 32))]
+        #[x_kube(merge_strategy = ListMerge::Set)]
+        pub success_exit_codes: Vec<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub run_script: Option<RunScript>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub install_software: Option<InstallSoftware>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub uninstall_software: Option<UninstallSoftware>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub change_registry_key: Option<ChangeRegistryKey>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub reboot: Option<Reboot>,
+        /// Resources the action and everything it starts may use together.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub limits: Option<ActionLimits>,
+    }
 }
 
 /// Resources an action may use, enforced through the action's own cgroup where the

@@ -2,7 +2,7 @@
 //! and what happens when one of them fails.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::{CustomResource, KubeSchema};
+use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{OperatingSystem, TaskRef};
@@ -66,70 +66,66 @@ impl Default for FailurePolicy {
     }
 }
 
-/// Ordered pre- and post-patching tasks for one operating system.
-#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[kube(
-    group = "fleetpatch.io",
-    version = "v1alpha1",
-    kind = "Workflow",
-    namespaced,
-    status = "WorkflowStatus",
-    shortname = "fpwf",
-    category = "fleetpatch",
-    cel,
-    doc = "Ordered pre- and post-patching Tasks for one operating system.",
-    printcolumn(name = "OS", type_ = "string", json_path = ".spec.os"),
-    printcolumn(name = "Default", type_ = "boolean", json_path = ".spec.default"),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(
-        name = "Plans",
-        type_ = "integer",
-        json_path = ".status.activePlans",
-        description = "plans using this workflow"
-    ),
-    printcolumn(
-        name = "Pre",
-        type_ = "string",
-        json_path = ".spec.preTasks[*].taskRef.name",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Post",
-        type_ = "string",
-        json_path = ".spec.postTasks[*].taskRef.name",
-        priority = 1
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
-)]
-#[serde(rename_all = "camelCase")]
-pub struct WorkflowSpec {
-    pub os: OperatingSystem,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1024))]
-    pub description: Option<String>,
-    /// Used for hosts of this OS when a plan target names no workflow. At most one per OS and namespace.
-    #[serde(default)]
-    pub default: bool,
-    /// Tasks run before patching, in order (at most 5).
-    #[serde(default)]
-    #[schemars(length(max = 64))]
-    #[x_kube(validation = Rule::new("size(self) <= 5").message("a workflow may have at most 5 pre-patching tasks"))]
-    pub pre_tasks: Vec<WorkflowStep>,
-    /// Tasks run after patching, in order (at most 5).
-    #[serde(default)]
-    #[schemars(length(max = 64))]
-    #[x_kube(validation = Rule::new("size(self) <= 5").message("a workflow may have at most 5 post-patching tasks"))]
-    pub post_tasks: Vec<WorkflowStep>,
-    #[serde(default)]
-    pub failure_policy: FailurePolicy,
+fleetpatch_kind! {
+    /// Ordered pre- and post-patching tasks for one operating system.
+    #[kube(
+        kind = "Workflow",
+        namespaced,
+        status = "WorkflowStatus",
+        shortname = "fpwf",
+        doc = "Ordered pre- and post-patching Tasks for one operating system.",
+        printcolumn(name = "OS", type_ = "string", json_path = ".spec.os"),
+        printcolumn(name = "Default", type_ = "boolean", json_path = ".spec.default"),
+        printcolumn(
+            name = "Ready",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+        ),
+        printcolumn(
+            name = "Plans",
+            type_ = "integer",
+            json_path = ".status.activePlans",
+            description = "plans using this workflow"
+        ),
+        printcolumn(
+            name = "Pre",
+            type_ = "string",
+            json_path = ".spec.preTasks[*].taskRef.name",
+            priority = 1
+        ),
+        printcolumn(
+            name = "Post",
+            type_ = "string",
+            json_path = ".spec.postTasks[*].taskRef.name",
+            priority = 1
+        ),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
+    )]
+    pub struct WorkflowSpec {
+        pub os: OperatingSystem,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schemars(length(max = 1024))]
+        pub description: Option<String>,
+        /// Used for hosts of this OS when a plan target names no workflow. At most one per OS and namespace.
+        #[serde(default)]
+        pub default: bool,
+        /// Tasks run before patching, in order (at most 5).
+        #[serde(default)]
+        #[schemars(length(max = 64))]
+        #[x_kube(validation = Rule::new("size(self) <= 5").message("a workflow may have at most 5 pre-patching tasks"))]
+        pub pre_tasks: Vec<WorkflowStep>,
+        /// Tasks run after patching, in order (at most 5).
+        #[serde(default)]
+        #[schemars(length(max = 64))]
+        #[x_kube(validation = Rule::new("size(self) <= 5").message("a workflow may have at most 5 post-patching tasks"))]
+        pub post_tasks: Vec<WorkflowStep>,
+        #[serde(default)]
+        pub failure_policy: FailurePolicy,
+    }
 }
 
 /// Observed state of a Workflow.

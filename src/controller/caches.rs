@@ -267,6 +267,7 @@ fn keep_credential_hash(secret: &mut Secret) {
 
 /// Writers of every cache, for tests that fill the caches directly.
 #[cfg(test)]
+#[derive(Default)]
 pub struct TestWriters {
     pub scripts: reflector::store::Writer<Script>,
     pub tasks: reflector::store::Writer<Task>,
@@ -284,42 +285,21 @@ pub struct TestWriters {
 impl Caches {
     /// Empty caches and their writers.
     pub fn for_tests() -> (Arc<Self>, TestWriters) {
-        let (scripts, scripts_w) = reflector::store();
-        let (tasks, tasks_w) = reflector::store();
-        let (workflows, workflows_w) = reflector::store();
-        let (plans, plans_w) = reflector::store();
-        let (jobs, jobs_w) = reflector::store();
-        let (agents, agents_w) = reflector::store();
-        let (namespaces, namespaces_w) = reflector::store();
-        let (credentials, credentials_w) = reflector::store();
-        let (tokens, tokens_w) = reflector::store();
-        let (leases, leases_w) = reflector::store();
+        let writers = TestWriters::default();
         let caches = Arc::new(Self {
-            scripts,
-            tasks,
-            workflows,
-            plans,
-            jobs,
-            agents,
-            namespaces,
-            credentials,
-            tokens,
-            leases,
+            scripts: writers.scripts.as_reader(),
+            tasks: writers.tasks.as_reader(),
+            workflows: writers.workflows.as_reader(),
+            plans: writers.plans.as_reader(),
+            jobs: writers.jobs.as_reader(),
+            agents: writers.agents.as_reader(),
+            namespaces: writers.namespaces.as_reader(),
+            credentials: writers.credentials.as_reader(),
+            tokens: writers.tokens.as_reader(),
+            leases: writers.leases.as_reader(),
             fanouts: Arc::new(Fanouts::new()),
             job_signals: Arc::default(),
         });
-        let writers = TestWriters {
-            scripts: scripts_w,
-            tasks: tasks_w,
-            workflows: workflows_w,
-            plans: plans_w,
-            jobs: jobs_w,
-            agents: agents_w,
-            namespaces: namespaces_w,
-            credentials: credentials_w,
-            tokens: tokens_w,
-            leases: leases_w,
-        };
         (caches, writers)
     }
 }

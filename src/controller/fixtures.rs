@@ -43,6 +43,20 @@ impl ApiServer {
         status: u16,
         reply: Value,
     ) -> Value {
+        self.answer_with(method, path, query, status, |_| reply)
+            .await
+    }
+
+    /// Like [`Self::answer_query`], with the reply made from the request's body (an
+    /// apply answered with what it applied, say).
+    pub async fn answer_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        query: &str,
+        status: u16,
+        reply: impl FnOnce(&Value) -> Value,
+    ) -> Value {
         let (request, send) = tokio::time::timeout(Duration::from_secs(5), self.0.next_request())
             .await
             .unwrap_or_else(|_| panic!("expected {method} {path}, but no request came"))
@@ -60,7 +74,7 @@ impl ApiServer {
             Response::builder()
                 .status(status)
                 .header("Content-Type", "application/json")
-                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                .body(Body::from(serde_json::to_vec(&reply(&body)).unwrap()))
                 .unwrap(),
         );
         body

@@ -17,6 +17,8 @@ use crate::api::resolve::content_sha256;
 use crate::api::{Script, ScriptStatus, Task, Workflow};
 
 use super::fixtures::{ApiServer, Fixture, NAMESPACE, cache, next_event, stored};
+use super::{Action, Context, Error};
+use crate::events::QueuedEvent;
 
 /// Runs a reconcile that must make no request: an unanswered request would keep it
 /// waiting, so it must end on its own within a moment.
@@ -111,6 +113,45 @@ fn set_valid(conditions: &mut Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1
 }
 
 /// Asks for a run of `plan` now, as `fleetpatch run plan` does.
+const PLAN_STATUS_PATH: &str =
+    "/apis/fleetpatch.io/v1alpha1/namespaces/team/remediationplans/weekly/status";
+
+/// Requests a run of `plan` (team/weekly) whose one job, for `host`, fails as soon as
+/// it is created, and answers the reconcile's first requests: the run's status write,
+/// then the job's creation (checking it runs nothing) and its failure. Returns the
+/// reconcile, which goes on to count the run, and the failure written.
+async fn start_a_run_whose_one_job_fails(
+    ctx: &Arc<Context>,
+    server: &mut ApiServer,
+    queued_events: &mut tokio::sync::mpsc::Receiver<QueuedEvent>,
+    mut plan: RemediationPlan,
+    host: &str,
+    os: &str,
+) -> (tokio::task::JoinHandle<Result<Action, Error>>, Value) {
+    request_run(&mut plan);
+    let reconcile = tokio::spawn(super::plan::reconcile_plan(Arc::new(plan), ctx.clone()));
+    server
+        .answer("PATCH", PLAN_STATUS_PATH, 200, json!({}))
+        .await;
+    assert_eq!(next_event(queued_events).await["reason"], "RunStarted");
+    let job = format!("weekly-m20261201120000-{host}");
+    let created = server
+        .answer("POST", "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs", 201,
+            json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "PatchJob", "metadata": {"name": job, "namespace": "team", "uid": "u1"}, "spec": {"agent": host, "os": os}}))
+        .await;
+    assert_eq!(created["spec"]["preActions"], json!([]), "nothing to run");
+    let failed = server
+        .answer(
+            "PATCH",
+            &format!("/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs/{job}/status"),
+            200,
+            json!({}),
+        )
+        .await;
+    assert_eq!(failed["status"]["phase"], "Failed");
+    (reconcile, failed)
+}
+
 fn request_run(plan: &mut RemediationPlan) {
     plan.metadata.annotations = Some(
         [(
@@ -183,9 +224,7 @@ fn waiting_for_reboot(name: &str) -> PatchJob {
 
 #[tokio::test]
 async fn a_script_whose_status_is_current_makes_no_request_and_a_new_one_one_status_write() {
-    let Fixture {
-        ctx, mut server, ..
-    } = Fixture::new();
+    let (ctx, mut server, _, _) = Fixture::new().into_parts();
     let mut current = script("hello");
     let mut status = ScriptStatus {
         observed_generation: Some(1),
@@ -220,12 +259,7 @@ async fn a_script_whose_status_is_current_makes_no_request_and_a_new_one_one_sta
 
 #[tokio::test]
 async fn a_task_whose_script_is_missing_says_so_once_in_an_event_and_its_status() {
-    let Fixture {
-        ctx,
-        mut server,
-        mut queued_events,
-        ..
-    } = Fixture::new();
+    let (ctx, mut server, _, mut queued_events) = Fixture::new().into_parts();
     let reconcile = tokio::spawn(super::definitions::reconcile_task(
         Arc::new(task("say", "missing")),
         ctx,
@@ -247,12 +281,7 @@ async fn a_task_whose_script_is_missing_says_so_once_in_an_event_and_its_status(
 
 #[tokio::test]
 async fn a_workflow_of_existing_tasks_becomes_ready_in_one_write() {
-    let Fixture {
-        ctx,
-        mut server,
-        mut writers,
-        ..
-    } = Fixture::new();
+    let (ctx, mut server, mut writers, _) = Fixture::new().into_parts();
     cache(&mut writers.scripts, script("hello"));
     cache(&mut writers.tasks, task("say", "hello"));
     let reconcile = tokio::spawn(super::definitions::reconcile_workflow(
@@ -325,20 +354,16 @@ async fn a_host_whose_os_has_no_default_workflow_is_left_out_with_the_reason() {
     let target = &mut plan.spec.targets[0];
     target.os = crate::api::OperatingSystem::Windows;
     target.workflow_ref = None;
-    request_run(&mut plan);
-    let reconcile = tokio::spawn(super::plan::reconcile_plan(Arc::new(plan), ctx.clone()));
-    let status_path = "/apis/fleetpatch.io/v1alpha1/namespaces/team/remediationplans/weekly/status";
-    server.answer("PATCH", status_path, 200, json!({})).await;
-    assert_eq!(next_event(&mut queued_events).await["reason"], "RunStarted");
-    let created = server
-        .answer("POST", "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs", 201,
-            json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "PatchJob", "metadata": {"name": "weekly-m20261201120000-win-1", "namespace": "team", "uid": "u1"}, "spec": {"agent": "win-1", "os": "Windows"}}))
-        .await;
-    assert_eq!(created["spec"]["preActions"], json!([]), "nothing to run");
-    let failed = server
-        .answer("PATCH", "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs/weekly-m20261201120000-win-1/status", 200, json!({}))
-        .await;
-    assert_eq!(failed["status"]["phase"], "Failed");
+    let (reconcile, failed) = start_a_run_whose_one_job_fails(
+        &ctx,
+        &mut server,
+        &mut queued_events,
+        plan,
+        "win-1",
+        "Windows",
+    )
+    .await;
+    let status_path = PLAN_STATUS_PATH;
     let message = failed["status"]["message"].as_str().unwrap();
     assert!(
         message.contains("no default workflow for Windows"),
@@ -366,12 +391,7 @@ async fn a_host_whose_os_has_no_default_workflow_is_left_out_with_the_reason() {
 
 #[tokio::test]
 async fn an_unchanged_plan_makes_no_request() {
-    let Fixture {
-        ctx,
-        server,
-        mut writers,
-        ..
-    } = Fixture::new();
+    let (ctx, server, mut writers, _) = Fixture::new().into_parts();
     cache(&mut writers.scripts, script("hello"));
     cache(&mut writers.tasks, task("say", "hello"));
     cache(&mut writers.workflows, workflow("flow", &["say"]));
@@ -390,12 +410,7 @@ async fn an_unchanged_plan_makes_no_request() {
 
 #[tokio::test]
 async fn a_job_past_its_deadline_gets_one_status_write_over_what_was_read_and_one_event() {
-    let Fixture {
-        ctx,
-        mut server,
-        mut queued_events,
-        ..
-    } = Fixture::new();
+    let (ctx, mut server, _, mut queued_events) = Fixture::new().into_parts();
     let past = Timestamp::now() - SignedDuration::from_mins(5);
     let running = PatchJobStatus {
         phase: JobPhase::Running,
@@ -425,9 +440,7 @@ async fn a_job_past_its_deadline_gets_one_status_write_over_what_was_read_and_on
 
 #[tokio::test]
 async fn a_finished_job_of_an_ended_run_is_deleted_after_its_ttl_then_let_go() {
-    let Fixture {
-        ctx, mut server, ..
-    } = Fixture::new();
+    let (ctx, mut server, _, _) = Fixture::new().into_parts();
     let long_ago = Timestamp::now() - SignedDuration::from_hours(5);
     let done = job(
         "weekly-m1-web-1",
@@ -472,12 +485,7 @@ async fn a_finished_job_of_an_ended_run_is_deleted_after_its_ttl_then_let_go() {
 
 #[tokio::test]
 async fn agents_no_gateway_can_judge_are_judged_by_the_leader_and_others_cost_nothing() {
-    let Fixture {
-        ctx,
-        mut server,
-        mut writers,
-        ..
-    } = Fixture::new();
+    let (ctx, mut server, mut writers, _) = Fixture::new().into_parts();
     // Never heard from: one write, Unknown.
     let reconcile = tokio::spawn(super::agents::reconcile_agent(
         Arc::new(agent("new", None)),
@@ -743,12 +751,7 @@ async fn a_denial_written_after_the_approval_does_not_release_a_rebooting_node()
 /// reconcile's path, the note cut to what the API takes.
 #[tokio::test]
 async fn a_reconcilers_event_is_queued_with_a_note_the_api_takes() {
-    let Fixture {
-        ctx,
-        server,
-        mut queued_events,
-        ..
-    } = Fixture::new();
+    let (ctx, server, _, mut queued_events) = Fixture::new().into_parts();
     let node = Node {
         metadata: stored("node-a", None),
         ..Default::default()
@@ -771,13 +774,7 @@ async fn a_reconcilers_event_is_queued_with_a_note_the_api_takes() {
 /// runs on the host — not at its patch step, after its pre actions ran.
 #[tokio::test]
 async fn a_classification_the_hosts_patcher_cannot_honour_fails_its_job_before_anything_runs() {
-    let Fixture {
-        ctx,
-        mut server,
-        mut writers,
-        mut queued_events,
-        ..
-    } = Fixture::new();
+    let (ctx, mut server, mut writers, mut queued_events) = Fixture::new().into_parts();
     cache(&mut writers.scripts, script("hello"));
     cache(&mut writers.tasks, task("say", "hello"));
     cache(&mut writers.workflows, workflow("flow", &["say"]));
@@ -785,26 +782,16 @@ async fn a_classification_the_hosts_patcher_cannot_honour_fails_its_job_before_a
     cache(&mut writers.agents, agent("web-1", Some(status)));
     let mut plan = plan(1);
     plan.spec.patches = typed(json!({"classifications": ["Bugfix"]}));
-    plan.metadata.annotations = Some(
-        [(
-            crate::api::common::RUN_REQUESTED_ANNOTATION.to_string(),
-            "2026-12-01T12:00:00Z".to_string(),
-        )]
-        .into(),
-    );
-    let reconcile = tokio::spawn(super::plan::reconcile_plan(Arc::new(plan), ctx.clone()));
-    let status_path = "/apis/fleetpatch.io/v1alpha1/namespaces/team/remediationplans/weekly/status";
-    server.answer("PATCH", status_path, 200, json!({})).await;
-    assert_eq!(next_event(&mut queued_events).await["reason"], "RunStarted");
-    let created = server
-        .answer("POST", "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs", 201,
-            json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "PatchJob", "metadata": {"name": "weekly-m20261201120000-web-1", "namespace": "team", "uid": "u1"}, "spec": {"agent": "web-1", "os": "Linux"}}))
-        .await;
-    assert_eq!(created["spec"]["preActions"], json!([]), "nothing to run");
-    let failed = server
-        .answer("PATCH", "/apis/fleetpatch.io/v1alpha1/namespaces/team/patchjobs/weekly-m20261201120000-web-1/status", 200, json!({}))
-        .await;
-    assert_eq!(failed["status"]["phase"], "Failed");
+    let (reconcile, failed) = start_a_run_whose_one_job_fails(
+        &ctx,
+        &mut server,
+        &mut queued_events,
+        plan,
+        "web-1",
+        "Linux",
+    )
+    .await;
+    let status_path = PLAN_STATUS_PATH;
     let message = failed["status"]["message"].as_str().unwrap();
     assert!(
         message.contains("spec.patches.classifications")
@@ -815,5 +802,54 @@ async fn a_classification_the_hosts_patcher_cannot_honour_fails_its_job_before_a
     assert_eq!(event["reason"], "ClassificationNotSupported", "{event}");
     server.answer("PATCH", status_path, 200, json!({})).await;
     reconcile.await.unwrap().unwrap();
+    server.done().await;
+}
+
+/// The built-in library is put back object by object with forced server-side apply
+/// under the controller's field manager (what a team edited there is taken back),
+/// scripts before the tasks that need them and tasks before workflows; each body is
+/// the object alone, without the namespace or status the API sets.
+#[tokio::test]
+async fn the_library_is_put_back_with_one_forced_apply_per_object() {
+    let (ctx, mut server, _, _) = Fixture::new().into_parts();
+    let library = crate::api::library::Library::load(NAMESPACE);
+    let client = ctx.client.clone();
+    let install = tokio::spawn(async move { super::library::install(&client, NAMESPACE).await });
+    let objects = library
+        .scripts
+        .iter()
+        .map(|o| ("scripts", "Script", o.metadata.name.clone()))
+        .chain(
+            library
+                .tasks
+                .iter()
+                .map(|o| ("tasks", "Task", o.metadata.name.clone())),
+        )
+        .chain(
+            library
+                .workflows
+                .iter()
+                .map(|o| ("workflows", "Workflow", o.metadata.name.clone())),
+        );
+    let mut applied = 0;
+    for (plural, kind, name) in objects {
+        let name = name.expect("a built-in object has a name");
+        let body = server
+            .answer_with(
+                "PATCH",
+                &format!("/apis/fleetpatch.io/v1alpha1/namespaces/{NAMESPACE}/{plural}/{name}"),
+                "force=true&fieldManager=fleetpatch.io%2Fcontroller",
+                200,
+                Value::clone,
+            )
+            .await;
+        assert_eq!(body["kind"], kind, "{body}");
+        assert_eq!(body["apiVersion"], "fleetpatch.io/v1alpha1", "{body}");
+        assert!(body["metadata"]["namespace"].is_null(), "{body}");
+        assert!(body.get("status").is_none(), "{body}");
+        applied += 1;
+    }
+    assert!(applied >= 3, "the library has scripts, tasks and workflows");
+    install.await.unwrap().unwrap();
     server.done().await;
 }

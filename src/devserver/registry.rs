@@ -102,11 +102,12 @@ struct Builtin {
 /// The RBAC group, four of whose kinds the dev server serves.
 const RBAC: &str = "rbac.authorization.k8s.io";
 
+/// Kind `kind` (resource `plural`) of `group`/`version`.
 const fn builtin(
-    group: &'static str,
-    version: &'static str,
     kind: &'static str,
     plural: &'static str,
+    group: &'static str,
+    version: &'static str,
     namespaced: bool,
     short_names: &'static [&'static str],
     status: bool,
@@ -124,52 +125,52 @@ const fn builtin(
 }
 
 const BUILTINS: &[Builtin] = &[
-    builtin("", "v1", "Namespace", "namespaces", false, &["ns"], true),
-    builtin("", "v1", "Secret", "secrets", true, &[], false),
-    builtin("", "v1", "ConfigMap", "configmaps", true, &["cm"], false),
+    builtin("Namespace", "namespaces", "", "v1", false, &["ns"], true),
+    builtin("Secret", "secrets", "", "v1", true, &[], false),
+    builtin("ConfigMap", "configmaps", "", "v1", true, &["cm"], false),
     builtin(
-        "",
-        "v1",
         "ServiceAccount",
         "serviceaccounts",
+        "",
+        "v1",
         true,
         &["sa"],
         false,
     ),
-    builtin("", "v1", "Event", "events", true, &["ev"], false),
-    builtin("", "v1", "Node", "nodes", false, &["no"], true),
+    builtin("Event", "events", "", "v1", true, &["ev"], false),
+    builtin("Node", "nodes", "", "v1", false, &["no"], true),
     Builtin {
         categories: &["all"],
-        ..builtin("", "v1", "Pod", "pods", true, &["po"], true)
+        ..builtin("Pod", "pods", "", "v1", true, &["po"], true)
     },
     Builtin {
         categories: &["all"],
-        ..builtin("", "v1", "Service", "services", true, &["svc"], true)
+        ..builtin("Service", "services", "", "v1", true, &["svc"], true)
     },
-    builtin("", "v1", "Endpoints", "endpoints", true, &["ep"], false),
+    builtin("Endpoints", "endpoints", "", "v1", true, &["ep"], false),
     builtin(
-        "",
-        "v1",
         "PersistentVolumeClaim",
         "persistentvolumeclaims",
+        "",
+        "v1",
         true,
         &["pvc"],
         true,
     ),
     builtin(
-        "events.k8s.io",
-        "v1",
         "Event",
         "events",
+        "events.k8s.io",
+        "v1",
         true,
         &["ev"],
         false,
     ),
     builtin(
-        "coordination.k8s.io",
-        "v1",
         "Lease",
         "leases",
+        "coordination.k8s.io",
+        "v1",
         true,
         &[],
         false,
@@ -177,10 +178,10 @@ const BUILTINS: &[Builtin] = &[
     Builtin {
         categories: &["all"],
         ..builtin(
-            "apps",
-            "v1",
             "Deployment",
             "deployments",
+            "apps",
+            "v1",
             true,
             &["deploy"],
             true,
@@ -188,15 +189,15 @@ const BUILTINS: &[Builtin] = &[
     },
     Builtin {
         categories: &["all"],
-        ..builtin("apps", "v1", "DaemonSet", "daemonsets", true, &["ds"], true)
+        ..builtin("DaemonSet", "daemonsets", "apps", "v1", true, &["ds"], true)
     },
     Builtin {
         categories: &["all"],
         ..builtin(
-            "apps",
-            "v1",
             "StatefulSet",
             "statefulsets",
+            "apps",
+            "v1",
             true,
             &["sts"],
             true,
@@ -205,10 +206,10 @@ const BUILTINS: &[Builtin] = &[
     Builtin {
         categories: &["all"],
         ..builtin(
-            "apps",
-            "v1",
             "ReplicaSet",
             "replicasets",
+            "apps",
+            "v1",
             true,
             &["rs"],
             true,
@@ -216,38 +217,38 @@ const BUILTINS: &[Builtin] = &[
     },
     Builtin {
         categories: &["all"],
-        ..builtin("batch", "v1", "Job", "jobs", true, &[], true)
+        ..builtin("Job", "jobs", "batch", "v1", true, &[], true)
     },
     Builtin {
         categories: &["all"],
-        ..builtin("batch", "v1", "CronJob", "cronjobs", true, &["cj"], true)
+        ..builtin("CronJob", "cronjobs", "batch", "v1", true, &["cj"], true)
     },
     builtin(
-        "policy",
-        "v1",
         "PodDisruptionBudget",
         "poddisruptionbudgets",
+        "policy",
+        "v1",
         true,
         &["pdb"],
         true,
     ),
-    builtin(RBAC, "v1", "Role", "roles", true, &[], false),
-    builtin(RBAC, "v1", "ClusterRole", "clusterroles", false, &[], false),
-    builtin(RBAC, "v1", "RoleBinding", "rolebindings", true, &[], false),
+    builtin("Role", "roles", RBAC, "v1", true, &[], false),
+    builtin("ClusterRole", "clusterroles", RBAC, "v1", false, &[], false),
+    builtin("RoleBinding", "rolebindings", RBAC, "v1", true, &[], false),
     builtin(
-        RBAC,
-        "v1",
         "ClusterRoleBinding",
         "clusterrolebindings",
+        RBAC,
+        "v1",
         false,
         &[],
         false,
     ),
     builtin(
-        "apiextensions.k8s.io",
-        "v1",
         "CustomResourceDefinition",
         "customresourcedefinitions",
+        "apiextensions.k8s.io",
+        "v1",
         false,
         &["crd", "crds"],
         true,

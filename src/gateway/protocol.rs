@@ -56,15 +56,16 @@ pub struct RegisterResponse {
 #[serde(rename_all = "camelCase")]
 pub struct Heartbeat {
     pub version: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hostname: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub platform: Option<Platform>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub updates: Option<UpdateInventory>,
     /// uid of the job the agent is running, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_job: Option<String>,
+    /// What the host says of itself; the gateway copies it into the Agent's status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updates: Option<UpdateInventory>,
 }
 
 /// One job handed to an agent.

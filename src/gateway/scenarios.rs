@@ -131,13 +131,9 @@ async fn registration_creates_the_agent_and_its_credential_and_only_then_spends_
     let mut fixture = Fixture::new();
     cache_one_time_token(&mut fixture);
     let request = json!({"name": "web-1", "os": "Linux", "bootstrapToken": "only-once"});
-    let gateway = fixture.ctx.gateway.clone();
-    let gateway =
-        tokio::spawn(
-            async move { call(&gateway, "POST", "/agent/v1/register", None, request).await },
-        );
+    let mut answer = register_in_background(&fixture, request);
     let server = &mut fixture.server;
-    let (agent, stored_credential, spent) = answer_registration(server).await;
+    let (agent, stored_credential, spent) = answer_registration(server, "web-1", "once").await;
     assert_eq!(agent["spec"]["mode"], "External");
     assert_eq!(
         spent["metadata"]["resourceVersion"], "7",
@@ -149,20 +145,14 @@ async fn registration_creates_the_agent_and_its_credential_and_only_then_spends_
     );
     // The answer waits until this replica's watches show the Agent and the credential,
     // or the host's first request would be refused.
-    let mut gateway = gateway;
     assert!(
-        tokio::time::timeout(std::time::Duration::from_millis(300), &mut gateway)
+        tokio::time::timeout(std::time::Duration::from_millis(300), &mut answer)
             .await
             .is_err(),
         "answered before the caches held the registration"
     );
-    let mut watched: Agent = serde_json::from_value(agent).unwrap();
-    watched.metadata = stored("web-1", None);
-    cache(&mut fixture.writers.agents, watched);
-    let mut watched: Secret = serde_json::from_value(stored_credential.clone()).unwrap();
-    watched.metadata = stored("fleetpatch-agent-web-1", Some(NAMESPACE));
-    cache(&mut fixture.writers.credentials, watched);
-    let (status, body) = gateway.await.unwrap();
+    cache_registration(&mut fixture, "web-1", agent, stored_credential.clone());
+    let (status, body) = answer.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
     let credential = body["credential"].as_str().unwrap();
     assert_eq!(
@@ -180,18 +170,7 @@ async fn registration_creates_the_agent_and_its_credential_and_only_then_spends_
 async fn refused_registrations_cost_no_api_request() {
     let mut fixture = Fixture::new();
     known_host(&mut fixture);
-    let token = Secret {
-        metadata: stored("multi", Some(NAMESPACE)),
-        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
-        data: Some(
-            [
-                ("token".to_string(), ByteString(b"t".to_vec())),
-                ("usage".to_string(), ByteString(b"multi".to_vec())),
-            ]
-            .into(),
-        ),
-        ..Default::default()
-    };
+    let token = multi_use_token("multi", &[]);
     cache(&mut fixture.writers.tokens, token);
     let register =
         |name: &str, token: &str| json!({"name": name, "os": "Linux", "bootstrapToken": token});
@@ -1248,19 +1227,14 @@ async fn strangers_cannot_cut_a_registration_after_its_token_is_spent() {
         .unwrap();
     host.write_all(&body).await.unwrap();
     let server = &mut fixture.server;
-    let (agent, stored_credential, _spent) = answer_registration(server).await;
+    let (agent, stored_credential, _spent) = answer_registration(server, "web-1", "once").await;
     // The token is spent; the answer waits for the caches. Strangers connect.
     let mut strangers = Vec::new();
     for _ in 0..4 {
         strangers.push(connect_from(2).await);
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let mut watched: Agent = serde_json::from_value(agent).unwrap();
-    watched.metadata = stored("web-1", None);
-    cache(&mut fixture.writers.agents, watched);
-    let mut watched: Secret = serde_json::from_value(stored_credential).unwrap();
-    watched.metadata = stored("fleetpatch-agent-web-1", Some(NAMESPACE));
-    cache(&mut fixture.writers.credentials, watched);
+    cache_registration(&mut fixture, "web-1", agent, stored_credential);
     let answer = read_to_close(&mut host).await;
     drop(strangers);
     assert!(
@@ -1398,6 +1372,68 @@ async fn a_long_drain_message_is_cached_as_written() {
     );
 }
 
+/// Sends registration `request` to the fixture's gateway; the answer comes once the
+/// test has answered the gateway's API requests.
+fn register_in_background(
+    fixture: &Fixture,
+    request: Value,
+) -> tokio::task::JoinHandle<(StatusCode, Value)> {
+    let gateway = fixture.ctx.gateway.clone();
+    tokio::spawn(async move { call(&gateway, "POST", "/agent/v1/register", None, request).await })
+}
+
+/// What this replica's watches show once `host`'s registration is written: its
+/// Agent and its credential Secret, as answered.
+fn cache_registration(fixture: &mut Fixture, host: &str, agent: Value, credential: Value) {
+    let mut watched: Agent = serde_json::from_value(agent).unwrap();
+    watched.metadata = stored(host, None);
+    cache(&mut fixture.writers.agents, watched);
+    let mut watched: Secret = serde_json::from_value(credential).unwrap();
+    watched.metadata = stored(&format!("fleetpatch-agent-{host}"), Some(NAMESPACE));
+    cache(&mut fixture.writers.credentials, watched);
+}
+
+/// What this replica's watches show once the admin revoked `known_host`'s web-1: its
+/// Agent and its credential Secret deleted.
+fn revoke_known_host(fixture: &mut Fixture) {
+    let agent = fixture
+        .ctx
+        .caches
+        .agents
+        .get(&kube::runtime::reflector::ObjectRef::new("web-1"))
+        .unwrap();
+    fixture
+        .writers
+        .agents
+        .apply_watcher_event(&kube::runtime::watcher::Event::Delete((*agent).clone()));
+    let secret = fixture
+        .ctx
+        .caches
+        .credentials
+        .get(&kube::runtime::reflector::ObjectRef::new("fleetpatch-agent-web-1").within(NAMESPACE))
+        .unwrap();
+    fixture
+        .writers
+        .credentials
+        .apply_watcher_event(&kube::runtime::watcher::Event::Delete((*secret).clone()));
+}
+
+/// Multi-use bootstrap token `name` (value `t`), with `extra` data such as its
+/// `max-registrations`.
+fn multi_use_token(name: &str, extra: &[(&str, &str)]) -> Secret {
+    let data = [("token", "t"), ("usage", "multi")]
+        .iter()
+        .chain(extra)
+        .map(|(key, value)| (key.to_string(), ByteString(value.as_bytes().to_vec())))
+        .collect();
+    Secret {
+        metadata: stored(name, Some(NAMESPACE)),
+        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
 /// Bootstrap token `once` (value `only-once`), good for one registration.
 fn cache_one_time_token(fixture: &mut Fixture) {
     let token = Secret {
@@ -1409,29 +1445,45 @@ fn cache_one_time_token(fixture: &mut Fixture) {
     cache(&mut fixture.writers.tokens, token);
 }
 
-/// Answers the requests of web-1's registration with token `once`, in their order:
-/// the Node lookup, then the Agent's creation, its credential Secret and the spent
-/// token; returns the three writes.
-async fn answer_registration(server: &mut ApiServer) -> (Value, Value, Value) {
+/// Answers the first requests of `host`'s registration: the Node lookup (no such
+/// Node), then the Agent's creation; returns the Agent written.
+async fn answer_agent_creation(server: &mut ApiServer, host: &str) -> Value {
     server
-        .answer_query("GET", "/api/v1/nodes", "fieldSelector=metadata.name%3Dweb-1", 200,
+        .answer_query("GET", "/api/v1/nodes", &format!("fieldSelector=metadata.name%3D{host}"), 200,
             json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
         .await;
-    let agent = server
-        .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-1"}, "spec": {"mode": "External", "os": "Linux"}}))
-        .await;
+    server
+        .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": host}, "spec": {"mode": "External", "os": "Linux"}}))
+        .await
+}
+
+/// Answers the requests of `host`'s registration with bootstrap token `token`, in
+/// their order: the Node lookup, then the Agent's creation, its credential Secret and
+/// the token's update (spent, or its registrations counted); returns the three writes.
+async fn answer_registration(
+    server: &mut ApiServer,
+    host: &str,
+    token: &str,
+) -> (Value, Value, Value) {
+    let agent = answer_agent_creation(server, host).await;
+    let credential = format!("fleetpatch-agent-{host}");
     let stored_credential = server
-        .answer("PATCH", &format!("/api/v1/namespaces/{NAMESPACE}/secrets/fleetpatch-agent-web-1"), 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fleetpatch-agent-web-1"}}))
-        .await;
-    let spent = server
         .answer(
             "PATCH",
-            &format!("/api/v1/namespaces/{NAMESPACE}/secrets/once"),
+            &format!("/api/v1/namespaces/{NAMESPACE}/secrets/{credential}"),
             200,
-            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "once"}}),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": credential}}),
         )
         .await;
-    (agent, stored_credential, spent)
+    let token_written = server
+        .answer(
+            "PATCH",
+            &format!("/api/v1/namespaces/{NAMESPACE}/secrets/{token}"),
+            200,
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": token}}),
+        )
+        .await;
+    (agent, stored_credential, token_written)
 }
 
 /// What arrives on `stream` until it closes, or within 5 s.
@@ -1700,33 +1752,12 @@ async fn a_connection_that_never_authenticates_is_closed_at_its_deadline() {
 #[tokio::test]
 async fn a_registration_never_deletes_a_secret_that_is_not_a_credential() {
     let mut fixture = Fixture::new();
-    let token = Secret {
-        metadata: stored("join", Some(NAMESPACE)),
-        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
-        data: Some(
-            [
-                ("token".to_string(), ByteString(b"t".to_vec())),
-                ("usage".to_string(), ByteString(b"multi".to_vec())),
-            ]
-            .into(),
-        ),
-        ..Default::default()
-    };
+    let token = multi_use_token("join", &[]);
     cache(&mut fixture.writers.tokens, token);
     let request = json!({"name": "gateway-tls", "os": "Linux", "bootstrapToken": "t"});
-    let gateway = fixture.ctx.gateway.clone();
-    let answer =
-        tokio::spawn(
-            async move { call(&gateway, "POST", "/agent/v1/register", None, request).await },
-        );
+    let answer = register_in_background(&fixture, request);
     let server = &mut fixture.server;
-    server
-        .answer_query("GET", "/api/v1/nodes", "fieldSelector=metadata.name%3Dgateway-tls", 200,
-            json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
-        .await;
-    server
-        .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "gateway-tls"}, "spec": {"mode": "External", "os": "Linux"}}))
-        .await;
+    answer_agent_creation(server, "gateway-tls").await;
     let secret_path =
         format!("/api/v1/namespaces/{NAMESPACE}/secrets/fleetpatch-agent-gateway-tls");
     server
@@ -1760,19 +1791,7 @@ async fn a_registration_never_deletes_a_secret_that_is_not_a_credential() {
 #[tokio::test]
 async fn a_multi_use_token_registers_at_most_its_max_registrations_hosts() {
     let mut fixture = Fixture::new();
-    let mut token = Secret {
-        metadata: stored("join", Some(NAMESPACE)),
-        type_: Some(credentials::BOOTSTRAP_SECRET_TYPE.into()),
-        data: Some(
-            [
-                ("token".to_string(), ByteString(b"t".to_vec())),
-                ("usage".to_string(), ByteString(b"multi".to_vec())),
-                ("max-registrations".to_string(), ByteString(b"2".to_vec())),
-            ]
-            .into(),
-        ),
-        ..Default::default()
-    };
+    let mut token = multi_use_token("join", &[("max-registrations", "2")]);
     token.metadata.annotations = Some(
         [(
             credentials::REGISTRATIONS_ANNOTATION.to_string(),
@@ -1782,30 +1801,9 @@ async fn a_multi_use_token_registers_at_most_its_max_registrations_hosts() {
     );
     cache(&mut fixture.writers.tokens, token.clone());
     let request = json!({"name": "web-2", "os": "Linux", "bootstrapToken": "t"});
-    let gateway = fixture.ctx.gateway.clone();
-    let answer =
-        tokio::spawn(
-            async move { call(&gateway, "POST", "/agent/v1/register", None, request).await },
-        );
+    let answer = register_in_background(&fixture, request);
     let server = &mut fixture.server;
-    server
-        .answer_query("GET", "/api/v1/nodes", "fieldSelector=metadata.name%3Dweb-2", 200,
-            json!({"apiVersion": "v1", "kind": "PartialObjectMetadataList", "metadata": {}, "items": []}))
-        .await;
-    let agent = server
-        .answer("POST", "/apis/fleetpatch.io/v1alpha1/agents", 201, json!({"apiVersion": "fleetpatch.io/v1alpha1", "kind": "Agent", "metadata": {"name": "web-2"}, "spec": {"mode": "External", "os": "Linux"}}))
-        .await;
-    let stored_credential = server
-        .answer("PATCH", &format!("/api/v1/namespaces/{NAMESPACE}/secrets/fleetpatch-agent-web-2"), 200, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fleetpatch-agent-web-2"}}))
-        .await;
-    let counted = server
-        .answer(
-            "PATCH",
-            &format!("/api/v1/namespaces/{NAMESPACE}/secrets/join"),
-            200,
-            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "join"}}),
-        )
-        .await;
+    let (agent, stored_credential, counted) = answer_registration(server, "web-2", "join").await;
     assert_eq!(
         counted["metadata"]["resourceVersion"], "7",
         "counted over the version read"
@@ -1814,12 +1812,7 @@ async fn a_multi_use_token_registers_at_most_its_max_registrations_hosts() {
         counted["metadata"]["annotations"][credentials::REGISTRATIONS_ANNOTATION],
         "2"
     );
-    let mut watched: Agent = serde_json::from_value(agent).unwrap();
-    watched.metadata = stored("web-2", None);
-    cache(&mut fixture.writers.agents, watched);
-    let mut watched: Secret = serde_json::from_value(stored_credential).unwrap();
-    watched.metadata = stored("fleetpatch-agent-web-2", Some(NAMESPACE));
-    cache(&mut fixture.writers.credentials, watched);
+    cache_registration(&mut fixture, "web-2", agent, stored_credential);
     let (status, body) = answer.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
     // The watch shows the count: the token is exhausted.
@@ -1906,13 +1899,8 @@ async fn a_revoked_agent_does_not_keep_its_connections_protected() {
     let mut fixture = Fixture::new();
     known_host(&mut fixture);
     // One connection in all: the agent's share is one.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(super::serve::serve(
-        listener,
-        fixture.ctx.gateway.router(),
-        None,
+    let address = serve_on_loopback(
+        &fixture,
         super::serve::ServeLimits {
             max_connections: 1,
             max_connections_per_source: 0,
@@ -1920,7 +1908,7 @@ async fn a_revoked_agent_does_not_keep_its_connections_protected() {
             authentication_timeout: std::time::Duration::from_millis(800),
             ..Default::default()
         },
-    ));
+    );
     let connect = |last: u8| async move {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket
@@ -1941,26 +1929,7 @@ async fn a_revoked_agent_does_not_keep_its_connections_protected() {
     let (answer, _) = read_for(&mut revoked, std::time::Duration::from_secs(5), "\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "the poll: {answer:?}");
     // The admin revokes web-1: its Agent and its credential are deleted.
-    let agent = fixture
-        .ctx
-        .caches
-        .agents
-        .get(&kube::runtime::reflector::ObjectRef::new("web-1"))
-        .unwrap();
-    fixture
-        .writers
-        .agents
-        .apply_watcher_event(&kube::runtime::watcher::Event::Delete((*agent).clone()));
-    let secret = fixture
-        .ctx
-        .caches
-        .credentials
-        .get(&kube::runtime::reflector::ObjectRef::new("fleetpatch-agent-web-1").within(NAMESPACE))
-        .unwrap();
-    fixture
-        .writers
-        .credentials
-        .apply_watcher_event(&kube::runtime::watcher::Event::Delete((*secret).clone()));
+    revoke_known_host(&mut fixture);
     let (status, _) = call(
         &fixture.ctx.gateway,
         "GET",
